@@ -1,0 +1,65 @@
+# eph: `make loadtest` and `make test` are the two commands a new machine needs.
+# Both create .venv and install eph into it on first use (`make setup`).
+
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+
+# make loadtest [TARGET=host:port] [SCENARIO=name|path] [USERS=n] [RATE=n] [DURATION=30s] [ARGS=...]
+TARGET   ?=
+SCENARIO ?=
+USERS    ?=
+RATE     ?=
+DURATION ?=
+ARGS     ?=
+
+scenario_path = $(if $(wildcard $(1)),$(1),scenarios/$(1).toml)
+ifeq ($(strip $(TARGET)),)
+LOADTEST_SCENARIO := $(call scenario_path,$(or $(SCENARIO),default))
+LOADTEST_FLAGS    :=
+else
+LOADTEST_SCENARIO := $(call scenario_path,$(or $(SCENARIO),staging))
+LOADTEST_FLAGS    := --target $(TARGET)
+endif
+LOADTEST_FLAGS += $(if $(USERS),--set load.users=$(USERS)) $(if $(RATE),--set load.rate=$(RATE)) \
+                  $(if $(DURATION),--set duration=$(DURATION))
+
+.DEFAULT_GOAL := help
+.PHONY: help setup test lint typecheck pytest loadtest bench clean
+
+help: ## Show this help
+	@echo "eph: ephemeral-port exhaustion harness"
+	@echo
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  make %-10s %s\n", $$1, $$2}'
+	@echo
+	@echo "  make loadtest TARGET=staging:443 USERS=100 RATE=500 DURATION=60s"
+	@echo "  make test ARGS='-k listener'"
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --disable-pip-version-check -e '.[dev]'
+	@touch $(STAMP)
+
+setup: $(STAMP) ## Create .venv and install eph with its dev tools (idempotent)
+
+lint: setup ## ruff on the code
+	$(BIN)/ruff check harness tests bench
+
+typecheck: setup ## mypy --strict on harness/
+	$(BIN)/mypy harness
+
+pytest: setup ## Only the test suite (ARGS= passes pytest flags)
+	$(BIN)/pytest $(ARGS)
+
+test: lint typecheck pytest ## Lint, type-check and run the whole test suite
+
+loadtest: setup ## Run the default scenario, or TARGET=host:port with scenarios/staging.toml
+	$(BIN)/eph run $(LOADTEST_SCENARIO) $(LOADTEST_FLAGS) $(ARGS)
+
+bench: setup ## Benchmarks on loopback: prints JSON figures
+	$(BIN)/python bench/run.py $(ARGS)
+
+clean: ## Remove .venv, caches and every run under reports/
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache *.egg-info
+	find reports -mindepth 1 -not -name .gitkeep -exec rm -rf {} +

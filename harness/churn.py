@@ -1,0 +1,115 @@
+"""What every churn engine does per connection, decided once per process.
+
+A :class:`ChurnPlan` is the scenario's ``[target]`` and ``[load]`` with
+endpoints resolved, bytes encoded and policies settled, so that the hot loops
+of both engines only read attributes.
+"""
+
+from __future__ import annotations
+
+import errno as errno_module
+import ipaddress
+import itertools
+import socket
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+from harness.endpoints import ResolvedEndpoint
+from harness.errors import ScenarioError
+from harness.scenario import ClosePolicy, Reply, Scenario
+
+__all__ = ["ETIMEDOUT", "ChurnPlan", "Target", "errno_name", "make_socket"]
+
+IP_BIND_ADDRESS_NO_PORT = getattr(socket, "IP_BIND_ADDRESS_NO_PORT", 24)
+ETIMEDOUT = errno_module.ETIMEDOUT
+
+
+def errno_name(number: int) -> str:
+    """``99`` -> ``"EADDRNOTAVAIL"``; unknown numbers stay readable."""
+    return errno_module.errorcode.get(number, f"ERRNO{number}")
+
+
+@dataclass(frozen=True, slots=True)
+class Target:
+    """One (endpoint, source address) pairing the engines cycle through."""
+
+    index: int  # the endpoint's index in the plan (recorded per connection)
+    endpoint: ResolvedEndpoint
+    source: str | None  # bound with IP_BIND_ADDRESS_NO_PORT; None lets the kernel pick
+
+
+@dataclass(frozen=True)
+class ChurnPlan:
+    endpoints: tuple[ResolvedEndpoint, ...]
+    targets: tuple[Target, ...]
+    close: ClosePolicy
+    send: bytes
+    reply: Reply
+    hold: float
+    connect_timeout: float
+    io_timeout: float
+    backoff: float
+    rate: float  # new connections per second for this process; 0 = no cap
+
+    @classmethod
+    def from_scenario(cls, scenario: Scenario, *, rate_share: float = 1.0) -> ChurnPlan:
+        load = scenario.load
+        endpoints = tuple(e.resolve() for e in scenario.target.endpoints)
+        targets = tuple(_pair_targets(endpoints, load.source_addresses))
+        reply = Reply.EOF if load.close is ClosePolicy.SERVER else load.reply
+        return cls(
+            endpoints=endpoints,
+            targets=targets,
+            close=load.close,
+            send=load.send.encode(),
+            reply=reply,
+            hold=load.hold,
+            connect_timeout=load.connect_timeout,
+            io_timeout=load.io_timeout,
+            backoff=load.backoff,
+            rate=load.rate * rate_share,
+        )
+
+    def cycle(self) -> Iterator[Target]:
+        """Round-robin over every (endpoint, source) pairing."""
+        return itertools.cycle(self.targets)
+
+
+def _pair_targets(endpoints: tuple[ResolvedEndpoint, ...], sources: list[str]) -> Iterator[Target]:
+    for index, endpoint in enumerate(endpoints):
+        if not sources:
+            yield Target(index, endpoint, None)
+            continue
+        family_sources = [s for s in sources if _family(s) == endpoint.family]
+        if not family_sources:
+            raise ScenarioError(
+                f"no source address of the same IP version as endpoint {endpoint}",
+                key="load.source_addresses",
+                value=sources,
+            )
+        for source in family_sources:
+            yield Target(index, endpoint, source)
+
+
+def _family(address: str) -> socket.AddressFamily:
+    version = ipaddress.ip_address(address).version
+    return socket.AF_INET6 if version == 6 else socket.AF_INET
+
+
+def make_socket(target: Target, socket_class: type[socket.socket] = socket.socket) -> socket.socket:
+    """A non-blocking TCP socket, bound to the target's source address if it has one.
+
+    The bind uses IP_BIND_ADDRESS_NO_PORT: the port is chosen at connect() time,
+    per destination. A plain bind(ip, 0) would take a port from the range for
+    every socket across *all* destinations (KERNEL-NOTES).
+    """
+    sock = socket_class(target.endpoint.family, socket.SOCK_STREAM)
+    sock.setblocking(False)
+    if target.source is not None:
+        try:
+            sock.setsockopt(socket.IPPROTO_IP, IP_BIND_ADDRESS_NO_PORT, 1)
+            sock.bind((target.source, 0))
+        except OSError:
+            sock.close()
+            raise
+    return sock

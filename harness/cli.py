@@ -1,0 +1,210 @@
+"""The ``eph`` command line (also ``python -m harness``)."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import click
+from rich.console import Console
+
+from harness.endpoints import Endpoint
+from harness.errors import EphError
+from harness.progress import Progress
+from harness.scenario import ListenerClose, load_scenario
+
+__all__ = ["main"]
+
+logger = logging.getLogger("harness")
+_console = Console(stderr=True)
+
+
+def _setup_logging(verbose: int) -> None:
+    level = logging.DEBUG if verbose > 1 else logging.INFO if verbose else logging.WARNING
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("harness").setLevel(min(level, logging.INFO))
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("-v", "--verbose", count=True, help="More log output (-vv for debug).")
+def cli(verbose: int) -> None:
+    """eph: find out when a client runs out of ephemeral ports, before production does."""
+    _setup_logging(verbose)
+
+
+@cli.command(context_settings={"ignore_unknown_options": True})
+@click.argument("scenario", type=click.Path(path_type=Path))
+@click.option(
+    "--out", type=click.Path(path_type=Path), help="Run directory (default reports/<time>-<name>)."
+)
+@click.option(
+    "--set",
+    "overrides",
+    multiple=True,
+    metavar="KEY.PATH=VALUE",
+    help="Override a scenario value, e.g. --set load.users=10 (repeatable).",
+)
+@click.option(
+    "--target",
+    "targets",
+    multiple=True,
+    metavar="HOST:PORT",
+    help="Send load to this server instead (repeatable); drops [listener].",
+)
+@click.argument("locust_args", nargs=-1, type=click.UNPROCESSED)
+def run(
+    scenario: Path,
+    out: Path | None,
+    overrides: Sequence[str],
+    targets: Sequence[str],
+    locust_args: Sequence[str],
+) -> None:
+    """Run SCENARIO: listener, Locust load, records, summary and report.
+
+    Arguments after `--` go to Locust as they are, e.g. `-- --processes 2`.
+    """
+    from harness.run import run_scenario
+
+    loaded = load_scenario(scenario, overrides, targets=targets)
+    for note in loaded.advisories():
+        logger.warning("%s", note)
+    where = ", ".join(str(e) for e in loaded.target.endpoints)
+    _console.print(
+        f"[bold]eph run[/] {loaded.name}: {loaded.load.users} users, engine "
+        f"{loaded.load.engine.value}, {loaded.duration:g} s toward {where}"
+        + (" (embedded listener)" if loaded.listener else "")
+    )
+    with _ProgressView(_console) as view:
+        result = run_scenario(loaded, out=out, progress=view.update, locust_args=locust_args)
+    _print_result(result.run_dir, result.summary)
+
+
+class _ProgressView:
+    """A live line on a terminal; a log line every few seconds otherwise (CI)."""
+
+    EVERY = 5.0
+
+    def __init__(self, console: Console) -> None:
+        self._console = console
+        self._status = console.status("starting") if console.is_terminal else None
+        self._last = -self.EVERY
+
+    def __enter__(self) -> _ProgressView:
+        if self._status is not None:
+            self._status.__enter__()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._status is not None:
+            self._status.__exit__(None, None, None)
+
+    def update(self, elapsed: float, duration: float, progress: Progress) -> None:
+        rate = progress.attempts / elapsed if elapsed > 0 else 0.0
+        top = ", ".join(f"{k} {v}" for k, v in progress.errors.most_common(2))
+        text = (
+            f"{elapsed:5.1f}/{duration:g} s  users {progress.users}  connections "
+            f"{progress.attempts}  errors {progress.failures}{f' ({top})' if top else ''}"
+            f"  {rate:,.0f}/s"
+        )
+        if self._status is not None:
+            self._status.update(text)
+        elif elapsed - self._last >= self.EVERY:
+            self._last = elapsed
+            print(text, file=sys.stderr, flush=True)
+
+
+def _print_result(run_dir: Path, summary: dict[str, object]) -> None:
+    conns = summary["connections"]
+    exhaustion = summary["exhaustion"]
+    assert isinstance(conns, dict) and isinstance(exhaustion, dict)
+    _console.print(
+        f"connections: {conns['attempted']} attempted, {conns['succeeded']} succeeded,"
+        f" {conns['failed']} failed {conns['errors'] or ''}; {conns['rate_per_s']}/s"
+    )
+    if exhaustion["exhausted"]:
+        _console.print(
+            f"[red]exhausted[/] after {exhaustion['first_failure_s']} s"
+            f" ({exhaustion['succeeded_before_first_failure']} connections first)"
+        )
+    conservation = summary.get("conservation", {})
+    if isinstance(conservation, dict) and not conservation.get("ok", True):
+        _console.print(f"[yellow]conservation check failed[/]: {conservation}")
+    _console.print(f"report: {run_dir / 'report.html'}")
+
+
+@cli.command()
+@click.option(
+    "--endpoint",
+    "endpoints",
+    multiple=True,
+    required=True,
+    metavar="HOST:PORT",
+    help="Address to serve (repeatable); port 0 picks a free port.",
+)
+@click.option(
+    "--close",
+    type=click.Choice([c.value for c in ListenerClose if c is not ListenerClose.AUTO]),
+    default="wait",
+    show_default=True,
+    help="wait: for the client to close; first: close right after accept (or the"
+    " request); reset: RST (SO_LINGER 0).",
+)
+@click.option("--response", default="", help="Bytes to send to each connection.")
+@click.option("--read-request", is_flag=True, help="Answer and close after the first bytes read.")
+@click.option("--backlog", default=4096, show_default=True, help="listen() backlog.")
+@click.option(
+    "--loop",
+    "loop_kind",
+    type=click.Choice(["uvloop", "asyncio"]),
+    default="uvloop",
+    show_default=True,
+)
+def listen(
+    endpoints: Sequence[str],
+    close: str,
+    response: str,
+    read_request: bool,
+    backlog: int,
+    loop_kind: str,
+) -> None:
+    """Serve the target endpoints until SIGINT/SIGTERM; print counts as JSON at exit."""
+    from harness.listener import Listener, run_listener
+
+    parsed = [Endpoint.parse(e) for e in endpoints]
+    listener = Listener(
+        parsed,
+        close=ListenerClose(close),
+        response=response.encode(),
+        read_request=read_request,
+        backlog=backlog,
+    )
+    run_listener(listener, loop_kind=loop_kind)
+
+
+@cli.command()
+@click.argument("scenarios", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option("--set", "overrides", multiple=True, metavar="KEY.PATH=VALUE")
+def validate(scenarios: Sequence[Path], overrides: Sequence[str]) -> None:
+    """Check scenario files; print each one's name and any advice."""
+    for path in scenarios:
+        scenario = load_scenario(path, overrides)
+        click.echo(f"{path}: ok ({scenario.name})")
+        for note in scenario.advisories():
+            click.echo(f"  warning: {note}")
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    try:
+        cli.main(
+            args=list(argv) if argv is not None else None, prog_name="eph", standalone_mode=False
+        )
+    except EphError as exc:
+        _console.print(f"[red]error:[/] {exc}", highlight=False)
+        sys.exit(2)
+    except click.exceptions.Abort:
+        sys.exit(130)
+    except click.ClickException as exc:
+        exc.show()
+        sys.exit(exc.exit_code)

@@ -1,0 +1,95 @@
+"""Errors eph raises on purpose, each naming what was wrong and where.
+
+The hierarchy::
+
+    EphError                      anything eph reports to a person (CLI exit code 2)
+    ├── ScenarioError             a scenario file, a --set override or a CLI value is wrong
+    ├── EndpointError             an endpoint string does not parse (also a ValueError)
+    ├── ListenerError             the target listener could not serve an endpoint
+    ├── RunError                  a run could not start or a child process failed
+    └── RunDirError               a run directory is missing, truncated or corrupt
+
+A failed *connection* is never an exception here: it is data, recorded with its
+errno (see ``harness.records``).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+__all__ = [
+    "EndpointError",
+    "EphError",
+    "ListenerError",
+    "RunDirError",
+    "RunError",
+    "ScenarioError",
+]
+
+
+class EphError(Exception):
+    """Base of every error eph reports to a person."""
+
+
+class ScenarioError(EphError):
+    """A scenario value is wrong.
+
+    ``source`` is the file (or ``--set``), ``key`` the dotted key path, ``value``
+    what was given and ``expected`` what would have been accepted.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        source: Path | str | None = None,
+        key: str | None = None,
+        value: object = None,
+        expected: str | None = None,
+        line: int | None = None,
+    ) -> None:
+        self.source = source
+        self.key = key
+        self.value = value
+        self.expected = expected
+        self.line = line
+        where = str(source) if source is not None else "scenario"
+        if line is not None:
+            where += f", line {line}"
+        if key:
+            where += f", key '{key}'"
+        text = f"{where}: {message}"
+        if expected:
+            text += f" (expected {expected})"
+        super().__init__(text)
+
+
+class EndpointError(EphError, ValueError):
+    """An endpoint string such as ``127.0.0.1:9000`` or ``[::1]:9000`` does not parse."""
+
+    def __init__(self, text: str, reason: str) -> None:
+        self.text = text
+        self.reason = reason
+        super().__init__(f"endpoint {text!r}: {reason}")
+
+
+class ListenerError(EphError):
+    """The listener could not bind or serve ``endpoint``."""
+
+    def __init__(self, endpoint: str, reason: str) -> None:
+        self.endpoint = endpoint
+        self.reason = reason
+        super().__init__(f"cannot listen on {endpoint}: {reason}")
+
+
+class RunError(EphError):
+    """A run could not start, or one of its processes failed."""
+
+
+class RunDirError(EphError):
+    """A run directory is missing, truncated or corrupt."""
+
+    def __init__(self, path: Path, reason: str) -> None:
+        self.path = path
+        self.reason = reason
+        super().__init__(f"run directory {path}: {reason}")

@@ -1,0 +1,78 @@
+"""Closing a run directory: merge records, write the summary, render the report."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import pyarrow.parquet as pq
+
+from harness.errors import RunDirError
+from harness.kernel import read_kernel
+from harness.records import merge_parts
+from harness.report import render_report
+from harness.rundir import RunDir
+from harness.summary import Columns, summarize
+
+__all__ = ["finalize", "locust_request_count"]
+
+logger = logging.getLogger(__name__)
+
+
+def finalize(
+    path: Path,
+    *,
+    interrupted: bool = False,
+    started_at: float | None = None,
+    duration_s: float | None = None,
+    kernel: dict[str, Any] | None = None,
+    listener: dict[str, Any] | None = None,
+    locust_requests: int | None = None,
+) -> dict[str, Any]:
+    """Merge part files into ``connections.parquet``, then write summary and report."""
+    run = RunDir.open(path)
+    parts = sorted(run.parts.glob("*.arrows"))
+    if parts or not run.connections.exists():
+        rows, truncated = merge_parts(parts, run.connections)
+        for part in truncated:
+            logger.warning("records part %s was truncated; kept its whole batches", part.name)
+        for part in parts:
+            part.unlink()
+        logger.debug("merged %d rows from %d parts", rows, len(parts))
+    try:
+        table = pq.read_table(run.connections)
+    except (OSError, ValueError) as exc:
+        raise RunDirError(path, f"connections.parquet is unreadable ({exc})") from None
+    cols = Columns.from_table(table)
+    if duration_s is None:
+        duration_s = float(cols.seconds().max()) if len(cols.start_ns) else 0.0
+    if started_at is None:
+        started_at = run.path.stat().st_mtime
+    if locust_requests is None:
+        locust_requests = locust_request_count(run.path / "locust.json")
+    scenario = run.read_json("scenario.json")
+    summary = summarize(
+        cols,
+        scenario=scenario["name"],
+        started_at=dt.datetime.fromtimestamp(started_at, dt.UTC).isoformat(timespec="seconds"),
+        duration_s=duration_s,
+        interrupted=interrupted,
+        kernel=kernel if kernel is not None else read_kernel(),
+        listener=listener,
+        locust_requests=locust_requests,
+    )
+    run.write_json("summary.json", summary)
+    render_report(run.report, cols, summary, scenario)
+    return summary
+
+
+def locust_request_count(path: Path) -> int | None:
+    """The request total of Locust's ``--json-file`` output, if there is one."""
+    try:
+        entries = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return sum(int(entry.get("num_requests", 0)) for entry in entries)

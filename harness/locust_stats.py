@@ -1,0 +1,113 @@
+"""Feeding Locust's statistics in bulk, for engines that run outside Locust.
+
+The uvloop engine sends its rows to the Locust process in batches; logging them
+one by one through ``events.request`` would cost the Locust process several
+microseconds per connection. Instead each batch becomes one ``StatsEntry`` per
+endpoint, merged with ``StatsEntry.extend``: the same merge Locust's master uses
+for its workers' reports. ``tests/test_locust_stats.py`` checks the result equals
+logging each request.
+
+Imports locust: only for Locust processes.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+
+import numpy as np
+from locust import stats as locust_stats
+
+from harness.churn import errno_name
+
+__all__ = ["REQUEST_TYPE", "ConnectionFailed", "failure", "feed_rows"]
+
+REQUEST_TYPE = "TCP"
+
+
+class ConnectionFailed(Exception):
+    """What Locust shows for a failed attempt: the errno's name, and the phase."""
+
+    def __init__(self, errno: int, io_errno: int) -> None:
+        self.errno = errno
+        self.io_errno = io_errno
+        text = errno_name(errno) if errno else f"{errno_name(io_errno)} after connect"
+        super().__init__(text)
+
+    def __repr__(self) -> str:
+        return f"ConnectionFailed({self.args[0]!r})"
+
+
+_FAILURES: dict[tuple[int, int], ConnectionFailed] = {}
+
+
+def failure(errno: int, io_errno: int) -> ConnectionFailed:
+    """One shared exception per (errno, io_errno): failures allocate nothing."""
+    key = (errno, io_errno)
+    found = _FAILURES.get(key)
+    if found is None:
+        found = _FAILURES[key] = ConnectionFailed(errno, io_errno)
+    return found
+
+
+def feed_rows(stats: locust_stats.RequestStats, rows: np.ndarray, names: Sequence[str]) -> None:
+    """Add ``rows`` (``records.ROW_DTYPE``) to ``stats`` as if each were one request.
+
+    ``names[i]`` is the request name of endpoint ``i``. Request times are spread
+    over wall-clock seconds from each row's monotonic start.
+    """
+    if not len(rows):
+        return
+    mono_now, wall_now = time.monotonic_ns(), time.time()
+    wall = wall_now - (mono_now - rows["start_ns"]) / 1e9
+    for index in np.unique(rows["endpoint"]):
+        mask = rows["endpoint"] == index
+        _feed_endpoint(stats, names[int(index)], rows[mask], wall[mask])
+
+
+def _feed_endpoint(
+    stats: locust_stats.RequestStats, name: str, rows: np.ndarray, wall: np.ndarray
+) -> None:
+    batch = locust_stats.StatsEntry(stats, name, REQUEST_TYPE)
+    response_ms = rows["connect_us"].astype(np.float64) / 1000.0
+    batch.num_requests = len(rows)
+    # Locust annotates these int, but sums float times as given (as events.request does)
+    batch.total_response_time = float(response_ms.sum())  # type: ignore[assignment]
+    batch.min_response_time = float(response_ms.min())  # type: ignore[assignment]
+    batch.max_response_time = float(response_ms.max())  # type: ignore[assignment]
+    batch.start_time = float(wall.min())
+    batch.last_request_timestamp = float(wall.max())
+    values, counts = np.unique(rows["connect_us"], return_counts=True)
+    bucket = locust_stats.bucket_response_time  # replaceable at runtime, so looked up here
+    for value, count in zip(values.tolist(), counts.tolist(), strict=True):
+        key = bucket(value / 1000.0)
+        batch.response_times[key] = batch.response_times.get(key, 0) + count
+    _per_second(batch.num_reqs_per_sec, wall)
+
+    failed = (rows["errno"] != 0) | (rows["io_errno"] != 0)
+    if failed.any():
+        batch.num_failures = int(failed.sum())
+        _per_second(batch.num_fail_per_sec, wall[failed])
+        kinds, kind_counts = np.unique(rows[failed][["errno", "io_errno"]], return_counts=True)
+        for kind, count in zip(kinds.tolist(), kind_counts.tolist(), strict=True):
+            _log_errors(stats, name, failure(int(kind[0]), int(kind[1])), count)
+
+    stats.get(name, REQUEST_TYPE).extend(batch)
+    stats.total.extend(batch)
+
+
+def _per_second(target: dict[int, int], wall: np.ndarray) -> None:
+    seconds, counts = np.unique(wall.astype(np.int64), return_counts=True)
+    for second, count in zip(seconds.tolist(), counts.tolist(), strict=True):
+        target[second] = target.get(second, 0) + count
+
+
+def _log_errors(
+    stats: locust_stats.RequestStats, name: str, error: ConnectionFailed, count: int
+) -> None:
+    key = locust_stats.StatsError.create_key(REQUEST_TYPE, name, error)
+    entry = stats.errors.get(key)
+    if entry is None:
+        entry = stats.errors[key] = locust_stats.StatsError(REQUEST_TYPE, name, error)
+    entry.occurred()
+    entry.occurrences += count - 1

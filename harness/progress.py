@@ -1,0 +1,99 @@
+"""Live progress: each load process writes a small JSON file, ``eph run`` sums them.
+
+Files rather than a socket: the load processes are Locust (gevent) processes,
+and a file replaced atomically every flush costs nothing, survives any of them
+dying, and needs no protocol.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from harness.churn import errno_name
+
+__all__ = ["Progress", "ProgressCounter", "read_progress"]
+
+
+class ProgressCounter:
+    """Counts flushed rows of one process."""
+
+    def __init__(self, path: Path, engine: str) -> None:
+        self.path = path
+        self.engine = engine
+        self.started = time.time()
+        self.attempts = 0
+        self.failures = 0
+        self.errors: Counter[str] = Counter()
+        path.parent.mkdir(parents=True, exist_ok=True)
+
+    def update(self, rows: np.ndarray) -> None:
+        if not len(rows):
+            return
+        self.attempts += len(rows)
+        failed = rows["errno"] != 0
+        io_failed = (rows["io_errno"] != 0) & ~failed
+        self.failures += int(failed.sum() + io_failed.sum())
+        for column, mask, suffix in (
+            ("errno", failed, ""),
+            ("io_errno", io_failed, " after connect"),
+        ):
+            if mask.any():
+                values, counts = np.unique(rows[column][mask], return_counts=True)
+                for value, count in zip(values.tolist(), counts.tolist(), strict=True):
+                    self.errors[errno_name(value) + suffix] += count
+
+    def write(self, *, users: int, done: bool = False) -> None:
+        data = {
+            "pid": os.getpid(),
+            "engine": self.engine,
+            "started": self.started,
+            "time": time.time(),
+            "users": users,
+            "attempts": self.attempts,
+            "failures": self.failures,
+            "errors": dict(self.errors),
+            "done": done,
+        }
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(data))
+        os.replace(tmp, self.path)
+
+
+@dataclass
+class Progress:
+    """All load processes of a run, summed."""
+
+    processes: int = 0
+    users: int = 0
+    attempts: int = 0
+    failures: int = 0
+    errors: Counter[str] = field(default_factory=Counter)
+    started: float | None = None
+
+    @property
+    def running(self) -> bool:
+        return self.processes > 0
+
+
+def read_progress(directory: Path) -> Progress:
+    total = Progress()
+    for path in directory.glob("*.json"):
+        try:
+            data = json.loads(path.read_text())
+        except (OSError, ValueError):
+            continue  # replaced under our feet, or a process died mid-write
+        total.processes += 1
+        total.users += int(data.get("users", 0))
+        total.attempts += int(data.get("attempts", 0))
+        total.failures += int(data.get("failures", 0))
+        total.errors.update(data.get("errors", {}))
+        started = float(data.get("started", 0))
+        total.started = started if total.started is None else min(total.started, started)
+    return total

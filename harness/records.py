@@ -1,0 +1,245 @@
+"""Per-connection records: staged on the hot path, streamed to disk in bulk.
+
+The hot path appends one tuple per attempt (a list append, ~0.1 us). Every
+``FLUSH_INTERVAL`` the staged rows become one numpy array (22 bytes a row) and
+one Arrow record batch appended to this process's part file, an Arrow IPC
+*stream*: a crash loses at most the rows of one interval, and a truncated part
+still reads up to its last whole batch. At the end of a run the parts of every
+process merge into ``connections.parquet``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.ipc as ipc
+import pyarrow.parquet as pq
+
+from harness.endpoints import ResolvedEndpoint
+
+__all__ = [
+    "CONNECTIONS_SCHEMA",
+    "FLUSH_INTERVAL",
+    "ROW_DTYPE",
+    "PartReadResult",
+    "RecordWriter",
+    "merge_parts",
+    "read_part",
+]
+
+logger = logging.getLogger(__name__)
+
+FLUSH_INTERVAL = 0.5  # seconds between flushes of staged rows
+
+# One staged row, in this order: what the hot path appends.
+ROW_DTYPE = np.dtype(
+    [
+        ("start_ns", "<i8"),  # CLOCK_MONOTONIC when the attempt began
+        ("connect_us", "<u4"),  # until connect() succeeded or failed
+        ("close_us", "<u4"),  # until the socket was closed, from start
+        ("local_addr", "u1"),  # index into the writer's address table (0: none)
+        ("local_port", "<u2"),  # the ephemeral port the kernel gave (0: none)
+        ("endpoint", "u1"),  # index into the run's target endpoints
+        ("errno", "<u2"),  # of connect(); 0 = connected
+        ("io_errno", "<u2"),  # of send/receive/close after connecting; 0 = clean
+    ]
+)
+
+_PART_SCHEMA = pa.schema(
+    [
+        ("start_ns", pa.int64()),
+        ("connect_us", pa.uint32()),
+        ("close_us", pa.uint32()),
+        ("local_addr", pa.uint8()),
+        ("local_port", pa.uint16()),
+        ("endpoint", pa.uint8()),
+        ("errno", pa.uint16()),
+        ("io_errno", pa.uint16()),
+    ]
+)
+
+_DICT = pa.dictionary(pa.int32(), pa.string())
+CONNECTIONS_SCHEMA = pa.schema(
+    [
+        ("start_ns", pa.int64()),
+        ("connect_us", pa.uint32()),
+        ("close_us", pa.uint32()),
+        ("local_addr", _DICT),
+        ("local_port", pa.uint16()),
+        ("remote_addr", _DICT),
+        ("remote_port", pa.uint16()),
+        ("errno", pa.uint16()),
+        ("io_errno", pa.uint16()),
+        ("close", _DICT),
+        ("engine", _DICT),
+        ("pid", pa.uint32()),
+    ]
+)
+
+
+class RecordWriter:
+    """Stages rows for one process and streams them to ``path`` (an Arrow IPC stream).
+
+    The hot path calls ``add(row)`` with a tuple in ``ROW_DTYPE`` order, getting
+    ``local_addr`` from :meth:`address_id`.
+    """
+
+    def __init__(
+        self,
+        path: Path,
+        *,
+        endpoints: Sequence[ResolvedEndpoint],
+        close: str,
+        engine: str,
+        pid: int | None = None,
+    ) -> None:
+        if len(endpoints) > 255:
+            raise ValueError("at most 255 target endpoints per run")
+        self.path = path
+        self._rows: list[tuple[int, ...]] = []
+        self.add = self._rows.append
+        self._addresses: dict[str, int] = {"": 0}
+        meta = {
+            "endpoints": json.dumps([[e.address, e.port] for e in endpoints]),
+            "close": close,
+            "engine": engine,
+            "pid": str(pid if pid is not None else os.getpid()),
+        }
+        self._schema = _PART_SCHEMA.with_metadata(meta)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self._sink = pa.OSFile(str(path), "wb")
+        self._writer = ipc.new_stream(self._sink, self._schema)
+        self.written = 0
+
+    def address_id(self, address: str) -> int:
+        """A small id for a local address; new addresses are rare (one per source/route)."""
+        found = self._addresses.get(address)
+        if found is None:
+            if len(self._addresses) >= 256:
+                raise ValueError("more than 255 distinct local addresses in one process")
+            found = self._addresses[address] = len(self._addresses)
+        return found
+
+    @property
+    def staged(self) -> int:
+        return len(self._rows)
+
+    def flush(self) -> np.ndarray:
+        """Write the staged rows as one batch; return them (possibly empty) as an array."""
+        rows = np.array(self._rows, dtype=ROW_DTYPE)
+        self._rows.clear()
+        if len(rows):
+            self._write(rows)
+        return rows
+
+    def _write(self, rows: np.ndarray) -> None:
+        arrays = [pa.array(rows[name]) for name in ROW_DTYPE.names or ()]
+        batch = pa.RecordBatch.from_arrays(arrays, schema=self._schema)
+        # the address table goes along with each batch's metadata: small, and
+        # a truncated stream still maps every id it holds.
+        self._writer.write_batch(
+            batch, custom_metadata={"addresses": json.dumps(list(self._addresses))}
+        )
+        self.written += len(rows)
+
+    def close(self) -> np.ndarray:
+        rows = self.flush()
+        self._writer.close()
+        self._sink.close()
+        return rows
+
+
+@dataclass(frozen=True)
+class PartReadResult:
+    table: pa.Table
+    truncated: bool
+
+
+def read_part(path: Path) -> PartReadResult:
+    """Read one part file up to its last whole batch, expanded to ``CONNECTIONS_SCHEMA``."""
+    truncated = False
+    batches: list[pa.RecordBatch] = []
+    addresses: list[str] = [""]
+    try:
+        with pa.OSFile(str(path), "rb") as source:
+            reader = ipc.open_stream(source)
+            meta = {k.decode(): v.decode() for k, v in (reader.schema.metadata or {}).items()}
+            while True:
+                try:
+                    batch, custom = reader.read_next_batch_with_custom_metadata()
+                except StopIteration:
+                    break
+                except (pa.ArrowInvalid, OSError):
+                    truncated = True
+                    break
+                batches.append(batch)
+                if custom is not None and b"addresses" in custom:
+                    addresses = json.loads(custom[b"addresses"])
+    except (pa.ArrowInvalid, OSError):
+        # not even a schema: the process died before its first flush
+        return PartReadResult(CONNECTIONS_SCHEMA.empty_table(), truncated=True)
+    table = pa.Table.from_batches(batches, schema=reader.schema)
+    return PartReadResult(_expand(table, meta, addresses), truncated)
+
+
+def _expand(table: pa.Table, meta: dict[str, str], addresses: list[str]) -> pa.Table:
+    n = table.num_rows
+    endpoints = json.loads(meta.get("endpoints", "[]")) or [["", 0]]
+    index = table.column("endpoint").to_numpy().astype(np.int32)
+    remote_ports = np.array([port for _, port in endpoints], dtype=np.uint16)
+    columns: dict[str, Any] = {
+        "start_ns": table.column("start_ns"),
+        "connect_us": table.column("connect_us"),
+        "close_us": table.column("close_us"),
+        "local_addr": _dict(table.column("local_addr").to_numpy().astype(np.int32), addresses),
+        "local_port": table.column("local_port"),
+        "remote_addr": _dict(index, [address for address, _ in endpoints]),
+        "remote_port": pa.array(remote_ports[index] if n else np.zeros(0, np.uint16)),
+        "errno": table.column("errno"),
+        "io_errno": table.column("io_errno"),
+        "close": _dict(np.zeros(n, np.int32), [meta.get("close", "")]),
+        "engine": _dict(np.zeros(n, np.int32), [meta.get("engine", "")]),
+        "pid": pa.array(np.full(n, int(meta.get("pid", 0)), dtype=np.uint32)),
+    }
+    return pa.table(columns, schema=CONNECTIONS_SCHEMA)
+
+
+def _dict(indices: np.ndarray, values: Sequence[str]) -> pa.DictionaryArray:
+    return pa.DictionaryArray.from_arrays(
+        pa.array(indices, pa.int32()), pa.array(values, pa.string())
+    )
+
+
+def merge_parts(parts: Sequence[Path], out: Path) -> tuple[int, list[Path]]:
+    """Merge part files into one Parquet file sorted by start time.
+
+    Returns the row count and the parts that were truncated (their whole
+    batches are kept; a truncated part is worth a finding, not a failure).
+    """
+    tables = []
+    truncated = []
+    for path in parts:
+        result = read_part(path)
+        tables.append(result.table)
+        if result.truncated:
+            truncated.append(path)
+    table = (
+        pa.concat_tables(tables, promote_options="permissive").unify_dictionaries()
+        if tables
+        else CONNECTIONS_SCHEMA.empty_table()
+    )
+    table = table.combine_chunks().unify_dictionaries()
+    if table.num_rows:
+        table = table.sort_by("start_ns")
+    tmp = out.with_suffix(".parquet.tmp")
+    pq.write_table(table, tmp, compression="zstd")
+    os.replace(tmp, out)
+    return table.num_rows, truncated

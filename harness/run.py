@@ -1,0 +1,278 @@
+"""``eph run``: listener, Locust and (later) collector as separate processes.
+
+This process never imports locust. It starts the embedded listener when the
+scenario has ``[listener]``, starts Locust headless on ``harness/locustfile.py``,
+shows progress, stops Locust at the scenario's duration (SIGINT, Locust's own
+graceful path), drains and stops the listener, and finalizes the run directory.
+SIGINT/SIGTERM to ``eph run`` takes the same path, marked ``interrupted``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import selectors
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+from harness.endpoints import Endpoint
+from harness.errors import RunError
+from harness.finalize import finalize
+from harness.kernel import read_kernel
+from harness.progress import Progress, read_progress
+from harness.rundir import RunDir
+from harness.scenario import Scenario
+
+__all__ = ["RunResult", "run_scenario"]
+
+logger = logging.getLogger(__name__)
+
+START_TIMEOUT = 60.0  # seconds for Locust to start its test (first start installs nothing)
+LISTENER_START_TIMEOUT = 15.0
+STOP_GRACE = 30.0  # seconds past the close timeouts for Locust to write its stats
+LOCUSTFILE = Path(__file__).with_name("locustfile.py")
+
+
+@dataclass(frozen=True)
+class RunResult:
+    run_dir: Path
+    summary: dict[str, Any]
+
+
+ProgressSink = Callable[[float, float, Progress], None]
+
+
+class _ListenerProcess:
+    """``eph listen`` in a child process, speaking JSON lines on stdout."""
+
+    def __init__(self, scenario: Scenario, run: RunDir) -> None:
+        listener = scenario.listener
+        assert listener is not None
+        args = [
+            sys.executable,
+            "-m",
+            "harness",
+            "listen",
+            "--close",
+            scenario.listener_close.value,
+            "--backlog",
+            str(listener.backlog),
+        ]
+        for endpoint in scenario.target.endpoints:
+            args += ["--endpoint", str(endpoint)]
+        if listener.response:
+            args += ["--response", listener.response]
+        if scenario.listener_reads_request:
+            args.append("--read-request")
+        self._log = open(run.logs / "listener.log", "ab")  # noqa: SIM115
+        self.proc = subprocess.Popen(
+            args, stdout=subprocess.PIPE, stderr=self._log, start_new_session=True
+        )
+        self.endpoints = [Endpoint.parse(e) for e in self._read_event("listening")["endpoints"]]
+
+    def _read_event(self, name: str, timeout: float = LISTENER_START_TIMEOUT) -> dict[str, Any]:
+        assert self.proc.stdout is not None
+        deadline = time.monotonic() + timeout
+        with selectors.DefaultSelector() as selector:
+            selector.register(self.proc.stdout, selectors.EVENT_READ)
+            while time.monotonic() < deadline:
+                if not selector.select(timeout=max(0.0, deadline - time.monotonic())):
+                    break
+                line = self.proc.stdout.readline()
+                if not line:
+                    break
+                event = json.loads(line)
+                if event.get("event") == name:
+                    return dict(event)
+        self.proc.kill()
+        self.proc.wait()
+        raise RunError(f"the listener did not report '{name}': {self._tail()}")
+
+    def _tail(self) -> str:
+        self._log.flush()
+        try:
+            text = Path(self._log.name).read_text(errors="replace").strip().splitlines()
+        except OSError:
+            return "no log"
+        return text[-1] if text else f"exit code {self.proc.poll()}"
+
+    def stop(self) -> dict[str, Any]:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        try:
+            stats = self._read_event("stopped", timeout=10.0)
+        finally:
+            _reap(self.proc, 5.0)
+            self._log.close()
+        stats.pop("event", None)
+        return stats
+
+
+def _reap(proc: subprocess.Popen[bytes], timeout: float) -> int:
+    try:
+        return proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        logger.error("process %d did not stop in %.0f s; killing it", proc.pid, timeout)
+        proc.kill()
+        return proc.wait()
+
+
+def _locust_command(scenario: Scenario, run: RunDir, extra: Sequence[str]) -> list[str]:
+    load = scenario.load
+    backstop = math.ceil(scenario.duration) + 30  # eph stops it first; this bounds a lost parent
+    # users finish the attempt they are in before stopping (then Locust kills them)
+    stop_timeout = math.ceil(load.connect_timeout + load.io_timeout + load.hold + 1)
+    return [
+        sys.executable,
+        "-m",
+        "locust",
+        "-f",
+        str(LOCUSTFILE),
+        "--headless",
+        "-u",
+        str(load.users),
+        "-r",
+        f"{load.spawn_rate:g}",
+        "-t",
+        f"{backstop}s",
+        "--csv",
+        str(run.path / "locust"),
+        "--json-file",
+        str(run.path / "locust"),
+        "--logfile",
+        str(run.logs / "locust.log"),
+        "--only-summary",
+        "--exit-code-on-error",
+        "0",
+        "--stop-timeout",
+        str(stop_timeout),
+        *extra,
+    ]
+
+
+class _Interrupt:
+    """Turns SIGINT/SIGTERM into a flag for the duration of a run."""
+
+    def __init__(self) -> None:
+        self.set = False
+        self._old: dict[int, Any] = {}
+
+    def __enter__(self) -> _Interrupt:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            self._old[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum: int, frame: FrameType | None) -> None:
+        if not self.set:
+            logger.warning(
+                "%s: stopping the run and keeping what was recorded", signal.Signals(signum).name
+            )
+        self.set = True
+
+    def __exit__(self, *exc: object) -> None:
+        for sig, handler in self._old.items():
+            signal.signal(sig, handler)
+
+
+def run_scenario(
+    scenario: Scenario,
+    *,
+    out: Path | None = None,
+    progress: ProgressSink | None = None,
+    locust_args: Sequence[str] = (),
+) -> RunResult:
+    run = RunDir.open(out, create=True) if out else RunDir.create(Path("reports"), scenario.name)
+    kernel = read_kernel()
+    listener: _ListenerProcess | None = None
+    listener_stats: dict[str, Any] | None = None
+    started_at = time.time()
+    load_started = load_ended = time.monotonic()
+    with _Interrupt() as interrupt:
+        if scenario.listener is not None:
+            listener = _ListenerProcess(scenario, run)
+            scenario = scenario.with_endpoints(listener.endpoints)
+        run.write_scenario(scenario)
+        env = {
+            **os.environ,
+            "EPH_SCENARIO": str(run.scenario),
+            "EPH_RUN_DIR": str(run.path),
+            "EPH_MANAGED": "1",
+        }
+        with open(run.logs / "locust.out", "ab") as locust_out:
+            proc = subprocess.Popen(
+                _locust_command(scenario, run, locust_args),
+                stdout=locust_out,
+                stderr=subprocess.STDOUT,
+                env=env,
+                start_new_session=True,
+            )
+        try:
+            load_started = _wait_for_start(proc, run, interrupt)
+            started_at = time.time()
+            _wait_for_end(proc, run, scenario.duration, load_started, interrupt, progress)
+            load_ended = time.monotonic()
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGINT)
+            load = scenario.load
+            _reap(proc, load.connect_timeout + load.io_timeout + load.hold + STOP_GRACE)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+            if listener is not None:
+                listener_stats = listener.stop()
+                run.write_json("listener.json", listener_stats)
+        if proc.returncode not in (0, -signal.SIGINT, 130) and not interrupt.set:
+            logger.error("Locust exited with code %s; see %s", proc.returncode, run.logs)
+        summary = finalize(
+            run.path,
+            interrupted=interrupt.set,
+            started_at=started_at,
+            duration_s=load_ended - load_started,
+            kernel=kernel,
+            listener=listener_stats,
+        )
+    return RunResult(run.path, summary)
+
+
+def _wait_for_start(proc: subprocess.Popen[bytes], run: RunDir, interrupt: _Interrupt) -> float:
+    deadline = time.monotonic() + START_TIMEOUT
+    while time.monotonic() < deadline and not interrupt.set:
+        if any(run.progress.glob("*.json")):
+            return time.monotonic()
+        if proc.poll() is not None:
+            raise RunError(
+                f"Locust exited (code {proc.returncode}) before starting: "
+                f"see {run.logs / 'locust.log'} and {run.logs / 'locust.out'}"
+            )
+        time.sleep(0.05)
+    if interrupt.set:
+        return time.monotonic()
+    raise RunError(f"Locust did not start within {START_TIMEOUT:.0f} s: see {run.logs}")
+
+
+def _wait_for_end(
+    proc: subprocess.Popen[bytes],
+    run: RunDir,
+    duration: float,
+    started: float,
+    interrupt: _Interrupt,
+    progress: ProgressSink | None,
+) -> None:
+    end = started + duration
+    while not interrupt.set and proc.poll() is None:
+        now = time.monotonic()
+        if progress is not None:
+            progress(now - started, duration, read_progress(run.progress))
+        if now >= end:
+            return
+        time.sleep(min(0.25, max(0.0, end - now)))

@@ -1,0 +1,129 @@
+"""The run directory: where one run's scenario, records, stats and report live.
+
+Layout::
+
+    reports/<YYYYmmdd-HHMMSS>-<name>/
+        scenario.json         the resolved scenario (what actually ran)
+        connections.parquet   one row per connection attempt
+        summary.json          the figures, see harness.summary
+        report.html           self-contained report
+        locust_*.csv, locust.json   Locust's own statistics (no --html by default)
+        listener.json         the embedded listener's counts
+        logs/                 eph.log, locust.log, listener.log, uvloop-*.log
+        parts/                per-process record streams (merged, then removed)
+        progress/             per-process live counters
+    reports/latest -> the newest run
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from harness.errors import RunDirError
+from harness.scenario import Scenario
+
+__all__ = ["RunDir"]
+
+_MODE = 0o750  # run directories are never world-writable (nor readable)
+
+
+@dataclass(frozen=True)
+class RunDir:
+    path: Path
+
+    @classmethod
+    def create(cls, base: Path, name: str) -> RunDir:
+        """A new, uniquely named directory under ``base``; ``base/latest`` points at it."""
+        base.mkdir(parents=True, exist_ok=True)
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        for suffix in ["", *(f"-{n}" for n in range(2, 1000))]:
+            path = base / f"{stamp}-{name}{suffix}"
+            try:
+                path.mkdir(mode=_MODE)
+            except FileExistsError:
+                continue
+            run = cls(path)
+            run._make_children()
+            run._point_latest()
+            return run
+        raise RunDirError(base, "could not find a free run directory name")
+
+    @classmethod
+    def open(cls, path: Path, *, create: bool = False) -> RunDir:
+        if create:
+            path.mkdir(mode=_MODE, parents=True, exist_ok=True)
+        elif not path.is_dir():
+            raise RunDirError(path, "no such directory")
+        run = cls(path)
+        if create:
+            run._make_children()
+        return run
+
+    def _make_children(self) -> None:
+        for child in (self.parts, self.progress, self.logs):
+            child.mkdir(mode=_MODE, exist_ok=True)
+
+    def _point_latest(self) -> None:
+        latest = self.path.parent / "latest"
+        tmp = self.path.parent / f".latest-{os.getpid()}"
+        try:
+            tmp.unlink(missing_ok=True)
+            tmp.symlink_to(self.path.name)
+            os.replace(tmp, latest)
+        except OSError:
+            pass  # a filesystem without symlinks: the directory itself is what matters
+
+    @property
+    def parts(self) -> Path:
+        return self.path / "parts"
+
+    @property
+    def progress(self) -> Path:
+        return self.path / "progress"
+
+    @property
+    def logs(self) -> Path:
+        return self.path / "logs"
+
+    @property
+    def connections(self) -> Path:
+        return self.path / "connections.parquet"
+
+    @property
+    def summary(self) -> Path:
+        return self.path / "summary.json"
+
+    @property
+    def report(self) -> Path:
+        return self.path / "report.html"
+
+    @property
+    def scenario(self) -> Path:
+        return self.path / "scenario.json"
+
+    def write_scenario(self, scenario: Scenario) -> None:
+        if not self.scenario.exists():
+            self.write_json("scenario.json", scenario.to_json())
+
+    def read_scenario(self) -> Scenario:
+        return Scenario.model_validate(self.read_json("scenario.json"))
+
+    def write_json(self, name: str, data: Any) -> None:
+        target = self.path / name
+        tmp = target.with_suffix(target.suffix + ".tmp")
+        tmp.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n")
+        os.replace(tmp, target)
+
+    def read_json(self, name: str) -> Any:
+        target = self.path / name
+        try:
+            return json.loads(target.read_text())
+        except FileNotFoundError:
+            raise RunDirError(self.path, f"{name} is missing") from None
+        except ValueError as exc:
+            raise RunDirError(self.path, f"{name} is not valid JSON ({exc})") from None

@@ -1,0 +1,417 @@
+"""Scenarios: TOML files in ``scenarios/``, validated strictly.
+
+Precedence, highest first: command line (``--set key.path=value`` and the CLI's
+shortcuts) > scenario file > the defaults below. Unknown keys are errors, with
+the closest valid key suggested; every error names the file, the key path, the
+value and what was expected.
+"""
+
+from __future__ import annotations
+
+import difflib
+import enum
+import re
+import tomllib
+import types
+import typing
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Annotated, Any, Literal, Self
+
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PlainSerializer,
+    PlainValidator,
+    StrictBool,
+    StrictInt,
+    ValidationError,
+    WithJsonSchema,
+    model_validator,
+)
+
+from harness.endpoints import Endpoint
+from harness.errors import EndpointError, ScenarioError
+from harness.units import format_duration, parse_duration
+
+__all__ = [
+    "ClosePolicy",
+    "Engine",
+    "ListenerClose",
+    "Reply",
+    "Scenario",
+    "load_scenario",
+    "parse_scenario",
+]
+
+
+class ClosePolicy(enum.StrEnum):
+    """Who ends a connection, and so where TIME_WAIT lands."""
+
+    CLIENT = "client"  # the client sends FIN first: TIME_WAIT on the client
+    SERVER = "server"  # the client waits for the server's FIN: TIME_WAIT on the server
+    RESET = "reset"  # the client closes with SO_LINGER 0: an RST, no TIME_WAIT
+
+
+class ListenerClose(enum.StrEnum):
+    """What the listener does with an accepted connection."""
+
+    AUTO = "auto"  # follow load.close: "first" for server, "wait" otherwise
+    WAIT = "wait"  # wait for the client to close
+    FIRST = "first"  # close first, right after accept (or after the request bytes)
+    RESET = "reset"  # reset it (SO_LINGER 0)
+
+
+class Engine(enum.StrEnum):
+    LOCUST = "locust"  # gevent sockets inside Locust users
+    UVLOOP = "uvloop"  # a uvloop child process per Locust process
+
+
+class Reply(enum.StrEnum):
+    """What the client waits for after sending, before holding and closing."""
+
+    NONE = "none"
+    DATA = "data"  # the first bytes of a reply
+    EOF = "eof"  # the server closing its side
+
+
+def _duration(value: object) -> float:
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        raise ValueError(f'{value!r} has no unit: write e.g. "{value}s" or "{value}ms"')
+    if not isinstance(value, str):
+        raise ValueError(f'{value!r} is not a duration string such as "10s"')
+    return parse_duration(value)
+
+
+def _endpoint(value: object) -> Endpoint:
+    if isinstance(value, Endpoint):
+        return value
+    if not isinstance(value, str):
+        raise ValueError(f'{value!r} is not an endpoint string such as "127.0.0.1:9000"')
+    try:
+        return Endpoint.parse(value)
+    except EndpointError as exc:
+        raise ValueError(exc.reason) from None
+
+
+Duration = Annotated[
+    float,
+    PlainValidator(_duration),
+    PlainSerializer(format_duration, return_type=str),
+    WithJsonSchema({"type": "string", "examples": ["100ms", "10s"]}),
+]
+EndpointField = Annotated[
+    Endpoint,
+    PlainValidator(_endpoint),
+    PlainSerializer(str, return_type=str),
+    WithJsonSchema({"type": "string", "examples": ["127.0.0.1:9000", "[::1]:9000"]}),
+]
+Port = Annotated[StrictInt, Field(ge=1, le=65535)]
+_RESERVED = re.compile(r"^\s*(\d+(-\d+)?)(\s*,\s*\d+(-\d+)?)*\s*$|^\s*$")
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, use_enum_values=False)
+
+
+class TargetConfig(_Section):
+    endpoints: list[EndpointField] = Field(min_length=1)
+
+
+class ListenerConfig(_Section):
+    response: str = ""
+    close: ListenerClose = ListenerClose.AUTO
+    read_request: StrictBool | None = None  # None: read the request when load.send is set
+    backlog: Annotated[StrictInt, Field(ge=1, le=1 << 20)] = 4096
+
+
+class LoadConfig(_Section):
+    engine: Engine = Engine.LOCUST
+    users: Annotated[StrictInt, Field(ge=1, le=100_000)] = 50
+    spawn_rate: Annotated[float, Field(gt=0, strict=True)] = 50.0
+    rate: Annotated[float, Field(ge=0, strict=True)] = 0.0
+    close: ClosePolicy = ClosePolicy.CLIENT
+    hold: Duration = 0.0
+    send: str = ""
+    reply: Reply = Reply.NONE
+    source_addresses: list[str] = Field(default_factory=list)
+    connect_timeout: Duration = 3.0
+    io_timeout: Duration = 5.0
+    backoff: Duration = 0.01
+
+    @model_validator(mode="after")
+    def _check_sources(self) -> Self:
+        import ipaddress
+
+        for index, text in enumerate(self.source_addresses):
+            try:
+                ipaddress.ip_address(text)
+            except ValueError:
+                raise ValueError(
+                    f"source_addresses[{index}] = {text!r} is not an IP address"
+                ) from None
+        if self.connect_timeout <= 0:
+            raise ValueError("connect_timeout must be above 0")
+        return self
+
+
+class KernelConfig(_Section):
+    """Sysctls: written only inside a lab namespace; on the host read and recorded."""
+
+    ip_local_port_range: tuple[Port, Port] | None = None
+    ip_local_reserved_ports: str | None = None
+    tcp_tw_reuse: Literal[0, 1, 2] | None = None
+    tcp_tw_reuse_delay: Duration | None = None
+    tcp_timestamps: Literal[0, 1, 2] | None = None
+    tcp_fin_timeout: Duration | None = None
+    tcp_max_tw_buckets: Annotated[StrictInt, Field(ge=0)] | None = None
+    somaxconn: Annotated[StrictInt, Field(ge=1)] | None = None
+
+    @model_validator(mode="after")
+    def _check(self) -> Self:
+        if self.ip_local_port_range is not None:
+            lo, hi = self.ip_local_port_range
+            if lo > hi:
+                raise ValueError(f"ip_local_port_range low end {lo} is above high end {hi}")
+        reserved = self.ip_local_reserved_ports
+        if reserved is not None and not _RESERVED.match(reserved):
+            raise ValueError(
+                f"ip_local_reserved_ports {reserved!r} is not a list of ports and ranges"
+                ' such as "40000-40009,40050"'
+            )
+        return self
+
+
+class CollectorConfig(_Section):
+    interval: Duration = 0.1
+
+
+class Scenario(_Section):
+    name: Annotated[str, Field(min_length=1, pattern=r"^[A-Za-z0-9._-]+$")]
+    description: str = ""
+    duration: Duration = 20.0
+    target: TargetConfig
+    listener: ListenerConfig | None = None
+    load: LoadConfig = LoadConfig()
+    kernel: KernelConfig = KernelConfig()
+    collector: CollectorConfig = CollectorConfig()
+
+    @model_validator(mode="after")
+    def _check(self) -> Self:
+        if self.duration <= 0:
+            raise ValueError("duration must be above 0")
+        if self.listener is None:
+            for endpoint in self.target.endpoints:
+                if endpoint.port == 0:
+                    raise ValueError(
+                        f"target endpoint {endpoint} has port 0, which only an embedded"
+                        " [listener] can resolve (it picks a free port)"
+                    )
+        return self
+
+    @property
+    def listener_close(self) -> ListenerClose:
+        """The listener's behaviour, with ``auto`` resolved from ``load.close``."""
+        if self.listener is None or self.listener.close is not ListenerClose.AUTO:
+            return self.listener.close if self.listener else ListenerClose.WAIT
+        if self.load.close is ClosePolicy.SERVER:
+            return ListenerClose.FIRST
+        return ListenerClose.WAIT
+
+    @property
+    def listener_reads_request(self) -> bool:
+        if self.listener is not None and self.listener.read_request is not None:
+            return self.listener.read_request
+        return bool(self.load.send)
+
+    def advisories(self) -> list[str]:
+        """Things worth a warning that are not errors."""
+        notes = []
+        if self.kernel.ip_local_port_range is not None:
+            lo, hi = self.kernel.ip_local_port_range
+            if lo % 2 == hi % 2:
+                notes.append(
+                    f"kernel.ip_local_port_range {lo}-{hi}: both ends have the same parity;"
+                    " the kernel docs advise different parity (connect() splits the range"
+                    " by parity)"
+                )
+        if self.load.close is ClosePolicy.SERVER and self.listener_close is ListenerClose.WAIT:
+            notes.append(
+                "load.close = server but listener.close = wait: each connection lasts"
+                " until load.io_timeout"
+            )
+        return notes
+
+    def with_endpoints(self, endpoints: Sequence[Endpoint]) -> Scenario:
+        return self.model_copy(update={"target": TargetConfig(endpoints=list(endpoints))})
+
+    def to_json(self) -> dict[str, Any]:
+        return self.model_dump(mode="json")
+
+
+# ---------------------------------------------------------------- loading
+
+
+def load_scenario(
+    path: Path | str, overrides: Iterable[str] = (), *, targets: Sequence[str] = ()
+) -> Scenario:
+    """Read, override and validate a scenario file.
+
+    ``targets`` (the CLI's ``--target``) replace ``target.endpoints`` and drop
+    ``[listener]``: the load goes to a server eph does not run.
+    """
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ScenarioError("no such file", source=path) from None
+    except OSError as exc:
+        raise ScenarioError(f"cannot read: {exc.strerror}", source=path) from None
+    except UnicodeDecodeError:
+        raise ScenarioError("not UTF-8 text", source=path) from None
+    return parse_scenario(text, source=path, overrides=overrides, targets=targets)
+
+
+def parse_scenario(
+    text: str,
+    *,
+    source: Path | str = "<scenario>",
+    overrides: Iterable[str] = (),
+    targets: Sequence[str] = (),
+) -> Scenario:
+    try:
+        raw = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        line = _toml_error_line(str(exc))
+        raise ScenarioError(f"malformed TOML: {exc}", source=source, line=line) from None
+    if targets:
+        raw.pop("listener", None)
+        raw.setdefault("target", {})["endpoints"] = list(targets)
+    for item in overrides:
+        apply_override(raw, item)
+    try:
+        return Scenario.model_validate(raw)
+    except ValidationError as exc:
+        raise _scenario_error(exc, text, source) from None
+
+
+def apply_override(raw: dict[str, Any], item: str) -> None:
+    """Apply one ``key.path=value`` to ``raw``; the value is read as TOML, else as text."""
+    key, sep, value_text = item.partition("=")
+    key = key.strip()
+    if not sep or not key:
+        raise ScenarioError(
+            f"--set {item!r} is not key.path=value", source="--set", expected="e.g. load.users=10"
+        )
+    parts = key.split(".")
+    _check_key_path(parts, source="--set")
+    try:
+        value = tomllib.loads(f"v = {value_text}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = value_text
+    node = raw
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ScenarioError(f"'{part}' is not a table", source="--set", key=key)
+        node = child
+    node[parts[-1]] = value
+
+
+def _check_key_path(parts: Sequence[str], *, source: str) -> None:
+    model: type[BaseModel] | None = Scenario
+    for depth, part in enumerate(parts):
+        if model is None:
+            path = ".".join(parts[:depth])
+            raise ScenarioError(
+                f"'{path}' is a value, not a table", source=source, key=".".join(parts)
+            )
+        fields = model.model_fields
+        if part not in fields:
+            raise ScenarioError(
+                _unknown_key_message(parts[: depth + 1], fields),
+                source=source,
+                key=".".join(parts),
+            )
+        model = _section_model(fields[part].annotation)
+
+
+def _section_model(annotation: Any) -> type[BaseModel] | None:
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        for arg in typing.get_args(annotation):
+            found = _section_model(arg)
+            if found is not None:
+                return found
+    return None
+
+
+def _unknown_key_message(parts: Sequence[str], valid: Iterable[str]) -> str:
+    path = ".".join(parts)
+    close = difflib.get_close_matches(parts[-1], list(valid), n=1, cutoff=0.5)
+    message = f"unknown key '{path}'"
+    if close:
+        message += f"; did you mean '{'.'.join([*parts[:-1], close[0]])}'?"
+    else:
+        message += f"; valid keys here: {', '.join(sorted(valid))}"
+    return message
+
+
+def _scenario_error(exc: ValidationError, text: str, source: Path | str) -> ScenarioError:
+    lines = []
+    first_key: str | None = None
+    first_line: int | None = None
+    for error in exc.errors():
+        loc = [str(part) for part in error["loc"]]
+        key = ".".join(loc)
+        if error["type"] == "extra_forbidden":
+            valid = _fields_at(loc[:-1])
+            message = _unknown_key_message(loc, valid)
+        elif error["type"] == "missing":
+            message = f"missing required key '{key}'"
+        else:
+            message = str(error["msg"]).removeprefix("Value error, ")
+            if loc:
+                message = f"{key} = {error['input']!r}: {message}"
+        lines.append(message)
+        if first_key is None:
+            first_key = key or None
+            first_line = _line_of(text, loc)
+    message = lines[0] if len(lines) == 1 else "; ".join(lines)
+    return ScenarioError(message, source=source, key=first_key, line=first_line)
+
+
+def _fields_at(loc: Sequence[str]) -> list[str]:
+    model: type[BaseModel] | None = Scenario
+    for part in loc:
+        if model is None or part not in model.model_fields:
+            return []
+        model = _section_model(model.model_fields[part].annotation)
+    return list(model.model_fields) if model else []
+
+
+def _line_of(text: str, loc: Sequence[str]) -> int | None:
+    """The line that sets ``loc`` (a best effort: TOML parsers keep no positions)."""
+    keys = [part for part in loc if not part.isdigit()]
+    if not keys:
+        return None
+    table, key = keys[:-1], keys[-1]
+    current: list[str] = []
+    for number, line in enumerate(text.splitlines(), start=1):
+        stripped = line.strip()
+        header = re.match(r"^\[\s*([A-Za-z0-9_.\- ]+?)\s*\]", stripped)
+        if header:
+            current = [part.strip() for part in header.group(1).split(".")]
+            if current == keys:
+                return number
+            continue
+        if current == table and re.match(rf"^{re.escape(key)}\s*=", stripped):
+            return number
+    return None
+
+
+def _toml_error_line(message: str) -> int | None:
+    match = re.search(r"line (\d+)", message)
+    return int(match.group(1)) if match else None

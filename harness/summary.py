@@ -1,0 +1,158 @@
+"""``summary.json``: the run's figures, computed in bulk from the records."""
+
+from __future__ import annotations
+
+import errno as errno_module
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+from harness.churn import errno_name
+
+__all__ = ["EXHAUSTION_ERRNOS", "SCHEMA_VERSION", "Columns", "summarize"]
+
+SCHEMA_VERSION = 1
+# local errors that mean "no ephemeral port left": connect() toward a destination
+# (EADDRNOTAVAIL), bind(ip, 0) (EADDRINUSE), connected UDP (EAGAIN)
+EXHAUSTION_ERRNOS = (errno_module.EADDRNOTAVAIL, errno_module.EADDRINUSE, errno_module.EAGAIN)
+
+
+@dataclass(frozen=True)
+class Columns:
+    """The numeric columns of ``connections.parquet`` as numpy arrays."""
+
+    start_ns: np.ndarray
+    connect_us: np.ndarray
+    local_port: np.ndarray
+    errno: np.ndarray
+    io_errno: np.ndarray
+
+    @classmethod
+    def from_table(cls, table: pa.Table) -> Columns:
+        def column(name: str, dtype: str) -> np.ndarray:
+            return np.asarray(table.column(name).to_numpy(), dtype=dtype)
+
+        return cls(
+            start_ns=column("start_ns", "int64"),
+            connect_us=column("connect_us", "uint32"),
+            local_port=column("local_port", "uint16"),
+            errno=column("errno", "uint16"),
+            io_errno=column("io_errno", "uint16"),
+        )
+
+    @property
+    def ok(self) -> np.ndarray:
+        return np.asarray(self.errno == 0)
+
+    def seconds(self) -> np.ndarray:
+        """Start times in seconds from the first attempt."""
+        if not len(self.start_ns):
+            return np.zeros(0)
+        return np.asarray((self.start_ns - self.start_ns.min()) / 1e9)
+
+
+def _counts(values: np.ndarray) -> dict[str, int]:
+    names, counts = np.unique(values[values != 0], return_counts=True)
+    return {errno_name(int(n)): int(c) for n, c in zip(names, counts, strict=True)}
+
+
+def summarize(
+    cols: Columns,
+    *,
+    scenario: str,
+    started_at: str,
+    duration_s: float,
+    interrupted: bool,
+    kernel: dict[str, Any],
+    listener: dict[str, Any] | None = None,
+    locust_requests: int | None = None,
+) -> dict[str, Any]:
+    attempted = len(cols.errno)
+    ok = cols.ok
+    succeeded = int(ok.sum())
+    port_range = kernel.get("ip_local_port_range")
+    ports = cols.local_port[ok]
+    summary: dict[str, Any] = {
+        "schema_version": SCHEMA_VERSION,
+        "scenario": scenario,
+        "interrupted": interrupted,
+        "started_at": started_at,
+        "duration_s": round(duration_s, 3),
+        "connections": {
+            "attempted": attempted,
+            "succeeded": succeeded,
+            "failed": attempted - succeeded,
+            "errors": _counts(cols.errno),
+            "io_errors": _counts(cols.io_errno[ok]),
+            "rate_per_s": _rate(cols, duration_s),
+            "connect_ms": _latency(cols.connect_us[ok]),
+        },
+        "ports": {
+            "range": port_range,
+            "distinct_used": len(np.unique(ports)),
+            "even_fraction": round(float((ports % 2 == 0).mean()), 4) if len(ports) else None,
+        },
+        "exhaustion": _exhaustion(cols),
+        "kernel": kernel,
+    }
+    if listener is not None:
+        summary["listener"] = listener
+    summary["conservation"] = _conservation(attempted, succeeded, listener, locust_requests)
+    return summary
+
+
+def _rate(cols: Columns, duration_s: float) -> float:
+    """Attempts per second over the records' own span (the load's real window)."""
+    n = len(cols.start_ns)
+    span = float(cols.start_ns.max() - cols.start_ns.min()) / 1e9 if n > 1 else 0.0
+    # n starts span n-1 gaps; fall back to the planned window for tiny runs
+    if span > 0:
+        return round((n - 1) / span, 1)
+    return round(n / duration_s, 1) if duration_s > 0 else 0.0
+
+
+def _latency(connect_us: np.ndarray) -> dict[str, float] | None:
+    if not len(connect_us):
+        return None
+    p50, p90, p99 = np.percentile(connect_us, [50, 90, 99]) / 1000.0
+    return {
+        "p50": round(p50, 3),
+        "p90": round(p90, 3),
+        "p99": round(p99, 3),
+        "max": round(float(connect_us.max()) / 1000.0, 3),
+    }
+
+
+def _exhaustion(cols: Columns) -> dict[str, Any]:
+    hit = np.isin(cols.errno, EXHAUSTION_ERRNOS)
+    if not hit.any():
+        return {"exhausted": False, "first_failure_s": None, "succeeded_before_first_failure": None}
+    first = int(np.argmax(hit))  # rows are sorted by start time
+    start = cols.start_ns[first]
+    return {
+        "exhausted": True,
+        "errno": errno_name(int(cols.errno[first])),
+        "first_failure_s": round(float(start - cols.start_ns.min()) / 1e9, 4),
+        "succeeded_before_first_failure": int((cols.ok & (cols.start_ns < start)).sum()),
+    }
+
+
+def _conservation(
+    attempted: int, succeeded: int, listener: dict[str, Any] | None, locust_requests: int | None
+) -> dict[str, Any]:
+    """Every attempt recorded, counted by Locust, and (if connected) accepted by our listener."""
+    result: dict[str, Any] = {"records": attempted}
+    checks = []
+    if locust_requests is not None:
+        result["locust_requests"] = locust_requests
+        result["records_match_locust"] = locust_requests == attempted
+        checks.append(result["records_match_locust"])
+    if listener is not None:
+        accepted = int(listener.get("accepted", 0))
+        result["listener_accepted"] = accepted
+        result["succeeded_match_listener"] = accepted == succeeded
+        checks.append(result["succeeded_match_listener"])
+    result["ok"] = all(checks)
+    return result

@@ -1,0 +1,32 @@
+"""Durations as people write them in scenarios: ``"100ms"``, ``"10s"``, ``"2m"``."""
+
+from __future__ import annotations
+
+import re
+
+__all__ = ["format_duration", "parse_duration"]
+
+_UNITS = {"us": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
+_PATTERN = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(us|ms|s|m|h)\s*$")
+
+
+def parse_duration(text: str) -> float:
+    """Return seconds for ``text``; raise ``ValueError`` naming the accepted forms."""
+    match = _PATTERN.match(text) if isinstance(text, str) else None
+    if match is None:
+        raise ValueError(
+            f"{text!r} is not a duration: write a number and a unit (us, ms, s, m, h),"
+            ' e.g. "100ms", "10s", "2m"'
+        )
+    return float(match.group(1)) * _UNITS[match.group(2)]
+
+
+def format_duration(seconds: float) -> str:
+    """The shortest exact spelling that :func:`parse_duration` reads back."""
+    for unit, scale in (("h", 3600.0), ("m", 60.0), ("s", 1.0), ("ms", 1e-3)):
+        value = seconds / scale
+        if value >= 1 and abs(value - round(value)) < 1e-9:
+            return f"{round(value)}{unit}"
+    if seconds == 0:
+        return "0ms"
+    return f"{seconds * 1e3:g}ms"

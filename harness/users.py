@@ -1,0 +1,302 @@
+"""Locust users that churn TCP connections, and their per-process session.
+
+Imports locust (and so gevent's monkey-patching): only for Locust processes,
+through ``harness/locustfile.py``. The listener and collector never import it.
+
+Configuration comes from the environment, because Locust imports the
+locustfile (and picks its User class) before parsing its own arguments:
+
+- ``EPH_SCENARIO``: a scenario TOML, or the resolved ``scenario.json`` of a run
+  (default ``scenarios/default.toml``);
+- ``EPH_RUN_DIR``: where records go (default a new ``reports/<time>-<name>-locust``);
+- ``EPH_MANAGED=1``: set by ``eph run``, which finalizes the run directory itself;
+  without it, the Locust process finalizes it at exit;
+- ``EPH_RATE_SHARE``: this process's share of ``load.rate`` (default 1).
+
+Locust's ``--host`` (or the web UI's host field), when given, replaces the
+scenario's target endpoints: ``--host 127.0.0.1:9000``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import gevent
+from gevent import subprocess as gsubprocess
+from locust import User, constant, events, task
+from locust.env import Environment
+from locust.runners import MasterRunner
+
+from harness.churn import ChurnPlan, Target
+from harness.client_gevent import GeventChurn
+from harness.client_uvloop import read_frame
+from harness.endpoints import Endpoint
+from harness.locust_stats import REQUEST_TYPE, failure, feed_rows
+from harness.pacing import Pacer
+from harness.progress import ProgressCounter
+from harness.records import FLUSH_INTERVAL, RecordWriter
+from harness.rundir import RunDir
+from harness.scenario import Engine, Scenario, load_scenario
+
+__all__ = ["ChurnUser", "LocustEngineUser", "UvloopEngineUser", "install", "user_class"]
+
+logger = logging.getLogger(__name__)
+
+UVLOOP_IDLE = 1.0  # how often a uvloop-engine user wakes up; it only holds a slot
+DEFAULT_SCENARIO = Path("scenarios/default.toml")
+
+
+def scenario_from_environ() -> Scenario:
+    path = Path(os.environ.get("EPH_SCENARIO", DEFAULT_SCENARIO))
+    if path.suffix == ".json":
+        return Scenario.model_validate(json.loads(path.read_text()))
+    return load_scenario(path)
+
+
+class _Session:
+    """Everything one Locust process shares between its users for one test."""
+
+    def __init__(self, environment: Environment, scenario: Scenario, sequence: int) -> None:
+        if environment.host:
+            scenario = scenario.with_endpoints(
+                [Endpoint.parse(environment.host, allow_port_zero=False)]
+            )
+        self.environment = environment
+        self.scenario = scenario
+        self.run_dir = _run_dir(scenario)
+        self.run_dir.write_scenario(scenario)
+        share = float(os.environ.get("EPH_RATE_SHARE", "1"))
+        self.plan = ChurnPlan.from_scenario(scenario, rate_share=share)
+        self.names = [str(e) for e in self.plan.endpoints]
+        self.engine = scenario.load.engine
+        self.targets = self.plan.cycle()
+        self.pacer = Pacer(self.plan.rate) if self.plan.rate > 0 else None
+        pid = os.getpid()
+        self.progress = ProgressCounter(
+            self.run_dir.progress / f"{pid}-{sequence}.json", self.engine
+        )
+        self.writer: RecordWriter | None = None
+        self.bridge: _UvloopBridge | None = None
+        if self.engine is Engine.LOCUST:
+            part = self.run_dir.parts / f"locust-{pid}-{sequence}.arrows"
+            self.writer = RecordWriter(
+                part, endpoints=self.plan.endpoints, close=self.plan.close.value, engine="locust"
+            )
+            self.churn = GeventChurn(self.plan, self.writer, self._on_result)
+        else:
+            part = self.run_dir.parts / f"uvloop-{pid}-{sequence}.arrows"
+            self.bridge = _UvloopBridge(self, part, share)
+        self._fire: Callable[..., None] = environment.events.request.fire
+        self._closed = False
+        self.flush()  # the first progress file tells `eph run` the test has started
+        self._flusher = gevent.spawn(self._flush_loop)
+
+    def _on_result(self, target: Target, err: int, io_err: int, connect_ms: float, rx: int) -> None:
+        self._fire(
+            request_type=REQUEST_TYPE,
+            name=self.names[target.index],
+            response_time=connect_ms,
+            response_length=rx,
+            exception=failure(err, io_err) if err or io_err else None,
+            context={},
+        )
+
+    def _flush_loop(self) -> None:
+        while True:
+            gevent.sleep(FLUSH_INTERVAL)
+            self.flush()
+
+    def flush(self, done: bool = False) -> None:
+        if self.writer is not None:
+            self.progress.update(self.writer.flush())
+        runner = self.environment.runner
+        self.progress.write(users=runner.user_count if runner else 0, done=done)
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        self._flusher.kill()
+        if self.bridge is not None:
+            self.bridge.stop()
+        if self.writer is not None:
+            self.progress.update(self.writer.close())
+        self.flush(done=True)
+
+
+class _UvloopBridge:
+    """The uvloop engine child of one Locust process: users in, rows and stats out."""
+
+    def __init__(self, session: _Session, part: Path, share: float) -> None:
+        self._session = session
+        self.users = 0
+        scenario_path = session.run_dir.path / f"scenario-{os.getpid()}.json"
+        scenario_path.write_text(json.dumps(session.scenario.to_json()))
+        log = open(session.run_dir.logs / f"uvloop-{os.getpid()}.log", "ab")  # noqa: SIM115
+        self._proc = gsubprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "harness.client_uvloop",
+                "--scenario",
+                str(scenario_path),
+                "--part",
+                str(part),
+                "--rate-share",
+                str(share),
+            ],
+            stdin=gsubprocess.PIPE,
+            stdout=gsubprocess.PIPE,
+            stderr=log,
+        )
+        log.close()
+        self._reader = gevent.spawn(self._read)
+
+    def add_users(self, delta: int) -> None:
+        self.users += delta
+        self._send({"users": self.users})
+
+    def _send(self, command: dict[str, Any]) -> None:
+        try:
+            self._proc.stdin.write(json.dumps(command).encode() + b"\n")
+            self._proc.stdin.flush()
+        except (BrokenPipeError, ValueError, OSError):
+            logger.error("uvloop engine (pid %s) is gone", self._proc.pid)
+
+    def _read(self) -> None:
+        session = self._session
+        stats = session.environment.stats
+        while (rows := read_frame(self._proc.stdout)) is not None:
+            feed_rows(stats, rows, session.names)
+            session.progress.update(rows)
+
+    def stop(self) -> None:
+        self._send({"stop": True})
+        with contextlib.suppress(OSError):
+            self._proc.stdin.close()
+        plan = self._session.plan
+        limit = plan.connect_timeout + plan.io_timeout + plan.hold + 10.0
+        self._reader.join(timeout=limit)
+        try:
+            self._proc.wait(timeout=5)
+        except gsubprocess.TimeoutExpired:
+            logger.error("uvloop engine (pid %s) did not stop; killing it", self._proc.pid)
+            self._proc.kill()
+            self._proc.wait()
+        self._reader.join(timeout=5)
+
+
+def _run_dir(scenario: Scenario) -> RunDir:
+    given = os.environ.get("EPH_RUN_DIR")
+    if given:
+        return RunDir.open(Path(given), create=True)
+    return RunDir.create(Path("reports"), scenario.name + "-locust")
+
+
+# ----------------------------------------------------------------- users
+
+
+_sessions: dict[int, _Session] = {}
+
+
+def _session(environment: Environment) -> _Session:
+    found = _sessions.get(id(environment))
+    if found is None:
+        raise RuntimeError("eph session missing: was harness.users.install() called?")
+    return found
+
+
+class ChurnUser(User):
+    """Base of eph's users: each one is a concurrent connection loop."""
+
+    abstract = True
+    wait_time = constant(0)
+
+    def on_start(self) -> None:
+        self.session = _session(self.environment)
+
+
+class LocustEngineUser(ChurnUser):
+    """Opens, uses and closes connections itself, with gevent."""
+
+    abstract = True  # made concrete by the locustfile, through user_class()
+
+    @task
+    def churn(self) -> None:
+        session = self.session
+        if session.pacer is not None:
+            delay = session.pacer.delay()
+            if delay > 0:
+                gevent.sleep(delay)
+        if session.churn.attempt(next(session.targets)) and session.plan.backoff:
+            gevent.sleep(session.plan.backoff)  # a failed connect: do not spin a core
+
+
+class UvloopEngineUser(ChurnUser):
+    """Holds one concurrent loop of this process's uvloop engine child."""
+
+    abstract = True
+
+    def on_start(self) -> None:
+        super().on_start()
+        assert self.session.bridge is not None
+        self.session.bridge.add_users(1)
+
+    def on_stop(self) -> None:
+        if self.session.bridge is not None:
+            self.session.bridge.add_users(-1)
+
+    @task
+    def hold_slot(self) -> None:
+        gevent.sleep(UVLOOP_IDLE)
+
+
+def user_class(engine: Engine) -> type[ChurnUser]:
+    """A concrete user class for ``engine``, named ``EphUser`` for Locust's UI."""
+    base = LocustEngineUser if engine is Engine.LOCUST else UvloopEngineUser
+    return type("EphUser", (base,), {"abstract": False, "__module__": base.__module__})
+
+
+def install(scenario: Scenario) -> None:
+    """Hook eph's session into Locust's events (call once, from the locustfile)."""
+    counter = iter(range(1 << 30))
+
+    def start(environment: Environment, **_: Any) -> None:
+        if isinstance(environment.runner, MasterRunner):
+            return  # the master runs no users; its workers record
+        old = _sessions.pop(id(environment), None)
+        if old is not None:
+            old.close()
+        _sessions[id(environment)] = _Session(environment, scenario, next(counter))
+
+    def stop(environment: Environment, **_: Any) -> None:
+        found = _sessions.get(id(environment))
+        if found is not None:
+            found.close()
+
+    def quit_(**_: Any) -> None:
+        for key, found in list(_sessions.items()):
+            del _sessions[key]
+            found.close()
+            if os.environ.get("EPH_MANAGED") != "1":
+                _finalize_standalone(found)
+
+    events.test_start.add_listener(start)
+    events.test_stop.add_listener(stop)
+    events.quit.add_listener(quit_)
+
+
+def _finalize_standalone(session: _Session) -> None:
+    """Plain ``locust -f``: nobody else will merge the records and write the report."""
+    from harness.finalize import finalize
+
+    path = session.run_dir.path
+    finalize(path, locust_requests=session.environment.stats.total.num_requests)
+    logger.info("eph run directory: %s (report.html)", path)
