@@ -9,6 +9,7 @@ from pathlib import Path
 
 import click
 from rich.console import Console
+from rich.text import Text
 
 from harness.endpoints import Endpoint
 from harness.errors import EphError
@@ -201,7 +202,8 @@ def main(argv: Sequence[str] | None = None) -> None:
             args=list(argv) if argv is not None else None, prog_name="eph", standalone_mode=False
         )
     except EphError as exc:
-        _console.print(f"[red]error:[/] {exc}", highlight=False)
+        # verbatim: no markup (messages quote "[listener]"), no hard wrap (copy-pastable)
+        _console.print(Text.assemble(("error: ", "bold red"), str(exc)), soft_wrap=True)
         sys.exit(2)
     except click.exceptions.Abort:
         sys.exit(130)

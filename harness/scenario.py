@@ -373,8 +373,8 @@ def _scenario_error(exc: ValidationError, text: str, source: Path | str) -> Scen
             message = f"missing required key '{key}'"
         else:
             message = str(error["msg"]).removeprefix("Value error, ")
-            if loc:
-                message = f"{key} = {error['input']!r}: {message}"
+            if not isinstance(error["input"], dict):
+                message += f" (got {error['input']!r})"
         lines.append(message)
         if first_key is None:
             first_key = key or None

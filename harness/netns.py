@@ -1,0 +1,101 @@
+"""Throwaway network namespaces: kernel settings for one run only.
+
+Each namespace is named ``<prefix>-<pid>-<n>`` so that parallel runs and the
+leftovers of a crashed one never collide, and it is deleted on every exit path
+of the ``with`` block. Sysctls are written inside the namespace only (with
+``ip netns exec``, whose /proc/sys/net is the namespace's own); nothing here
+ever writes a host setting. Commands are argument lists, never shell strings.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import os
+import shutil
+import subprocess
+from collections.abc import Sequence
+from types import TracebackType
+
+from harness.errors import RunError
+
+__all__ = ["Namespace", "netns_available"]
+
+logger = logging.getLogger(__name__)
+
+_counter = itertools.count(1)
+
+
+def netns_available() -> str | None:
+    """``None`` when namespaces can be made here, else why not (for a clear message)."""
+    if os.geteuid() != 0:
+        return "network namespaces need root (ip netns add); run as root"
+    if shutil.which("ip") is None:
+        return "the 'ip' command (Debian package iproute2) is missing"
+    return None
+
+
+class Namespace:
+    """``with Namespace() as ns: subprocess.run(ns.command(["eph", ...]))``."""
+
+    def __init__(self, prefix: str = "eph") -> None:
+        self.name = f"{prefix}-{os.getpid()}-{next(_counter)}"
+        self._created = False
+
+    def __enter__(self) -> Namespace:
+        problem = netns_available()
+        if problem:
+            raise RunError(problem)
+        _ip("netns", "add", self.name)
+        self._created = True
+        try:
+            _ip("-n", self.name, "link", "set", "lo", "up")
+        except BaseException:
+            self.delete()
+            raise
+        return self
+
+    def __exit__(
+        self,
+        kind: type[BaseException] | None,
+        value: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.delete()
+
+    def delete(self) -> None:
+        if self._created:
+            self._created = False
+            result = subprocess.run(
+                ["ip", "netns", "delete", self.name], capture_output=True, text=True, check=False
+            )
+            if result.returncode != 0:
+                logger.error("could not delete namespace %s: %s", self.name, result.stderr.strip())
+
+    def command(self, args: Sequence[str]) -> list[str]:
+        """``args`` to run inside the namespace."""
+        return ["ip", "netns", "exec", self.name, *args]
+
+    def set_sysctl(self, key: str, value: str | int | Sequence[int]) -> None:
+        """Write ``net.ipv4.x``-style ``key`` inside this namespace only."""
+        if not isinstance(value, str | int):
+            value = " ".join(str(v) for v in value)
+        path = "/proc/sys/" + key.replace(".", "/")
+        result = subprocess.run(
+            self.command(["tee", path]),
+            input=f"{value}\n",
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        if result.returncode != 0:
+            raise RunError(f"cannot set {key} = {value} in {self.name}: {result.stderr.strip()}")
+
+    def add_address(self, address: str, device: str = "lo") -> None:
+        _ip("-n", self.name, "addr", "add", address, "dev", device)
+
+
+def _ip(*args: str) -> None:
+    result = subprocess.run(["ip", *args], capture_output=True, text=True, check=False)
+    if result.returncode != 0:
+        raise RunError(f"ip {' '.join(args)}: {result.stderr.strip()}")

@@ -1,0 +1,81 @@
+"""Shared fixtures. Capability checks live here, in one place."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from harness.netns import Namespace, netns_available
+
+ROOT = Path(__file__).resolve().parent.parent
+EPH = [sys.executable, "-m", "harness"]
+E2E_TIMEOUT = 120  # seconds for one eph subprocess, far above what any test needs
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    problem = netns_available()
+    if problem:
+        skip = pytest.mark.skip(reason=problem)
+        for item in items:
+            if "netns" in item.keywords:
+                item.add_marker(skip)
+
+
+@pytest.fixture
+def netns() -> Iterator[Namespace]:
+    """A fresh network namespace, deleted after the test whatever happens."""
+    with Namespace(prefix="ephtest") as ns:
+        yield ns
+
+
+def write_scenario(path: Path, text: str) -> Path:
+    path.write_text(text)
+    return path
+
+
+def eph(
+    args: Sequence[str], *, cwd: Path, prefix: Sequence[str] = (), timeout: float = E2E_TIMEOUT
+) -> subprocess.CompletedProcess[str]:
+    """Run ``eph`` in a subprocess (optionally inside a namespace) and capture it."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    return subprocess.run(
+        [*prefix, *EPH, *args],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
+
+
+def run_dir_summary(run_dir: Path) -> dict[str, Any]:
+    return dict(json.loads((run_dir / "summary.json").read_text()))
+
+
+def tcp_states(port: int) -> dict[str, dict[str, int]]:
+    """Kernel TCP sockets touching ``port``, by state: {"local": {...}, "remote": {...}}.
+
+    ``local`` counts sockets whose own port is ``port`` (the listener's side),
+    ``remote`` those connected to it (the clients' side). Read with ``ss``.
+    """
+    out = subprocess.run(
+        ["ss", "-tanH", "state", "all"], capture_output=True, text=True, check=True
+    ).stdout
+    result: dict[str, dict[str, int]] = {"local": {}, "remote": {}}
+    for line in out.splitlines():
+        fields = line.split()
+        if len(fields) < 5:
+            continue
+        state, local, peer = fields[0], fields[3], fields[4]
+        for side, address in (("local", local), ("remote", peer)):
+            if address.rsplit(":", 1)[-1] == str(port):
+                result[side][state] = result[side].get(state, 0) + 1
+    return result

@@ -1,0 +1,155 @@
+"""The target listener, in-process under uvloop and the default asyncio loop."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import socket
+from collections.abc import Callable, Coroutine
+from typing import Any
+
+import pytest
+import uvloop
+
+from harness.endpoints import Endpoint
+from harness.errors import ListenerError
+from harness.listener import Listener
+from harness.scenario import ListenerClose
+
+from .conftest import tcp_states
+
+LOCAL = Endpoint("127.0.0.1", 0)
+
+
+@pytest.fixture(params=["uvloop", "asyncio"])
+def run_loop(request: pytest.FixtureRequest) -> Callable[[Coroutine[Any, Any, Any]], Any]:
+    """Run a coroutine on the chosen loop; fail on any unhandled loop exception."""
+
+    def run(coro: Coroutine[Any, Any, Any]) -> Any:
+        errors: list[dict[str, Any]] = []
+
+        async def guarded() -> Any:
+            loop = asyncio.get_running_loop()
+            loop.set_exception_handler(lambda _loop, context: errors.append(context))
+            return await coro
+
+        result = uvloop.run(guarded()) if request.param == "uvloop" else asyncio.run(guarded())
+        assert not errors, errors
+        return result
+
+    return run
+
+
+async def _churn(port: int, count: int, send: bytes = b"", read: bool = True) -> list[bytes]:
+    """Open ``count`` connections one after another; return what each received."""
+    received = []
+    for _ in range(count):
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        if send:
+            writer.write(send)
+        data = b""
+        if read:  # until the listener closes (or resets)
+            try:
+                data = await asyncio.wait_for(reader.read(100), 2.0)
+            except ConnectionResetError:
+                data = b"<reset>"
+        received.append(data)
+        writer.close()
+        with contextlib.suppress(ConnectionResetError):
+            await writer.wait_closed()
+    return received
+
+
+async def _serve_and_churn(
+    listener: Listener, count: int, send: bytes = b"", read: bool = True
+) -> tuple[int, list[bytes], int]:
+    await listener.start()
+    port = listener.bound[0].port
+    received = await _churn(port, count, send, read)
+    await listener.drain(quiet=0.05)
+    await listener.close()
+    stats = listener.stats()
+    assert stats.loop_errors == 0
+    return stats.total, received, port
+
+
+def test_counts_every_accept(run_loop: Callable[..., Any]) -> None:
+    accepted, _, _ = run_loop(_serve_and_churn(Listener([LOCAL]), 50, read=False))
+    assert accepted == 50
+
+
+def test_serves_several_endpoints_and_ipv6(run_loop: Callable[..., Any]) -> None:
+    async def scenario() -> dict[str, int]:
+        listener = Listener([LOCAL, LOCAL, Endpoint("::1", 0)])
+        await listener.start()
+        bound = listener.bound
+        assert len({e.port for e in bound}) == 3
+        for endpoint, count in zip(bound, (3, 5, 7), strict=True):
+            for _ in range(count):
+                _, writer = await asyncio.open_connection(endpoint.host, endpoint.port)
+                writer.close()
+        await listener.drain(quiet=0.05)
+        await listener.close()
+        return listener.stats().accepted
+
+    accepted = run_loop(scenario())
+    assert sorted(accepted.values()) == [3, 5, 7]
+    assert any(name.startswith("[::1]:") for name in accepted)
+
+
+def test_response_bytes_then_close_first(run_loop: Callable[..., Any]) -> None:
+    listener = Listener([LOCAL], close=ListenerClose.FIRST, response=b"hello")
+    accepted, received, port = run_loop(_serve_and_churn(listener, 20))
+    assert accepted == 20
+    assert received == [b"hello"] * 20
+    # the listener closed first: TIME_WAIT sits on its side, not the clients'
+    states = tcp_states(port)
+    assert states["local"].get("TIME-WAIT", 0) >= 20
+    assert states["remote"].get("TIME-WAIT", 0) == 0
+
+
+def test_read_request_answers_after_the_request(run_loop: Callable[..., Any]) -> None:
+    listener = Listener([LOCAL], close=ListenerClose.FIRST, response=b"ok", read_request=True)
+    _, received, _ = run_loop(_serve_and_churn(listener, 5, send=b"GET / HTTP/1.0\r\n\r\n"))
+    assert received == [b"ok"] * 5
+
+
+def test_reset_leaves_no_time_wait(run_loop: Callable[..., Any]) -> None:
+    listener = Listener([LOCAL], close=ListenerClose.RESET)
+    accepted, received, port = run_loop(_serve_and_churn(listener, 20))
+    assert accepted == 20
+    assert set(received) <= {b"<reset>", b""}
+    states = tcp_states(port)
+    assert states["local"].get("TIME-WAIT", 0) == 0
+    assert states["remote"].get("TIME-WAIT", 0) == 0
+
+
+def test_wait_policy_leaves_time_wait_on_the_client(run_loop: Callable[..., Any]) -> None:
+    listener = Listener([LOCAL], close=ListenerClose.WAIT)
+    _, _, port = run_loop(_serve_and_churn(listener, 20, read=False))
+    states = tcp_states(port)
+    assert states["remote"].get("TIME-WAIT", 0) >= 20
+    assert states["local"].get("TIME-WAIT", 0) == 0
+
+
+def test_port_in_use_is_a_clear_error(run_loop: Callable[..., Any]) -> None:
+    holder = socket.socket()
+    holder.bind(("127.0.0.1", 0))
+    holder.listen()
+    port = holder.getsockname()[1]
+    try:
+        with pytest.raises(ListenerError, match=f"127.0.0.1:{port}: address already in use"):
+            run_loop(Listener([Endpoint("127.0.0.1", port)]).start())
+    finally:
+        holder.close()
+
+
+def test_auto_must_be_resolved() -> None:
+    with pytest.raises(ValueError, match="AUTO"):
+        Listener([LOCAL], close=ListenerClose.AUTO)
+
+
+def test_errno_constants_are_linux() -> None:
+    # the records and the model speak Linux errnos; fail loudly elsewhere
+    assert errno.EADDRNOTAVAIL == 99

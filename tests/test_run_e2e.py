@@ -1,0 +1,275 @@
+"""``eph run`` end to end in subprocesses: records, Locust, listener and kernel agree."""
+
+from __future__ import annotations
+
+import json
+import signal
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+
+from harness.netns import Namespace
+
+from .conftest import EPH, ROOT, eph, run_dir_summary, tcp_states, write_scenario
+
+pytestmark = pytest.mark.e2e
+
+ENGINES = ["locust", "uvloop"]
+
+
+def _scenario(
+    tmp_path: Path,
+    *,
+    engine: str,
+    close: str = "client",
+    rate: int = 300,
+    duration: str = "1500ms",
+    endpoints: str = '["127.0.0.1:0"]',
+    extra: str = "",
+    kernel: str = "",
+) -> Path:
+    return write_scenario(
+        tmp_path / "s.toml",
+        f"""
+name = "e2e"
+description = "test"
+duration = "{duration}"
+[target]
+endpoints = {endpoints}
+[listener]
+[load]
+engine = "{engine}"
+users = 10
+spawn_rate = 100
+rate = {rate}
+close = "{close}"
+connect_timeout = "1s"
+io_timeout = "1s"
+{extra}
+{kernel}
+""",
+    )
+
+
+def _run(tmp_path: Path, scenario: Path, prefix: list[str] | None = None) -> tuple[Path, dict]:  # type: ignore[type-arg]
+    out = tmp_path / "run"
+    result = eph(["run", str(scenario), "--out", str(out)], cwd=tmp_path, prefix=prefix or [])
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "Traceback" not in result.stderr
+    return out, run_dir_summary(out)
+
+
+def _listener_port(out: Path) -> int:
+    scenario = json.loads((out / "scenario.json").read_text())
+    return int(scenario["target"]["endpoints"][0].rsplit(":", 1)[1])
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+@pytest.mark.parametrize(
+    ("close", "client_tw", "server_tw"),
+    [("client", True, False), ("server", False, True), ("reset", False, False)],
+)
+def test_run_conserves_and_time_wait_lands_by_policy(
+    tmp_path: Path, engine: str, close: str, client_tw: bool, server_tw: bool
+) -> None:
+    out, summary = _run(tmp_path, _scenario(tmp_path, engine=engine, close=close))
+    conns = summary["connections"]
+    assert conns["succeeded"] > 100 and conns["failed"] == 0, conns
+    assert not conns["io_errors"], conns
+
+    # nothing lost: file rows == attempts == Locust's count; successes == listener accepts
+    assert pq.read_metadata(out / "connections.parquet").num_rows == conns["attempted"]
+    cons = summary["conservation"]
+    assert cons["locust_requests"] == conns["attempted"]
+    assert cons["listener_accepted"] == conns["succeeded"]
+    assert cons["ok"] is True
+
+    # the rate cap holds across users (300/s)
+    assert 255 <= conns["rate_per_s"] <= 345, conns["rate_per_s"]
+
+    # where TIME_WAIT landed, as the kernel tells it
+    states = tcp_states(_listener_port(out))
+    succeeded = conns["succeeded"]
+    client_side = states["remote"].get("TIME-WAIT", 0)
+    server_side = states["local"].get("TIME-WAIT", 0)
+    assert (client_side >= 0.99 * succeeded) is client_tw, states
+    assert (server_side >= 0.99 * succeeded) is server_tw, states
+    if not client_tw:
+        assert client_side == 0, states
+    if not server_tw:
+        assert server_side == 0, states
+
+    html = (out / "report.html").read_text()
+    assert html.count("data:image/png;base64,") >= 2
+    assert (out / "locust_stats.csv").exists()
+    assert not list((out / "parts").iterdir()), "parts are merged and removed"
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_source_address_is_bound(tmp_path: Path, engine: str) -> None:
+    extra = 'source_addresses = ["127.0.0.2"]'
+    out, summary = _run(tmp_path, _scenario(tmp_path, engine=engine, extra=extra))
+    table = pq.read_table(out / "connections.parquet")
+    assert set(table.column("local_addr").to_pylist()) == {"127.0.0.2"}
+    port = _listener_port(out)
+    listing = subprocess.run(
+        ["ss", "-tanH", "state", "time-wait", "dst", f"127.0.0.1:{port}"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    sources = {line.split()[2].rsplit(":", 1)[0] for line in listing.splitlines() if line.strip()}
+    assert sources == {"127.0.0.2"}
+    assert summary["connections"]["failed"] == 0
+
+
+def _in_namespace(netns: Namespace, port_range: tuple[int, int]) -> list[str]:
+    netns.set_sysctl("net.ipv4.ip_local_port_range", port_range)
+    netns.set_sysctl("net.ipv4.tcp_tw_reuse", 0)
+    return netns.command([])
+
+
+@pytest.mark.netns
+@pytest.mark.parametrize("engine", ENGINES)
+def test_exhaustion_in_a_namespace_matches_the_kernel(
+    tmp_path: Path, netns: Namespace, engine: str
+) -> None:
+    """100 ports, client closes first, no reuse: exactly 100 succeed, then EADDRNOTAVAIL."""
+    prefix = _in_namespace(netns, (40000, 40099))
+    # a fixed listening port outside the range: port 0 would take one of the 100 for the
+    # listener itself (connect() skips ports with a bind owner), leaving 99
+    scenario = _scenario(
+        tmp_path, engine=engine, rate=0, extra='backoff = "20ms"', endpoints='["127.0.0.1:9000"]'
+    )
+    _, summary = _run(tmp_path, scenario, prefix)
+    conns, exhaustion = summary["connections"], summary["exhaustion"]
+    assert conns["succeeded"] == 100, conns
+    assert set(conns["errors"]) == {"EADDRNOTAVAIL"}, conns
+    assert exhaustion["exhausted"] is True
+    assert exhaustion["succeeded_before_first_failure"] == 100
+    assert summary["ports"]["range"] == [40000, 40099]
+    assert summary["ports"]["distinct_used"] == 100
+    assert summary["conservation"]["ok"] is True
+    # backoff keeps a spinning client in check: 10 users x 1/20ms, not a core's worth
+    assert conns["failed"] / summary["duration_s"] < 2000
+
+
+@pytest.mark.netns
+@pytest.mark.parametrize("engine", ENGINES)
+def test_bind_address_no_port_shares_the_range_per_destination(
+    tmp_path: Path, netns: Namespace, engine: str
+) -> None:
+    """A 10-port range and 2 destinations with a bound source: 20 successes, not 10.
+
+    A plain bind(ip, 0) would take a port per socket across all destinations and stop
+    at 10; IP_BIND_ADDRESS_NO_PORT leaves the choice to connect(), per destination.
+    """
+    prefix = _in_namespace(netns, (40000, 40009))
+    scenario = _scenario(
+        tmp_path,
+        engine=engine,
+        rate=0,
+        endpoints='["127.0.0.1:9000", "127.0.0.1:9001"]',
+        extra='source_addresses = ["127.0.0.1"]\nbackoff = "20ms"',
+    )
+    out, summary = _run(tmp_path, scenario, prefix)
+    assert summary["connections"]["succeeded"] == 20, summary["connections"]
+    table = pq.read_table(out / "connections.parquet")
+    ok = [
+        p
+        for p, e in zip(
+            table.column("remote_port").to_pylist(), table.column("errno").to_pylist(), strict=True
+        )
+        if e == 0
+    ]
+    assert sorted({ok.count(p) for p in set(ok)}) == [10]
+
+
+def test_bad_scenario_fails_clearly_without_traceback(tmp_path: Path) -> None:
+    bad = write_scenario(tmp_path / "bad.toml", 'name = "x"\n[target]\nendpoints = ["::1:80"]\n')
+    result = eph(["run", str(bad)], cwd=tmp_path)
+    assert result.returncode == 2
+    assert "bad.toml" in result.stderr and "need brackets" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_listen_reports_accepts_as_json_on_sigterm(tmp_path: Path) -> None:
+    proc = subprocess.Popen(
+        [*EPH, "listen", "--endpoint", "127.0.0.1:0"],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert proc.stdout is not None
+        ready = json.loads(proc.stdout.readline())
+        host, port = ready["endpoints"][0].rsplit(":", 1)
+        for _ in range(25):
+            socket.create_connection((host, int(port))).close()
+        time.sleep(0.1)
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=10)
+    finally:
+        proc.kill()
+    final = json.loads(out.strip().splitlines()[-1])
+    assert final["event"] == "stopped"
+    assert final["accepted"] == 25 and final["loop_errors"] == 0
+
+
+def test_locustfile_runs_under_plain_locust(tmp_path: Path) -> None:
+    """``locust -f harness/locustfile.py`` with the usual flags records a full run directory."""
+    import sys
+
+    listener = subprocess.Popen(
+        [*EPH, "listen", "--endpoint", "127.0.0.1:0"], cwd=ROOT, stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert listener.stdout is not None
+        endpoint = json.loads(listener.stdout.readline())["endpoints"][0]
+        scenario = _scenario(tmp_path, engine="locust")
+        run_dir = tmp_path / "direct"
+        env = {
+            "EPH_SCENARIO": str(scenario),
+            "EPH_RUN_DIR": str(run_dir),
+            "PATH": "/usr/bin:/bin",
+            "PYTHONPATH": str(ROOT),
+        }
+        result = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "locust",
+                "-f",
+                str(ROOT / "harness" / "locustfile.py"),
+                "--headless",
+                "-u",
+                "5",
+                "-r",
+                "5",
+                "-t",
+                "2s",
+                "--host",
+                endpoint,
+                "--only-summary",
+            ],
+            cwd=tmp_path,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+        assert result.returncode == 0, result.stderr[-2000:]
+    finally:
+        listener.send_signal(signal.SIGTERM)
+        listener.communicate(timeout=10)
+    summary = run_dir_summary(run_dir)
+    assert summary["connections"]["succeeded"] > 50
+    assert summary["conservation"]["records_match_locust"] is True
+    table = pq.read_table(run_dir / "connections.parquet")
+    assert set(table.column("remote_port").to_pylist()) == {int(endpoint.rsplit(":", 1)[1])}

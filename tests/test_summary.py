@@ -1,0 +1,98 @@
+"""summary.json figures from synthetic columns whose answers are known."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from harness.summary import Columns, summarize
+
+KERNEL = {"ip_local_port_range": [40000, 40099]}
+
+
+def _cols(errnos: list[int], ports: list[int], step_ns: int = 1_000_000) -> Columns:
+    n = len(errnos)
+    return Columns(
+        start_ns=np.arange(n, dtype=np.int64) * step_ns + 5_000_000_000,
+        connect_us=np.full(n, 100, dtype=np.uint32),
+        local_port=np.array(ports, dtype=np.uint16),
+        errno=np.array(errnos, dtype=np.uint16),
+        io_errno=np.zeros(n, dtype=np.uint16),
+    )
+
+
+def _summary(cols: Columns, **kw: object) -> dict:  # type: ignore[type-arg]
+    args = {
+        "scenario": "t",
+        "started_at": "x",
+        "duration_s": 1.0,
+        "interrupted": False,
+        "kernel": KERNEL,
+    }
+    args.update(kw)
+    return summarize(cols, **args)  # type: ignore[arg-type]
+
+
+def test_exhaustion_after_the_range() -> None:
+    # 100 successes on even then odd ports, then EADDRNOTAVAIL (99) and one ECONNREFUSED
+    ports = list(range(40000, 40100, 2)) + list(range(40001, 40100, 2))
+    cols = _cols([0] * 100 + [99] * 20 + [111], ports + [0] * 21)
+    summary = _summary(cols)
+    assert summary["connections"]["attempted"] == 121
+    assert summary["connections"]["succeeded"] == 100
+    assert summary["connections"]["errors"] == {"EADDRNOTAVAIL": 20, "ECONNREFUSED": 1}
+    assert summary["ports"]["distinct_used"] == 100
+    assert summary["ports"]["even_fraction"] == 0.5
+    exhaustion = summary["exhaustion"]
+    assert exhaustion["exhausted"] is True
+    assert exhaustion["succeeded_before_first_failure"] == 100
+    assert exhaustion["first_failure_s"] == 0.1  # 100 attempts 1 ms apart
+
+
+def test_refused_is_not_exhaustion() -> None:
+    summary = _summary(_cols([111] * 5, [0] * 5))
+    assert summary["exhaustion"]["exhausted"] is False
+
+
+def test_rate_is_over_the_records_span() -> None:
+    summary = _summary(_cols([0] * 101, list(range(101)), step_ns=10_000_000), duration_s=5.0)
+    assert summary["connections"]["rate_per_s"] == 100.0
+
+
+def test_conservation_mismatch_is_reported() -> None:
+    cols = _cols([0] * 10, list(range(10)))
+    ok = _summary(cols, listener={"accepted": 10}, locust_requests=10)["conservation"]
+    assert ok["ok"] is True
+    bad = _summary(cols, listener={"accepted": 9}, locust_requests=11)["conservation"]
+    assert bad["ok"] is False
+    assert bad["records_match_locust"] is False and bad["succeeded_match_listener"] is False
+
+
+def test_empty_run() -> None:
+    summary = _summary(_cols([], []))
+    assert summary["connections"]["attempted"] == 0
+    assert summary["ports"]["even_fraction"] is None
+    assert summary["connections"]["connect_ms"] is None
+
+
+def test_required_keys_present() -> None:
+    summary = _summary(_cols([0], [40000]), listener={"accepted": 1})
+    for key in (
+        "schema_version",
+        "scenario",
+        "interrupted",
+        "started_at",
+        "duration_s",
+        "connections",
+        "ports",
+        "exhaustion",
+        "listener",
+    ):
+        assert key in summary
+    for key in ("attempted", "succeeded", "failed", "errors", "rate_per_s"):
+        assert key in summary["connections"]
+    assert set(summary["ports"]) >= {"range", "distinct_used", "even_fraction"}
+    assert set(summary["exhaustion"]) >= {
+        "exhausted",
+        "first_failure_s",
+        "succeeded_before_first_failure",
+    }
