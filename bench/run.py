@@ -1,0 +1,244 @@
+"""``make bench``: churn and accept rates on loopback, measured in one run; prints JSON.
+
+Everything runs inside one fresh network namespace when this is root (a wide
+port range and tcp_tw_reuse=1 there, so that earlier rounds' TIME_WAIT sockets
+do not skew later ones, and the host is left alone); on the host's loopback
+otherwise. Clients close with RST, as the figures in KERNEL-NOTES do, so that
+the numbers measure the engines and not TIME_WAIT.
+
+Rounds are interleaved (bare, eph, bare, eph, ...) and the median of each is
+kept: the machines are noisy, and ratios within one run are what count.
+
+    python bench/run.py [--seconds 5] [--rounds 3] [--users 20]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from harness.netns import Namespace, netns_available  # noqa: E402
+
+BENCH = Path(__file__).resolve().parent
+
+
+class Bench:
+    def __init__(self, args: argparse.Namespace, workdir: Path, ns: Namespace | None) -> None:
+        self.args = args
+        self.workdir = workdir
+        self.ns = ns
+
+    def command(self, args: list[str]) -> list[str]:
+        return self.ns.command(args) if self.ns else args
+
+    def listener(self) -> tuple[subprocess.Popen[str], str]:
+        proc = subprocess.Popen(
+            self.command([sys.executable, "-m", "harness", "listen", "--endpoint", "127.0.0.1:0"]),
+            cwd=ROOT,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+            text=True,
+        )
+        assert proc.stdout is not None
+        endpoint = json.loads(proc.stdout.readline())["endpoints"][0]
+        return proc, endpoint
+
+    @staticmethod
+    def stop(proc: subprocess.Popen[str]) -> dict[str, Any]:
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=30)
+        return dict(json.loads(out.strip().splitlines()[-1]))
+
+    def locust_rate(self, locustfile: Path, env: dict[str, str]) -> float:
+        """Requests/s as Locust counted them, over its own first-to-last request window."""
+        cmd = [
+            sys.executable,
+            "-m",
+            "locust",
+            "-f",
+            str(locustfile),
+            "--headless",
+            "-u",
+            str(self.args.users),
+            "-r",
+            "1000",
+            "-t",
+            f"{self.args.seconds}s",
+            "--json",
+            "--only-summary",
+            "--loglevel",
+            "ERROR",
+        ]
+        result = subprocess.run(
+            self.command(cmd),
+            cwd=self.workdir,
+            env={**os.environ, **env},
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=True,
+        )
+        entries = json.loads(result.stdout[result.stdout.index("[") :])
+        requests = sum(e["num_requests"] for e in entries)
+        start = min(e["start_time"] for e in entries)
+        last = max(e["last_request_timestamp"] for e in entries)
+        return requests / (last - start)
+
+    def eph_env(self, endpoint: str, engine: str) -> dict[str, str]:
+        scenario = self.workdir / f"bench-{engine}.toml"
+        scenario.write_text(
+            f'name = "bench"\nduration = "1m"\n[target]\nendpoints = ["{endpoint}"]\n'
+            f'[load]\nengine = "{engine}"\nclose = "reset"\n'
+        )
+        run_dir = Path(tempfile.mkdtemp(dir=self.workdir))
+        # EPH_MANAGED: leave the merge and report out of the measurement
+        return {
+            "EPH_SCENARIO": str(scenario),
+            "EPH_RUN_DIR": str(run_dir),
+            "EPH_MANAGED": "1",
+            "PYTHONPATH": str(ROOT),
+        }
+
+    def c_rate(self, binary: Path, endpoint: str) -> float:
+        host, port = endpoint.rsplit(":", 1)
+        out = subprocess.run(
+            self.command([str(binary), host, port, str(self.args.seconds), "reset"]),
+            capture_output=True,
+            text=True,
+            check=True,
+            timeout=120,
+        ).stdout
+        return float(json.loads(out)["per_s"])
+
+    def listener_accept_rate(self, binary: Path) -> dict[str, float]:
+        """The C loop against our listener: accepts/s the listener saw, and the client's rate."""
+        proc, endpoint = self.listener()
+        try:
+            started = time.monotonic()
+            client = self.c_rate(binary, endpoint)
+            elapsed = time.monotonic() - started
+        finally:
+            stats = self.stop(proc)
+        return {"accepts_per_s": stats["accepted"] / elapsed, "client_per_s": client}
+
+
+def compile_baseline(workdir: Path) -> Path | None:
+    cc = shutil.which("cc") or shutil.which("gcc")
+    if cc is None:
+        return None
+    binary = workdir / "churn"
+    subprocess.run([cc, "-O2", "-o", str(binary), str(BENCH / "churn.c")], check=True)
+    return binary
+
+
+def machine() -> dict[str, Any]:
+    cpu = "unknown"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {
+        "kernel": platform.release(),
+        "cpus": os.cpu_count(),
+        "cpu": cpu,
+        "python": platform.python_version(),
+    }
+
+
+def median(values: list[float]) -> float:
+    return round(statistics.median(values), 1)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--seconds", type=int, default=5)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--users", type=int, default=20)
+    args = parser.parse_args()
+
+    with tempfile.TemporaryDirectory(prefix="eph-bench-") as tmp:
+        workdir = Path(tmp)
+        binary = compile_baseline(workdir)
+        use_ns = netns_available() is None
+        with Namespace(prefix="ephbench") if use_ns else _null() as ns:
+            if ns is not None:
+                ns.set_sysctl("net.ipv4.ip_local_port_range", (1024, 65000))
+                ns.set_sysctl("net.ipv4.tcp_tw_reuse", 1)
+            bench = Bench(args, workdir, ns)
+            rates: dict[str, list[float]] = {
+                "bare_locust": [],
+                "eph_locust": [],
+                "eph_uvloop": [],
+                "c_loop": [],
+            }
+            proc, endpoint = bench.listener()
+            try:
+                for round_ in range(args.rounds):
+                    print(f"round {round_ + 1}/{args.rounds}", file=sys.stderr, flush=True)
+                    rates["bare_locust"].append(
+                        bench.locust_rate(BENCH / "bare_locustfile.py", {"BENCH_TARGET": endpoint})
+                    )
+                    rates["eph_locust"].append(
+                        bench.locust_rate(
+                            ROOT / "harness" / "locustfile.py", bench.eph_env(endpoint, "locust")
+                        )
+                    )
+                    rates["eph_uvloop"].append(
+                        bench.locust_rate(
+                            ROOT / "harness" / "locustfile.py", bench.eph_env(endpoint, "uvloop")
+                        )
+                    )
+                    if binary is not None:
+                        rates["c_loop"].append(bench.c_rate(binary, endpoint))
+            finally:
+                bench.stop(proc)
+            accept = bench.listener_accept_rate(binary) if binary is not None else None
+
+    results = {name: median(values) for name, values in rates.items() if values}
+    ratios = {"eph_locust_vs_bare_locust": round(results["eph_locust"] / results["bare_locust"], 3)}
+    if "c_loop" in results:
+        ratios["eph_uvloop_vs_c_loop"] = round(results["eph_uvloop"] / results["c_loop"], 3)
+    report = {
+        "machine": machine(),
+        "where": "fresh network namespace" if use_ns else "host loopback",
+        "seconds_per_round": args.seconds,
+        "rounds": args.rounds,
+        "users": args.users,
+        "connections_per_s": results,
+        "all_rounds": rates,
+        "ratios": ratios,
+        "listener": accept,
+    }
+    print(json.dumps(report, indent=2))
+    return 0
+
+
+class _null:
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+
+if __name__ == "__main__":
+    sys.exit(main())
