@@ -140,7 +140,8 @@ def _print_result(run_dir: Path, summary: dict[str, object]) -> None:
     "--endpoint",
     "endpoints",
     multiple=True,
-    required=True,
+    default=["127.0.0.1:9000"],
+    show_default=True,
     metavar="HOST:PORT",
     help="Address to serve (repeatable); port 0 picks a free port.",
 )

@@ -58,14 +58,14 @@ class GeventChurn:
         monotonic_ns = time.monotonic_ns
         t0 = monotonic_ns()
         t1 = t0
-        err = io_err = rx = port = 0
-        address_id = 0
+        err = errno.ECANCELED  # until connect() answers
+        io_err = rx = port = address_id = 0
         sock: socket.socket | None = None
+        settled = False
         try:
             sock = make_socket(target, _RealSocket)
             err = sock.connect_ex(target.endpoint.sockaddr)
             if err in _IN_PROGRESS:
-                err = errno.ECANCELED  # what a stop during the wait records
                 err = _wait_connect(sock, plan.connect_timeout)
             t1 = monotonic_ns()
             if err == 0:
@@ -73,16 +73,19 @@ class GeventChurn:
                 port = local[1]
                 address_id = self.writer.address_id(local[0])
                 io_err, rx = _exchange(sock, plan)
+            settled = True
         except OSError as exc:
             t1 = monotonic_ns() if t1 == t0 else t1
-            if err == 0 and port:
+            if port:
                 io_err = exc.errno or errno.EIO
             else:
                 err = exc.errno or errno.EIO
+            settled = True
         finally:
-            # runs on GreenletExit too: a user stopped mid-hold still records its
-            # attempt, so records match what the listener accepted.
-            if err == errno.ECANCELED and sock is not None:
+            # Interrupted (GreenletExit when a user is stopped, KeyboardInterrupt landing
+            # in this frame, ...): the variables may be half set, so ask the socket itself
+            # whether it connected. Records then match what the listener accepted.
+            if not settled:
                 err, port, address_id = self._settle(sock)
             if sock is not None:
                 _close(sock, plan.close if err == 0 and io_err == 0 else ClosePolicy.CLIENT)
@@ -102,8 +105,10 @@ class GeventChurn:
             self._on_result(target, err, io_err, (t1 - t0) / 1e6, rx)
         return err
 
-    def _settle(self, sock: socket.socket) -> tuple[int, int, int]:
-        """Killed while waiting for connect(): did the handshake finish anyway?"""
+    def _settle(self, sock: socket.socket | None) -> tuple[int, int, int]:
+        """Interrupted mid-attempt: did the handshake finish anyway? (errno, port, address)"""
+        if sock is None:
+            return errno.ECANCELED, 0, 0
         try:
             if sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR) == 0:
                 sock.getpeername()  # raises ENOTCONN while the handshake is pending

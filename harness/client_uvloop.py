@@ -23,6 +23,7 @@ import errno
 import functools
 import json
 import os
+import signal
 import socket
 import struct
 import sys
@@ -277,6 +278,9 @@ def main(argv: list[str] | None = None) -> int:
         pid=os.getpid(),
     )
     churn = UvloopChurn(plan, writer, sys.stdout.buffer)
+    # Ctrl-C reaches the whole process group; this process stops when its Locust
+    # process says so (stdin), after finishing and recording its attempts.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
     import uvloop
 

@@ -2,7 +2,7 @@
 
 This process never imports locust. It starts the embedded listener when the
 scenario has ``[listener]``, starts Locust headless on ``harness/locustfile.py``,
-shows progress, stops Locust at the scenario's duration (SIGINT, Locust's own
+shows progress, stops Locust at the scenario's duration (SIGTERM, which Locust handles
 graceful path), drains and stops the listener, and finalizes the run directory.
 SIGINT/SIGTERM to ``eph run`` takes the same path, marked ``interrupted``.
 """
@@ -192,6 +192,8 @@ def run_scenario(
 ) -> RunResult:
     run = RunDir.open(out, create=True) if out else RunDir.create(Path("reports"), scenario.name)
     kernel = read_kernel()
+    for note in kernel_differences(scenario, kernel):
+        logger.warning("%s", note)
     listener: _ListenerProcess | None = None
     listener_stats: dict[str, Any] | None = None
     started_at = time.time()
@@ -221,7 +223,9 @@ def run_scenario(
             _wait_for_end(proc, run, scenario.duration, load_started, interrupt, progress)
             load_ended = time.monotonic()
             if proc.poll() is None:
-                proc.send_signal(signal.SIGINT)
+                # SIGTERM, not SIGINT: Locust handles SIGTERM in a gevent handler, while
+                # SIGINT raises KeyboardInterrupt in whatever greenlet runs, mid-attempt
+                proc.send_signal(signal.SIGTERM)
             load = scenario.load
             _reap(proc, load.connect_timeout + load.io_timeout + load.hold + STOP_GRACE)
         finally:
@@ -231,7 +235,7 @@ def run_scenario(
             if listener is not None:
                 listener_stats = listener.stop()
                 run.write_json("listener.json", listener_stats)
-        if proc.returncode not in (0, -signal.SIGINT, 130) and not interrupt.set:
+        if proc.returncode not in (0, -signal.SIGTERM) and not interrupt.set:
             logger.error("Locust exited with code %s; see %s", proc.returncode, run.logs)
         summary = finalize(
             run.path,
@@ -242,6 +246,25 @@ def run_scenario(
             listener=listener_stats,
         )
     return RunResult(run.path, summary)
+
+
+def kernel_differences(scenario: Scenario, kernel: dict[str, Any]) -> list[str]:
+    """Scenario [kernel] values the running kernel does not have (eph never writes them here)."""
+    notes = []
+    for key, wanted in scenario.kernel.model_dump(exclude_none=True).items():
+        if key == "tcp_tw_reuse_delay":
+            wanted = round(wanted * 1000)  # the sysctl is in ms
+        elif key == "tcp_fin_timeout":
+            wanted = round(wanted)
+        elif isinstance(wanted, tuple):
+            wanted = list(wanted)
+        actual = kernel.get(key)
+        if actual != wanted:
+            notes.append(
+                f"kernel.{key} = {wanted} is not applied here (this kernel has {actual});"
+                " eph applies [kernel] only inside a lab namespace"
+            )
+    return notes
 
 
 def _wait_for_start(proc: subprocess.Popen[bytes], run: RunDir, interrupt: _Interrupt) -> float:

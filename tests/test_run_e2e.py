@@ -9,6 +9,7 @@ import subprocess
 import time
 from pathlib import Path
 
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 
@@ -86,7 +87,7 @@ def test_run_conserves_and_time_wait_lands_by_policy(
     cons = summary["conservation"]
     assert cons["locust_requests"] == conns["attempted"]
     assert cons["listener_accepted"] == conns["succeeded"]
-    assert cons["ok"] is True
+    assert cons["ok"] is True, cons
 
     # the rate cap holds across users (300/s)
     assert 255 <= conns["rate_per_s"] <= 345, conns["rate_per_s"]
@@ -96,12 +97,17 @@ def test_run_conserves_and_time_wait_lands_by_policy(
     succeeded = conns["succeeded"]
     client_side = states["remote"].get("TIME-WAIT", 0)
     server_side = states["local"].get("TIME-WAIT", 0)
-    assert (client_side >= 0.99 * succeeded) is client_tw, states
-    assert (server_side >= 0.99 * succeeded) is server_tw, states
-    if not client_tw:
-        assert client_side == 0, states
-    if not server_tw:
-        assert server_side == 0, states
+    # The side that closes first holds one TIME_WAIT per connection, less the few a
+    # new SYN on the same 4-tuple took over (RFC 6191; seen here under load: 455 of 466).
+    # The other side holds none at all.
+    for side, count, expected in (
+        ("client", client_side, client_tw),
+        ("server", server_side, server_tw),
+    ):
+        if expected:
+            assert count >= 0.9 * succeeded, (side, states, succeeded)
+        else:
+            assert count == 0, (side, states)
 
     html = (out / "report.html").read_text()
     assert html.count("data:image/png;base64,") >= 2
@@ -138,22 +144,30 @@ def _in_namespace(netns: Namespace, port_range: tuple[int, int]) -> list[str]:
 def test_exhaustion_in_a_namespace_matches_the_kernel(
     tmp_path: Path, netns: Namespace, engine: str
 ) -> None:
-    """100 ports, client closes first, no reuse: exactly 100 succeed, then EADDRNOTAVAIL."""
+    """100 ports, client closes first, no reuse: 100 ports used, then EADDRNOTAVAIL.
+
+    Successes can exceed 100 by a few: the kernel may hand a port out again while
+    its previous connection is only just closing (KERNEL-NOTES; seen here as 103
+    once in a loaded full-suite run). The ports used stay exactly the 100.
+    """
     prefix = _in_namespace(netns, (40000, 40099))
     # a fixed listening port outside the range: port 0 would take one of the 100 for the
     # listener itself (connect() skips ports with a bind owner), leaving 99
     scenario = _scenario(
         tmp_path, engine=engine, rate=0, extra='backoff = "20ms"', endpoints='["127.0.0.1:9000"]'
     )
-    _, summary = _run(tmp_path, scenario, prefix)
+    out, summary = _run(tmp_path, scenario, prefix)
     conns, exhaustion = summary["connections"], summary["exhaustion"]
-    assert conns["succeeded"] == 100, conns
+    table = pq.read_table(out / "connections.parquet").filter(pc.field("errno") == 0)
+    outside = [r for r in table.to_pylist() if not 40000 <= r["local_port"] <= 40099]
+    assert not outside, outside
+    assert 100 <= conns["succeeded"] <= 110, conns
     assert set(conns["errors"]) == {"EADDRNOTAVAIL"}, conns
-    assert exhaustion["exhausted"] is True
-    assert exhaustion["succeeded_before_first_failure"] == 100
+    assert exhaustion["exhausted"] is True, exhaustion
+    assert 100 <= exhaustion["succeeded_before_first_failure"] <= conns["succeeded"]
     assert summary["ports"]["range"] == [40000, 40099]
     assert summary["ports"]["distinct_used"] == 100
-    assert summary["conservation"]["ok"] is True
+    assert summary["conservation"]["ok"] is True, summary["conservation"]
     # backoff keeps a spinning client in check: 10 users x 1/20ms, not a core's worth
     assert conns["failed"] / summary["duration_s"] < 2000
 
@@ -177,16 +191,15 @@ def test_bind_address_no_port_shares_the_range_per_destination(
         extra='source_addresses = ["127.0.0.1"]\nbackoff = "20ms"',
     )
     out, summary = _run(tmp_path, scenario, prefix)
-    assert summary["connections"]["succeeded"] == 20, summary["connections"]
-    table = pq.read_table(out / "connections.parquet")
-    ok = [
-        p
-        for p, e in zip(
-            table.column("remote_port").to_pylist(), table.column("errno").to_pylist(), strict=True
-        )
-        if e == 0
-    ]
-    assert sorted({ok.count(p) for p in set(ok)}) == [10]
+    # 20, or a few more when the kernel hands a just-closed port out again (see above)
+    assert 20 <= summary["connections"]["succeeded"] <= 22, summary["connections"]
+    table = pq.read_table(out / "connections.parquet").filter(pc.field("errno") == 0)
+    by_destination: dict[int, set[int]] = {}
+    remotes = table.column("remote_port").to_pylist()
+    for remote, local in zip(remotes, table.column("local_port").to_pylist(), strict=True):
+        by_destination.setdefault(remote, set()).add(local)
+    # each destination got the whole 10-port range: ports are shared across destinations
+    assert {r: len(ports) for r, ports in by_destination.items()} == {9000: 10, 9001: 10}
 
 
 def test_bad_scenario_fails_clearly_without_traceback(tmp_path: Path) -> None:
@@ -269,6 +282,8 @@ def test_locustfile_runs_under_plain_locust(tmp_path: Path) -> None:
         listener.send_signal(signal.SIGTERM)
         listener.communicate(timeout=10)
     summary = run_dir_summary(run_dir)
+    assert "listener" not in summary  # eph served nothing here
+    assert (run_dir / "report.html").read_text().count("data:image/png") >= 2
     assert summary["connections"]["succeeded"] > 50
     assert summary["conservation"]["records_match_locust"] is True
     table = pq.read_table(run_dir / "connections.parquet")

@@ -177,3 +177,15 @@ def test_listener_close_follows_load_close() -> None:
 def test_missing_file() -> None:
     with pytest.raises(ScenarioError, match="no such file"):
         load_scenario("/nonexistent/x.toml")
+
+
+def test_kernel_differences_are_named() -> None:
+    from harness.run import kernel_differences
+
+    scenario = load_scenario(ROOT / "scenarios" / "exhaust-small-range.toml")
+    host = {"ip_local_port_range": [32768, 60999], "tcp_tw_reuse": 0, "tcp_timestamps": 1}
+    notes = kernel_differences(scenario, host)
+    assert len(notes) == 1
+    assert "kernel.ip_local_port_range = [40000, 40099] is not applied here" in notes[0]
+    same = {"ip_local_port_range": [40000, 40099], "tcp_tw_reuse": 0, "tcp_timestamps": 1}
+    assert kernel_differences(scenario, same) == []
