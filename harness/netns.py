@@ -12,6 +12,7 @@ from __future__ import annotations
 import itertools
 import logging
 import os
+import re
 import shutil
 import subprocess
 from collections.abc import Sequence
@@ -19,7 +20,7 @@ from types import TracebackType
 
 from harness.errors import RunError
 
-__all__ = ["Namespace", "netns_available"]
+__all__ = ["Namespace", "netns_available", "remove_stale"]
 
 logger = logging.getLogger(__name__)
 
@@ -46,6 +47,7 @@ class Namespace:
         problem = netns_available()
         if problem:
             raise RunError(problem)
+        remove_stale(self.name.rsplit("-", 2)[0])
         _ip("netns", "add", self.name)
         self._created = True
         try:
@@ -93,6 +95,30 @@ class Namespace:
 
     def add_address(self, address: str, device: str = "lo") -> None:
         _ip("-n", self.name, "addr", "add", address, "dev", device)
+
+
+def remove_stale(prefix: str) -> list[str]:
+    """Delete ``<prefix>-<pid>-<n>`` namespaces whose process is gone (a crashed run's)."""
+    listing = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True, check=False)
+    removed = []
+    for line in listing.stdout.splitlines():
+        name = line.split()[0] if line.strip() else ""
+        match = re.fullmatch(rf"{re.escape(prefix)}-(\d+)-\d+", name)
+        if match and not _alive(int(match.group(1))):
+            subprocess.run(["ip", "netns", "delete", name], capture_output=True, check=False)
+            logger.info("removed namespace %s left by a process that is gone", name)
+            removed.append(name)
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def _ip(*args: str) -> None:

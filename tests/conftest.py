@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 from collections.abc import Iterator, Sequence
@@ -17,6 +18,15 @@ from harness.netns import Namespace, netns_available
 ROOT = Path(__file__).resolve().parent.parent
 EPH = [sys.executable, "-m", "harness"]
 E2E_TIMEOUT = 120  # seconds for one eph subprocess, far above what any test needs
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    # SIGTERM (a CI timeout, a kill) becomes KeyboardInterrupt, so that fixtures still
+    # tear down and namespaces are deleted
+    def interrupt(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    signal.signal(signal.SIGTERM, interrupt)
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

@@ -1,0 +1,61 @@
+"""Namespaces: named uniquely, removed on every exit path, stale ones swept."""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from harness.netns import Namespace, remove_stale
+
+pytestmark = pytest.mark.netns
+
+
+def _exists(name: str) -> bool:
+    out = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True, check=True)
+    return any(line.split()[0] == name for line in out.stdout.splitlines() if line.strip())
+
+
+RANGE = Path("/proc/sys/net/ipv4/ip_local_port_range")
+
+
+def test_settings_stay_inside_and_the_namespace_goes() -> None:
+    host = RANGE.read_text()
+    with Namespace(prefix="ephtest") as ns:
+        ns.set_sysctl("net.ipv4.ip_local_port_range", (40000, 40099))
+        inside = subprocess.run(
+            ns.command(["cat", "/proc/sys/net/ipv4/ip_local_port_range"]),
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
+        assert inside.split() == ["40000", "40099"]
+        assert RANGE.read_text() == host
+        name = ns.name
+        assert _exists(name)
+    assert not _exists(name)
+
+
+def test_removed_when_the_block_raises() -> None:
+    with pytest.raises(RuntimeError), Namespace(prefix="ephtest") as ns:
+        name = ns.name
+        raise RuntimeError("boom")
+    assert not _exists(name)
+
+
+def test_names_are_unique() -> None:
+    with Namespace(prefix="ephtest") as a, Namespace(prefix="ephtest") as b:
+        assert a.name != b.name
+
+
+def test_stale_namespaces_of_dead_processes_are_swept() -> None:
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    stale = f"ephtest-{dead.pid}-1"
+    subprocess.run(["ip", "netns", "add", stale], check=True)
+    try:
+        assert stale in remove_stale("ephtest")
+        assert not _exists(stale)
+    finally:
+        subprocess.run(["ip", "netns", "delete", stale], capture_output=True, check=False)
