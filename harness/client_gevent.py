@@ -90,18 +90,7 @@ class GeventChurn:
             if sock is not None:
                 _close(sock, plan.close if err == 0 and io_err == 0 else ClosePolicy.CLIENT)
             t2 = monotonic_ns()
-            self.writer.add(
-                (
-                    t0,
-                    (t1 - t0) // 1000,
-                    (t2 - t0) // 1000,
-                    address_id,
-                    port,
-                    target.index,
-                    err,
-                    io_err,
-                )
-            )
+            self.writer.add((t0, t1, t2, address_id, port, target.index, err, io_err))
             self._on_result(target, err, io_err, (t1 - t0) / 1e6, rx)
         return err
 

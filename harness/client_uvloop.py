@@ -161,18 +161,7 @@ class UvloopChurn:
             if client is not None and client.transport is not None:
                 _close(client.transport, plan.close if io_err == 0 else ClosePolicy.CLIENT)
             t2 = time.monotonic_ns()
-            self.writer.add(
-                (
-                    t0,
-                    (t1 - t0) // 1000,
-                    (t2 - t0) // 1000,
-                    address_id,
-                    port,
-                    target.index,
-                    err,
-                    io_err,
-                )
-            )
+            self.writer.add((t0, t1, t2, address_id, port, target.index, err, io_err))
         return err
 
     async def _connect(self, loop: asyncio.AbstractEventLoop, target: Target) -> _Client:

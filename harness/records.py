@@ -1,7 +1,8 @@
 """Per-connection records: staged on the hot path, streamed to disk in bulk.
 
-The hot path appends one tuple per attempt (a list append, ~0.1 us). Every
-``FLUSH_INTERVAL`` the staged rows become one numpy array (22 bytes a row) and
+The hot path appends one tuple of raw stamps per attempt (a list append,
+~0.1 us); durations are computed at flush, in bulk. Every ``FLUSH_INTERVAL``
+the staged rows become one numpy array (22 bytes a row) and
 one Arrow record batch appended to this process's part file, an Arrow IPC
 *stream*: a crash loses at most the rows of one interval, and a truncated part
 still reads up to its last whole batch. At the end of a run the parts of every
@@ -29,6 +30,7 @@ __all__ = [
     "CONNECTIONS_SCHEMA",
     "FLUSH_INTERVAL",
     "ROW_DTYPE",
+    "STAGE_DTYPE",
     "PartReadResult",
     "RecordWriter",
     "merge_parts",
@@ -39,7 +41,21 @@ logger = logging.getLogger(__name__)
 
 FLUSH_INTERVAL = 0.5  # seconds between flushes of staged rows
 
-# One staged row, in this order: what the hot path appends.
+# What the hot path appends, in this order: raw CLOCK_MONOTONIC stamps and ids.
+STAGE_DTYPE = np.dtype(
+    [
+        ("start_ns", "<i8"),  # when the attempt began
+        ("connected_ns", "<i8"),  # when connect() answered (success or failure)
+        ("closed_ns", "<i8"),  # when the socket was closed
+        ("local_addr", "u1"),
+        ("local_port", "<u2"),
+        ("endpoint", "u1"),
+        ("errno", "<u2"),
+        ("io_errno", "<u2"),
+    ]
+)
+
+# One flushed row: what part files, frames and summaries hold.
 ROW_DTYPE = np.dtype(
     [
         ("start_ns", "<i8"),  # CLOCK_MONOTONIC when the attempt began
@@ -85,10 +101,22 @@ CONNECTIONS_SCHEMA = pa.schema(
 )
 
 
+def to_rows(staged: np.ndarray) -> np.ndarray:
+    """Staged stamps to flushed rows: durations in microseconds from the start."""
+    rows = np.empty(len(staged), dtype=ROW_DTYPE)
+    start = staged["start_ns"]
+    rows["start_ns"] = start
+    rows["connect_us"] = (staged["connected_ns"] - start) // 1000
+    rows["close_us"] = (staged["closed_ns"] - start) // 1000
+    for name in ("local_addr", "local_port", "endpoint", "errno", "io_errno"):
+        rows[name] = staged[name]
+    return rows
+
+
 class RecordWriter:
     """Stages rows for one process and streams them to ``path`` (an Arrow IPC stream).
 
-    The hot path calls ``add(row)`` with a tuple in ``ROW_DTYPE`` order, getting
+    The hot path calls ``add(row)`` with a tuple in ``STAGE_DTYPE`` order, getting
     ``local_addr`` from :meth:`address_id`.
     """
 
@@ -134,8 +162,9 @@ class RecordWriter:
 
     def flush(self) -> np.ndarray:
         """Write the staged rows as one batch; return them (possibly empty) as an array."""
-        rows = np.array(self._rows, dtype=ROW_DTYPE)
+        staged = np.array(self._rows, dtype=STAGE_DTYPE)
         self._rows.clear()
+        rows = to_rows(staged)
         if len(rows):
             self._write(rows)
         return rows

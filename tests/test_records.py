@@ -26,7 +26,9 @@ def _writer(path: Path, engine: str = "locust") -> RecordWriter:
 def _add(writer: RecordWriter, n: int, start: int = 0, errno: int = 0) -> None:
     address = writer.address_id("127.0.0.1")
     for i in range(n):
-        writer.add((start + i, 10, 20, address, 40000 + i, i % 2, errno, 0))
+        writer.add(
+            (start + i, start + i + 10_000, start + i + 20_000, address, 40000 + i, i % 2, errno, 0)
+        )
 
 
 def test_row_is_small() -> None:
@@ -49,6 +51,9 @@ def test_flush_writes_batches_and_merge_expands(tmp_path: Path) -> None:
     assert table.column("remote_addr").to_pylist()[:2] == ["127.0.0.1", "::1"]
     assert table.column("remote_port").to_pylist()[:2] == [9000, 9001]
     assert table.column("errno").to_pylist() == [0] * 10 + [99] * 5
+    # durations computed at flush from the raw stamps: 10 us to connect, 20 us to close
+    assert set(table.column("connect_us").to_pylist()) == {10}
+    assert set(table.column("close_us").to_pylist()) == {20}
     assert set(table.column("pid").to_pylist()) == {4242}
     assert set(table.column("engine").to_pylist()) == {"locust"}
 
@@ -56,8 +61,8 @@ def test_flush_writes_batches_and_merge_expands(tmp_path: Path) -> None:
 def test_merge_sorts_by_start_across_processes(tmp_path: Path) -> None:
     for name, start in (("a", 1), ("b", 0)):
         writer = _writer(tmp_path / f"{name}.arrows")
-        writer.add((start, 0, 0, 0, 0, 0, 0, 0))
-        writer.add((start + 10, 0, 0, 0, 0, 0, 0, 0))
+        writer.add((start, start, start, 0, 0, 0, 0, 0))
+        writer.add((start + 10, start + 10, start + 10, 0, 0, 0, 0, 0))
         writer.close()
     merge_parts(sorted(tmp_path.glob("*.arrows")), tmp_path / "c.parquet")
     starts = pq.read_table(tmp_path / "c.parquet").column("start_ns").to_pylist()
@@ -102,7 +107,7 @@ def test_new_addresses_after_a_flush_still_map(tmp_path: Path) -> None:
     _add(writer, 1)
     writer.flush()
     second = writer.address_id("127.0.0.2")
-    writer.add((5, 0, 0, second, 1, 0, 0, 0))
+    writer.add((5, 5, 5, second, 1, 0, 0, 0))
     writer.close()
     table = read_part(tmp_path / "a.arrows").table
     assert table.column("local_addr").to_pylist() == ["127.0.0.1", "127.0.0.2"]
