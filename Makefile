@@ -58,7 +58,7 @@ loadtest: setup ## Run the default scenario, or TARGET=host:port with scenarios/
 	$(BIN)/eph run $(LOADTEST_SCENARIO) $(LOADTEST_FLAGS) $(ARGS)
 
 bench: setup ## Benchmarks on loopback: prints JSON figures
-	$(BIN)/python bench/run.py $(ARGS)
+	@$(BIN)/python bench/run.py $(ARGS)
 
 clean: ## Remove .venv, caches and every run under reports/
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache *.egg-info
