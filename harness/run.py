@@ -95,7 +95,7 @@ class _ListenerProcess:
                     return dict(event)
         self.proc.kill()
         self.proc.wait()
-        raise RunError(f"the listener did not report '{name}': {self._tail()}")
+        raise RunError(f"the embedded listener failed ({name!r} never came): {self._tail()}")
 
     def _tail(self) -> str:
         self._log.flush()
@@ -103,7 +103,7 @@ class _ListenerProcess:
             text = Path(self._log.name).read_text(errors="replace").strip().splitlines()
         except OSError:
             return "no log"
-        return text[-1] if text else f"exit code {self.proc.poll()}"
+        return text[-1].removeprefix("error: ") if text else f"exit code {self.proc.poll()}"
 
     def stop(self) -> dict[str, Any]:
         if self.proc.poll() is None:

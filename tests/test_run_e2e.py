@@ -288,3 +288,16 @@ def test_locustfile_runs_under_plain_locust(tmp_path: Path) -> None:
     assert summary["conservation"]["records_match_locust"] is True
     table = pq.read_table(run_dir / "connections.parquet")
     assert set(table.column("remote_port").to_pylist()) == {int(endpoint.rsplit(":", 1)[1])}
+
+
+def test_busy_listener_port_is_a_clear_error(tmp_path: Path) -> None:
+    holder = socket.create_server(("127.0.0.1", 0))
+    port = holder.getsockname()[1]
+    try:
+        scenario = _scenario(tmp_path, engine="locust", endpoints=f'["127.0.0.1:{port}"]')
+        result = eph(["run", str(scenario), "--out", str(tmp_path / "run")], cwd=tmp_path)
+    finally:
+        holder.close()
+    assert result.returncode == 2
+    assert f"cannot listen on 127.0.0.1:{port}: address already in use" in result.stderr
+    assert "Traceback" not in result.stderr
