@@ -9,11 +9,13 @@ ever writes a host setting. Commands are argument lists, never shell strings.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import logging
 import os
 import re
 import shutil
+import signal
 import subprocess
 from collections.abc import Sequence
 from types import TracebackType
@@ -66,8 +68,11 @@ class Namespace:
         self.delete()
 
     def delete(self) -> None:
+        """Stop whatever still runs inside (a namespace outlives its deletion while a
+        process holds it), then delete it."""
         if self._created:
             self._created = False
+            _kill_inside(self.name)
             result = subprocess.run(
                 ["ip", "netns", "delete", self.name], capture_output=True, text=True, check=False
             )
@@ -97,6 +102,16 @@ class Namespace:
         _ip("-n", self.name, "addr", "add", address, "dev", device)
 
 
+def _kill_inside(name: str) -> None:
+    listing = subprocess.run(
+        ["ip", "netns", "pids", name], capture_output=True, text=True, check=False
+    )
+    for pid in (int(p) for p in listing.stdout.split() if p.isdigit()):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+        logger.warning("killed pid %d still running in namespace %s", pid, name)
+
+
 def remove_stale(prefix: str) -> list[str]:
     """Delete ``<prefix>-<pid>-<n>`` namespaces whose process is gone (a crashed run's)."""
     listing = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True, check=False)
@@ -105,6 +120,7 @@ def remove_stale(prefix: str) -> list[str]:
         name = line.split()[0] if line.strip() else ""
         match = re.fullmatch(rf"{re.escape(prefix)}-(\d+)-\d+", name)
         if match and not _alive(int(match.group(1))):
+            _kill_inside(name)
             subprocess.run(["ip", "netns", "delete", name], capture_output=True, check=False)
             logger.info("removed namespace %s left by a process that is gone", name)
             removed.append(name)

@@ -59,3 +59,11 @@ def test_stale_namespaces_of_dead_processes_are_swept() -> None:
         assert not _exists(stale)
     finally:
         subprocess.run(["ip", "netns", "delete", stale], capture_output=True, check=False)
+
+
+def test_processes_left_inside_are_stopped() -> None:
+    with Namespace(prefix="ephtest") as ns:
+        sleeper = subprocess.Popen(ns.command(["sleep", "60"]))
+        name = ns.name
+    assert sleeper.wait(timeout=5) != 0  # killed, not left holding the namespace
+    assert not _exists(name)
