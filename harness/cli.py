@@ -186,6 +186,45 @@ def listen(
 
 
 @cli.command()
+@click.option("--once", is_flag=True, help="Print one sample as JSON and exit.")
+@click.option("--out", type=click.Path(path_type=Path), help="Directory for samples.parquet.")
+@click.option("--duration", default="10m", show_default=True, help="Stop after this long.")
+@click.option("--interval", default="100ms", show_default=True, help="Time between samples.")
+@click.option(
+    "--target",
+    "targets",
+    multiple=True,
+    metavar="HOST:PORT",
+    help="Count sockets to and at this endpoint too (repeatable).",
+)
+def collect(
+    once: bool, out: Path | None, duration: str, interval: str, targets: Sequence[str]
+) -> None:
+    """Sample the kernel's TCP sockets and counters (any host, no load needed).
+
+    On the staging server, `--target 0.0.0.0:443` is wrong: name the address the
+    server accepts on, e.g. `--target 10.0.0.5:443`, to see its TIME_WAIT.
+    """
+    import json
+
+    from harness.collector import Collector, run_collector
+    from harness.units import parse_duration
+
+    try:
+        seconds, every = parse_duration(duration), parse_duration(interval)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc)) from None
+    resolved = [Endpoint.parse(t, allow_port_zero=False).resolve() for t in targets]
+    if once:
+        click.echo(json.dumps(Collector(resolved).sample().to_json(), indent=2))
+        return
+    if out is None:
+        raise click.UsageError("give --out DIR (or --once)")
+    count = run_collector(out, resolved, interval=every, duration=seconds)
+    click.echo(f"{count} samples in {out / 'samples.parquet'}")
+
+
+@cli.command()
 @click.argument("scenarios", nargs=-1, required=True, type=click.Path(path_type=Path))
 @click.option("--set", "overrides", multiple=True, metavar="KEY.PATH=VALUE")
 def validate(scenarios: Sequence[Path], overrides: Sequence[str]) -> None:

@@ -8,13 +8,16 @@ import logging
 from pathlib import Path
 from typing import Any
 
+import pyarrow as pa
 import pyarrow.parquet as pq
 
+from harness.analysis import analyze
 from harness.errors import RunDirError
 from harness.kernel import read_kernel
 from harness.records import merge_parts
 from harness.report import render_report
 from harness.rundir import RunDir
+from harness.scenario import Scenario
 from harness.summary import Columns, summarize
 
 __all__ = ["finalize", "locust_request_count"]
@@ -54,19 +57,32 @@ def finalize(
     if locust_requests is None:
         locust_requests = locust_request_count(run.path / "locust.json")
     scenario = run.read_json("scenario.json")
+    kernel = kernel if kernel is not None else read_kernel()
     summary = summarize(
         cols,
         scenario=scenario["name"],
         started_at=dt.datetime.fromtimestamp(started_at, dt.UTC).isoformat(timespec="seconds"),
         duration_s=duration_s,
         interrupted=interrupted,
-        kernel=kernel if kernel is not None else read_kernel(),
+        kernel=kernel,
         listener=listener,
         locust_requests=locust_requests,
     )
+    samples = _read_samples(run.path / "samples.parquet")
+    summary.update(analyze(table, samples, Scenario.model_validate(scenario), kernel, summary))
     run.write_json("summary.json", summary)
     render_report(run.report, cols, summary, scenario)
     return summary
+
+
+def _read_samples(path: Path) -> pa.Table | None:
+    if not path.exists():
+        return None
+    try:
+        return pq.read_table(path)
+    except (OSError, ValueError) as exc:
+        logger.warning("samples.parquet is unreadable (%s); analysing without samples", exc)
+        return None
 
 
 def locust_request_count(path: Path) -> int | None:

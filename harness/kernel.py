@@ -15,7 +15,7 @@ SYSCTLS = {
     "ip_local_port_range": "net/ipv4/ip_local_port_range",
     "ip_local_reserved_ports": "net/ipv4/ip_local_reserved_ports",
     "tcp_tw_reuse": "net/ipv4/tcp_tw_reuse",
-    "tcp_tw_reuse_delay": "net/ipv4/tcp_tw_reuse_delay",  # ms, Linux 6.14+
+    "tcp_tw_reuse_delay_ms": "net/ipv4/tcp_tw_reuse_delay",  # Linux 6.14+
     "tcp_timestamps": "net/ipv4/tcp_timestamps",
     "tcp_fin_timeout": "net/ipv4/tcp_fin_timeout",
     "tcp_max_tw_buckets": "net/ipv4/tcp_max_tw_buckets",

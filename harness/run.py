@@ -31,6 +31,7 @@ from harness.kernel import read_kernel
 from harness.progress import Progress, read_progress
 from harness.rundir import RunDir
 from harness.scenario import Scenario
+from harness.units import format_duration
 
 __all__ = ["RunResult", "run_scenario"]
 
@@ -115,6 +116,36 @@ class _ListenerProcess:
             self._log.close()
         stats.pop("event", None)
         return stats
+
+
+class _CollectorProcess:
+    """``eph collect`` into the run directory, for the whole run."""
+
+    def __init__(self, scenario: Scenario, run: RunDir) -> None:
+        bound = math.ceil(scenario.duration) + START_TIMEOUT + STOP_GRACE
+        args = [
+            sys.executable,
+            "-m",
+            "harness",
+            "collect",
+            "--out",
+            str(run.path),
+            "--interval",
+            format_duration(scenario.collector.interval),
+            "--duration",
+            f"{bound}s",
+        ]
+        for endpoint in scenario.target.endpoints:
+            args += ["--target", str(endpoint)]
+        with open(run.logs / "collector.log", "ab") as log:
+            self.proc = subprocess.Popen(args, stdout=log, stderr=log, start_new_session=True)
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        code = _reap(self.proc, 10.0)
+        if code not in (0, -signal.SIGTERM):
+            logger.error("the collector exited with code %s; see logs/collector.log", code)
 
 
 def _reap(proc: subprocess.Popen[bytes], timeout: float) -> int:
@@ -203,6 +234,7 @@ def run_scenario(
             listener = _ListenerProcess(scenario, run)
             scenario = scenario.with_endpoints(listener.endpoints)
         run.write_scenario(scenario)
+        collector = _CollectorProcess(scenario, run)
         env = {
             **os.environ,
             "EPH_SCENARIO": str(run.scenario),
@@ -232,6 +264,7 @@ def run_scenario(
             if proc.poll() is None:
                 proc.kill()
                 proc.wait()
+            collector.stop()
             if listener is not None:
                 listener_stats = listener.stop()
                 run.write_json("listener.json", listener_stats)
@@ -253,7 +286,7 @@ def kernel_differences(scenario: Scenario, kernel: dict[str, Any]) -> list[str]:
     notes = []
     for key, wanted in scenario.kernel.model_dump(exclude_none=True).items():
         if key == "tcp_tw_reuse_delay":
-            wanted = round(wanted * 1000)  # the sysctl is in ms
+            key, wanted = "tcp_tw_reuse_delay_ms", round(wanted * 1000)
         elif key == "tcp_fin_timeout":
             wanted = round(wanted)
         elif isinstance(wanted, tuple):

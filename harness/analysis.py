@@ -1,0 +1,233 @@
+"""From records and samples to answers: TIME_WAIT reuse, tuple uniqueness, occupancy, capacity.
+
+Vectorised: one sort of the successful connections by (4-tuple, start) answers
+reuse, overlap and reuse distance together.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+from harness.model import TIME_WAIT_S, CapacityModel
+from harness.scenario import ClosePolicy, Scenario
+
+__all__ = ["TupleAudit", "analyze", "audit_tuples"]
+
+EXAMPLES = 5
+
+
+@dataclass
+class TupleAudit:
+    distinct: int = 0
+    max_uses: int = 0
+    concurrent_duplicates: int = 0  # a use that began before the previous one closed
+    examples: list[dict[str, Any]] = field(default_factory=list)
+    reused_out_of_time_wait: int = 0  # began < 60 s after this side closed the tuple
+    reuse_ages_s: np.ndarray = field(default_factory=lambda: np.zeros(0))
+    reuse_distance_median: float | None = None  # connections between two uses
+
+
+def _codes(table: pa.Table, name: str) -> np.ndarray:
+    column = table.column(name).combine_chunks()
+    if pa.types.is_dictionary(column.type):
+        return np.asarray(column.indices.to_numpy(zero_copy_only=False), dtype=np.int64)
+    return np.asarray(column.to_numpy(zero_copy_only=False), dtype=np.int64)
+
+
+def audit_tuples(table: pa.Table) -> TupleAudit:
+    """Every successful connection's 4-tuple against the previous use of the same tuple."""
+    errno = table.column("errno").to_numpy()
+    ok = np.flatnonzero(errno == 0)
+    if not len(ok):
+        return TupleAudit()
+    start = table.column("start_ns").to_numpy()[ok]
+    end = start + table.column("close_us").to_numpy()[ok].astype(np.int64) * 1000
+    key = (
+        (_codes(table, "local_addr")[ok] << 48)
+        | (table.column("local_port").to_numpy()[ok].astype(np.int64) << 32)
+        | (_codes(table, "remote_addr")[ok] << 16)
+        | table.column("remote_port").to_numpy()[ok].astype(np.int64)
+    )
+    client_closed = _codes(table, "close")[ok] == _client_code(table)
+    order = np.lexsort((start, key))
+    # rows are sorted by start time, so a row's index is its rank among all attempts
+    key, start, end, client_closed, rank = (
+        key[order],
+        start[order],
+        end[order],
+        client_closed[order],
+        ok[order],
+    )
+    same = key[1:] == key[:-1]
+    gap = start[1:] - end[:-1]  # from the previous use's close to this use's start
+    overlap = same & (gap < 0)
+    reused = same & ~overlap & client_closed[:-1] & (gap < TIME_WAIT_S * 1e9)
+    _, counts = np.unique(key, return_counts=True)
+    audit = TupleAudit(
+        distinct=len(counts),
+        max_uses=int(counts.max()),
+        concurrent_duplicates=int(overlap.sum()),
+        reused_out_of_time_wait=int(reused.sum()),
+        reuse_ages_s=gap[reused] / 1e9,
+    )
+    distances = (rank[1:] - rank[:-1])[same]
+    if len(distances):
+        audit.reuse_distance_median = float(np.median(distances))
+    for i in np.flatnonzero(overlap)[:EXAMPLES]:
+        audit.examples.append(
+            {
+                "local_port": int((key[i] >> 32) & 0xFFFF),
+                "remote_port": int(key[i] & 0xFFFF),
+                "first_start_ns": int(start[i]),
+                "first_close_ns": int(end[i]),
+                "second_start_ns": int(start[i + 1]),
+            }
+        )
+    return audit
+
+
+def _client_code(table: pa.Table) -> int:
+    column = table.column("close").combine_chunks()
+    if not pa.types.is_dictionary(column.type):
+        return -1
+    values = column.dictionary.to_pylist()
+    return values.index(ClosePolicy.CLIENT.value) if ClosePolicy.CLIENT.value in values else -1
+
+
+def analyze(
+    table: pa.Table,
+    samples: pa.Table | None,
+    scenario: Scenario,
+    kernel: dict[str, Any],
+    summary: dict[str, Any],
+) -> dict[str, Any]:
+    """The summary sections this module owns: time_wait, tuples, occupancy, capacity, samples."""
+    audit = audit_tuples(table)
+    sections: dict[str, Any] = {}
+    tw_peak = recycled = None
+    occupancy_peak = None
+    if samples is not None and samples.num_rows:
+        tw_peak, occupancy_peak, recycled = _from_samples(samples)
+        sample_ms = samples.column("sample_ms").to_numpy(zero_copy_only=False)
+        sample_ms = sample_ms[~np.isnan(sample_ms)]
+        sections["samples"] = {
+            "count": len(sample_ms),
+            "interval_s": scenario.collector.interval,
+            "max_sample_ms": round(float(sample_ms.max()), 2) if len(sample_ms) else None,
+            "median_sample_ms": round(float(np.median(sample_ms)), 2) if len(sample_ms) else None,
+        }
+    sections["time_wait"] = {
+        "peak": tw_peak,
+        "reused_connections": audit.reused_out_of_time_wait,
+        "kernel_tw_recycled": recycled,
+        "reuse_age_s": _quantiles(audit.reuse_ages_s),
+    }
+    sections["tuples"] = {
+        "distinct": audit.distinct,
+        "max_uses": audit.max_uses,
+        "concurrent_duplicates": audit.concurrent_duplicates,
+        "examples": audit.examples,
+        "reuse_distance_median": audit.reuse_distance_median,
+    }
+    model = _model(scenario, kernel)
+    sections["capacity"] = _capacity(model, summary)
+    if occupancy_peak is not None and model is not None:
+        sections["occupancy"] = {
+            "peak_ports": occupancy_peak,
+            "usable_ports": model.ports,
+            "peak_fraction": round(occupancy_peak / model.ports, 4) if model.ports else None,
+        }
+    return sections
+
+
+def _from_samples(samples: pa.Table) -> tuple[int, int, int | None]:
+    scope = np.array(samples.column("scope").to_pylist(), dtype=object)
+    to = np.array([s.startswith("to ") for s in scope])
+    tw = samples.column("time_wait").to_numpy()
+    states = (
+        "established",
+        "syn_sent",
+        "syn_recv",
+        "fin_wait1",
+        "fin_wait2",
+        "time_wait",
+        "close",
+        "close_wait",
+        "last_ack",
+        "closing",
+    )
+    in_use = sum(samples.column(c).to_numpy().astype(np.int64) for c in states)
+    t = samples.column("t_ns").to_numpy()
+    if to.any():
+        _, index = np.unique(t[to], return_inverse=True)
+        tw_peak = int(np.bincount(index, weights=tw[to]).max())
+        occupancy = int(np.bincount(index, weights=in_use[to]).max())
+    else:
+        tw_peak = int(tw[scope == "all"].max())
+        occupancy = int(in_use[scope == "all"].max())
+    recycled_column = samples.column("tw_recycled").to_numpy(zero_copy_only=False)
+    recycled_values = recycled_column[scope == "all"]
+    recycled_values = recycled_values[~np.isnan(recycled_values.astype(float))]
+    recycled = int(recycled_values[-1] - recycled_values[0]) if len(recycled_values) else None
+    return tw_peak, occupancy, recycled
+
+
+def _model(scenario: Scenario, kernel: dict[str, Any]) -> CapacityModel | None:
+    port_range = kernel.get("ip_local_port_range")
+    if not isinstance(port_range, list) or len(port_range) != 2:
+        return None
+    return CapacityModel.from_settings(
+        port_range=port_range,
+        reserved=str(kernel.get("ip_local_reserved_ports") or ""),
+        tw_reuse=int(kernel.get("tcp_tw_reuse", 2)),
+        reuse_delay_ms=kernel.get("tcp_tw_reuse_delay_ms"),
+        timestamps=int(kernel.get("tcp_timestamps", 1)),
+        close=scenario.load.close,
+        destinations=[e.host for e in scenario.target.endpoints],
+        sources=len(scenario.load.source_addresses) or 1,
+    )
+
+
+def _capacity(model: CapacityModel | None, summary: dict[str, Any]) -> dict[str, Any]:
+    conns, exhaustion = summary["connections"], summary["exhaustion"]
+    duration = summary["duration_s"] or 0.0
+    measured_rate = conns["succeeded"] / duration if duration else None
+    first = exhaustion.get("first_failure_s")
+    before = exhaustion.get("succeeded_before_first_failure")
+    offered = before / first if first and before else conns.get("rate_per_s")
+    result: dict[str, Any] = {
+        "measured_rate_per_s": round(measured_rate, 1) if measured_rate else None,
+        "measured_time_to_exhaustion_s": first,
+        "model_max_rate_per_s": None,
+        "model_time_to_exhaustion_s": None,
+    }
+    if model is None:
+        return result
+    limit = model.max_rate_per_s
+    result.update(
+        model_max_rate_per_s=round(limit, 2) if limit is not None else None,
+        model_ports=model.ports,
+        model_hold_s=model.hold_s,
+        model_reuse=model.reuse,
+        offered_rate_per_s=round(offered, 1) if offered else None,
+    )
+    if offered:
+        tte = model.time_to_exhaustion_s(offered)
+        result["model_time_to_exhaustion_s"] = round(tte, 4) if tte is not None else None
+    return result
+
+
+def _quantiles(values: np.ndarray) -> dict[str, float] | None:
+    if not len(values):
+        return None
+    p50, p90, p99 = np.percentile(values, [50, 90, 99])
+    return {
+        "p50": round(float(p50), 4),
+        "p90": round(float(p90), 4),
+        "p99": round(float(p99), 4),
+        "min": round(float(values.min()), 4),
+    }

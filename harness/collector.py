@@ -1,0 +1,211 @@
+"""The collector: the kernel's view of the sockets while the load runs.
+
+Every interval it dumps TCP sockets (``harness.sockdiag``), counts them by state
+in total and toward / at each target endpoint, keeps the ephemeral ports in use
+toward each target, and reads the TCP counters. Each sample is appended to an
+Arrow IPC stream at once (a crash loses at most one interval) and the stream
+becomes ``samples.parquet`` when the collector stops. It runs in a process of
+its own and never imports locust.
+
+One row per (sample, scope): scope ``all``; ``to HOST:PORT`` (sockets whose peer
+is the target: the client side); ``at HOST:PORT`` (sockets whose own address is
+the target: the server side, e.g. when ``eph collect`` runs on the staging host).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import socket
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.ipc as ipc
+import pyarrow.parquet as pq
+
+from harness.counters import COUNTERS, SOCKSTAT, read_counters
+from harness.endpoints import ResolvedEndpoint
+from harness.kernel import read_kernel
+from harness.sockdiag import TcpState, dump_tcp
+
+__all__ = ["SAMPLES_SCHEMA", "Collector", "Sample", "finish_samples"]
+
+logger = logging.getLogger(__name__)
+
+STATES = [s.name.lower() for s in TcpState]
+_COUNTER_NAMES = [*COUNTERS, *SOCKSTAT, "conntrack_count"]
+SAMPLES_SCHEMA = pa.schema(
+    [
+        ("t_ns", pa.int64()),  # CLOCK_MONOTONIC, comparable with the records' start_ns
+        ("scope", pa.string()),
+        *[(state, pa.uint32()) for state in STATES],
+        ("ports", pa.list_(pa.uint16())),  # ephemeral ports in use (to/at scopes)
+        ("sample_ms", pa.float32()),
+        *[(name, pa.int64()) for name in _COUNTER_NAMES],
+    ]
+)
+
+
+@dataclass(frozen=True)
+class _Target:
+    name: str
+    family: int
+    address: bytes  # 16 bytes, IPv4 padded with zeros as the kernel does
+    port: int
+
+    @classmethod
+    def of(cls, endpoint: ResolvedEndpoint) -> _Target:
+        packed = socket.inet_pton(endpoint.family, endpoint.address)
+        return cls(str(endpoint), int(endpoint.family), packed.ljust(16, b"\0"), endpoint.port)
+
+
+@dataclass(frozen=True)
+class Sample:
+    t_ns: int
+    sample_ms: float
+    states: dict[str, dict[str, int]]  # scope -> state name -> count
+    ports: dict[str, np.ndarray]  # scope -> ephemeral ports
+    counters: dict[str, int | None]
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "tcp_states": {k.upper(): v for k, v in self.states["all"].items()},
+            "sockstat_tw": self.counters.get("sockstat_tw"),
+            "elapsed_ms": round(self.sample_ms, 3),
+            "counters": self.counters,
+            "targets": {
+                scope: {k.upper(): v for k, v in counts.items() if v}
+                for scope, counts in self.states.items()
+                if scope != "all"
+            },
+        }
+
+
+class Collector:
+    def __init__(self, targets: Sequence[ResolvedEndpoint] = ()) -> None:
+        self._targets = [_Target.of(t) for t in targets]
+
+    def sample(self) -> Sample:
+        started = time.perf_counter()
+        t_ns = time.monotonic_ns()
+        rows = dump_tcp()
+        counters = read_counters()
+        states = {"all": _count(rows["state"])}
+        ports: dict[str, np.ndarray] = {}
+        if self._targets and len(rows):
+            dst, src = rows["dst"].view("S16"), rows["src"].view("S16")
+            for target in self._targets:
+                family = rows["family"] == target.family
+                to = family & (rows["dport"] == target.port) & (dst == target.address)
+                at = family & (rows["sport"] == target.port) & (src == target.address)
+                at &= rows["state"] != TcpState.LISTEN  # the listening socket is no connection
+                states[f"to {target.name}"] = _count(rows["state"][to])
+                ports[f"to {target.name}"] = rows["sport"][to].astype(np.uint16)
+                states[f"at {target.name}"] = _count(rows["state"][at])
+                ports[f"at {target.name}"] = rows["dport"][at].astype(np.uint16)
+        else:
+            for target in self._targets:
+                for scope in (f"to {target.name}", f"at {target.name}"):
+                    states[scope] = _count(np.zeros(0, np.uint8))
+                    ports[scope] = np.zeros(0, np.uint16)
+        return Sample(t_ns, (time.perf_counter() - started) * 1000, states, ports, counters)
+
+    def record(
+        self, out: Path, *, interval: float, duration: float, stop: list[bool] | None = None
+    ) -> int:
+        """Sample every ``interval`` for at most ``duration`` (or until ``stop[0]``)."""
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "collector.json").write_text(json.dumps({"start": read_kernel()}, indent=2))
+        stream = out / "samples.arrows"
+        count = overruns = 0
+        stop = stop if stop is not None else [False]
+        with pa.OSFile(str(stream), "wb") as sink, ipc.new_stream(sink, SAMPLES_SCHEMA) as writer:
+            start = time.monotonic()
+            next_tick = start
+            while not stop[0] and time.monotonic() - start < duration:
+                writer.write_batch(_batch(self.sample()))
+                count += 1
+                next_tick += interval
+                delay = next_tick - time.monotonic()
+                if delay < 0:  # a slow sample: skip the ticks it ate, do not burst
+                    overruns += 1
+                    next_tick = time.monotonic()
+                    delay = 0
+                time.sleep(delay)
+        meta = json.loads((out / "collector.json").read_text())
+        meta.update(end=read_kernel(), samples=count, overruns=overruns, interval_s=interval)
+        (out / "collector.json").write_text(json.dumps(meta, indent=2))
+        finish_samples(out)
+        return count
+
+
+def _count(states: np.ndarray) -> dict[str, int]:
+    counts = np.bincount(states, minlength=len(TcpState) + 1)
+    return {state.name.lower(): int(counts[state]) for state in TcpState}
+
+
+def _batch(sample: Sample) -> pa.RecordBatch:
+    scopes = list(sample.states)
+    n = len(scopes)
+    columns: dict[str, Any] = {
+        "t_ns": pa.array([sample.t_ns] * n, pa.int64()),
+        "scope": pa.array(scopes, pa.string()),
+    }
+    for state in STATES:
+        columns[state] = pa.array([sample.states[s][state] for s in scopes], pa.uint32())
+    columns["ports"] = pa.array(
+        [sample.ports.get(s, np.zeros(0, np.uint16)) if s != "all" else None for s in scopes],
+        pa.list_(pa.uint16()),
+    )
+    columns["sample_ms"] = pa.array([sample.sample_ms] + [None] * (n - 1), pa.float32())
+    for name in _COUNTER_NAMES:
+        columns[name] = pa.array([sample.counters.get(name)] + [None] * (n - 1), pa.int64())
+    return pa.RecordBatch.from_pydict(columns, schema=SAMPLES_SCHEMA)
+
+
+def finish_samples(out: Path) -> int:
+    """``samples.arrows`` (possibly truncated by a crash) -> ``samples.parquet``."""
+    stream = out / "samples.arrows"
+    if not stream.exists():
+        return 0
+    batches = []
+    try:
+        with pa.OSFile(str(stream), "rb") as source:
+            reader = ipc.open_stream(source)
+            while True:
+                try:
+                    batches.append(reader.read_next_batch())
+                except StopIteration:
+                    break
+                except (pa.ArrowInvalid, OSError):
+                    logger.warning("samples stream truncated; kept %d whole samples", len(batches))
+                    break
+    except (pa.ArrowInvalid, OSError):
+        pass
+    table = pa.Table.from_batches(batches, schema=SAMPLES_SCHEMA)
+    tmp = out / "samples.parquet.tmp"
+    pq.write_table(table, tmp, compression="zstd")
+    os.replace(tmp, out / "samples.parquet")
+    stream.unlink()
+    return int(table.num_rows)
+
+
+def run_collector(
+    out: Path, targets: Sequence[ResolvedEndpoint], *, interval: float, duration: float
+) -> int:
+    """The collector process: record until ``duration`` or SIGINT/SIGTERM."""
+    stop = [False]
+
+    def handle(signum: int, frame: object) -> None:
+        stop[0] = True
+
+    signal.signal(signal.SIGTERM, handle)
+    signal.signal(signal.SIGINT, handle)
+    return Collector(targets).record(out, interval=interval, duration=duration, stop=stop)

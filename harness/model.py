@@ -1,0 +1,94 @@
+"""The capacity model: what connection rate a client setup sustains before its ports run out.
+
+Per (source address, destination address:port) the kernel can hand out each
+usable port once per *hold* time: 60 s of TIME_WAIT (TCP_TIMEWAIT_LEN) when the
+client closes first, or ``tcp_tw_reuse_delay`` when TIME_WAIT reuse applies
+(``tcp_tw_reuse`` = 1, or 2 toward loopback, with TCP timestamps on). So::
+
+    max rate = (ports in range - reserved ports in range) / hold x sources x destinations
+
+A server-side close or a reset leaves no TIME_WAIT on the client: no limit
+from TIME_WAIT. At a rate above the maximum, the ports run out after
+``usable x paths / rate`` seconds.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from harness.scenario import ClosePolicy
+
+__all__ = ["TIME_WAIT_S", "CapacityModel", "reserved_in_range"]
+
+TIME_WAIT_S = 60.0  # TCP_TIMEWAIT_LEN: fixed in the kernel, not tcp_fin_timeout
+DEFAULT_REUSE_DELAY_S = 1.0  # before Linux 6.14 (no sysctl), and its default after
+
+
+def reserved_in_range(reserved: str, low: int, high: int) -> int:
+    """How many ports of ``ip_local_reserved_ports`` (``"a-b,c"``) fall in [low, high]."""
+    count = 0
+    for part in filter(None, (p.strip() for p in reserved.split(","))):
+        first, _, last = part.partition("-")
+        a, b = int(first), int(last or first)
+        count += max(0, min(b, high) - max(a, low) + 1)
+    return count
+
+
+@dataclass(frozen=True)
+class CapacityModel:
+    usable_ports: int  # per path
+    paths: int  # source addresses x destinations
+    hold_s: float | None  # how long a used port stays unavailable; None: no client TIME_WAIT
+    reuse: bool  # TIME_WAIT reuse applies
+
+    @classmethod
+    def from_settings(
+        cls,
+        *,
+        port_range: Sequence[int],
+        reserved: str = "",
+        tw_reuse: int = 2,
+        reuse_delay_ms: int | None = None,
+        timestamps: int = 1,
+        close: ClosePolicy = ClosePolicy.CLIENT,
+        destinations: Sequence[str] = (),
+        sources: int = 1,
+    ) -> CapacityModel:
+        low, high = int(port_range[0]), int(port_range[1])
+        usable = max(0, high - low + 1 - reserved_in_range(reserved, low, high))
+        paths = max(1, sources) * max(1, len(destinations))
+        if close is not ClosePolicy.CLIENT:
+            return cls(usable, paths, None, False)
+        loopback = bool(destinations) and all(_loopback(d) for d in destinations)
+        reuse = bool(timestamps) and (tw_reuse == 1 or (tw_reuse == 2 and loopback))
+        if reuse:
+            delay = DEFAULT_REUSE_DELAY_S if reuse_delay_ms is None else reuse_delay_ms / 1000
+            return cls(usable, paths, delay, True)
+        return cls(usable, paths, TIME_WAIT_S, False)
+
+    @property
+    def ports(self) -> int:
+        """Ports available across every path before the first failure."""
+        return self.usable_ports * self.paths
+
+    @property
+    def max_rate_per_s(self) -> float | None:
+        if self.hold_s is None:
+            return None
+        return self.ports / self.hold_s
+
+    def time_to_exhaustion_s(self, rate: float) -> float | None:
+        """At ``rate`` new connections/s, when the first connect fails (None: never)."""
+        limit = self.max_rate_per_s
+        if limit is None or rate <= limit or rate <= 0:
+            return None
+        return self.ports / rate
+
+
+def _loopback(address: str) -> bool:
+    try:
+        return ipaddress.ip_address(address).is_loopback
+    except ValueError:
+        return address == "localhost"

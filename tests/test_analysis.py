@@ -1,0 +1,153 @@
+"""Tuple audit and capacity model on data whose answers are known."""
+
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+import pytest
+
+from harness.analysis import audit_tuples
+from harness.model import CapacityModel, reserved_in_range
+from harness.records import CONNECTIONS_SCHEMA
+from harness.scenario import ClosePolicy
+
+S = 1_000_000_000
+
+
+def _table(rows: list[tuple[int, int, int, int]], close: str = "client") -> pa.Table:
+    """rows: (start_ns, close_us, local_port, errno) toward one destination."""
+    n = len(rows)
+
+    def const(value: str) -> pa.DictionaryArray:
+        return pa.DictionaryArray.from_arrays(pa.array(np.zeros(n, np.int32)), pa.array([value]))
+
+    return pa.table(
+        {
+            "start_ns": pa.array([r[0] for r in rows], pa.int64()),
+            "connect_us": pa.array([10] * n, pa.uint32()),
+            "close_us": pa.array([r[1] for r in rows], pa.uint32()),
+            "local_addr": const("127.0.0.1"),
+            "local_port": pa.array([r[2] for r in rows], pa.uint16()),
+            "remote_addr": const("127.0.0.1"),
+            "remote_port": pa.array([9000] * n, pa.uint16()),
+            "errno": pa.array([r[3] for r in rows], pa.uint16()),
+            "io_errno": pa.array([0] * n, pa.uint16()),
+            "close": const(close),
+            "engine": const("locust"),
+            "pid": pa.array([1] * n, pa.uint32()),
+        },
+        schema=CONNECTIONS_SCHEMA,
+    )
+
+
+def test_clean_run_has_no_duplicates_and_counts_reuse() -> None:
+    rows = [
+        (0, 100, 40000, 0),
+        (1 * S, 100, 40002, 0),
+        (2 * S, 100, 40000, 0),  # 40000 again 2 s after it closed: out of TIME_WAIT
+        (3 * S, 100, 40004, 99),  # failed: not part of the audit
+        (70 * S, 100, 40002, 0),
+    ]  # 69 s after: TIME_WAIT was over, not a reuse
+    audit = audit_tuples(_table(rows))
+    assert audit.distinct == 2  # 40000 and 40002; the failed attempt has no tuple
+    assert audit.max_uses == 2
+    assert audit.concurrent_duplicates == 0
+    assert audit.reused_out_of_time_wait == 1
+    assert audit.reuse_ages_s.tolist() == pytest.approx([2.0 - 100e-6])
+
+
+def test_planted_overlap_is_found_with_an_example() -> None:
+    rows = [
+        (0, 5_000_000, 40000, 0),  # open for 5 s
+        (1 * S, 100, 40000, 0),  # same 4-tuple while the first is still open
+        (2 * S, 100, 40002, 0),
+    ]
+    audit = audit_tuples(_table(rows))
+    assert audit.concurrent_duplicates == 1
+    assert audit.examples == [
+        {
+            "local_port": 40000,
+            "remote_port": 9000,
+            "first_start_ns": 0,
+            "first_close_ns": 5 * S,
+            "second_start_ns": 1 * S,
+        }
+    ]
+
+
+def test_server_close_leaves_no_client_time_wait_to_reuse() -> None:
+    rows = [(0, 100, 40000, 0), (1 * S, 100, 40000, 0)]
+    assert audit_tuples(_table(rows, close="server")).reused_out_of_time_wait == 0
+    assert audit_tuples(_table(rows, close="client")).reused_out_of_time_wait == 1
+
+
+def test_million_connections_audit_is_vectorised() -> None:
+    n = 1_000_000
+    rng = np.random.default_rng(1)
+    starts = np.sort(rng.integers(0, 60 * S, n))
+    ports = 32768 + np.arange(n) % 28232
+    table = _table(list(zip(starts.tolist(), [50] * n, ports.tolist(), [0] * n, strict=True)))
+    audit = audit_tuples(table)
+    assert audit.distinct == 28232
+    assert audit.concurrent_duplicates == 0
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "rate", "ports"),
+    [
+        # KERNEL-NOTES: default range, 60 s of TIME_WAIT: about 470/s
+        ({"port_range": [32768, 60999], "tw_reuse": 0}, 28232 / 60, 28232),
+        # 100 ports, reuse on with timestamps, 1 s delay: 100/s; 100 ms: 1000/s
+        ({"port_range": [40000, 40099], "tw_reuse": 1, "reuse_delay_ms": 1000}, 100.0, 100),
+        ({"port_range": [40000, 40099], "tw_reuse": 1, "reuse_delay_ms": 100}, 1000.0, 100),
+        # tw_reuse=2 is loopback only; without timestamps no reuse at all
+        (
+            {"port_range": [40000, 40099], "tw_reuse": 2, "destinations": ["10.0.0.1"]},
+            100 / 60,
+            100,
+        ),
+        ({"port_range": [40000, 40099], "tw_reuse": 2, "destinations": ["127.0.0.1"]}, 100.0, 100),
+        ({"port_range": [40000, 40099], "tw_reuse": 1, "timestamps": 0}, 100 / 60, 100),
+        # 2 destination ports x 2 destination IPs: 400 ports (KERNEL-NOTES)
+        (
+            {
+                "port_range": [40000, 40099],
+                "tw_reuse": 0,
+                "destinations": ["127.0.0.1", "127.0.0.1", "127.0.0.2", "127.0.0.2"],
+            },
+            400 / 60,
+            400,
+        ),
+        # reserved ports come out of the range
+        (
+            {"port_range": [40000, 40099], "tw_reuse": 0, "reserved": "40000-40009,50000"},
+            90 / 60,
+            90,
+        ),
+    ],
+)
+def test_model_matches_kernel_notes(kwargs: dict, rate: float, ports: int) -> None:  # type: ignore[type-arg]
+    kwargs.setdefault("destinations", ["127.0.0.1"])
+    model = CapacityModel.from_settings(**kwargs)
+    assert model.ports == ports
+    assert model.max_rate_per_s == pytest.approx(rate)
+
+
+def test_no_client_limit_when_the_server_closes_or_resets() -> None:
+    for close in (ClosePolicy.SERVER, ClosePolicy.RESET):
+        model = CapacityModel.from_settings(port_range=[40000, 40099], close=close)
+        assert model.max_rate_per_s is None
+        assert model.time_to_exhaustion_s(1e6) is None
+
+
+def test_time_to_exhaustion() -> None:
+    model = CapacityModel.from_settings(
+        port_range=[40000, 40099], tw_reuse=0, destinations=["127.0.0.1"]
+    )
+    assert model.time_to_exhaustion_s(1000.0) == pytest.approx(0.1)
+    assert model.time_to_exhaustion_s(1.0) is None  # under 100/60 per s: never
+
+
+def test_reserved_in_range() -> None:
+    assert reserved_in_range("", 1, 10) == 0
+    assert reserved_in_range("5-20, 3", 1, 10) == 7
