@@ -136,6 +136,100 @@ class Bench:
         return {"accepts_per_s": stats["accepted"] / elapsed, "client_per_s": client}
 
 
+def collector_vs_ss(binary: Path, sockets: int) -> dict[str, Any]:
+    """Sample time with ``sockets`` TIME_WAIT sockets, eph's collector against ``ss``."""
+    with Namespace(prefix="ephbench") as ns:
+        ns.set_sysctl("net.ipv4.ip_local_port_range", (1024, 65000))
+        listener = subprocess.Popen(
+            ns.command([sys.executable, "-m", "harness", "listen", "--endpoint", "127.0.0.1:9000"]),
+            cwd=ROOT,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+            text=True,
+        )
+        assert listener.stdout is not None
+        listener.stdout.readline()
+        subprocess.run(
+            ns.command([str(binary), "127.0.0.1", "9000", "30", "fin", str(sockets)]),
+            capture_output=True,
+            check=True,
+        )
+        code = (
+            "import json, time, subprocess, statistics\n"
+            "from harness.collector import Collector\n"
+            "from harness.endpoints import Endpoint\n"
+            "c = Collector([Endpoint('127.0.0.1', 9000).resolve()])\n"
+            "eph, ss = [], []\n"
+            "for _ in range(15):\n"
+            "    s = c.sample(); eph.append(s.sample_ms)\n"
+            "    t = time.perf_counter()\n"
+            "    subprocess.run(['ss', '-tanH', 'state', 'all'], capture_output=True, check=True)\n"
+            "    ss.append((time.perf_counter() - t) * 1000)\n"
+            "print(json.dumps({'time_wait': s.states['all']['time_wait'],"
+            " 'collector_ms': statistics.median(eph), 'ss_ms': statistics.median(ss)}))\n"
+        )
+        out = subprocess.run(
+            ns.command([sys.executable, "-c", code]),
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
+        listener.terminate()
+        listener.communicate(timeout=10)
+    result = json.loads(out)
+    result["collector_ms"] = round(result["collector_ms"], 1)
+    result["ss_ms"] = round(result["ss_ms"], 1)
+    result["ss_over_collector"] = round(result["ss_ms"] / result["collector_ms"], 2)
+    return result
+
+
+def analysis_time(connections: int) -> dict[str, Any]:
+    """finalize()'s analysis over ``connections`` synthetic records (no load needed)."""
+    import numpy as np
+    import pyarrow as pa
+
+    from harness.analysis import analyze
+    from harness.records import CONNECTIONS_SCHEMA
+    from harness.scenario import parse_scenario
+    from harness.summary import Columns, summarize
+
+    rng = np.random.default_rng(3)
+    n = connections
+    ports = 32768 + (np.arange(n) * 2 + (np.arange(n) // 14116) % 2) % 28232
+    errno = np.where(rng.random(n) < 0.05, 99, 0).astype(np.uint16)
+
+    def const(value: str) -> pa.DictionaryArray:
+        return pa.DictionaryArray.from_arrays(pa.array(np.zeros(n, np.int32)), pa.array([value]))
+
+    table = pa.table(
+        {
+            "start_ns": pa.array(np.arange(n, dtype=np.int64) * 50_000),
+            "connect_us": pa.array(rng.integers(20, 2000, n).astype(np.uint32)),
+            "close_us": pa.array(rng.integers(30, 3000, n).astype(np.uint32)),
+            "local_addr": const("127.0.0.1"),
+            "local_port": pa.array(np.where(errno == 0, ports, 0).astype(np.uint16)),
+            "remote_addr": const("127.0.0.1"),
+            "remote_port": pa.array(np.full(n, 9000, np.uint16)),
+            "errno": pa.array(errno),
+            "io_errno": pa.array(np.zeros(n, np.uint16)),
+            "close": const("client"),
+            "engine": const("locust"),
+            "pid": pa.array(np.ones(n, np.uint32)),
+        },
+        schema=CONNECTIONS_SCHEMA,
+    )
+    scenario = parse_scenario('name = "b"\n[target]\nendpoints = ["127.0.0.1:9000"]\n')
+    kernel = {"ip_local_port_range": [32768, 60999], "tcp_tw_reuse": 0, "tcp_timestamps": 1}
+    started = time.perf_counter()
+    cols = Columns.from_table(table)
+    summary = summarize(
+        cols, scenario="b", started_at="-", duration_s=50.0, interrupted=False, kernel=kernel
+    )
+    analyze(table, None, scenario, kernel, summary)
+    return {"connections": n, "seconds": round(time.perf_counter() - started, 2)}
+
+
 def compile_baseline(workdir: Path) -> Path | None:
     cc = shutil.which("cc") or shutil.which("gcc")
     if cc is None:
@@ -173,6 +267,8 @@ def main() -> int:
     parser.add_argument("--seconds", type=int, default=5)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--users", type=int, default=20)
+    parser.add_argument("--tw-sockets", type=int, default=28000)
+    parser.add_argument("--analysis-connections", type=int, default=1_000_000)
     args = parser.parse_args()
 
     with tempfile.TemporaryDirectory(prefix="eph-bench-") as tmp:
@@ -212,6 +308,9 @@ def main() -> int:
             finally:
                 bench.stop(proc)
             accept = bench.listener_accept_rate(binary) if binary is not None else None
+        collector = (
+            collector_vs_ss(binary, args.tw_sockets) if binary is not None and use_ns else None
+        )
 
     results = {name: median(values) for name, values in rates.items() if values}
     ratios = {"eph_locust_vs_bare_locust": round(results["eph_locust"] / results["bare_locust"], 3)}
@@ -227,6 +326,8 @@ def main() -> int:
         "all_rounds": rates,
         "ratios": ratios,
         "listener": accept,
+        "collector_at_time_wait": collector,
+        "analysis": analysis_time(args.analysis_connections),
     }
     print(json.dumps(report, indent=2))
     return 0

@@ -15,7 +15,7 @@ import pyarrow as pa
 from harness.model import TIME_WAIT_S, CapacityModel
 from harness.scenario import ClosePolicy, Scenario
 
-__all__ = ["TupleAudit", "analyze", "audit_tuples"]
+__all__ = ["TupleAudit", "analyze", "audit_tuples", "port_allocation"]
 
 EXAMPLES = 5
 
@@ -90,6 +90,45 @@ def audit_tuples(table: pa.Table) -> TupleAudit:
     return audit
 
 
+def port_allocation(table: pa.Table, port_range: Any) -> dict[str, Any]:
+    """How the kernel handed out ports: uses per port, parity over time, starting offsets."""
+    ok = table.column("errno").to_numpy() == 0
+    ports = table.column("local_port").to_numpy()[ok].astype(np.int64)
+    if not len(ports):
+        return {}
+    start = table.column("start_ns").to_numpy()[ok]
+    seconds = (start - start[0]) / 1e9
+    uses = np.bincount(ports)
+    used = uses[uses > 0]
+    odd = ports % 2 == 1
+    connect_ms = table.column("connect_us").to_numpy()[ok] / 1000.0
+    remote = table.column("remote_addr").combine_chunks()
+    remote_codes = _codes(table, "remote_addr")[ok]
+    remote_ports = table.column("remote_port").to_numpy()[ok].astype(np.int64)
+    # rows are in start order: np.unique's first index is each destination's first use
+    _, first = np.unique((remote_codes << 16) | remote_ports, return_index=True)
+    names = remote.dictionary.to_pylist() if pa.types.is_dictionary(remote.type) else None
+    first_port = {
+        f"{names[remote_codes[i]] if names else remote_codes[i]}:{remote_ports[i]}": int(ports[i])
+        for i in first[:64]
+    }
+    result: dict[str, Any] = {
+        "max_uses_per_port": int(used.max()),
+        "mean_uses_per_port": round(float(used.mean()), 3),
+        "first_odd_s": round(float(seconds[odd][0]), 4) if odd.any() and not odd.all() else None,
+        "first_port_by_destination": first_port,
+        "connect_ms_by_parity": {
+            "even": _quantiles(connect_ms[~odd]),
+            "odd": _quantiles(connect_ms[odd]),
+        },
+    }
+    if isinstance(port_range, list) and len(port_range) == 2:
+        result["first_offset_by_destination"] = {
+            name: port - int(port_range[0]) for name, port in first_port.items()
+        }
+    return result
+
+
 def _client_code(table: pa.Table) -> int:
     column = table.column("close").combine_chunks()
     if not pa.types.is_dictionary(column.type):
@@ -135,6 +174,10 @@ def analyze(
     }
     model = _model(scenario, kernel)
     sections["capacity"] = _capacity(model, summary)
+    sections["ports"] = {
+        **summary["ports"],
+        **port_allocation(table, kernel.get("ip_local_port_range")),
+    }
     if occupancy_peak is not None and model is not None:
         sections["occupancy"] = {
             "peak_ports": occupancy_peak,

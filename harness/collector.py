@@ -95,8 +95,10 @@ class Collector:
     def sample(self) -> Sample:
         started = time.perf_counter()
         t_ns = time.monotonic_ns()
-        rows = dump_tcp()
+        rows = dump_tcp(families=[socket.AF_INET])
         counters = read_counters()
+        if self._needs_ipv6(rows, counters):
+            rows = np.concatenate([rows, dump_tcp(families=[socket.AF_INET6])])
         states = {"all": _count(rows["state"])}
         ports: dict[str, np.ndarray] = {}
         if self._targets and len(rows):
@@ -144,6 +146,31 @@ class Collector:
         (out / "collector.json").write_text(json.dumps(meta, indent=2))
         finish_samples(out)
         return count
+
+    def _needs_ipv6(self, ipv4: np.ndarray, counters: dict[str, int | None]) -> bool:
+        """Whether an IPv6 dump can find anything.
+
+        Each family's dump walks the whole socket table: ~10 ms at 28,000 sockets
+        even with no IPv6 socket at all. Skipped when the kernel's own counts say
+        there is none: no IPv6 target, sockstat6 TCP6 inuse 0, and every TIME_WAIT
+        socket of sockstat (both families) already seen in the IPv4 dump.
+        """
+        if any(t.family == socket.AF_INET6 for t in self._targets):
+            return True
+        if _tcp6_inuse() != 0:
+            return True
+        ipv4_tw = int((ipv4["state"] == TcpState.TIME_WAIT).sum())
+        return counters.get("sockstat_tw") != ipv4_tw
+
+
+def _tcp6_inuse(path: Path = Path("/proc/net/sockstat6")) -> int | None:
+    try:
+        for line in path.read_text().splitlines():
+            if line.startswith("TCP6:"):
+                return int(line.split()[2])
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
 
 
 def _count(states: np.ndarray) -> dict[str, int]:

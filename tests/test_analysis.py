@@ -151,3 +151,18 @@ def test_time_to_exhaustion() -> None:
 def test_reserved_in_range() -> None:
     assert reserved_in_range("", 1, 10) == 0
     assert reserved_in_range("5-20, 3", 1, 10) == 7
+
+
+def test_port_allocation_parity_and_offsets() -> None:
+    from harness.analysis import port_allocation
+
+    # even ports first, then odd (connect() prefers the low end's parity), 2 uses of 40000
+    rows = [(i * S // 10, 100, 40000 + 2 * i, 0) for i in range(50)]
+    rows += [(5 * S + i * S // 10, 100, 40001 + 2 * i, 0) for i in range(50)]
+    rows += [(11 * S, 100, 40000, 0)]
+    result = port_allocation(_table(rows), [40000, 40099])
+    assert result["first_odd_s"] == pytest.approx(5.0)
+    assert result["max_uses_per_port"] == 2
+    assert result["first_port_by_destination"] == {"127.0.0.1:9000": 40000}
+    assert result["first_offset_by_destination"] == {"127.0.0.1:9000": 0}
+    assert result["connect_ms_by_parity"]["even"]["p50"] == pytest.approx(0.01)

@@ -127,3 +127,23 @@ def test_counters_parse() -> None:
     counters = read_counters()
     for name in ("tw", "tw_recycled", "active_opens", "curr_estab", "sockstat_tw"):
         assert isinstance(counters[name], int), name
+
+
+def test_ipv6_sockets_are_seen_when_present(netns: Namespace) -> None:
+    """The IPv6 dump is skipped only when no IPv6 socket exists: one appears, it is counted."""
+    script = (
+        "import json, socket\n"
+        "from harness.collector import Collector\n"
+        "before = Collector().sample().states['all']['listen']\n"
+        "server = socket.create_server(('::1', 0), family=socket.AF_INET6)\n"
+        "after = Collector().sample().states['all']['listen']\n"
+        "print(json.dumps([before, after]))\n"
+    )
+    out = subprocess.run(
+        netns.command([sys.executable, "-c", script]),
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    assert json.loads(out) == [0, 1]
