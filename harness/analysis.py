@@ -6,6 +6,7 @@ reuse, overlap and reuse distance together.
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -163,6 +164,11 @@ def analyze(
         "peak": tw_peak,
         "reused_connections": audit.reused_out_of_time_wait,
         "kernel_tw_recycled": recycled,
+        # positive: reuses the kernel did not count as TWRecycled (a just-closed tuple
+        # handed out again, KERNEL-NOTES); negative: reuses the records missed
+        "reused_minus_kernel": (
+            audit.reused_out_of_time_wait - recycled if recycled is not None else None
+        ),
         "reuse_age_s": _quantiles(audit.reuse_ages_s),
     }
     sections["tuples"] = {
@@ -178,40 +184,74 @@ def analyze(
         **summary["ports"],
         **port_allocation(table, kernel.get("ip_local_port_range")),
     }
-    if occupancy_peak is not None and model is not None:
+    if occupancy_peak is not None and model is not None and samples is not None:
         sections["occupancy"] = {
             "peak_ports": occupancy_peak,
             "usable_ports": model.ports,
             "peak_fraction": round(occupancy_peak / model.ports, 4) if model.ports else None,
+            "connect_ms_by_occupancy": latency_by_occupancy(table, samples, model.ports),
         }
     return sections
 
 
-def _from_samples(samples: pa.Table) -> tuple[int, int, int | None]:
+OCCUPANCY_BINS = (0.0, 0.25, 0.5, 0.75, 0.9, 1.01)
+
+
+def scope_series(samples: pa.Table, columns: tuple[str, ...]) -> tuple[np.ndarray, np.ndarray]:
+    """(t_ns, sum of ``columns``) per sample over the ``to`` scopes (``all`` when none)."""
     scope = np.array(samples.column("scope").to_pylist(), dtype=object)
-    to = np.array([s.startswith("to ") for s in scope])
-    tw = samples.column("time_wait").to_numpy()
-    states = (
-        "established",
-        "syn_sent",
-        "syn_recv",
-        "fin_wait1",
-        "fin_wait2",
-        "time_wait",
-        "close",
-        "close_wait",
-        "last_ack",
-        "closing",
-    )
-    in_use = sum(samples.column(c).to_numpy().astype(np.int64) for c in states)
-    t = samples.column("t_ns").to_numpy()
-    if to.any():
-        _, index = np.unique(t[to], return_inverse=True)
-        tw_peak = int(np.bincount(index, weights=tw[to]).max())
-        occupancy = int(np.bincount(index, weights=in_use[to]).max())
-    else:
-        tw_peak = int(tw[scope == "all"].max())
-        occupancy = int(in_use[scope == "all"].max())
+    mask = np.array([s.startswith("to ") for s in scope])
+    if not mask.any():
+        mask = scope == "all"
+    values = sum(samples.column(c).to_numpy().astype(np.int64) for c in columns)[mask]
+    times, index = np.unique(samples.column("t_ns").to_numpy()[mask], return_inverse=True)
+    return times, np.bincount(index, weights=values, minlength=len(times))
+
+
+def latency_by_occupancy(table: pa.Table, samples: pa.Table, usable: int) -> list[dict[str, Any]]:
+    """Connect latency (p50/p99, even and odd ports) in bands of range occupancy."""
+    times, in_use = scope_series(samples, _IN_USE)
+    ok = table.column("errno").to_numpy() == 0
+    if len(times) < 2 or not ok.any() or not usable:
+        return []
+    start = table.column("start_ns").to_numpy()[ok]
+    fraction = np.interp(start, times, in_use) / usable
+    connect_ms = table.column("connect_us").to_numpy()[ok] / 1000.0
+    odd = table.column("local_port").to_numpy()[ok] % 2 == 1
+    bands = []
+    for low, high in itertools.pairwise(OCCUPANCY_BINS):
+        band = (fraction >= low) & (fraction < high)
+        if band.any():
+            bands.append(
+                {
+                    "occupancy": [low, min(high, 1.0)],
+                    "connections": int(band.sum()),
+                    "even": _quantiles(connect_ms[band & ~odd]),
+                    "odd": _quantiles(connect_ms[band & odd]),
+                }
+            )
+    return bands
+
+
+_IN_USE = (
+    "established",
+    "syn_sent",
+    "syn_recv",
+    "fin_wait1",
+    "fin_wait2",
+    "time_wait",
+    "close",
+    "close_wait",
+    "last_ack",
+    "closing",
+)
+
+
+def _from_samples(samples: pa.Table) -> tuple[int, int, int | None]:
+    """TIME_WAIT peak and occupancy peak toward the targets, and the TWRecycled delta."""
+    tw_peak = int(scope_series(samples, ("time_wait",))[1].max())
+    occupancy = int(scope_series(samples, _IN_USE)[1].max())
+    scope = np.array(samples.column("scope").to_pylist(), dtype=object)
     recycled_column = samples.column("tw_recycled").to_numpy(zero_copy_only=False)
     recycled_values = recycled_column[scope == "all"]
     recycled_values = recycled_values[~np.isnan(recycled_values.astype(float))]

@@ -69,6 +69,7 @@ def findings(summary: dict[str, Any]) -> list[str]:
     if conns["errors"]:
         text = ", ".join(f"{k} {v}" for k, v in sorted(conns["errors"].items()))
         out.append(f"Failed connects: {text}.")
+    out.extend(_kernel_findings(summary))
     cons = summary.get("conservation", {})
     if cons.get("records_match_locust") is False:
         out.append(
@@ -84,6 +85,40 @@ def findings(summary: dict[str, Any]) -> list[str]:
         out.append("Every successful connect was accepted by the listener.")
     if summary.get("interrupted"):
         out.append("The run was interrupted before its planned duration.")
+    return out
+
+
+def _kernel_findings(summary: dict[str, Any]) -> list[str]:
+    """What the tuple audit, the TIME_WAIT reuse count and the capacity model say."""
+    out = []
+    tuples = summary.get("tuples")
+    if tuples and tuples.get("distinct"):
+        if tuples["concurrent_duplicates"]:
+            out.append(
+                f"4-tuples NOT unique: {tuples['concurrent_duplicates']} connections began"
+                " while another on the same 4-tuple was still open."
+            )
+        else:
+            out.append(
+                f"4-tuples unique: {tuples['distinct']} distinct, at most"
+                f" {tuples['max_uses']} uses of one."
+            )
+    time_wait = summary.get("time_wait")
+    if time_wait and time_wait.get("reused_connections"):
+        kernel = time_wait.get("kernel_tw_recycled")
+        text = f"Reuse out of TIME_WAIT: {time_wait['reused_connections']} connections"
+        out.append(text + (f", kernel TWRecycled {kernel}." if kernel is not None else "."))
+    capacity = summary.get("capacity")
+    if capacity and capacity.get("model_max_rate_per_s") is not None:
+        out.append(
+            f"Capacity model: at most {capacity['model_max_rate_per_s']:g} new"
+            f" connections/s ({capacity['model_ports']} ports /"
+            f" {capacity['model_hold_s']:g} s); measured {capacity['measured_rate_per_s']}/s."
+        )
+    elif capacity and capacity.get("model_ports") is not None:
+        out.append(
+            "Capacity model: no client-side limit from TIME_WAIT (the client does not close first)."
+        )
     return out
 
 

@@ -63,6 +63,25 @@ def test_findings_name_the_mismatch() -> None:
     assert "differ from the listener's accepts (9)" in text
 
 
+def test_findings_speak_for_the_kernel() -> None:
+    cols = _cols(10, fail_from=10)
+    summary = summarize(
+        cols, scenario="r", started_at="t", duration_s=1.0, interrupted=False, kernel={}
+    )
+    summary["tuples"] = {"distinct": 10, "max_uses": 1, "concurrent_duplicates": 2}
+    summary["time_wait"] = {"reused_connections": 412, "kernel_tw_recycled": 412}
+    summary["capacity"] = {
+        "model_max_rate_per_s": 100.0,
+        "model_ports": 100,
+        "model_hold_s": 1.0,
+        "measured_rate_per_s": 98.0,
+    }
+    text = " ".join(findings(summary))
+    assert "4-tuples NOT unique: 2 connections" in text
+    assert "Reuse out of TIME_WAIT: 412 connections, kernel TWRecycled 412." in text
+    assert "at most 100 new connections/s (100 ports / 1 s); measured 98.0/s" in text
+
+
 def test_time_bins_have_no_partial_tail() -> None:
     edges, width = time_bins(np.array([0.0, 3.55]))
     assert width == 0.1

@@ -204,7 +204,11 @@ def test_time_wait_reuse_matches_twrecycled_and_the_model(tmp_path: Path, netns:
     assert time_wait["reuse_age_s"]["p50"] == pytest.approx(0.1, abs=0.03)
     assert summary["tuples"]["distinct"] == 100
     assert summary["tuples"]["concurrent_duplicates"] == 0
-    assert 90 <= summary["occupancy"]["peak_ports"] <= 100
+    occupancy = summary["occupancy"]
+    assert 90 <= occupancy["peak_ports"] <= 100 and occupancy["usable_ports"] == 100
+    bands = occupancy["connect_ms_by_occupancy"]
+    assert sum(b["connections"] for b in bands) == summary["connections"]["succeeded"]
+    assert time_wait["reused_minus_kernel"] == reused - recycled
     assert summary["kernel"]["tcp_tw_reuse_delay_ms"] == 100
 
 
