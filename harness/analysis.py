@@ -144,6 +144,7 @@ def analyze(
     scenario: Scenario,
     kernel: dict[str, Any],
     summary: dict[str, Any],
+    server_samples: pa.Table | None = None,
 ) -> dict[str, Any]:
     """The summary sections this module owns: time_wait, tuples, occupancy, capacity, samples."""
     audit = audit_tuples(table)
@@ -171,6 +172,10 @@ def analyze(
         ),
         "reuse_age_s": _quantiles(audit.reuse_ages_s),
     }
+    if server_samples is not None and server_samples.num_rows:
+        # a lab's pair topology: the server namespace's own collector
+        peak = scope_series(server_samples, ("time_wait",), side="at ")[1]
+        sections["time_wait"]["server_peak"] = int(peak.max())
     sections["tuples"] = {
         "distinct": audit.distinct,
         "max_uses": audit.max_uses,
@@ -197,10 +202,13 @@ def analyze(
 OCCUPANCY_BINS = (0.0, 0.25, 0.5, 0.75, 0.9, 1.01)
 
 
-def scope_series(samples: pa.Table, columns: tuple[str, ...]) -> tuple[np.ndarray, np.ndarray]:
-    """(t_ns, sum of ``columns``) per sample over the ``to`` scopes (``all`` when none)."""
+def scope_series(
+    samples: pa.Table, columns: tuple[str, ...], side: str = "to "
+) -> tuple[np.ndarray, np.ndarray]:
+    """(t_ns, sum of ``columns``) per sample over the ``to`` (client side) or ``at``
+    (server side) scopes; the ``all`` scope when there are none."""
     scope = np.array(samples.column("scope").to_pylist(), dtype=object)
-    mask = np.array([s.startswith("to ") for s in scope])
+    mask = np.array([s.startswith(side) for s in scope])
     if not mask.any():
         mask = scope == "all"
     values = sum(samples.column(c).to_numpy().astype(np.int64) for c in columns)[mask]

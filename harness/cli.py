@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import logging
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
 from rich.console import Console
@@ -14,7 +15,10 @@ from rich.text import Text
 from harness.endpoints import Endpoint
 from harness.errors import EphError
 from harness.progress import Progress
-from harness.scenario import ListenerClose, load_scenario
+from harness.scenario import ListenerClose, Scenario, load_scenario
+
+if TYPE_CHECKING:
+    from harness.run import RunResult
 
 __all__ = ["main"]
 
@@ -62,23 +66,58 @@ def run(
     targets: Sequence[str],
     locust_args: Sequence[str],
 ) -> None:
-    """Run SCENARIO: listener, Locust load, records, summary and report.
+    """Run SCENARIO on this host: listener, Locust load, collector, summary and report.
 
     Arguments after `--` go to Locust as they are, e.g. `-- --processes 2`.
     """
     from harness.run import run_scenario
 
-    loaded = load_scenario(scenario, overrides, targets=targets)
-    for note in loaded.advisories():
+    _launch(
+        "run", run_scenario, load_scenario(scenario, overrides, targets=targets), out, locust_args
+    )
+
+
+@cli.command(context_settings={"ignore_unknown_options": True})
+@click.argument("scenario", type=click.Path(path_type=Path))
+@click.option("--out", type=click.Path(path_type=Path), help="Run directory.")
+@click.option(
+    "--set",
+    "overrides",
+    multiple=True,
+    metavar="KEY.PATH=VALUE",
+    help="Override a scenario value (repeatable).",
+)
+@click.argument("locust_args", nargs=-1, type=click.UNPROCESSED)
+def lab(
+    scenario: Path, out: Path | None, overrides: Sequence[str], locust_args: Sequence[str]
+) -> None:
+    """Run SCENARIO in throwaway network namespaces with its [kernel] settings.
+
+    Needs root (ip netns). The namespaces, and every setting made in them, are
+    gone when the run ends, however it ends; host settings are never written.
+    """
+    from harness.lab import run_lab
+
+    _launch("lab", run_lab, load_scenario(scenario, overrides), out, locust_args)
+
+
+def _launch(
+    verb: str,
+    runner: Callable[..., RunResult],
+    scenario: Scenario,
+    out: Path | None,
+    locust_args: Sequence[str],
+) -> None:
+    for note in scenario.advisories():
         logger.warning("%s", note)
-    where = ", ".join(str(e) for e in loaded.target.endpoints)
+    where = ", ".join(str(e) for e in scenario.target.endpoints)
     _console.print(
-        f"[bold]eph run[/] {loaded.name}: {loaded.load.users} users, engine "
-        f"{loaded.load.engine.value}, {loaded.duration:g} s toward {where}"
-        + (" (embedded listener)" if loaded.listener else "")
+        f"[bold]eph {verb}[/] {scenario.name}: {scenario.load.users} users, engine "
+        f"{scenario.load.engine.value}, {scenario.duration:g} s toward {where}"
+        + (" (embedded listener)" if scenario.listener else "")
     )
     with _ProgressView(_console) as view:
-        result = run_scenario(loaded, out=out, progress=view.update, locust_args=locust_args)
+        result = runner(scenario, out=out, progress=view.update, locust_args=locust_args)
     _print_result(result.run_dir, result.summary)
 
 

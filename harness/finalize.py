@@ -57,7 +57,8 @@ def finalize(
     if locust_requests is None:
         locust_requests = locust_request_count(run.path / "locust.json")
     scenario = run.read_json("scenario.json")
-    kernel = kernel if kernel is not None else read_kernel()
+    if kernel is None:
+        kernel = _collector_kernel(run.path) or read_kernel()
     summary = summarize(
         cols,
         scenario=scenario["name"],
@@ -69,10 +70,22 @@ def finalize(
         locust_requests=locust_requests,
     )
     samples = _read_samples(run.path / "samples.parquet")
-    summary.update(analyze(table, samples, Scenario.model_validate(scenario), kernel, summary))
+    server_samples = _read_samples(run.path / "server" / "samples.parquet")
+    summary.update(
+        analyze(table, samples, Scenario.model_validate(scenario), kernel, summary, server_samples)
+    )
     run.write_json("summary.json", summary)
     render_report(run.report, cols, summary, scenario)
     return summary
+
+
+def _collector_kernel(path: Path) -> dict[str, Any] | None:
+    """The kernel as the collector saw it at the start: where the clients ran."""
+    try:
+        found = json.loads((path / "collector.json").read_text())["start"]
+    except (OSError, ValueError, KeyError):
+        return None
+    return dict(found)
 
 
 def _read_samples(path: Path) -> pa.Table | None:

@@ -33,7 +33,7 @@ from harness.rundir import RunDir
 from harness.scenario import Scenario
 from harness.units import format_duration
 
-__all__ = ["RunResult", "run_scenario"]
+__all__ = ["Placement", "RunResult", "run_scenario"]
 
 logger = logging.getLogger(__name__)
 
@@ -41,6 +41,23 @@ START_TIMEOUT = 60.0  # seconds for Locust to start its test (first start instal
 LISTENER_START_TIMEOUT = 15.0
 STOP_GRACE = 30.0  # seconds past the close timeouts for Locust to write its stats
 LOCUSTFILE = Path(__file__).with_name("locustfile.py")
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Where each process of a run lives: a command prefix such as ``ip netns exec NAME``.
+
+    Empty prefixes (the default) run everything here, on the host. ``collectors``
+    pairs a subdirectory of the run directory ("" for its root) with a prefix.
+    """
+
+    load: tuple[str, ...] = ()
+    listener: tuple[str, ...] = ()
+    collectors: tuple[tuple[str, tuple[str, ...]], ...] = (("", ()),)
+
+    @property
+    def on_host(self) -> bool:
+        return not self.load
 
 
 @dataclass(frozen=True)
@@ -55,10 +72,11 @@ ProgressSink = Callable[[float, float, Progress], None]
 class _ListenerProcess:
     """``eph listen`` in a child process, speaking JSON lines on stdout."""
 
-    def __init__(self, scenario: Scenario, run: RunDir) -> None:
+    def __init__(self, scenario: Scenario, run: RunDir, prefix: Sequence[str] = ()) -> None:
         listener = scenario.listener
         assert listener is not None
         args = [
+            *prefix,
             sys.executable,
             "-m",
             "harness",
@@ -121,15 +139,19 @@ class _ListenerProcess:
 class _CollectorProcess:
     """``eph collect`` into the run directory, for the whole run."""
 
-    def __init__(self, scenario: Scenario, run: RunDir) -> None:
+    def __init__(
+        self, scenario: Scenario, run: RunDir, subdir: str = "", prefix: Sequence[str] = ()
+    ) -> None:
         bound = math.ceil(scenario.duration) + START_TIMEOUT + STOP_GRACE
+        log_name = f"collector-{subdir}.log" if subdir else "collector.log"
         args = [
+            *prefix,
             sys.executable,
             "-m",
             "harness",
             "collect",
             "--out",
-            str(run.path),
+            str(run.path / subdir),
             "--interval",
             format_duration(scenario.collector.interval),
             "--duration",
@@ -137,7 +159,7 @@ class _CollectorProcess:
         ]
         for endpoint in scenario.target.endpoints:
             args += ["--target", str(endpoint)]
-        with open(run.logs / "collector.log", "ab") as log:
+        with open(run.logs / log_name, "ab") as log:
             self.proc = subprocess.Popen(args, stdout=log, stderr=log, start_new_session=True)
 
     def stop(self) -> None:
@@ -220,21 +242,27 @@ def run_scenario(
     out: Path | None = None,
     progress: ProgressSink | None = None,
     locust_args: Sequence[str] = (),
+    placement: Placement = Placement(),
 ) -> RunResult:
     run = RunDir.open(out, create=True) if out else RunDir.create(Path("reports"), scenario.name)
-    kernel = read_kernel()
-    for note in kernel_differences(scenario, kernel):
-        logger.warning("%s", note)
+    kernel: dict[str, Any] | None = None  # in a lab, the collector reads the lab's kernel
+    if placement.on_host:
+        kernel = read_kernel()
+        for note in kernel_differences(scenario, kernel):
+            logger.warning("%s", note)
     listener: _ListenerProcess | None = None
     listener_stats: dict[str, Any] | None = None
     started_at = time.time()
     load_started = load_ended = time.monotonic()
     with _Interrupt() as interrupt:
         if scenario.listener is not None:
-            listener = _ListenerProcess(scenario, run)
+            listener = _ListenerProcess(scenario, run, placement.listener)
             scenario = scenario.with_endpoints(listener.endpoints)
         run.write_scenario(scenario)
-        collector = _CollectorProcess(scenario, run)
+        collectors = [
+            _CollectorProcess(scenario, run, subdir, prefix)
+            for subdir, prefix in placement.collectors
+        ]
         env = {
             **os.environ,
             "EPH_SCENARIO": str(run.scenario),
@@ -243,7 +271,7 @@ def run_scenario(
         }
         with open(run.logs / "locust.out", "ab") as locust_out:
             proc = subprocess.Popen(
-                _locust_command(scenario, run, locust_args),
+                [*placement.load, *_locust_command(scenario, run, locust_args)],
                 stdout=locust_out,
                 stderr=subprocess.STDOUT,
                 env=env,
@@ -264,7 +292,8 @@ def run_scenario(
             if proc.poll() is None:
                 proc.kill()
                 proc.wait()
-            collector.stop()
+            for collector in collectors:
+                collector.stop()
             if listener is not None:
                 listener_stats = listener.stop()
                 run.write_json("listener.json", listener_stats)
@@ -284,7 +313,7 @@ def run_scenario(
 def kernel_differences(scenario: Scenario, kernel: dict[str, Any]) -> list[str]:
     """Scenario [kernel] values the running kernel does not have (eph never writes them here)."""
     notes = []
-    for key, wanted in scenario.kernel.model_dump(exclude_none=True).items():
+    for key, wanted in scenario.kernel.settings().items():
         if key == "tcp_tw_reuse_delay":
             key, wanted = "tcp_tw_reuse_delay_ms", round(wanted * 1000)
         elif key == "tcp_fin_timeout":

@@ -41,6 +41,7 @@ __all__ = [
     "ListenerClose",
     "Reply",
     "Scenario",
+    "Topology",
     "load_scenario",
     "parse_scenario",
 ]
@@ -168,6 +169,10 @@ class KernelConfig(_Section):
     tcp_max_tw_buckets: Annotated[StrictInt, Field(ge=0)] | None = None
     somaxconn: Annotated[StrictInt, Field(ge=1)] | None = None
 
+    def settings(self) -> dict[str, Any]:
+        """The keys that are set, with values as validated (durations in seconds)."""
+        return {k: v for k in type(self).model_fields if (v := getattr(self, k)) is not None}
+
     @model_validator(mode="after")
     def _check(self) -> Self:
         if self.ip_local_port_range is not None:
@@ -183,6 +188,20 @@ class KernelConfig(_Section):
         return self
 
 
+class Topology(enum.StrEnum):
+    SINGLE = "single"  # listener, load and collector in one namespace, over loopback
+    PAIR = "pair"  # client and server namespaces joined by a veth pair
+
+
+class LabConfig(_Section):
+    """How ``eph lab`` builds its namespaces (ignored by ``eph run``)."""
+
+    topology: Topology = Topology.SINGLE
+    delay: Duration = 0.0  # round trip added on the pair's link (half each way)
+    jitter: Duration = 0.0
+    loss: Annotated[float, Field(ge=0, le=100, strict=True)] = 0.0  # percent, each way
+
+
 class CollectorConfig(_Section):
     interval: Duration = 0.1
 
@@ -195,6 +214,7 @@ class Scenario(_Section):
     listener: ListenerConfig | None = None
     load: LoadConfig = LoadConfig()
     kernel: KernelConfig = KernelConfig()
+    lab: LabConfig = LabConfig()
     collector: CollectorConfig = CollectorConfig()
 
     @model_validator(mode="after")

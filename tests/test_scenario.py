@@ -182,10 +182,17 @@ def test_missing_file() -> None:
 def test_kernel_differences_are_named() -> None:
     from harness.run import kernel_differences
 
-    scenario = load_scenario(ROOT / "scenarios" / "exhaust-small-range.toml")
-    host = {"ip_local_port_range": [32768, 60999], "tcp_tw_reuse": 0, "tcp_timestamps": 1}
+    scenario = load_scenario(
+        ROOT / "scenarios" / "exhaust-small-range.toml", ["kernel.tcp_tw_reuse_delay=1000ms"]
+    )
+    host = {
+        "ip_local_port_range": [32768, 60999],
+        "tcp_tw_reuse": 0,
+        "tcp_timestamps": 1,
+        "tcp_tw_reuse_delay_ms": 1000,
+    }
     notes = kernel_differences(scenario, host)
     assert len(notes) == 1
     assert "kernel.ip_local_port_range = [40000, 40099] is not applied here" in notes[0]
-    same = {"ip_local_port_range": [40000, 40099], "tcp_tw_reuse": 0, "tcp_timestamps": 1}
+    same = {**host, "ip_local_port_range": [40000, 40099]}
     assert kernel_differences(scenario, same) == []

@@ -1,0 +1,220 @@
+"""``eph lab``: a scenario in throwaway network namespaces, its [kernel] applied there only.
+
+In a fresh namespace the scenario's sysctls (a 100-port range, tw_reuse on or
+off, ...) apply to this one run: exhaustion reproduces in seconds, and deleting
+the namespace wipes its TIME_WAIT state. Nothing here writes a host sysctl.
+
+Topologies:
+
+- ``single``: one namespace; listener, Locust and collector talk over its
+  loopback. Non-loopback ``source_addresses`` are added to its ``lo``.
+- ``pair``: a client and a server namespace joined by a veth pair
+  (client 198.18.0.1, server 198.18.0.2: the RFC 2544 benchmarking range), a
+  collector on each side, so client-side and server-side TIME_WAIT are seen
+  apart; ``[lab] delay``/``jitter``/``loss`` put netem on both ends of the link.
+
+The orchestrator (``harness.run``) stays on the host; each child runs inside
+its namespace through ``ip netns exec``. Namespaces go on every exit path:
+success, error, SIGINT/SIGTERM (the run stops, finalizes, then the ``with``
+blocks delete them), a crashed child.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ipaddress
+import logging
+import subprocess
+from collections.abc import Sequence
+from pathlib import Path
+
+from harness.endpoints import Endpoint
+from harness.errors import RunError, ScenarioError
+from harness.netns import Namespace, netns_available
+from harness.run import Placement, ProgressSink, RunResult, run_scenario
+from harness.rundir import RunDir
+from harness.scenario import Scenario, Topology
+
+__all__ = ["CLIENT_ADDRESS", "SERVER_ADDRESS", "lab_sysctls", "run_lab"]
+
+logger = logging.getLogger(__name__)
+
+CLIENT_ADDRESS = "198.18.0.1"
+SERVER_ADDRESS = "198.18.0.2"
+_PREFIX_LENGTH = 24
+_VETH = "eph0"  # the same name in each namespace: names are per namespace
+
+# scenario [kernel] key -> sysctl name (values converted by lab_sysctls)
+_SYSCTL_NAMES = {
+    "ip_local_port_range": "net.ipv4.ip_local_port_range",
+    "ip_local_reserved_ports": "net.ipv4.ip_local_reserved_ports",
+    "tcp_tw_reuse": "net.ipv4.tcp_tw_reuse",
+    "tcp_tw_reuse_delay": "net.ipv4.tcp_tw_reuse_delay",
+    "tcp_timestamps": "net.ipv4.tcp_timestamps",
+    "tcp_fin_timeout": "net.ipv4.tcp_fin_timeout",
+    "tcp_max_tw_buckets": "net.ipv4.tcp_max_tw_buckets",
+    "somaxconn": "net.core.somaxconn",
+}
+
+
+def lab_sysctls(scenario: Scenario) -> dict[str, str]:
+    """The scenario's [kernel] as sysctl name -> value text, in the kernel's units."""
+    out: dict[str, str] = {}
+    for key, value in scenario.kernel.settings().items():
+        if key == "tcp_tw_reuse_delay":
+            value = round(value * 1000)  # ms
+        elif key == "tcp_fin_timeout":
+            value = round(value)  # s
+        elif isinstance(value, tuple | list):
+            value = " ".join(str(v) for v in value)
+        out[_SYSCTL_NAMES[key]] = str(value)
+    return out
+
+
+def run_lab(
+    scenario: Scenario,
+    *,
+    out: Path | None = None,
+    progress: ProgressSink | None = None,
+    locust_args: Sequence[str] = (),
+) -> RunResult:
+    problem = netns_available()
+    if problem:
+        raise RunError(
+            f"eph lab needs network namespaces: {problem}. Without them, `eph run`"
+            " runs on the host's loopback (host settings are read, never changed)."
+        )
+    if scenario.listener is None:
+        raise ScenarioError(
+            "a lab serves its own target: the scenario needs a [listener]",
+            key="listener",
+            expected="a [listener] table",
+        )
+    run = RunDir.open(out, create=True) if out else RunDir.create(Path("reports"), scenario.name)
+    sysctls = lab_sysctls(scenario)
+    with contextlib.ExitStack() as stack:
+        client = stack.enter_context(Namespace("eph"))
+        if scenario.lab.topology is Topology.PAIR:
+            server = stack.enter_context(Namespace("eph"))
+            scenario = _build_pair(client, server, scenario)
+            placement = Placement(
+                load=tuple(client.command([])),
+                listener=tuple(server.command([])),
+                collectors=(("", tuple(client.command([]))), ("server", tuple(server.command([])))),
+            )
+            namespaces = [client, server]
+        else:
+            _add_sources(client, scenario.load.source_addresses, "lo")
+            placement = Placement(
+                load=tuple(client.command([])),
+                listener=tuple(client.command([])),
+                collectors=(("", tuple(client.command([]))),),
+            )
+            namespaces = [client]
+        for ns in namespaces:
+            for name, value in sysctls.items():
+                ns.set_sysctl(name, value)
+        run.write_json(
+            "lab.json",
+            {
+                "topology": scenario.lab.topology.value,
+                "namespaces": [ns.name for ns in namespaces],
+                "sysctls": sysctls,
+                "addresses": (
+                    {"client": CLIENT_ADDRESS, "server": SERVER_ADDRESS}
+                    if scenario.lab.topology is Topology.PAIR
+                    else {}
+                ),
+                "netem": _netem_args(scenario),
+            },
+        )
+        logger.info(
+            "lab %s: %s", scenario.lab.topology.value, ", ".join(n.name for n in namespaces)
+        )
+        return run_scenario(
+            scenario, out=run.path, progress=progress, locust_args=locust_args, placement=placement
+        )
+
+
+def _build_pair(client: Namespace, server: Namespace, scenario: Scenario) -> Scenario:
+    _ip(
+        "link",
+        "add",
+        _VETH,
+        "netns",
+        client.name,
+        "type",
+        "veth",
+        "peer",
+        "name",
+        _VETH,
+        "netns",
+        server.name,
+    )
+    for ns, address in ((client, CLIENT_ADDRESS), (server, SERVER_ADDRESS)):
+        _ip("-n", ns.name, "addr", "add", f"{address}/{_PREFIX_LENGTH}", "dev", _VETH)
+        _ip("-n", ns.name, "link", "set", _VETH, "up")
+        netem = _netem_args(scenario)
+        if netem:
+            _add_netem(ns, netem)
+    sources = scenario.load.source_addresses
+    _add_sources(client, sources, _VETH)
+    for source in sources:  # the server answers them through the client
+        if ipaddress.ip_address(source) not in ipaddress.ip_network(
+            f"{CLIENT_ADDRESS}/24", strict=False
+        ):
+            _ip("-n", server.name, "route", "add", f"{source}/32", "via", CLIENT_ADDRESS)
+    # the server listens on its veth address; targets keep their ports
+    endpoints = []
+    for endpoint in scenario.target.endpoints:
+        if endpoint.is_ipv6:
+            raise ScenarioError(
+                "the pair topology is IPv4 only", key="target.endpoints", value=str(endpoint)
+            )
+        endpoints.append(Endpoint(SERVER_ADDRESS, endpoint.port))
+    return scenario.with_endpoints(endpoints)
+
+
+def _netem_args(scenario: Scenario) -> list[str]:
+    """netem for one end of the link: half the round trip each way; loss each way."""
+    lab = scenario.lab
+    args: list[str] = []
+    if lab.delay or lab.jitter:
+        args += ["delay", f"{lab.delay * 1000 / 2:g}ms"]
+        if lab.jitter:
+            args += [f"{lab.jitter * 1000 / 2:g}ms"]
+    if lab.loss:
+        args += ["loss", f"{lab.loss:g}%"]
+    return args
+
+
+def _add_netem(ns: Namespace, netem: list[str]) -> None:
+    args = ["tc", "-n", ns.name, "qdisc", "add", "dev", _VETH, "root", "netem", *netem]
+    result = subprocess.run(args, capture_output=True, text=True, check=False)
+    if result.returncode == 0:
+        return
+    if "unknown" in result.stderr.lower():
+        raise RunError(
+            "[lab] delay, jitter and loss need the kernel's netem qdisc"
+            " (CONFIG_NET_SCH_NETEM), which this kernel does not have; run without them"
+            " (--set lab.delay=0ms) or on a kernel built with netem"
+        )
+    raise RunError(f"{' '.join(args)}: {result.stderr.strip()}")
+
+
+def _add_sources(ns: Namespace, sources: Sequence[str], device: str) -> None:
+    for source in sources:
+        address = ipaddress.ip_address(source)
+        if address.is_loopback and device == "lo":
+            continue  # 127.0.0.0/8 and ::1 are already local on lo
+        ns.add_address(f"{source}/{address.max_prefixlen}", device)
+
+
+def _ip(*args: str) -> None:
+    _run(["ip", *args])
+
+
+def _run(args: list[str]) -> None:
+    result = subprocess.run(args, capture_output=True, text=True, check=False)
+    if result.returncode != 0:
+        raise RunError(f"{' '.join(args)}: {result.stderr.strip()}")

@@ -1,0 +1,252 @@
+"""``eph lab``: the kernel's real behaviour in throwaway namespaces, and their cleanup."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from .conftest import EPH, ROOT, eph, run_dir_summary, write_scenario
+
+pytestmark = [pytest.mark.netns, pytest.mark.e2e]
+
+RANGE_100 = "ip_local_port_range = [40000, 40099]"
+
+
+def _lab(
+    tmp_path: Path,
+    *,
+    load: str = "",
+    kernel: str = RANGE_100,
+    lab: str = "",
+    endpoints: str = '["127.0.0.1:9000"]',
+    duration: str = "1500ms",
+) -> dict:  # type: ignore[type-arg]
+    scenario = write_scenario(
+        tmp_path / "lab.toml",
+        f"""
+name = "lab-test"
+description = "test"
+duration = "{duration}"
+[target]
+endpoints = {endpoints}
+[listener]
+[load]
+users = 10
+spawn_rate = 100
+backoff = "20ms"
+connect_timeout = "1s"
+io_timeout = "1s"
+{load}
+[kernel]
+tcp_tw_reuse = 0
+{kernel}
+[lab]
+{lab}
+""",
+    )
+    out = tmp_path / "run"
+    result = eph(["lab", str(scenario), "--out", str(out)], cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = run_dir_summary(out)
+    assert summary["kernel"]["netns"] != _host_netns(), "the run happened in the lab"
+    assert summary["conservation"]["ok"] is True, summary["conservation"]
+    return summary
+
+
+def _host_netns() -> str:
+    return os.readlink("/proc/self/ns/net").rsplit("/", 1)[-1]
+
+
+def _eph_namespaces() -> list[str]:
+    out = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True, check=True)
+    return [line.split()[0] for line in out.stdout.splitlines() if line.startswith("eph-")]
+
+
+def test_a_100_port_range_gives_100_connections(tmp_path: Path) -> None:
+    summary = _lab(tmp_path)
+    assert 100 <= summary["connections"]["succeeded"] <= 110  # see test_run_e2e: tuple race
+    assert summary["ports"]["distinct_used"] == 100
+    assert summary["exhaustion"]["exhausted"] is True
+    assert summary["kernel"]["ip_local_port_range"] == [40000, 40099]
+    assert summary["kernel"]["tcp_tw_reuse"] == 0
+
+
+def test_reserved_ports_shrink_the_range(tmp_path: Path) -> None:
+    summary = _lab(tmp_path, kernel=RANGE_100 + '\nip_local_reserved_ports = "40000-40009"')
+    assert summary["ports"]["distinct_used"] == 90
+    assert summary["capacity"]["model_ports"] == 90
+    assert summary["exhaustion"]["exhausted"] is True
+
+
+def test_each_destination_gets_the_whole_range(tmp_path: Path) -> None:
+    summary = _lab(tmp_path, endpoints='["127.0.0.1:9000", "127.0.0.1:9001"]')
+    # exactly 200 4-tuples; successes may exceed by a few (the kernel's just-closed reuse)
+    assert summary["tuples"]["distinct"] == 200
+    assert summary["connections"]["succeeded"] >= 200
+    assert summary["capacity"]["model_ports"] == 200
+
+
+def test_source_addresses_multiply_it(tmp_path: Path) -> None:
+    summary = _lab(tmp_path, load='source_addresses = ["127.0.0.2", "127.0.0.3"]')
+    assert summary["tuples"]["distinct"] == 200
+    assert summary["connections"]["succeeded"] >= 200
+    assert summary["capacity"]["model_ports"] == 200
+
+
+@pytest.mark.parametrize("close", ["server", "reset"])
+def test_server_first_or_reset_close_never_exhausts(tmp_path: Path, close: str) -> None:
+    summary = _lab(tmp_path, load=f'close = "{close}"')
+    assert summary["connections"]["failed"] == 0
+    assert summary["connections"]["succeeded"] > 500  # far past the 100 ports
+    assert summary["exhaustion"]["exhausted"] is False
+    assert summary["capacity"]["model_max_rate_per_s"] is None
+
+
+def test_with_reuse_the_rate_sits_at_range_over_delay(tmp_path: Path) -> None:
+    summary = _lab_with(tmp_path, RANGE_100 + '\ntcp_tw_reuse_delay = "200ms"', tw_reuse=1)
+    assert summary["capacity"]["model_max_rate_per_s"] == pytest.approx(500.0)
+    assert summary["capacity"]["measured_rate_per_s"] == pytest.approx(500.0, rel=0.1)
+
+
+def _lab_with(tmp_path: Path, kernel: str, tw_reuse: int) -> dict:  # type: ignore[type-arg]
+    scenario = write_scenario(
+        tmp_path / "reuse.toml",
+        f"""
+name = "lab-reuse"
+duration = "3s"
+[target]
+endpoints = ["127.0.0.1:9000"]
+[listener]
+[load]
+users = 10
+backoff = "5ms"
+[kernel]
+tcp_tw_reuse = {tw_reuse}
+{kernel}
+""",
+    )
+    out = tmp_path / "run"
+    result = eph(["lab", str(scenario), "--out", str(out)], cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return run_dir_summary(out)
+
+
+@pytest.mark.parametrize(("close", "client_side"), [("client", True), ("server", False)])
+def test_pair_shows_time_wait_on_the_side_that_closed_first(
+    tmp_path: Path, close: str, client_side: bool
+) -> None:
+    summary = _lab(
+        tmp_path, load=f'close = "{close}"\nrate = 200', lab='topology = "pair"', kernel=""
+    )
+    succeeded = summary["connections"]["succeeded"]
+    client_tw, server_tw = summary["time_wait"]["peak"], summary["time_wait"]["server_peak"]
+    assert succeeded > 200
+    if client_side:
+        assert client_tw >= 0.9 * succeeded and server_tw == 0, summary["time_wait"]
+    else:
+        assert server_tw >= 0.9 * succeeded and client_tw == 0, summary["time_wait"]
+    assert json.loads((tmp_path / "run" / "lab.json").read_text())["topology"] == "pair"
+
+
+def test_netem_delay_shows_in_connect_latency_or_is_refused_clearly(tmp_path: Path) -> None:
+    """This project's kernel lacks netem (CONFIG_NET_SCH_NETEM): then the lab must say so."""
+    config = Path("/proc/config.gz")
+    has_netem = (
+        not config.exists()
+        or b"CONFIG_NET_SCH_NETEM="
+        in subprocess.run(["zcat", str(config)], capture_output=True, check=True).stdout
+    )
+    scenario = write_scenario(
+        tmp_path / "rtt.toml",
+        """
+name = "rtt"
+duration = "1s"
+[target]
+endpoints = ["127.0.0.1:9000"]
+[listener]
+[load]
+users = 5
+rate = 50
+[lab]
+topology = "pair"
+delay = "40ms"
+""",
+    )
+    result = eph(["lab", str(scenario), "--out", str(tmp_path / "run")], cwd=tmp_path)
+    if has_netem:
+        assert result.returncode == 0, result.stderr[-2000:]
+        assert run_dir_summary(tmp_path / "run")["connections"]["connect_ms"]["p50"] >= 38
+    else:
+        assert result.returncode == 2
+        assert "CONFIG_NET_SCH_NETEM" in result.stderr and "Traceback" not in result.stderr
+    assert not [n for n in _eph_namespaces() if f"-{os.getpid()}-" in n]
+
+
+def test_sigint_stops_the_run_keeps_the_data_and_removes_the_namespace(tmp_path: Path) -> None:
+    scenario = write_scenario(
+        tmp_path / "long.toml",
+        """
+name = "long"
+duration = "60s"
+[target]
+endpoints = ["127.0.0.1:9000"]
+[listener]
+[load]
+users = 5
+rate = 200
+""",
+    )
+    out = tmp_path / "run"
+    proc = subprocess.Popen(
+        [*EPH, "lab", str(scenario), "--out", str(out)],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and not list((out / "progress").glob("*.json")):
+        time.sleep(0.1)
+    time.sleep(1.0)
+    namespaces = json.loads((out / "lab.json").read_text())["namespaces"]
+    assert set(namespaces) <= set(_eph_namespaces())
+    proc.send_signal(signal.SIGINT)
+    _, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 0, stderr[-2000:]
+    summary = run_dir_summary(out)
+    assert summary["interrupted"] is True
+    assert summary["connections"]["succeeded"] > 50
+    assert (out / "report.html").exists()
+    assert not set(namespaces) & set(_eph_namespaces())
+
+
+def test_without_privilege_the_message_says_what_is_needed(tmp_path: Path) -> None:
+    scenario = ROOT / "scenarios" / "exhaust-small-range.toml"
+    result = subprocess.run(
+        [
+            "setpriv",
+            "--reuid=65534",
+            "--regid=65534",
+            "--clear-groups",
+            *EPH,
+            "lab",
+            str(scenario),
+            "--out",
+            "/tmp/never",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
+    assert result.returncode == 2, result.stderr
+    assert "needs network namespaces" in result.stderr and "root" in result.stderr
+    assert "Traceback" not in result.stderr
