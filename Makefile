@@ -54,8 +54,18 @@ pytest: setup ## Only the test suite (ARGS= passes pytest flags)
 
 test: lint typecheck pytest ## Lint, type-check and run the whole test suite
 
-loadtest: setup ## Run the default scenario, or TARGET=host:port with scenarios/staging.toml
+loadtest: setup ## Default scenario in a lab (or on loopback), or TARGET=host:port with staging.toml
+ifeq ($(strip $(TARGET)),)
+	@if $(BIN)/python -c 'import sys; from harness.netns import netns_available as n; sys.exit(bool(n()))'; then \
+	  echo "network namespaces available: running $(LOADTEST_SCENARIO) in a lab (its [kernel] settings apply there only)"; \
+	  $(BIN)/eph lab $(LOADTEST_SCENARIO) $(LOADTEST_FLAGS) $(ARGS); \
+	else \
+	  echo "no network namespaces here (needs root and iproute2): running on the host's loopback; host settings are read, never changed"; \
+	  $(BIN)/eph run $(LOADTEST_SCENARIO) $(LOADTEST_FLAGS) $(ARGS); \
+	fi
+else
 	$(BIN)/eph run $(LOADTEST_SCENARIO) $(LOADTEST_FLAGS) $(ARGS)
+endif
 
 bench: setup ## Benchmarks on loopback: prints JSON figures
 	@$(BIN)/python bench/run.py $(ARGS)

@@ -271,6 +271,9 @@ def _model(scenario: Scenario, kernel: dict[str, Any]) -> CapacityModel | None:
     port_range = kernel.get("ip_local_port_range")
     if not isinstance(port_range, list) or len(port_range) != 2:
         return None
+    if scenario.load.socket_port_range is not None:  # IP_LOCAL_PORT_RANGE narrows it per socket
+        low, high = scenario.load.socket_port_range
+        port_range = [max(low, port_range[0]), min(high, port_range[1])]
     return CapacityModel.from_settings(
         port_range=port_range,
         reserved=str(kernel.get("ip_local_reserved_ports") or ""),

@@ -11,6 +11,7 @@ import errno as errno_module
 import ipaddress
 import itertools
 import socket
+import struct
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -21,6 +22,7 @@ from harness.scenario import ClosePolicy, Reply, Scenario
 __all__ = ["ETIMEDOUT", "ChurnPlan", "Target", "errno_name", "make_socket"]
 
 IP_BIND_ADDRESS_NO_PORT = getattr(socket, "IP_BIND_ADDRESS_NO_PORT", 24)
+IP_LOCAL_PORT_RANGE = 51  # Linux 6.3+; no Python constant: value (hi << 16) | lo
 ETIMEDOUT = errno_module.ETIMEDOUT
 
 
@@ -36,6 +38,12 @@ class Target:
     index: int  # the endpoint's index in the plan (recorded per connection)
     endpoint: ResolvedEndpoint
     source: str | None  # bound with IP_BIND_ADDRESS_NO_PORT; None lets the kernel pick
+    port_range: int = 0  # IP_LOCAL_PORT_RANGE value for each socket; 0 = the sysctl's
+
+    @property
+    def needs_socket_setup(self) -> bool:
+        """Whether a socket must be prepared before connect() (bind, options)."""
+        return self.source is not None or self.port_range != 0
 
 
 @dataclass(frozen=True)
@@ -55,7 +63,11 @@ class ChurnPlan:
     def from_scenario(cls, scenario: Scenario, *, rate_share: float = 1.0) -> ChurnPlan:
         load = scenario.load
         endpoints = tuple(e.resolve() for e in scenario.target.endpoints)
-        targets = tuple(_pair_targets(endpoints, load.source_addresses))
+        packed = 0
+        if load.socket_port_range is not None:
+            low, high = load.socket_port_range
+            packed = (high << 16) | low
+        targets = tuple(_pair_targets(endpoints, load.source_addresses, packed))
         reply = Reply.EOF if load.close is ClosePolicy.SERVER else load.reply
         return cls(
             endpoints=endpoints,
@@ -75,10 +87,12 @@ class ChurnPlan:
         return itertools.cycle(self.targets)
 
 
-def _pair_targets(endpoints: tuple[ResolvedEndpoint, ...], sources: list[str]) -> Iterator[Target]:
+def _pair_targets(
+    endpoints: tuple[ResolvedEndpoint, ...], sources: list[str], port_range: int
+) -> Iterator[Target]:
     for index, endpoint in enumerate(endpoints):
         if not sources:
-            yield Target(index, endpoint, None)
+            yield Target(index, endpoint, None, port_range)
             continue
         family_sources = [s for s in sources if _family(s) == endpoint.family]
         if not family_sources:
@@ -88,7 +102,7 @@ def _pair_targets(endpoints: tuple[ResolvedEndpoint, ...], sources: list[str]) -
                 value=sources,
             )
         for source in family_sources:
-            yield Target(index, endpoint, source)
+            yield Target(index, endpoint, source, port_range)
 
 
 def _family(address: str) -> socket.AddressFamily:
@@ -105,11 +119,16 @@ def make_socket(target: Target, socket_class: type[socket.socket] = socket.socke
     """
     sock = socket_class(target.endpoint.family, socket.SOCK_STREAM)
     sock.setblocking(False)
-    if target.source is not None:
-        try:
+    try:
+        if target.port_range:
+            # a u32: (hi << 16) | lo overflows the C int an integer argument becomes
+            sock.setsockopt(
+                socket.IPPROTO_IP, IP_LOCAL_PORT_RANGE, struct.pack("=I", target.port_range)
+            )
+        if target.source is not None:
             sock.setsockopt(socket.IPPROTO_IP, IP_BIND_ADDRESS_NO_PORT, 1)
             sock.bind((target.source, 0))
-        except OSError:
-            sock.close()
-            raise
+    except OSError:
+        sock.close()
+        raise
     return sock

@@ -166,7 +166,7 @@ class UvloopChurn:
 
     async def _connect(self, loop: asyncio.AbstractEventLoop, target: Target) -> _Client:
         endpoint = target.endpoint
-        if target.source is None:
+        if not target.needs_socket_setup:
             _, client = await loop.create_connection(_Client, endpoint.address, endpoint.port)
             return client
         sock = make_socket(target)

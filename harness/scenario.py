@@ -20,6 +20,7 @@ from typing import Annotated, Any, Literal, Self
 
 from pydantic import (
     BaseModel,
+    BeforeValidator,
     ConfigDict,
     Field,
     PlainSerializer,
@@ -109,6 +110,18 @@ EndpointField = Annotated[
     WithJsonSchema({"type": "string", "examples": ["127.0.0.1:9000", "[::1]:9000"]}),
 ]
 Port = Annotated[StrictInt, Field(ge=1, le=65535)]
+
+
+def _port_range(value: object) -> object:
+    """``"40000-40099"`` reads as ``[40000, 40099]`` (handy in --set and --vary)."""
+    if isinstance(value, str):
+        match = re.fullmatch(r"\s*(\d+)\s*-\s*(\d+)\s*", value)
+        if match:
+            return [int(match.group(1)), int(match.group(2))]
+    return value
+
+
+PortRange = Annotated[tuple[Port, Port], BeforeValidator(_port_range)]
 _RESERVED = re.compile(r"^\s*(\d+(-\d+)?)(\s*,\s*\d+(-\d+)?)*\s*$|^\s*$")
 
 
@@ -137,6 +150,7 @@ class LoadConfig(_Section):
     send: str = ""
     reply: Reply = Reply.NONE
     source_addresses: list[str] = Field(default_factory=list)
+    socket_port_range: PortRange | None = None  # IP_LOCAL_PORT_RANGE (Linux 6.3+)
     connect_timeout: Duration = 3.0
     io_timeout: Duration = 5.0
     backoff: Duration = 0.01
@@ -154,13 +168,21 @@ class LoadConfig(_Section):
                 ) from None
         if self.connect_timeout <= 0:
             raise ValueError("connect_timeout must be above 0")
+        if (
+            self.socket_port_range is not None
+            and self.socket_port_range[0] > self.socket_port_range[1]
+        ):
+            raise ValueError(
+                f"socket_port_range low end {self.socket_port_range[0]} is above high end"
+                f" {self.socket_port_range[1]}"
+            )
         return self
 
 
 class KernelConfig(_Section):
     """Sysctls: written only inside a lab namespace; on the host read and recorded."""
 
-    ip_local_port_range: tuple[Port, Port] | None = None
+    ip_local_port_range: PortRange | None = None
     ip_local_reserved_ports: str | None = None
     tcp_tw_reuse: Literal[0, 1, 2] | None = None
     tcp_tw_reuse_delay: Duration | None = None

@@ -250,3 +250,13 @@ def test_without_privilege_the_message_says_what_is_needed(tmp_path: Path) -> No
     assert result.returncode == 2, result.stderr
     assert "needs network namespaces" in result.stderr and "root" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("engine", ["locust", "uvloop"])
+def test_socket_port_range_narrows_the_range_per_socket(tmp_path: Path, engine: str) -> None:
+    summary = _lab(
+        tmp_path, kernel="", load=f'engine = "{engine}"\nsocket_port_range = [40000, 40049]'
+    )
+    assert summary["tuples"]["distinct"] == 50
+    assert summary["capacity"]["model_ports"] == 50
+    assert summary["ports"]["range"] == [32768, 60999]  # the namespace's own, untouched
