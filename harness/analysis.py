@@ -15,6 +15,7 @@ import pyarrow as pa
 
 from harness.model import TIME_WAIT_S, CapacityModel
 from harness.scenario import ClosePolicy, Scenario
+from harness.summary import EXHAUSTION_ERRNOS
 
 __all__ = ["TupleAudit", "analyze", "audit_tuples", "port_allocation"]
 
@@ -185,6 +186,7 @@ def analyze(
     }
     model = _model(scenario, kernel)
     sections["capacity"] = _capacity(model, summary)
+    sections["capacity"]["measured_sustained_rate_per_s"] = sustained_rate(table)
     sections["ports"] = {
         **summary["ports"],
         **port_allocation(table, kernel.get("ip_local_port_range")),
@@ -284,6 +286,22 @@ def _model(scenario: Scenario, kernel: dict[str, Any]) -> CapacityModel | None:
         destinations=[e.host for e in scenario.target.endpoints],
         sources=len(scenario.load.source_addresses) or 1,
     )
+
+
+def sustained_rate(table: pa.Table) -> float | None:
+    """Successes per second after the range first ran out: the steady state the model's
+    ceiling describes (None when the run never ran out, so never met the ceiling)."""
+    errno = table.column("errno").to_numpy()
+    exhausted = np.isin(errno, EXHAUSTION_ERRNOS)
+    if not exhausted.any():
+        return None
+    start = table.column("start_ns").to_numpy()
+    first = start[np.argmax(exhausted)]
+    window = (start.max() - first) / 1e9
+    if window <= 0:
+        return None
+    after = (errno == 0) & (start > first)
+    return round(float(after.sum() / window), 1)
 
 
 def _capacity(model: CapacityModel | None, summary: dict[str, Any]) -> dict[str, Any]:

@@ -6,7 +6,7 @@ import logging
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import click
 from rich.console import Console
@@ -99,6 +99,57 @@ def lab(
     from harness.lab import run_lab
 
     _launch("lab", run_lab, load_scenario(scenario, overrides), out, locust_args)
+
+
+@cli.command()
+@click.argument("scenario", type=click.Path(path_type=Path))
+@click.option(
+    "--vary",
+    "varies",
+    multiple=True,
+    required=True,
+    metavar="KEY.PATH=V1,V2,...",
+    help="A grid axis (repeatable): one lab per combination of values.",
+)
+@click.option(
+    "--set",
+    "overrides",
+    multiple=True,
+    metavar="KEY.PATH=VALUE",
+    help="Override a scenario value at every point (repeatable).",
+)
+@click.option("--out", type=click.Path(path_type=Path), help="Sweep directory.")
+def sweep(
+    scenario: Path, varies: Sequence[str], overrides: Sequence[str], out: Path | None
+) -> None:
+    """Run SCENARIO in a lab at every point of a grid and compare with the model.
+
+    Example: --vary kernel.ip_local_port_range=40000-40099,40000-40999
+    --vary kernel.tcp_tw_reuse=0,1 (four labs).
+    """
+    from harness.sweep import Vary, run_sweep
+
+    axes = [Vary.parse(v) for v in varies]
+    total = 1
+    for axis in axes:
+        total *= len(axis.values)
+    _console.print(f"[bold]eph sweep[/] {scenario}: {total} points")
+
+    def on_point(index: int, count: int, label: str, summary: dict[str, Any] | None) -> None:
+        if summary is None:
+            _console.print(f"[{index + 1}/{count}] {label} ...", highlight=False, markup=False)
+            return
+        capacity = summary.get("capacity", {})
+        _console.print(
+            f"[{index + 1}/{count}] {label}: {summary['connections']['succeeded']} succeeded,"
+            f" measured {capacity.get('measured_rate_per_s')}/s, model"
+            f" {capacity.get('model_max_rate_per_s')}/s",
+            highlight=False,
+            markup=False,
+        )
+
+    path = run_sweep(scenario, axes, overrides=overrides, out=out, on_point=on_point)
+    _console.print(f"comparison: {path / 'comparison.csv'} and {path / 'comparison.png'}")
 
 
 def _launch(

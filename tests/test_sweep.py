@@ -1,0 +1,65 @@
+"""eph sweep: a 3 x 2 grid of labs, the comparison table and its figure."""
+
+from __future__ import annotations
+
+import csv
+import time
+from pathlib import Path
+
+import pytest
+
+from harness.errors import ScenarioError
+from harness.sweep import Vary
+
+from .conftest import ROOT, eph
+
+
+def test_vary_parses_values_and_keeps_brackets_whole() -> None:
+    assert Vary.parse("kernel.tcp_tw_reuse=0,1") == Vary("kernel.tcp_tw_reuse", ("0", "1"))
+    vary = Vary.parse("kernel.ip_local_port_range=[40000, 40099],40000-40999")
+    assert vary.values == ("[40000, 40099]", "40000-40999")
+    with pytest.raises(ScenarioError, match=r"is not key\.path=v1,v2"):
+        Vary.parse("kernel.tcp_tw_reuse")
+
+
+@pytest.mark.netns
+@pytest.mark.e2e
+def test_a_3_by_2_sweep_compares_every_point_with_the_model(tmp_path: Path) -> None:
+    out = tmp_path / "sweep"
+    started = time.monotonic()
+    result = eph(
+        [
+            "sweep",
+            str(ROOT / "scenarios" / "tw-reuse.toml"),
+            "--vary",
+            "kernel.ip_local_port_range=40000-40099,40000-40199,40000-40299",
+            "--vary",
+            "kernel.tcp_tw_reuse=0,1",
+            "--set",
+            "duration=1500ms",
+            "--set",
+            "kernel.tcp_tw_reuse_delay=200ms",
+            "--set",
+            "load.backoff=2ms",
+            "--out",
+            str(out),
+        ],
+        cwd=tmp_path,
+    )
+    elapsed = time.monotonic() - started
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert elapsed < 60, f"the sweep took {elapsed:.0f} s"
+    with (out / "comparison.csv").open() as table:
+        rows = list(csv.DictReader(table))
+    assert len(rows) == 6
+    assert (out / "comparison.png").stat().st_size > 10_000
+    assert (out / "comparison.parquet").exists()
+    for row in rows:
+        size = int(row["kernel.ip_local_port_range"].split("-")[1]) - 40000 + 1
+        assert int(row["distinct_tuples"]) == size == int(row["model_ports"])
+        if row["kernel.tcp_tw_reuse"] == "1":
+            model = float(row["model_max_rate_per_s"])
+            assert model == pytest.approx(size / 0.2)
+            assert float(row["measured_sustained_rate_per_s"]) == pytest.approx(model, rel=0.15)
+        else:  # a run shorter than TIME_WAIT: no port came back
+            assert float(row["measured_sustained_rate_per_s"]) == 0
