@@ -46,16 +46,7 @@ class Bench:
         return self.ns.command(args) if self.ns else args
 
     def listener(self) -> tuple[subprocess.Popen[str], str]:
-        proc = subprocess.Popen(
-            self.command([sys.executable, "-m", "harness", "listen", "--endpoint", "127.0.0.1:0"]),
-            cwd=ROOT,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.DEVNULL,
-            text=True,
-        )
-        assert proc.stdout is not None
-        endpoint = json.loads(proc.stdout.readline())["endpoints"][0]
-        return proc, endpoint
+        return start_listener(self.command([]), "127.0.0.1:0")
 
     @staticmethod
     def stop(proc: subprocess.Popen[str]) -> dict[str, Any]:
@@ -136,19 +127,24 @@ class Bench:
         return {"accepts_per_s": stats["accepted"] / elapsed, "client_per_s": client}
 
 
+def start_listener(prefix: list[str], endpoint: str) -> tuple[subprocess.Popen[str], str]:
+    """``eph listen`` (inside ``prefix``, e.g. a namespace); returns it and its endpoint."""
+    proc = subprocess.Popen(
+        [*prefix, sys.executable, "-m", "harness", "listen", "--endpoint", endpoint],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+    )
+    assert proc.stdout is not None
+    return proc, json.loads(proc.stdout.readline())["endpoints"][0]
+
+
 def collector_vs_ss(binary: Path, sockets: int) -> dict[str, Any]:
     """Sample time with ``sockets`` TIME_WAIT sockets, eph's collector against ``ss``."""
     with Namespace(prefix="ephbench") as ns:
         ns.set_sysctl("net.ipv4.ip_local_port_range", (1024, 65000))
-        listener = subprocess.Popen(
-            ns.command([sys.executable, "-m", "harness", "listen", "--endpoint", "127.0.0.1:9000"]),
-            cwd=ROOT,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.DEVNULL,
-            text=True,
-        )
-        assert listener.stdout is not None
-        listener.stdout.readline()
+        listener, _ = start_listener(ns.command([]), "127.0.0.1:9000")
         subprocess.run(
             ns.command([str(binary), "127.0.0.1", "9000", "30", "fin", str(sockets)]),
             capture_output=True,

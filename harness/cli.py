@@ -32,6 +32,20 @@ def _setup_logging(verbose: int) -> None:
     logging.getLogger("harness").setLevel(min(level, logging.INFO))
 
 
+_out_option = click.option(
+    "--out",
+    type=click.Path(path_type=Path),
+    help="Output directory (default reports/<time>-<name>).",
+)
+_set_option = click.option(
+    "--set",
+    "overrides",
+    multiple=True,
+    metavar="KEY.PATH=VALUE",
+    help="Override a scenario value, e.g. --set load.users=10 (repeatable).",
+)
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("-v", "--verbose", count=True, help="More log output (-vv for debug).")
 def cli(verbose: int) -> None:
@@ -41,16 +55,8 @@ def cli(verbose: int) -> None:
 
 @cli.command(context_settings={"ignore_unknown_options": True})
 @click.argument("scenario", type=click.Path(path_type=Path))
-@click.option(
-    "--out", type=click.Path(path_type=Path), help="Run directory (default reports/<time>-<name>)."
-)
-@click.option(
-    "--set",
-    "overrides",
-    multiple=True,
-    metavar="KEY.PATH=VALUE",
-    help="Override a scenario value, e.g. --set load.users=10 (repeatable).",
-)
+@_out_option
+@_set_option
 @click.option(
     "--target",
     "targets",
@@ -79,14 +85,8 @@ def run(
 
 @cli.command(context_settings={"ignore_unknown_options": True})
 @click.argument("scenario", type=click.Path(path_type=Path))
-@click.option("--out", type=click.Path(path_type=Path), help="Run directory.")
-@click.option(
-    "--set",
-    "overrides",
-    multiple=True,
-    metavar="KEY.PATH=VALUE",
-    help="Override a scenario value (repeatable).",
-)
+@_out_option
+@_set_option
 @click.argument("locust_args", nargs=-1, type=click.UNPROCESSED)
 def lab(
     scenario: Path, out: Path | None, overrides: Sequence[str], locust_args: Sequence[str]
@@ -111,14 +111,8 @@ def lab(
     metavar="KEY.PATH=V1,V2,...",
     help="A grid axis (repeatable): one lab per combination of values.",
 )
-@click.option(
-    "--set",
-    "overrides",
-    multiple=True,
-    metavar="KEY.PATH=VALUE",
-    help="Override a scenario value at every point (repeatable).",
-)
-@click.option("--out", type=click.Path(path_type=Path), help="Sweep directory.")
+@_set_option
+@_out_option
 def sweep(
     scenario: Path, varies: Sequence[str], overrides: Sequence[str], out: Path | None
 ) -> None:
@@ -316,7 +310,7 @@ def collect(
 
 @cli.command()
 @click.argument("scenarios", nargs=-1, required=True, type=click.Path(path_type=Path))
-@click.option("--set", "overrides", multiple=True, metavar="KEY.PATH=VALUE")
+@_set_option
 def validate(scenarios: Sequence[Path], overrides: Sequence[str]) -> None:
     """Check scenario files; print each one's name and any advice."""
     for path in scenarios:
