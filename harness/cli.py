@@ -270,6 +270,15 @@ def listen(
 
 
 @cli.command()
+@click.argument("run_dir", type=click.Path(path_type=Path))
+def report(run_dir: Path) -> None:
+    """Render RUN_DIR's summary.json and report.html again from its stored data."""
+    from harness.finalize import rerender
+
+    _print_result(run_dir, rerender(run_dir))
+
+
+@cli.command()
 @click.option("--once", is_flag=True, help="Print one sample as JSON and exit.")
 @click.option("--out", type=click.Path(path_type=Path), help="Directory for samples.parquet.")
 @click.option("--duration", default="10m", show_default=True, help="Stop after this long.")

@@ -20,7 +20,7 @@ from harness.rundir import RunDir
 from harness.scenario import Scenario
 from harness.summary import Columns, summarize
 
-__all__ = ["finalize", "locust_request_count"]
+__all__ = ["finalize", "locust_request_count", "rerender"]
 
 logger = logging.getLogger(__name__)
 
@@ -77,6 +77,39 @@ def finalize(
     run.write_json("summary.json", summary)
     render_report(run.report, cols, summary, scenario)
     return summary
+
+
+def rerender(path: Path) -> dict[str, Any]:
+    """``eph report``: summary and report again from what a run directory holds.
+
+    What only the run itself knew (interrupted, start, load window, listener
+    counts, kernel) comes from its ``summary.json`` and ``listener.json``.
+    """
+    run = RunDir.open(path)
+    if not run.connections.exists() and not any(run.parts.glob("*.arrows")):
+        raise RunDirError(
+            path, "has no connections.parquet: not a run directory, or the run never started"
+        )
+    try:
+        Scenario.model_validate(run.read_json("scenario.json"))
+    except ValueError as exc:  # pydantic's ValidationError is a ValueError
+        raise RunDirError(path, f"scenario.json does not validate ({exc})") from None
+    previous: dict[str, Any] = {}
+    if run.summary.exists():
+        try:
+            previous = run.read_json("summary.json")
+        except RunDirError as exc:
+            logger.warning("%s; recomputing without it", exc)
+    listener = run.read_json("listener.json") if (run.path / "listener.json").exists() else None
+    started = previous.get("started_at")
+    return finalize(
+        path,
+        interrupted=bool(previous.get("interrupted", False)),
+        started_at=dt.datetime.fromisoformat(started).timestamp() if started else None,
+        duration_s=previous.get("duration_s"),
+        kernel=previous.get("kernel"),
+        listener=listener,
+    )
 
 
 def _collector_kernel(path: Path) -> dict[str, Any] | None:
