@@ -23,8 +23,13 @@ from __future__ import annotations
 
 import contextlib
 import ipaddress
+import json
 import logging
+import os
+import shutil
+import signal
 import subprocess
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -43,6 +48,8 @@ CLIENT_ADDRESS = "198.18.0.1"
 SERVER_ADDRESS = "198.18.0.2"
 _PREFIX_LENGTH = 24
 _VETH = "eph0"  # the same name in each namespace: names are per namespace
+_INSIDE = "EPH_LAB_INSIDE"  # set for the inner run of an unprivileged lab
+USERNS = "EPH_LAB_USERNS"  # "1": an unnamed user namespace even as root (what non-root gets)
 
 # scenario [kernel] key -> sysctl name (values converted by lab_sysctls)
 _SYSCTL_NAMES = {
@@ -78,20 +85,36 @@ def run_lab(
     progress: ProgressSink | None = None,
     locust_args: Sequence[str] = (),
 ) -> RunResult:
-    problem = netns_available()
-    if problem:
-        raise RunError(
-            f"eph lab needs network namespaces: {problem}. Without them, `eph run`"
-            " runs on the host's loopback (host settings are read, never changed)."
-        )
     if scenario.listener is None:
         raise ScenarioError(
             "a lab serves its own target: the scenario needs a [listener]",
             key="listener",
             expected="a [listener] table",
         )
+    inside = os.environ.get(_INSIDE) == "1"
+    problem = None if inside else netns_available()
+    wants_userns = os.environ.get(USERNS) == "1" and not inside
+    if wants_userns and scenario.lab.topology is not Topology.SINGLE:
+        raise RunError(
+            f"{USERNS}=1 serves the single topology only (a pair needs named"
+            " namespaces, which need root)"
+        )
+    unprivileged = (
+        (bool(problem) or wants_userns) and scenario.lab.topology is Topology.SINGLE and _userns()
+    )
+    if problem and not unprivileged:
+        raise RunError(
+            f"eph lab needs network namespaces: {problem}; or, for the single topology,"
+            " unprivileged user namespaces (`unshare --user --map-root-user --net`), which"
+            " this system does not allow. Without either, `eph run` runs on the host's"
+            " loopback (host settings are read, never changed)."
+        )
     run = RunDir.open(out, create=True) if out else RunDir.create(Path("reports"), scenario.name)
     sysctls = lab_sysctls(scenario)
+    if unprivileged:
+        return _run_in_user_namespace(scenario, run, locust_args)
+    if inside:
+        return _run_here(scenario, run, sysctls, progress, locust_args)
     with contextlib.ExitStack() as stack:
         client = stack.enter_context(Namespace("eph"))
         if scenario.lab.topology is Topology.PAIR:
@@ -134,6 +157,81 @@ def run_lab(
         return run_scenario(
             scenario, out=run.path, progress=progress, locust_args=locust_args, placement=placement
         )
+
+
+def _userns() -> bool:
+    """Whether this user may make a user + network namespace (no root needed)."""
+    if shutil.which("unshare") is None:
+        return False
+    probe = ["unshare", "--user", "--map-root-user", "--net", "true"]
+    return subprocess.run(probe, capture_output=True, check=False).returncode == 0
+
+
+def _run_in_user_namespace(
+    scenario: Scenario, run: RunDir, locust_args: Sequence[str]
+) -> RunResult:
+    """Without root: the same lab again, inside ``unshare --user --map-root-user --net``.
+
+    That namespace has no name and ends with its last process, so nothing can be
+    left behind. SIGINT reaches the inner run (same process group); SIGTERM is
+    passed on to it.
+    """
+    resolved = run.path / "lab-scenario.json"
+    resolved.write_text(json.dumps(scenario.to_json()))
+    args = [
+        "unshare",
+        "--user",
+        "--map-root-user",
+        "--net",
+        "--",
+        sys.executable,
+        "-m",
+        "harness",
+        "lab",
+        str(resolved),
+        "--out",
+        str(run.path),
+    ]
+    if locust_args:
+        args += ["--", *locust_args]
+    logger.info("not root: running the lab in an unprivileged user namespace")
+    proc = subprocess.Popen(args, env={**os.environ, _INSIDE: "1"})
+    previous = signal.signal(signal.SIGTERM, lambda *_: proc.send_signal(signal.SIGTERM))
+    try:
+        code = proc.wait()
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    if code != 0:
+        raise RunError(f"the lab's inner run (in a user namespace) exited with code {code}")
+    return RunResult(run.path, run.read_json("summary.json"))
+
+
+def _run_here(
+    scenario: Scenario,
+    run: RunDir,
+    sysctls: dict[str, str],
+    progress: ProgressSink | None,
+    locust_args: Sequence[str],
+) -> RunResult:
+    """Inside a fresh (user) network namespace already: set it up in place and run."""
+    _run(["ip", "link", "set", "lo", "up"])
+    for name, value in sysctls.items():
+        Path("/proc/sys", *name.split(".")).write_text(f"{value}\n")
+    for source in scenario.load.source_addresses:
+        address = ipaddress.ip_address(source)
+        if not address.is_loopback:
+            _run(["ip", "addr", "add", f"{source}/{address.max_prefixlen}", "dev", "lo"])
+    run.write_json(
+        "lab.json",
+        {
+            "topology": "single",
+            "namespaces": ["(unnamed, user namespace)"],
+            "sysctls": sysctls,
+            "addresses": {},
+            "netem": [],
+        },
+    )
+    return run_scenario(scenario, out=run.path, progress=progress, locust_args=locust_args)
 
 
 def _build_pair(client: Namespace, server: Namespace, scenario: Scenario) -> Scenario:

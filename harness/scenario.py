@@ -304,6 +304,8 @@ def load_scenario(
     ``[listener]``: the load goes to a server eph does not run.
     """
     path = Path(path)
+    if path.suffix == ".json":  # a resolved scenario, as a run directory keeps it
+        return _load_resolved(path, overrides)
     try:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
@@ -313,6 +315,21 @@ def load_scenario(
     except UnicodeDecodeError:
         raise ScenarioError("not UTF-8 text", source=path) from None
     return parse_scenario(text, source=path, overrides=overrides, targets=targets)
+
+
+def _load_resolved(path: Path, overrides: Iterable[str]) -> Scenario:
+    import json
+
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise ScenarioError(f"cannot read a resolved scenario: {exc}", source=path) from None
+    for item in overrides:
+        apply_override(raw, item)
+    try:
+        return Scenario.model_validate(raw)
+    except ValidationError as exc:
+        raise _scenario_error(exc, "", path) from None
 
 
 def parse_scenario(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import time
@@ -226,11 +227,12 @@ rate = 200
     assert not set(namespaces) & set(_eph_namespaces())
 
 
-def test_without_privilege_the_message_says_what_is_needed(tmp_path: Path) -> None:
+def test_without_privilege_or_user_namespaces_the_message_says_what_is_needed() -> None:
     scenario = ROOT / "scenarios" / "exhaust-small-range.toml"
+    # not root, and no unshare on PATH: neither kind of namespace can be made
     result = subprocess.run(
         [
-            "setpriv",
+            shutil.which("setpriv") or "setpriv",
             "--reuid=65534",
             "--regid=65534",
             "--clear-groups",
@@ -245,11 +247,39 @@ def test_without_privilege_the_message_says_what_is_needed(tmp_path: Path) -> No
         text=True,
         timeout=60,
         check=False,
-        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        env={"PATH": "/nonexistent", "PYTHONPATH": str(ROOT), "MPLCONFIGDIR": "/tmp"},
     )
     assert result.returncode == 2, result.stderr
     assert "needs network namespaces" in result.stderr and "root" in result.stderr
+    assert "unshare --user --map-root-user --net" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_unprivileged_user_namespace_lab_applies_settings_and_leaves_nothing(
+    tmp_path: Path,
+) -> None:
+    """What a non-root user gets (forced here with EPH_LAB_USERNS=1): an unnamed user +
+    network namespace, its sysctls set from inside, gone with its last process."""
+    before = set(_eph_namespaces())
+    scenario = ROOT / "scenarios" / "exhaust-small-range.toml"
+    out = tmp_path / "run"
+    result = subprocess.run(
+        [*EPH, "lab", str(scenario), "--set", "duration=1500ms", "--out", str(out)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+        env={**os.environ, "PYTHONPATH": str(ROOT), "EPH_LAB_USERNS": "1"},
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = run_dir_summary(out)
+    assert summary["kernel"]["ip_local_port_range"] == [40000, 40099]
+    assert summary["kernel"]["netns"] != _host_netns()
+    assert summary["tuples"]["distinct"] == 100
+    assert summary["exhaustion"]["exhausted"] is True
+    assert json.loads((out / "lab.json").read_text())["namespaces"] == ["(unnamed, user namespace)"]
+    assert set(_eph_namespaces()) == before
 
 
 @pytest.mark.parametrize("engine", ["locust", "uvloop"])
