@@ -1,10 +1,13 @@
-"""``eph run``: listener, Locust and (later) collector as separate processes.
+"""``eph run``: listener, collector and Locust as separate processes.
 
 This process never imports locust. It starts the embedded listener when the
-scenario has ``[listener]``, starts Locust headless on ``harness/locustfile.py``,
-shows progress, stops Locust at the scenario's duration (SIGTERM, which Locust handles
-graceful path), drains and stops the listener, and finalizes the run directory.
-SIGINT/SIGTERM to ``eph run`` takes the same path, marked ``interrupted``.
+scenario has ``[listener]`` and the collector, then Locust headless on
+``harness/locustfile.py``; it shows progress, stops Locust at the scenario's
+duration with SIGTERM (handled by Locust in a gevent handler, not raised in a
+running greenlet as SIGINT would be), stops the collector, drains and stops the
+listener, and finalizes the run directory. SIGINT/SIGTERM to ``eph run`` takes
+the same path, marked ``interrupted``. A :class:`Placement` puts each child in
+a namespace (``eph lab``).
 """
 
 from __future__ import annotations
