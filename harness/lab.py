@@ -92,62 +92,25 @@ def run_lab(
             expected="a [listener] table",
         )
     inside = os.environ.get(_INSIDE) == "1"
-    problem = None if inside else netns_available()
-    wants_userns = os.environ.get(USERNS) == "1" and not inside
-    if wants_userns and scenario.lab.topology is not Topology.SINGLE:
-        raise RunError(
-            f"{USERNS}=1 serves the single topology only (a pair needs named"
-            " namespaces, which need root)"
-        )
-    unprivileged = (
-        (bool(problem) or wants_userns) and scenario.lab.topology is Topology.SINGLE and _userns()
-    )
-    if problem and not unprivileged:
-        raise RunError(
-            f"eph lab needs network namespaces: {problem}; or, for the single topology,"
-            " unprivileged user namespaces (`unshare --user --map-root-user --net`), which"
-            " this system does not allow. Without either, `eph run` runs on the host's"
-            " loopback (host settings are read, never changed)."
-        )
+    unprivileged = False if inside else _needs_user_namespace(scenario)
     run = RunDir.open(out, create=True) if out else RunDir.create(Path("reports"), scenario.name)
-    sysctls = lab_sysctls(scenario)
     if unprivileged:
         return _run_in_user_namespace(scenario, run, locust_args)
     if inside:
-        return _run_here(scenario, run, sysctls, progress, locust_args)
+        return _run_here(scenario, run, lab_sysctls(scenario), progress, locust_args)
     with contextlib.ExitStack() as stack:
-        client = stack.enter_context(Namespace("eph"))
-        if scenario.lab.topology is Topology.PAIR:
-            server = stack.enter_context(Namespace("eph"))
-            scenario = _build_pair(client, server, scenario)
-            placement = Placement(
-                load=tuple(client.command([])),
-                listener=tuple(server.command([])),
-                collectors=(("", tuple(client.command([]))), ("server", tuple(server.command([])))),
-            )
-            namespaces = [client, server]
-        else:
-            _add_sources(client, scenario.load.source_addresses, "lo")
-            placement = Placement(
-                load=tuple(client.command([])),
-                listener=tuple(client.command([])),
-                collectors=(("", tuple(client.command([]))),),
-            )
-            namespaces = [client]
+        scenario, placement, namespaces = _build(stack, scenario)
         for ns in namespaces:
-            for name, value in sysctls.items():
+            for name, value in lab_sysctls(scenario).items():
                 ns.set_sysctl(name, value)
+        pair = scenario.lab.topology is Topology.PAIR
         run.write_json(
             "lab.json",
             {
                 "topology": scenario.lab.topology.value,
                 "namespaces": [ns.name for ns in namespaces],
-                "sysctls": sysctls,
-                "addresses": (
-                    {"client": CLIENT_ADDRESS, "server": SERVER_ADDRESS}
-                    if scenario.lab.topology is Topology.PAIR
-                    else {}
-                ),
+                "sysctls": lab_sysctls(scenario),
+                "addresses": {"client": CLIENT_ADDRESS, "server": SERVER_ADDRESS} if pair else {},
                 "netem": _netem_args(scenario),
             },
         )
@@ -157,6 +120,51 @@ def run_lab(
         return run_scenario(
             scenario, out=run.path, progress=progress, locust_args=locust_args, placement=placement
         )
+
+
+def _needs_user_namespace(scenario: Scenario) -> bool:
+    """Named namespaces (root) or an unnamed user namespace? Raise when neither is possible."""
+    problem = netns_available()
+    single = scenario.lab.topology is Topology.SINGLE
+    wanted = os.environ.get(USERNS) == "1"
+    if wanted and not single:
+        raise RunError(
+            f"{USERNS}=1 serves the single topology only (a pair needs named"
+            " namespaces, which need root)"
+        )
+    if not (problem or wanted):
+        return False
+    if single and _userns():
+        return True
+    raise RunError(
+        f"eph lab needs network namespaces: {problem}; or, for the single topology,"
+        " unprivileged user namespaces (`unshare --user --map-root-user --net`), which"
+        " this system does not allow. Without either, `eph run` runs on the host's"
+        " loopback (host settings are read, never changed)."
+    )
+
+
+def _build(
+    stack: contextlib.ExitStack, scenario: Scenario
+) -> tuple[Scenario, Placement, list[Namespace]]:
+    """The namespaces of the scenario's topology (deleted when ``stack`` closes)."""
+    client = stack.enter_context(Namespace("eph"))
+    inside_client = tuple(client.command([]))
+    if scenario.lab.topology is Topology.PAIR:
+        server = stack.enter_context(Namespace("eph"))
+        scenario = _build_pair(client, server, scenario)
+        inside_server = tuple(server.command([]))
+        placement = Placement(
+            load=inside_client,
+            listener=inside_server,
+            collectors=(("", inside_client), ("server", inside_server)),
+        )
+        return scenario, placement, [client, server]
+    _add_sources(client, scenario.load.source_addresses, "lo")
+    placement = Placement(
+        load=inside_client, listener=inside_client, collectors=(("", inside_client),)
+    )
+    return scenario, placement, [client]
 
 
 def _userns() -> bool:
