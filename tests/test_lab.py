@@ -112,7 +112,8 @@ def test_server_first_or_reset_close_never_exhausts(tmp_path: Path, close: str) 
 def test_with_reuse_the_rate_sits_at_range_over_delay(tmp_path: Path) -> None:
     summary = _lab_with(tmp_path, RANGE_100 + '\ntcp_tw_reuse_delay = "200ms"', tw_reuse=1)
     assert summary["capacity"]["model_max_rate_per_s"] == pytest.approx(500.0)
-    assert summary["capacity"]["measured_rate_per_s"] == pytest.approx(500.0, rel=0.1)
+    assert summary["capacity"]["measured_rate_per_s"] == pytest.approx(500.0, rel=0.15)
+    assert summary["capacity"]["measured_sustained_rate_per_s"] == pytest.approx(500.0, rel=0.15)
 
 
 def _lab_with(tmp_path: Path, kernel: str, tw_reuse: int) -> dict:  # type: ignore[type-arg]
