@@ -35,7 +35,8 @@ from pathlib import Path
 
 from harness.endpoints import Endpoint
 from harness.errors import RunError, ScenarioError
-from harness.netns import Namespace, netns_available
+from harness.kernel import SYSCTLS
+from harness.netns import Namespace, netns_available, run_checked
 from harness.run import Placement, ProgressSink, RunResult, run_scenario
 from harness.rundir import RunDir
 from harness.scenario import Scenario, Topology
@@ -51,30 +52,13 @@ _VETH = "eph0"  # the same name in each namespace: names are per namespace
 _INSIDE = "EPH_LAB_INSIDE"  # set for the inner run of an unprivileged lab
 USERNS = "EPH_LAB_USERNS"  # "1": an unnamed user namespace even as root (what non-root gets)
 
-# scenario [kernel] key -> sysctl name (values converted by lab_sysctls)
-_SYSCTL_NAMES = {
-    "ip_local_port_range": "net.ipv4.ip_local_port_range",
-    "ip_local_reserved_ports": "net.ipv4.ip_local_reserved_ports",
-    "tcp_tw_reuse": "net.ipv4.tcp_tw_reuse",
-    "tcp_tw_reuse_delay": "net.ipv4.tcp_tw_reuse_delay",
-    "tcp_timestamps": "net.ipv4.tcp_timestamps",
-    "tcp_fin_timeout": "net.ipv4.tcp_fin_timeout",
-    "tcp_max_tw_buckets": "net.ipv4.tcp_max_tw_buckets",
-    "somaxconn": "net.core.somaxconn",
-}
-
 
 def lab_sysctls(scenario: Scenario) -> dict[str, str]:
     """The scenario's [kernel] as sysctl name -> value text, in the kernel's units."""
     out: dict[str, str] = {}
-    for key, value in scenario.kernel.settings().items():
-        if key == "tcp_tw_reuse_delay":
-            value = round(value * 1000)  # ms
-        elif key == "tcp_fin_timeout":
-            value = round(value)  # s
-        elif isinstance(value, tuple | list):
-            value = " ".join(str(v) for v in value)
-        out[_SYSCTL_NAMES[key]] = str(value)
+    for key, value in scenario.kernel.in_kernel_units().items():
+        text = " ".join(str(v) for v in value) if isinstance(value, list) else str(value)
+        out[SYSCTLS[key].replace("/", ".")] = text
     return out
 
 
@@ -222,13 +206,13 @@ def _run_here(
     locust_args: Sequence[str],
 ) -> RunResult:
     """Inside a fresh (user) network namespace already: set it up in place and run."""
-    _run(["ip", "link", "set", "lo", "up"])
+    run_checked(["ip", "link", "set", "lo", "up"])
     for name, value in sysctls.items():
         Path("/proc/sys", *name.split(".")).write_text(f"{value}\n")
     for source in scenario.load.source_addresses:
         address = ipaddress.ip_address(source)
         if not address.is_loopback:
-            _run(["ip", "addr", "add", f"{source}/{address.max_prefixlen}", "dev", "lo"])
+            run_checked(["ip", "addr", "add", f"{source}/{address.max_prefixlen}", "dev", "lo"])
     run.write_json(
         "lab.json",
         {
@@ -317,10 +301,4 @@ def _add_sources(ns: Namespace, sources: Sequence[str], device: str) -> None:
 
 
 def _ip(*args: str) -> None:
-    _run(["ip", *args])
-
-
-def _run(args: list[str]) -> None:
-    result = subprocess.run(args, capture_output=True, text=True, check=False)
-    if result.returncode != 0:
-        raise RunError(f"{' '.join(args)}: {result.stderr.strip()}")
+    run_checked(["ip", *args])

@@ -22,7 +22,7 @@ from types import TracebackType
 
 from harness.errors import RunError
 
-__all__ = ["Namespace", "netns_available", "remove_stale"]
+__all__ = ["Namespace", "netns_available", "remove_stale", "run_checked"]
 
 logger = logging.getLogger(__name__)
 
@@ -137,7 +137,12 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def _ip(*args: str) -> None:
-    result = subprocess.run(["ip", *args], capture_output=True, text=True, check=False)
+def run_checked(args: Sequence[str]) -> None:
+    """Run a command (an argument list, never a shell string); its stderr in the error."""
+    result = subprocess.run(list(args), capture_output=True, text=True, check=False)
     if result.returncode != 0:
-        raise RunError(f"ip {' '.join(args)}: {result.stderr.strip()}")
+        raise RunError(f"{' '.join(args)}: {result.stderr.strip()}")
+
+
+def _ip(*args: str) -> None:
+    run_checked(["ip", *args])

@@ -316,13 +316,7 @@ def run_scenario(
 def kernel_differences(scenario: Scenario, kernel: dict[str, Any]) -> list[str]:
     """Scenario [kernel] values the running kernel does not have (eph never writes them here)."""
     notes = []
-    for key, wanted in scenario.kernel.settings().items():
-        if key == "tcp_tw_reuse_delay":
-            key, wanted = "tcp_tw_reuse_delay_ms", round(wanted * 1000)
-        elif key == "tcp_fin_timeout":
-            wanted = round(wanted)
-        elif isinstance(wanted, tuple):
-            wanted = list(wanted)
+    for key, wanted in scenario.kernel.in_kernel_units().items():
         actual = kernel.get(key)
         if actual != wanted:
             notes.append(

@@ -191,9 +191,23 @@ class KernelConfig(_Section):
     tcp_max_tw_buckets: Annotated[StrictInt, Field(ge=0)] | None = None
     somaxconn: Annotated[StrictInt, Field(ge=1)] | None = None
 
-    def settings(self) -> dict[str, Any]:
-        """The keys that are set, with values as validated (durations in seconds)."""
-        return {k: v for k in type(self).model_fields if (v := getattr(self, k)) is not None}
+    def in_kernel_units(self) -> dict[str, Any]:
+        """The keys that are set, named and valued as ``harness.kernel.read_kernel`` reads
+        them: ``tcp_tw_reuse_delay`` -> ``tcp_tw_reuse_delay_ms`` in ms, seconds as whole
+        seconds, ranges as lists."""
+        out: dict[str, Any] = {}
+        for key in type(self).model_fields:
+            value = getattr(self, key)
+            if value is None:
+                continue
+            if key == "tcp_tw_reuse_delay":
+                key, value = "tcp_tw_reuse_delay_ms", round(value * 1000)
+            elif key == "tcp_fin_timeout":
+                value = round(value)
+            elif isinstance(value, tuple):
+                value = list(value)
+            out[key] = value
+        return out
 
     @model_validator(mode="after")
     def _check(self) -> Self:

@@ -196,3 +196,30 @@ def test_kernel_differences_are_named() -> None:
     assert "kernel.ip_local_port_range = [40000, 40099] is not applied here" in notes[0]
     same = {**host, "ip_local_port_range": [40000, 40099]}
     assert kernel_differences(scenario, same) == []
+
+
+def test_kernel_settings_in_the_kernels_names_and_units() -> None:
+    from harness.lab import lab_sysctls
+
+    scenario = parse_scenario(
+        MINIMAL
+        + """
+[kernel]
+ip_local_port_range = "40000-40099"
+tcp_tw_reuse_delay = "100ms"
+tcp_fin_timeout = "30s"
+somaxconn = 128
+"""
+    )
+    assert scenario.kernel.in_kernel_units() == {
+        "ip_local_port_range": [40000, 40099],
+        "tcp_tw_reuse_delay_ms": 100,
+        "tcp_fin_timeout": 30,
+        "somaxconn": 128,
+    }
+    assert lab_sysctls(scenario) == {
+        "net.ipv4.ip_local_port_range": "40000 40099",
+        "net.ipv4.tcp_tw_reuse_delay": "100",
+        "net.ipv4.tcp_fin_timeout": "30",
+        "net.core.somaxconn": "128",
+    }
