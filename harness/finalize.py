@@ -68,6 +68,7 @@ def finalize(
         kernel=kernel,
         listener=listener,
         locust_requests=locust_requests,
+        lossy_link=bool(scenario.get("lab", {}).get("loss")) and (run.path / "lab.json").exists(),
     )
     samples = _read_samples(run.path / "samples.parquet")
     server_samples = _read_samples(run.path / "server" / "samples.parquet")

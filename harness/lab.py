@@ -11,7 +11,10 @@ Topologies:
 - ``pair``: a client and a server namespace joined by a veth pair
   (client 198.18.0.1, server 198.18.0.2: the RFC 2544 benchmarking range), a
   collector on each side, so client-side and server-side TIME_WAIT are seen
-  apart; ``[lab] delay``/``jitter``/``loss`` put netem on both ends of the link.
+  apart. ``[lab] delay``/``jitter``/``loss`` put netem on both ends of the link,
+  or, where the kernel has no netem (``emulation = "auto"``) or when asked
+  (``"relay"``), replace the veth pair with a TUN device on each side and
+  ``harness.relay``, a userspace process that delays and drops packets.
 
 The orchestrator (``harness.run``) stays on the host; each child runs inside
 its namespace through ``ip netns exec``. Namespaces go on every exit path:
@@ -39,7 +42,7 @@ from harness.kernel import SYSCTLS
 from harness.netns import Namespace, netns_available, run_checked
 from harness.run import Placement, ProgressSink, RunResult, run_scenario
 from harness.rundir import RunDir
-from harness.scenario import Scenario, Topology
+from harness.scenario import Emulation, Scenario, Topology
 
 __all__ = ["CLIENT_ADDRESS", "SERVER_ADDRESS", "lab_sysctls", "run_lab"]
 
@@ -50,6 +53,7 @@ SERVER_ADDRESS = "198.18.0.2"
 _PREFIX_LENGTH = 24
 _VETH = "eph0"  # the same name in each namespace: names are per namespace
 _INSIDE = "EPH_LAB_INSIDE"  # set for the inner run of an unprivileged lab
+_RELAY_GRACE = 300.0  # seconds the relay outlives the run's duration at most (ramp, drain)
 USERNS = "EPH_LAB_USERNS"  # "1": an unnamed user namespace even as root (what non-root gets)
 
 
@@ -83,7 +87,7 @@ def run_lab(
     if inside:
         return _run_here(scenario, run, lab_sysctls(scenario), progress, locust_args)
     with contextlib.ExitStack() as stack:
-        scenario, placement, namespaces = _build(stack, scenario)
+        scenario, placement, namespaces, link = _build(stack, scenario, run)
         for ns in namespaces:
             for name, value in lab_sysctls(scenario).items():
                 ns.set_sysctl(name, value)
@@ -95,7 +99,8 @@ def run_lab(
                 "namespaces": [ns.name for ns in namespaces],
                 "sysctls": lab_sysctls(scenario),
                 "addresses": {"client": CLIENT_ADDRESS, "server": SERVER_ADDRESS} if pair else {},
-                "netem": _netem_args(scenario),
+                "emulation": link,
+                "netem": _netem_args(scenario) if link == "netem" else [],
             },
         )
         logger.info(
@@ -129,26 +134,32 @@ def _needs_user_namespace(scenario: Scenario) -> bool:
 
 
 def _build(
-    stack: contextlib.ExitStack, scenario: Scenario
-) -> tuple[Scenario, Placement, list[Namespace]]:
-    """The namespaces of the scenario's topology (deleted when ``stack`` closes)."""
+    stack: contextlib.ExitStack, scenario: Scenario, run: RunDir
+) -> tuple[Scenario, Placement, list[Namespace], str]:
+    """The namespaces of the scenario's topology (deleted when ``stack`` closes), and
+    what makes the pair's link: "veth", "netem" or "relay"."""
     client = stack.enter_context(Namespace("eph"))
     inside_client = tuple(client.command([]))
     if scenario.lab.topology is Topology.PAIR:
         server = stack.enter_context(Namespace("eph"))
-        scenario = _build_pair(client, server, scenario)
+        link = _link_kind(scenario, client)
+        if link == "relay":
+            _build_tun_link(stack, client, server, scenario, run)
+        else:
+            _build_veth_link(client, server, scenario)
+        scenario = _route_pair(client, server, scenario)
         inside_server = tuple(server.command([]))
         placement = Placement(
             load=inside_client,
             listener=inside_server,
             collectors=(("", inside_client), ("server", inside_server)),
         )
-        return scenario, placement, [client, server]
+        return scenario, placement, [client, server], link
     _add_sources(client, scenario.load.source_addresses, "lo")
     placement = Placement(
         load=inside_client, listener=inside_client, collectors=(("", inside_client),)
     )
-    return scenario, placement, [client]
+    return scenario, placement, [client], "loopback"
 
 
 def _userns() -> bool:
@@ -220,13 +231,35 @@ def _run_here(
             "namespaces": ["(unnamed, user namespace)"],
             "sysctls": sysctls,
             "addresses": {},
+            "emulation": "loopback",
             "netem": [],
         },
     )
     return run_scenario(scenario, out=run.path, progress=progress, locust_args=locust_args)
 
 
-def _build_pair(client: Namespace, server: Namespace, scenario: Scenario) -> Scenario:
+def _link_kind(scenario: Scenario, client: Namespace) -> str:
+    lab = scenario.lab
+    if not lab.impaired:
+        return "veth"
+    if lab.emulation is Emulation.RELAY:
+        return "relay"
+    if lab.emulation is Emulation.NETEM or _has_netem(client):
+        return "netem"
+    logger.info("this kernel has no netem: the pair's link is eph's userspace relay")
+    return "relay"
+
+
+def _has_netem(ns: Namespace) -> bool:
+    """Probe on the namespace's own lo: add a netem qdisc, then remove it."""
+    probe = ["tc", "-n", ns.name, "qdisc", "add", "dev", "lo", "root", "netem", "delay", "1ms"]
+    if subprocess.run(probe, capture_output=True, check=False).returncode != 0:
+        return False
+    run_checked(["tc", "-n", ns.name, "qdisc", "del", "dev", "lo", "root"])
+    return True
+
+
+def _build_veth_link(client: Namespace, server: Namespace, scenario: Scenario) -> None:
     _ip(
         "link",
         "add",
@@ -247,6 +280,61 @@ def _build_pair(client: Namespace, server: Namespace, scenario: Scenario) -> Sce
         netem = _netem_args(scenario)
         if netem:
             _add_netem(ns, netem)
+
+
+def _build_tun_link(
+    stack: contextlib.ExitStack,
+    client: Namespace,
+    server: Namespace,
+    scenario: Scenario,
+    run: RunDir,
+) -> None:
+    """A TUN device on each side and the relay between them (stopped when ``stack`` closes)."""
+    for ns, address in ((client, CLIENT_ADDRESS), (server, SERVER_ADDRESS)):
+        _ip("-n", ns.name, "tuntap", "add", "dev", _VETH, "mode", "tun")
+        _ip("-n", ns.name, "addr", "add", f"{address}/{_PREFIX_LENGTH}", "dev", _VETH)
+        _ip("-n", ns.name, "link", "set", _VETH, "up")
+    lab = scenario.lab
+    args = [
+        sys.executable,
+        "-m",
+        "harness.relay",
+        client.name,
+        server.name,
+        "--device",
+        _VETH,
+        "--delay",
+        str(lab.delay),
+        "--jitter",
+        str(lab.jitter),
+        "--loss",
+        str(lab.loss),
+        "--max-seconds",
+        str(scenario.duration + _RELAY_GRACE),
+        "--stats",
+        str(run.path / "relay.json"),
+    ]
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    stack.callback(_stop_relay, proc)
+    assert proc.stdout is not None
+    if proc.stdout.readline().strip() != "ready":
+        proc.wait(timeout=10)
+        assert proc.stderr is not None
+        raise RunError(f"the lab's packet relay did not start: {proc.stderr.read().strip()}")
+
+
+def _stop_relay(proc: subprocess.Popen[str]) -> None:
+    proc.terminate()
+    try:
+        proc.wait(timeout=5)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+def _route_pair(client: Namespace, server: Namespace, scenario: Scenario) -> Scenario:
+    """Extra source addresses on the client, routes back to them on the server, and the
+    targets moved to the server's address (ports kept)."""
     sources = scenario.load.source_addresses
     _add_sources(client, sources, _VETH)
     for source in sources:  # the server answers them through the client
@@ -254,7 +342,6 @@ def _build_pair(client: Namespace, server: Namespace, scenario: Scenario) -> Sce
             f"{CLIENT_ADDRESS}/24", strict=False
         ):
             _ip("-n", server.name, "route", "add", f"{source}/32", "via", CLIENT_ADDRESS)
-    # the server listens on its veth address; targets keep their ports
     endpoints = []
     for endpoint in scenario.target.endpoints:
         if endpoint.is_ipv6:
@@ -285,9 +372,9 @@ def _add_netem(ns: Namespace, netem: list[str]) -> None:
         return
     if "unknown" in result.stderr.lower():
         raise RunError(
-            "[lab] delay, jitter and loss need the kernel's netem qdisc"
-            " (CONFIG_NET_SCH_NETEM), which this kernel does not have; run without them"
-            " (--set lab.delay=0ms) or on a kernel built with netem"
+            '[lab] emulation = "netem" needs the kernel\'s netem qdisc'
+            " (CONFIG_NET_SCH_NETEM), which this kernel does not have; use"
+            ' emulation = "auto" or "relay" (eph\'s userspace relay) instead'
         )
     raise RunError(f"{' '.join(args)}: {result.stderr.strip()}")
 

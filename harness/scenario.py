@@ -38,6 +38,7 @@ from harness.units import format_duration, parse_duration
 
 __all__ = [
     "ClosePolicy",
+    "Emulation",
     "Engine",
     "ListenerClose",
     "Reply",
@@ -229,13 +230,35 @@ class Topology(enum.StrEnum):
     PAIR = "pair"  # client and server namespaces joined by a veth pair
 
 
+class Emulation(enum.StrEnum):
+    """What puts ``delay``/``jitter``/``loss`` on the pair's link."""
+
+    AUTO = "auto"  # netem when the kernel has it, else the relay
+    NETEM = "netem"  # a veth pair with the netem qdisc on each end
+    RELAY = "relay"  # a TUN device in each namespace and eph's userspace relay
+
+
 class LabConfig(_Section):
     """How ``eph lab`` builds its namespaces (ignored by ``eph run``)."""
 
     topology: Topology = Topology.SINGLE
     delay: Duration = 0.0  # round trip added on the pair's link (half each way)
-    jitter: Duration = 0.0
+    jitter: Duration = 0.0  # round trip: ±jitter/2 each way
     loss: Annotated[float, Field(ge=0, le=100, strict=True)] = 0.0  # percent, each way
+    emulation: Emulation = Emulation.AUTO
+
+    @property
+    def impaired(self) -> bool:
+        return bool(self.delay or self.jitter or self.loss)
+
+    @model_validator(mode="after")
+    def _check(self) -> Self:
+        if self.impaired and self.topology is not Topology.PAIR:
+            raise ValueError(
+                "delay, jitter and loss act on the link between two namespaces:"
+                ' they need topology = "pair"'
+            )
+        return self
 
 
 class CollectorConfig(_Section):

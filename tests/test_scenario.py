@@ -97,6 +97,19 @@ def test_range_low_above_high() -> None:
     assert "low end 40099 is above high end 40000" in str(error)
 
 
+def test_link_impairments_need_the_pair_topology() -> None:
+    error = error_of(MINIMAL + '\n[lab]\ndelay = "20ms"\n')
+    assert error.key == "lab"
+    assert 'topology = "pair"' in str(error)
+    assert parse_scenario(MINIMAL, overrides=["lab.topology=pair", "lab.delay=20ms"]).lab.impaired
+
+
+def test_unknown_emulation_lists_the_choices() -> None:
+    error = error_of(MINIMAL, "lab.emulation=tc")
+    assert error.key == "lab.emulation"
+    assert "relay" in str(error) and "netem" in str(error)
+
+
 def test_same_parity_range_is_a_warning_not_an_error() -> None:
     scenario = parse_scenario(MINIMAL + "\n[kernel]\nip_local_port_range = [40000, 40100]\n")
     assert any("same parity" in note for note in scenario.advisories())

@@ -67,6 +67,17 @@ def test_conservation_mismatch_is_reported() -> None:
     assert bad["records_match_locust"] is False and bad["succeeded_match_listener"] is False
 
 
+def test_over_a_lossy_link_the_listener_count_is_shown_not_judged() -> None:
+    cols = _cols([0] * 10, list(range(1000, 1010)))
+    result = _summary(cols, listener={"accepted": 9}, locust_requests=10, lossy_link=True)
+    conservation = result["conservation"]
+    assert conservation["succeeded_match_listener"] is False
+    assert "loses packets" in conservation["listener_check"]
+    assert conservation["ok"] is True
+    wrong_count = _summary(cols, listener={"accepted": 9}, locust_requests=11, lossy_link=True)
+    assert wrong_count["conservation"]["ok"] is False
+
+
 def test_empty_run() -> None:
     summary = _summary(_cols([], []))
     assert summary["connections"]["attempted"] == 0
