@@ -1,15 +1,18 @@
 """The capacity model: what connection rate a client setup sustains before its ports run out.
 
 Per (source address, destination address:port) the kernel can hand out each
-usable port once per *hold* time: 60 s of TIME_WAIT (TCP_TIMEWAIT_LEN) when the
-client closes first, or ``tcp_tw_reuse_delay`` when TIME_WAIT reuse applies
+usable port once per *busy* time: the connection's own lifetime, plus the
+*hold* after it closes: 60 s of TIME_WAIT (TCP_TIMEWAIT_LEN) when the client
+closes first, or ``tcp_tw_reuse_delay`` when TIME_WAIT reuse applies
 (``tcp_tw_reuse`` = 1, or 2 toward loopback, with TCP timestamps on). So::
 
-    max rate = (ports in range - reserved ports in range) / hold x sources x destinations
+    max rate = (ports in range - reserved ports in range) x sources x destinations x hosts
+               / (lifetime + hold)
 
-A server-side close or a reset leaves no TIME_WAIT on the client: no limit
-from TIME_WAIT. At a rate above the maximum, the ports run out after
-``usable x paths / rate`` seconds.
+A server-side close or a reset leaves no TIME_WAIT on the client (hold 0): only
+the lifetime limits it, which for short connections is no practical limit. At
+a rate above the maximum, the ports run out after ``ports / rate`` seconds
+(none has come back by then, since ``ports / rate < lifetime + hold``).
 """
 
 from __future__ import annotations
@@ -20,7 +23,13 @@ from dataclasses import dataclass
 
 from harness.scenario import ClosePolicy
 
-__all__ = ["TIME_WAIT_S", "CapacityModel", "reserved_in_range"]
+__all__ = [
+    "DEFAULT_REUSE_DELAY_S",
+    "TIME_WAIT_S",
+    "CapacityModel",
+    "reserved_in_range",
+    "reuse_applies",
+]
 
 TIME_WAIT_S = 60.0  # TCP_TIMEWAIT_LEN: fixed in the kernel, not tcp_fin_timeout
 DEFAULT_REUSE_DELAY_S = 1.0  # before Linux 6.14 (no sysctl), and its default after
@@ -40,8 +49,10 @@ def reserved_in_range(reserved: str, low: int, high: int) -> int:
 class CapacityModel:
     usable_ports: int  # per path
     paths: int  # source addresses x destinations
-    hold_s: float | None  # how long a used port stays unavailable; None: no client TIME_WAIT
+    hold_s: float | None  # how long a closed port stays unavailable; None: no client TIME_WAIT
     reuse: bool  # TIME_WAIT reuse applies
+    lifetime_s: float = 0.0  # connect to close: the port is busy then too
+    hosts: int = 1  # load-generator hosts, each with its own ports
 
     @classmethod
     def from_settings(
@@ -55,29 +66,38 @@ class CapacityModel:
         close: ClosePolicy = ClosePolicy.CLIENT,
         destinations: Sequence[str] = (),
         sources: int = 1,
+        lifetime_s: float = 0.0,
+        hosts: int = 1,
     ) -> CapacityModel:
         low, high = int(port_range[0]), int(port_range[1])
         usable = max(0, high - low + 1 - reserved_in_range(reserved, low, high))
         paths = max(1, sources) * max(1, len(destinations))
+        life, hosts = max(0.0, lifetime_s), max(1, hosts)
         if close is not ClosePolicy.CLIENT:
-            return cls(usable, paths, None, False)
+            return cls(usable, paths, None, False, life, hosts)
         loopback = bool(destinations) and all(_loopback(d) for d in destinations)
-        reuse = bool(timestamps) and (tw_reuse == 1 or (tw_reuse == 2 and loopback))
+        reuse = reuse_applies(tw_reuse, timestamps, loopback)
         if reuse:
             delay = DEFAULT_REUSE_DELAY_S if reuse_delay_ms is None else reuse_delay_ms / 1000
-            return cls(usable, paths, delay, True)
-        return cls(usable, paths, TIME_WAIT_S, False)
+            return cls(usable, paths, delay, True, life, hosts)
+        return cls(usable, paths, TIME_WAIT_S, False, life, hosts)
 
     @property
     def ports(self) -> int:
-        """Ports available across every path before the first failure."""
-        return self.usable_ports * self.paths
+        """Ports available across every path and host before the first failure."""
+        return self.usable_ports * self.paths * self.hosts
+
+    @property
+    def busy_s(self) -> float:
+        """How long one connection keeps its port from the next: lifetime + hold."""
+        return self.lifetime_s + (self.hold_s or 0.0)
 
     @property
     def max_rate_per_s(self) -> float | None:
-        if self.hold_s is None:
+        """The sustainable rate; None when nothing holds a port (no TIME_WAIT, no lifetime)."""
+        if self.busy_s <= 0:
             return None
-        return self.ports / self.hold_s
+        return self.ports / self.busy_s
 
     def time_to_exhaustion_s(self, rate: float) -> float | None:
         """At ``rate`` new connections/s, when the first connect fails (None: never)."""
@@ -85,6 +105,11 @@ class CapacityModel:
         if limit is None or rate <= limit or rate <= 0:
             return None
         return self.ports / rate
+
+
+def reuse_applies(tw_reuse: int, timestamps: int, loopback: bool) -> bool:
+    """tcp_tw_reuse: 1 everywhere, 2 toward loopback only; either needs timestamps."""
+    return bool(timestamps) and (tw_reuse == 1 or (tw_reuse == 2 and loopback))
 
 
 def _loopback(address: str) -> bool:

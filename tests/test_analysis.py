@@ -3,41 +3,15 @@
 from __future__ import annotations
 
 import numpy as np
-import pyarrow as pa
 import pytest
 
 from harness.analysis import audit_tuples
 from harness.model import CapacityModel, reserved_in_range
-from harness.records import CONNECTIONS_SCHEMA
 from harness.scenario import ClosePolicy
 
+from .tables import connections_table as _table
+
 S = 1_000_000_000
-
-
-def _table(rows: list[tuple[int, int, int, int]], close: str = "client") -> pa.Table:
-    """rows: (start_ns, close_us, local_port, errno) toward one destination."""
-    n = len(rows)
-
-    def const(value: str) -> pa.DictionaryArray:
-        return pa.DictionaryArray.from_arrays(pa.array(np.zeros(n, np.int32)), pa.array([value]))
-
-    return pa.table(
-        {
-            "start_ns": pa.array([r[0] for r in rows], pa.int64()),
-            "connect_us": pa.array([10] * n, pa.uint32()),
-            "close_us": pa.array([r[1] for r in rows], pa.uint32()),
-            "local_addr": const("127.0.0.1"),
-            "local_port": pa.array([r[2] for r in rows], pa.uint16()),
-            "remote_addr": const("127.0.0.1"),
-            "remote_port": pa.array([9000] * n, pa.uint16()),
-            "errno": pa.array([r[3] for r in rows], pa.uint16()),
-            "io_errno": pa.array([0] * n, pa.uint16()),
-            "close": const(close),
-            "engine": const("locust"),
-            "pid": pa.array([1] * n, pa.uint32()),
-        },
-        schema=CONNECTIONS_SCHEMA,
-    )
 
 
 def test_clean_run_has_no_duplicates_and_counts_reuse() -> None:
@@ -138,6 +112,19 @@ def test_no_client_limit_when_the_server_closes_or_resets() -> None:
         model = CapacityModel.from_settings(port_range=[40000, 40099], close=close)
         assert model.max_rate_per_s is None
         assert model.time_to_exhaustion_s(1e6) is None
+
+
+def test_lifetime_and_hosts_enter_the_model() -> None:
+    # server close, connections held 30 s: 28,232 ports / 30 s per host
+    model = CapacityModel.from_settings(
+        port_range=[32768, 60999], close=ClosePolicy.SERVER, lifetime_s=30.0, hosts=2
+    )
+    assert model.hold_s is None and model.busy_s == 30.0
+    assert model.max_rate_per_s == pytest.approx(2 * 28232 / 30)
+    reuse = CapacityModel.from_settings(
+        port_range=[40000, 40099], tw_reuse=1, reuse_delay_ms=200, lifetime_s=0.05
+    )
+    assert reuse.max_rate_per_s == pytest.approx(100 / 0.25)
 
 
 def test_time_to_exhaustion() -> None:

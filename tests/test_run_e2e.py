@@ -195,7 +195,7 @@ def test_time_wait_reuse_matches_twrecycled_and_the_model(tmp_path: Path, netns:
     _, summary = _run(tmp_path, scenario, netns.command([]))
     capacity, time_wait = summary["capacity"], summary["time_wait"]
     assert capacity["model_reuse"] is True and capacity["model_hold_s"] == pytest.approx(0.1)
-    assert capacity["model_max_rate_per_s"] == pytest.approx(1000.0)
+    assert capacity["model_max_rate_per_s"] == pytest.approx(1000.0, rel=0.02)
     # rel 0.15: the first burst of free ports adds ~3%, each reuse cycle runs a little
     # past the delay (close, backoff); without reuse this would be ~33/s
     assert capacity["measured_rate_per_s"] == pytest.approx(1000.0, rel=0.15), capacity

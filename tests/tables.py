@@ -1,0 +1,34 @@
+"""Connection tables whose answers are known, for analysis and report tests."""
+
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+
+from harness.records import CONNECTIONS_SCHEMA
+
+
+def connections_table(rows: list[tuple[int, int, int, int]], close: str = "client") -> pa.Table:
+    """rows: (start_ns, close_us, local_port, errno) toward one destination."""
+    n = len(rows)
+
+    def const(value: str) -> pa.DictionaryArray:
+        return pa.DictionaryArray.from_arrays(pa.array(np.zeros(n, np.int32)), pa.array([value]))
+
+    return pa.table(
+        {
+            "start_ns": pa.array([r[0] for r in rows], pa.int64()),
+            "connect_us": pa.array([10] * n, pa.uint32()),
+            "close_us": pa.array([r[1] for r in rows], pa.uint32()),
+            "local_addr": const("127.0.0.1"),
+            "local_port": pa.array([r[2] for r in rows], pa.uint16()),
+            "remote_addr": const("127.0.0.1"),
+            "remote_port": pa.array([9000] * n, pa.uint16()),
+            "errno": pa.array([r[3] for r in rows], pa.uint16()),
+            "io_errno": pa.array([0] * n, pa.uint16()),
+            "close": const(close),
+            "engine": const("locust"),
+            "pid": pa.array([1] * n, pa.uint32()),
+        },
+        schema=CONNECTIONS_SCHEMA,
+    )
