@@ -26,7 +26,7 @@ LOADTEST_FLAGS += $(if $(USERS),--set load.users=$(USERS)) $(if $(RATE),--set lo
                   $(if $(DURATION),--set duration=$(DURATION))
 
 .DEFAULT_GOAL := help
-.PHONY: help setup test lint typecheck pytest loadtest bench clean
+.PHONY: help setup system-deps test lint typecheck pytest loadtest bench clean
 
 help: ## Show this help
 	@echo "eph: ephemeral-port exhaustion harness"
@@ -43,6 +43,20 @@ $(STAMP): pyproject.toml
 
 setup: $(STAMP) ## Create .venv and install eph with its dev tools (idempotent)
 
+# Debian tools the tests use: ip/ss (iproute2) and a headless browser for report.html
+system-deps: ## Install iproute2 and chromium with apt-get when missing (root)
+	@missing=""; \
+	command -v ip >/dev/null && command -v ss >/dev/null || missing="$$missing iproute2"; \
+	command -v chromium >/dev/null || missing="$$missing chromium"; \
+	if [ -n "$$missing" ]; then \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    echo "installing:$$missing"; \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing >/dev/null; \
+	  else \
+	    echo "missing:$$missing (install them, or run make as root on Debian)"; exit 1; \
+	  fi; \
+	fi
+
 lint: setup ## ruff on the code
 	$(BIN)/ruff check harness tests bench
 
@@ -52,7 +66,8 @@ typecheck: setup ## mypy --strict on harness/
 pytest: setup ## Only the test suite (ARGS= passes pytest flags)
 	$(BIN)/pytest $(ARGS)
 
-test: lint typecheck pytest ## Lint, type-check and run the whole test suite
+test: export EPH_REQUIRE_BROWSER = 1
+test: system-deps lint typecheck pytest ## Lint, type-check and run the whole test suite
 
 loadtest: setup ## Default scenario in a lab (or on loopback), or TARGET=host:port with staging.toml
 ifeq ($(strip $(TARGET)),)

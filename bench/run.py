@@ -180,25 +180,21 @@ def collector_vs_ss(binary: Path, sockets: int) -> dict[str, Any]:
     return result
 
 
-def analysis_time(connections: int) -> dict[str, Any]:
-    """finalize()'s analysis over ``connections`` synthetic records (no load needed)."""
+def synthetic_table(n: int) -> Any:
+    """``n`` records at 20,000/s over the default 28,232-port range, 5% EADDRNOTAVAIL."""
     import numpy as np
     import pyarrow as pa
 
-    from harness.analysis import analyze
     from harness.records import CONNECTIONS_SCHEMA
-    from harness.scenario import parse_scenario
-    from harness.summary import Columns, summarize
 
     rng = np.random.default_rng(3)
-    n = connections
     ports = 32768 + (np.arange(n) * 2 + (np.arange(n) // 14116) % 2) % 28232
     errno = np.where(rng.random(n) < 0.05, 99, 0).astype(np.uint16)
 
     def const(value: str) -> pa.DictionaryArray:
         return pa.DictionaryArray.from_arrays(pa.array(np.zeros(n, np.int32)), pa.array([value]))
 
-    table = pa.table(
+    return pa.table(
         {
             "start_ns": pa.array(np.arange(n, dtype=np.int64) * 50_000),
             "connect_us": pa.array(rng.integers(20, 2000, n).astype(np.uint32)),
@@ -215,15 +211,83 @@ def analysis_time(connections: int) -> dict[str, Any]:
         },
         schema=CONNECTIONS_SCHEMA,
     )
-    scenario = parse_scenario('name = "b"\n[target]\nendpoints = ["127.0.0.1:9000"]\n')
-    kernel = {"ip_local_port_range": [32768, 60999], "tcp_tw_reuse": 0, "tcp_timestamps": 1}
+
+
+_KERNEL = {"ip_local_port_range": [32768, 60999], "tcp_tw_reuse": 1, "tcp_timestamps": 1}
+_SCENARIO = 'name = "b"\n[target]\nendpoints = ["127.0.0.1:9000"]\n'
+
+
+def analysis_time(connections: int) -> dict[str, Any]:
+    """finalize()'s analysis over ``connections`` synthetic records (no load needed)."""
+    from harness.analysis import analyze
+    from harness.scenario import parse_scenario
+    from harness.summary import Columns, summarize
+
+    table = synthetic_table(connections)
+    scenario = parse_scenario(_SCENARIO)
     started = time.perf_counter()
     cols = Columns.from_table(table)
     summary = summarize(
-        cols, scenario="b", started_at="-", duration_s=50.0, interrupted=False, kernel=kernel
+        cols, scenario="b", started_at="-", duration_s=50.0, interrupted=False, kernel=_KERNEL
     )
-    analyze(table, None, scenario, kernel, summary)
-    return {"connections": n, "seconds": round(time.perf_counter() - started, 2)}
+    analyze(table, None, scenario, _KERNEL, summary)
+    return {"connections": connections, "seconds": round(time.perf_counter() - started, 2)}
+
+
+def report_time(connections: int, workdir: Path) -> dict[str, Any]:
+    """``eph report`` on a synthetic run directory of ``connections`` records and a
+    collector sample every 100 ms (with its port lists): wall time and peak memory
+    of the child process that does it (ru_maxrss)."""
+    import resource
+
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from harness.collector import SAMPLES_SCHEMA, STATES
+    from harness.scenario import parse_scenario
+
+    run = workdir / "report-run"
+    run.mkdir()
+    table = synthetic_table(connections)
+    pq.write_table(table, run / "connections.parquet")
+    start = table.column("start_ns").to_numpy()
+    times = np.arange(start.min(), start.max(), 100_000_000)
+    rows: dict[str, list[Any]] = {name: [] for name in SAMPLES_SCHEMA.names}
+    for i, t in enumerate(times):
+        in_use = min(28232, int(20_000 * (i + 1) * 0.1))  # fills in 1.4 s, then stays full
+        for scope in ("all", "to 127.0.0.1:9000"):
+            rows["t_ns"].append(int(t))
+            rows["scope"].append(scope)
+            for state in STATES:
+                rows[state].append(
+                    in_use - 20 if state == "time_wait" else 20 if state == "established" else 0
+                )
+            rows["ports"].append(
+                None if scope == "all" else np.arange(32768, 32768 + in_use, dtype=np.uint16)
+            )
+            for name in SAMPLES_SCHEMA.names[len(STATES) + 3 :]:
+                rows[name].append(i * 100 if scope == "all" else None)
+    pq.write_table(pa.table(rows, schema=SAMPLES_SCHEMA), run / "samples.parquet")
+    scenario = parse_scenario(_SCENARIO)
+    (run / "scenario.json").write_text(json.dumps(scenario.to_json()))
+    (run / "summary.json").write_text(
+        json.dumps({"kernel": _KERNEL, "duration_s": connections / 20_000, "interrupted": False})
+    )
+    before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    started = time.perf_counter()
+    subprocess.run(
+        [sys.executable, "-m", "harness", "report", str(run)], check=True, capture_output=True
+    )
+    seconds = time.perf_counter() - started
+    peak_kib = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    return {
+        "connections": connections,
+        "samples": len(times),
+        "seconds": round(seconds, 2),
+        "peak_rss_mib": round(peak_kib / 1024, 1) if peak_kib > before else None,
+        "report_html_mib": round((run / "report.html").stat().st_size / 2**20, 2),
+    }
 
 
 def compile_baseline(workdir: Path) -> Path | None:
@@ -265,7 +329,18 @@ def main() -> int:
     parser.add_argument("--users", type=int, default=20)
     parser.add_argument("--tw-sockets", type=int, default=28000)
     parser.add_argument("--analysis-connections", type=int, default=1_000_000)
+    parser.add_argument(
+        "--only", choices=["all", "report"], default="all", help="report: only the 1M render"
+    )
     args = parser.parse_args()
+    if args.only == "report":
+        with tempfile.TemporaryDirectory(prefix="eph-bench-") as tmp:
+            print(
+                json.dumps(
+                    {"machine": machine(), "report": report_time(1_000_000, Path(tmp))}, indent=2
+                )
+            )
+        return 0
 
     with tempfile.TemporaryDirectory(prefix="eph-bench-") as tmp:
         workdir = Path(tmp)
@@ -325,6 +400,8 @@ def main() -> int:
         "collector_at_time_wait": collector,
         "analysis": analysis_time(args.analysis_connections),
     }
+    with tempfile.TemporaryDirectory(prefix="eph-bench-") as tmp:
+        report["report"] = report_time(args.analysis_connections, Path(tmp))
     print(json.dumps(report, indent=2))
     return 0
 

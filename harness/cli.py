@@ -15,7 +15,7 @@ from rich.text import Text
 from harness.endpoints import Endpoint
 from harness.errors import EphError
 from harness.progress import Progress
-from harness.scenario import ListenerClose, Scenario, load_scenario
+from harness.scenario import ClosePolicy, ListenerClose, Scenario, load_scenario
 
 if TYPE_CHECKING:
     from harness.run import RunResult
@@ -270,12 +270,38 @@ def listen(
 
 
 @cli.command()
-@click.argument("run_dir", type=click.Path(path_type=Path))
-def report(run_dir: Path) -> None:
-    """Render RUN_DIR's summary.json and report.html again from its stored data."""
-    from harness.finalize import rerender
+@click.argument("run_dirs", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option("--compare", is_flag=True, help="Put the runs side by side in one page.")
+@click.option(
+    "--out",
+    type=click.Path(path_type=Path),
+    help="The comparison page (default reports/compare-<time>.html).",
+)
+def report(run_dirs: Sequence[Path], compare: bool, out: Path | None) -> None:
+    """Render RUN_DIR's summary.json and report.html again from its stored data.
 
-    _print_result(run_dir, rerender(run_dir))
+    With --compare, RUN_DIR A B [...]: one page with the runs side by side, e.g.
+    before and after tuning (each run is labelled by its directory name).
+    """
+    from harness.finalize import load_run, rerender
+
+    if not compare:
+        if len(run_dirs) != 1:
+            raise click.UsageError("give one RUN_DIR, or --compare A B [...]")
+        _print_result(run_dirs[0], rerender(run_dirs[0]))
+        return
+    import time
+
+    from harness.report import render_comparison
+
+    if len(run_dirs) < 2:
+        raise click.UsageError("--compare needs two run directories or more")
+    runs = [(path.resolve().name, load_run(path)) for path in run_dirs]
+    if out is None:
+        out = Path("reports") / f"compare-{time.strftime('%Y%m%d-%H%M%S')}.html"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    render_comparison(out, runs)
+    click.echo(f"comparison: {out}")
 
 
 @cli.command()
@@ -315,6 +341,135 @@ def collect(
         raise click.UsageError("give --out DIR (or --once)")
     count = run_collector(out, resolved, interval=every, duration=seconds)
     click.echo(f"{count} samples in {out / 'samples.parquet'}")
+
+
+def _duration(_ctx: click.Context, param: click.Parameter, value: str | None) -> float | None:
+    from harness.units import parse_duration
+
+    if value is None:
+        return None
+    try:
+        return parse_duration(value)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param=param) from None
+
+
+def _port_range(_ctx: click.Context, param: click.Parameter, value: str | None) -> Any:
+    if value is None:
+        return None
+    low, sep, high = value.partition("-")
+    if not (sep and low.isdigit() and high.isdigit() and 1 <= int(low) <= int(high) <= 65535):
+        raise click.BadParameter(f"{value!r} is not LOW-HIGH within 1-65535", param=param)
+    return (int(low), int(high))
+
+
+@cli.command()
+@click.option(
+    "--rate",
+    type=click.FloatRange(min=0, min_open=True),
+    help="New connections/s wanted (all hosts together).",
+)
+@click.option(
+    "--lifetime",
+    callback=_duration,
+    help="How long a connection lives, connect to close (e.g. 50ms). [default: 0]",
+)
+@click.option(
+    "--close",
+    type=click.Choice([c.value for c in ClosePolicy]),
+    help="Who closes first. [default: client]",
+)
+@click.option(
+    "--port-range",
+    callback=_port_range,
+    metavar="LOW-HIGH",
+    help="ip_local_port_range. [default: this host's]",
+)
+@click.option(
+    "--reserved", help='ip_local_reserved_ports, e.g. "40000-40009,50000". [default: this host\'s]'
+)
+@click.option("--tw-reuse", type=click.IntRange(0, 2), help="tcp_tw_reuse. [default: this host's]")
+@click.option(
+    "--reuse-delay",
+    callback=_duration,
+    help="tcp_tw_reuse_delay (Linux 6.14+). [default: this host's, or 1s]",
+)
+@click.option("--sources", type=click.IntRange(min=1), help="Source addresses. [default: 1]")
+@click.option(
+    "--destinations",
+    type=click.IntRange(min=1),
+    help="Destination address:port pairs. [default: 1]",
+)
+@click.option(
+    "--loopback", is_flag=True, help="The destinations are loopback (tcp_tw_reuse=2 applies)."
+)
+@click.option("--hosts", type=click.IntRange(min=1), help="Load-generator hosts. [default: 1]")
+@click.option(
+    "--from",
+    "run_dir",
+    type=click.Path(path_type=Path),
+    help="Take the inputs from a run directory; compare model and measured.",
+)
+@click.option("--json", "as_json", is_flag=True, help="Print JSON for tools instead of text.")
+def plan(
+    rate: float | None,
+    lifetime: float | None,
+    close: str | None,
+    port_range: tuple[int, int] | None,
+    reserved: str | None,
+    tw_reuse: int | None,
+    reuse_delay: float | None,
+    sources: int | None,
+    destinations: int | None,
+    loopback: bool,
+    hosts: int | None,
+    run_dir: Path | None,
+    as_json: bool,
+) -> None:
+    """What rate a setup sustains, and what reaches the rate you need (sends no load).
+
+    Unset settings come from this host's kernel (read, never written), or with
+    --from from the run. The sysctl.d snippet is printed for you to apply by hand.
+    """
+    import json
+    from dataclasses import replace
+
+    from harness.kernel import read_kernel
+    from harness.plan import from_kernel, from_run, make_plan, render_text
+    from harness.rundir import RunDir
+
+    given: dict[str, Any] = {
+        "lifetime_s": lifetime,
+        "close": ClosePolicy(close) if close else None,
+        "port_range": port_range,
+        "reserved": reserved,
+        "tw_reuse": tw_reuse,
+        "reuse_delay_ms": round(reuse_delay * 1000) if reuse_delay is not None else None,
+        "sources": sources,
+        "destinations": destinations,
+        "loopback": loopback or None,
+        "hosts": hosts,
+    }
+    measured = None
+    if run_dir is not None:
+        run = RunDir.open(run_dir)
+        inputs, measured = from_run(run.read_json("summary.json"), run.read_json("scenario.json"))
+        changes: dict[str, Any] = {k: v for k, v in given.items() if v is not None}
+        if rate:
+            changes["rate"] = rate
+        inputs = replace(inputs, **changes)
+    elif rate is None:
+        raise click.UsageError("give --rate N (new connections/s), or --from RUN_DIR")
+    else:
+        inputs = from_kernel(read_kernel(), rate, **given)
+    result = make_plan(inputs)
+    if as_json:
+        data = result.to_json()
+        if measured is not None:
+            data["measured"] = {k: {"model": m, "measured": v} for k, (m, v) in measured.items()}
+        click.echo(json.dumps(data, indent=2))
+    else:
+        click.echo(render_text(result, measured), nl=False)
 
 
 @cli.command()

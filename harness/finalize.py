@@ -13,6 +13,7 @@ import pyarrow.parquet as pq
 
 from harness.analysis import analyze
 from harness.errors import RunDirError
+from harness.figures import RunData
 from harness.kernel import read_kernel
 from harness.records import merge_parts
 from harness.report import render_report
@@ -20,7 +21,7 @@ from harness.rundir import RunDir
 from harness.scenario import Scenario
 from harness.summary import Columns, summarize
 
-__all__ = ["finalize", "locust_request_count", "rerender"]
+__all__ = ["finalize", "load_run", "locust_request_count", "rerender"]
 
 logger = logging.getLogger(__name__)
 
@@ -76,7 +77,7 @@ def finalize(
         analyze(table, samples, Scenario.model_validate(scenario), kernel, summary, server_samples)
     )
     run.write_json("summary.json", summary)
-    render_report(run.report, cols, summary, scenario)
+    render_report(run.report, RunData(table, samples, summary, scenario, server_samples))
     return summary
 
 
@@ -110,6 +111,24 @@ def rerender(path: Path) -> dict[str, Any]:
         duration_s=previous.get("duration_s"),
         kernel=previous.get("kernel"),
         listener=listener,
+    )
+
+
+def load_run(path: Path) -> RunData:
+    """A finalized run directory's data, for ``eph report --compare``."""
+    run = RunDir.open(path)
+    if not run.summary.exists():
+        rerender(path)
+    try:
+        table = pq.read_table(run.connections)
+    except (OSError, ValueError) as exc:
+        raise RunDirError(path, f"connections.parquet is unreadable ({exc})") from None
+    return RunData(
+        table,
+        _read_samples(run.path / "samples.parquet"),
+        run.read_json("summary.json"),
+        run.read_json("scenario.json"),
+        _read_samples(run.path / "server" / "samples.parquet"),
     )
 
 

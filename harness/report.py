@@ -9,15 +9,13 @@ from pathlib import Path
 from typing import Any
 
 import jinja2
-import numpy as np
 from matplotlib.figure import Figure
 
-from harness.churn import errno_name
-from harness.summary import Columns
+from harness.figures import FIGURES, RunData
+from harness.plan import from_run, make_plan
 
-__all__ = ["render_report"]
+__all__ = ["findings", "recommendations", "render_report"]
 
-SCATTER_LIMIT = 50_000  # above this many points the port map becomes a 2-D histogram
 _ENV = jinja2.Environment(
     loader=jinja2.PackageLoader("harness", "templates"),
     autoescape=jinja2.select_autoescape(["html", "j2"]),
@@ -25,33 +23,51 @@ _ENV = jinja2.Environment(
 )
 
 
-def render_report(
-    path: Path, cols: Columns, summary: dict[str, Any], scenario: dict[str, Any]
-) -> None:
-    figures = [
-        ("Connections per second", _rate_figure(cols), _RATE_NOTE),
-        ("Source-port allocation", _port_figure(cols, summary), _PORT_NOTE),
-    ]
+def render_report(path: Path, data: RunData) -> None:
+    """Every figure of :data:`harness.figures.FIGURES`, the findings and the
+    recommendations, in one HTML file that needs nothing else to open."""
+    figures = [(title, _png(make(data)), note) for title, make, note in FIGURES]
     html = _ENV.get_template("report.html.j2").render(
-        summary=summary,
-        scenario=scenario,
-        scenario_json=json.dumps(scenario, indent=2),
-        findings=findings(summary),
-        figures=[(title, _png(fig), note) for title, fig, note in figures],
+        summary=data.summary,
+        scenario=data.scenario,
+        scenario_json=json.dumps(data.scenario, indent=2),
+        findings=findings(data.summary),
+        recommendations=recommendations(data.summary, data.scenario),
+        figures=figures,
     )
     tmp = path.with_suffix(".html.tmp")
     tmp.write_text(html, encoding="utf-8")
     tmp.replace(path)
 
 
-_RATE_NOTE = (
-    "Attempts, successes and failures by errno in each time bin, per second. A step down"
-    " to the backoff rate with EADDRNOTAVAIL failures is the port range running out."
-)
-_PORT_NOTE = (
-    "Each successful connection's ephemeral source port against its start time; even ports"
-    " blue, odd orange. connect() hands out ports of the range's low-end parity first."
-)
+def recommendations(summary: dict[str, Any], scenario: dict[str, Any]) -> list[str]:
+    """What the capacity model says would raise the ceiling this run met."""
+    if not summary.get("capacity", {}).get("model_ports"):
+        return []
+    inputs, _ = from_run(summary, scenario)
+    plan = make_plan(inputs)
+    if plan.meets_goal and not summary.get("exhaustion", {}).get("exhausted"):
+        if plan.max_rate_per_s is None or plan.headroom is None:
+            return [f"No port limit at {inputs.rate:,.0f}/s: nothing to change."]
+        return [
+            f"The setup sustains {plan.max_rate_per_s:,.0f}/s, {plan.headroom:+.0%} over the"
+            f" {inputs.rate:,.0f}/s offered: nothing to change for this load."
+        ]
+    out = [
+        f"To sustain the offered {inputs.rate:,.0f}/s (the model's ceiling here:"
+        f" {plan.max_rate_per_s or 0:,.0f}/s), any one of these:"
+    ]
+    for lever in plan.levers:
+        if lever.reaches_goal:
+            rate = (
+                "no port limit"
+                if lever.max_rate_per_s is None
+                else f"{lever.max_rate_per_s:,.0f}/s"
+            )
+            out.append(f"[{lever.kind}] {lever.name}, up to {rate}: {lever.change}.")
+    if len(out) == 1:
+        out.append("No single change reaches it; combine them (see eph plan --from RUN_DIR).")
+    return out
 
 
 def findings(summary: dict[str, Any]) -> list[str]:
@@ -108,78 +124,113 @@ def _kernel_findings(summary: dict[str, Any]) -> list[str]:
         kernel = time_wait.get("kernel_tw_recycled")
         text = f"Reuse out of TIME_WAIT: {time_wait['reused_connections']} connections"
         out.append(text + (f", kernel TWRecycled {kernel}." if kernel is not None else "."))
-    capacity = summary.get("capacity")
-    if capacity and capacity.get("model_max_rate_per_s") is not None:
+    out.extend(_capacity_findings(summary.get("capacity") or {}))
+    return out
+
+
+def _capacity_findings(capacity: dict[str, Any]) -> list[str]:
+    if capacity.get("model_ports") is None:
+        return []
+    limit, hold = capacity.get("model_max_rate_per_s"), capacity.get("model_hold_s")
+    lifetime_ms = (capacity.get("model_lifetime_s") or 0.0) * 1000
+    if hold is None:
+        text = "Capacity model: no TIME_WAIT on the client (it does not close first)"
+        if limit:
+            text += f"; only each connection's {lifetime_ms:.3g} ms life holds a port"
+        return [text + "."]
+    busy = f"{hold:g} s hold" + (f" + {lifetime_ms:.3g} ms lifetime" if lifetime_ms else "")
+    out = [
+        f"Capacity model: at most {limit:,.0f} new connections/s"
+        f" ({capacity['model_ports']} ports / ({busy})); measured"
+        f" {capacity.get('measured_rate_per_s')}/s on average."
+    ]
+    sustained = capacity.get("measured_sustained_rate_per_s")
+    if sustained is not None and limit:
         out.append(
-            f"Capacity model: at most {capacity['model_max_rate_per_s']:g} new"
-            f" connections/s ({capacity['model_ports']} ports /"
-            f" {capacity['model_hold_s']:g} s); measured {capacity['measured_rate_per_s']}/s."
+            f"After exhaustion the rate settled at {sustained:,.0f}/s,"
+            f" {sustained / limit - 1:+.1%} against the model."
         )
-    elif capacity and capacity.get("model_ports") is not None:
+    tte, model_tte = (
+        capacity.get("measured_time_to_exhaustion_s"),
+        capacity.get("model_time_to_exhaustion_s"),
+    )
+    if tte is not None and model_tte:
         out.append(
-            "Capacity model: no client-side limit from TIME_WAIT (the client does not close first)."
+            f"Time to exhaustion: {tte:.3g} s measured, {model_tte:.3g} s from the model at"
+            f" the offered {capacity.get('offered_rate_per_s') or 0:,.0f}/s"
+            f" ({capacity.get('offered_rate_source')})."
         )
     return out
 
 
-def time_bins(seconds: np.ndarray) -> tuple[np.ndarray, float]:
-    """Whole bins only: a last, partial bin would read as a false drop in rate."""
-    span = float(seconds.max()) if len(seconds) else 0.0
-    width = 0.1 if span <= 10 else 1.0 if span <= 600 else 10.0
-    count = max(1, int(span // width))
-    return np.arange(count + 1) * width, width
-
-
-def _rate_figure(cols: Columns) -> Figure:
-    fig = Figure(figsize=(10, 4), layout="constrained")  # no pyplot: no global state
-    ax = fig.subplots()
-    t = cols.seconds()
-    edges, width = time_bins(t)
-    centers = edges[:-1]
-    ax.plot(centers, np.histogram(t, edges)[0] / width, label="attempts", color="black", lw=1.2)
-    ax.plot(
-        centers, np.histogram(t[cols.ok], edges)[0] / width, label="succeeded", color="tab:green"
-    )
-    for value in np.unique(cols.errno[cols.errno != 0]):
-        mask = cols.errno == value
-        ax.plot(centers, np.histogram(t[mask], edges)[0] / width, label=errno_name(int(value)))
-    ax.set_xlabel("time since first attempt (s)")
-    ax.set_ylabel(f"connections per second ({width:g} s bins)")
-    ax.set_title("Connection attempts per second, by outcome")
-    ax.grid(alpha=0.3)
-    ax.legend(loc="upper right")
-    return fig
-
-
-def _port_figure(cols: Columns, summary: dict[str, Any]) -> Figure:
-    fig = Figure(figsize=(10, 4.5), layout="constrained")
-    ax = fig.subplots()
-    ok = cols.ok
-    t, port = cols.seconds()[ok], cols.local_port[ok]
-    if len(port) > SCATTER_LIMIT:
-        image = ax.hexbin(t, port, gridsize=(120, 60), bins="log", cmap="viridis", mincnt=1)
-        fig.colorbar(image, ax=ax, label="connections per cell")
-    else:
-        even = port % 2 == 0
-        ax.scatter(t[even], port[even], s=2, color="tab:blue", label="even port")
-        ax.scatter(t[~even], port[~even], s=2, color="tab:orange", label="odd port")
-        if len(port):
-            ax.legend(loc="upper right", markerscale=4)
-    port_range = summary["ports"].get("range")
-    if isinstance(port_range, list) and len(port_range) == 2:
-        for edge in port_range:
-            ax.axhline(edge, color="grey", ls="--", lw=0.8)
-        ax.set_ylim(
-            port_range[0] - 0.02 * (port_range[1] - port_range[0]) - 1,
-            port_range[1] + 0.02 * (port_range[1] - port_range[0]) + 1,
-        )
-    ax.set_xlabel("time since first attempt (s)")
-    ax.set_ylabel("local (ephemeral) port")
-    ax.set_title("Source port given to each successful connection (dashed: ip_local_port_range)")
-    return fig
-
-
 def _png(fig: Figure) -> str:
     buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=100)
+    fig.savefig(buffer, format="png", dpi=90)
     return base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
+# what the comparison table shows: label, path into summary.json
+COMPARED: list[tuple[str, tuple[str, ...]]] = [
+    ("scenario", ("scenario",)),
+    ("port range", ("ports", "range")),
+    ("tcp_tw_reuse", ("kernel", "tcp_tw_reuse")),
+    ("reuse delay (ms)", ("kernel", "tcp_tw_reuse_delay_ms")),
+    ("attempted", ("connections", "attempted")),
+    ("succeeded", ("connections", "succeeded")),
+    ("failed", ("connections", "failed")),
+    ("attempts/s", ("connections", "rate_per_s")),
+    ("exhausted after (s)", ("exhaustion", "first_failure_s")),
+    ("sustained after exhaustion (/s)", ("capacity", "measured_sustained_rate_per_s")),
+    ("model ceiling (/s)", ("capacity", "model_max_rate_per_s")),
+    ("TIME_WAIT peak", ("time_wait", "peak")),
+    ("reused out of TIME_WAIT", ("time_wait", "reused_connections")),
+    ("connect p50 (ms)", ("connections", "connect_ms", "p50")),
+    ("connect p99 (ms)", ("connections", "connect_ms", "p99")),
+]
+
+
+def _lookup(summary: dict[str, Any], path: tuple[str, ...]) -> Any:
+    value: Any = summary
+    for key in path:
+        value = value.get(key) if isinstance(value, dict) else None
+    if isinstance(value, list):
+        return "-".join(str(v) for v in value)
+    return "-" if value is None else value
+
+
+def render_comparison(path: Path, runs: list[tuple[str, RunData]]) -> None:
+    """``eph report --compare``: runs side by side, e.g. before and after tuning."""
+    from harness.figures import compare_capacity, compare_occupancy, compare_successes
+
+    rows = [(label, [_lookup(d.summary, keys) for _, d in runs]) for label, keys in COMPARED]
+    figures = [
+        (title, _png(make(runs)), note)
+        for title, make, note in (
+            (
+                "Successful connections per second",
+                compare_successes,
+                "Each run's successes per second from its first attempt; a plateau under"
+                " the others is a lower ceiling.",
+            ),
+            (
+                "Ports in use toward the targets",
+                compare_occupancy,
+                "Each run's client sockets toward its targets (all states), from the"
+                " collector; dotted, its usable ports.",
+            ),
+            (
+                "Capacity",
+                compare_capacity,
+                "Each run's model ceiling (x) and measured sustained rate (dot) by range size.",
+            ),
+        )
+    ]
+    html = _ENV.get_template("compare.html.j2").render(
+        names=[name for name, _ in runs],
+        rows=rows,
+        findings=[(name, findings(d.summary)) for name, d in runs],
+        figures=figures,
+    )
+    tmp = path.with_suffix(".html.tmp")
+    tmp.write_text(html, encoding="utf-8")
+    tmp.replace(path)

@@ -1,54 +1,97 @@
-"""report.html renders from stored columns, with and without an embedded listener."""
+"""report.html and the comparison page render from stored columns, every figure in them."""
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from harness.report import findings, render_report, time_bins
+from harness.figures import FIGURES, RunData, time_bins
+from harness.report import findings, recommendations, render_comparison, render_report
 from harness.summary import Columns, summarize
 
+from .tables import connections_table
 
-def _cols(n: int, fail_from: int) -> Columns:
-    errno = np.zeros(n, dtype=np.uint16)
-    errno[fail_from:] = 99
-    ports = np.where(errno == 0, 40000 + np.arange(n) % 100, 0).astype(np.uint16)
-    return Columns(
-        start_ns=np.arange(n, dtype=np.int64) * 1_000_000,
-        connect_us=np.full(n, 50, dtype=np.uint32),
-        local_port=ports,
-        errno=errno,
-        io_errno=np.zeros(n, dtype=np.uint16),
+MS = 1_000_000
+
+
+def _run(n: int, fail_from: int, listener: dict | None = None) -> RunData:  # type: ignore[type-arg]
+    """n attempts 1 ms apart over a 100-port range; from ``fail_from`` on, EADDRNOTAVAIL."""
+    rows = [
+        (i * MS, 200, 40000 + i % 100 if i < fail_from else 0, 0 if i < fail_from else 99)
+        for i in range(n)
+    ]
+    table = connections_table(rows)
+    summary = summarize(
+        Columns.from_table(table),
+        scenario="r",
+        started_at="t",
+        duration_s=max(n, 1) / 1000,
+        interrupted=n == 0,
+        kernel={
+            "ip_local_port_range": [40000, 40099],
+            "ip_local_reserved_ports": "40010-40019",
+            "tcp_tw_reuse": 0,
+        },
+        listener=listener,
     )
+    summary["capacity"] = {
+        "model_ports": 90,
+        "model_max_rate_per_s": 1.5,
+        "model_hold_s": 60.0,
+        "model_lifetime_s": 0.0002,
+        "offered_rate_per_s": 1000.0,
+        "measured_rate_per_s": 100.0,
+    }
+    scenario = {
+        "name": "r",
+        "description": "d <b>escaped</b>",
+        "target": {"endpoints": ["127.0.0.1:9000"]},
+        "load": {"close": "client"},
+    }
+    return RunData(table, None, summary, scenario)
 
 
 @pytest.mark.parametrize("listener", [None, {"accepted": 100}])
 @pytest.mark.parametrize("n", [0, 300, 60_000])
-def test_renders_self_contained(tmp_path: Path, listener: dict | None, n: int) -> None:  # type: ignore[type-arg]
-    cols = _cols(n, fail_from=min(n, 100))
-    summary = summarize(
-        cols,
-        scenario="r",
-        started_at="t",
-        duration_s=1.0,
-        interrupted=n == 0,
-        kernel={"ip_local_port_range": [40000, 40099]},
-        listener=listener,
-    )
+def test_renders_every_figure_self_contained(tmp_path: Path, listener: dict | None, n: int) -> None:  # type: ignore[type-arg]
+    data = _run(n, fail_from=min(n, 100), listener=listener)
     path = tmp_path / "report.html"
-    render_report(path, cols, summary, {"name": "r", "description": "d <b>escaped</b>"})
+    render_report(path, data)
     html = path.read_text()
-    assert html.count("data:image/png;base64,") == 2
+    pngs = re.findall(r'src="data:image/png;base64,([A-Za-z0-9+/=]+)"', html)
+    assert len(pngs) == len(FIGURES) == 8
+    assert all(len(png) > 5_000 for png in pngs)  # a drawn figure, not an empty canvas
     assert "http://" not in html and "https://" not in html  # nothing fetched when opened
     assert "d &lt;b&gt;escaped&lt;/b&gt;" in html
+    for title, _, _ in FIGURES:
+        assert title in html
     if n:
         assert "Exhausted after" in html
+        assert "Recommendations" in html and "keep-alive or pooling" in html
+
+
+def test_recommendations_come_from_the_model() -> None:
+    lines = recommendations(_run(300, 100).summary, _run(300, 100).scenario)
+    assert lines[0].startswith("To sustain the offered 1,000/s")
+    assert any("[code] keep-alive or pooling" in line for line in lines)
+    assert not recommendations({"capacity": {}}, {})
+
+
+def test_comparison_puts_runs_side_by_side(tmp_path: Path) -> None:
+    path = tmp_path / "compare.html"
+    render_comparison(path, [("before", _run(300, 100)), ("after", _run(300, 300))])
+    html = path.read_text()
+    assert html.count("data:image/png;base64,") == 3
+    assert "<th>before</th><th>after</th>" in html
+    row = re.search(r"<th>failed</th>(.*?)</tr>", html, re.S)
+    assert row is not None and re.findall(r">(\d+)<", row.group(1)) == ["200", "0"]
 
 
 def test_findings_name_the_mismatch() -> None:
-    cols = _cols(10, fail_from=10)
+    cols = Columns.from_table(connections_table([(i * MS, 10, 40000 + i, 0) for i in range(10)]))
     summary = summarize(
         cols,
         scenario="r",
@@ -64,10 +107,7 @@ def test_findings_name_the_mismatch() -> None:
 
 
 def test_findings_speak_for_the_kernel() -> None:
-    cols = _cols(10, fail_from=10)
-    summary = summarize(
-        cols, scenario="r", started_at="t", duration_s=1.0, interrupted=False, kernel={}
-    )
+    summary = _run(10, 10).summary
     summary["tuples"] = {"distinct": 10, "max_uses": 1, "concurrent_duplicates": 2}
     summary["time_wait"] = {"reused_connections": 412, "kernel_tw_recycled": 412}
     summary["capacity"] = {
@@ -75,11 +115,13 @@ def test_findings_speak_for_the_kernel() -> None:
         "model_ports": 100,
         "model_hold_s": 1.0,
         "measured_rate_per_s": 98.0,
+        "measured_sustained_rate_per_s": 95.0,
     }
     text = " ".join(findings(summary))
     assert "4-tuples NOT unique: 2 connections" in text
     assert "Reuse out of TIME_WAIT: 412 connections, kernel TWRecycled 412." in text
-    assert "at most 100 new connections/s (100 ports / 1 s); measured 98.0/s" in text
+    assert "at most 100 new connections/s (100 ports / (1 s hold)); measured 98.0/s" in text
+    assert "settled at 95/s, -5.0% against the model" in text
 
 
 def test_time_bins_have_no_partial_tail() -> None:

@@ -1,0 +1,114 @@
+"""eph plan: the model's numbers, levers that do what they claim, and the CLI."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+
+from harness.kernel import SYSCTLS
+from harness.plan import PlanInputs, from_kernel, make_plan, render_text
+from harness.scenario import ClosePolicy
+
+from .conftest import eph
+
+# The KERNEL-NOTES default: 28,232 ports, 60 s of TIME_WAIT -> 470/s
+DEFAULT = PlanInputs(rate=2000.0, port_range=(32768, 60999), tw_reuse=0)
+
+
+def test_the_default_range_sustains_470_per_second() -> None:
+    plan = make_plan(DEFAULT)
+    assert plan.usable_ports == 28232
+    assert plan.max_rate_per_s == pytest.approx(28232 / 60, abs=0.1)
+    assert plan.time_to_exhaustion_s == pytest.approx(28232 / 2000, abs=1e-3)
+    assert plan.headroom == pytest.approx(28232 / 60 / 2000 - 1, abs=1e-3)
+    assert not plan.meets_goal
+
+
+def test_a_goal_within_reach_has_headroom_and_never_exhausts() -> None:
+    plan = make_plan(replace(DEFAULT, rate=235.0))
+    assert plan.meets_goal and plan.time_to_exhaustion_s is None
+    assert plan.headroom == pytest.approx(1.0, abs=0.01)
+
+
+@pytest.mark.parametrize(
+    "inputs",
+    [
+        DEFAULT,
+        replace(DEFAULT, rate=30_000, lifetime_s=0.2),
+        replace(DEFAULT, rate=500, sources=2, destinations=3, reserved="40000-40999"),
+        replace(DEFAULT, rate=5000, close=ClosePolicy.SERVER, lifetime_s=10.0),
+        replace(DEFAULT, rate=100_000, tw_reuse=1, reuse_delay_ms=1000),
+    ],
+)
+def test_each_lever_does_what_it_claims(inputs: PlanInputs) -> None:
+    """Apply each lever's change to the inputs and run the model again."""
+    plan = make_plan(inputs)
+    assert plan.levers
+    for lever in plan.levers:
+        if lever.kind == "kernel":  # the snippet's sysctls say the same as the change
+            assert set(lever.sysctls) <= {"net.ipv4." + k for k in _sysctl_names()}
+            assert _apply(inputs, lever.sysctls) == replace(inputs, **lever.applies)
+        if lever.applies:
+            rate = replace(inputs, **lever.applies).model().max_rate_per_s
+            assert rate == pytest.approx(lever.max_rate_per_s, abs=0.1)
+            assert lever.reaches_goal == (rate is None or rate >= inputs.rate)
+
+
+def _sysctl_names() -> set[str]:
+    return {
+        path.removeprefix("net/ipv4/") for path in SYSCTLS.values() if path.startswith("net/ipv4/")
+    }
+
+
+def _apply(inputs: PlanInputs, sysctls: dict[str, str]) -> PlanInputs:
+    changes: dict[str, object] = {}
+    for key, value in sysctls.items():
+        name = key.removeprefix("net.ipv4.")
+        if name == "ip_local_port_range":
+            low, high = value.split()
+            changes["port_range"] = (int(low), int(high))
+        elif name == "tcp_tw_reuse":
+            changes["tw_reuse"] = int(value)
+        elif name == "tcp_tw_reuse_delay":
+            changes["reuse_delay_ms"] = int(value)
+        elif name == "tcp_timestamps":
+            changes["timestamps"] = int(value)
+    return replace(inputs, **changes)
+
+
+def test_the_snippet_is_a_sysctl_d_file_that_reaches_the_goal() -> None:
+    plan = make_plan(DEFAULT)
+    lines = [line for line in plan.sysctl_snippet.splitlines() if not line.startswith("#")]
+    assert lines == ["net.ipv4.tcp_tw_reuse = 1"]
+    assert "apply by hand" in plan.sysctl_snippet
+    text = render_text(plan)
+    assert "verdict: SHORT" in text and "470/s" in text
+
+
+def test_host_settings_fill_what_is_not_given() -> None:
+    kernel = {"ip_local_port_range": [10000, 10999], "tcp_tw_reuse": 1, "tcp_timestamps": 1}
+    inputs = from_kernel(kernel, 100.0, hosts=3)
+    assert inputs.port_range == (10000, 10999) and inputs.tw_reuse == 1 and inputs.hosts == 3
+    assert not inputs.reuse_delay_settable  # no tcp_tw_reuse_delay_ms: before Linux 6.14
+
+
+def test_cli_text_and_json(tmp_path: Path) -> None:
+    args = ["plan", "--rate", "2000", "--port-range", "32768-60999", "--tw-reuse", "0"]
+    text = eph([*args, "--lifetime", "50ms"], cwd=tmp_path)
+    assert text.returncode == 0, text.stderr
+    assert "sustainable: 470/s" in text.stdout and "net.ipv4.tcp_tw_reuse = 1" in text.stdout
+    data = json.loads(eph([*args, "--json"], cwd=tmp_path).stdout)
+    assert data["max_rate_per_s"] == pytest.approx(470.5, abs=0.1)
+    assert data["meets_goal"] is False and data["inputs"]["close"] == "client"
+
+
+def test_cli_says_what_is_wrong(tmp_path: Path) -> None:
+    missing = eph(["plan"], cwd=tmp_path)
+    assert missing.returncode == 2 and "give --rate N" in missing.stderr
+    bad = eph(["plan", "--rate", "5", "--port-range", "60000-1000"], cwd=tmp_path)
+    assert bad.returncode == 2 and "'60000-1000' is not LOW-HIGH" in bad.stderr
+    duration = eph(["plan", "--rate", "5", "--lifetime", "5 parsecs"], cwd=tmp_path)
+    assert duration.returncode == 2 and "not a duration" in duration.stderr
