@@ -76,10 +76,19 @@ def findings(summary: dict[str, Any]) -> list[str]:
     conns = summary["connections"]
     exhaustion = summary["exhaustion"]
     if exhaustion["exhausted"]:
-        out.append(
+        text = (
             f"Exhausted after {exhaustion['first_failure_s']:.3g} s: first {exhaustion['errno']}"
-            f" after {exhaustion['succeeded_before_first_failure']} successful connections."
+            f" after {exhaustion['succeeded_before_first_failure']} successful connections"
         )
+        occupancy = summary.get("occupancy") or {}
+        if occupancy.get("peak_ports") is not None:
+            tw_peak = (summary.get("time_wait") or {}).get("peak")
+            text += (
+                f"; at the peak {occupancy['peak_ports']} of {occupancy['usable_ports']} usable"
+                " ports toward the targets were held"
+                + (f", {tw_peak} of them in TIME_WAIT" if tw_peak is not None else "")
+            )
+        out.append(text + ".")
     elif conns["failed"] == 0:
         out.append(f"No failures: {conns['succeeded']} connections succeeded.")
     if conns["errors"]:

@@ -107,9 +107,10 @@ def test_findings_name_the_mismatch() -> None:
 
 
 def test_findings_speak_for_the_kernel() -> None:
-    summary = _run(10, 10).summary
+    summary = _run(20, 10).summary  # 10 successes, then EADDRNOTAVAIL
     summary["tuples"] = {"distinct": 10, "max_uses": 1, "concurrent_duplicates": 2}
-    summary["time_wait"] = {"reused_connections": 412, "kernel_tw_recycled": 412}
+    summary["time_wait"] = {"reused_connections": 412, "kernel_tw_recycled": 412, "peak": 98}
+    summary["occupancy"] = {"peak_ports": 100, "usable_ports": 100}
     summary["capacity"] = {
         "model_max_rate_per_s": 100.0,
         "model_ports": 100,
@@ -118,6 +119,7 @@ def test_findings_speak_for_the_kernel() -> None:
         "measured_sustained_rate_per_s": 95.0,
     }
     text = " ".join(findings(summary))
+    assert "at the peak 100 of 100 usable ports toward the targets were held, 98 of them" in text
     assert "4-tuples NOT unique: 2 connections" in text
     assert "Reuse out of TIME_WAIT: 412 connections, kernel TWRecycled 412." in text
     assert "at most 100 new connections/s (100 ports / (1 s hold)); measured 98.0/s" in text
