@@ -5,8 +5,10 @@ how many concurrent loops to run (its user count) on stdin, and reads its rows
 back on stdout to feed Locust's statistics. Records go straight to this
 process's part file. Never imports locust.
 
-Protocol-based because it is the fastest asyncio style here: uvloop
-``create_connection`` + Protocol did 20,600 connects/s on loopback where
+Plain connect/close churn takes the callback fast path (``harness.fastpath``).
+Everything else (bytes to send, a reply to wait for, a hold, a server-first
+close) runs one Task per user over Protocols, the fastest asyncio style here:
+uvloop ``create_connection`` + Protocol did 20,600 connects/s on loopback where
 ``loop.sock_connect`` did 11,100/s (measured in one run, 32 tasks).
 
 Wire format: stdin carries JSON lines (``{"users": N}``, ``{"stop": true}``);
@@ -25,7 +27,6 @@ import json
 import os
 import signal
 import socket
-import struct
 import sys
 import time
 from pathlib import Path
@@ -34,14 +35,12 @@ from typing import BinaryIO
 import numpy as np
 
 from harness.churn import ETIMEDOUT, ChurnPlan, Target, make_socket
+from harness.fastpath import FRAME_HEADER, LINGER_RESET, CallbackChurn, write_frame
 from harness.pacing import Pacer
 from harness.records import FLUSH_INTERVAL, ROW_DTYPE, RecordWriter
 from harness.scenario import ClosePolicy, Reply, Scenario
 
 __all__ = ["FRAME_HEADER", "UvloopChurn", "read_frame"]
-
-FRAME_HEADER = struct.Struct("<I")
-_LINGER_RESET = struct.pack("ii", 1, 0)
 
 
 class _Client(asyncio.Protocol):
@@ -195,9 +194,7 @@ class UvloopChurn:
         return 0
 
     def flush(self) -> None:
-        rows = self.writer.flush()
-        self._out.write(FRAME_HEADER.pack(len(rows)) + rows.tobytes())
-        self._out.flush()
+        write_frame(self._out, self.writer.flush())
 
 
 def _close(transport: asyncio.Transport, policy: ClosePolicy) -> None:
@@ -205,7 +202,7 @@ def _close(transport: asyncio.Transport, policy: ClosePolicy) -> None:
         sock = transport.get_extra_info("socket")
         if sock is not None:
             with contextlib.suppress(OSError):
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, LINGER_RESET)
         transport.abort()
     else:
         transport.close()
@@ -223,7 +220,7 @@ def read_frame(stream: BinaryIO) -> np.ndarray | None:
     return np.frombuffer(payload, dtype=ROW_DTYPE)
 
 
-async def _serve(churn: UvloopChurn) -> None:
+async def _serve(churn: UvloopChurn | CallbackChurn) -> None:
     loop = asyncio.get_running_loop()
     reader = asyncio.StreamReader()
     await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin)
@@ -266,7 +263,8 @@ def main(argv: list[str] | None = None) -> int:
         engine="uvloop",
         pid=os.getpid(),
     )
-    churn = UvloopChurn(plan, writer, sys.stdout.buffer)
+    engine = CallbackChurn if CallbackChurn.applies(plan) else UvloopChurn
+    churn = engine(plan, writer, sys.stdout.buffer)
     # Ctrl-C reaches the whole process group; this process stops when its Locust
     # process says so (stdin), after finishing and recording its attempts.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -278,7 +276,7 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         rows = writer.close()
         if len(rows):
-            sys.stdout.buffer.write(FRAME_HEADER.pack(len(rows)) + rows.tobytes())
+            write_frame(sys.stdout.buffer, rows)
         sys.stdout.buffer.flush()
     return 0
 
