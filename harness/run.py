@@ -12,12 +12,14 @@ a namespace (``eph lab``).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
 import os
 import selectors
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -211,8 +213,18 @@ def _locust_command(scenario: Scenario, run: RunDir, extra: Sequence[str]) -> li
         "0",
         "--stop-timeout",
         str(stop_timeout),
+        *(_processes_args(load.process_count) if load.process_count > 1 else []),
         *extra,
     ]
+
+
+def _processes_args(count: int) -> list[str]:
+    """Locust forks ``count`` workers that talk to its master over TCP: a port of this
+    run's own, so that two runs on one host (parallel tests) never mix workers."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = str(probe.getsockname()[1])
+    return ["--processes", str(count), "--master-bind-port", port, "--master-port", port]
 
 
 class _Interrupt:
@@ -271,6 +283,8 @@ def run_scenario(
             "EPH_SCENARIO": str(run.scenario),
             "EPH_RUN_DIR": str(run.path),
             "EPH_MANAGED": "1",
+            # each of Locust's processes paces its share of load.rate
+            "EPH_RATE_SHARE": repr(1 / scenario.load.process_count),
         }
         with open(run.logs / "locust.out", "ab") as locust_out:
             proc = subprocess.Popen(
@@ -292,9 +306,11 @@ def run_scenario(
             load = scenario.load
             _reap(proc, load.connect_timeout + load.io_timeout + load.hold + STOP_GRACE)
         finally:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
+            # Locust and whatever it forked (workers, uvloop children) share its session:
+            # none may outlive the run, or a later run's master would adopt its workers
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
             for collector in collectors:
                 collector.stop()
             if listener is not None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import difflib
 import enum
+import os
 import re
 import tomllib
 import types
@@ -155,6 +156,12 @@ class LoadConfig(_Section):
     connect_timeout: Duration = 3.0
     io_timeout: Duration = 5.0
     backoff: Duration = 0.01
+    # Locust processes on this host (Locust's --processes); 0: one per CPU core
+    processes: Annotated[StrictInt, Field(ge=0, le=1024)] = 1
+
+    @property
+    def process_count(self) -> int:
+        return self.processes or os.cpu_count() or 1
 
     @model_validator(mode="after")
     def _check_sources(self) -> Self:

@@ -32,7 +32,7 @@ import gevent
 from gevent import subprocess as gsubprocess
 from locust import User, constant, events, task
 from locust.env import Environment
-from locust.runners import MasterRunner
+from locust.runners import STATE_RUNNING, STATE_SPAWNING, MasterRunner, WorkerRunner
 
 from harness.churn import ChurnPlan, Target
 from harness.client_gevent import GeventChurn
@@ -280,6 +280,18 @@ def install(scenario: Scenario) -> None:
         found = _sessions.get(id(environment))
         if found is not None:
             found.close()
+            if isinstance(environment.runner, WorkerRunner):
+                # the rows close() fed reach the master now, ahead of this worker's
+                # "client_stopped" (Locust has no public call for this report)
+                environment.runner._send_stats()
+
+    def quitting(environment: Environment, **_: Any) -> None:
+        runner = environment.runner
+        if isinstance(runner, MasterRunner) and runner.state in (STATE_RUNNING, STATE_SPAWNING):
+            # SIGTERM makes a headless master quit, and quit() waits only 0.5 s for
+            # the workers' last stats; a uvloop engine takes longer to stop. Stopping
+            # first waits until every worker has stopped, so its last rows are counted.
+            runner.stop()
 
     def quit_(**_: Any) -> None:
         for key, found in list(_sessions.items()):
@@ -291,6 +303,9 @@ def install(scenario: Scenario) -> None:
     events.test_start.add_listener(start)
     events.test_stop.add_listener(stop)
     events.quit.add_listener(quit_)
+    # quitting fires its listeners newest first, and the master runner's own, which
+    # quits at once, is added when the runner is made: add ours after that, at init
+    events.init.add_listener(lambda **_: events.quitting.add_listener(quitting))
 
 
 def _finalize_standalone(session: _Session) -> None:

@@ -116,6 +116,38 @@ def test_run_conserves_and_time_wait_lands_by_policy(
 
 
 @pytest.mark.parametrize("engine", ENGINES)
+def test_two_locust_processes_share_the_rate_and_every_row_is_counted(
+    tmp_path: Path, engine: str
+) -> None:
+    """[load] processes = 2: Locust forks two workers; each records its own part and
+    paces half of load.rate; the master's count still equals the records."""
+    out, summary = _run(
+        tmp_path, _scenario(tmp_path, engine=engine, rate=400, extra="processes = 2")
+    )
+    assert summary["conservation"]["ok"] is True, summary["conservation"]
+    table = pq.read_table(out / "connections.parquet")
+    pids = table.column("pid").to_numpy()
+    assert len(set(pids.tolist())) == 2, "rows from two recording processes"
+    # two halves of 400/s make 400/s, not 800/s
+    assert summary["connections"]["rate_per_s"] == pytest.approx(400, rel=0.15)
+    # Locust's workers linger after their master unless eph ends them: none may
+    # survive to join the next run's master
+    assert not _processes_mentioning(str(out)), "a process of the run is still alive"
+
+
+def _processes_mentioning(text: str) -> list[int]:
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if text.encode() in (entry / "cmdline").read_bytes():
+                    found.append(int(entry.name))
+            except OSError:
+                continue
+    return found
+
+
+@pytest.mark.parametrize("engine", ENGINES)
 def test_source_address_is_bound(tmp_path: Path, engine: str) -> None:
     extra = 'source_addresses = ["127.0.0.2"]'
     out, summary = _run(tmp_path, _scenario(tmp_path, engine=engine, extra=extra))
