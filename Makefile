@@ -31,7 +31,7 @@ LOADTEST_FLAGS += $(if $(USERS),--set load.users=$(USERS)) $(if $(RATE),--set lo
 help: ## Show this help
 	@echo "eph: ephemeral-port exhaustion harness"
 	@echo
-	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  make %-10s %s\n", $$1, $$2}'
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  make %-12s %s\n", $$1, $$2}'
 	@echo
 	@echo "  make loadtest TARGET=staging:443 USERS=100 RATE=500 DURATION=60s"
 	@echo "  make test ARGS='-k listener'"
