@@ -115,6 +115,66 @@ class Bench:
         ).stdout
         return float(json.loads(out)["per_s"])
 
+    def engine_memory(self, endpoint: str, seconds: float) -> dict[str, float]:
+        """The uvloop engine's child alone for ``seconds``: rows recorded and its peak RSS
+        (VmHWM), read just before it is told to stop."""
+        from harness.client_uvloop import read_frame
+        from harness.scenario import parse_scenario
+
+        scenario = parse_scenario(
+            f'name = "mem"\n[target]\nendpoints = ["{endpoint}"]\n'
+            '[load]\nengine = "uvloop"\nclose = "reset"\n'
+        )
+        path = Path(tempfile.mkdtemp(dir=self.workdir))
+        (path / "s.json").write_text(json.dumps(scenario.to_json()))
+        child = subprocess.Popen(
+            self.command(
+                [
+                    *(sys.executable, "-m", "harness.client_uvloop"),
+                    *("--scenario", str(path / "s.json"), "--part", str(path / "p.arrows")),
+                ]
+            ),
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            cwd=ROOT,
+        )
+        assert child.stdin is not None and child.stdout is not None
+        rows = [0]
+
+        def drain() -> None:  # the Locust process's part: read every frame
+            while (frame := read_frame(child.stdout)) is not None:  # type: ignore[arg-type]
+                rows[0] += len(frame)
+
+        import threading
+
+        reader = threading.Thread(target=drain)
+        reader.start()
+        child.stdin.write(json.dumps({"users": self.args.users}).encode() + b"\n")
+        child.stdin.flush()
+        time.sleep(seconds)
+        status = Path(f"/proc/{child.pid}/status").read_text()
+        peak_kib = int(
+            next(line for line in status.splitlines() if line.startswith("VmHWM")).split()[1]
+        )
+        child.stdin.write(b'{"stop": true}\n')
+        child.stdin.flush()
+        child.wait(timeout=60)
+        reader.join(timeout=60)
+        return {"rows": rows[0], "peak_rss_kib": peak_kib}
+
+    def memory_per_connection(self, endpoint: str) -> dict[str, Any]:
+        """Peak RSS growth per recorded connection between a 3 s and a 15 s run: the staged
+        rows are flushed every 0.5 s, so the slope is what a 10-million-connection run adds."""
+        short = self.engine_memory(endpoint, 3.0)
+        long = self.engine_memory(endpoint, 15.0)
+        extra_rows = long["rows"] - short["rows"]
+        extra_bytes = (long["peak_rss_kib"] - short["peak_rss_kib"]) * 1024
+        return {
+            "short": short,
+            "long": long,
+            "bytes_per_connection": round(extra_bytes / extra_rows, 2) if extra_rows > 0 else None,
+        }
+
     def listener_accept_rate(self, binary: Path) -> dict[str, float]:
         """The C loop against our listener: accepts/s the listener saw, and the client's rate."""
         proc, endpoint = self.listener()
@@ -330,9 +390,34 @@ def main() -> int:
     parser.add_argument("--tw-sockets", type=int, default=28000)
     parser.add_argument("--analysis-connections", type=int, default=1_000_000)
     parser.add_argument(
-        "--only", choices=["all", "report"], default="all", help="report: only the 1M render"
+        "--only",
+        choices=["all", "report", "memory"],
+        default="all",
+        help="report: only the 1M render; memory: only the engine's bytes per connection",
     )
     args = parser.parse_args()
+    if args.only == "memory":
+        with (
+            tempfile.TemporaryDirectory(prefix="eph-bench-") as tmp,
+            Namespace(prefix="ephbench") as ns,
+        ):
+            ns.set_sysctl("net.ipv4.ip_local_port_range", (1024, 65000))
+            ns.set_sysctl("net.ipv4.tcp_tw_reuse", 1)
+            bench = Bench(args, Path(tmp), ns)
+            proc, endpoint = bench.listener()
+            try:
+                print(
+                    json.dumps(
+                        {
+                            "machine": machine(),
+                            "uvloop_engine_memory": bench.memory_per_connection(endpoint),
+                        },
+                        indent=2,
+                    )
+                )
+            finally:
+                bench.stop(proc)
+        return 0
     if args.only == "report":
         with tempfile.TemporaryDirectory(prefix="eph-bench-") as tmp:
             print(
@@ -376,6 +461,7 @@ def main() -> int:
                     )
                     if binary is not None:
                         rates["c_loop"].append(bench.c_rate(binary, endpoint))
+                memory = bench.memory_per_connection(endpoint)
             finally:
                 bench.stop(proc)
             accept = bench.listener_accept_rate(binary) if binary is not None else None
@@ -397,6 +483,7 @@ def main() -> int:
         "all_rounds": rates,
         "ratios": ratios,
         "listener": accept,
+        "uvloop_engine_memory": memory,
         "collector_at_time_wait": collector,
         "analysis": analysis_time(args.analysis_connections),
     }
