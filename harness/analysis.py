@@ -17,7 +17,15 @@ from harness.model import TIME_WAIT_S, CapacityModel
 from harness.scenario import ClosePolicy, Scenario
 from harness.summary import EXHAUSTION_ERRNOS
 
-__all__ = ["IN_USE", "TupleAudit", "analyze", "audit_tuples", "port_allocation", "scope_series"]
+__all__ = [
+    "IN_USE",
+    "TupleAudit",
+    "analyze",
+    "audit_tuples",
+    "occupancy_at_start",
+    "port_allocation",
+    "scope_series",
+]
 
 EXAMPLES = 5
 
@@ -223,14 +231,22 @@ def scope_series(
     return times, np.bincount(index, weights=values, minlength=len(times))
 
 
-def latency_by_occupancy(table: pa.Table, samples: pa.Table, usable: int) -> list[dict[str, Any]]:
-    """Connect latency (p50/p99, even and odd ports) in bands of range occupancy."""
+def occupancy_at_start(table: pa.Table, samples: pa.Table, usable: int) -> np.ndarray | None:
+    """For each successful connection, the share of the usable ports in use toward the
+    targets when it began (interpolated between samples); None without enough data."""
     times, in_use = scope_series(samples, IN_USE)
     ok = table.column("errno").to_numpy() == 0
     if len(times) < 2 or not ok.any() or not usable:
+        return None
+    return np.asarray(np.interp(table.column("start_ns").to_numpy()[ok], times, in_use) / usable)
+
+
+def latency_by_occupancy(table: pa.Table, samples: pa.Table, usable: int) -> list[dict[str, Any]]:
+    """Connect latency (p50/p99, even and odd ports) in bands of range occupancy."""
+    fraction = occupancy_at_start(table, samples, usable)
+    if fraction is None:
         return []
-    start = table.column("start_ns").to_numpy()[ok]
-    fraction = np.interp(start, times, in_use) / usable
+    ok = table.column("errno").to_numpy() == 0
     connect_ms = table.column("connect_us").to_numpy()[ok] / 1000.0
     odd = table.column("local_port").to_numpy()[ok] % 2 == 1
     bands = []

@@ -46,6 +46,26 @@ _set_option = click.option(
 )
 
 
+def _duration(_ctx: click.Context, param: click.Parameter, value: str | None) -> float | None:
+    from harness.units import parse_duration
+
+    if value is None:
+        return None
+    try:
+        return parse_duration(value)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param=param) from None
+
+
+def _port_range(_ctx: click.Context, param: click.Parameter, value: str | None) -> Any:
+    if value is None:
+        return None
+    low, sep, high = value.partition("-")
+    if not (sep and low.isdigit() and high.isdigit() and 1 <= int(low) <= int(high) <= 65535):
+        raise click.BadParameter(f"{value!r} is not LOW-HIGH within 1-65535", param=param)
+    return (int(low), int(high))
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("-v", "--verbose", count=True, help="More log output (-vv for debug).")
 def cli(verbose: int) -> None:
@@ -307,8 +327,16 @@ def report(run_dirs: Sequence[Path], compare: bool, out: Path | None) -> None:
 @cli.command()
 @click.option("--once", is_flag=True, help="Print one sample as JSON and exit.")
 @click.option("--out", type=click.Path(path_type=Path), help="Directory for samples.parquet.")
-@click.option("--duration", default="10m", show_default=True, help="Stop after this long.")
-@click.option("--interval", default="100ms", show_default=True, help="Time between samples.")
+@click.option(
+    "--duration", default="10m", show_default=True, callback=_duration, help="Stop after this long."
+)
+@click.option(
+    "--interval",
+    default="100ms",
+    show_default=True,
+    callback=_duration,
+    help="Time between samples.",
+)
 @click.option(
     "--target",
     "targets",
@@ -317,7 +345,7 @@ def report(run_dirs: Sequence[Path], compare: bool, out: Path | None) -> None:
     help="Count sockets to and at this endpoint too (repeatable).",
 )
 def collect(
-    once: bool, out: Path | None, duration: str, interval: str, targets: Sequence[str]
+    once: bool, out: Path | None, duration: float, interval: float, targets: Sequence[str]
 ) -> None:
     """Sample the kernel's TCP sockets and counters (any host, no load needed).
 
@@ -327,40 +355,15 @@ def collect(
     import json
 
     from harness.collector import Collector, run_collector
-    from harness.units import parse_duration
 
-    try:
-        seconds, every = parse_duration(duration), parse_duration(interval)
-    except ValueError as exc:
-        raise click.BadParameter(str(exc)) from None
     resolved = [Endpoint.parse(t, allow_port_zero=False).resolve() for t in targets]
     if once:
         click.echo(json.dumps(Collector(resolved).sample().to_json(), indent=2))
         return
     if out is None:
         raise click.UsageError("give --out DIR (or --once)")
-    count = run_collector(out, resolved, interval=every, duration=seconds)
+    count = run_collector(out, resolved, interval=interval, duration=duration)
     click.echo(f"{count} samples in {out / 'samples.parquet'}")
-
-
-def _duration(_ctx: click.Context, param: click.Parameter, value: str | None) -> float | None:
-    from harness.units import parse_duration
-
-    if value is None:
-        return None
-    try:
-        return parse_duration(value)
-    except ValueError as exc:
-        raise click.BadParameter(str(exc), param=param) from None
-
-
-def _port_range(_ctx: click.Context, param: click.Parameter, value: str | None) -> Any:
-    if value is None:
-        return None
-    low, sep, high = value.partition("-")
-    if not (sep and low.isdigit() and high.isdigit() and 1 <= int(low) <= int(high) <= 65535):
-        raise click.BadParameter(f"{value!r} is not LOW-HIGH within 1-65535", param=param)
-    return (int(low), int(high))
 
 
 @cli.command()

@@ -17,9 +17,9 @@ import pyarrow as pa
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 
-from harness.analysis import IN_USE, TupleAudit, audit_tuples
+from harness.analysis import IN_USE, TupleAudit, audit_tuples, occupancy_at_start, scope_series
 from harness.churn import errno_name
-from harness.model import DEFAULT_REUSE_DELAY_S, TIME_WAIT_S
+from harness.model import DEFAULT_REUSE_DELAY_S, TIME_WAIT_S, reserved_spans
 
 __all__ = ["FIGURES", "RunData", "time_bins"]
 
@@ -235,7 +235,7 @@ def port_use(data: RunData) -> Figure:
             used, _ = np.histogram(numbers[mine], edges, weights=counts[mine])
             width, _ = np.histogram(numbers[mine], edges)
             ax.stairs(used / np.maximum(width, 1), edges, color=color, label=name)
-    reserved = _reserved_spans(
+    reserved = reserved_spans(
         str(data.summary.get("kernel", {}).get("ip_local_reserved_ports") or "")
     )
     shown = False
@@ -255,15 +255,6 @@ def port_use(data: RunData) -> Figure:
     ax.grid(alpha=0.3)
     _legend(ax, loc="upper right", fontsize="small")
     return fig
-
-
-def _reserved_spans(text: str) -> list[tuple[int, int]]:
-    spans = []
-    for part in filter(None, (p.strip() for p in text.split(","))):
-        first, _, last = part.partition("-")
-        if first.isdigit() and (not last or last.isdigit()):
-            spans.append((int(first), int(last or first)))
-    return spans
 
 
 def reuse_age(data: RunData) -> Figure:
@@ -297,15 +288,14 @@ def latency_vs_occupancy(data: RunData) -> Figure:
     ax = fig.subplots()
     usable = data.summary.get("capacity", {}).get("model_ports")
     samples = data.samples
-    from harness.analysis import scope_series
-
-    if samples is None or not samples.num_rows or not usable or not data.ok.any():
+    share = None
+    if samples is not None and samples.num_rows and usable:
+        share = occupancy_at_start(data.table, samples, int(usable))
+    if share is None:
         _empty(ax, "needs socket samples and a known port range")
         ax.set_title("Connect latency against range occupancy")
         return fig
-    times, in_use = scope_series(samples, IN_USE)
-    start = data.table.column("start_ns").to_numpy()[data.ok]
-    fraction = np.interp(start, times, in_use) / usable * 100
+    fraction = share * 100
     connect = data.connect_ms[data.ok]
     odd = data.port[data.ok] % 2 == 1
     edges = np.linspace(0, 100, 21)
@@ -520,8 +510,6 @@ def compare_successes(runs: list[tuple[str, RunData]]) -> Figure:
 
 
 def compare_occupancy(runs: list[tuple[str, RunData]]) -> Figure:
-    from harness.analysis import scope_series
-
     fig = _figure()
     ax = fig.subplots()
     for name, data in runs:

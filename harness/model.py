@@ -28,6 +28,7 @@ __all__ = [
     "TIME_WAIT_S",
     "CapacityModel",
     "reserved_in_range",
+    "reserved_spans",
     "reuse_applies",
 ]
 
@@ -35,14 +36,18 @@ TIME_WAIT_S = 60.0  # TCP_TIMEWAIT_LEN: fixed in the kernel, not tcp_fin_timeout
 DEFAULT_REUSE_DELAY_S = 1.0  # before Linux 6.14 (no sysctl), and its default after
 
 
-def reserved_in_range(reserved: str, low: int, high: int) -> int:
-    """How many ports of ``ip_local_reserved_ports`` (``"a-b,c"``) fall in [low, high]."""
-    count = 0
+def reserved_spans(reserved: str) -> list[tuple[int, int]]:
+    """``ip_local_reserved_ports`` text (``"a-b,c"``) as inclusive (first, last) spans."""
+    spans = []
     for part in filter(None, (p.strip() for p in reserved.split(","))):
         first, _, last = part.partition("-")
-        a, b = int(first), int(last or first)
-        count += max(0, min(b, high) - max(a, low) + 1)
-    return count
+        spans.append((int(first), int(last or first)))
+    return spans
+
+
+def reserved_in_range(reserved: str, low: int, high: int) -> int:
+    """How many ports of ``ip_local_reserved_ports`` (``"a-b,c"``) fall in [low, high]."""
+    return sum(max(0, min(b, high) - max(a, low) + 1) for a, b in reserved_spans(reserved))
 
 
 @dataclass(frozen=True)

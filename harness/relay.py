@@ -14,11 +14,12 @@ on each end: a packet is delayed by ``delay/2`` plus a uniform draw in
 jitter, packets of one direction leave in the order they came (a later packet
 never overtakes an earlier one), which keeps TCP free of spurious reordering.
 
-Budget: one Python process, ~10 µs a packet; a short TCP connection is 5 to 7
-packets, so ~10,000 connections/s, far above what a round trip of milliseconds
-lets a lab's users reach. The process stops by itself at ``--max-seconds``, on
-SIGTERM/SIGINT, or when its parent dies (PR_SET_PDEATHSIG), and writes what it
-forwarded to ``--stats``.
+Throughput, measured in a lab with a 1 ms round trip and reset close (4 packets a
+connection): the uvloop engine reached 13,800 connections/s through it (262,248
+packets), the Locust engine 10,200/s, so the relay is not their limit.
+
+The process stops by itself at ``--max-seconds``, on SIGTERM/SIGINT, or when its
+parent dies (PR_SET_PDEATHSIG), and writes what it forwarded to ``--stats``.
 
 ``python -m harness.relay CLIENT_NS SERVER_NS --device eph0 --delay 0.02 ...``
 """

@@ -35,6 +35,11 @@ def render_report(path: Path, data: RunData) -> None:
         recommendations=recommendations(data.summary, data.scenario),
         figures=figures,
     )
+    _write(path, html)
+
+
+def _write(path: Path, html: str) -> None:
+    """Whole or not at all: a reader never sees half a page."""
     tmp = path.with_suffix(".html.tmp")
     tmp.write_text(html, encoding="utf-8")
     tmp.replace(path)
@@ -240,6 +245,4 @@ def render_comparison(path: Path, runs: list[tuple[str, RunData]]) -> None:
         findings=[(name, findings(d.summary)) for name, d in runs],
         figures=figures,
     )
-    tmp = path.with_suffix(".html.tmp")
-    tmp.write_text(html, encoding="utf-8")
-    tmp.replace(path)
+    _write(path, html)
