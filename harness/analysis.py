@@ -7,6 +7,7 @@ reuse, overlap and reuse distance together.
 from __future__ import annotations
 
 import itertools
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -19,9 +20,11 @@ from harness.summary import EXHAUSTION_ERRNOS
 
 __all__ = [
     "IN_USE",
+    "HostSamples",
     "TupleAudit",
     "analyze",
     "audit_tuples",
+    "host_sections",
     "occupancy_at_start",
     "port_allocation",
     "scope_series",
@@ -152,6 +155,16 @@ def _client_code(table: pa.Table) -> int:
     return values.index(ClosePolicy.CLIENT.value) if ClosePolicy.CLIENT.value in values else -1
 
 
+@dataclass(frozen=True)
+class HostSamples:
+    """One load-generator host of a distributed run: its sockets and its kernel."""
+
+    name: str
+    samples: pa.Table | None
+    kernel: dict[str, Any] | None
+    info: dict[str, Any] = field(default_factory=dict)
+
+
 def analyze(
     table: pa.Table,
     samples: pa.Table | None,
@@ -159,8 +172,10 @@ def analyze(
     kernel: dict[str, Any],
     summary: dict[str, Any],
     server_samples: pa.Table | None = None,
+    hosts: Sequence[HostSamples] = (),
 ) -> dict[str, Any]:
-    """The summary sections this module owns: time_wait, tuples, occupancy, capacity, samples."""
+    """The summary sections this module owns: time_wait, tuples, occupancy, capacity,
+    samples, and in a distributed run (``hosts``) one entry per load-generator host."""
     audit = audit_tuples(table)
     sections: dict[str, Any] = {}
     tw_peak = recycled = None
@@ -197,7 +212,9 @@ def analyze(
         "examples": audit.examples,
         "reuse_distance_median": audit.reuse_distance_median,
     }
-    model = _model(scenario, kernel, _lifetime_s(table))
+    model = _model(scenario, kernel, _lifetime_s(table), hosts=max(1, len(hosts)))
+    if hosts:
+        sections["hosts"] = host_sections(table, hosts, model)
     sections["capacity"] = _capacity(model, summary, scenario.load.rate)
     sections["capacity"]["measured_sustained_rate_per_s"] = sustained_rate(table, audit)
     sections["ports"] = {
@@ -298,7 +315,9 @@ def _lifetime_s(table: pa.Table) -> float:
     return float(np.median(table.column("close_us").to_numpy()[ok])) / 1e6
 
 
-def _model(scenario: Scenario, kernel: dict[str, Any], lifetime_s: float) -> CapacityModel | None:
+def _model(
+    scenario: Scenario, kernel: dict[str, Any], lifetime_s: float, hosts: int = 1
+) -> CapacityModel | None:
     port_range = kernel.get("ip_local_port_range")
     if not isinstance(port_range, list) or len(port_range) != 2:
         return None
@@ -315,7 +334,50 @@ def _model(scenario: Scenario, kernel: dict[str, Any], lifetime_s: float) -> Cap
         destinations=[e.host for e in scenario.target.endpoints],
         sources=len(scenario.load.source_addresses) or 1,
         lifetime_s=lifetime_s,
+        hosts=hosts,
     )
+
+
+def host_sections(
+    table: pa.Table, hosts: Sequence[HostSamples], model: CapacityModel | None
+) -> list[dict[str, Any]]:
+    """Per load-generator host: its connections, ports, first failure and peak occupancy."""
+    column = table.column("host")
+    names = np.asarray(column.to_pylist() if table.num_rows else [], dtype=object)
+    start = table.column("start_ns").to_numpy()
+    t0 = int(start.min()) if len(start) else 0
+    errno = table.column("errno").to_numpy()
+    ports = table.column("local_port").to_numpy()
+    local = np.asarray(table.column("local_addr").to_pylist(), dtype=object)
+    sections = []
+    for host in hosts:
+        mine = names == host.name
+        ok = mine & (errno == 0)
+        failed = mine & np.isin(errno, list(EXHAUSTION_ERRNOS))
+        used = np.unique(ports[ok])
+        entry: dict[str, Any] = {
+            "host": host.name,
+            "hostname": host.info.get("hostname"),
+            "attempted": int(mine.sum()),
+            "succeeded": int(ok.sum()),
+            "failed": int((mine & (errno != 0)).sum()),
+            "source_addresses": sorted({str(a) for a in local[ok]}),
+            "distinct_ports": len(used),
+            "port_span": [int(used[0]), int(used[-1])] if len(used) else None,
+            "first_exhaustion_s": (
+                round((int(start[failed].min()) - t0) / 1e9, 4) if failed.any() else None
+            ),
+            "port_range": (host.kernel or {}).get("ip_local_port_range"),
+            "peak_in_use": None,
+            "usable_ports": model.usable_ports * model.paths if model is not None else None,
+            "clock_shift_ms": round(int(host.info.get("clock_shift_ns", 0)) / 1e6, 3),
+        }
+        if host.samples is not None and host.samples.num_rows:
+            tw_peak, peak, _ = _from_samples(host.samples)
+            entry["peak_in_use"] = peak
+            entry["time_wait_peak"] = tw_peak
+        sections.append(entry)
+    return sections
 
 
 def sustained_rate(table: pa.Table, audit: TupleAudit) -> float | None:

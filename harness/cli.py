@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import functools
 import logging
+import socket
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -84,23 +86,120 @@ def cli(verbose: int) -> None:
     metavar="HOST:PORT",
     help="Send load to this server instead (repeatable); drops [listener].",
 )
+@click.option(
+    "--master",
+    "as_master",
+    is_flag=True,
+    help="Be Locust's master: the load comes from `eph worker` processes on other hosts.",
+)
+@click.option(
+    "--expect-workers",
+    type=click.IntRange(min=1),
+    default=1,
+    show_default=True,
+    help="With --master: start once this many workers are connected.",
+)
+@click.option(
+    "--master-bind-host",
+    default="127.0.0.1",
+    show_default=True,
+    help="With --master: the address workers connect to (loopback unless told otherwise).",
+)
+@click.option(
+    "--master-bind-port",
+    type=click.IntRange(1, 65535),
+    default=5557,
+    show_default=True,
+    help="With --master: the port workers connect to.",
+)
+@click.option(
+    "--wait-workers",
+    default="120s",
+    show_default=True,
+    callback=_duration,
+    help="With --master: how long to wait for the workers.",
+)
 @click.argument("locust_args", nargs=-1, type=click.UNPROCESSED)
 def run(
     scenario: Path,
     out: Path | None,
     overrides: Sequence[str],
     targets: Sequence[str],
+    as_master: bool,
+    expect_workers: int,
+    master_bind_host: str,
+    master_bind_port: int,
+    wait_workers: float,
     locust_args: Sequence[str],
 ) -> None:
     """Run SCENARIO on this host: listener, Locust load, collector, summary and report.
 
+    With --master, the load runs on `eph worker` hosts instead; each records its
+    own connections and sockets and ships them here, into one run directory.
     Arguments after `--` go to Locust as they are, e.g. `-- --processes 2`.
     """
-    from harness.run import run_scenario
+    from harness.run import Master, run_scenario
 
-    _launch(
-        "run", run_scenario, load_scenario(scenario, overrides, targets=targets), out, locust_args
+    master = (
+        Master(expect_workers, master_bind_host, master_bind_port, wait_workers)
+        if as_master
+        else None
     )
+    _launch(
+        "run",
+        functools.partial(run_scenario, master=master),
+        load_scenario(scenario, overrides, targets=targets),
+        out,
+        locust_args,
+    )
+
+
+@cli.command()
+@click.option(
+    "--master-host",
+    default="127.0.0.1",
+    show_default=True,
+    help="Where `eph run --master` listens.",
+)
+@click.option("--master-port", type=click.IntRange(1, 65535), default=5557, show_default=True)
+@click.option("--name", help="This host's name in the run. [default: the host name]")
+@click.option(
+    "--out",
+    type=click.Path(path_type=Path),
+    default=Path("reports/worker"),
+    show_default=True,
+    help="Where this worker keeps its own copy of each test's records.",
+)
+@click.option(
+    "--max-time",
+    default="2h",
+    show_default=True,
+    callback=_duration,
+    help="Stop after this long even if the master never says so.",
+)
+def worker(
+    master_host: str, master_port: int, name: str | None, out: Path, max_time: float
+) -> None:
+    """Be a Locust worker of `eph run --master` on another host.
+
+    The master sends the scenario; this host makes the connections, samples its
+    own sockets, and ships records and samples to the master at the end. Exits
+    when the master quits.
+    """
+    from harness.run import run_worker
+
+    _console.print(
+        f"[bold]eph worker[/] {name or socket.gethostname()}: master {master_host}:{master_port}"
+    )
+    code = run_worker(
+        master_host=master_host,
+        master_port=master_port,
+        out=out,
+        name=name,
+        max_seconds=max_time,
+    )
+    if code not in (0, None):
+        raise SystemExit(code)
 
 
 @cli.command(context_settings={"ignore_unknown_options": True})

@@ -16,9 +16,11 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import signal
 import socket
+import sys
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -35,7 +37,7 @@ from harness.endpoints import ResolvedEndpoint
 from harness.kernel import read_kernel
 from harness.sockdiag import TcpState, dump_tcp
 
-__all__ = ["SAMPLES_SCHEMA", "Collector", "Sample", "finish_samples"]
+__all__ = ["SAMPLES_SCHEMA", "Collector", "Sample", "collect_command", "finish_samples"]
 
 logger = logging.getLogger(__name__)
 
@@ -236,3 +238,24 @@ def run_collector(
     signal.signal(signal.SIGTERM, handle)
     signal.signal(signal.SIGINT, handle)
     return Collector(targets).record(out, interval=interval, duration=duration, stop=stop)
+
+
+def collect_command(
+    out: Path, interval: str, bound_s: float, targets: Sequence[object]
+) -> list[str]:
+    """``eph collect`` into ``out`` as a child process: the command line."""
+    args = [
+        sys.executable,
+        "-m",
+        "harness",
+        "collect",
+        "--out",
+        str(out),
+        "--interval",
+        interval,
+        "--duration",
+        f"{math.ceil(bound_s)}s",
+    ]
+    for target in targets:
+        args += ["--target", str(target)]
+    return args

@@ -17,11 +17,18 @@ import pyarrow as pa
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 
-from harness.analysis import IN_USE, TupleAudit, audit_tuples, occupancy_at_start, scope_series
+from harness.analysis import (
+    IN_USE,
+    HostSamples,
+    TupleAudit,
+    audit_tuples,
+    occupancy_at_start,
+    scope_series,
+)
 from harness.churn import errno_name
 from harness.model import DEFAULT_REUSE_DELAY_S, TIME_WAIT_S, reserved_spans
 
-__all__ = ["FIGURES", "RunData", "time_bins"]
+__all__ = ["FIGURES", "HOSTS_FIGURE", "RunData", "time_bins"]
 
 SCATTER_LIMIT = 50_000  # above this many points a scatter becomes a 2-D histogram
 _EVEN, _ODD = "tab:blue", "tab:orange"
@@ -36,6 +43,7 @@ class RunData:
     summary: dict[str, Any]
     scenario: dict[str, Any]
     server_samples: pa.Table | None = None
+    hosts: tuple[HostSamples, ...] = ()  # a distributed run's workers
     _audit: TupleAudit | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
@@ -99,34 +107,48 @@ def _empty(ax: Axes, text: str) -> None:
     ax.set_yticks([])
 
 
-def occupancy(data: RunData) -> Figure:
-    """Ports in use toward each destination, by state, against the usable range."""
-    fig = _figure(4.5)
+def _occupancy_panels(data: RunData) -> list[tuple[str, pa.Table, str, float | None]]:
+    """(title, samples, scope, usable ports) per panel: one per destination, or in a
+    distributed run one per worker host (each host has a range of its own)."""
+    ports = data.summary.get("capacity", {}).get("model_ports")
+    if data.hosts:
+        per_host = ports / len(data.hosts) if ports else None
+        return [
+            (host.name, host.samples, "to ", per_host)
+            for host in data.hosts[:4]
+            if host.samples is not None and host.samples.num_rows
+        ]
     samples = data.samples
-    scopes: list[str] = []
-    if samples is not None and samples.num_rows:
-        names = samples.column("scope").to_pylist()
-        scopes = sorted({s for s in names if s.startswith("to ")})
+    if samples is None or not samples.num_rows:
+        return []
+    scopes = sorted({s for s in samples.column("scope").to_pylist() if s.startswith("to ")})
     if not scopes:
+        return []
+    per_destination = ports / len(scopes) if ports else None
+    if len(scopes) > 4:  # many destinations: their sum
+        total = per_destination * len(scopes) if per_destination else None
+        return [(f"all {len(scopes)} destinations", samples, "to ", total)]
+    return [(scope, samples, scope, per_destination) for scope in scopes]
+
+
+def occupancy(data: RunData) -> Figure:
+    """Ports in use toward each destination (or on each host), by state, against the
+    usable range."""
+    fig = _figure(4.5)
+    panels = _occupancy_panels(data)
+    if not panels:
         _empty(fig.subplots(), "no socket samples toward the targets in this run")
         fig.suptitle("Port-range occupancy")
         return fig
-    assert samples is not None
-    shown = scopes if len(scopes) <= 4 else ["to "]  # many destinations: their sum
-    axes = fig.subplots(1, len(shown), sharey=True, squeeze=False)[0]
-    scope_names = np.array(samples.column("scope").to_pylist(), dtype=object)
-    t = data.sample_seconds(samples)
-    capacity = data.summary.get("capacity", {})
-    per_destination = None
-    if capacity.get("model_ports"):
-        per_destination = capacity["model_ports"] / max(1, len(scopes))
-    for ax, scope in zip(axes, shown, strict=True):
+    axes = fig.subplots(1, len(panels), sharey=True, squeeze=False)[0]
+    for ax, (title, samples, scope, limit) in zip(axes, panels, strict=True):
+        scope_names = np.array(samples.column("scope").to_pylist(), dtype=object)
         mask = (
             scope_names == scope
             if scope != "to "
             else np.char.startswith(scope_names.astype(str), "to ")
         )
-        times, index = np.unique(t[mask], return_inverse=True)
+        times, index = np.unique(data.sample_seconds(samples)[mask], return_inverse=True)
         by_state = {
             state: np.bincount(
                 index, weights=samples.column(state).to_numpy()[mask], minlength=len(times)
@@ -144,16 +166,47 @@ def occupancy(data: RunData) -> Figure:
             colors=["tab:green", "tab:purple", "tab:grey"],
             alpha=0.85,
         )
-        if per_destination:
-            limit = per_destination * (len(scopes) if scope == "to " else 1)
+        if limit:
             ax.axhline(limit, color="black", lw=1, label=f"usable ports ({limit:,.0f})")
         _mark_exhaustion(ax, data)
-        ax.set_title(scope if scope != "to " else f"all {len(scopes)} destinations")
+        ax.set_title(title)
         ax.set_xlabel("time since first attempt (s)")
         ax.grid(alpha=0.3)
     axes[0].set_ylabel("client sockets toward the target")
     axes[0].legend(loc="lower right", fontsize="small")
-    fig.suptitle("Port-range occupancy by TCP state (client side, from the collector)")
+    side = "each load-generator host" if data.hosts else "client side"
+    fig.suptitle(f"Port-range occupancy by TCP state ({side}, from the collector)")
+    return fig
+
+
+def hosts(data: RunData) -> Figure:
+    """A distributed run: each worker host's ports in use over time, and its ports' uses."""
+    fig = _figure(4.5)
+    left, right = fig.subplots(1, 2)
+    names = np.asarray(data.table.column("host").to_pylist(), dtype=object)
+    for n, host in enumerate(data.hosts):
+        color = f"C{n % 10}"
+        if host.samples is not None and host.samples.num_rows:
+            times, in_use = scope_series(host.samples, IN_USE)
+            left.plot((times - data.t0) / 1e9, in_use, color=color, label=host.name)
+        ports = data.port[data.ok & (names == host.name)]
+        if len(ports):
+            low, high = int(ports.min()), int(ports.max())
+            edges = np.linspace(low, high + 1, min(high - low + 1, 200) + 1)
+            counts, _ = np.histogram(ports, edges)
+            right.stairs(counts, edges, color=color, label=f"{host.name} ({len(ports):,})")
+    _mark_exhaustion(left, data)
+    left.set_xlabel("time since first attempt (s)")
+    left.set_ylabel("ports in use toward the targets")
+    left.set_title("Occupancy per host")
+    right.set_xlabel("local port")
+    right.set_ylabel("connections per port bin")
+    right.set_title("Source ports per host (successful connections)")
+    for ax in (left, right):
+        ax.set_ylim(bottom=0)
+        ax.grid(alpha=0.3)
+        _legend(ax, loc="best", fontsize="small")
+    fig.suptitle(f"{len(data.hosts)} load-generator hosts (Locust workers)")
     return fig
 
 
@@ -171,6 +224,14 @@ def outcomes(data: RunData) -> Figure:
     ax.plot(centers, per_second(data.ok), label="succeeded", color="tab:green")
     for value in np.unique(data.errno[~data.ok]):
         ax.plot(centers, per_second(data.errno == value), label=errno_name(int(value)))
+    for n, outage in enumerate(data.summary.get("outages", [])):
+        ax.axvspan(
+            outage["from_s"],
+            outage["to_s"],
+            color="tab:red",
+            alpha=0.12,
+            label=None if n else "target unreachable (outage)",
+        )
     _mark_exhaustion(ax, data)
     ax.set_xlabel("time since first attempt (s)")
     ax.set_ylabel(f"connections per second ({width:g} s bins)")
@@ -448,7 +509,9 @@ FIGURES: list[tuple[str, FigureMaker, str]] = [
         "Attempts and outcomes",
         outcomes,
         "Attempts, successes and failures by errno per second. A drop to the backoff rate"
-        " with EADDRNOTAVAIL is the range running out; the red line is the first failure.",
+        " with EADDRNOTAVAIL is the range running out; the red line is the first failure."
+        " Shaded spans are outages: every attempt failed at the target (refused, reset,"
+        " timed out).",
     ),
     (
         "Source-port allocation",
@@ -489,6 +552,15 @@ FIGURES: list[tuple[str, FigureMaker, str]] = [
         " for tcp_tw_reuse's delay, with this run's model (x) and measured rate (dot).",
     ),
 ]
+
+# only in a distributed run (eph run --master)
+HOSTS_FIGURE: tuple[str, FigureMaker, str] = (
+    "Load-generator hosts",
+    hosts,
+    "Each Locust worker host has a port range of its own: its ports in use toward the"
+    " targets over time (its own collector, on the run's clock) and how often each of its"
+    " source ports carried a connection.",
+)
 
 
 def compare_successes(runs: list[tuple[str, RunData]]) -> Figure:

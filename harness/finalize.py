@@ -11,17 +11,17 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from harness.analysis import analyze
+from harness.analysis import HostSamples, analyze
 from harness.errors import RunDirError
 from harness.figures import RunData
 from harness.kernel import read_kernel
-from harness.records import merge_parts
+from harness.records import Part, merge_parts
 from harness.report import render_report
-from harness.rundir import RunDir
+from harness.rundir import HOSTS_DIR, RunDir
 from harness.scenario import Scenario
 from harness.summary import Columns, summarize
 
-__all__ = ["finalize", "load_run", "locust_request_count", "rerender"]
+__all__ = ["finalize", "load_run", "locust_request_count", "rerender", "worker_hosts"]
 
 logger = logging.getLogger(__name__)
 
@@ -38,13 +38,18 @@ def finalize(
 ) -> dict[str, Any]:
     """Merge part files into ``connections.parquet``, then write summary and report."""
     run = RunDir.open(path)
-    parts = sorted(run.parts.glob("*.arrows"))
+    hosts = worker_hosts(run.path)
+    parts = [Part(p) for p in sorted(run.parts.glob("*.arrows"))] + [
+        Part(p, host.name, int(host.info.get("clock_shift_ns", 0)))
+        for host in hosts
+        for p in sorted((run.path / HOSTS_DIR / host.name / "parts").glob("*.arrows"))
+    ]
     if parts or not run.connections.exists():
         rows, truncated = merge_parts(parts, run.connections)
-        for part in truncated:
-            logger.warning("records part %s was truncated; kept its whole batches", part.name)
+        for part_path in truncated:
+            logger.warning("records part %s was truncated; kept its whole batches", part_path)
         for part in parts:
-            part.unlink()
+            part.path.unlink()
         logger.debug("merged %d rows from %d parts", rows, len(parts))
     try:
         table = pq.read_table(run.connections)
@@ -59,7 +64,11 @@ def finalize(
         locust_requests = locust_request_count(run.path / "locust.json")
     scenario = run.read_json("scenario.json")
     if kernel is None:
-        kernel = _collector_kernel(run.path) or read_kernel()
+        kernel = (
+            _collector_kernel(run.path)
+            or next((h.kernel for h in hosts if h.kernel), None)
+            or read_kernel()
+        )
     summary = summarize(
         cols,
         scenario=scenario["name"],
@@ -74,11 +83,39 @@ def finalize(
     samples = _read_samples(run.path / "samples.parquet")
     server_samples = _read_samples(run.path / "server" / "samples.parquet")
     summary.update(
-        analyze(table, samples, Scenario.model_validate(scenario), kernel, summary, server_samples)
+        analyze(
+            table,
+            samples,
+            Scenario.model_validate(scenario),
+            kernel,
+            summary,
+            server_samples,
+            hosts,
+        )
     )
     run.write_json("summary.json", summary)
-    render_report(run.report, RunData(table, samples, summary, scenario, server_samples))
+    render_report(
+        run.report, RunData(table, samples, summary, scenario, server_samples, tuple(hosts))
+    )
     return summary
+
+
+def worker_hosts(path: Path) -> list[HostSamples]:
+    """The workers of a distributed run (``hosts/<name>/``), samples on this run's clock."""
+    hosts = []
+    for directory in sorted((path / HOSTS_DIR).glob("*/")):
+        try:
+            info = json.loads((directory / "host.json").read_text())
+        except (OSError, ValueError):
+            logger.warning("%s has no readable host.json: its files did not all arrive", directory)
+            info = {}
+        samples = _read_samples(directory / "samples.parquet")
+        shift = int(info.get("clock_shift_ns", 0))
+        if samples is not None and shift:
+            t_ns = pa.array(samples.column("t_ns").to_numpy() + shift)
+            samples = samples.set_column(samples.schema.get_field_index("t_ns"), "t_ns", t_ns)
+        hosts.append(HostSamples(directory.name, samples, _collector_kernel(directory), info))
+    return hosts
 
 
 def rerender(path: Path) -> dict[str, Any]:
@@ -129,6 +166,7 @@ def load_run(path: Path) -> RunData:
         run.read_json("summary.json"),
         run.read_json("scenario.json"),
         _read_samples(run.path / "server" / "samples.parquet"),
+        tuple(worker_hosts(run.path)),
     )
 
 

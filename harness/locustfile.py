@@ -2,12 +2,14 @@
 
 The scenario comes from ``EPH_SCENARIO`` (default ``scenarios/default.toml``);
 see ``harness.users`` for every variable. Locust's ``--host`` replaces the
-scenario's target endpoints. Only one User class is bound here, for the
-scenario's engine, so Locust runs exactly that one.
+scenario's target endpoints. One User class, ``EphUser``, runs the scenario's
+engine; an ``eph worker`` (``EPH_WORKER=1``) gets its scenario from the master.
 """
+
+import os
 
 from harness import users as _users
 
-scenario = _users.scenario_from_environ()
+scenario = None if os.environ.get("EPH_WORKER") == "1" else _users.scenario_from_environ()
 _users.install(scenario)
-EphUser = _users.user_class(scenario.load.engine)
+EphUser = _users.user_class()

@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import socket
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,8 +32,10 @@ __all__ = [
     "FLUSH_INTERVAL",
     "ROW_DTYPE",
     "STAGE_DTYPE",
+    "Part",
     "PartReadResult",
     "RecordWriter",
+    "host_name",
     "merge_parts",
     "read_part",
 ]
@@ -97,8 +100,15 @@ CONNECTIONS_SCHEMA = pa.schema(
         ("close", _DICT),
         ("engine", _DICT),
         ("pid", pa.uint32()),
+        ("host", _DICT),  # the load generator: this host, or a distributed run's worker
     ]
 )
+
+
+def host_name() -> str:
+    """This load generator's name in records: ``EPH_HOST_NAME`` (``eph worker --name``)
+    or the host name."""
+    return os.environ.get("EPH_HOST_NAME") or socket.gethostname()
 
 
 def to_rows(staged: np.ndarray) -> np.ndarray:
@@ -140,6 +150,7 @@ class RecordWriter:
             "close": close,
             "engine": engine,
             "pid": str(pid if pid is not None else os.getpid()),
+            "host": host_name(),
         }
         self._schema = _PART_SCHEMA.with_metadata(meta)
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -187,12 +198,25 @@ class RecordWriter:
 
 
 @dataclass(frozen=True)
+class Part:
+    """A part file and where it was recorded.
+
+    ``shift_ns`` moves a worker host's CLOCK_MONOTONIC stamps onto the run's clock
+    (the master's): both hosts' wall clocks are assumed in step (NTP).
+    """
+
+    path: Path
+    host: str = ""
+    shift_ns: int = 0
+
+
+@dataclass(frozen=True)
 class PartReadResult:
     table: pa.Table
     truncated: bool
 
 
-def read_part(path: Path) -> PartReadResult:
+def read_part(path: Path, host: str = "", shift_ns: int = 0) -> PartReadResult:
     """Read one part file up to its last whole batch, expanded to ``CONNECTIONS_SCHEMA``."""
     truncated = False
     batches: list[pa.RecordBatch] = []
@@ -216,16 +240,21 @@ def read_part(path: Path) -> PartReadResult:
         # not even a schema: the process died before its first flush
         return PartReadResult(CONNECTIONS_SCHEMA.empty_table(), truncated=True)
     table = pa.Table.from_batches(batches, schema=reader.schema)
-    return PartReadResult(_expand(table, meta, addresses), truncated)
+    return PartReadResult(_expand(table, meta, addresses, host, shift_ns), truncated)
 
 
-def _expand(table: pa.Table, meta: dict[str, str], addresses: list[str]) -> pa.Table:
+def _expand(
+    table: pa.Table, meta: dict[str, str], addresses: list[str], host: str, shift_ns: int
+) -> pa.Table:
     n = table.num_rows
+    start = table.column("start_ns")
+    if shift_ns:
+        start = pa.array(start.to_numpy() + np.int64(shift_ns))
     endpoints = json.loads(meta.get("endpoints", "[]")) or [["", 0]]
     index = table.column("endpoint").to_numpy().astype(np.int32)
     remote_ports = np.array([port for _, port in endpoints], dtype=np.uint16)
     columns: dict[str, Any] = {
-        "start_ns": table.column("start_ns"),
+        "start_ns": start,
         "connect_us": table.column("connect_us"),
         "close_us": table.column("close_us"),
         "local_addr": _dict(table.column("local_addr").to_numpy().astype(np.int32), addresses),
@@ -237,6 +266,7 @@ def _expand(table: pa.Table, meta: dict[str, str], addresses: list[str]) -> pa.T
         "close": _dict(np.zeros(n, np.int32), [meta.get("close", "")]),
         "engine": _dict(np.zeros(n, np.int32), [meta.get("engine", "")]),
         "pid": pa.array(np.full(n, int(meta.get("pid", 0)), dtype=np.uint32)),
+        "host": _dict(np.zeros(n, np.int32), [host or meta.get("host", "")]),
     }
     return pa.table(columns, schema=CONNECTIONS_SCHEMA)
 
@@ -247,7 +277,7 @@ def _dict(indices: np.ndarray, values: Sequence[str]) -> pa.DictionaryArray:
     )
 
 
-def merge_parts(parts: Sequence[Path], out: Path) -> tuple[int, list[Path]]:
+def merge_parts(parts: Sequence[Path | Part], out: Path) -> tuple[int, list[Path]]:
     """Merge part files into one Parquet file sorted by start time.
 
     Returns the row count and the parts that were truncated (their whole
@@ -255,11 +285,12 @@ def merge_parts(parts: Sequence[Path], out: Path) -> tuple[int, list[Path]]:
     """
     tables = []
     truncated = []
-    for path in parts:
-        result = read_part(path)
+    for given in parts:
+        part = given if isinstance(given, Part) else Part(given)
+        result = read_part(part.path, part.host, part.shift_ns)
         tables.append(result.table)
         if result.truncated:
-            truncated.append(path)
+            truncated.append(part.path)
     table = (
         pa.concat_tables(tables, promote_options="permissive").unify_dictionaries()
         if tables

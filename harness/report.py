@@ -11,7 +11,7 @@ from typing import Any
 import jinja2
 from matplotlib.figure import Figure
 
-from harness.figures import FIGURES, RunData
+from harness.figures import FIGURES, HOSTS_FIGURE, RunData
 from harness.plan import from_run, make_plan
 
 __all__ = ["findings", "recommendations", "render_report"]
@@ -26,7 +26,8 @@ _ENV = jinja2.Environment(
 def render_report(path: Path, data: RunData) -> None:
     """Every figure of :data:`harness.figures.FIGURES`, the findings and the
     recommendations, in one HTML file that needs nothing else to open."""
-    figures = [(title, _png(make(data)), note) for title, make, note in FIGURES]
+    makers = [*FIGURES, HOSTS_FIGURE] if data.hosts else FIGURES
+    figures = [(title, _png(make(data)), note) for title, make, note in makers]
     html = _ENV.get_template("report.html.j2").render(
         summary=data.summary,
         scenario=data.scenario,
@@ -99,6 +100,18 @@ def findings(summary: dict[str, Any]) -> list[str]:
     if conns["errors"]:
         text = ", ".join(f"{k} {v}" for k, v in sorted(conns["errors"].items()))
         out.append(f"Failed connects: {text}.")
+    for outage in summary.get("outages", []):
+        errors = ", ".join(f"{k} {v}" for k, v in sorted(outage["errors"].items()))
+        out.append(
+            f"The target was unreachable from {outage['from_s']:.3g} s to {outage['to_s']:.3g} s"
+            f" ({outage['failures']} attempts in a row failed: {errors})"
+            + (
+                "; connections succeeded again after it."
+                if outage["recovered"]
+                else "; it had not recovered when the run ended."
+            )
+            + " That is the target, not the port range."
+        )
     out.extend(_kernel_findings(summary))
     cons = summary.get("conservation", {})
     if cons.get("records_match_locust") is False:

@@ -29,6 +29,7 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
+from harness.collector import collect_command
 from harness.endpoints import Endpoint
 from harness.errors import RunError
 from harness.finalize import finalize
@@ -38,7 +39,7 @@ from harness.rundir import RunDir
 from harness.scenario import Scenario
 from harness.units import format_duration
 
-__all__ = ["Placement", "RunResult", "run_scenario"]
+__all__ = ["Master", "Placement", "RunResult", "run_scenario", "run_worker"]
 
 logger = logging.getLogger(__name__)
 
@@ -63,6 +64,34 @@ class Placement:
     @property
     def on_host(self) -> bool:
         return not self.load
+
+
+@dataclass(frozen=True)
+class Master:
+    """``eph run --master``: Locust's master here, its workers (``eph worker``) elsewhere.
+
+    The master binds ``bind_host:bind_port`` (loopback unless told otherwise), waits
+    up to ``wait`` seconds for ``workers`` workers, runs no users and no collector
+    itself, and merges what each worker ships into the run directory.
+    """
+
+    workers: int = 1
+    bind_host: str = "127.0.0.1"
+    bind_port: int = 5557
+    wait: float = 120.0
+
+    def locust_args(self) -> list[str]:
+        return [
+            "--master",
+            "--expect-workers",
+            str(self.workers),
+            "--expect-workers-max-wait",
+            f"{self.wait:g}",
+            "--master-bind-host",
+            self.bind_host,
+            "--master-bind-port",
+            str(self.bind_port),
+        ]
 
 
 @dataclass(frozen=True)
@@ -151,19 +180,13 @@ class _CollectorProcess:
         log_name = f"collector-{subdir}.log" if subdir else "collector.log"
         args = [
             *prefix,
-            sys.executable,
-            "-m",
-            "harness",
-            "collect",
-            "--out",
-            str(run.path / subdir),
-            "--interval",
-            format_duration(scenario.collector.interval),
-            "--duration",
-            f"{bound}s",
+            *collect_command(
+                run.path / subdir,
+                format_duration(scenario.collector.interval),
+                bound,
+                scenario.target.endpoints,
+            ),
         ]
-        for endpoint in scenario.target.endpoints:
-            args += ["--target", str(endpoint)]
         with open(run.logs / log_name, "ab") as log:
             self.proc = subprocess.Popen(args, stdout=log, stderr=log, start_new_session=True)
 
@@ -184,9 +207,17 @@ def _reap(proc: subprocess.Popen[bytes], timeout: float) -> int:
         return proc.wait()
 
 
-def _locust_command(scenario: Scenario, run: RunDir, extra: Sequence[str]) -> list[str]:
+def _locust_command(
+    scenario: Scenario, run: RunDir, extra: Sequence[str], master: Master | None = None
+) -> list[str]:
     load = scenario.load
     backstop = math.ceil(scenario.duration) + 30  # eph stops it first; this bounds a lost parent
+    if master is not None:
+        spread = master.locust_args()
+    elif load.process_count > 1:
+        spread = _processes_args(load.process_count)
+    else:
+        spread = []
     # users finish the attempt they are in before stopping (then Locust kills them)
     stop_timeout = math.ceil(load.connect_timeout + load.io_timeout + load.hold + 1)
     return [
@@ -213,7 +244,7 @@ def _locust_command(scenario: Scenario, run: RunDir, extra: Sequence[str]) -> li
         "0",
         "--stop-timeout",
         str(stop_timeout),
-        *(_processes_args(load.process_count) if load.process_count > 1 else []),
+        *spread,
         *extra,
     ]
 
@@ -258,10 +289,21 @@ def run_scenario(
     progress: ProgressSink | None = None,
     locust_args: Sequence[str] = (),
     placement: Placement = Placement(),
+    master: Master | None = None,
 ) -> RunResult:
     run = RunDir.open(out, create=True) if out else RunDir.create(Path("reports"), scenario.name)
+    if master is not None:
+        # the master host makes no connections: each worker samples its own host
+        placement = Placement(placement.load, placement.listener, ())
+        logger.info(
+            "waiting up to %.0f s for %d worker(s): eph worker --master-host %s --master-port %d",
+            master.wait,
+            master.workers,
+            master.bind_host,
+            master.bind_port,
+        )
     kernel: dict[str, Any] | None = None  # in a lab, the collector reads the lab's kernel
-    if placement.on_host:
+    if placement.on_host and master is None:  # a master's kernel is not the workers'
         kernel = read_kernel()
         for note in kernel_differences(scenario, kernel):
             logger.warning("%s", note)
@@ -286,16 +328,17 @@ def run_scenario(
             # each of Locust's processes paces its share of load.rate
             "EPH_RATE_SHARE": repr(1 / scenario.load.process_count),
         }
+        start_timeout = START_TIMEOUT + (master.wait if master is not None else 0.0)
         with open(run.logs / "locust.out", "ab") as locust_out:
             proc = subprocess.Popen(
-                [*placement.load, *_locust_command(scenario, run, locust_args)],
+                [*placement.load, *_locust_command(scenario, run, locust_args, master)],
                 stdout=locust_out,
                 stderr=subprocess.STDOUT,
                 env=env,
                 start_new_session=True,
             )
         try:
-            load_started = _wait_for_start(proc, run, interrupt)
+            load_started = _wait_for_start(proc, run, interrupt, start_timeout)
             started_at = time.time()
             _wait_for_end(proc, run, scenario.duration, load_started, interrupt, progress)
             load_ended = time.monotonic()
@@ -342,8 +385,10 @@ def kernel_differences(scenario: Scenario, kernel: dict[str, Any]) -> list[str]:
     return notes
 
 
-def _wait_for_start(proc: subprocess.Popen[bytes], run: RunDir, interrupt: _Interrupt) -> float:
-    deadline = time.monotonic() + START_TIMEOUT
+def _wait_for_start(
+    proc: subprocess.Popen[bytes], run: RunDir, interrupt: _Interrupt, timeout: float
+) -> float:
+    deadline = time.monotonic() + timeout
     while time.monotonic() < deadline and not interrupt.set:
         if any(run.progress.glob("*.json")):
             return time.monotonic()
@@ -355,7 +400,7 @@ def _wait_for_start(proc: subprocess.Popen[bytes], run: RunDir, interrupt: _Inte
         time.sleep(0.05)
     if interrupt.set:
         return time.monotonic()
-    raise RunError(f"Locust did not start within {START_TIMEOUT:.0f} s: see {run.logs}")
+    raise RunError(f"Locust did not start within {timeout:.0f} s: see {run.logs}")
 
 
 def _wait_for_end(
@@ -374,3 +419,55 @@ def _wait_for_end(
         if now >= end:
             return
         time.sleep(min(0.25, max(0.0, end - now)))
+
+
+def run_worker(
+    *,
+    master_host: str,
+    master_port: int,
+    out: Path,
+    name: str | None = None,
+    max_seconds: float = 7200.0,
+) -> int:
+    """``eph worker``: a Locust worker of an ``eph run --master`` elsewhere.
+
+    Each test records into a new directory under ``out`` with a collector of this
+    host, and ships it to the master at the end. Returns Locust's exit code once
+    the master quits, at SIGINT/SIGTERM, or after ``max_seconds`` (a bound).
+    """
+    out.mkdir(mode=0o750, parents=True, exist_ok=True)
+    env = {**os.environ, "EPH_WORKER": "1", "EPH_RUN_DIR": str(out)}
+    if name:
+        env["EPH_HOST_NAME"] = name
+    args = [
+        sys.executable,
+        "-m",
+        "locust",
+        "-f",
+        str(LOCUSTFILE),
+        "--worker",
+        "--master-host",
+        master_host,
+        "--master-port",
+        str(master_port),
+        "--logfile",
+        str(out / f"worker-{os.getpid()}.log"),
+    ]
+    with _Interrupt() as interrupt, open(out / f"worker-{os.getpid()}.out", "ab") as log:
+        proc = subprocess.Popen(
+            args, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True
+        )
+        deadline = time.monotonic() + max_seconds
+        try:
+            while proc.poll() is None and not interrupt.set and time.monotonic() < deadline:
+                time.sleep(0.1)
+            if proc.poll() is None:
+                if not interrupt.set:
+                    logger.error("the worker ran for %.0f s, its bound; stopping it", max_seconds)
+                proc.send_signal(signal.SIGTERM)
+                _reap(proc, STOP_GRACE)
+        finally:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    return proc.returncode

@@ -12,6 +12,7 @@ Layout::
         logs/                 eph.log, locust.log, listener.log, uvloop-*.log
         parts/                per-process record streams (merged, then removed)
         progress/             per-process live counters
+        hosts/<name>/         a distributed run's worker: host.json, samples, logs
     reports/latest -> the newest run
 """
 
@@ -27,8 +28,9 @@ from typing import Any
 from harness.errors import RunDirError
 from harness.scenario import Scenario
 
-__all__ = ["RunDir"]
+__all__ = ["HOSTS_DIR", "RunDir"]
 
+HOSTS_DIR = "hosts"  # a distributed run's workers, one directory each
 _MODE = 0o750  # run directories are never world-writable (nor readable)
 
 

@@ -11,7 +11,11 @@ locustfile (and picks its User class) before parsing its own arguments:
 - ``EPH_RUN_DIR``: where records go (default a new ``reports/<time>-<name>-locust``);
 - ``EPH_MANAGED=1``: set by ``eph run``, which finalizes the run directory itself;
   without it, the Locust process finalizes it at exit;
-- ``EPH_RATE_SHARE``: this process's share of ``load.rate`` (default 1).
+- ``EPH_RATE_SHARE``: this process's share of ``load.rate`` (default 1);
+- ``EPH_WORKER=1``: set by ``eph worker``: the scenario comes from the master,
+  each test records into a new directory under ``EPH_RUN_DIR`` with a collector
+  of its own, and ships it to the master at the end (``harness.distributed``);
+- ``EPH_HOST_NAME``: this load generator's name in the records (default the host name).
 
 Locust's ``--host`` (or the web UI's host field), when given, replaces the
 scenario's target endpoints: ``--host 127.0.0.1:9000``.
@@ -23,7 +27,9 @@ import contextlib
 import json
 import logging
 import os
+import signal
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -37,18 +43,22 @@ from locust.runners import STATE_RUNNING, STATE_SPAWNING, MasterRunner, WorkerRu
 from harness.churn import ChurnPlan, Target
 from harness.client_gevent import GeventChurn
 from harness.client_uvloop import read_frame
+from harness.collector import collect_command
+from harness.distributed import Receiver, ship
 from harness.endpoints import Endpoint
 from harness.locust_stats import REQUEST_TYPE, failure, feed_rows
 from harness.pacing import Pacer
 from harness.progress import ProgressCounter
-from harness.records import FLUSH_INTERVAL, RecordWriter
+from harness.records import FLUSH_INTERVAL, RecordWriter, host_name
 from harness.rundir import RunDir
 from harness.scenario import Engine, Scenario, load_scenario
+from harness.units import format_duration
 
-__all__ = ["ChurnUser", "LocustEngineUser", "UvloopEngineUser", "install", "user_class"]
+__all__ = ["EphUser", "install", "scenario_from_environ", "user_class"]
 
 logger = logging.getLogger(__name__)
 
+COLLECTOR_START_TIMEOUT = 10.0  # seconds a worker waits for its collector's first sample
 UVLOOP_IDLE = 1.0  # how often a uvloop-engine user wakes up; it only holds a slot
 DEFAULT_SCENARIO = Path("scenarios/default.toml")
 
@@ -63,16 +73,28 @@ def scenario_from_environ() -> Scenario:
 class _Session:
     """Everything one Locust process shares between its users for one test."""
 
-    def __init__(self, environment: Environment, scenario: Scenario, sequence: int) -> None:
+    def __init__(
+        self,
+        environment: Environment,
+        scenario: Scenario,
+        sequence: int,
+        *,
+        rate_share: float | None = None,
+        collect: bool = False,
+    ) -> None:
         if environment.host:
             scenario = scenario.with_endpoints(
                 [Endpoint.parse(environment.host, allow_port_zero=False)]
             )
         self.environment = environment
         self.scenario = scenario
-        self.run_dir = _run_dir(scenario)
+        self.run_dir = _worker_run_dir(scenario) if collect else _run_dir(scenario)
         self.run_dir.write_scenario(scenario)
-        share = float(os.environ.get("EPH_RATE_SHARE", "1"))
+        # a distributed worker records its own host's sockets, and ships them at the end
+        self.collector = _CollectorChild(self.run_dir, scenario) if collect else None
+        share = (
+            rate_share if rate_share is not None else float(os.environ.get("EPH_RATE_SHARE", "1"))
+        )
         self.plan = ChurnPlan.from_scenario(scenario, rate_share=share)
         self.names = [str(e) for e in self.plan.endpoints]
         self.engine = scenario.load.engine
@@ -129,6 +151,8 @@ class _Session:
         if self.writer is not None:
             self.progress.update(self.writer.close())
         self.flush(done=True)
+        if self.collector is not None:
+            self.collector.stop()
 
 
 class _UvloopBridge:
@@ -200,6 +224,43 @@ def _run_dir(scenario: Scenario) -> RunDir:
     return RunDir.create(Path("reports"), scenario.name + "-locust")
 
 
+def _worker_run_dir(scenario: Scenario) -> RunDir:
+    """A new directory per test under ``EPH_RUN_DIR`` (``eph worker --out``)."""
+    base = Path(os.environ.get("EPH_RUN_DIR", "reports"))
+    return RunDir.create(base, f"{scenario.name}-{host_name()}")
+
+
+class _CollectorChild:
+    """``eph collect`` for a worker's own host, a child process that never imports locust."""
+
+    def __init__(self, run_dir: RunDir, scenario: Scenario) -> None:
+        args = collect_command(
+            run_dir.path,
+            format_duration(scenario.collector.interval),
+            scenario.duration + 600,  # eph stops it first; this bounds a lost worker
+            scenario.target.endpoints,
+        )
+        with open(run_dir.logs / "collector.log", "ab") as log:
+            self._proc = gsubprocess.Popen(args, stdout=log, stderr=log)
+        # sampling before the first connection, as in `eph run` (its stream opens right
+        # before its first sample); a collector that cannot start is the log's business
+        stream = run_dir.path / "samples.arrows"
+        deadline = time.monotonic() + COLLECTOR_START_TIMEOUT
+        while not stream.exists() and self._proc.poll() is None and time.monotonic() < deadline:
+            gevent.sleep(0.02)
+        gevent.sleep(0.05)
+
+    def stop(self) -> None:
+        if self._proc.poll() is None:
+            self._proc.send_signal(signal.SIGTERM)
+        try:
+            self._proc.wait(timeout=15)
+        except gsubprocess.TimeoutExpired:
+            logger.error("the collector (pid %s) did not stop; killing it", self._proc.pid)
+            self._proc.kill()
+            self._proc.wait()
+
+
 # ----------------------------------------------------------------- users
 
 
@@ -213,24 +274,34 @@ def _session(environment: Environment) -> _Session:
     return found
 
 
-class ChurnUser(User):
-    """Base of eph's users: each one is a concurrent connection loop."""
+class EphUser(User):
+    """Each user is one concurrent connection loop, of the scenario's engine.
 
-    abstract = True
+    One class for both engines, chosen per test by the session: a distributed
+    worker learns the scenario (so the engine) only when its test starts, and
+    Locust's master and workers must name the same user class.
+    """
+
+    abstract = True  # made concrete by the locustfile, through user_class()
     wait_time = constant(0)
 
     def on_start(self) -> None:
         self.session = _session(self.environment)
+        if self.session.bridge is not None:
+            self.session.bridge.add_users(1)
 
-
-class LocustEngineUser(ChurnUser):
-    """Opens, uses and closes connections itself, with gevent."""
-
-    abstract = True  # made concrete by the locustfile, through user_class()
+    def on_stop(self) -> None:
+        session = getattr(self, "session", None)
+        if session is not None and session.bridge is not None:
+            session.bridge.add_users(-1)
 
     @task
     def churn(self) -> None:
         session = self.session
+        if session.bridge is not None:
+            # the uvloop engine child does the work; this user only holds its slot
+            gevent.sleep(UVLOOP_IDLE)
+            return
         if session.pacer is not None:
             delay = session.pacer.delay()
             if delay > 0:
@@ -239,51 +310,65 @@ class LocustEngineUser(ChurnUser):
             gevent.sleep(session.plan.backoff)  # a failed connect: do not spin a core
 
 
-class UvloopEngineUser(ChurnUser):
-    """Holds one concurrent loop of this process's uvloop engine child."""
-
-    abstract = True
-
-    def on_start(self) -> None:
-        super().on_start()
-        assert self.session.bridge is not None
-        self.session.bridge.add_users(1)
-
-    def on_stop(self) -> None:
-        if self.session.bridge is not None:
-            self.session.bridge.add_users(-1)
-
-    @task
-    def hold_slot(self) -> None:
-        gevent.sleep(UVLOOP_IDLE)
+def user_class() -> type[EphUser]:
+    """The concrete user class, named ``EphUser`` for Locust's UI and its workers."""
+    return type("EphUser", (EphUser,), {"abstract": False, "__module__": EphUser.__module__})
 
 
-def user_class(engine: Engine) -> type[ChurnUser]:
-    """A concrete user class for ``engine``, named ``EphUser`` for Locust's UI."""
-    base = LocustEngineUser if engine is Engine.LOCUST else UvloopEngineUser
-    return type("EphUser", (base,), {"abstract": False, "__module__": base.__module__})
+def install(scenario: Scenario | None) -> None:
+    """Hook eph's session into Locust's events (call once, from the locustfile).
 
-
-def install(scenario: Scenario) -> None:
-    """Hook eph's session into Locust's events (call once, from the locustfile)."""
+    ``scenario`` is None on a distributed worker (``eph worker``): the master
+    sends it ahead of the test.
+    """
     counter = iter(range(1 << 30))
+    received: dict[str, Any] = {}
 
     def start(environment: Environment, **_: Any) -> None:
-        if isinstance(environment.runner, MasterRunner):
+        runner = environment.runner
+        if isinstance(runner, MasterRunner):
+            _start_master(environment, scenario)
             return  # the master runs no users; its workers record
         old = _sessions.pop(id(environment), None)
         if old is not None:
             old.close()
+        if isinstance(runner, WorkerRunner) and os.environ.get("EPH_WORKER") == "1":
+            if "scenario" not in received:
+                logger.error("the master sent no scenario: is it an `eph run --master`?")
+                runner.quit()
+                return
+            worker_scenario = Scenario.model_validate(received["scenario"])
+            _sessions[id(environment)] = _Session(
+                environment,
+                worker_scenario,
+                next(counter),
+                rate_share=float(received["rate_share"]),
+                collect=True,
+            )
+            return
+        assert scenario is not None
         _sessions[id(environment)] = _Session(environment, scenario, next(counter))
 
     def stop(environment: Environment, **_: Any) -> None:
         found = _sessions.get(id(environment))
+        runner = environment.runner
         if found is not None:
             found.close()
-            if isinstance(environment.runner, WorkerRunner):
+            if isinstance(runner, WorkerRunner):
                 # the rows close() fed reach the master now, ahead of this worker's
                 # "client_stopped" (Locust has no public call for this report)
-                environment.runner._send_stats()
+                runner._send_stats()
+                if found.collector is not None:
+                    ship(runner.send_message, found.run_dir.path, host_name())
+        master = _masters.get(id(environment))
+        if master is not None:
+            master.close()
+        receiver = _receivers.get(id(environment))
+        if receiver is not None and isinstance(runner, MasterRunner):
+            # every worker has stopped and shipped; Locust's own quit only reaches
+            # workers still in a test, so these would linger for its 60 s heartbeat
+            for client_id in receiver.clients:
+                runner.send_message("quit", None, client_id)
 
     def quitting(environment: Environment, **_: Any) -> None:
         runner = environment.runner
@@ -297,15 +382,106 @@ def install(scenario: Scenario) -> None:
         for key, found in list(_sessions.items()):
             del _sessions[key]
             found.close()
-            if os.environ.get("EPH_MANAGED") != "1":
+            if os.environ.get("EPH_MANAGED") != "1" and found.collector is None:
                 _finalize_standalone(found)
+
+    def init(environment: Environment, **_: Any) -> None:
+        # quitting fires its listeners newest first, and the master runner's own, which
+        # quits at once, is added when the runner is made: add ours after that
+        events.quitting.add_listener(quitting)
+        runner = environment.runner
+        if isinstance(runner, MasterRunner):
+            receiver = _receivers[id(environment)] = Receiver(_run_dir_path(scenario))
+            runner.register_message("eph_file", receiver.on_file)
+            runner.register_message("eph_host", receiver.on_host)
+        elif isinstance(runner, WorkerRunner):
+            runner.register_message("eph_scenario", lambda msg, **_: received.update(msg.data))
 
     events.test_start.add_listener(start)
     events.test_stop.add_listener(stop)
     events.quit.add_listener(quit_)
-    # quitting fires its listeners newest first, and the master runner's own, which
-    # quits at once, is added when the runner is made: add ours after that, at init
-    events.init.add_listener(lambda **_: events.quitting.add_listener(quitting))
+    events.init.add_listener(init)
+
+
+# ----------------------------------------------------------------- master
+
+
+class _MasterSession:
+    """A master's share of a distributed test: the scenario out, progress written."""
+
+    def __init__(self, environment: Environment, scenario: Scenario) -> None:
+        self.environment = environment
+        runner = environment.runner
+        assert isinstance(runner, MasterRunner)
+        self.run_dir = RunDir.open(_run_dir_path(scenario), create=True)
+        self.run_dir.write_scenario(scenario)
+        workers = max(1, runner.worker_count)
+        runner.send_message(
+            "eph_scenario", {"scenario": scenario.to_json(), "rate_share": 1 / workers}
+        )
+        self._progress = self.run_dir.progress / "master.json"
+        self.started = time.time()
+        self.write()
+        self._writer = gevent.spawn(self._loop)
+
+    def _loop(self) -> None:
+        while True:
+            gevent.sleep(FLUSH_INTERVAL)
+            self.write()
+
+    def write(self, done: bool = False) -> None:
+        """Progress from the stats workers report (every few seconds, Locust's pace)."""
+        stats = self.environment.stats
+        errors: dict[str, int] = {}
+        for entry in stats.errors.values():
+            errors[str(entry.error)] = errors.get(str(entry.error), 0) + entry.occurrences
+        runner = self.environment.runner
+        data = {
+            "pid": os.getpid(),
+            "engine": "distributed",
+            "started": self.started,
+            "time": time.time(),
+            "users": runner.user_count if runner else 0,
+            "workers": runner.worker_count if isinstance(runner, MasterRunner) else 0,
+            "attempts": stats.total.num_requests,
+            "failures": stats.total.num_failures,
+            "errors": errors,
+            "done": done,
+        }
+        tmp = self._progress.with_suffix(".tmp")
+        tmp.write_text(json.dumps(data))
+        os.replace(tmp, self._progress)
+
+    def close(self) -> None:
+        self._writer.kill()
+        self.write(done=True)
+
+
+_masters: dict[int, _MasterSession] = {}
+_receivers: dict[int, Receiver] = {}
+
+
+def _start_master(environment: Environment, scenario: Scenario | None) -> None:
+    if scenario is None:
+        raise RuntimeError("a Locust master needs EPH_SCENARIO")
+    old = _masters.pop(id(environment), None)
+    if old is not None:
+        old.close()
+    _masters[id(environment)] = _MasterSession(environment, scenario)
+
+
+def _run_dir_path(scenario: Scenario | None) -> Path:
+    """The master's run directory: ``EPH_RUN_DIR`` (``eph run`` sets it), made once."""
+    if not _master_dir:
+        given = os.environ.get("EPH_RUN_DIR")
+        name = scenario.name if scenario is not None else "master"
+        _master_dir.append(
+            Path(given) if given else RunDir.create(Path("reports"), name + "-locust").path
+        )
+    return _master_dir[0]
+
+
+_master_dir: list[Path] = []
 
 
 def _finalize_standalone(session: _Session) -> None:

@@ -29,6 +29,7 @@ def connections_table(rows: list[tuple[int, int, int, int]], close: str = "clien
             "close": const(close),
             "engine": const("locust"),
             "pid": pa.array([1] * n, pa.uint32()),
+            "host": const("localhost"),
         },
         schema=CONNECTIONS_SCHEMA,
     )

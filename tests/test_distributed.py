@@ -1,0 +1,220 @@
+"""Locust master/worker mode: `eph run --master` and `eph worker` across namespaces.
+
+Four namespaces on one bridge stand for four hosts: the master, a listener, and
+two workers, each worker with its own source address and its own 100-port
+range. Both workers exhaust their range; the master's run directory must hold
+every connection of both, with each host's ports and occupancy.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+from types import SimpleNamespace
+
+import pyarrow.parquet as pq
+import pytest
+
+from harness.distributed import Receiver, ship
+from harness.netns import Namespace, run_checked
+
+from .conftest import EPH, ROOT, run_dir_summary, write_scenario
+
+NET = "198.18.0"
+MASTER, LISTENER, WORKERS = f"{NET}.1", f"{NET}.2", {"w1": f"{NET}.11", "w2": f"{NET}.12"}
+
+
+@contextlib.contextmanager
+def _star(names: list[str]) -> Iterator[dict[str, Namespace]]:
+    """A namespace per name, each with eth0 on one bridge in a hub namespace."""
+    with contextlib.ExitStack() as stack:
+        hub = stack.enter_context(Namespace(prefix="ephdist"))
+        run_checked(["ip", "-n", hub.name, "link", "add", "br0", "type", "bridge"])
+        run_checked(["ip", "-n", hub.name, "link", "set", "br0", "up"])
+        nodes = {}
+        for n, name in enumerate(names):
+            node = stack.enter_context(Namespace(prefix="ephdist"))
+            port = f"p{n}"
+            run_checked(
+                ["ip", "-n", hub.name, "link", "add", port, "type", "veth", "peer", "name",
+                 "eth0", "netns", node.name]
+            )  # fmt: skip
+            run_checked(["ip", "-n", hub.name, "link", "set", port, "master", "br0", "up"])
+            nodes[name] = node
+        yield nodes
+
+
+def _address(node: Namespace, address: str) -> None:
+    run_checked(["ip", "-n", node.name, "addr", "add", f"{address}/24", "dev", "eth0"])
+    run_checked(["ip", "-n", node.name, "link", "set", "eth0", "up"])
+
+
+def _spawn(node: Namespace, args: list[str], log: Path) -> subprocess.Popen[bytes]:
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    with open(log, "wb") as sink:
+        return subprocess.Popen(
+            node.command([*EPH, *args]), stdout=sink, stderr=subprocess.STDOUT, env=env
+        )
+
+
+def _stop(proc: subprocess.Popen[bytes]) -> None:
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def _pids(node: Namespace) -> list[int]:
+    out = subprocess.run(
+        ["ip", "netns", "pids", node.name], capture_output=True, text=True, check=False
+    )
+    return [int(p) for p in out.stdout.split()]
+
+
+@pytest.mark.netns
+@pytest.mark.e2e
+def test_master_and_two_workers_in_namespaces(tmp_path: Path) -> None:
+    scenario = write_scenario(
+        tmp_path / "dist.toml",
+        f"""
+name = "distributed"
+description = "two workers, 100 ports each"
+duration = "3s"
+[target]
+endpoints = ["{LISTENER}:9000"]
+[load]
+users = 4
+spawn_rate = 100
+backoff = "20ms"
+connect_timeout = "1s"
+""",
+    )
+    with _star(["master", "listener", *WORKERS]) as nodes:
+        _address(nodes["master"], MASTER)
+        _address(nodes["listener"], LISTENER)
+        for name, address in WORKERS.items():
+            _address(nodes[name], address)
+            nodes[name].set_sysctl("net.ipv4.ip_local_port_range", [40000, 40099])
+            nodes[name].set_sysctl("net.ipv4.tcp_tw_reuse", 0)
+        procs = []
+        try:
+            listener = subprocess.Popen(
+                nodes["listener"].command([*EPH, "listen", "--endpoint", f"{LISTENER}:9000"]),
+                stdout=subprocess.PIPE,
+                stderr=subprocess.DEVNULL,
+                env={**os.environ, "PYTHONPATH": str(ROOT)},
+            )
+            procs.append(listener)
+            assert listener.stdout is not None
+            assert json.loads(listener.stdout.readline())["event"] == "listening"
+            run = tmp_path / "run"
+            master = _spawn(
+                nodes["master"],
+                ["run", str(scenario), "--out", str(run), "--master", "--expect-workers", "2",
+                 "--master-bind-host", MASTER, "--wait-workers", "60s"],
+                tmp_path / "master.log",
+            )  # fmt: skip
+            procs.append(master)
+            workers = {
+                name: _spawn(
+                    nodes[name],
+                    [
+                        "worker",
+                        "--master-host",
+                        MASTER,
+                        "--name",
+                        name,
+                        "--out",
+                        str(tmp_path / name),
+                        "--max-time",
+                        "120s",
+                    ],
+                    tmp_path / f"{name}.log",
+                )
+                for name in WORKERS
+            }
+            procs += workers.values()
+            assert master.wait(timeout=120) == 0, (tmp_path / "master.log").read_text()[-3000:]
+            for name, worker in workers.items():
+                assert worker.wait(timeout=60) == 0, (tmp_path / f"{name}.log").read_text()
+            listener.terminate()
+            listener.wait(timeout=20)
+            stopped = json.loads(listener.stdout.read().decode().strip().splitlines()[-1])
+        finally:
+            for proc in procs:
+                _stop(proc)
+                if proc.stdout is not None:
+                    proc.stdout.close()
+        leftovers = {name: _pids(node) for name, node in nodes.items() if _pids(node)}
+        assert not leftovers, f"processes left in the namespaces: {leftovers}"
+
+    summary = run_dir_summary(run)
+    hosts = {h["host"]: h for h in summary["hosts"]}
+    assert sorted(hosts) == ["w1", "w2"]
+    for name, address in WORKERS.items():
+        host = hosts[name]
+        assert host["source_addresses"] == [address]
+        assert host["port_range"] == [40000, 40099]
+        # its own 100 ports, all used, then EADDRNOTAVAIL
+        assert host["distinct_ports"] == 100
+        assert host["port_span"] == [40000, 40099]
+        assert host["first_exhaustion_s"] is not None
+        assert 90 <= host["peak_in_use"] <= 100
+    table = pq.read_table(run / "connections.parquet")
+    assert sorted(set(table.column("host").to_pylist())) == ["w1", "w2"]
+    assert summary["connections"]["errors"].get("EADDRNOTAVAIL", 0) > 0
+    # every record reached the master, as Locust counted them; the listener saw each success
+    assert summary["conservation"]["records"] == summary["conservation"]["locust_requests"]
+    assert stopped["accepted"] == summary["connections"]["succeeded"]
+    assert summary["capacity"]["model_ports"] == 200  # two hosts of 100 ports
+    assert not list(run.glob("hosts/*/parts/*.arrows")), "host parts were merged"
+    assert "Load-generator hosts" in (run / "report.html").read_text()
+
+
+def test_ship_and_receive_round_trip(tmp_path: Path) -> None:
+    """Files cross in chunks, names collide into name-2, and odd paths are refused."""
+    worker = tmp_path / "worker"
+    (worker / "parts").mkdir(parents=True)
+    (worker / "logs").mkdir()
+    big = os.urandom(int(2.5 * (1 << 20)))
+    (worker / "parts" / "a.arrows").write_bytes(big)
+    (worker / "samples.parquet").write_bytes(b"")
+    (worker / "logs" / "collector.log").write_text("ok\n")
+    (worker / "summary.json").write_text("{}")  # not shipped
+    receiver = Receiver(tmp_path / "master")
+    messages: list[tuple[str, dict]] = []  # type: ignore[type-arg]
+
+    def send_as(client: str):  # type: ignore[no-untyped-def]
+        def send(kind: str, data: dict) -> None:  # type: ignore[type-arg]
+            messages.append((kind, data))
+            handler = receiver.on_file if kind == "eph_file" else receiver.on_host
+            handler(msg=SimpleNamespace(data=data, node_id=client))
+
+        return send
+
+    sent = ship(send_as("c1"), worker, "vm")
+    ship(send_as("c2"), worker, "vm")
+    assert sent["files"] == 3 and sent["bytes"] == len(big) + 3
+    assert sum(kind == "eph_file" for kind, _ in messages) == 2 * (3 + 2)  # 3 chunks of a.arrows
+    for name in ("vm", "vm-2"):
+        root = tmp_path / "master" / "hosts" / name
+        assert (root / "parts" / "a.arrows").read_bytes() == big
+        assert (root / "logs" / "collector.log").read_text() == "ok\n"
+        assert not (root / "summary.json").exists()
+        host = json.loads((root / "host.json").read_text())
+        assert abs(host["clock_shift_ns"]) < 10**9
+    receiver.on_file(
+        msg=SimpleNamespace(
+            data={"name": "vm", "path": "../../etc/x.log", "data": b"x", "first": True},
+            node_id="c1",
+        )
+    )
+    assert not (tmp_path / "etc").exists()
+    assert not list((tmp_path / "master").rglob("x.log"))
