@@ -54,8 +54,11 @@ class Bench:
         out, _ = proc.communicate(timeout=30)
         return dict(json.loads(out.strip().splitlines()[-1]))
 
-    def locust_rate(self, locustfile: Path, env: dict[str, str]) -> float:
+    def locust_rate(
+        self, locustfile: Path, env: dict[str, str], extra: tuple[str, ...] = ()
+    ) -> float:
         """Requests/s as Locust counted them, over its own first-to-last request window."""
+        stats = Path(tempfile.mkdtemp(dir=self.workdir)) / "stats"
         cmd = [
             sys.executable,
             "-m",
@@ -69,12 +72,14 @@ class Bench:
             "1000",
             "-t",
             f"{self.args.seconds}s",
-            "--json",
+            "--json-file",
+            str(stats),
             "--only-summary",
             "--loglevel",
             "ERROR",
+            *extra,
         ]
-        result = subprocess.run(
+        subprocess.run(
             self.command(cmd),
             cwd=self.workdir,
             env={**os.environ, **env},
@@ -83,17 +88,17 @@ class Bench:
             timeout=120,
             check=True,
         )
-        entries = json.loads(result.stdout[result.stdout.index("[") :])
+        entries = json.loads(stats.with_suffix(".json").read_text())
         requests = sum(e["num_requests"] for e in entries)
         start = min(e["start_time"] for e in entries)
         last = max(e["last_request_timestamp"] for e in entries)
         return requests / (last - start)
 
-    def eph_env(self, endpoint: str, engine: str) -> dict[str, str]:
+    def eph_env(self, endpoint: str, engine: str, load: str = "") -> dict[str, str]:
         scenario = self.workdir / f"bench-{engine}.toml"
         scenario.write_text(
             f'name = "bench"\nduration = "1m"\n[target]\nendpoints = ["{endpoint}"]\n'
-            f'[load]\nengine = "{engine}"\nclose = "reset"\n'
+            f'[load]\nengine = "{engine}"\nclose = "reset"\n{load}'
         )
         run_dir = Path(tempfile.mkdtemp(dir=self.workdir))
         # EPH_MANAGED: leave the merge and report out of the measurement
@@ -102,6 +107,30 @@ class Bench:
             "EPH_RUN_DIR": str(run_dir),
             "EPH_MANAGED": "1",
             "PYTHONPATH": str(ROOT),
+        }
+
+    def scaling(self) -> dict[str, Any]:
+        """The uvloop engine with 1 and 2 Locust processes (``--processes``), toward a port
+        nothing listens on: the kernel answers each SYN with a RST itself, so no listener
+        competes for the two cores, and every attempt is still a full socket/connect/close
+        recorded like a success. Rounds interleaved; medians."""
+        endpoint = "127.0.0.1:1"
+        load = 'backoff = "0s"\n'
+        rates: dict[str, list[float]] = {"1": [], "2": []}
+        for _ in range(self.args.rounds):
+            for n in rates:
+                # every attempt fails (refused): Locust would exit 1 for that
+                extra: tuple[str, ...] = ("--exit-code-on-error", "0")
+                extra += ("--processes", n) if n != "1" else ()
+                env = {**self.eph_env(endpoint, "uvloop", load), "EPH_RATE_SHARE": str(1 / int(n))}
+                rates[n].append(self.locust_rate(ROOT / "harness" / "locustfile.py", env, extra))
+        one, two = median(rates["1"]), median(rates["2"])
+        return {
+            "target": f"{endpoint} (refused: no listener)",
+            "one_process_per_s": round(one),
+            "two_processes_per_s": round(two),
+            "speedup": round(two / one, 3),
+            "all_rounds": rates,
         }
 
     def c_rate(self, binary: Path, endpoint: str) -> float:
@@ -268,6 +297,7 @@ def synthetic_table(n: int) -> Any:
             "close": const("client"),
             "engine": const("locust"),
             "pid": pa.array(np.ones(n, np.uint32)),
+            "host": const("localhost"),
         },
         schema=CONNECTIONS_SCHEMA,
     )
@@ -391,11 +421,21 @@ def main() -> int:
     parser.add_argument("--analysis-connections", type=int, default=1_000_000)
     parser.add_argument(
         "--only",
-        choices=["all", "report", "memory"],
+        choices=["all", "report", "memory", "scaling"],
         default="all",
-        help="report: only the 1M render; memory: only the engine's bytes per connection",
+        help="report: only the 1M render; memory: only the engine's bytes per connection;"
+        " scaling: only 1 against 2 processes",
     )
     args = parser.parse_args()
+    if args.only == "scaling":
+        with (
+            tempfile.TemporaryDirectory(prefix="eph-bench-") as tmp,
+            Namespace(prefix="ephbench") as ns,
+        ):
+            ns.set_sysctl("net.ipv4.ip_local_port_range", (1024, 65000))
+            scaling = Bench(args, Path(tmp), ns).scaling()
+        print(json.dumps({"machine": machine(), "scaling": scaling}, indent=2))
+        return 0
     if args.only == "memory":
         with (
             tempfile.TemporaryDirectory(prefix="eph-bench-") as tmp,
@@ -464,6 +504,7 @@ def main() -> int:
                 memory = bench.memory_per_connection(endpoint)
             finally:
                 bench.stop(proc)
+            scaling = bench.scaling()
             accept = bench.listener_accept_rate(binary) if binary is not None else None
         collector = (
             collector_vs_ss(binary, args.tw_sockets) if binary is not None and use_ns else None
@@ -484,6 +525,7 @@ def main() -> int:
         "ratios": ratios,
         "listener": accept,
         "uvloop_engine_memory": memory,
+        "scaling": scaling,
         "collector_at_time_wait": collector,
         "analysis": analysis_time(args.analysis_connections),
     }
