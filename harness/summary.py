@@ -11,7 +11,7 @@ import pyarrow as pa
 
 from harness.churn import errno_name
 
-__all__ = ["EXHAUSTION_ERRNOS", "SCHEMA_VERSION", "Columns", "summarize"]
+__all__ = ["EXHAUSTION_ERRNOS", "SCHEMA_VERSION", "Columns", "outages", "summarize"]
 
 SCHEMA_VERSION = 1
 # local errors that mean "no ephemeral port left": connect() toward a destination
@@ -96,6 +96,7 @@ def summarize(
             "even_fraction": round(float((ports % 2 == 0).mean()), 4) if len(ports) else None,
         },
         "exhaustion": _exhaustion(cols),
+        "outages": outages(cols),
         "kernel": kernel,
     }
     if listener is not None:
@@ -140,6 +141,43 @@ def _exhaustion(cols: Columns) -> dict[str, Any]:
         "first_failure_s": round(float(start - cols.start_ns.min()) / 1e9, 4),
         "succeeded_before_first_failure": int((cols.ok & (cols.start_ns < start)).sum()),
     }
+
+
+MIN_OUTAGE_FAILURES = 5  # fewer failures in a row is a blip, not an outage
+MAX_OUTAGES = 20
+
+
+def outages(cols: Columns) -> list[dict[str, Any]]:
+    """Spans in which every attempt failed at the target (refused, reset, timed out,
+    unreachable): the target was down, which is not the range running out.
+
+    Attempts that failed locally for want of a port are left out, so an outage
+    during exhaustion is still found. Each span runs from its first failure to the
+    next success (``recovered``) or to its last failure.
+    """
+    keep = ~np.isin(cols.errno, EXHAUSTION_ERRNOS)
+    errno, start = cols.errno[keep], cols.start_ns[keep]
+    bad = (errno != 0).astype(np.int8)
+    if not bad.any():
+        return []
+    t0 = int(cols.start_ns.min())
+    edges = np.diff(np.concatenate(([0], bad, [0])))
+    begins, ends = np.flatnonzero(edges == 1), np.flatnonzero(edges == -1)
+    long = (ends - begins) >= MIN_OUTAGE_FAILURES
+    windows = []
+    for begin, end in zip(begins[long][:MAX_OUTAGES], ends[long][:MAX_OUTAGES], strict=True):
+        recovered = bool(end < len(start))
+        names, counts = np.unique(errno[begin:end], return_counts=True)
+        windows.append(
+            {
+                "from_s": round((int(start[begin]) - t0) / 1e9, 4),
+                "to_s": round((int(start[end if recovered else end - 1]) - t0) / 1e9, 4),
+                "failures": int(end - begin),
+                "errors": {errno_name(int(n)): int(c) for n, c in zip(names, counts, strict=True)},
+                "recovered": recovered,
+            }
+        )
+    return windows
 
 
 def _conservation(

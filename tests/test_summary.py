@@ -107,3 +107,21 @@ def test_required_keys_present() -> None:
         "first_failure_s",
         "succeeded_before_first_failure",
     }
+
+
+def test_outage_windows_from_failures_at_the_target() -> None:
+    # 1 ms apart: 100 ok, 50 refused with exhaustion failures mixed in, 100 ok,
+    # 3 refused (a blip), 10 ok, then 20 timeouts until the end
+    errnos = [0] * 100 + [111, 99] * 25 + [0] * 100 + [111] * 3 + [0] * 10 + [110] * 20
+    summary = _summary(_cols(errnos, [40000] * len(errnos)))
+    first, last = summary["outages"]
+    assert first["from_s"] == 0.1 and first["to_s"] == 0.15  # to the next success
+    assert first["failures"] == 25 and first["errors"] == {"ECONNREFUSED": 25}
+    assert first["recovered"] is True
+    assert last["errors"] == {"ETIMEDOUT": 20} and last["recovered"] is False
+    assert last["to_s"] == round((len(errnos) - 1) / 1000, 4)
+
+
+def test_no_outage_when_only_the_range_runs_out() -> None:
+    summary = _summary(_cols([0] * 10 + [99] * 50, [40000] * 60))
+    assert summary["outages"] == []
