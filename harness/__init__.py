@@ -4,10 +4,14 @@ The data's way through the package: ``scenario`` -> ``listener`` and the churn
 clients (``churn``, ``client_gevent`` under Locust ``users``, ``client_uvloop``)
 -> ``records`` -> ``summary`` -> ``report``, orchestrated by ``run``.
 
-Importing ``harness`` imports neither locust nor matplotlib.
+Importing ``harness`` imports neither locust nor matplotlib, nor anything else
+heavy: the names below load on first use, so that ``eph`` can take over Ctrl-C
+before it imports anything (``harness.__main__``).
 """
 
-from harness.endpoints import Endpoint, ResolvedEndpoint
+import importlib as _importlib
+import typing as _typing
+
 from harness.errors import (
     EndpointError,
     EphError,
@@ -16,7 +20,23 @@ from harness.errors import (
     RunError,
     ScenarioError,
 )
-from harness.scenario import ClosePolicy, Engine, ListenerClose, Reply, Scenario, load_scenario
+
+_LAZY = {
+    "Endpoint": "harness.endpoints",
+    "ResolvedEndpoint": "harness.endpoints",
+    **dict.fromkeys(
+        ("ClosePolicy", "Engine", "ListenerClose", "Reply", "Scenario", "load_scenario"),
+        "harness.scenario",
+    ),
+}
+
+
+def __getattr__(name: str) -> _typing.Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'harness' has no attribute {name!r}")
+    return getattr(_importlib.import_module(module), name)
+
 
 __all__ = [
     "ClosePolicy",

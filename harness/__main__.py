@@ -1,6 +1,27 @@
-"""``python -m harness``: the same as the ``eph`` command."""
+"""``python -m harness`` and the ``eph`` command.
 
-from harness.cli import main
+Ctrl-C or SIGTERM while Python is still importing (nothing started, nothing to
+keep) exits quietly with code 130 instead of a traceback. From then on ``eph``'s
+own handling takes over: a run stops its children and keeps its data.
+"""
+
+import signal
+import sys
+from types import FrameType
+
+
+def _quiet(signum: int, frame: FrameType | None) -> None:
+    sys.exit(130)
+
+
+def run() -> None:
+    previous = {sig: signal.signal(sig, _quiet) for sig in (signal.SIGINT, signal.SIGTERM)}
+    from harness.cli import main
+
+    for sig, handler in previous.items():
+        signal.signal(sig, handler)
+    main()
+
 
 if __name__ == "__main__":
-    main()
+    run()
