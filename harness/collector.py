@@ -35,6 +35,7 @@ import pyarrow.parquet as pq
 from harness.counters import COUNTERS, SOCKSTAT, read_counters
 from harness.endpoints import ResolvedEndpoint
 from harness.kernel import read_kernel
+from harness.lifetime import die_with_parent
 from harness.sockdiag import TcpState, dump_tcp
 
 __all__ = ["SAMPLES_SCHEMA", "Collector", "Sample", "collect_command", "finish_samples"]
@@ -143,6 +144,11 @@ class Collector:
                     next_tick = time.monotonic()
                     delay = 0
                 time.sleep(delay)
+            if stop[0]:
+                # told to stop: the load has ended, so one last sample closes the
+                # counters' deltas after the last connection (the kernel check needs it)
+                writer.write_batch(_batch(self.sample()))
+                count += 1
         meta = json.loads((out / "collector.json").read_text())
         meta.update(end=read_kernel(), samples=count, overruns=overruns, interval_s=interval)
         (out / "collector.json").write_text(json.dumps(meta, indent=2))
@@ -237,6 +243,7 @@ def run_collector(
 
     signal.signal(signal.SIGTERM, handle)
     signal.signal(signal.SIGINT, handle)
+    die_with_parent(signal.SIGTERM)  # a killed eph run or worker: finish and stop
     return Collector(targets).record(out, interval=interval, duration=duration, stop=stop)
 
 

@@ -42,10 +42,11 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from harness.lifetime import die_with_parent
+
 __all__ = ["Impairment", "RelayStats", "open_tun", "relay"]
 
 _CLONE_NEWNET = 0x40000000
-_PR_SET_PDEATHSIG = 1
 _TUNSETIFF = 0x400454CA
 _IFF_TUN = 0x0001
 _IFF_NO_PI = 0x1000
@@ -172,7 +173,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-seconds", type=float, required=True)
     parser.add_argument("--stats", type=Path)
     args = parser.parse_args(argv)
-    ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
     stop = [False]
 
     def _stop(*_: object) -> None:
@@ -180,6 +180,7 @@ def main(argv: list[str] | None = None) -> int:
 
     signal.signal(signal.SIGTERM, _stop)
     signal.signal(signal.SIGINT, _stop)
+    die_with_parent(signal.SIGTERM)
     try:
         a = open_tun(args.client_ns, args.device)
         b = open_tun(args.server_ns, args.device)
