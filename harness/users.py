@@ -58,6 +58,7 @@ __all__ = ["EphUser", "install", "scenario_from_environ", "user_class"]
 
 logger = logging.getLogger(__name__)
 
+LOOPBACK = "127.0.0.1"
 COLLECTOR_START_TIMEOUT = 10.0  # seconds a worker waits for its collector's first sample
 UVLOOP_IDLE = 1.0  # how often a uvloop-engine user wakes up; it only holds a slot
 DEFAULT_SCENARIO = Path("scenarios/default.toml")
@@ -401,6 +402,13 @@ def install(scenario: Scenario | None) -> None:
     events.test_stop.add_listener(stop)
     events.quit.add_listener(quit_)
     events.init.add_listener(init)
+    events.init_command_line_parser.add_listener(_loopback_defaults)
+
+
+def _loopback_defaults(parser: Any, **_: Any) -> None:
+    """Locust's web UI and master listen on every interface by default; eph's bind
+    127.0.0.1 unless told otherwise (``--web-host``, ``--master-bind-host``)."""
+    parser.set_defaults(web_host=LOOPBACK, master_bind_host=LOOPBACK)
 
 
 # ----------------------------------------------------------------- master
