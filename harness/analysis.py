@@ -25,6 +25,7 @@ __all__ = [
     "analyze",
     "audit_tuples",
     "host_sections",
+    "kernel_conservation",
     "occupancy_at_start",
     "port_allocation",
     "scope_series",
@@ -189,6 +190,7 @@ def analyze(
             "interval_s": scenario.collector.interval,
             "max_sample_ms": round(float(sample_ms.max()), 2) if len(sample_ms) else None,
             "median_sample_ms": round(float(np.median(sample_ms)), 2) if len(sample_ms) else None,
+            "missing_after_s": samples_missing_after(table, samples, scenario.collector.interval),
         }
     sections["time_wait"] = {
         "peak": tw_peak,
@@ -229,6 +231,39 @@ def analyze(
             "connect_ms_by_occupancy": latency_by_occupancy(table, samples, model.ports),
         }
     return sections
+
+
+def samples_missing_after(table: pa.Table, samples: pa.Table, interval_s: float) -> float | None:
+    """When the collector's samples stop well before the load did (it died): the last
+    sample, in seconds from the first attempt; None when they cover the run."""
+    start = table.column("start_ns").to_numpy()
+    if not len(start):
+        return None
+    last_sample = int(samples.column("t_ns").to_numpy().max())
+    if last_sample >= int(start.max()) - 3 * interval_s * 1e9 - 0.5e9:
+        return None
+    return round((last_sample - int(start.min())) / 1e9, 3)
+
+
+def kernel_conservation(table: pa.Table, samples: pa.Table | None) -> dict[str, Any] | None:
+    """The kernel's own count of connects against the records: Tcp ActiveOpens counts
+    each SYN a connect() sent, so over the run it must equal the attempts that did not
+    fail locally for want of a port. None without counters in the samples."""
+    if samples is None or not samples.num_rows or "active_opens" not in samples.column_names:
+        return None
+    scope = np.array(samples.column("scope").to_pylist(), dtype=object) == "all"
+
+    def delta(name: str) -> int | None:
+        values = samples.column(name).to_numpy(zero_copy_only=False)[scope].astype(float)
+        values = values[~np.isnan(values)]
+        return int(values[-1] - values[0]) if len(values) > 1 else None
+
+    errno = table.column("errno").to_numpy()
+    return {
+        "kernel_active_opens": delta("active_opens"),
+        "kernel_attempt_fails": delta("attempt_fails"),
+        "attempts_sending_syn": int((~np.isin(errno, EXHAUSTION_ERRNOS)).sum()),
+    }
 
 
 OCCUPANCY_BINS = (0.0, 0.25, 0.5, 0.75, 0.9, 1.01)

@@ -11,7 +11,8 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from harness.analysis import HostSamples, analyze
+from harness.analysis import HostSamples, analyze, kernel_conservation
+from harness.collector import finish_samples
 from harness.errors import RunDirError
 from harness.figures import RunData
 from harness.kernel import read_kernel
@@ -35,9 +36,16 @@ def finalize(
     kernel: dict[str, Any] | None = None,
     listener: dict[str, Any] | None = None,
     locust_requests: int | None = None,
+    stop_reason: str | None = None,
+    expected_workers: int | None = None,
 ) -> dict[str, Any]:
     """Merge part files into ``connections.parquet``, then write summary and report."""
     run = RunDir.open(path)
+    for directory in (run.path, run.path / "server", *sorted((run.path / HOSTS_DIR).glob("*/"))):
+        # a collector that died (killed, crashed) left its stream unconverted
+        if (directory / "samples.arrows").exists():
+            kept = finish_samples(directory)
+            logger.warning("%s: the collector did not finish; kept %d samples", directory, kept)
     hosts = worker_hosts(run.path)
     parts = [Part(p) for p in sorted(run.parts.glob("*.arrows"))] + [
         Part(p, host.name, int(host.info.get("clock_shift_ns", 0)))
@@ -45,7 +53,14 @@ def finalize(
         for p in sorted((run.path / HOSTS_DIR / host.name / "parts").glob("*.arrows"))
     ]
     if parts or not run.connections.exists():
-        rows, truncated = merge_parts(parts, run.connections)
+        try:
+            rows, truncated = merge_parts(parts, run.connections)
+        except OSError as exc:
+            raise RunDirError(
+                path,
+                f"cannot write connections.parquet ({exc.strerror or exc}); the record parts"
+                f" in parts/ are intact: free some space and run `eph report {path}`",
+            ) from None
         for part_path in truncated:
             logger.warning("records part %s was truncated; kept its whole batches", part_path)
         for part in parts:
@@ -80,6 +95,19 @@ def finalize(
         locust_requests=locust_requests,
         lossy_link=bool(scenario.get("lab", {}).get("loss")) and (run.path / "lab.json").exists(),
     )
+    if stop_reason is not None:
+        summary["stop_reason"] = stop_reason
+    if expected_workers is not None:
+        shipped = [host.name for host in hosts if host.info]
+        summary["distributed"] = {
+            "expected_workers": expected_workers,
+            "hosts_shipped": shipped,
+            # a worker that died (or lost the master) never shipped: its records stayed
+            # on its host, and Locust counted its requests up to its last report
+            "missing_workers": max(0, expected_workers - len(shipped)),
+        }
+        if summary["distributed"]["missing_workers"]:
+            summary["conservation"]["ok"] = False  # attempts were made that no record holds
     samples = _read_samples(run.path / "samples.parquet")
     server_samples = _read_samples(run.path / "server" / "samples.parquet")
     summary.update(
@@ -93,11 +121,35 @@ def finalize(
             hosts,
         )
     )
+    _judge_kernel(summary, table, samples, judged=_kernel_is_ours(run.path, scenario, hosts))
     run.write_json("summary.json", summary)
     render_report(
         run.report, RunData(table, samples, summary, scenario, server_samples, tuple(hosts))
     )
     return summary
+
+
+def _kernel_is_ours(path: Path, scenario: dict[str, Any], hosts: list[HostSamples]) -> bool:
+    """Only a lab's namespace holds nothing but this run's sockets: one Locust process
+    (more talk to each other over TCP), no workers elsewhere."""
+    processes = int(scenario.get("load", {}).get("processes", 1))
+    return (path / "lab.json").exists() and processes == 1 and not hosts
+
+
+def _judge_kernel(
+    summary: dict[str, Any], table: pa.Table, samples: pa.Table | None, *, judged: bool
+) -> None:
+    found = kernel_conservation(table, samples)
+    if found is None or found["kernel_active_opens"] is None:
+        return
+    cons = summary["conservation"]
+    cons.update(found)
+    match = found["kernel_active_opens"] == found["attempts_sending_syn"]
+    cons["attempts_match_kernel"] = match
+    if judged:
+        cons["ok"] = bool(cons["ok"] and match)
+    else:
+        cons["kernel_check"] = "not judged: other sockets share this kernel (not a lab)"
 
 
 def worker_hosts(path: Path) -> list[HostSamples]:
@@ -148,6 +200,8 @@ def rerender(path: Path) -> dict[str, Any]:
         duration_s=previous.get("duration_s"),
         kernel=previous.get("kernel"),
         listener=listener,
+        stop_reason=previous.get("stop_reason"),
+        expected_workers=(previous.get("distributed") or {}).get("expected_workers"),
     )
 
 

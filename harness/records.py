@@ -2,7 +2,7 @@
 
 The hot path appends one tuple of raw stamps per attempt (a list append,
 ~0.1 us); durations are computed at flush, in bulk. Every ``FLUSH_INTERVAL``
-the staged rows become one numpy array (22 bytes a row) and
+the staged rows become one numpy array (24 bytes a row) and
 one Arrow record batch appended to this process's part file, an Arrow IPC
 *stream*: a crash loses at most the rows of one interval, and a truncated part
 still reads up to its last whole batch. At the end of a run the parts of every
@@ -157,6 +157,8 @@ class RecordWriter:
         self._sink = pa.OSFile(str(path), "wb")
         self._writer = ipc.new_stream(self._sink, self._schema)
         self.written = 0
+        self.dropped = 0  # rows that could not be written (self.error says why)
+        self.error: OSError | None = None
 
     def address_id(self, address: str) -> int:
         """A small id for a local address; new addresses are rare (one per source/route)."""
@@ -181,19 +183,37 @@ class RecordWriter:
         return rows
 
     def _write(self, rows: np.ndarray) -> None:
+        if self.error is not None:
+            self.dropped += len(rows)
+            return
         arrays = [pa.array(rows[name]) for name in ROW_DTYPE.names or ()]
         batch = pa.RecordBatch.from_arrays(arrays, schema=self._schema)
-        # the address table goes along with each batch's metadata: small, and
-        # a truncated stream still maps every id it holds.
-        self._writer.write_batch(
-            batch, custom_metadata={"addresses": json.dumps(list(self._addresses))}
-        )
+        try:
+            # the address table goes along with each batch's metadata: small, and
+            # a truncated stream still maps every id it holds.
+            self._writer.write_batch(
+                batch, custom_metadata={"addresses": json.dumps(list(self._addresses))}
+            )
+        except OSError as exc:
+            # a full disk: what is written stays readable up to its last whole batch;
+            # later rows are counted, not kept, and the load goes on (eph run stops it)
+            self.error = exc
+            self.dropped += len(rows)
+            logger.error(
+                "cannot write records to %s (%s): later rows are counted, not kept",
+                self.path,
+                exc.strerror or exc,
+            )
+            return
         self.written += len(rows)
 
     def close(self) -> np.ndarray:
         rows = self.flush()
-        self._writer.close()
-        self._sink.close()
+        for closing in (self._writer.close, self._sink.close):
+            try:
+                closing()
+            except OSError as exc:
+                self.error = self.error or exc
         return rows
 
 
@@ -300,6 +320,10 @@ def merge_parts(parts: Sequence[Path | Part], out: Path) -> tuple[int, list[Path
     if table.num_rows:
         table = table.sort_by("start_ns")
     tmp = out.with_suffix(".parquet.tmp")
-    pq.write_table(table, tmp, compression="zstd")
+    try:
+        pq.write_table(table, tmp, compression="zstd")
+    except OSError:
+        tmp.unlink(missing_ok=True)
+        raise
     os.replace(tmp, out)
     return table.num_rows, truncated

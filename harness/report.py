@@ -112,12 +112,28 @@ def findings(summary: dict[str, Any]) -> list[str]:
             )
             + " That is the target, not the port range."
         )
+    missing = (summary.get("samples") or {}).get("missing_after_s")
+    if missing is not None:
+        out.append(
+            f"The collector stopped at {missing:.3g} s: there are no socket samples after that"
+            " (occupancy, TIME_WAIT and counters end there; the connection records do not)."
+        )
     out.extend(_kernel_findings(summary))
     cons = summary.get("conservation", {})
     if cons.get("records_match_locust") is False:
         out.append(
             f"Records ({cons['records']}) differ from Locust's request count"
             f" ({cons['locust_requests']})."
+        )
+    if cons.get("attempts_match_kernel") is False:
+        out.append(
+            f"The kernel counted {cons['kernel_active_opens']} connects (Tcp ActiveOpens)"
+            f" against {cons['attempts_sending_syn']} recorded attempts that sent a SYN"
+            + (
+                " (not judged: other sockets share this kernel)."
+                if cons.get("kernel_check")
+                else ": records are missing or were made twice."
+            )
         )
     if cons.get("succeeded_match_listener") is False:
         out.append(
@@ -126,8 +142,25 @@ def findings(summary: dict[str, Any]) -> list[str]:
         )
     elif cons.get("succeeded_match_listener"):
         out.append("Every successful connect was accepted by the listener.")
+    missing = (summary.get("distributed") or {}).get("missing_workers")
+    if missing:
+        out.append(
+            f"{missing} of {summary['distributed']['expected_workers']} workers never shipped"
+            " their records (the worker died or lost the master): their connections are not"
+            " in this report, and Locust's count includes what they reported before."
+        )
     if summary.get("interrupted"):
         out.append("The run was interrupted before its planned duration.")
+    reason = summary.get("stop_reason")
+    if reason == "max_connections":
+        out.append("The run stopped when it reached load.max_connections.")
+    elif reason == "disk":
+        out.append(
+            "The run stopped early: the disk holding the run directory was nearly full"
+            " (EPH_MIN_FREE_MB)."
+        )
+    elif reason == "locust exited":
+        out.append("Locust exited before the planned duration: see logs/locust.log.")
     return out
 
 

@@ -311,6 +311,7 @@ def run_scenario(
     listener_stats: dict[str, Any] | None = None
     started_at = time.time()
     load_started = load_ended = time.monotonic()
+    stop_reason = "interrupted"
     with _Interrupt() as interrupt:
         if scenario.listener is not None:
             listener = _ListenerProcess(scenario, run, placement.listener)
@@ -340,7 +341,9 @@ def run_scenario(
         try:
             load_started = _wait_for_start(proc, run, interrupt, start_timeout)
             started_at = time.time()
-            _wait_for_end(proc, run, scenario.duration, load_started, interrupt, progress)
+            stop_reason = _wait_for_end(
+                proc, run, scenario, load_started, interrupt, progress, collectors
+            )
             load_ended = time.monotonic()
             if proc.poll() is None:
                 # SIGTERM, not SIGINT: Locust handles SIGTERM in a gevent handler, while
@@ -368,6 +371,14 @@ def run_scenario(
             duration_s=load_ended - load_started,
             kernel=kernel,
             listener=listener_stats,
+            stop_reason="interrupted" if interrupt.set else stop_reason,
+            expected_workers=master.workers if master is not None else None,
+        )
+    if stop_reason == "disk":
+        raise RunError(
+            f"the disk holding {run.path} is nearly full ({free_bytes(run.path) / 2**20:.1f} MiB"
+            " free): the run stopped early. What was recorded is merged there, with its"
+            " summary and report; free some space (or lower EPH_MIN_FREE_MB) and run again."
         )
     return RunResult(run.path, summary)
 
@@ -406,19 +417,70 @@ def _wait_for_start(
 def _wait_for_end(
     proc: subprocess.Popen[bytes],
     run: RunDir,
-    duration: float,
+    scenario: Scenario,
     started: float,
     interrupt: _Interrupt,
     progress: ProgressSink | None,
-) -> None:
+    collectors: Sequence[_CollectorProcess] = (),
+) -> str:
+    """Wait for the load to end; return why it did: ``duration``, ``max_connections``,
+    ``disk`` (nearly full), ``interrupted`` or ``locust exited``."""
+    duration, limit = scenario.duration, scenario.load.max_connections
+    reserve = min_free_bytes()
     end = started + duration
+    lost: set[int] = set()
     while not interrupt.set and proc.poll() is None:
         now = time.monotonic()
+        for collector in collectors:
+            code = collector.proc.poll()
+            if code is not None and collector.proc.pid not in lost:
+                lost.add(collector.proc.pid)
+                logger.warning(
+                    "the collector exited (code %s) %.1f s into the load; the run goes on"
+                    " without socket samples (see logs/collector.log)",
+                    code,
+                    now - started,
+                )
+        counted = read_progress(run.progress)
         if progress is not None:
-            progress(now - started, duration, read_progress(run.progress))
+            progress(now - started, duration, counted)
+        if limit and counted.attempts >= limit:
+            logger.warning(
+                "load.max_connections = %d reached after %.1f s: stopping the run",
+                limit,
+                now - started,
+            )
+            return "max_connections"
+        free = free_bytes(run.path)
+        if free < reserve:
+            logger.error(
+                "only %.1f MiB free where the run directory is (%s), under the %.0f MiB"
+                " reserve (EPH_MIN_FREE_MB): stopping the run to keep what was recorded",
+                free / 2**20,
+                run.path,
+                reserve / 2**20,
+            )
+            return "disk"
         if now >= end:
-            return
+            return "duration"
         time.sleep(min(0.25, max(0.0, end - now)))
+    return "interrupted" if interrupt.set else "locust exited"
+
+
+def min_free_bytes() -> int:
+    """The space a run leaves free on its disk: it stops before the disk fills, so that
+    the merge and the report still fit (``EPH_MIN_FREE_MB``, default 64)."""
+    try:
+        return int(float(os.environ.get("EPH_MIN_FREE_MB", "64")) * 2**20)
+    except ValueError:
+        raise RunError(
+            f"EPH_MIN_FREE_MB = {os.environ['EPH_MIN_FREE_MB']!r} is not a number of MiB"
+        ) from None
+
+
+def free_bytes(path: Path) -> int:
+    stats = os.statvfs(path)
+    return stats.f_bavail * stats.f_frsize
 
 
 def run_worker(

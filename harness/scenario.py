@@ -158,6 +158,8 @@ class LoadConfig(_Section):
     backoff: Duration = 0.01
     # Locust processes on this host (Locust's --processes); 0: one per CPU core
     processes: Annotated[StrictInt, Field(ge=0, le=1024)] = 1
+    # stop the run once this many attempts were made (0: only the duration bounds it)
+    max_connections: Annotated[StrictInt, Field(ge=0)] = 0
 
     @property
     def process_count(self) -> int:

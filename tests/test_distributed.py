@@ -11,10 +11,14 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import signal
 import subprocess
+import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
+from typing import Any
 
 import pyarrow.parquet as pq
 import pytest
@@ -78,15 +82,31 @@ def _pids(node: Namespace) -> list[int]:
     return [int(p) for p in out.stdout.split()]
 
 
-@pytest.mark.netns
-@pytest.mark.e2e
-def test_master_and_two_workers_in_namespaces(tmp_path: Path) -> None:
+@dataclass
+class _Outcome:
+    run: Path
+    summary: dict[str, Any]
+    accepted: int
+    worker_codes: dict[str, int]
+
+
+def _locust_worker_pid(node: Namespace) -> int:
+    for pid in _pids(node):
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        if b"locust" in cmdline and b"--worker" in cmdline:
+            return pid
+    raise AssertionError("no Locust worker process in the namespace")
+
+
+def _distributed_run(tmp_path: Path, *, duration: str, kill: str | None = None) -> _Outcome:
+    """Master, listener and two workers in namespaces; ``kill`` names a worker whose
+    Locust process is killed (SIGKILL) a second into the test."""
     scenario = write_scenario(
         tmp_path / "dist.toml",
         f"""
 name = "distributed"
 description = "two workers, 100 ports each"
-duration = "3s"
+duration = "{duration}"
 [target]
 endpoints = ["{LISTENER}:9000"]
 [load]
@@ -96,6 +116,7 @@ backoff = "20ms"
 connect_timeout = "1s"
 """,
     )
+    run = tmp_path / "run"
     with _star(["master", "listener", *WORKERS]) as nodes:
         _address(nodes["master"], MASTER)
         _address(nodes["listener"], LISTENER)
@@ -114,7 +135,6 @@ connect_timeout = "1s"
             procs.append(listener)
             assert listener.stdout is not None
             assert json.loads(listener.stdout.readline())["event"] == "listening"
-            run = tmp_path / "run"
             master = _spawn(
                 nodes["master"],
                 ["run", str(scenario), "--out", str(run), "--master", "--expect-workers", "2",
@@ -141,9 +161,15 @@ connect_timeout = "1s"
                 for name in WORKERS
             }
             procs += workers.values()
+            if kill is not None:
+                deadline = time.monotonic() + 60
+                while not (run / "progress" / "master.json").exists():
+                    assert time.monotonic() < deadline, "the test never started"
+                    time.sleep(0.05)
+                time.sleep(1.0)
+                os.kill(_locust_worker_pid(nodes[kill]), signal.SIGKILL)
             assert master.wait(timeout=120) == 0, (tmp_path / "master.log").read_text()[-3000:]
-            for name, worker in workers.items():
-                assert worker.wait(timeout=60) == 0, (tmp_path / f"{name}.log").read_text()
+            codes = {name: worker.wait(timeout=60) for name, worker in workers.items()}
             listener.terminate()
             listener.wait(timeout=20)
             stopped = json.loads(listener.stdout.read().decode().strip().splitlines()[-1])
@@ -154,8 +180,15 @@ connect_timeout = "1s"
                     proc.stdout.close()
         leftovers = {name: _pids(node) for name, node in nodes.items() if _pids(node)}
         assert not leftovers, f"processes left in the namespaces: {leftovers}"
+    return _Outcome(run, run_dir_summary(run), int(stopped["accepted"]), codes)
 
-    summary = run_dir_summary(run)
+
+@pytest.mark.netns
+@pytest.mark.e2e
+def test_master_and_two_workers_in_namespaces(tmp_path: Path) -> None:
+    outcome = _distributed_run(tmp_path, duration="3s")
+    run, summary = outcome.run, outcome.summary
+    assert outcome.worker_codes == {"w1": 0, "w2": 0}
     hosts = {h["host"]: h for h in summary["hosts"]}
     assert sorted(hosts) == ["w1", "w2"]
     for name, address in WORKERS.items():
@@ -172,10 +205,33 @@ connect_timeout = "1s"
     assert summary["connections"]["errors"].get("EADDRNOTAVAIL", 0) > 0
     # every record reached the master, as Locust counted them; the listener saw each success
     assert summary["conservation"]["records"] == summary["conservation"]["locust_requests"]
-    assert stopped["accepted"] == summary["connections"]["succeeded"]
+    assert outcome.accepted == summary["connections"]["succeeded"]
+    assert summary["distributed"] == {
+        "expected_workers": 2,
+        "hosts_shipped": ["w1", "w2"],
+        "missing_workers": 0,
+    }
     assert summary["capacity"]["model_ports"] == 200  # two hosts of 100 ports
     assert not list(run.glob("hosts/*/parts/*.arrows")), "host parts were merged"
     assert "Load-generator hosts" in (run / "report.html").read_text()
+
+
+@pytest.mark.netns
+@pytest.mark.e2e
+def test_a_worker_dying_mid_run_the_others_go_on_and_the_report_says_so(
+    tmp_path: Path,
+) -> None:
+    outcome = _distributed_run(tmp_path, duration="5s", kill="w2")
+    summary = outcome.summary
+    assert outcome.worker_codes["w1"] == 0 and outcome.worker_codes["w2"] != 0
+    assert [h["host"] for h in summary["hosts"]] == ["w1"]
+    assert summary["distributed"]["missing_workers"] == 1
+    assert summary["hosts"][0]["distinct_ports"] == 100, "the survivor went on"
+    cons = summary["conservation"]
+    # w2's connections never arrived (Locust has what it reported before dying, if
+    # it lived to its first report): the run is not conserved, and says so
+    assert cons["locust_requests"] >= cons["records"] and cons["ok"] is False
+    assert "workers never shipped their records" in (outcome.run / "report.html").read_text()
 
 
 def test_ship_and_receive_round_trip(tmp_path: Path) -> None:

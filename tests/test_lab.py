@@ -53,12 +53,21 @@ tcp_tw_reuse = 0
 """,
     )
     out = tmp_path / "run"
+    host_before = _host_sysctls()
     result = eph(["lab", str(scenario), "--out", str(out)], cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
+    assert _host_sysctls() == host_before, "a lab writes only its own namespace's settings"
     summary = run_dir_summary(out)
     assert summary["kernel"]["netns"] != _host_netns(), "the run happened in the lab"
     assert summary["conservation"]["ok"] is True, summary["conservation"]
+    # the kernel's own count: one SYN per attempt that did not fail for want of a port
+    assert summary["conservation"]["attempts_match_kernel"] is True, summary["conservation"]
     return summary
+
+
+def _host_sysctls() -> dict[str, str]:
+    keys = ("ip_local_port_range", "ip_local_reserved_ports", "tcp_tw_reuse", "tcp_timestamps")
+    return {key: Path("/proc/sys/net/ipv4", key).read_text() for key in keys}
 
 
 def _host_netns() -> str:
@@ -77,6 +86,10 @@ def test_a_100_port_range_gives_100_connections(tmp_path: Path) -> None:
     assert summary["exhaustion"]["exhausted"] is True
     assert summary["kernel"]["ip_local_port_range"] == [40000, 40099]
     assert summary["kernel"]["tcp_tw_reuse"] == 0
+    # out of ports, each of the 10 users pauses 20 ms after a failed connect: at most
+    # ~500 failures/s, where a spinning user would make tens of thousands
+    failed_per_s = summary["connections"]["failed"] / summary["duration_s"]
+    assert failed_per_s <= 10 / 0.020 * 1.2, failed_per_s
 
 
 def test_reserved_ports_shrink_the_range(tmp_path: Path) -> None:
