@@ -26,7 +26,7 @@ LOADTEST_FLAGS += $(if $(USERS),--set load.users=$(USERS)) $(if $(RATE),--set lo
                   $(if $(DURATION),--set duration=$(DURATION))
 
 .DEFAULT_GOAL := help
-.PHONY: help setup system-deps test lint typecheck pytest loadtest bench clean
+.PHONY: help setup system-deps test lint typecheck pytest loadtest bench soak clean
 
 help: ## Show this help
 	@echo "eph: ephemeral-port exhaustion harness"
@@ -84,6 +84,9 @@ endif
 
 bench: setup ## Benchmarks on loopback: prints JSON figures
 	@$(BIN)/python bench/run.py $(ARGS)
+
+soak: setup system-deps ## A 3-minute lab run with faults on a schedule (root; ARGS='--minutes 10')
+	@$(BIN)/python bench/soak.py $(ARGS)
 
 clean: ## Remove .venv, caches and every run under reports/
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache *.egg-info
