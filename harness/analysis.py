@@ -15,7 +15,7 @@ import numpy as np
 import pyarrow as pa
 
 from harness.model import TIME_WAIT_S, CapacityModel
-from harness.scenario import ClosePolicy, Scenario
+from harness.scenario import ClosePolicy, Protocol, Scenario
 from harness.summary import EXHAUSTION_ERRNOS
 
 __all__ = [
@@ -365,7 +365,8 @@ def _model(
         tw_reuse=int(kernel.get("tcp_tw_reuse", 2)),
         reuse_delay_ms=kernel.get("tcp_tw_reuse_delay_ms"),
         timestamps=int(kernel.get("tcp_timestamps", 1)),
-        close=scenario.load.close,
+        # UDP has no TIME_WAIT: its ports come back at close, as after a reset
+        close=ClosePolicy.RESET if scenario.load.protocol is Protocol.UDP else scenario.load.close,
         destinations=[e.host for e in scenario.target.endpoints],
         sources=len(scenario.load.source_addresses) or 1,
         lifetime_s=lifetime_s,

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 from harness.endpoints import ResolvedEndpoint
 from harness.errors import ScenarioError
-from harness.scenario import ClosePolicy, Reply, Scenario
+from harness.scenario import ClosePolicy, Protocol, Reply, Scenario
 
 __all__ = ["ETIMEDOUT", "ChurnPlan", "Target", "errno_name", "make_socket"]
 
@@ -58,6 +58,7 @@ class ChurnPlan:
     io_timeout: float
     backoff: float
     rate: float  # new connections per second for this process; 0 = no cap
+    protocol: Protocol = Protocol.TCP
 
     @classmethod
     def from_scenario(cls, scenario: Scenario, *, rate_share: float = 1.0) -> ChurnPlan:
@@ -80,7 +81,13 @@ class ChurnPlan:
             io_timeout=load.io_timeout,
             backoff=load.backoff,
             rate=load.rate * rate_share,
+            protocol=load.protocol,
         )
+
+    @property
+    def close_label(self) -> str:
+        """The records' ``close`` column: the policy, or ``udp`` (no TIME_WAIT at all)."""
+        return "udp" if self.protocol is Protocol.UDP else self.close.value
 
     def cycle(self) -> Iterator[Target]:
         """Round-robin over every (endpoint, source) pairing."""
@@ -110,14 +117,18 @@ def _family(address: str) -> socket.AddressFamily:
     return socket.AF_INET6 if version == 6 else socket.AF_INET
 
 
-def make_socket(target: Target, socket_class: type[socket.socket] = socket.socket) -> socket.socket:
-    """A non-blocking TCP socket, bound to the target's source address if it has one.
+def make_socket(
+    target: Target,
+    socket_class: type[socket.socket] = socket.socket,
+    kind: socket.SocketKind = socket.SOCK_STREAM,
+) -> socket.socket:
+    """A non-blocking TCP (or UDP) socket, bound to the target's source address if any.
 
     The bind uses IP_BIND_ADDRESS_NO_PORT: the port is chosen at connect() time,
     per destination. A plain bind(ip, 0) would take a port from the range for
     every socket across *all* destinations (KERNEL-NOTES).
     """
-    sock = socket_class(target.endpoint.family, socket.SOCK_STREAM)
+    sock = socket_class(target.endpoint.family, kind)
     sock.setblocking(False)
     try:
         if target.port_range:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import json
 import logging
 import socket
 import sys
@@ -281,8 +282,20 @@ def _launch(
         + (" (embedded listener)" if scenario.listener else "")
     )
     with _ProgressView(_console) as view:
-        result = runner(scenario, out=out, progress=view.update, locust_args=locust_args)
+        result = runner(
+            scenario,
+            out=out,
+            progress=view.update,
+            locust_args=locust_args,
+            on_preflight=_print_preflight,
+        )
     _print_result(result.run_dir, result.summary)
+
+
+def _print_preflight(report: dict[str, Any]) -> None:
+    from harness.preflight import render_text
+
+    _console.print(Text(render_text(report).rstrip(), style="dim"), soft_wrap=True, highlight=False)
 
 
 class _ProgressView:
@@ -359,6 +372,7 @@ def _print_result(run_dir: Path, summary: dict[str, object]) -> None:
 @click.option("--response", default="", help="Bytes to send to each connection.")
 @click.option("--read-request", is_flag=True, help="Answer and close after the first bytes read.")
 @click.option("--backlog", default=4096, show_default=True, help="listen() backlog.")
+@click.option("--udp", is_flag=True, help="Serve UDP instead: count and answer each datagram.")
 @click.option(
     "--loop",
     "loop_kind",
@@ -373,8 +387,13 @@ def listen(
     read_request: bool,
     backlog: int,
     loop_kind: str,
+    udp: bool,
 ) -> None:
-    """Serve the target endpoints until SIGINT/SIGTERM; print counts as JSON at exit."""
+    """Serve the target endpoints until SIGINT/SIGTERM; print counts as JSON at exit.
+
+    With --udp, UDP endpoints instead: each datagram is counted and answered with
+    --response, or echoed.
+    """
     from harness.listener import Listener, run_listener
 
     parsed = [Endpoint.parse(e) for e in endpoints]
@@ -384,6 +403,7 @@ def listen(
         response=response.encode(),
         read_request=read_request,
         backlog=backlog,
+        udp=udp,
     )
     run_listener(listener, loop_kind=loop_kind)
 
@@ -443,25 +463,30 @@ def report(run_dirs: Sequence[Path], compare: bool, out: Path | None) -> None:
     metavar="HOST:PORT",
     help="Count sockets to and at this endpoint too (repeatable).",
 )
+@click.option("--udp", is_flag=True, help="Count connected UDP sockets toward the targets.")
 def collect(
-    once: bool, out: Path | None, duration: float, interval: float, targets: Sequence[str]
+    once: bool,
+    out: Path | None,
+    duration: float,
+    interval: float,
+    targets: Sequence[str],
+    udp: bool,
 ) -> None:
     """Sample the kernel's TCP sockets and counters (any host, no load needed).
 
     On the staging server, `--target 0.0.0.0:443` is wrong: name the address the
     server accepts on, e.g. `--target 10.0.0.5:443`, to see its TIME_WAIT.
     """
-    import json
 
     from harness.collector import Collector, run_collector
 
     resolved = [Endpoint.parse(t, allow_port_zero=False).resolve() for t in targets]
     if once:
-        click.echo(json.dumps(Collector(resolved).sample().to_json(), indent=2))
+        click.echo(json.dumps(Collector(resolved, udp=udp).sample().to_json(), indent=2))
         return
     if out is None:
         raise click.UsageError("give --out DIR (or --once)")
-    count = run_collector(out, resolved, interval=interval, duration=duration)
+    count = run_collector(out, resolved, interval=interval, duration=duration, udp=udp)
     click.echo(f"{count} samples in {out / 'samples.parquet'}")
 
 
@@ -507,6 +532,15 @@ def collect(
 )
 @click.option("--hosts", type=click.IntRange(min=1), help="Load-generator hosts. [default: 1]")
 @click.option(
+    "--keep-port",
+    "keep_ports",
+    multiple=True,
+    type=click.IntRange(1, 65535),
+    metavar="PORT",
+    help="A port a service listens on, kept out of any range recommended (repeatable);"
+    " the ports listening here now are kept too.",
+)
+@click.option(
     "--from",
     "run_dir",
     type=click.Path(path_type=Path),
@@ -525,6 +559,7 @@ def plan(
     destinations: int | None,
     loopback: bool,
     hosts: int | None,
+    keep_ports: Sequence[int],
     run_dir: Path | None,
     as_json: bool,
 ) -> None:
@@ -533,7 +568,6 @@ def plan(
     Unset settings come from this host's kernel (read, never written), or with
     --from from the run. The sysctl.d snippet is printed for you to apply by hand.
     """
-    import json
     from dataclasses import replace
 
     from harness.kernel import read_kernel
@@ -564,6 +598,9 @@ def plan(
         raise click.UsageError("give --rate N (new connections/s), or --from RUN_DIR")
     else:
         inputs = from_kernel(read_kernel(), rate, **given)
+    # services' ports: given, and those listening where the run was (or here) now
+    found = _listening_ports(run_dir)
+    inputs = replace(inputs, keep_ports=tuple(sorted({*keep_ports, *found})))
     result = make_plan(inputs)
     if as_json:
         data = result.to_json()
@@ -572,6 +609,43 @@ def plan(
         click.echo(json.dumps(data, indent=2))
     else:
         click.echo(render_text(result, measured), nl=False)
+
+
+def _listening_ports(run_dir: Path | None) -> list[int]:
+    """Ports local services listen on: the run's preflight (``--from``), else this host's."""
+    from harness.preflight import listening_ports, preflight
+
+    if run_dir is not None:
+        try:
+            return listening_ports(json.loads((run_dir / "preflight.json").read_text()))
+        except (OSError, ValueError, KeyError):
+            return []
+    return listening_ports(preflight())
+
+
+@cli.command("preflight")
+@click.argument("scenario", required=False, type=click.Path(path_type=Path))
+@_set_option
+@click.option("--json", "as_json", is_flag=True, help="Print JSON for tools instead of text.")
+def preflight_command(scenario: Path | None, overrides: Sequence[str], as_json: bool) -> None:
+    """The port range here and what could collide with it, before any load (read-only).
+
+    With SCENARIO, also its concurrency against RLIMIT_NOFILE. Lists every local
+    listening TCP port and bound UDP port inside the ephemeral range that is not
+    in ip_local_reserved_ports, with the process holding it.
+    """
+    from harness.preflight import preflight, render_text
+
+    loaded = None
+    if scenario is not None and str(scenario) == "-":
+        loaded = Scenario.model_validate(json.loads(sys.stdin.read()))
+    elif scenario is not None:
+        loaded = load_scenario(scenario, overrides)
+    report = preflight(loaded)
+    if as_json:
+        click.echo(json.dumps(report, indent=2))
+    else:
+        click.echo(render_text(report), nl=False)
 
 
 @cli.command()

@@ -23,13 +23,14 @@ from gevent.socket import wait_read, wait_write
 
 from harness.churn import ETIMEDOUT, ChurnPlan, Target, make_socket
 from harness.records import RecordWriter
-from harness.scenario import ClosePolicy, Reply
+from harness.scenario import ClosePolicy, Protocol, Reply
 
 __all__ = ["GeventChurn"]
 
 _RealSocket: type[socket.socket] = monkey.get_original("socket", "socket")
 _LINGER_RESET = struct.pack("ii", 1, 0)
 _IN_PROGRESS = (errno.EINPROGRESS, errno.EAGAIN, errno.EWOULDBLOCK)
+UDP_PAYLOAD = b"eph\n"  # what a UDP attempt sends when load.send is empty
 
 
 class _Timeout(Exception):
@@ -54,6 +55,8 @@ class GeventChurn:
 
     def attempt(self, target: Target) -> int:
         """Open, use and close one connection; return connect()'s errno (0 = connected)."""
+        if self.plan.protocol is Protocol.UDP:
+            return self._attempt_udp(target)
         plan = self.plan
         monotonic_ns = time.monotonic_ns
         t0 = monotonic_ns()
@@ -89,6 +92,41 @@ class GeventChurn:
                 err, port, address_id = self._settle(sock)
             if sock is not None:
                 _close(sock, plan.close if err == 0 and io_err == 0 else ClosePolicy.CLIENT)
+            t2 = monotonic_ns()
+            self.writer.add((t0, t1, t2, address_id, port, target.index, err, io_err))
+            self._on_result(target, err, io_err, (t1 - t0) / 1e6, rx)
+        return err
+
+    def _attempt_udp(self, target: Target) -> int:
+        """A connected UDP socket: connect() picks the source port (EAGAIN when none is
+        free), one datagram out, optionally one back, then close frees the port at once."""
+        plan = self.plan
+        monotonic_ns = time.monotonic_ns
+        t0 = t1 = monotonic_ns()
+        err, io_err, rx, port, address_id = errno.ECANCELED, 0, 0, 0, 0
+        sock: socket.socket | None = None
+        try:
+            sock = make_socket(target, _RealSocket, socket.SOCK_DGRAM)
+            err = sock.connect_ex(target.endpoint.sockaddr)
+            t1 = monotonic_ns()
+            if err == 0:
+                local = sock.getsockname()
+                port, address_id = local[1], self.writer.address_id(local[0])
+                sock.send(plan.send or UDP_PAYLOAD)
+                if plan.reply is Reply.DATA:
+                    rx = len(_recv(sock, plan.io_timeout))
+                if plan.hold:
+                    gevent.sleep(plan.hold)
+        except _Timeout:
+            io_err = ETIMEDOUT
+        except OSError as exc:  # ECONNREFUSED: an ICMP port unreachable came back
+            if port:
+                io_err = exc.errno or errno.EIO
+            else:
+                err, t1 = exc.errno or errno.EIO, monotonic_ns()
+        finally:
+            if sock is not None:
+                sock.close()
             t2 = monotonic_ns()
             self.writer.add((t0, t1, t2, address_id, port, target.index, err, io_err))
             self._on_result(target, err, io_err, (t1 - t0) / 1e6, rx)

@@ -259,7 +259,7 @@ def main(argv: list[str] | None = None) -> int:
     writer = RecordWriter(
         args.part,
         endpoints=plan.endpoints,
-        close=plan.close.value,
+        close=plan.close_label,
         engine="uvloop",
         pid=os.getpid(),
     )

@@ -36,7 +36,7 @@ from harness.counters import COUNTERS, SOCKSTAT, read_counters
 from harness.endpoints import ResolvedEndpoint
 from harness.kernel import read_kernel
 from harness.lifetime import die_with_parent
-from harness.sockdiag import TcpState, dump_tcp
+from harness.sockdiag import TcpState, dump_sockets, dump_tcp
 
 __all__ = ["SAMPLES_SCHEMA", "Collector", "Sample", "collect_command", "finish_samples"]
 
@@ -92,8 +92,12 @@ class Sample:
 
 
 class Collector:
-    def __init__(self, targets: Sequence[ResolvedEndpoint] = ()) -> None:
+    """Samples TCP sockets; with ``udp``, the target scopes count connected UDP
+    sockets instead (a UDP client holds its port from connect() to close())."""
+
+    def __init__(self, targets: Sequence[ResolvedEndpoint] = (), *, udp: bool = False) -> None:
         self._targets = [_Target.of(t) for t in targets]
+        self._udp = udp
 
     def sample(self) -> Sample:
         started = time.perf_counter()
@@ -104,6 +108,8 @@ class Collector:
             rows = np.concatenate([rows, dump_tcp(families=[socket.AF_INET6])])
         states = {"all": _count(rows["state"])}
         ports: dict[str, np.ndarray] = {}
+        if self._udp:
+            rows = dump_sockets(socket.IPPROTO_UDP, [TcpState.ESTABLISHED])
         if self._targets and len(rows):
             dst, src = rows["dst"].view("S16"), rows["src"].view("S16")
             for target in self._targets:
@@ -233,7 +239,12 @@ def finish_samples(out: Path) -> int:
 
 
 def run_collector(
-    out: Path, targets: Sequence[ResolvedEndpoint], *, interval: float, duration: float
+    out: Path,
+    targets: Sequence[ResolvedEndpoint],
+    *,
+    interval: float,
+    duration: float,
+    udp: bool = False,
 ) -> int:
     """The collector process: record until ``duration`` or SIGINT/SIGTERM."""
     stop = [False]
@@ -244,11 +255,11 @@ def run_collector(
     signal.signal(signal.SIGTERM, handle)
     signal.signal(signal.SIGINT, handle)
     die_with_parent(signal.SIGTERM)  # a killed eph run or worker: finish and stop
-    return Collector(targets).record(out, interval=interval, duration=duration, stop=stop)
+    return Collector(targets, udp=udp).record(out, interval=interval, duration=duration, stop=stop)
 
 
 def collect_command(
-    out: Path, interval: str, bound_s: float, targets: Sequence[object]
+    out: Path, interval: str, bound_s: float, targets: Sequence[object], udp: bool = False
 ) -> list[str]:
     """``eph collect`` into ``out`` as a child process: the command line."""
     args = [
@@ -265,4 +276,4 @@ def collect_command(
     ]
     for target in targets:
         args += ["--target", str(target)]
-    return args
+    return [*args, "--udp"] if udp else args

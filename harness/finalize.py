@@ -94,9 +94,12 @@ def finalize(
         listener=listener,
         locust_requests=locust_requests,
         lossy_link=bool(scenario.get("lab", {}).get("loss")) and (run.path / "lab.json").exists(),
+        datagrams=scenario.get("load", {}).get("protocol") == "udp",
     )
     if stop_reason is not None:
         summary["stop_reason"] = stop_reason
+    if (run.path / "service.json").exists():  # the port-conflict lab's stand-in service
+        summary["service"] = run.read_json("service.json")
     if expected_workers is not None:
         shipped = [host.name for host in hosts if host.info]
         summary["distributed"] = {
@@ -121,7 +124,8 @@ def finalize(
             hosts,
         )
     )
-    _judge_kernel(summary, table, samples, judged=_kernel_is_ours(run.path, scenario, hosts))
+    if scenario.get("load", {}).get("protocol", "tcp") == "tcp":  # ActiveOpens counts TCP
+        _judge_kernel(summary, table, samples, judged=_kernel_is_ours(run.path, scenario, hosts))
     run.write_json("summary.json", summary)
     render_report(
         run.report, RunData(table, samples, summary, scenario, server_samples, tuple(hosts))

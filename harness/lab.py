@@ -33,8 +33,9 @@ import shutil
 import signal
 import subprocess
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 from harness.endpoints import Endpoint
 from harness.errors import RunError, ScenarioError
@@ -72,6 +73,7 @@ def run_lab(
     out: Path | None = None,
     progress: ProgressSink | None = None,
     locust_args: Sequence[str] = (),
+    on_preflight: Callable[[dict[str, Any]], None] | None = None,
 ) -> RunResult:
     if scenario.listener is None:
         raise ScenarioError(
@@ -85,7 +87,7 @@ def run_lab(
     if unprivileged:
         return _run_in_user_namespace(scenario, run, locust_args)
     if inside:
-        return _run_here(scenario, run, lab_sysctls(scenario), progress, locust_args)
+        return _run_here(scenario, run, lab_sysctls(scenario), progress, locust_args, on_preflight)
     with contextlib.ExitStack() as stack:
         scenario, placement, namespaces, link = _build(stack, scenario, run)
         for ns in namespaces:
@@ -106,8 +108,14 @@ def run_lab(
         logger.info(
             "lab %s: %s", scenario.lab.topology.value, ", ".join(n.name for n in namespaces)
         )
+        stack.enter_context(_service(scenario, run, placement.load))
         return run_scenario(
-            scenario, out=run.path, progress=progress, locust_args=locust_args, placement=placement
+            scenario,
+            out=run.path,
+            progress=progress,
+            locust_args=locust_args,
+            placement=placement,
+            on_preflight=on_preflight,
         )
 
 
@@ -215,6 +223,7 @@ def _run_here(
     sysctls: dict[str, str],
     progress: ProgressSink | None,
     locust_args: Sequence[str],
+    on_preflight: Callable[[dict[str, Any]], None] | None = None,
 ) -> RunResult:
     """Inside a fresh (user) network namespace already: set it up in place and run."""
     run_checked(["ip", "link", "set", "lo", "up"])
@@ -235,7 +244,56 @@ def _run_here(
             "netem": [],
         },
     )
-    return run_scenario(scenario, out=run.path, progress=progress, locust_args=locust_args)
+    with _service(scenario, run, ()):
+        return run_scenario(
+            scenario,
+            out=run.path,
+            progress=progress,
+            locust_args=locust_args,
+            on_preflight=on_preflight,
+        )
+
+
+@contextlib.contextmanager
+def _service(scenario: Scenario, run: RunDir, prefix: Sequence[str]) -> Iterator[None]:
+    """``[lab] service_port``: the stand-in service beside the clients, for the run."""
+    port = scenario.lab.service_port
+    if port is None:
+        yield
+        return
+    args = [
+        *prefix,
+        sys.executable,
+        "-m",
+        "harness.service",
+        "--port",
+        str(port),
+        "--run-dir",
+        str(run.path),
+        "--restart-at",
+        f"{scenario.lab.service_restart:g}",
+        "--until",
+        f"{scenario.duration:g}",
+    ]
+    with open(run.logs / "service.log", "ab") as log:
+        proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=log)
+    try:
+        assert proc.stdout is not None
+        if b'"listening"' not in proc.stdout.readline():
+            raise RunError(
+                f"the lab's service could not listen on port {port}: see {run.logs}/service.log"
+            )
+        yield
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        if proc.stdout is not None:
+            proc.stdout.close()
 
 
 def _link_kind(scenario: Scenario, client: Namespace) -> str:

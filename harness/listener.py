@@ -8,6 +8,7 @@ so its process is never monkey-patched by gevent.
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import logging
 import signal
@@ -95,8 +96,26 @@ class _Connection(asyncio.Protocol):
             transport.abort()
 
 
+class _Datagrams(asyncio.DatagramProtocol):
+    """A UDP endpoint: counts each datagram, answers it with ``response`` or its echo."""
+
+    def __init__(self, counter: _Counter, response: bytes) -> None:
+        self._counter = counter
+        self._response = response
+        self._transport: asyncio.DatagramTransport | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self._transport = transport  # type: ignore[assignment]
+
+    def datagram_received(self, data: bytes, addr: tuple[str | Any, int]) -> None:
+        self._counter.accepted += 1
+        if self._transport is not None:
+            self._transport.sendto(self._response or data, addr)
+
+
 class Listener:
-    """Serves ``endpoints`` with one close behaviour; counts accepted connections."""
+    """Serves ``endpoints`` with one close behaviour; counts accepted connections
+    (TCP), or datagrams (``udp``: each is answered with ``response`` or echoed)."""
 
     def __init__(
         self,
@@ -106,6 +125,7 @@ class Listener:
         response: bytes = b"",
         read_request: bool = False,
         backlog: int = 4096,
+        udp: bool = False,
     ) -> None:
         if close is ListenerClose.AUTO:
             raise ValueError("resolve ListenerClose.AUTO before starting a listener")
@@ -114,17 +134,15 @@ class Listener:
         self._response = response
         self._read = read_request
         self._backlog = backlog
-        self._servers: list[tuple[str, asyncio.Server, _Counter]] = []
+        self._udp = udp  # datagram endpoints: each datagram counts as one accept
+        self._servers: list[tuple[str, Any, _Counter]] = []  # asyncio.Server or transport
+        self._bound: list[Endpoint] = []
         self.loop_errors = 0
 
     @property
     def bound(self) -> list[Endpoint]:
         """The endpoints actually served (port 0 replaced by the port the kernel gave)."""
-        result = []
-        for _, server, _ in self._servers:
-            host, port = server.sockets[0].getsockname()[:2]
-            result.append(Endpoint(host, port))
-        return result
+        return list(self._bound)
 
     def stats(self) -> ListenerStats:
         accepted = {name: counter.accepted for name, _, counter in self._servers}
@@ -143,15 +161,30 @@ class Listener:
         loop.set_exception_handler(self._on_loop_error)
         for endpoint in self._endpoints:
             counter = _Counter()
-            factory = self._factory(counter)
             try:
-                server = await loop.create_server(
-                    factory, endpoint.host, endpoint.port, backlog=self._backlog, reuse_address=True
-                )
+                server: Any
+                if self._udp:
+                    server, _ = await loop.create_datagram_endpoint(
+                        functools.partial(_Datagrams, counter, self._response),
+                        local_addr=(endpoint.host, endpoint.port),
+                    )
+                    host, port = server.get_extra_info("sockname")[:2]
+                else:
+                    server = await loop.create_server(
+                        self._factory(counter),
+                        endpoint.host,
+                        endpoint.port,
+                        backlog=self._backlog,
+                        reuse_address=True,
+                    )
+                    host, port = server.sockets[0].getsockname()[:2]
             except OSError as exc:
                 await self.close()
-                raise ListenerError(str(endpoint), _bind_reason(exc)) from None
-            host, port = server.sockets[0].getsockname()[:2]
+                protocol = "udp" if self._udp else "tcp"
+                raise ListenerError(
+                    str(endpoint), _bind_reason(exc, endpoint.port, protocol)
+                ) from None
+            self._bound.append(Endpoint(host, port))
             self._servers.append((str(Endpoint(host, port)), server, counter))
 
     def _factory(self, counter: _Counter) -> Callable[[], _Connection]:
@@ -177,22 +210,62 @@ class Listener:
         for _, server, _ in self._servers:
             server.close()
         for _, server, _ in self._servers:
-            await server.wait_closed()
+            if isinstance(server, asyncio.AbstractServer):
+                await server.wait_closed()
 
 
-def _bind_reason(exc: OSError) -> str:
+def _bind_reason(exc: OSError, port: int, protocol: str = "tcp") -> str:
+    """Why bind() failed, in words that say what to do next."""
     import errno
 
     if exc.errno == errno.EADDRINUSE:
-        return "address already in use (another process listens there)"
+        return f"address already in use: {_who_holds(port, protocol)}"
     if exc.errno == errno.EACCES:
+        start = _read_int("/proc/sys/net/ipv4/ip_unprivileged_port_start", 1024)
         return (
-            "permission denied: ports below net.ipv4.ip_unprivileged_port_start need"
-            " CAP_NET_BIND_SERVICE; pick a port above 1023"
+            f"permission denied: on this host ports below {start}"
+            " (net.ipv4.ip_unprivileged_port_start) need privilege. Listen on a port"
+            f" of {start} or more; or give the process CAP_NET_BIND_SERVICE (run it as"
+            " root, or setcap 'cap_net_bind_service=+ep' on its Python); or lower"
+            " net.ipv4.ip_unprivileged_port_start"
         )
     if exc.errno == errno.EADDRNOTAVAIL:
         return "no local interface has that address"
     return exc.strerror or str(exc)
+
+
+def _who_holds(port: int, protocol: str = "tcp") -> str:
+    """The sockets that hold ``port``: a listening service (named where /proc shows its
+    process), or clients whose ephemeral port it is (the port conflict)."""
+    from harness.preflight import holders
+    from harness.sockdiag import TcpState, dump_tcp
+
+    listening = holders(port, protocol)
+    if listening:
+        owner = listening[0]
+        who = f"{owner.process} (pid {owner.pid})" if owner.pid else "another user's process"
+        return f"{who} listens on {owner.address}:{port}"
+    if protocol == "udp":
+        return "another UDP socket is bound to it"
+    rows = dump_tcp()
+    rows = rows[rows["sport"] == port]
+    if len(rows):
+        states = sorted({TcpState(int(s)).name for s in rows["state"]})
+        return (
+            f"{len(rows)} connection(s) use port {port} as their local port"
+            f" ({', '.join(states)}): it is inside the ephemeral range, and a client"
+            " took it. Reserve it (net.ipv4.ip_local_reserved_ports) or move the"
+            " range (eph preflight shows both)"
+        )
+    return "another socket holds it (not visible from this network namespace or user)"
+
+
+def _read_int(path: str, default: int) -> int:
+    try:
+        with open(path) as source:
+            return int(source.read().strip())
+    except (OSError, ValueError):
+        return default
 
 
 async def serve_forever(

@@ -18,7 +18,7 @@ a rate above the maximum, the ports run out after ``ports / rate`` seconds
 from __future__ import annotations
 
 import ipaddress
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 from harness.scenario import ClosePolicy
@@ -27,9 +27,11 @@ __all__ = [
     "DEFAULT_REUSE_DELAY_S",
     "TIME_WAIT_S",
     "CapacityModel",
+    "merge_reserved",
     "reserved_in_range",
     "reserved_spans",
     "reuse_applies",
+    "unreserved_in_range",
 ]
 
 TIME_WAIT_S = 60.0  # TCP_TIMEWAIT_LEN: fixed in the kernel, not tcp_fin_timeout
@@ -43,6 +45,24 @@ def reserved_spans(reserved: str) -> list[tuple[int, int]]:
         first, _, last = part.partition("-")
         spans.append((int(first), int(last or first)))
     return spans
+
+
+def merge_reserved(reserved: str, ports: Iterable[int]) -> str:
+    """``ip_local_reserved_ports`` text with ``ports`` added, as sorted, merged spans."""
+    spans = sorted([*reserved_spans(reserved), *((p, p) for p in ports)])
+    merged: list[list[int]] = []
+    for first, last in spans:
+        if merged and first <= merged[-1][1] + 1:
+            merged[-1][1] = max(merged[-1][1], last)
+        else:
+            merged.append([first, last])
+    return ",".join(f"{a}" if a == b else f"{a}-{b}" for a, b in merged)
+
+
+def unreserved_in_range(reserved: str, ports: Iterable[int], low: int, high: int) -> list[int]:
+    """Those of ``ports`` inside [low, high] that ``reserved`` does not cover."""
+    spans = reserved_spans(reserved)
+    return sorted({p for p in ports if low <= p <= high and not any(a <= p <= b for a, b in spans)})
 
 
 def reserved_in_range(reserved: str, low: int, high: int) -> int:

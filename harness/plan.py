@@ -15,7 +15,13 @@ import math
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
-from harness.model import DEFAULT_REUSE_DELAY_S, CapacityModel, reserved_in_range
+from harness.model import (
+    DEFAULT_REUSE_DELAY_S,
+    CapacityModel,
+    merge_reserved,
+    reserved_in_range,
+    unreserved_in_range,
+)
 from harness.scenario import ClosePolicy
 
 __all__ = ["Lever", "Plan", "PlanInputs", "from_kernel", "from_run", "make_plan", "render_text"]
@@ -38,6 +44,9 @@ class PlanInputs:
     loopback: bool = False  # the destinations are loopback addresses (tw_reuse = 2)
     hosts: int = 1
     reuse_delay_settable: bool = True  # tcp_tw_reuse_delay_ms exists (Linux 6.14+)
+    # ports local services listen on (found by the preflight, or --keep-port): any
+    # range recommended here leaves them out of the clients' reach, reserved
+    keep_ports: tuple[int, ...] = ()
 
     def model(self) -> CapacityModel:
         destination = "127.0.0.1" if self.loopback else "192.0.2.1"
@@ -123,7 +132,7 @@ def from_run(
         summary.get("kernel", {}),
         float(rate),
         lifetime_s=float(capacity.get("model_lifetime_s") or 0.0),
-        close=ClosePolicy(scenario.get("load", {}).get("close", "client")),
+        close=_close_side(scenario.get("load", {})),
         sources=len(scenario.get("load", {}).get("source_addresses", [])) or 1,
         destinations=len(endpoints),
         loopback=all(h.startswith("127.") or h in ("::1", "localhost") for h in hosts),
@@ -149,6 +158,13 @@ def from_run(
         ),
     }
     return inputs, measured
+
+
+def _close_side(load: dict[str, Any]) -> ClosePolicy:
+    """UDP has no TIME_WAIT: as far as ports go, it closes like a reset."""
+    if load.get("protocol") == "udp":
+        return ClosePolicy.RESET
+    return ClosePolicy(load.get("close", "client"))
 
 
 def make_plan(inputs: PlanInputs) -> Plan:
@@ -188,21 +204,29 @@ def _levers(inputs: PlanInputs, model: CapacityModel) -> list[Lever]:
     per_port = model.paths * model.hosts / model.busy_s if model.busy_s > 0 else math.inf
     needed = math.ceil(goal / per_port) if per_port != math.inf else 0
     if needed > model.usable_ports:
-        new_low = _widened_low(needed, high, inputs.reserved)
+        # the services' ports get reserved first, so the count is of ports clients can use
+        keep = merge_reserved(inputs.reserved, inputs.keep_ports)
+        new_low = _widened_low(needed, high, keep)
         new_range = (new_low, high) if new_low is not None else FULL_RANGE
-        rate = rate_with(port_range=new_range)
+        kept = unreserved_in_range(inputs.reserved, inputs.keep_ports, *new_range)
+        reserved = merge_reserved(inputs.reserved, kept) if kept else inputs.reserved
+        rate = rate_with(port_range=new_range, reserved=reserved)
+        sysctls = {"net.ipv4.ip_local_port_range": f"{new_range[0]} {new_range[1]}"}
+        if kept:
+            sysctls["net.ipv4.ip_local_reserved_ports"] = reserved
         out.append(
             Lever(
                 "kernel",
                 "wider ip_local_port_range",
                 f"net.ipv4.ip_local_port_range = {new_range[0]} {new_range[1]}"
-                f" ({new_range[1] - new_range[0] + 1} ports)",
+                f" ({new_range[1] - new_range[0] + 1} ports"
+                + (f"; reserving {_ports_text(kept)}, where services listen)" if kept else ")"),
                 _round(rate),
                 reaches(rate),
-                {"net.ipv4.ip_local_port_range": f"{new_range[0]} {new_range[1]}"},
-                "ports below 32768 may collide with services that listen on them"
-                " (reserve those with ip_local_reserved_ports)",
-                {"port_range": new_range},
+                sysctls,
+                "ports below 32768 may collide with services that listen on them: eph"
+                " reserved the ones listening now; reserve any other service's port too",
+                {"port_range": new_range, "reserved": reserved},
             )
         )
     if inputs.close is ClosePolicy.CLIENT and model.hold_s is not None and not model.reuse:
@@ -329,10 +353,27 @@ def _snippet(inputs: PlanInputs, levers: list[Lever]) -> str:
         "#   sudo sysctl --system). Check it against your services first.",
         f"# goal: {inputs.rate:g} new connections/s",
     ]
+    settings: dict[str, str] = {}
     for lever in picks:
         lines.append(f"# {lever.name}: up to {_fmt_rate(lever.max_rate_per_s)}")
         lines.extend(f"{key} = {value}" for key, value in lever.sysctls.items())
+        settings.update(lever.sysctls)
+    # whatever range stays in effect, the services' ports must not be in the clients' reach
+    reserved_key = "net.ipv4.ip_local_reserved_ports"
+    reserved = settings.get(reserved_key, inputs.reserved)
+    low, high = inputs.port_range
+    if "net.ipv4.ip_local_port_range" in settings:
+        low, high = (int(v) for v in settings["net.ipv4.ip_local_port_range"].split())
+    exposed = unreserved_in_range(reserved, inputs.keep_ports, low, high)
+    if exposed:
+        lines.append(f"# keep {_ports_text(exposed)} (services listen there) out of the range")
+        lines.append(f"{reserved_key} = {merge_reserved(reserved, exposed)}")
     return "\n".join(lines) + "\n"
+
+
+def _ports_text(ports: list[int]) -> str:
+    shown = ", ".join(str(p) for p in ports[:8])
+    return f"port{'s' if len(ports) > 1 else ''} {shown}" + (" ..." if len(ports) > 8 else "")
 
 
 def _fmt_rate(rate: float | None) -> str:

@@ -76,6 +76,39 @@ def recommendations(summary: dict[str, Any], scenario: dict[str, Any]) -> list[s
     return out
 
 
+def _service_findings(summary: dict[str, Any]) -> list[str]:
+    """The port-conflict lab: could the service bind its port again?"""
+    service = summary.get("service")
+    if not service or "stopped_at_s" not in service:
+        return []
+    port, failed = service["port"], service["failed_binds"]
+    fix = (
+        f" The fix: keep the port out of the clients' reach with"
+        f" net.ipv4.ip_local_reserved_ports = {port} (or a range that excludes it;"
+        f" eph plan --keep-port {port} writes it)."
+    )
+    if not failed:
+        return [
+            f"The service on port {port} restarted at {service['stopped_at_s']:.3g} s and bound"
+            " again at once: no client held its port."
+        ]
+    held: dict[str, int] = {}
+    for attempt in service["attempts"]:
+        for state, count in attempt["held_by"].items():
+            held[state] = max(held.get(state, 0), count)
+    holders = ", ".join(f"{state} {count}" for state, count in sorted(held.items())) or "?"
+    if service.get("rebound"):
+        outcome = f"it bound again only at {service['rebound_at_s']:.3g} s"
+    else:
+        outcome = "it never bound again before the run ended"
+    return [
+        f"Port conflict: the service on port {port} stopped at {service['stopped_at_s']:.3g} s"
+        f" and its bind() failed {failed} times with {', '.join(service['errors'])}, because"
+        f" clients had taken its port as their ephemeral port (client sockets on it: {holders});"
+        f" {outcome}." + fix
+    ]
+
+
 def findings(summary: dict[str, Any]) -> list[str]:
     """The run in plain words."""
     out = []
@@ -118,6 +151,7 @@ def findings(summary: dict[str, Any]) -> list[str]:
             f"The collector stopped at {missing:.3g} s: there are no socket samples after that"
             " (occupancy, TIME_WAIT and counters end there; the connection records do not)."
         )
+    out.extend(_service_findings(summary))
     out.extend(_kernel_findings(summary))
     cons = summary.get("conservation", {})
     if cons.get("records_match_locust") is False:

@@ -36,7 +36,7 @@ from harness.finalize import finalize
 from harness.kernel import read_kernel
 from harness.progress import Progress, read_progress
 from harness.rundir import RunDir
-from harness.scenario import Scenario
+from harness.scenario import Protocol, Scenario
 from harness.units import format_duration
 
 __all__ = ["Master", "Placement", "RunResult", "run_scenario", "run_worker"]
@@ -126,6 +126,8 @@ class _ListenerProcess:
             args += ["--response", listener.response]
         if scenario.listener_reads_request:
             args.append("--read-request")
+        if scenario.load.protocol is Protocol.UDP:
+            args.append("--udp")
         self._log = open(run.logs / "listener.log", "ab")  # noqa: SIM115
         self.proc = subprocess.Popen(
             args, stdout=subprocess.PIPE, stderr=self._log, start_new_session=True
@@ -185,6 +187,7 @@ class _CollectorProcess:
                 format_duration(scenario.collector.interval),
                 bound,
                 scenario.target.endpoints,
+                udp=scenario.load.protocol is Protocol.UDP,
             ),
         ]
         with open(run.logs / log_name, "ab") as log:
@@ -290,8 +293,15 @@ def run_scenario(
     locust_args: Sequence[str] = (),
     placement: Placement = Placement(),
     master: Master | None = None,
+    on_preflight: Callable[[dict[str, Any]], None] | None = None,
 ) -> RunResult:
     run = RunDir.open(out, create=True) if out else RunDir.create(Path("reports"), scenario.name)
+    if master is None:  # a master makes no connections: its workers' hosts matter
+        report = _preflight(scenario, placement)
+        if report is not None:
+            run.write_json("preflight.json", report)
+            if on_preflight is not None:
+                on_preflight(report)
     if master is not None:
         # the master host makes no connections: each worker samples its own host
         placement = Placement(placement.load, placement.listener, ())
@@ -381,6 +391,26 @@ def run_scenario(
             " summary and report; free some space (or lower EPH_MIN_FREE_MB) and run again."
         )
     return RunResult(run.path, summary)
+
+
+def _preflight(scenario: Scenario, placement: Placement) -> dict[str, Any] | None:
+    """``eph preflight`` where the load runs: here, or inside the lab's namespace."""
+    if placement.on_host:
+        from harness.preflight import preflight
+
+        return preflight(scenario)
+    result = subprocess.run(
+        [*placement.load, sys.executable, "-m", "harness", "preflight", "-", "--json"],
+        input=json.dumps(scenario.to_json()),
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    if result.returncode != 0:
+        logger.warning("the preflight failed in the lab: %s", result.stderr.strip()[-500:])
+        return None
+    return dict(json.loads(result.stdout))
 
 
 def kernel_differences(scenario: Scenario, kernel: dict[str, Any]) -> list[str]:

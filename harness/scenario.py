@@ -42,6 +42,7 @@ __all__ = [
     "Emulation",
     "Engine",
     "ListenerClose",
+    "Protocol",
     "Reply",
     "Scenario",
     "Topology",
@@ -70,6 +71,11 @@ class ListenerClose(enum.StrEnum):
 class Engine(enum.StrEnum):
     LOCUST = "locust"  # gevent sockets inside Locust users
     UVLOOP = "uvloop"  # a uvloop child process per Locust process
+
+
+class Protocol(enum.StrEnum):
+    TCP = "tcp"
+    UDP = "udp"  # connected UDP sockets: connect() allocates the port, close frees it
 
 
 class Reply(enum.StrEnum):
@@ -144,6 +150,7 @@ class ListenerConfig(_Section):
 
 class LoadConfig(_Section):
     engine: Engine = Engine.LOCUST
+    protocol: Protocol = Protocol.TCP
     users: Annotated[StrictInt, Field(ge=1, le=100_000)] = 50
     spawn_rate: Annotated[float, Field(gt=0, strict=True)] = 50.0
     rate: Annotated[float, Field(ge=0, strict=True)] = 0.0
@@ -178,6 +185,14 @@ class LoadConfig(_Section):
                 ) from None
         if self.connect_timeout <= 0:
             raise ValueError("connect_timeout must be above 0")
+        if self.protocol is Protocol.UDP:
+            if self.engine is not Engine.LOCUST:
+                raise ValueError('protocol = "udp" runs on the locust engine (engine = "locust")')
+            if self.reply is Reply.EOF or self.close is ClosePolicy.SERVER:
+                raise ValueError(
+                    'protocol = "udp" has no end of stream: reply "eof" and close "server"'
+                    ' need TCP (use reply = "data" to wait for an answer)'
+                )
         if (
             self.socket_port_range is not None
             and self.socket_port_range[0] > self.socket_port_range[1]
@@ -255,6 +270,11 @@ class LabConfig(_Section):
     jitter: Duration = 0.0  # round trip: ±jitter/2 each way
     loss: Annotated[float, Field(ge=0, le=100, strict=True)] = 0.0  # percent, each way
     emulation: Emulation = Emulation.AUTO
+    # a stand-in service listening on this port where the clients run (the
+    # port-conflict scenario): stopped service_restart after the load starts, then
+    # restarted as soon as bind() lets it (harness.service)
+    service_port: Port | None = None
+    service_restart: Duration = 1.0
 
     @property
     def impaired(self) -> bool:

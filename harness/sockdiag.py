@@ -18,7 +18,7 @@ from collections.abc import Iterable
 
 import numpy as np
 
-__all__ = ["DIAG_DTYPE", "TcpState", "dump_tcp"]
+__all__ = ["DIAG_DTYPE", "TcpState", "dump_sockets", "dump_tcp"]
 
 NETLINK_SOCK_DIAG = 4
 SOCK_DIAG_BY_FAMILY = 20
@@ -78,6 +78,19 @@ def dump_tcp(
     families: Iterable[socket.AddressFamily] = (socket.AF_INET, socket.AF_INET6),
 ) -> np.ndarray:
     """Every TCP socket in ``states`` of this network namespace, as ``DIAG_DTYPE`` rows."""
+    return dump_sockets(socket.IPPROTO_TCP, states, families)
+
+
+def dump_sockets(
+    protocol: int,
+    states: Iterable[TcpState] = tuple(TcpState),
+    families: Iterable[socket.AddressFamily] = (socket.AF_INET, socket.AF_INET6),
+) -> np.ndarray:
+    """Every socket of ``protocol`` (TCP or UDP) in ``states``, as ``DIAG_DTYPE`` rows.
+
+    UDP sockets use the TCP state numbers too: a bound, unconnected one (a UDP
+    server) is CLOSE, a connected one ESTABLISHED.
+    """
     mask = 0
     for state in states:
         mask |= 1 << int(state)
@@ -85,7 +98,7 @@ def dump_tcp(
     with socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_SOCK_DIAG) as sock:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, _RECV_BUFFER)
         for sequence, family in enumerate(families, start=1):
-            request = _REQUEST.pack(family, socket.IPPROTO_TCP, 0, 0, mask)
+            request = _REQUEST.pack(family, protocol, 0, 0, mask)
             header = _NLMSGHDR.pack(
                 _NLMSGHDR.size + len(request),
                 SOCK_DIAG_BY_FAMILY,

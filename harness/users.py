@@ -51,7 +51,7 @@ from harness.pacing import Pacer
 from harness.progress import ProgressCounter
 from harness.records import FLUSH_INTERVAL, RecordWriter, host_name
 from harness.rundir import RunDir
-from harness.scenario import Engine, Scenario, load_scenario
+from harness.scenario import Engine, Protocol, Scenario, load_scenario
 from harness.units import format_duration
 
 __all__ = ["EphUser", "install", "scenario_from_environ", "user_class"]
@@ -110,7 +110,7 @@ class _Session:
         if self.engine is Engine.LOCUST:
             part = self.run_dir.parts / f"locust-{pid}-{sequence}.arrows"
             self.writer = RecordWriter(
-                part, endpoints=self.plan.endpoints, close=self.plan.close.value, engine="locust"
+                part, endpoints=self.plan.endpoints, close=self.plan.close_label, engine="locust"
             )
             self.churn = GeventChurn(self.plan, self.writer, self._on_result)
         else:
@@ -240,6 +240,7 @@ class _CollectorChild:
             format_duration(scenario.collector.interval),
             scenario.duration + 600,  # eph stops it first; this bounds a lost worker
             scenario.target.endpoints,
+            udp=scenario.load.protocol is Protocol.UDP,
         )
         with open(run_dir.logs / "collector.log", "ab") as log:
             self._proc = gsubprocess.Popen(args, stdout=log, stderr=log)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import signal
 import socket
 import subprocess
@@ -374,4 +375,6 @@ def test_busy_listener_port_is_a_clear_error(tmp_path: Path) -> None:
         holder.close()
     assert result.returncode == 2
     assert f"cannot listen on 127.0.0.1:{port}: address already in use" in result.stderr
+    # the holder is named: this test's own process
+    assert f"(pid {os.getpid()}) listens on 127.0.0.1:{port}" in result.stderr
     assert "Traceback" not in result.stderr

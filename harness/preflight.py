@@ -1,0 +1,249 @@
+"""Preflight: the port range as it stands, before any load (``eph preflight``).
+
+What it looks at, all read-only:
+
+- the ephemeral range, its size, and where it sits among IANA's ranges
+  (well-known 0-1023, registered 1024-49151, dynamic/private 49152-65535);
+- the ends' parity (the kernel docs advise different parity: connect() walks
+  one parity first), the reserved ports, tcp_tw_reuse and tcp_timestamps;
+- RLIMIT_NOFILE against the sockets the scenario will hold open at once;
+- conntrack's table, when the module is loaded;
+- every local listening TCP socket and bound UDP socket (sock_diag, as the
+  collector), with the process that holds it where /proc shows it. Each one
+  inside the ephemeral range and not reserved is a conflict waiting to happen:
+  a client may hold that port the moment the service restarts, and its bind()
+  fails with EADDRINUSE.
+
+It runs in the current network namespace: on the host for ``eph run``, inside
+the lab for ``eph lab``.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from harness.kernel import read_kernel
+from harness.model import reserved_in_range, reserved_spans
+from harness.scenario import Scenario
+from harness.sockdiag import TcpState, dump_sockets
+
+__all__ = [
+    "IANA_RANGES",
+    "Listening",
+    "conflict_ports",
+    "holders",
+    "listening_ports",
+    "listening_sockets",
+    "preflight",
+    "render_text",
+]
+
+IANA_RANGES = (
+    ("well-known", 0, 1023),
+    ("registered", 1024, 49151),
+    ("dynamic/private", 49152, 65535),
+)
+LINUX_DEFAULT_RANGE = (32768, 60999)
+SPARE_FDS = 64  # files a load process holds besides its sockets (logs, parts, Python)
+
+
+@dataclass(frozen=True)
+class Listening:
+    protocol: str  # "tcp" or "udp"
+    address: str
+    port: int
+    pid: int | None = None
+    process: str | None = None
+
+
+def socket_owners() -> dict[int, tuple[int, str]]:
+    """Socket inode -> (pid, command name), from /proc/<pid>/fd (what ``ss -p`` does).
+
+    Processes of other users are unreadable without privilege: their sockets stay
+    unnamed, which the preflight says.
+    """
+    owners: dict[int, tuple[int, str]] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            links = [os.readlink(fd) for fd in (entry / "fd").iterdir()]
+            name = (entry / "comm").read_text().strip()
+        except OSError:
+            continue
+        for link in links:
+            if link.startswith("socket:["):
+                owners.setdefault(int(link[8:-1]), (int(entry.name), name))
+    return owners
+
+
+def listening_sockets() -> list[Listening]:
+    """Listening TCP and bound, unconnected UDP sockets of this network namespace."""
+    owners = socket_owners()
+    found = []
+    for protocol, number, state in (
+        ("tcp", socket.IPPROTO_TCP, TcpState.LISTEN),
+        ("udp", socket.IPPROTO_UDP, TcpState.CLOSE),
+    ):
+        rows = dump_sockets(number, [state])
+        for row in rows[rows["sport"] != 0]:
+            family = socket.AF_INET if int(row["family"]) == socket.AF_INET else socket.AF_INET6
+            raw = bytes(row["src"])[: 4 if family == socket.AF_INET else 16]
+            pid, name = owners.get(int(row["inode"]), (None, None))
+            found.append(
+                Listening(protocol, socket.inet_ntop(family, raw), int(row["sport"]), pid, name)
+            )
+    return sorted(set(found), key=lambda s: (s.port, s.protocol, s.address))
+
+
+def holders(port: int, protocol: str = "tcp") -> list[Listening]:
+    """Who listens on (or is bound to) ``port`` here: for error messages."""
+    return [s for s in listening_sockets() if s.port == port and s.protocol == protocol]
+
+
+def _iana(low: int, high: int) -> list[dict[str, Any]]:
+    out = []
+    for name, first, last in IANA_RANGES:
+        overlap = min(high, last) - max(low, first) + 1
+        if overlap > 0:
+            out.append({"name": name, "from": first, "to": last, "ports": overlap})
+    return out
+
+
+def _planned_sockets(scenario: Scenario | None) -> int | None:
+    """Sockets one load process (or its uvloop child) holds open at once: one per user,
+    each user having one connection in flight; the embedded listener holds as many."""
+    if scenario is None:
+        return None
+    return -(-scenario.load.users // scenario.load.process_count)
+
+
+def preflight(
+    scenario: Scenario | None = None,
+    kernel: dict[str, Any] | None = None,
+    listening: Iterable[Listening] | None = None,
+) -> dict[str, Any]:
+    """The preflight report as a JSON-able dict; ``warnings`` says what to look at."""
+    kernel = kernel if kernel is not None else read_kernel()
+    sockets = list(listening) if listening is not None else listening_sockets()
+    low, high = kernel.get("ip_local_port_range", LINUX_DEFAULT_RANGE)
+    reserved = str(kernel.get("ip_local_reserved_ports") or "")
+    size = high - low + 1
+    usable = size - reserved_in_range(reserved, low, high)
+    warnings: list[str] = []
+    report: dict[str, Any] = {
+        "port_range": [low, high],
+        "size": size,
+        "usable": usable,
+        "iana": _iana(low, high),
+        "linux_default": list(LINUX_DEFAULT_RANGE),
+        "same_parity": low % 2 == high % 2,
+        "reserved": reserved,
+        "reserved_in_range": size - usable,
+        "tcp_tw_reuse": kernel.get("tcp_tw_reuse"),
+        "tcp_timestamps": kernel.get("tcp_timestamps"),
+        "rlimit_nofile": kernel.get("rlimit_nofile"),
+        "netns": kernel.get("netns"),
+    }
+    if report["same_parity"]:
+        warnings.append(
+            f"ip_local_port_range {low}-{high}: both ends are {'even' if low % 2 == 0 else 'odd'};"
+            " the kernel docs advise different parity (connect() walks one parity first)"
+        )
+    if low < 1024:
+        warnings.append(
+            f"ip_local_port_range starts at {low}, among the well-known ports (0-1023):"
+            " clients may take ports that services expect to bind"
+        )
+    if kernel.get("tcp_tw_reuse") and not kernel.get("tcp_timestamps"):
+        warnings.append("tcp_tw_reuse needs tcp_timestamps = 1 to reuse TIME_WAIT ports")
+    planned = _planned_sockets(scenario)
+    nofile = kernel.get("rlimit_nofile")
+    if planned is not None:
+        report["planned_sockets_per_process"] = planned
+        if isinstance(nofile, list) and nofile[0] < planned + SPARE_FDS:
+            warnings.append(
+                f"RLIMIT_NOFILE is {nofile[0]} (hard {nofile[1]}) for {planned} sockets at"
+                f" once in one process: raise it (ulimit -n {planned + SPARE_FDS}) or fewer users"
+            )
+    report["conntrack"] = _conntrack()
+    conntrack = report["conntrack"]
+    if conntrack and conntrack["count"] > 0.8 * conntrack["max"]:
+        warnings.append(
+            f"conntrack holds {conntrack['count']} of {conntrack['max']} entries: new"
+            " connections are dropped when it is full"
+        )
+    spans = reserved_spans(reserved)
+    entries = []
+    for s in sockets:
+        inside = low <= s.port <= high
+        is_reserved = any(a <= s.port <= b for a, b in spans)
+        entries.append({**asdict(s), "in_range": inside, "reserved": is_reserved})
+    report["listening"] = entries
+    report["conflicts"] = [e for e in entries if e["in_range"] and not e["reserved"]]
+    for conflict in report["conflicts"]:
+        owner = (
+            f"{conflict['process']} (pid {conflict['pid']})"
+            if conflict["pid"]
+            else "a process this user cannot see"
+        )
+        warnings.append(
+            f"{conflict['protocol'].upper()} port {conflict['port']} ({conflict['address']},"
+            f" {owner}) listens inside the ephemeral range and is not reserved: if it"
+            " restarts while a client holds that port, its bind() fails with EADDRINUSE;"
+            f" reserve it: net.ipv4.ip_local_reserved_ports = {conflict['port']}"
+        )
+    if scenario is not None and scenario.listener is not None:
+        zero = [e for e in scenario.target.endpoints if e.port == 0]
+        if zero:
+            warnings.append(
+                "the embedded listener binds port 0: the kernel picks its port from the"
+                " ephemeral range, one port fewer for connections (give it a port outside"
+                " the range to keep them all)"
+            )
+    report["warnings"] = warnings
+    return report
+
+
+def _conntrack(proc: Path = Path("/proc/sys/net/netfilter")) -> dict[str, int] | None:
+    try:
+        return {
+            "max": int((proc / "nf_conntrack_max").read_text()),
+            "count": int((proc / "nf_conntrack_count").read_text()),
+        }
+    except (OSError, ValueError):
+        return None
+
+
+def render_text(report: dict[str, Any]) -> str:
+    """The report for a person: a few lines, then the warnings."""
+    low, high = report["port_range"]
+    iana = ", ".join(f"{part['ports']} {part['name']}" for part in report["iana"])
+    lines = [
+        f"ephemeral range {low}-{high}: {report['size']:,} ports ({iana});"
+        f" {report['usable']:,} usable after {report['reserved_in_range']} reserved",
+        f"tcp_tw_reuse {report['tcp_tw_reuse']}, tcp_timestamps {report['tcp_timestamps']},"
+        f" RLIMIT_NOFILE {report['rlimit_nofile']}"
+        + (
+            f", conntrack {report['conntrack']['count']}/{report['conntrack']['max']}"
+            if report["conntrack"]
+            else ""
+        ),
+        f"listening here: {len(report['listening'])} sockets,"
+        f" {len(report['conflicts'])} inside the range and not reserved",
+    ]
+    lines += [f"warning: {text}" for text in report["warnings"]]
+    return "\n".join(lines) + "\n"
+
+
+def conflict_ports(report: dict[str, Any]) -> list[int]:
+    return sorted({int(e["port"]) for e in report["conflicts"]})
+
+
+def listening_ports(report: dict[str, Any]) -> list[int]:
+    return sorted({int(e["port"]) for e in report["listening"]})
