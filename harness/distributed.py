@@ -15,6 +15,8 @@ from its test_stop handler, before its own ``client_stopped``; so once the
 master has seen every worker stop, it holds every file. The master writes them
 under ``hosts/<name>/`` of its run directory, where ``eph run`` merges them.
 
+Also here: a worker's own collector (``CollectorChild``) and the master's share of
+a test (``MasterSession``: the scenario out, progress from the workers' stats).
 Imported only by Locust processes (``harness.users``).
 """
 
@@ -22,21 +24,41 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import re
+import signal
 import socket
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import gevent
+from gevent import subprocess as gsubprocess
 
-from harness.rundir import HOSTS_DIR
+from harness.collector import collect_command
+from harness.records import FLUSH_INTERVAL, host_name
+from harness.rundir import HOSTS_DIR, RunDir
+from harness.scenario import Protocol, Scenario
+from harness.units import format_duration
 
-__all__ = ["CHUNK", "Receiver", "clock_offset_ns", "ship"]
+if TYPE_CHECKING:  # importing locust monkey-patches: only its own processes do
+    from locust.env import Environment
+
+__all__ = [
+    "CHUNK",
+    "CollectorChild",
+    "MasterSession",
+    "Receiver",
+    "clock_offset_ns",
+    "master_run_dir",
+    "ship",
+    "worker_run_dir",
+]
 
 logger = logging.getLogger(__name__)
 
+COLLECTOR_START_TIMEOUT = 10.0  # seconds a worker waits for its collector's first sample
 CHUNK = 1 << 20  # bytes per eph_file message: heartbeats keep flowing in between
 SHIPPED = ("parts/*.arrows", "samples.parquet", "collector.json", "logs/*.log")
 _ALLOWED = re.compile(r"(parts/[\w.-]+\.arrows|samples\.parquet|collector\.json|logs/[\w.-]+\.log)")
@@ -145,3 +167,111 @@ class Receiver:
             data.get("files", 0),
             data.get("bytes", 0) / 2**20,
         )
+
+
+# ----------------------------------------------------------------- worker side
+
+
+def worker_run_dir(scenario: Scenario) -> RunDir:
+    """A new directory per test under ``EPH_RUN_DIR`` (``eph worker --out``)."""
+    base = Path(os.environ.get("EPH_RUN_DIR", "reports"))
+    return RunDir.create(base, f"{scenario.name}-{host_name()}")
+
+
+class CollectorChild:
+    """``eph collect`` for a worker's own host, a child process that never imports locust."""
+
+    def __init__(self, run_dir: RunDir, scenario: Scenario) -> None:
+        args = collect_command(
+            run_dir.path,
+            format_duration(scenario.collector.interval),
+            scenario.duration + 600,  # eph stops it first; this bounds a lost worker
+            scenario.target.endpoints,
+            udp=scenario.load.protocol is Protocol.UDP,
+        )
+        with open(run_dir.logs / "collector.log", "ab") as log:
+            self._proc = gsubprocess.Popen(args, stdout=log, stderr=log)
+        # sampling before the first connection, as in `eph run` (its stream opens right
+        # before its first sample); a collector that cannot start is the log's business
+        stream = run_dir.path / "samples.arrows"
+        deadline = time.monotonic() + COLLECTOR_START_TIMEOUT
+        while not stream.exists() and self._proc.poll() is None and time.monotonic() < deadline:
+            gevent.sleep(0.02)
+        gevent.sleep(0.05)
+
+    def stop(self) -> None:
+        if self._proc.poll() is None:
+            self._proc.send_signal(signal.SIGTERM)
+        try:
+            self._proc.wait(timeout=15)
+        except gsubprocess.TimeoutExpired:
+            logger.error("the collector (pid %s) did not stop; killing it", self._proc.pid)
+            self._proc.kill()
+            self._proc.wait()
+
+
+# ----------------------------------------------------------------- master side
+
+
+class MasterSession:
+    """A master's share of a distributed test: the scenario out, progress written."""
+
+    def __init__(self, environment: Environment, scenario: Scenario) -> None:
+        self.environment = environment
+        runner: Any = environment.runner  # a MasterRunner
+        self.run_dir = RunDir.open(master_run_dir(scenario), create=True)
+        self.run_dir.write_scenario(scenario)
+        workers = max(1, runner.worker_count)
+        runner.send_message(
+            "eph_scenario", {"scenario": scenario.to_json(), "rate_share": 1 / workers}
+        )
+        self._progress = self.run_dir.progress / "master.json"
+        self.started = time.time()
+        self.write()
+        self._writer = gevent.spawn(self._loop)
+
+    def _loop(self) -> None:
+        while True:
+            gevent.sleep(FLUSH_INTERVAL)
+            self.write()
+
+    def write(self, done: bool = False) -> None:
+        """Progress from the stats workers report (every few seconds, Locust's pace)."""
+        stats = self.environment.stats
+        errors: dict[str, int] = {}
+        for entry in stats.errors.values():
+            errors[str(entry.error)] = errors.get(str(entry.error), 0) + entry.occurrences
+        runner = self.environment.runner
+        data = {
+            "pid": os.getpid(),
+            "engine": "distributed",
+            "started": self.started,
+            "time": time.time(),
+            "users": runner.user_count if runner else 0,
+            "workers": getattr(runner, "worker_count", 0),
+            "attempts": stats.total.num_requests,
+            "failures": stats.total.num_failures,
+            "errors": errors,
+            "done": done,
+        }
+        tmp = self._progress.with_suffix(".tmp")
+        tmp.write_text(json.dumps(data))
+        os.replace(tmp, self._progress)
+
+    def close(self) -> None:
+        self._writer.kill()
+        self.write(done=True)
+
+
+def master_run_dir(scenario: Scenario | None) -> Path:
+    """The master's run directory: ``EPH_RUN_DIR`` (``eph run`` sets it), made once."""
+    if not _MASTER_DIR:
+        given = os.environ.get("EPH_RUN_DIR")
+        name = scenario.name if scenario is not None else "master"
+        _MASTER_DIR.append(
+            Path(given) if given else RunDir.create(Path("reports"), name + "-locust").path
+        )
+    return _MASTER_DIR[0]
+
+
+_MASTER_DIR: list[Path] = []

@@ -27,9 +27,7 @@ import contextlib
 import json
 import logging
 import os
-import signal
 import sys
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -43,23 +41,27 @@ from locust.runners import STATE_RUNNING, STATE_SPAWNING, MasterRunner, WorkerRu
 from harness.churn import ChurnPlan, Target
 from harness.client_gevent import GeventChurn
 from harness.client_uvloop import read_frame
-from harness.collector import collect_command
-from harness.distributed import Receiver, ship
+from harness.distributed import (
+    CollectorChild,
+    MasterSession,
+    Receiver,
+    master_run_dir,
+    ship,
+    worker_run_dir,
+)
 from harness.endpoints import Endpoint
 from harness.locust_stats import REQUEST_TYPE, failure, feed_rows
 from harness.pacing import Pacer
 from harness.progress import ProgressCounter
 from harness.records import FLUSH_INTERVAL, RecordWriter, host_name
 from harness.rundir import RunDir
-from harness.scenario import Engine, Protocol, Scenario, load_scenario
-from harness.units import format_duration
+from harness.scenario import Engine, Scenario, load_scenario
 
 __all__ = ["EphUser", "install", "scenario_from_environ", "user_class"]
 
 logger = logging.getLogger(__name__)
 
 LOOPBACK = "127.0.0.1"
-COLLECTOR_START_TIMEOUT = 10.0  # seconds a worker waits for its collector's first sample
 UVLOOP_IDLE = 1.0  # how often a uvloop-engine user wakes up; it only holds a slot
 DEFAULT_SCENARIO = Path("scenarios/default.toml")
 
@@ -89,10 +91,10 @@ class _Session:
             )
         self.environment = environment
         self.scenario = scenario
-        self.run_dir = _worker_run_dir(scenario) if collect else _run_dir(scenario)
+        self.run_dir = worker_run_dir(scenario) if collect else _run_dir(scenario)
         self.run_dir.write_scenario(scenario)
         # a distributed worker records its own host's sockets, and ships them at the end
-        self.collector = _CollectorChild(self.run_dir, scenario) if collect else None
+        self.collector = CollectorChild(self.run_dir, scenario) if collect else None
         share = (
             rate_share if rate_share is not None else float(os.environ.get("EPH_RATE_SHARE", "1"))
         )
@@ -225,44 +227,6 @@ def _run_dir(scenario: Scenario) -> RunDir:
     return RunDir.create(Path("reports"), scenario.name + "-locust")
 
 
-def _worker_run_dir(scenario: Scenario) -> RunDir:
-    """A new directory per test under ``EPH_RUN_DIR`` (``eph worker --out``)."""
-    base = Path(os.environ.get("EPH_RUN_DIR", "reports"))
-    return RunDir.create(base, f"{scenario.name}-{host_name()}")
-
-
-class _CollectorChild:
-    """``eph collect`` for a worker's own host, a child process that never imports locust."""
-
-    def __init__(self, run_dir: RunDir, scenario: Scenario) -> None:
-        args = collect_command(
-            run_dir.path,
-            format_duration(scenario.collector.interval),
-            scenario.duration + 600,  # eph stops it first; this bounds a lost worker
-            scenario.target.endpoints,
-            udp=scenario.load.protocol is Protocol.UDP,
-        )
-        with open(run_dir.logs / "collector.log", "ab") as log:
-            self._proc = gsubprocess.Popen(args, stdout=log, stderr=log)
-        # sampling before the first connection, as in `eph run` (its stream opens right
-        # before its first sample); a collector that cannot start is the log's business
-        stream = run_dir.path / "samples.arrows"
-        deadline = time.monotonic() + COLLECTOR_START_TIMEOUT
-        while not stream.exists() and self._proc.poll() is None and time.monotonic() < deadline:
-            gevent.sleep(0.02)
-        gevent.sleep(0.05)
-
-    def stop(self) -> None:
-        if self._proc.poll() is None:
-            self._proc.send_signal(signal.SIGTERM)
-        try:
-            self._proc.wait(timeout=15)
-        except gsubprocess.TimeoutExpired:
-            logger.error("the collector (pid %s) did not stop; killing it", self._proc.pid)
-            self._proc.kill()
-            self._proc.wait()
-
-
 # ----------------------------------------------------------------- users
 
 
@@ -393,7 +357,7 @@ def install(scenario: Scenario | None) -> None:
         events.quitting.add_listener(quitting)
         runner = environment.runner
         if isinstance(runner, MasterRunner):
-            receiver = _receivers[id(environment)] = Receiver(_run_dir_path(scenario))
+            receiver = _receivers[id(environment)] = Receiver(master_run_dir(scenario))
             runner.register_message("eph_file", receiver.on_file)
             runner.register_message("eph_host", receiver.on_host)
         elif isinstance(runner, WorkerRunner):
@@ -415,58 +379,7 @@ def _loopback_defaults(parser: Any, **_: Any) -> None:
 # ----------------------------------------------------------------- master
 
 
-class _MasterSession:
-    """A master's share of a distributed test: the scenario out, progress written."""
-
-    def __init__(self, environment: Environment, scenario: Scenario) -> None:
-        self.environment = environment
-        runner = environment.runner
-        assert isinstance(runner, MasterRunner)
-        self.run_dir = RunDir.open(_run_dir_path(scenario), create=True)
-        self.run_dir.write_scenario(scenario)
-        workers = max(1, runner.worker_count)
-        runner.send_message(
-            "eph_scenario", {"scenario": scenario.to_json(), "rate_share": 1 / workers}
-        )
-        self._progress = self.run_dir.progress / "master.json"
-        self.started = time.time()
-        self.write()
-        self._writer = gevent.spawn(self._loop)
-
-    def _loop(self) -> None:
-        while True:
-            gevent.sleep(FLUSH_INTERVAL)
-            self.write()
-
-    def write(self, done: bool = False) -> None:
-        """Progress from the stats workers report (every few seconds, Locust's pace)."""
-        stats = self.environment.stats
-        errors: dict[str, int] = {}
-        for entry in stats.errors.values():
-            errors[str(entry.error)] = errors.get(str(entry.error), 0) + entry.occurrences
-        runner = self.environment.runner
-        data = {
-            "pid": os.getpid(),
-            "engine": "distributed",
-            "started": self.started,
-            "time": time.time(),
-            "users": runner.user_count if runner else 0,
-            "workers": runner.worker_count if isinstance(runner, MasterRunner) else 0,
-            "attempts": stats.total.num_requests,
-            "failures": stats.total.num_failures,
-            "errors": errors,
-            "done": done,
-        }
-        tmp = self._progress.with_suffix(".tmp")
-        tmp.write_text(json.dumps(data))
-        os.replace(tmp, self._progress)
-
-    def close(self) -> None:
-        self._writer.kill()
-        self.write(done=True)
-
-
-_masters: dict[int, _MasterSession] = {}
+_masters: dict[int, MasterSession] = {}
 _receivers: dict[int, Receiver] = {}
 
 
@@ -476,21 +389,7 @@ def _start_master(environment: Environment, scenario: Scenario | None) -> None:
     old = _masters.pop(id(environment), None)
     if old is not None:
         old.close()
-    _masters[id(environment)] = _MasterSession(environment, scenario)
-
-
-def _run_dir_path(scenario: Scenario | None) -> Path:
-    """The master's run directory: ``EPH_RUN_DIR`` (``eph run`` sets it), made once."""
-    if not _master_dir:
-        given = os.environ.get("EPH_RUN_DIR")
-        name = scenario.name if scenario is not None else "master"
-        _master_dir.append(
-            Path(given) if given else RunDir.create(Path("reports"), name + "-locust").path
-        )
-    return _master_dir[0]
-
-
-_master_dir: list[Path] = []
+    _masters[id(environment)] = MasterSession(environment, scenario)
 
 
 def _finalize_standalone(session: _Session) -> None:
