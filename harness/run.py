@@ -13,6 +13,7 @@ a namespace (``eph lab``).
 from __future__ import annotations
 
 import contextlib
+import ipaddress
 import json
 import logging
 import math
@@ -305,6 +306,13 @@ def run_scenario(
     if master is not None:
         # the master host makes no connections: each worker samples its own host
         placement = Placement(placement.load, placement.listener, ())
+        loopback = [e for e in scenario.target.endpoints if _is_loopback(e.host)]
+        if loopback and master.bind_host not in ("127.0.0.1", "::1", "localhost"):
+            logger.warning(
+                "target %s is a loopback address: each worker connects to its own host's"
+                " loopback, not to this one (give an address the workers reach)",
+                ", ".join(str(e) for e in loopback),
+            )
         logger.info(
             "waiting up to %.0f s for %d worker(s): eph worker --master-host %s --master-port %d",
             master.wait,
@@ -391,6 +399,13 @@ def run_scenario(
             " summary and report; free some space (or lower EPH_MIN_FREE_MB) and run again."
         )
     return RunResult(run.path, summary)
+
+
+def _is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"
 
 
 def _preflight(scenario: Scenario, placement: Placement) -> dict[str, Any] | None:
