@@ -26,6 +26,9 @@ IP_LOCAL_PORT_RANGE = 51  # Linux 6.3+; no Python constant: value (hi << 16) | l
 ETIMEDOUT = errno_module.ETIMEDOUT
 
 
+UDP_PAYLOAD = b"eph\n"  # what a UDP attempt sends when load.send is empty
+
+
 def errno_name(number: int) -> str:
     """``99`` -> ``"EADDRNOTAVAIL"``; unknown numbers stay readable."""
     return errno_module.errorcode.get(number, f"ERRNO{number}")

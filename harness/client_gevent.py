@@ -21,7 +21,7 @@ import gevent
 from gevent import monkey
 from gevent.socket import wait_read, wait_write
 
-from harness.churn import ETIMEDOUT, ChurnPlan, Target, make_socket
+from harness.churn import ETIMEDOUT, UDP_PAYLOAD, ChurnPlan, Target, make_socket
 from harness.records import RecordWriter
 from harness.scenario import ClosePolicy, Protocol, Reply
 
@@ -30,7 +30,6 @@ __all__ = ["GeventChurn"]
 _RealSocket: type[socket.socket] = monkey.get_original("socket", "socket")
 _LINGER_RESET = struct.pack("ii", 1, 0)
 _IN_PROGRESS = (errno.EINPROGRESS, errno.EAGAIN, errno.EWOULDBLOCK)
-UDP_PAYLOAD = b"eph\n"  # what a UDP attempt sends when load.send is empty
 
 
 class _Timeout(Exception):

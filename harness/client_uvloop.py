@@ -34,11 +34,11 @@ from typing import BinaryIO
 
 import numpy as np
 
-from harness.churn import ETIMEDOUT, ChurnPlan, Target, make_socket
+from harness.churn import ETIMEDOUT, UDP_PAYLOAD, ChurnPlan, Target, make_socket
 from harness.fastpath import FRAME_HEADER, LINGER_RESET, CallbackChurn, write_frame
 from harness.pacing import Pacer
 from harness.records import FLUSH_INTERVAL, ROW_DTYPE, RecordWriter
-from harness.scenario import ClosePolicy, Reply, Scenario
+from harness.scenario import ClosePolicy, Protocol, Reply, Scenario
 
 __all__ = ["FRAME_HEADER", "UvloopChurn", "read_frame"]
 
@@ -131,6 +131,8 @@ class UvloopChurn:
 
     async def attempt(self, target: Target) -> int:
         """One connection; returns connect()'s errno (0 = connected)."""
+        if self.plan.protocol is Protocol.UDP:
+            return await self._attempt_udp(target)
         plan = self.plan
         loop = asyncio.get_running_loop()
         t0 = time.monotonic_ns()
@@ -159,6 +161,41 @@ class UvloopChurn:
             # runs on cancellation too: the attempt is recorded either way
             if client is not None and client.transport is not None:
                 _close(client.transport, plan.close if io_err == 0 else ClosePolicy.CLIENT)
+            t2 = time.monotonic_ns()
+            self.writer.add((t0, t1, t2, address_id, port, target.index, err, io_err))
+        return err
+
+    async def _attempt_udp(self, target: Target) -> int:
+        """A connected UDP socket: connect() picks the port (EAGAIN when none is free),
+        a datagram out, optionally one back, hold, close (the port is free at once)."""
+        plan = self.plan
+        t0 = t1 = time.monotonic_ns()
+        err, io_err, port, address_id = errno.ECANCELED, 0, 0, 0
+        sock: socket.socket | None = None
+        try:
+            try:
+                sock = make_socket(target, kind=socket.SOCK_DGRAM)
+                err = sock.connect_ex(target.endpoint.sockaddr)
+                t1 = time.monotonic_ns()
+                if err == 0:
+                    local = sock.getsockname()
+                    port, address_id = local[1], self.writer.address_id(local[0])
+                    sock.send(plan.send or UDP_PAYLOAD)
+                    if plan.reply is Reply.DATA:
+                        async with asyncio.timeout(plan.io_timeout):
+                            await asyncio.get_running_loop().sock_recv(sock, 65536)
+                    if plan.hold:
+                        await asyncio.sleep(plan.hold)
+            except TimeoutError:
+                io_err = ETIMEDOUT
+            except OSError as exc:  # ECONNREFUSED: an ICMP port unreachable came back
+                if port:
+                    io_err = exc.errno or errno.EIO
+                else:
+                    err, t1 = exc.errno or errno.EIO, time.monotonic_ns()
+        finally:
+            if sock is not None:
+                sock.close()
             t2 = time.monotonic_ns()
             self.writer.add((t0, t1, t2, address_id, port, target.index, err, io_err))
         return err

@@ -35,7 +35,7 @@ import numpy as np
 from harness.churn import ETIMEDOUT, ChurnPlan, Target, make_socket
 from harness.pacing import Pacer
 from harness.records import RecordWriter
-from harness.scenario import ClosePolicy, Reply
+from harness.scenario import ClosePolicy, Protocol, Reply
 
 __all__ = ["FRAME_HEADER", "LINGER_RESET", "CallbackChurn", "write_frame"]
 
@@ -75,7 +75,8 @@ class CallbackChurn:
     def applies(plan: ChurnPlan) -> bool:
         """Whether the scenario is plain churn this path serves (else the Protocol path)."""
         return (
-            not plan.send
+            plan.protocol is Protocol.TCP
+            and not plan.send
             and plan.reply is Reply.NONE
             and not plan.hold
             and plan.close in (ClosePolicy.CLIENT, ClosePolicy.RESET)

@@ -185,14 +185,13 @@ class LoadConfig(_Section):
                 ) from None
         if self.connect_timeout <= 0:
             raise ValueError("connect_timeout must be above 0")
-        if self.protocol is Protocol.UDP:
-            if self.engine is not Engine.LOCUST:
-                raise ValueError('protocol = "udp" runs on the locust engine (engine = "locust")')
-            if self.reply is Reply.EOF or self.close is ClosePolicy.SERVER:
-                raise ValueError(
-                    'protocol = "udp" has no end of stream: reply "eof" and close "server"'
-                    ' need TCP (use reply = "data" to wait for an answer)'
-                )
+        if self.protocol is Protocol.UDP and (
+            self.reply is Reply.EOF or self.close is ClosePolicy.SERVER
+        ):
+            raise ValueError(
+                'protocol = "udp" has no end of stream: reply "eof" and close "server"'
+                ' need TCP (use reply = "data" to wait for an answer)'
+            )
         if (
             self.socket_port_range is not None
             and self.socket_port_range[0] > self.socket_port_range[1]

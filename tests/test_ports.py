@@ -214,11 +214,12 @@ def test_udp_listener_counts_and_answers_datagrams() -> None:
 
 @pytest.mark.netns
 @pytest.mark.e2e
-def test_udp_churn_exhausts_with_eagain_and_recovers_at_once(tmp_path: Path) -> None:
+@pytest.mark.parametrize("engine", ["locust", "uvloop"])
+def test_udp_churn_exhausts_with_eagain_and_recovers_at_once(tmp_path: Path, engine: str) -> None:
     out = tmp_path / "run"
-    result = eph(
-        ["lab", str(ROOT / "scenarios" / "udp-churn.toml"), "--out", str(out)], cwd=tmp_path
-    )
+    scenario = str(ROOT / "scenarios" / "udp-churn.toml")
+    args = ["lab", scenario, "--out", str(out), "--set", f'load.engine="{engine}"']
+    result = eph(args, cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     summary = json.loads((out / "summary.json").read_text())
     conns = summary["connections"]
@@ -244,3 +245,25 @@ def test_udp_churn_exhausts_with_eagain_and_recovers_at_once(tmp_path: Path) -> 
     # the collector counts connected UDP sockets toward the target: at most the 10 ports
     assert 5 <= summary["occupancy"]["peak_ports"] <= 10
     assert summary["conservation"]["records_match_locust"] is True
+
+
+def test_udp_scenarios_refuse_what_needs_a_stream() -> None:
+    from harness.errors import ScenarioError
+    from harness.scenario import load_scenario
+
+    path = ROOT / "scenarios" / "udp-churn.toml"
+    for override in ('load.reply="eof"', 'load.close="server"'):
+        with pytest.raises(ScenarioError, match=r"udp.*no end of stream"):
+            load_scenario(path, [override])
+
+
+def test_preflight_text_names_the_range_and_every_warning() -> None:
+    from harness.preflight import Listening, render_text
+
+    kernel = {"ip_local_port_range": [32768, 60999], "tcp_tw_reuse": 2, "tcp_timestamps": 1}
+    report = preflight(kernel=kernel, listening=[Listening("tcp", "0.0.0.0", 50000, 42, "nginx")])
+    text = render_text(report)
+    assert text.startswith("ephemeral range 32768-60999: 28,232 ports")
+    assert "16384 registered, 11848 dynamic/private" in text
+    assert "1 inside the range and not reserved" in text
+    assert "warning: TCP port 50000 (0.0.0.0, nginx (pid 42))" in text
