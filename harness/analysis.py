@@ -13,6 +13,7 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from harness.model import TIME_WAIT_S, CapacityModel
 from harness.scenario import ClosePolicy, Protocol, Scenario
@@ -24,6 +25,7 @@ __all__ = [
     "TupleAudit",
     "analyze",
     "audit_tuples",
+    "host_mask",
     "host_sections",
     "kernel_conservation",
     "occupancy_at_start",
@@ -374,20 +376,24 @@ def _model(
     )
 
 
+def host_mask(table: pa.Table, name: str) -> np.ndarray:
+    """Rows recorded by load-generator ``name`` (compared in Arrow, not per row in Python)."""
+    if not table.num_rows:
+        return np.zeros(0, dtype=bool)
+    return np.asarray(pc.equal(table.column("host"), name).to_numpy(zero_copy_only=False))
+
+
 def host_sections(
     table: pa.Table, hosts: Sequence[HostSamples], model: CapacityModel | None
 ) -> list[dict[str, Any]]:
     """Per load-generator host: its connections, ports, first failure and peak occupancy."""
-    column = table.column("host")
-    names = np.asarray(column.to_pylist() if table.num_rows else [], dtype=object)
     start = table.column("start_ns").to_numpy()
     t0 = int(start.min()) if len(start) else 0
     errno = table.column("errno").to_numpy()
     ports = table.column("local_port").to_numpy()
-    local = np.asarray(table.column("local_addr").to_pylist(), dtype=object)
     sections = []
     for host in hosts:
-        mine = names == host.name
+        mine = host_mask(table, host.name)
         ok = mine & (errno == 0)
         failed = mine & np.isin(errno, list(EXHAUSTION_ERRNOS))
         used = np.unique(ports[ok])
@@ -397,7 +403,9 @@ def host_sections(
             "attempted": int(mine.sum()),
             "succeeded": int(ok.sum()),
             "failed": int((mine & (errno != 0)).sum()),
-            "source_addresses": sorted({str(a) for a in local[ok]}),
+            "source_addresses": sorted(
+                str(a) for a in pc.unique(table.column("local_addr").filter(ok)).to_pylist()
+            ),
             "distinct_ports": len(used),
             "port_span": [int(used[0]), int(used[-1])] if len(used) else None,
             "first_exhaustion_s": (

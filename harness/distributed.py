@@ -120,7 +120,6 @@ class Receiver:
     def __init__(self, run_path: Path) -> None:
         self.root = run_path / HOSTS_DIR
         self._names: dict[str, str] = {}  # Locust client id -> directory name
-        self.hosts: dict[str, dict[str, Any]] = {}
 
     def _directory(self, client_id: str, wanted: str) -> Path:
         name = self._names.get(client_id)
@@ -160,7 +159,6 @@ class Receiver:
         data["client_id"] = msg.node_id
         data["received_at"] = time.time()
         (directory / "host.json").write_text(json.dumps(data, indent=2) + "\n")
-        self.hosts[directory.name] = data
         logger.info(
             "worker %s shipped %d files, %.1f MiB",
             directory.name,

@@ -22,6 +22,7 @@ from harness.analysis import (
     HostSamples,
     TupleAudit,
     audit_tuples,
+    host_mask,
     occupancy_at_start,
     scope_series,
 )
@@ -183,13 +184,12 @@ def hosts(data: RunData) -> Figure:
     """A distributed run: each worker host's ports in use over time, and its ports' uses."""
     fig = _figure(4.5)
     left, right = fig.subplots(1, 2)
-    names = np.asarray(data.table.column("host").to_pylist(), dtype=object)
     for n, host in enumerate(data.hosts):
         color = f"C{n % 10}"
         if host.samples is not None and host.samples.num_rows:
             times, in_use = scope_series(host.samples, IN_USE)
             left.plot((times - data.t0) / 1e9, in_use, color=color, label=host.name)
-        ports = data.port[data.ok & (names == host.name)]
+        ports = data.port[data.ok & host_mask(data.table, host.name)]
         if len(ports):
             low, high = int(ports.min()), int(ports.max())
             edges = np.linspace(low, high + 1, min(high - low + 1, 200) + 1)

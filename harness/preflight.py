@@ -35,7 +35,6 @@ from harness.sockdiag import TcpState, dump_sockets
 __all__ = [
     "IANA_RANGES",
     "Listening",
-    "conflict_ports",
     "holders",
     "listening_ports",
     "listening_sockets",
@@ -239,10 +238,6 @@ def render_text(report: dict[str, Any]) -> str:
     ]
     lines += [f"warning: {text}" for text in report["warnings"]]
     return "\n".join(lines) + "\n"
-
-
-def conflict_ports(report: dict[str, Any]) -> list[int]:
-    return sorted({int(e["port"]) for e in report["conflicts"]})
 
 
 def listening_ports(report: dict[str, Any]) -> list[int]:

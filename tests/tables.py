@@ -8,7 +8,9 @@ import pyarrow as pa
 from harness.records import CONNECTIONS_SCHEMA
 
 
-def connections_table(rows: list[tuple[int, int, int, int]], close: str = "client") -> pa.Table:
+def connections_table(
+    rows: list[tuple[int, int, int, int]], close: str = "client", host: str = "localhost"
+) -> pa.Table:
     """rows: (start_ns, close_us, local_port, errno) toward one destination."""
     n = len(rows)
 
@@ -29,7 +31,7 @@ def connections_table(rows: list[tuple[int, int, int, int]], close: str = "clien
             "close": const(close),
             "engine": const("locust"),
             "pid": pa.array([1] * n, pa.uint32()),
-            "host": const("localhost"),
+            "host": const(host),
         },
         schema=CONNECTIONS_SCHEMA,
     )

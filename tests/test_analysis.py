@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pyarrow as pa
 import pytest
 
 from harness.analysis import audit_tuples
@@ -153,3 +154,21 @@ def test_port_allocation_parity_and_offsets() -> None:
     assert result["first_port_by_destination"] == {"127.0.0.1:9000": 40000}
     assert result["first_offset_by_destination"] == {"127.0.0.1:9000": 0}
     assert result["connect_ms_by_parity"]["even"]["p50"] == pytest.approx(0.01)
+
+
+def test_host_sections_count_each_worker_on_its_own() -> None:
+    from harness.analysis import HostSamples, host_sections
+
+    a = _table([(i * 1_000_000, 100, 40000 + i, 0) for i in range(5)], host="w1")
+    b = _table(
+        [(i * 1_000_000, 100, 40000 + i % 3, 0 if i < 3 else 99) for i in range(4)], host="w2"
+    )
+    table = pa.concat_tables([a, b], promote_options="permissive").unify_dictionaries()
+    hosts = [
+        HostSamples(name, None, {"ip_local_port_range": [40000, 40099]}) for name in ("w1", "w2")
+    ]
+    w1, w2 = host_sections(table.sort_by("start_ns"), hosts, None)
+    assert (w1["attempted"], w1["succeeded"], w1["distinct_ports"]) == (5, 5, 5)
+    assert w1["first_exhaustion_s"] is None and w1["port_span"] == [40000, 40004]
+    assert (w2["attempted"], w2["succeeded"], w2["failed"]) == (4, 3, 1)
+    assert w2["first_exhaustion_s"] == 0.003 and w2["source_addresses"] == ["127.0.0.1"]
