@@ -71,7 +71,7 @@ test: system-deps lint typecheck pytest ## Lint, type-check and run the whole te
 
 loadtest: setup ## Default scenario in a lab (or on loopback), or TARGET=host:port with staging.toml
 ifeq ($(strip $(TARGET)),)
-	@if $(BIN)/python -c 'import sys; from harness.netns import netns_available as n; sys.exit(bool(n()))'; then \
+	@if $(BIN)/python -c 'import sys; from harness.kernel.netns import netns_available as n; sys.exit(bool(n()))'; then \
 	  echo "network namespaces available: running $(LOADTEST_SCENARIO) in a lab (its [kernel] settings apply there only)"; \
 	  $(BIN)/eph lab $(LOADTEST_SCENARIO) $(LOADTEST_FLAGS) $(ARGS); \
 	else \

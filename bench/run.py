@@ -31,7 +31,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from harness.netns import Namespace, netns_available  # noqa: E402
+from harness.kernel.netns import Namespace, netns_available  # noqa: E402
 
 BENCH = Path(__file__).resolve().parent
 
@@ -147,7 +147,7 @@ class Bench:
     def engine_memory(self, endpoint: str, seconds: float) -> dict[str, float]:
         """The uvloop engine's child alone for ``seconds``: rows recorded and its peak RSS
         (VmHWM), read just before it is told to stop."""
-        from harness.client_uvloop import read_frame
+        from harness.load.uvloop_engine import read_frame
         from harness.scenario import parse_scenario
 
         scenario = parse_scenario(
@@ -159,7 +159,7 @@ class Bench:
         child = subprocess.Popen(
             self.command(
                 [
-                    *(sys.executable, "-m", "harness.client_uvloop"),
+                    *(sys.executable, "-m", "harness.load.uvloop_engine"),
                     *("--scenario", str(path / "s.json"), "--part", str(path / "p.arrows")),
                 ]
             ),
@@ -241,7 +241,7 @@ def collector_vs_ss(binary: Path, sockets: int) -> dict[str, Any]:
         )
         code = (
             "import json, time, subprocess, statistics\n"
-            "from harness.collector import Collector\n"
+            "from harness.observe.collector import Collector\n"
             "from harness.endpoints import Endpoint\n"
             "c = Collector([Endpoint('127.0.0.1', 9000).resolve()])\n"
             "eph, ss = [], []\n"
@@ -309,9 +309,9 @@ _SCENARIO = 'name = "b"\n[target]\nendpoints = ["127.0.0.1:9000"]\n'
 
 def analysis_time(connections: int) -> dict[str, Any]:
     """finalize()'s analysis over ``connections`` synthetic records (no load needed)."""
-    from harness.analysis import analyze
+    from harness.report.analysis import analyze
+    from harness.report.summary import Columns, summarize
     from harness.scenario import parse_scenario
-    from harness.summary import Columns, summarize
 
     table = synthetic_table(connections)
     scenario = parse_scenario(_SCENARIO)
@@ -334,7 +334,7 @@ def report_time(connections: int, workdir: Path) -> dict[str, Any]:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from harness.collector import SAMPLES_SCHEMA, STATES
+    from harness.observe.collector import SAMPLES_SCHEMA, STATES
     from harness.scenario import parse_scenario
 
     run = workdir / "report-run"

@@ -31,7 +31,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from harness.netns import Namespace  # noqa: E402
+from harness.kernel.netns import Namespace  # noqa: E402
 
 PORT = 9000
 ENV = {**os.environ, "PYTHONPATH": str(ROOT)}

@@ -17,7 +17,7 @@ from rich.text import Text
 
 from harness.endpoints import Endpoint
 from harness.errors import EphError
-from harness.progress import Progress
+from harness.load.progress import Progress
 from harness.scenario import ClosePolicy, ListenerClose, Scenario, load_scenario
 
 if TYPE_CHECKING:
@@ -216,7 +216,7 @@ def lab(
     Needs root (ip netns). The namespaces, and every setting made in them, are
     gone when the run ends, however it ends; host settings are never written.
     """
-    from harness.lab import run_lab
+    from harness.lab.topology import run_lab
 
     _launch("lab", run_lab, load_scenario(scenario, overrides), out, locust_args)
 
@@ -241,7 +241,7 @@ def sweep(
     Example: --vary kernel.ip_local_port_range=40000-40099,40000-40999
     --vary kernel.tcp_tw_reuse=0,1 (four labs).
     """
-    from harness.sweep import Vary, run_sweep
+    from harness.lab.sweep import Vary, run_sweep
 
     axes = [Vary.parse(v) for v in varies]
     total = 1
@@ -293,7 +293,7 @@ def _launch(
 
 
 def _print_preflight(report: dict[str, Any]) -> None:
-    from harness.preflight import render_text
+    from harness.capacity.preflight import render_text
 
     _console.print(Text(render_text(report).rstrip(), style="dim"), soft_wrap=True, highlight=False)
 
@@ -394,7 +394,7 @@ def listen(
     With --udp, UDP endpoints instead: each datagram is counted and answered with
     --response, or echoed.
     """
-    from harness.listener import Listener, run_listener
+    from harness.target.listener import Listener, run_listener
 
     parsed = [Endpoint.parse(e) for e in endpoints]
     listener = Listener(
@@ -431,7 +431,7 @@ def report(run_dirs: Sequence[Path], compare: bool, out: Path | None) -> None:
         return
     import time
 
-    from harness.report import render_comparison
+    from harness.report.html import render_comparison
 
     if len(run_dirs) < 2:
         raise click.UsageError("--compare needs two run directories or more")
@@ -478,7 +478,7 @@ def collect(
     server accepts on, e.g. `--target 10.0.0.5:443`, to see its TIME_WAIT.
     """
 
-    from harness.collector import Collector, run_collector
+    from harness.observe.collector import Collector, run_collector
 
     resolved = [Endpoint.parse(t, allow_port_zero=False).resolve() for t in targets]
     if once:
@@ -570,8 +570,8 @@ def plan(
     """
     from dataclasses import replace
 
-    from harness.kernel import read_kernel
-    from harness.plan import from_kernel, from_run, make_plan, render_text
+    from harness.capacity.plan import from_kernel, from_run, make_plan, render_text
+    from harness.kernel.sysctls import read_kernel
     from harness.rundir import RunDir
 
     given: dict[str, Any] = {
@@ -613,7 +613,7 @@ def plan(
 
 def _listening_ports(run_dir: Path | None) -> list[int]:
     """Ports local services listen on: the run's preflight (``--from``), else this host's."""
-    from harness.preflight import listening_ports, preflight
+    from harness.capacity.preflight import listening_ports, preflight
 
     if run_dir is not None:
         try:
@@ -634,7 +634,7 @@ def preflight_command(scenario: Path | None, overrides: Sequence[str], as_json: 
     listening TCP port and bound UDP port inside the ephemeral range that is not
     in ip_local_reserved_ports, with the process holding it.
     """
-    from harness.preflight import preflight, render_text
+    from harness.capacity.preflight import preflight, render_text
 
     loaded = None
     if scenario is not None and str(scenario) == "-":

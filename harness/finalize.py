@@ -11,16 +11,16 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from harness.analysis import HostSamples, analyze, kernel_conservation
-from harness.collector import finish_samples
 from harness.errors import RunDirError
-from harness.figures import RunData
-from harness.kernel import read_kernel
+from harness.kernel.sysctls import read_kernel
+from harness.observe.collector import finish_samples
 from harness.records import Part, merge_parts
-from harness.report import render_report
+from harness.report.analysis import HostSamples, analyze, kernel_conservation
+from harness.report.figures import RunData
+from harness.report.html import render_report
+from harness.report.summary import Columns, summarize
 from harness.rundir import HOSTS_DIR, RunDir
 from harness.scenario import Scenario
-from harness.summary import Columns, summarize
 
 __all__ = ["finalize", "load_run", "locust_request_count", "rerender", "worker_hosts"]
 

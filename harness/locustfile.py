@@ -1,14 +1,14 @@
 """eph's locustfile: ``locust -f harness/locustfile.py`` (web UI and usual flags) or ``eph run``.
 
 The scenario comes from ``EPH_SCENARIO`` (default ``scenarios/default.toml``);
-see ``harness.users`` for every variable. Locust's ``--host`` replaces the
+see ``harness.load.users`` for every variable. Locust's ``--host`` replaces the
 scenario's target endpoints. One User class, ``EphUser``, runs the scenario's
 engine; an ``eph worker`` (``EPH_WORKER=1``) gets its scenario from the master.
 """
 
 import os
 
-from harness import users as _users
+from harness.load import users as _users
 
 scenario = None if os.environ.get("EPH_WORKER") == "1" else _users.scenario_from_environ()
 _users.install(scenario)

@@ -30,12 +30,12 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
-from harness.collector import collect_command
 from harness.endpoints import Endpoint
 from harness.errors import RunError
 from harness.finalize import finalize
-from harness.kernel import read_kernel
-from harness.progress import Progress, read_progress
+from harness.kernel.sysctls import read_kernel
+from harness.load.progress import Progress, read_progress
+from harness.observe.collector import collect_command
 from harness.rundir import RunDir
 from harness.scenario import Protocol, Scenario
 from harness.units import format_duration
@@ -411,7 +411,7 @@ def _is_loopback(host: str) -> bool:
 def _preflight(scenario: Scenario, placement: Placement) -> dict[str, Any] | None:
     """``eph preflight`` where the load runs: here, or inside the lab's namespace."""
     if placement.on_host:
-        from harness.preflight import preflight
+        from harness.capacity.preflight import preflight
 
         return preflight(scenario)
     result = subprocess.run(

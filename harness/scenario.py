@@ -216,7 +216,7 @@ class KernelConfig(_Section):
     somaxconn: Annotated[StrictInt, Field(ge=1)] | None = None
 
     def in_kernel_units(self) -> dict[str, Any]:
-        """The keys that are set, named and valued as ``harness.kernel.read_kernel`` reads
+        """The keys that are set, named and valued as ``harness.kernel.sysctls.read_kernel`` reads
         them: ``tcp_tw_reuse_delay`` -> ``tcp_tw_reuse_delay_ms`` in ms, seconds as whole
         seconds, ranges as lists."""
         out: dict[str, Any] = {}
@@ -271,7 +271,7 @@ class LabConfig(_Section):
     emulation: Emulation = Emulation.AUTO
     # a stand-in service listening on this port where the clients run (the
     # port-conflict scenario): stopped service_restart after the load starts, then
-    # restarted as soon as bind() lets it (harness.service)
+    # restarted as soon as bind() lets it (harness.target.service)
     service_port: Port | None = None
     service_restart: Duration = 1.0
 

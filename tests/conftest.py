@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from harness.netns import Namespace, netns_available
+from harness.kernel.netns import Namespace, netns_available
 
 ROOT = Path(__file__).resolve().parent.parent
 EPH = [sys.executable, "-m", "harness"]

@@ -6,8 +6,8 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from harness.analysis import audit_tuples
-from harness.model import CapacityModel, reserved_in_range
+from harness.capacity.model import CapacityModel, reserved_in_range
+from harness.report.analysis import audit_tuples
 from harness.scenario import ClosePolicy
 
 from .tables import connections_table as _table
@@ -142,7 +142,7 @@ def test_reserved_in_range() -> None:
 
 
 def test_port_allocation_parity_and_offsets() -> None:
-    from harness.analysis import port_allocation
+    from harness.report.analysis import port_allocation
 
     # even ports first, then odd (connect() prefers the low end's parity), 2 uses of 40000
     rows = [(i * S // 10, 100, 40000 + 2 * i, 0) for i in range(50)]
@@ -157,7 +157,7 @@ def test_port_allocation_parity_and_offsets() -> None:
 
 
 def test_host_sections_count_each_worker_on_its_own() -> None:
-    from harness.analysis import HostSamples, host_sections
+    from harness.report.analysis import HostSamples, host_sections
 
     a = _table([(i * 1_000_000, 100, 40000 + i, 0) for i in range(5)], host="w1")
     b = _table(

@@ -11,9 +11,9 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from harness.collector import Collector
-from harness.counters import read_counters
-from harness.netns import Namespace
+from harness.kernel.counters import read_counters
+from harness.kernel.netns import Namespace
+from harness.observe.collector import Collector
 
 from .conftest import EPH, ROOT
 
@@ -133,7 +133,7 @@ def test_ipv6_sockets_are_seen_when_present(netns: Namespace) -> None:
     """The IPv6 dump is skipped only when no IPv6 socket exists: one appears, it is counted."""
     script = (
         "import json, socket\n"
-        "from harness.collector import Collector\n"
+        "from harness.observe.collector import Collector\n"
         "before = Collector().sample().states['all']['listen']\n"
         "server = socket.create_server(('::1', 0), family=socket.AF_INET6)\n"
         "after = Collector().sample().states['all']['listen']\n"

@@ -23,8 +23,8 @@ from typing import Any
 import pyarrow.parquet as pq
 import pytest
 
-from harness.distributed import Receiver, ship
-from harness.netns import Namespace, run_checked
+from harness.kernel.netns import Namespace, run_checked
+from harness.load.distributed import Receiver, ship
 
 from .conftest import EPH, ROOT, run_dir_summary, write_scenario
 

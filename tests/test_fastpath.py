@@ -13,12 +13,12 @@ import numpy as np
 import pytest
 import uvloop
 
-from harness.churn import ChurnPlan
 from harness.endpoints import Endpoint
-from harness.fastpath import CallbackChurn
-from harness.listener import Listener
+from harness.load.churn import ChurnPlan
+from harness.load.fastpath import CallbackChurn
 from harness.records import RecordWriter, read_part
 from harness.scenario import parse_scenario
+from harness.target.listener import Listener
 
 
 def _plan(port: int, load: str = "") -> ChurnPlan:

@@ -17,7 +17,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from harness.netns import run_checked
+from harness.kernel.netns import run_checked
 from harness.records import RecordWriter, read_part
 
 from .conftest import EPH, ROOT, eph, run_dir_summary, write_scenario

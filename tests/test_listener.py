@@ -14,8 +14,8 @@ import uvloop
 
 from harness.endpoints import Endpoint
 from harness.errors import ListenerError
-from harness.listener import Listener
 from harness.scenario import ListenerClose
+from harness.target.listener import Listener
 
 from .conftest import tcp_states
 

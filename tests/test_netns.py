@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from harness.netns import Namespace, remove_stale
+from harness.kernel.netns import Namespace, remove_stale
 
 pytestmark = pytest.mark.netns
 

@@ -1,6 +1,6 @@
 import pytest
 
-from harness.pacing import Pacer
+from harness.load.pacing import Pacer
 
 
 class FakeClock:

@@ -21,7 +21,7 @@ def test_all_names_exist_and_are_public() -> None:
 def test_import_has_no_heavy_side_effects() -> None:
     """The listener's and collector's processes import harness: never locust or gevent."""
     code = (
-        "import sys, harness, harness.listener, harness.records, harness.run; "
+        "import sys, harness, harness.target.listener, harness.records, harness.run; "
         "print(sorted(m for m in ('locust', 'gevent', 'matplotlib.pyplot') "
         "if m in sys.modules))"
     )

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from harness.kernel import SYSCTLS
-from harness.plan import PlanInputs, from_kernel, make_plan, render_text
+from harness.capacity.plan import PlanInputs, from_kernel, make_plan, render_text
+from harness.kernel.sysctls import SYSCTLS
 from harness.scenario import ClosePolicy
 
 from .conftest import eph

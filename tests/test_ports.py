@@ -18,8 +18,8 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 
-from harness.netns import Namespace
-from harness.preflight import IANA_RANGES, preflight
+from harness.capacity.preflight import IANA_RANGES, preflight
+from harness.kernel.netns import Namespace
 
 from .conftest import EPH, ROOT, eph
 
@@ -192,7 +192,7 @@ def test_udp_listener_counts_and_answers_datagrams() -> None:
     import asyncio
 
     from harness.endpoints import Endpoint
-    from harness.listener import Listener
+    from harness.target.listener import Listener
 
     async def exchange() -> tuple[bytes, int]:
         listener = Listener([Endpoint("127.0.0.1", 0)], response=b"pong", udp=True)
@@ -258,7 +258,7 @@ def test_udp_scenarios_refuse_what_needs_a_stream() -> None:
 
 
 def test_preflight_text_names_the_range_and_every_warning() -> None:
-    from harness.preflight import Listening, render_text
+    from harness.capacity.preflight import Listening, render_text
 
     kernel = {"ip_local_port_range": [32768, 60999], "tcp_tw_reuse": 2, "tcp_timestamps": 1}
     report = preflight(kernel=kernel, listening=[Listening("tcp", "0.0.0.0", 50000, 42, "nginx")])

@@ -8,7 +8,7 @@ import socket
 import threading
 import time
 
-from harness.relay import Impairment, RelayStats, relay
+from harness.lab.relay import Impairment, RelayStats, relay
 
 
 class _Wire:

@@ -8,9 +8,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from harness.figures import FIGURES, RunData, time_bins
-from harness.report import findings, recommendations, render_comparison, render_report
-from harness.summary import Columns, summarize
+from harness.report.figures import FIGURES, RunData, time_bins
+from harness.report.html import findings, recommendations, render_comparison, render_report
+from harness.report.summary import Columns, summarize
 
 from .tables import connections_table
 

@@ -14,7 +14,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 
-from harness.netns import Namespace
+from harness.kernel.netns import Namespace
 
 from .conftest import EPH, ROOT, eph, run_dir_summary, tcp_states, write_scenario
 

@@ -212,7 +212,7 @@ def test_kernel_differences_are_named() -> None:
 
 
 def test_kernel_settings_in_the_kernels_names_and_units() -> None:
-    from harness.lab import lab_sysctls
+    from harness.lab.topology import lab_sysctls
 
     scenario = parse_scenario(
         MINIMAL

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from harness.summary import Columns, summarize
+from harness.report.summary import Columns, summarize
 
 KERNEL = {"ip_local_port_range": [40000, 40099]}
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from harness.errors import ScenarioError
-from harness.sweep import Vary
+from harness.lab.sweep import Vary
 
 from .conftest import ROOT, eph
 

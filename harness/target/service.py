@@ -1,7 +1,7 @@
 """A stand-in service for the ``port-conflict`` lab: it listens on a port inside the
 ephemeral range, restarts during the load, and records whether it can bind again.
 
-``python -m harness.service --port 40050 --run-dir DIR --restart-at 1 --until 3``
+``python -m harness.target.service --port 40050 --run-dir DIR --restart-at 1 --until 3``
 
 It binds ``127.0.0.1:PORT`` (SO_REUSEADDR, as most servers do) at once, waits for the
 load to start (the run's first progress file), closes its socket ``--restart-at``
@@ -23,8 +23,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from harness.lifetime import die_with_parent
-from harness.sockdiag import TcpState, dump_tcp
+from harness.kernel.parent_death import die_with_parent
+from harness.kernel.sockdiag import TcpState, dump_tcp
 
 __all__ = ["bind_service", "main"]
 
@@ -54,7 +54,7 @@ def _holders(port: int) -> dict[str, int]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m harness.service", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m harness.target.service", description=__doc__)
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--run-dir", type=Path, required=True)
     parser.add_argument("--restart-at", type=float, required=True)

@@ -25,7 +25,7 @@ import pyarrow.parquet as pq
 from matplotlib.figure import Figure
 
 from harness.errors import ScenarioError
-from harness.lab import run_lab
+from harness.lab.topology import run_lab
 from harness.rundir import RunDir
 from harness.scenario import Scenario, load_scenario
 

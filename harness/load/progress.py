@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from harness.churn import errno_name
+from harness.load.churn import errno_name
 
 __all__ = ["Progress", "ProgressCounter", "read_progress"]
 

@@ -17,7 +17,7 @@ under ``hosts/<name>/`` of its run directory, where ``eph run`` merges them.
 
 Also here: a worker's own collector (``CollectorChild``) and the master's share of
 a test (``MasterSession``: the scenario out, progress from the workers' stats).
-Imported only by Locust processes (``harness.users``).
+Imported only by Locust processes (``harness.load.users``).
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ from typing import TYPE_CHECKING, Any
 import gevent
 from gevent import subprocess as gsubprocess
 
-from harness.collector import collect_command
+from harness.observe.collector import collect_command
 from harness.records import FLUSH_INTERVAL, host_name
 from harness.rundir import HOSTS_DIR, RunDir
 from harness.scenario import Protocol, Scenario

@@ -14,7 +14,7 @@ Topologies:
   apart. ``[lab] delay``/``jitter``/``loss`` put netem on both ends of the link,
   or, where the kernel has no netem (``emulation = "auto"``) or when asked
   (``"relay"``), replace the veth pair with a TUN device on each side and
-  ``harness.relay``, a userspace process that delays and drops packets.
+  ``harness.lab.relay``, a userspace process that delays and drops packets.
 
 The orchestrator (``harness.run``) stays on the host; each child runs inside
 its namespace through ``ip netns exec``. Namespaces go on every exit path:
@@ -39,8 +39,8 @@ from typing import Any
 
 from harness.endpoints import Endpoint
 from harness.errors import RunError, ScenarioError
-from harness.kernel import SYSCTLS
-from harness.netns import Namespace, netns_available, run_checked
+from harness.kernel.netns import Namespace, netns_available, run_checked
+from harness.kernel.sysctls import SYSCTLS
 from harness.run import Placement, ProgressSink, RunResult, run_scenario
 from harness.rundir import RunDir
 from harness.scenario import Emulation, Scenario, Topology
@@ -265,7 +265,7 @@ def _service(scenario: Scenario, run: RunDir, prefix: Sequence[str]) -> Iterator
         *prefix,
         sys.executable,
         "-m",
-        "harness.service",
+        "harness.target.service",
         "--port",
         str(port),
         "--run-dir",
@@ -356,7 +356,7 @@ def _build_tun_link(
     args = [
         sys.executable,
         "-m",
-        "harness.relay",
+        "harness.lab.relay",
         client.name,
         server.name,
         "--device",

@@ -27,10 +27,10 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from harness.kernel import read_kernel
-from harness.model import reserved_in_range, reserved_spans
+from harness.capacity.model import reserved_in_range, reserved_spans
+from harness.kernel.sockdiag import TcpState, dump_sockets
+from harness.kernel.sysctls import read_kernel
 from harness.scenario import Scenario
-from harness.sockdiag import TcpState, dump_sockets
 
 __all__ = [
     "IANA_RANGES",

@@ -14,7 +14,7 @@ locustfile (and picks its User class) before parsing its own arguments:
 - ``EPH_RATE_SHARE``: this process's share of ``load.rate`` (default 1);
 - ``EPH_WORKER=1``: set by ``eph worker``: the scenario comes from the master,
   each test records into a new directory under ``EPH_RUN_DIR`` with a collector
-  of its own, and ships it to the master at the end (``harness.distributed``);
+  of its own, and ships it to the master at the end (``harness.load.distributed``);
 - ``EPH_HOST_NAME``: this load generator's name in the records (default the host name).
 
 Locust's ``--host`` (or the web UI's host field), when given, replaces the
@@ -38,10 +38,9 @@ from locust import User, constant, events, task
 from locust.env import Environment
 from locust.runners import STATE_RUNNING, STATE_SPAWNING, MasterRunner, WorkerRunner
 
-from harness.churn import ChurnPlan, Target
-from harness.client_gevent import GeventChurn
-from harness.client_uvloop import read_frame
-from harness.distributed import (
+from harness.endpoints import Endpoint
+from harness.load.churn import ChurnPlan, Target
+from harness.load.distributed import (
     CollectorChild,
     MasterSession,
     Receiver,
@@ -49,10 +48,11 @@ from harness.distributed import (
     ship,
     worker_run_dir,
 )
-from harness.endpoints import Endpoint
-from harness.locust_stats import REQUEST_TYPE, failure, feed_rows
-from harness.pacing import Pacer
-from harness.progress import ProgressCounter
+from harness.load.gevent_engine import GeventChurn
+from harness.load.pacing import Pacer
+from harness.load.progress import ProgressCounter
+from harness.load.stats import REQUEST_TYPE, failure, feed_rows
+from harness.load.uvloop_engine import read_frame
 from harness.records import FLUSH_INTERVAL, RecordWriter, host_name
 from harness.rundir import RunDir
 from harness.scenario import Engine, Scenario, load_scenario
@@ -171,7 +171,7 @@ class _UvloopBridge:
             [
                 sys.executable,
                 "-m",
-                "harness.client_uvloop",
+                "harness.load.uvloop_engine",
                 "--scenario",
                 str(scenario_path),
                 "--part",
@@ -236,7 +236,7 @@ _sessions: dict[int, _Session] = {}
 def _session(environment: Environment) -> _Session:
     found = _sessions.get(id(environment))
     if found is None:
-        raise RuntimeError("eph session missing: was harness.users.install() called?")
+        raise RuntimeError("eph session missing: was harness.load.users.install() called?")
     return found
 
 

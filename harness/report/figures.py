@@ -17,7 +17,9 @@ import pyarrow as pa
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 
-from harness.analysis import (
+from harness.capacity.model import DEFAULT_REUSE_DELAY_S, TIME_WAIT_S, reserved_spans
+from harness.load.churn import errno_name
+from harness.report.analysis import (
     IN_USE,
     HostSamples,
     TupleAudit,
@@ -26,8 +28,6 @@ from harness.analysis import (
     occupancy_at_start,
     scope_series,
 )
-from harness.churn import errno_name
-from harness.model import DEFAULT_REUSE_DELAY_S, TIME_WAIT_S, reserved_spans
 
 __all__ = ["FIGURES", "HOSTS_FIGURE", "RunData", "time_bins"]
 

@@ -15,9 +15,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from harness.model import TIME_WAIT_S, CapacityModel
+from harness.capacity.model import TIME_WAIT_S, CapacityModel
+from harness.report.summary import EXHAUSTION_ERRNOS
 from harness.scenario import ClosePolicy, Protocol, Scenario
-from harness.summary import EXHAUSTION_ERRNOS
 
 __all__ = [
     "IN_USE",

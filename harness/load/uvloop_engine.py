@@ -5,7 +5,7 @@ how many concurrent loops to run (its user count) on stdin, and reads its rows
 back on stdout to feed Locust's statistics. Records go straight to this
 process's part file. Never imports locust.
 
-Plain connect/close churn takes the callback fast path (``harness.fastpath``).
+Plain connect/close churn takes the callback fast path (``harness.load.fastpath``).
 Everything else (bytes to send, a reply to wait for, a hold, a server-first
 close) runs one Task per user over Protocols, the fastest asyncio style here:
 uvloop ``create_connection`` + Protocol did 20,600 connects/s on loopback where
@@ -34,9 +34,9 @@ from typing import BinaryIO
 
 import numpy as np
 
-from harness.churn import ETIMEDOUT, UDP_PAYLOAD, ChurnPlan, Target, make_socket
-from harness.fastpath import FRAME_HEADER, LINGER_RESET, CallbackChurn, write_frame
-from harness.pacing import Pacer
+from harness.load.churn import ETIMEDOUT, UDP_PAYLOAD, ChurnPlan, Target, make_socket
+from harness.load.fastpath import FRAME_HEADER, LINGER_RESET, CallbackChurn, write_frame
+from harness.load.pacing import Pacer
 from harness.records import FLUSH_INTERVAL, ROW_DTYPE, RecordWriter
 from harness.scenario import ClosePolicy, Protocol, Reply, Scenario
 

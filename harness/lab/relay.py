@@ -21,7 +21,7 @@ packets), the Locust engine 10,200/s, so the relay is not their limit.
 The process stops by itself at ``--max-seconds``, on SIGTERM/SIGINT, or when its
 parent dies (PR_SET_PDEATHSIG), and writes what it forwarded to ``--stats``.
 
-``python -m harness.relay CLIENT_NS SERVER_NS --device eph0 --delay 0.02 ...``
+``python -m harness.lab.relay CLIENT_NS SERVER_NS --device eph0 --delay 0.02 ...``
 """
 
 from __future__ import annotations
@@ -42,7 +42,7 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from harness.lifetime import die_with_parent
+from harness.kernel.parent_death import die_with_parent
 
 __all__ = ["Impairment", "RelayStats", "open_tun", "relay"]
 
@@ -163,7 +163,7 @@ def relay(
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m harness.relay", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m harness.lab.relay", description=__doc__)
     parser.add_argument("client_ns")
     parser.add_argument("server_ns")
     parser.add_argument("--device", default="eph0")

@@ -1,6 +1,6 @@
 """The collector: the kernel's view of the sockets while the load runs.
 
-Every interval it dumps TCP sockets (``harness.sockdiag``), counts them by state
+Every interval it dumps TCP sockets (``harness.kernel.sockdiag``), counts them by state
 in total and toward / at each target endpoint, keeps the ephemeral ports in use
 toward each target, and reads the TCP counters. Each sample is appended to an
 Arrow IPC stream at once (a crash loses at most one interval) and the stream
@@ -32,11 +32,11 @@ import pyarrow as pa
 import pyarrow.ipc as ipc
 import pyarrow.parquet as pq
 
-from harness.counters import COUNTERS, SOCKSTAT, read_counters
 from harness.endpoints import ResolvedEndpoint
-from harness.kernel import read_kernel
-from harness.lifetime import die_with_parent
-from harness.sockdiag import TcpState, dump_sockets, dump_tcp
+from harness.kernel.counters import COUNTERS, SOCKSTAT, read_counters
+from harness.kernel.parent_death import die_with_parent
+from harness.kernel.sockdiag import TcpState, dump_sockets, dump_tcp
+from harness.kernel.sysctls import read_kernel
 
 __all__ = ["SAMPLES_SCHEMA", "Collector", "Sample", "collect_command", "finish_samples"]
 

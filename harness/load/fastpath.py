@@ -32,8 +32,8 @@ from typing import BinaryIO
 
 import numpy as np
 
-from harness.churn import ETIMEDOUT, ChurnPlan, Target, make_socket
-from harness.pacing import Pacer
+from harness.load.churn import ETIMEDOUT, ChurnPlan, Target, make_socket
+from harness.load.pacing import Pacer
 from harness.records import RecordWriter
 from harness.scenario import ClosePolicy, Protocol, Reply
 

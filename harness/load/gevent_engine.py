@@ -21,7 +21,7 @@ import gevent
 from gevent import monkey
 from gevent.socket import wait_read, wait_write
 
-from harness.churn import ETIMEDOUT, UDP_PAYLOAD, ChurnPlan, Target, make_socket
+from harness.load.churn import ETIMEDOUT, UDP_PAYLOAD, ChurnPlan, Target, make_socket
 from harness.records import RecordWriter
 from harness.scenario import ClosePolicy, Protocol, Reply
 

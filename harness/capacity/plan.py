@@ -2,7 +2,7 @@
 
 From a rate and a setup (port range, reserved ports, close side, tcp_tw_reuse and
 its delay, source addresses, destinations, load-generator hosts) the capacity
-model (``harness.model``) gives the sustainable rate, the time to exhaustion at
+model (``harness.capacity.model``) gives the sustainable rate, the time to exhaustion at
 the asked rate and the headroom; then each lever is tried alone to say how far it
 goes: the kernel's (a sysctl.d snippet to apply by hand, never applied here) and
 the code's (IP_BIND_ADDRESS_NO_PORT with more source addresses, more destination
@@ -15,7 +15,7 @@ import math
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
-from harness.model import (
+from harness.capacity.model import (
     DEFAULT_REUSE_DELAY_S,
     CapacityModel,
     merge_reserved,
@@ -103,7 +103,7 @@ class Plan:
 
 
 def from_kernel(kernel: dict[str, Any], rate: float, **given: Any) -> PlanInputs:
-    """Inputs from a kernel reading (``harness.kernel.read_kernel``), ``given`` winning."""
+    """Inputs from a kernel reading (``harness.kernel.sysctls.read_kernel``), ``given`` winning."""
     settings: dict[str, Any] = {"rate": rate}
     if isinstance(kernel.get("ip_local_port_range"), list):
         settings["port_range"] = tuple(kernel["ip_local_port_range"])

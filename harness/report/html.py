@@ -11,20 +11,20 @@ from typing import Any
 import jinja2
 from matplotlib.figure import Figure
 
-from harness.figures import FIGURES, HOSTS_FIGURE, RunData
-from harness.plan import from_run, make_plan
+from harness.capacity.plan import from_run, make_plan
+from harness.report.figures import FIGURES, HOSTS_FIGURE, RunData
 
 __all__ = ["findings", "recommendations", "render_report"]
 
 _ENV = jinja2.Environment(
-    loader=jinja2.PackageLoader("harness", "templates"),
+    loader=jinja2.PackageLoader("harness.report", "templates"),
     autoescape=jinja2.select_autoescape(["html", "j2"]),
     undefined=jinja2.StrictUndefined,
 )
 
 
 def render_report(path: Path, data: RunData) -> None:
-    """Every figure of :data:`harness.figures.FIGURES`, the findings and the
+    """Every figure of :data:`harness.report.figures.FIGURES`, the findings and the
     recommendations, in one HTML file that needs nothing else to open."""
     makers = [*FIGURES, HOSTS_FIGURE] if data.hosts else FIGURES
     figures = [(title, _png(make(data)), note) for title, make, note in makers]
@@ -294,7 +294,7 @@ def _lookup(summary: dict[str, Any], path: tuple[str, ...]) -> Any:
 
 def render_comparison(path: Path, runs: list[tuple[str, RunData]]) -> None:
     """``eph report --compare``: runs side by side, e.g. before and after tuning."""
-    from harness.figures import compare_capacity, compare_occupancy, compare_successes
+    from harness.report.figures import compare_capacity, compare_occupancy, compare_successes
 
     rows = [(label, [_lookup(d.summary, keys) for _, d in runs]) for label, keys in COMPARED]
     figures = [

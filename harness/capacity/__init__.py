@@ -1,0 +1,1 @@
+"""The capacity model, ``eph plan`` and ``eph preflight``."""

@@ -1,0 +1,5 @@
+"""Reading and setting kernel state: sock_diag, counters, sysctls, namespaces, parent-death.
+
+Takes plain values and returns arrays; knows no scenario. Imports nothing of eph
+but ``harness.errors``.
+"""

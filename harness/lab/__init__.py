@@ -1,0 +1,1 @@
+"""Scenarios in throwaway network namespaces: topologies, the link-delay relay, sweeps."""

@@ -1,0 +1,1 @@
+"""Sampling the kernel's view while load runs: the collector."""

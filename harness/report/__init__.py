@@ -1,0 +1,1 @@
+"""From records to a report: the summary, the analysis, figures and HTML."""

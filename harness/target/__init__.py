@@ -1,0 +1,1 @@
+"""Everything that accepts connections: the listener and the stand-in service."""
