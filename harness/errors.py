@@ -10,11 +10,13 @@ The hierarchy::
     └── RunDirError               a run directory is missing, truncated or corrupt
 
 A failed *connection* is never an exception here: it is data, recorded with its
-errno (see ``harness.records``).
+errno (see ``harness.records``); :func:`errno_name` is how every part of eph
+spells one.
 """
 
 from __future__ import annotations
 
+import errno as _errno
 from pathlib import Path
 
 __all__ = [
@@ -24,7 +26,13 @@ __all__ = [
     "RunDirError",
     "RunError",
     "ScenarioError",
+    "errno_name",
 ]
+
+
+def errno_name(number: int) -> str:
+    """``99`` -> ``"EADDRNOTAVAIL"``; unknown numbers stay readable."""
+    return _errno.errorcode.get(number, f"ERRNO{number}")
 
 
 class EphError(Exception):

@@ -26,6 +26,7 @@ import pyarrow.ipc as ipc
 import pyarrow.parquet as pq
 
 from harness.endpoints import ResolvedEndpoint
+from harness.files import atomic_path, read_stream
 
 __all__ = [
     "CONNECTIONS_SCHEMA",
@@ -238,29 +239,15 @@ class PartReadResult:
 
 def read_part(path: Path, host: str = "", shift_ns: int = 0) -> PartReadResult:
     """Read one part file up to its last whole batch, expanded to ``CONNECTIONS_SCHEMA``."""
-    truncated = False
-    batches: list[pa.RecordBatch] = []
-    addresses: list[str] = [""]
-    try:
-        with pa.OSFile(str(path), "rb") as source:
-            reader = ipc.open_stream(source)
-            meta = {k.decode(): v.decode() for k, v in (reader.schema.metadata or {}).items()}
-            while True:
-                try:
-                    batch, custom = reader.read_next_batch_with_custom_metadata()
-                except StopIteration:
-                    break
-                except (pa.ArrowInvalid, OSError):
-                    truncated = True
-                    break
-                batches.append(batch)
-                if custom is not None and b"addresses" in custom:
-                    addresses = json.loads(custom[b"addresses"])
-    except (pa.ArrowInvalid, OSError):
-        # not even a schema: the process died before its first flush
+    read = read_stream(path)
+    if read.schema is None:  # the process died before its first flush
         return PartReadResult(CONNECTIONS_SCHEMA.empty_table(), truncated=True)
-    table = pa.Table.from_batches(batches, schema=reader.schema)
-    return PartReadResult(_expand(table, meta, addresses, host, shift_ns), truncated)
+    meta = {k.decode(): v.decode() for k, v in (read.schema.metadata or {}).items()}
+    addresses: list[str] = [""]
+    for custom in read.custom:
+        if custom is not None and b"addresses" in custom:
+            addresses = json.loads(custom[b"addresses"])
+    return PartReadResult(_expand(read.table(), meta, addresses, host, shift_ns), read.truncated)
 
 
 def _expand(
@@ -319,11 +306,6 @@ def merge_parts(parts: Sequence[Path | Part], out: Path) -> tuple[int, list[Path
     table = table.combine_chunks().unify_dictionaries()
     if table.num_rows:
         table = table.sort_by("start_ns")
-    tmp = out.with_suffix(".parquet.tmp")
-    try:
+    with atomic_path(out) as tmp:
         pq.write_table(table, tmp, compression="zstd")
-    except OSError:
-        tmp.unlink(missing_ok=True)
-        raise
-    os.replace(tmp, out)
     return table.num_rows, truncated

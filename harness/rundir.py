@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from harness.errors import RunDirError
+from harness.files import atomic_write_json
 from harness.scenario import Scenario
 
 __all__ = ["HOSTS_DIR", "RunDir"]
@@ -116,10 +117,7 @@ class RunDir:
         return Scenario.model_validate(self.read_json("scenario.json"))
 
     def write_json(self, name: str, data: Any) -> None:
-        target = self.path / name
-        tmp = target.with_suffix(target.suffix + ".tmp")
-        tmp.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n")
-        os.replace(tmp, target)
+        atomic_write_json(self.path / name, data)
 
     def read_json(self, name: str) -> Any:
         target = self.path / name

@@ -16,7 +16,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 from harness.endpoints import ResolvedEndpoint
-from harness.errors import ScenarioError
+from harness.errors import ScenarioError, errno_name
 from harness.scenario import ClosePolicy, Protocol, Reply, Scenario
 
 __all__ = ["ETIMEDOUT", "ChurnPlan", "Target", "errno_name", "make_socket"]
@@ -27,11 +27,6 @@ ETIMEDOUT = errno_module.ETIMEDOUT
 
 
 UDP_PAYLOAD = b"eph\n"  # what a UDP attempt sends when load.send is empty
-
-
-def errno_name(number: int) -> str:
-    """``99`` -> ``"EADDRNOTAVAIL"``; unknown numbers stay readable."""
-    return errno_module.errorcode.get(number, f"ERRNO{number}")
 
 
 @dataclass(frozen=True, slots=True)

@@ -36,6 +36,7 @@ from typing import TYPE_CHECKING, Any
 import gevent
 from gevent import subprocess as gsubprocess
 
+from harness.files import atomic_write_json
 from harness.observe.collector import collect_command
 from harness.records import FLUSH_INTERVAL, host_name
 from harness.rundir import HOSTS_DIR, RunDir
@@ -252,9 +253,7 @@ class MasterSession:
             "errors": errors,
             "done": done,
         }
-        tmp = self._progress.with_suffix(".tmp")
-        tmp.write_text(json.dumps(data))
-        os.replace(tmp, self._progress)
+        atomic_write_json(self._progress, data, indent=None)
 
     def close(self) -> None:
         self._writer.kill()

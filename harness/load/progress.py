@@ -16,7 +16,8 @@ from pathlib import Path
 
 import numpy as np
 
-from harness.load.churn import errno_name
+from harness.errors import errno_name
+from harness.files import atomic_write_json
 
 __all__ = ["Progress", "ProgressCounter", "read_progress"]
 
@@ -61,9 +62,7 @@ class ProgressCounter:
             "errors": dict(self.errors),
             "done": done,
         }
-        tmp = self.path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(data))
-        os.replace(tmp, self.path)
+        atomic_write_json(self.path, data, indent=None)
 
 
 @dataclass

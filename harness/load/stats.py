@@ -18,7 +18,7 @@ from collections.abc import Sequence
 import numpy as np
 from locust import stats as locust_stats
 
-from harness.load.churn import errno_name
+from harness.errors import errno_name
 
 __all__ = ["REQUEST_TYPE", "ConnectionFailed", "failure", "feed_rows"]
 

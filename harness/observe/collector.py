@@ -17,7 +17,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import signal
 import socket
 import sys
@@ -33,6 +32,7 @@ import pyarrow.ipc as ipc
 import pyarrow.parquet as pq
 
 from harness.endpoints import ResolvedEndpoint
+from harness.files import atomic_path, read_stream
 from harness.kernel.counters import COUNTERS, SOCKSTAT, read_counters
 from harness.kernel.parent_death import die_with_parent
 from harness.kernel.sockdiag import TcpState, dump_sockets, dump_tcp
@@ -216,24 +216,9 @@ def finish_samples(out: Path) -> int:
     stream = out / "samples.arrows"
     if not stream.exists():
         return 0
-    batches = []
-    try:
-        with pa.OSFile(str(stream), "rb") as source:
-            reader = ipc.open_stream(source)
-            while True:
-                try:
-                    batches.append(reader.read_next_batch())
-                except StopIteration:
-                    break
-                except (pa.ArrowInvalid, OSError):
-                    logger.warning("samples stream truncated; kept %d whole samples", len(batches))
-                    break
-    except (pa.ArrowInvalid, OSError):
-        pass
-    table = pa.Table.from_batches(batches, schema=SAMPLES_SCHEMA)
-    tmp = out / "samples.parquet.tmp"
-    pq.write_table(table, tmp, compression="zstd")
-    os.replace(tmp, out / "samples.parquet")
+    table = read_stream(stream).table(SAMPLES_SCHEMA)  # a truncation is logged with its size
+    with atomic_path(out / "samples.parquet") as tmp:
+        pq.write_table(table, tmp, compression="zstd")
     stream.unlink()
     return int(table.num_rows)
 

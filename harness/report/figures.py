@@ -18,7 +18,7 @@ from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 
 from harness.capacity.model import DEFAULT_REUSE_DELAY_S, TIME_WAIT_S, reserved_spans
-from harness.load.churn import errno_name
+from harness.errors import errno_name
 from harness.report.analysis import (
     IN_USE,
     HostSamples,

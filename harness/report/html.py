@@ -12,6 +12,7 @@ import jinja2
 from matplotlib.figure import Figure
 
 from harness.capacity.plan import from_run, make_plan
+from harness.files import atomic_write
 from harness.report.figures import FIGURES, HOSTS_FIGURE, RunData
 
 __all__ = ["findings", "recommendations", "render_report"]
@@ -41,9 +42,7 @@ def render_report(path: Path, data: RunData) -> None:
 
 def _write(path: Path, html: str) -> None:
     """Whole or not at all: a reader never sees half a page."""
-    tmp = path.with_suffix(".html.tmp")
-    tmp.write_text(html, encoding="utf-8")
-    tmp.replace(path)
+    atomic_write(path, html)
 
 
 def recommendations(summary: dict[str, Any], scenario: dict[str, Any]) -> list[str]:

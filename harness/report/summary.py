@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from harness.load.churn import errno_name
+from harness.errors import errno_name
 
 __all__ = ["EXHAUSTION_ERRNOS", "SCHEMA_VERSION", "Columns", "outages", "summarize"]
 

@@ -23,6 +23,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from harness.files import atomic_write_json
 from harness.kernel.parent_death import die_with_parent
 from harness.kernel.sockdiag import TcpState, dump_tcp
 
@@ -110,9 +111,7 @@ def _write(out: Path, timeline: dict[str, Any], attempts: list[dict[str, Any]]) 
     timeline["errors"] = sorted({a["errno"] for a in attempts})
     timeline["attempts"] = attempts[:20] + attempts[-5:] if len(attempts) > 25 else attempts
     timeline["rebound"] = "rebound_at_s" in timeline
-    tmp = out.with_suffix(".tmp")
-    tmp.write_text(json.dumps(timeline, indent=2) + "\n")
-    tmp.replace(out)
+    atomic_write_json(out, timeline)
 
 
 if __name__ == "__main__":
