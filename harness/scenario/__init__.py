@@ -1,0 +1,31 @@
+"""Scenarios: TOML files in ``scenarios/``, validated strictly.
+
+``model`` holds what a scenario may say; ``loading`` reads a file or a run
+directory's resolved copy into it, applying ``--set`` overrides.
+"""
+
+from harness.scenario.loading import apply_override, load_scenario, parse_scenario
+from harness.scenario.model import (
+    ClosePolicy,
+    Emulation,
+    Engine,
+    ListenerClose,
+    Protocol,
+    Reply,
+    Scenario,
+    Topology,
+)
+
+__all__ = [
+    "ClosePolicy",
+    "Emulation",
+    "Engine",
+    "ListenerClose",
+    "Protocol",
+    "Reply",
+    "Scenario",
+    "Topology",
+    "apply_override",
+    "load_scenario",
+    "parse_scenario",
+]
