@@ -20,22 +20,18 @@ the lab for ``eph lab``.
 
 from __future__ import annotations
 
-import os
-import socket
 from collections.abc import Iterable
-from dataclasses import asdict, dataclass
-from pathlib import Path
+from dataclasses import asdict
 from typing import Any
 
 from harness.capacity.model import reserved_in_range, reserved_spans
-from harness.kernel.sockdiag import TcpState, dump_sockets
+from harness.kernel.listening import Listening, listening_sockets, read_conntrack
 from harness.kernel.sysctls import read_kernel
 from harness.scenario import Scenario
 
 __all__ = [
     "IANA_RANGES",
     "Listening",
-    "holders",
     "listening_ports",
     "listening_sockets",
     "preflight",
@@ -49,60 +45,6 @@ IANA_RANGES = (
 )
 LINUX_DEFAULT_RANGE = (32768, 60999)
 SPARE_FDS = 64  # files a load process holds besides its sockets (logs, parts, Python)
-
-
-@dataclass(frozen=True)
-class Listening:
-    protocol: str  # "tcp" or "udp"
-    address: str
-    port: int
-    pid: int | None = None
-    process: str | None = None
-
-
-def socket_owners() -> dict[int, tuple[int, str]]:
-    """Socket inode -> (pid, command name), from /proc/<pid>/fd (what ``ss -p`` does).
-
-    Processes of other users are unreadable without privilege: their sockets stay
-    unnamed, which the preflight says.
-    """
-    owners: dict[int, tuple[int, str]] = {}
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            links = [os.readlink(fd) for fd in (entry / "fd").iterdir()]
-            name = (entry / "comm").read_text().strip()
-        except OSError:
-            continue
-        for link in links:
-            if link.startswith("socket:["):
-                owners.setdefault(int(link[8:-1]), (int(entry.name), name))
-    return owners
-
-
-def listening_sockets() -> list[Listening]:
-    """Listening TCP and bound, unconnected UDP sockets of this network namespace."""
-    owners = socket_owners()
-    found = []
-    for protocol, number, state in (
-        ("tcp", socket.IPPROTO_TCP, TcpState.LISTEN),
-        ("udp", socket.IPPROTO_UDP, TcpState.CLOSE),
-    ):
-        rows = dump_sockets(number, [state])
-        for row in rows[rows["sport"] != 0]:
-            family = socket.AF_INET if int(row["family"]) == socket.AF_INET else socket.AF_INET6
-            raw = bytes(row["src"])[: 4 if family == socket.AF_INET else 16]
-            pid, name = owners.get(int(row["inode"]), (None, None))
-            found.append(
-                Listening(protocol, socket.inet_ntop(family, raw), int(row["sport"]), pid, name)
-            )
-    return sorted(set(found), key=lambda s: (s.port, s.protocol, s.address))
-
-
-def holders(port: int, protocol: str = "tcp") -> list[Listening]:
-    """Who listens on (or is bound to) ``port`` here: for error messages."""
-    return [s for s in listening_sockets() if s.port == port and s.protocol == protocol]
 
 
 def _iana(low: int, high: int) -> list[dict[str, Any]]:
@@ -134,7 +76,6 @@ def preflight(
     reserved = str(kernel.get("ip_local_reserved_ports") or "")
     size = high - low + 1
     usable = size - reserved_in_range(reserved, low, high)
-    warnings: list[str] = []
     report: dict[str, Any] = {
         "port_range": [low, high],
         "size": size,
@@ -148,8 +89,26 @@ def preflight(
         "tcp_timestamps": kernel.get("tcp_timestamps"),
         "rlimit_nofile": kernel.get("rlimit_nofile"),
         "netns": kernel.get("netns"),
+        "conntrack": read_conntrack(),
     }
-    if report["same_parity"]:
+    planned = _planned_sockets(scenario)
+    if planned is not None:
+        report["planned_sockets_per_process"] = planned
+    report["listening"] = _listening_entries(sockets, low, high, reserved)
+    report["conflicts"] = [e for e in report["listening"] if e["in_range"] and not e["reserved"]]
+    report["warnings"] = [
+        *_range_warnings(low, high, kernel),
+        *_nofile_warnings(planned, kernel.get("rlimit_nofile")),
+        *_conntrack_warnings(report["conntrack"]),
+        *(_conflict_warning(conflict) for conflict in report["conflicts"]),
+        *_embedded_listener_warnings(scenario),
+    ]
+    return report
+
+
+def _range_warnings(low: int, high: int, kernel: dict[str, Any]) -> list[str]:
+    warnings = []
+    if low % 2 == high % 2:
         warnings.append(
             f"ip_local_port_range {low}-{high}: both ends are {'even' if low % 2 == 0 else 'odd'};"
             " the kernel docs advise different parity (connect() walks one parity first)"
@@ -161,62 +120,65 @@ def preflight(
         )
     if kernel.get("tcp_tw_reuse") and not kernel.get("tcp_timestamps"):
         warnings.append("tcp_tw_reuse needs tcp_timestamps = 1 to reuse TIME_WAIT ports")
-    planned = _planned_sockets(scenario)
-    nofile = kernel.get("rlimit_nofile")
-    if planned is not None:
-        report["planned_sockets_per_process"] = planned
-        if isinstance(nofile, list) and nofile[0] < planned + SPARE_FDS:
-            warnings.append(
-                f"RLIMIT_NOFILE is {nofile[0]} (hard {nofile[1]}) for {planned} sockets at"
-                f" once in one process: raise it (ulimit -n {planned + SPARE_FDS}) or fewer users"
-            )
-    report["conntrack"] = _conntrack()
-    conntrack = report["conntrack"]
-    if conntrack and conntrack["count"] > 0.8 * conntrack["max"]:
-        warnings.append(
-            f"conntrack holds {conntrack['count']} of {conntrack['max']} entries: new"
-            " connections are dropped when it is full"
-        )
+    return warnings
+
+
+def _nofile_warnings(planned: int | None, nofile: object) -> list[str]:
+    if planned is None or not isinstance(nofile, list) or nofile[0] >= planned + SPARE_FDS:
+        return []
+    return [
+        f"RLIMIT_NOFILE is {nofile[0]} (hard {nofile[1]}) for {planned} sockets at"
+        f" once in one process: raise it (ulimit -n {planned + SPARE_FDS}) or fewer users"
+    ]
+
+
+def _conntrack_warnings(conntrack: dict[str, int] | None) -> list[str]:
+    if not conntrack or conntrack["count"] <= 0.8 * conntrack["max"]:
+        return []
+    return [
+        f"conntrack holds {conntrack['count']} of {conntrack['max']} entries: new"
+        " connections are dropped when it is full"
+    ]
+
+
+def _listening_entries(
+    sockets: Iterable[Listening], low: int, high: int, reserved: str
+) -> list[dict[str, Any]]:
     spans = reserved_spans(reserved)
-    entries = []
-    for s in sockets:
-        inside = low <= s.port <= high
-        is_reserved = any(a <= s.port <= b for a, b in spans)
-        entries.append({**asdict(s), "in_range": inside, "reserved": is_reserved})
-    report["listening"] = entries
-    report["conflicts"] = [e for e in entries if e["in_range"] and not e["reserved"]]
-    for conflict in report["conflicts"]:
-        owner = (
-            f"{conflict['process']} (pid {conflict['pid']})"
-            if conflict["pid"]
-            else "a process this user cannot see"
-        )
-        warnings.append(
-            f"{conflict['protocol'].upper()} port {conflict['port']} ({conflict['address']},"
-            f" {owner}) listens inside the ephemeral range and is not reserved: if it"
-            " restarts while a client holds that port, its bind() fails with EADDRINUSE;"
-            f" reserve it: net.ipv4.ip_local_reserved_ports = {conflict['port']}"
-        )
-    if scenario is not None and scenario.listener is not None:
-        zero = [e for e in scenario.target.endpoints if e.port == 0]
-        if zero:
-            warnings.append(
-                "the embedded listener binds port 0: the kernel picks its port from the"
-                " ephemeral range, one port fewer for connections (give it a port outside"
-                " the range to keep them all)"
-            )
-    report["warnings"] = warnings
-    return report
-
-
-def _conntrack(proc: Path = Path("/proc/sys/net/netfilter")) -> dict[str, int] | None:
-    try:
-        return {
-            "max": int((proc / "nf_conntrack_max").read_text()),
-            "count": int((proc / "nf_conntrack_count").read_text()),
+    return [
+        {
+            **asdict(s),
+            "in_range": low <= s.port <= high,
+            "reserved": any(a <= s.port <= b for a, b in spans),
         }
-    except (OSError, ValueError):
-        return None
+        for s in sockets
+    ]
+
+
+def _conflict_warning(conflict: dict[str, Any]) -> str:
+    owner = (
+        f"{conflict['process']} (pid {conflict['pid']})"
+        if conflict["pid"]
+        else "a process this user cannot see"
+    )
+    return (
+        f"{conflict['protocol'].upper()} port {conflict['port']} ({conflict['address']},"
+        f" {owner}) listens inside the ephemeral range and is not reserved: if it"
+        " restarts while a client holds that port, its bind() fails with EADDRINUSE;"
+        f" reserve it: net.ipv4.ip_local_reserved_ports = {conflict['port']}"
+    )
+
+
+def _embedded_listener_warnings(scenario: Scenario | None) -> list[str]:
+    if scenario is None or scenario.listener is None:
+        return []
+    if not any(e.port == 0 for e in scenario.target.endpoints):
+        return []
+    return [
+        "the embedded listener binds port 0: the kernel picks its port from the"
+        " ephemeral range, one port fewer for connections (give it a port outside"
+        " the range to keep them all)"
+    ]
 
 
 def render_text(report: dict[str, Any]) -> str:

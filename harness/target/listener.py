@@ -237,7 +237,7 @@ def _bind_reason(exc: OSError, port: int, protocol: str = "tcp") -> str:
 def _who_holds(port: int, protocol: str = "tcp") -> str:
     """The sockets that hold ``port``: a listening service (named where /proc shows its
     process), or clients whose ephemeral port it is (the port conflict)."""
-    from harness.capacity.preflight import holders
+    from harness.kernel.listening import holders
     from harness.kernel.sockdiag import TcpState, dump_tcp
 
     listening = holders(port, protocol)
