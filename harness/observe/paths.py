@@ -1,0 +1,300 @@
+"""Every client-side socket of a network namespace, grouped by path, without a target.
+
+A *path* is (protocol, local address, remote address, remote port): the unit
+the kernel hands ephemeral ports out per. connect() without bind() may give
+the same local port to two paths, never twice to one, so a path runs out when
+every usable port of the range is held toward it (docs/kernel.md, "Port
+selection").
+
+One sample is one sock_diag dump of TCP (every state) and UDP, then bulk numpy
+work; nothing per socket in Python:
+
+- client side: the local port lies in ``ip_local_port_range`` and is not a
+  port this namespace listens on (an accepted socket shares its listener's);
+- per path: sockets by state, distinct local ports held, and *new* sockets
+  since the previous sample, counted by socket cookie. A socket keeps its
+  cookie into TIME_WAIT, so a connection that closed between two samples is
+  still counted while its TIME_WAIT lasts; one that left no TIME_WAIT (the
+  server closed first, or a reset) and lived less than an interval is missed:
+  the rate is then a lower bound, and ActiveOpens beside it says by how much;
+- usable ports per path: the range, less reserved ports, less ports that
+  listeners hold inside it;
+- the top ``top`` paths by ports held, and every other path summed as one
+  ``other`` row, so a host with 100,000 sockets still gives a few rows.
+"""
+
+from __future__ import annotations
+
+import socket
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from harness.kernel.sockdiag import DIAG_DTYPE, TcpState, dump_sockets
+
+__all__ = ["STATES", "PathSampler", "PathSnapshot", "group_paths", "usable_ports"]
+
+# the states a client socket can hold a port in, in the order of PathSnapshot.states' columns
+STATES = (
+    TcpState.SYN_SENT,
+    TcpState.ESTABLISHED,
+    TcpState.FIN_WAIT1,
+    TcpState.FIN_WAIT2,
+    TcpState.CLOSING,
+    TcpState.TIME_WAIT,
+    TcpState.CLOSE_WAIT,
+    TcpState.LAST_ACK,
+    TcpState.CLOSE,
+)
+_STATE_COLUMN = np.full(16, len(STATES) - 1, dtype=np.intp)
+for _i, _s in enumerate(STATES):
+    _STATE_COLUMN[int(_s)] = _i
+
+TCP, UDP = socket.IPPROTO_TCP, socket.IPPROTO_UDP
+
+
+def usable_ports(
+    low: int, high: int, reserved: Sequence[tuple[int, int]], listening: np.ndarray
+) -> int:
+    """Ports connect() may pick: the range, less reserved spans, less listening ports in it."""
+    taken = np.zeros(high - low + 1, dtype=bool)
+    for first, last in reserved:
+        a, b = max(first, low), min(last, high)
+        if a <= b:
+            taken[a - low : b - low + 1] = True
+    inside = listening[(listening >= low) & (listening <= high)].astype(np.int64)
+    taken[inside - low] = True
+    return int((~taken).sum())
+
+
+@dataclass
+class PathSnapshot:
+    """One sample's paths, columnar; row ``i`` of every array is one path.
+
+    The last row is ``other`` (every path outside the top) when ``other`` is
+    True; its address columns are empty and ``remote_port`` is 0.
+    """
+
+    time: float
+    protocol: np.ndarray  # u1: IPPROTO_TCP or IPPROTO_UDP
+    local: list[str]
+    remote: list[str]
+    remote_port: np.ndarray  # u2
+    states: np.ndarray  # (paths, len(STATES)) socket counts
+    ports: np.ndarray  # distinct local ports held
+    new: np.ndarray  # sockets not seen in the previous sample
+    usable: int  # usable ports per path
+    paths_total: int  # every path seen, before the top-N cut
+    sockets: int  # client-side sockets in all
+    other: bool = False
+    interval_s: float | None = None  # since the previous sample; None for the first
+
+    def __len__(self) -> int:
+        return len(self.ports)
+
+    @property
+    def occupancy(self) -> np.ndarray:
+        """Ports held / usable ports, per path (``other``'s is its busiest path's share or less)."""
+        return self.ports / max(1, self.usable)
+
+    @property
+    def new_per_s(self) -> np.ndarray:
+        if not self.interval_s:
+            return np.full(len(self), np.nan)
+        return self.new / self.interval_s
+
+    def label(self, i: int) -> str:
+        if self.other and i == len(self) - 1:
+            return "other"
+        proto = "udp " if int(self.protocol[i]) == UDP else ""
+        remote = f"[{self.remote[i]}]" if ":" in self.remote[i] else self.remote[i]
+        return f"{proto}{self.local[i]} -> {remote}:{int(self.remote_port[i])}"
+
+
+@dataclass
+class _Columns:
+    """The columns of client-side sockets that grouping needs, sorted by path then port."""
+
+    family: np.ndarray
+    protocol: np.ndarray
+    state: np.ndarray
+    sport: np.ndarray
+    dport: np.ndarray
+    cookie: np.ndarray
+    src: np.ndarray  # V16
+    dst: np.ndarray  # V16
+    path_of_row: np.ndarray  # path index of each row, 0..paths-1
+    starts: np.ndarray  # each path's first row
+    new_port: np.ndarray  # bool: the first row of a (path, port) pair
+
+
+def _address_words(raw: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """16-byte address fields as two big-endian u64 words (sortable, comparable)."""
+    words = np.ascontiguousarray(raw).view(">u8").reshape(-1, 2)
+    return words[:, 0], words[:, 1]
+
+
+def _sort_keys(rows: np.ndarray, protocol: np.ndarray) -> list[np.ndarray]:
+    """Keys for ``np.lexsort``, least significant first: port, then the path.
+
+    When every socket is IPv4 (the common case) the path packs into two words:
+    the addresses sit in the first 4 bytes of each 16-byte field.
+    """
+    src_hi, src_lo = _address_words(rows["src"])
+    dst_hi, dst_lo = _address_words(rows["dst"])
+    sport = rows["sport"].astype(np.uint64)
+    tail = (rows["dport"].astype(np.uint64) << np.uint64(8)) | protocol.astype(np.uint64)
+    if (rows["family"] == socket.AF_INET).all():
+        return [sport, (dst_hi & np.uint64(0xFFFFFFFF00000000)) | tail, src_hi]
+    return [sport, tail, dst_lo, dst_hi, src_lo, src_hi]
+
+
+def group_paths(rows: np.ndarray, protocol: np.ndarray) -> _Columns:
+    """Sort client-side ``rows`` (``DIAG_DTYPE``) by path and port; find the paths."""
+    keys = _sort_keys(rows, protocol) if len(rows) else []
+    order = np.lexsort(keys) if len(rows) else np.zeros(0, np.intp)
+    path_change = np.zeros(len(order), dtype=bool)
+    port_change = np.zeros(len(order), dtype=bool)
+    if len(order):
+        path_change[0] = port_change[0] = True
+        for k in keys[1:]:
+            ks = k[order]
+            path_change[1:] |= ks[1:] != ks[:-1]
+        ports = keys[0][order]
+        port_change[1:] = path_change[1:] | (ports[1:] != ports[:-1])
+    return _Columns(
+        family=rows["family"][order],
+        protocol=protocol[order],
+        state=rows["state"][order],
+        sport=rows["sport"][order],
+        dport=rows["dport"][order],
+        cookie=rows["cookie"][order],
+        src=rows["src"][order],
+        dst=rows["dst"][order],
+        path_of_row=np.cumsum(path_change) - 1,
+        starts=np.flatnonzero(path_change),
+        new_port=port_change,
+    )
+
+
+def _addresses(families: np.ndarray, raws: np.ndarray) -> list[str]:
+    """Text addresses, for the few rows shown (never per socket)."""
+    out = []
+    for family, raw in zip(families.tolist(), raws.tolist(), strict=True):
+        if family == socket.AF_INET:
+            out.append(socket.inet_ntop(socket.AF_INET, raw[:4]))
+        else:
+            out.append(socket.inet_ntop(socket.AF_INET6, raw))
+    return out
+
+
+@dataclass
+class PathSampler:
+    """Samples the current network namespace's client paths; keeps the last cookies.
+
+    ``port_range`` and ``reserved`` are the namespace's settings (read them
+    with ``harness.kernel.sysctls.read_kernel``); ``top`` bounds the rows.
+    """
+
+    port_range: tuple[int, int]
+    reserved: Sequence[tuple[int, int]] = ()
+    top: int = 20
+    udp: bool = True
+    _cookies: np.ndarray = field(default_factory=lambda: np.zeros(0, np.uint64), repr=False)
+    _last: float | None = field(default=None, repr=False)
+
+    def sample(self) -> PathSnapshot:
+        now = time.time()
+        tcp = dump_sockets(TCP, families=[socket.AF_INET])
+        if _ipv6_possible(int((tcp["state"] == TcpState.TIME_WAIT).sum())):
+            tcp = np.concatenate([tcp, dump_sockets(TCP, families=[socket.AF_INET6])])
+        udp = dump_sockets(UDP, [TcpState.ESTABLISHED, TcpState.CLOSE]) if self.udp else None
+        return self.from_rows(tcp, udp, now)
+
+    def from_rows(self, tcp: np.ndarray, udp: np.ndarray | None, now: float) -> PathSnapshot:
+        """The snapshot of already-dumped rows (tests and benchmarks feed their own)."""
+        udp = np.zeros(0, DIAG_DTYPE) if udp is None else udp
+        listening = np.zeros(1 << 16, dtype=bool)
+        listening[tcp["sport"][tcp["state"] == TcpState.LISTEN]] = True
+        listening[udp["sport"][udp["state"] == TcpState.CLOSE]] = True
+        low, high = self.port_range
+        tcp_client = _client(tcp, low, high, listening, TcpState.LISTEN)
+        udp_client = _client(udp, low, high, listening, TcpState.CLOSE)
+        rows = np.concatenate([tcp[tcp_client], udp[udp_client]])
+        protocol = np.repeat(
+            np.array([TCP, UDP], np.uint8), [int(tcp_client.sum()), int(udp_client.sum())]
+        )
+        columns = group_paths(rows, protocol)
+        usable = usable_ports(low, high, self.reserved, np.flatnonzero(listening))
+        snapshot = self._summarise(columns, usable)
+        snapshot.time = now
+        snapshot.interval_s = None if self._last is None else now - self._last
+        self._cookies, self._last = np.sort(columns.cookie), now
+        return snapshot
+
+    def _new_per_path(self, c: _Columns, paths: int) -> np.ndarray:
+        """Sockets whose cookie the previous sample did not see, per path."""
+        if self._last is None:
+            return np.zeros(paths, dtype=np.int64)  # nothing to compare with yet
+        where = np.searchsorted(self._cookies, c.cookie)
+        where[where == len(self._cookies)] = 0
+        seen = self._cookies[where] == c.cookie if len(self._cookies) else c.cookie != c.cookie
+        return np.bincount(c.path_of_row[~seen], minlength=paths)
+
+    def _summarise(self, c: _Columns, usable: int) -> PathSnapshot:
+        paths = len(c.starts)
+        states = np.zeros((paths, len(STATES)), dtype=np.int64)
+        np.add.at(states, (c.path_of_row, _STATE_COLUMN[c.state.astype(np.intp)]), 1)
+        ports = np.bincount(c.path_of_row[c.new_port], minlength=paths)
+        new = self._new_per_path(c, paths)
+        keep = np.argsort(-ports, kind="stable")[: self.top]
+        first = c.starts[keep]
+        snap = PathSnapshot(
+            time=0.0,
+            protocol=c.protocol[first],
+            local=_addresses(c.family[first], c.src[first]),
+            remote=_addresses(c.family[first], c.dst[first]),
+            remote_port=c.dport[first].astype(np.uint16),
+            states=states[keep],
+            ports=ports[keep],
+            new=new[keep],
+            usable=usable,
+            paths_total=paths,
+            sockets=len(c.state),
+        )
+        rest = np.ones(paths, dtype=bool)
+        rest[keep] = False
+        if rest.any():
+            snap.other = True
+            snap.protocol = np.append(snap.protocol, 0).astype(np.uint8)
+            snap.local.append("")
+            snap.remote.append("")
+            snap.remote_port = np.append(snap.remote_port, 0).astype(np.uint16)
+            snap.states = np.vstack([snap.states, states[rest].sum(axis=0)])
+            snap.ports = np.append(snap.ports, ports[rest].max())
+            snap.new = np.append(snap.new, new[rest].sum())
+        return snap
+
+
+def _client(
+    rows: np.ndarray, low: int, high: int, listening: np.ndarray, server: int
+) -> np.ndarray:
+    """Rows that hold an ephemeral port as a client: in the range, not a listening port."""
+    sport = rows["sport"]
+    mask: np.ndarray = (sport >= low) & (sport <= high) & ~listening[sport]
+    mask &= rows["state"] != server
+    return mask
+
+
+def _ipv6_possible(ipv4_time_wait: int, proc: Path = Path("/proc/net")) -> bool:
+    """Whether an IPv6 dump can find anything: TCP6 sockets in use, or TIME_WAIT
+    sockets that the IPv4 dump did not see (sockstat's ``tw`` counts both families)."""
+    try:
+        tcp6 = (proc / "sockstat6").read_text().split("TCP6: inuse", 1)[1].split()[0]
+        tw = (proc / "sockstat").read_text().split(" tw ", 1)[1].split()[0]
+        return int(tcp6) > 0 or int(tw) != ipv4_time_wait
+    except (OSError, IndexError, ValueError):
+        return True
