@@ -1,0 +1,203 @@
+"""``eph observe``: sample every path of this host's network namespace, with no load of its own.
+
+Read-only: it dumps sockets with sock_diag and reads /proc, nothing else. Each
+interval it takes one :class:`~harness.observe.paths.PathSnapshot`, judges it
+with the capacity model (:mod:`harness.observe.outlook`), hands both to the
+views (terminal, plain lines, Prometheus) and, with ``--out``, writes them
+(:mod:`harness.observe.store`). It stops at ``duration``, on SIGINT or SIGTERM,
+and always keeps what it saw.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import FrameType
+from typing import Any, Protocol
+
+from harness.capacity.model import reserved_spans
+from harness.kernel.counters import read_counters
+from harness.kernel.sysctls import read_kernel
+from harness.observe.outlook import Outlook, outlook
+from harness.observe.paths import PathSampler, PathSnapshot
+from harness.observe.store import ObserveStore, host_batch, paths_batch
+
+__all__ = ["HostView", "Observation", "ObserveView", "Settings"]
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Settings:
+    """The namespace's settings that decide how paths fill, read once at start."""
+
+    port_range: tuple[int, int]
+    reserved: str
+    tw_reuse: int
+    timestamps: int
+    reuse_delay_ms: int | None
+    conntrack_max: int | None
+
+    @classmethod
+    def read(cls) -> Settings:
+        kernel = read_kernel()
+        low, high = kernel.get("ip_local_port_range", [32768, 60999])
+        return cls(
+            port_range=(int(low), int(high)),
+            reserved=str(kernel.get("ip_local_reserved_ports") or ""),
+            tw_reuse=int(kernel.get("tcp_tw_reuse", 2)),
+            timestamps=int(kernel.get("tcp_timestamps", 1)),
+            reuse_delay_ms=kernel.get("tcp_tw_reuse_delay_ms"),
+            conntrack_max=_conntrack_max(),
+        )
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "port_range": list(self.port_range),
+            "reserved": self.reserved,
+            "tcp_tw_reuse": self.tw_reuse,
+            "tcp_timestamps": self.timestamps,
+            "tcp_tw_reuse_delay_ms": self.reuse_delay_ms,
+            "conntrack_max": self.conntrack_max,
+        }
+
+
+def _conntrack_max(path: Path = Path("/proc/sys/net/netfilter/nf_conntrack_max")) -> int | None:
+    try:
+        return int(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+@dataclass(frozen=True)
+class HostView:
+    """One sample's host line: the settings and the counters' change since the last."""
+
+    settings: Settings
+    counters: dict[str, int | None]
+    rates: dict[str, float]  # per second, for the cumulative counters
+    sample_ms: float
+
+
+class ObserveView(Protocol):
+    """Something that shows each sample: the terminal, plain lines, Prometheus."""
+
+    def show(self, snap: PathSnapshot, look: Outlook, host: HostView) -> None: ...
+
+    def close(self) -> None: ...
+
+
+RATE_COUNTERS = ("tw_recycled", "timewait_overflow", "active_opens", "attempt_fails")
+
+
+@dataclass
+class Observation:
+    """A bounded observation: ``duration`` seconds, one sample every ``interval``."""
+
+    duration_s: float
+    interval_s: float = 1.0
+    top: int = 20
+    out: Path | None = None
+    views: Sequence[ObserveView] = ()
+    settings: Settings = field(default_factory=Settings.read)
+    samples: int = 0
+    stop_reason: str | None = None
+    _stop: bool = field(default=False, repr=False)
+
+    def stop(self, reason: str) -> None:
+        self._stop, self.stop_reason = True, reason
+
+    def run(self, clock: Callable[[], float] = time.monotonic) -> None:
+        """Sample until ``duration_s`` or a stop signal; close the files and views."""
+        sampler = PathSampler(
+            self.settings.port_range,
+            reserved_spans(self.settings.reserved),
+            top=self.top,
+        )
+        store = ObserveStore(self.out) if self.out is not None else None
+        previous = _install_stop(self)
+        began = clock()
+        last_counters: tuple[float, dict[str, int | None]] | None = None
+        try:
+            while not self._stop:
+                last_counters = self._one(sampler, store, last_counters)
+                self.samples += 1
+                next_at = began + self.samples * self.interval_s
+                if next_at - began > self.duration_s:
+                    self.stop_reason = self.stop_reason or "duration"
+                    break
+                _sleep_until(next_at, clock, lambda: self._stop)
+        finally:
+            _restore(previous)
+            for view in self.views:
+                view.close()
+            if store is not None:
+                store.close()
+
+    def _one(
+        self,
+        sampler: PathSampler,
+        store: ObserveStore | None,
+        last: tuple[float, dict[str, int | None]] | None,
+    ) -> tuple[float, dict[str, int | None]]:
+        began = time.perf_counter()
+        snap = sampler.sample()
+        sample_ms = (time.perf_counter() - began) * 1000
+        look = outlook(
+            snap,
+            tw_reuse=self.settings.tw_reuse,
+            timestamps=self.settings.timestamps,
+            reuse_delay_ms=self.settings.reuse_delay_ms,
+        )
+        counters = read_counters()
+        host = HostView(self.settings, counters, _rates(last, snap.time, counters), sample_ms)
+        for view in self.views:
+            view.show(snap, look, host)
+        if store is not None:
+            store.write(paths_batch(snap, look), host_batch(snap, counters, sample_ms))
+        return snap.time, counters
+
+
+def _rates(
+    last: tuple[float, dict[str, int | None]] | None, now: float, counters: dict[str, int | None]
+) -> dict[str, float]:
+    if last is None or now <= last[0]:
+        return {}
+    then, before = last
+    rates = {}
+    for name in RATE_COUNTERS:
+        a, b = before.get(name), counters.get(name)
+        if a is not None and b is not None:
+            rates[name] = (b - a) / (now - then)
+    return rates
+
+
+def _sleep_until(deadline: float, clock: Callable[[], float], stopped: Callable[[], bool]) -> None:
+    """Sleep in short steps so that a stop request is seen within 0.1 s."""
+    while not stopped():
+        left = deadline - clock()
+        if left <= 0:
+            return
+        time.sleep(min(left, 0.1))
+
+
+_Handler = Callable[[int, FrameType | None], Any] | int | None
+
+
+def _install_stop(observation: Observation) -> dict[int, _Handler]:
+    def handle(signum: int, frame: FrameType | None) -> None:
+        observation.stop(signal.Signals(signum).name)
+
+    try:
+        return {sig: signal.signal(sig, handle) for sig in (signal.SIGINT, signal.SIGTERM)}
+    except ValueError:  # not the main thread: the caller stops it with stop()
+        return {}
+
+
+def _restore(previous: dict[int, _Handler]) -> None:
+    for sig, handler in previous.items():
+        signal.signal(sig, handler)

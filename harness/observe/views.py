@@ -1,0 +1,144 @@
+"""How ``eph observe`` shows each sample: a live table on a terminal, plain lines elsewhere."""
+
+from __future__ import annotations
+
+import math
+import sys
+import time
+from typing import TextIO
+
+from rich.console import Console, Group
+from rich.live import Live
+from rich.table import Table
+from rich.text import Text
+
+from harness.observe.outlook import Outlook, Verdict
+from harness.observe.paths import STATES, PathSnapshot
+from harness.observe.session import HostView
+
+__all__ = ["PlainView", "TerminalView", "host_line", "path_line"]
+
+_STYLE = {
+    Verdict.OK: "green",
+    Verdict.FILLING: "yellow",
+    Verdict.WARN: "yellow",
+    Verdict.DANGER: "red",
+    Verdict.FULL: "bold red",
+}
+_SHORT = {"ESTABLISHED": "estab", "TIME_WAIT": "tw", "SYN_SENT": "syn", "CLOSE_WAIT": "cw"}
+
+
+def _eta(seconds: float) -> str:
+    if math.isnan(seconds):
+        return "-"
+    if seconds < 60:
+        return f"{seconds:.1f} s"
+    if seconds < 3600:
+        return f"{seconds / 60:.1f} min"
+    return f"{seconds / 3600:.1f} h"
+
+
+def _states(row: list[int]) -> str:
+    parts = [
+        f"{_SHORT.get(state.name, state.name.lower())} {count}"
+        for state, count in zip(STATES, row, strict=True)
+        if count
+    ]
+    return ", ".join(parts) or "-"
+
+
+def host_line(host: HostView, snap: PathSnapshot) -> str:
+    s, c, r = host.settings, host.counters, host.rates
+    low, high = s.port_range
+    conntrack = (
+        f", conntrack {c.get('conntrack_count')}/{s.conntrack_max}" if s.conntrack_max else ""
+    )
+    return (
+        f"range {low}-{high} ({snap.usable:,} usable), reserved {s.reserved or 'none'},"
+        f" tw_reuse {s.tw_reuse}; TIME_WAIT {c.get('sockstat_tw')},"
+        f" TWRecycled {r.get('tw_recycled', 0):.0f}/s,"
+        f" ActiveOpens {r.get('active_opens', 0):.0f}/s,"
+        f" TCPTimeWaitOverflow {c.get('timewait_overflow')}{conntrack};"
+        f" {snap.paths_total} paths, {snap.sockets:,} client sockets,"
+        f" sample {host.sample_ms:.1f} ms"
+    )
+
+
+def path_line(snap: PathSnapshot, look: Outlook, i: int) -> str:
+    rate = snap.new_per_s[i]
+    return (
+        f"{snap.label(i)}: {int(snap.ports[i])}/{snap.usable} ports"
+        f" ({snap.occupancy[i]:.0%}), {_states(snap.states[i].tolist())},"
+        f" new {0 if math.isnan(rate) else rate:.0f}/s,"
+        f" exhausted in {_eta(float(look.time_to_exhaustion_s[i]))}: {look.verdicts[i]}"
+    )
+
+
+class PlainView:
+    """A few plain lines every ``every_s`` seconds: for logs, CI and pipes."""
+
+    def __init__(self, stream: TextIO = sys.stdout, every_s: float = 5.0, rows: int = 5) -> None:
+        self.stream, self.every_s, self.rows = stream, every_s, rows
+        self._last = -math.inf
+
+    def show(self, snap: PathSnapshot, look: Outlook, host: HostView) -> None:
+        now = time.monotonic()
+        if now - self._last < self.every_s:
+            return
+        self._last = now
+        stamp = time.strftime("%H:%M:%S", time.localtime(snap.time))
+        lines = [f"{stamp} {host_line(host, snap)}"]
+        lines += [f"  {path_line(snap, look, i)}" for i in range(min(self.rows, len(snap)))]
+        self.stream.write("\n".join(lines) + "\n")
+        self.stream.flush()
+
+    def close(self) -> None:
+        pass
+
+
+def _bar(fraction: float, style: str, width: int = 20) -> Text:
+    filled = min(width, round(fraction * width))
+    bar = Text("█" * filled, style=style)
+    bar.append("·" * (width - filled), style="dim")
+    bar.append(f" {fraction:.0%}")
+    return bar
+
+
+class TerminalView:
+    """A live table refreshed each sample (rich)."""
+
+    def __init__(self, console: Console | None = None, rows: int = 20) -> None:
+        self.console = console or Console()
+        self.rows = rows
+        self._live = Live(console=self.console, auto_refresh=False, transient=False)
+        self._live.start()
+
+    def show(self, snap: PathSnapshot, look: Outlook, host: HostView) -> None:
+        table = Table(expand=True, show_edge=False, pad_edge=False)
+        for name, justify in (
+            ("path", "left"),
+            ("occupancy", "left"),
+            ("ports", "right"),
+            ("states", "left"),
+            ("new/s", "right"),
+            ("exhausted in", "right"),
+            ("verdict", "left"),
+        ):
+            table.add_column(name, justify=justify)  # type: ignore[arg-type]
+        for i in range(min(self.rows, len(snap))):
+            verdict = look.verdicts[i]
+            style = _STYLE[verdict]
+            rate = snap.new_per_s[i]
+            table.add_row(
+                snap.label(i),
+                _bar(float(snap.occupancy[i]), style),
+                f"{int(snap.ports[i]):,}/{snap.usable:,}",
+                _states(snap.states[i].tolist()),
+                "-" if math.isnan(rate) else f"{rate:,.0f}",
+                _eta(float(look.time_to_exhaustion_s[i])),
+                Text(str(verdict), style=style),
+            )
+        self._live.update(Group(Text(host_line(host, snap), style="dim"), table), refresh=True)
+
+    def close(self) -> None:
+        self._live.stop()
