@@ -492,6 +492,74 @@ def collect(
 
 @cli.command()
 @click.option(
+    "--duration",
+    callback=_duration,
+    default="10m",
+    show_default=True,
+    help="Stop after this long (Ctrl-C stops sooner; what was seen is kept).",
+)
+@click.option(
+    "--interval", callback=_duration, default="1s", show_default=True, help="One sample per."
+)
+@click.option(
+    "--top",
+    type=click.IntRange(1, 1000),
+    default=20,
+    show_default=True,
+    help="Paths kept a sample.",
+)
+@click.option("--out", type=click.Path(path_type=Path), help="Write samples here (a directory).")
+@click.option(
+    "--prometheus",
+    metavar="HOST:PORT",
+    help="Serve Prometheus gauges here, e.g. 127.0.0.1:9465 (port 0: any free port).",
+)
+@click.option("--plain", is_flag=True, help="Plain lines even on a terminal.")
+def observe(
+    duration: float,
+    interval: float,
+    top: int,
+    out: Path | None,
+    prometheus: str | None,
+    plain: bool,
+) -> None:
+    """Watch every client path of this host: ports held per destination, and how long
+    until they run out. Read-only; no load of its own.
+
+    A path is local address -> remote address:port: the kernel hands each one the
+    whole ephemeral range. On a terminal the view refreshes every second; otherwise
+    a few plain lines every 5 s.
+    """
+    from harness.observe.session import Observation
+    from harness.observe.views import PlainView, TerminalView
+
+    views: list[Any] = []
+    if prometheus is not None:
+        from harness.observe.prometheus import PrometheusView
+
+        endpoint = Endpoint.parse(prometheus, allow_port_zero=True)
+        try:
+            server = PrometheusView(endpoint.host, endpoint.port)
+        except OSError as exc:
+            raise click.UsageError(f"--prometheus {prometheus}: {exc.strerror or exc}") from None
+        host, port = server.address
+        click.echo(f"Prometheus metrics at http://{host}:{port}/metrics", err=True)
+        views.append(server)
+    terminal = sys.stdout.isatty() and not plain
+    views.append(TerminalView(rows=top) if terminal else PlainView())
+    observation = Observation(
+        duration_s=duration, interval_s=interval, top=top, out=out, views=views
+    )
+    observation.run()
+    where = f"; samples in {out}" if out is not None else ""
+    click.echo(
+        f"observed {observation.samples} samples, stopped by {observation.stop_reason}{where}",
+        err=True,
+    )
+
+
+@cli.command()
+@click.option(
     "--rate",
     type=click.FloatRange(min=0, min_open=True),
     help="New connections/s wanted (all hosts together).",

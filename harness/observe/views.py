@@ -69,7 +69,7 @@ def path_line(snap: PathSnapshot, look: Outlook, i: int) -> str:
     return (
         f"{snap.label(i)}: {int(snap.ports[i])}/{snap.usable} ports"
         f" ({snap.occupancy[i]:.0%}), {_states(snap.states[i].tolist())},"
-        f" new {0 if math.isnan(rate) else rate:.0f}/s,"
+        f" new {'-' if math.isnan(rate) else f'{rate:.0f}'}/s,"
         f" exhausted in {_eta(float(look.time_to_exhaustion_s[i]))}: {look.verdicts[i]}"
     )
 
