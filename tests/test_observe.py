@@ -1,0 +1,135 @@
+"""`eph observe` on a namespace where a client eph did not write churns connections."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+
+from harness.kernel.netns import Namespace
+
+from .conftest import EPH, ROOT
+
+pytestmark = [pytest.mark.netns, pytest.mark.e2e]
+
+ENV = {"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin:/usr/sbin:/sbin"}
+
+# A plain client: a new connection per request, the client closes first (TIME_WAIT
+# here), toward two destinations; it stops after `count` connections per destination.
+CLIENT = r"""
+import socket, sys, threading, time
+count = int(sys.argv[1])
+servers = []
+for port in (7000, 7001):
+    s = socket.socket(); s.bind(("127.0.0.1", port)); s.listen(512); servers.append(s)
+def serve(s):
+    while True:
+        a, _ = s.accept()
+        a.recv(1)  # wait for the client's close: the client closes first
+        a.close()
+for s in servers:
+    threading.Thread(target=serve, args=(s,), daemon=True).start()
+sys.stdin.readline()  # go
+for i in range(count):
+    for port, share in ((7000, 1), (7001, 3)):
+        if i % share == 0:
+            c = socket.create_connection(("127.0.0.1", port)); c.close()
+    time.sleep(0.004)
+print("done", flush=True)
+time.sleep(30)
+"""
+
+
+def _ss_client_paths(ns: Namespace) -> dict[str, int]:
+    out = subprocess.run(
+        ns.command(["ss", "-tanH", "state", "all"]), capture_output=True, text=True, check=True
+    ).stdout
+    paths: dict[str, int] = {}
+    for line in out.splitlines():
+        state, _, _, local, peer = line.split()[:5]
+        port = int(local.rsplit(":", 1)[1])
+        if state != "LISTEN" and 40000 <= port <= 40599 and peer.endswith((":7000", ":7001")):
+            paths[peer] = paths.get(peer, 0) + 1
+    return paths
+
+
+def test_observe_sees_each_path_as_ss_does_and_serves_prometheus(
+    netns: Namespace, tmp_path: Path
+) -> None:
+    for name, value in (("ip_local_port_range", "40000 40599"), ("tcp_tw_reuse", "0")):
+        subprocess.run(netns.command(["sysctl", "-qw", f"net.ipv4.{name}={value}"]), check=True)
+    out = tmp_path / "observed"
+    client = subprocess.Popen(
+        netns.command([sys.executable, "-c", CLIENT, "450"]),
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    observer = subprocess.Popen(
+        netns.command(
+            [*EPH, "observe", "--duration", "6s", "--interval", "250ms", "--out", str(out),
+             "--prometheus", "127.0.0.1:9465"]
+        ),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=ENV,
+    )  # fmt: skip
+    try:
+        assert observer.stderr is not None and client.stdout is not None
+        announced = observer.stderr.readline()
+        found = re.search(r"http://127\.0\.0\.1:(\d+)/metrics", announced)
+        assert found, announced
+        time.sleep(0.8)  # the first samples: a baseline before the client starts
+        assert client.stdin is not None
+        client.stdin.write("go\n")
+        client.stdin.close()
+        assert client.stdout.readline().strip() == "done"
+        time.sleep(0.6)  # a sample after the last connection
+        scrape = subprocess.run(
+            netns.command(
+                [sys.executable, "-c",
+                 "import sys, urllib.request; sys.stdout.write(urllib.request.urlopen("
+                 f"'http://127.0.0.1:{found.group(1)}/metrics').read().decode())"]
+            ),
+            capture_output=True, text=True, timeout=20, check=True,
+        ).stdout  # fmt: skip
+        ss = _ss_client_paths(netns)
+        stdout, stderr = observer.communicate(timeout=30)
+    finally:
+        for proc in (observer, client):
+            proc.kill()
+            proc.wait(timeout=10)
+        for stream in (client.stdout, observer.stdout, observer.stderr):
+            if stream is not None:
+                stream.close()
+    assert observer.returncode == 0, stderr
+    assert "stopped by duration" in stderr
+    assert ss == {"127.0.0.1:7000": 450, "127.0.0.1:7001": 150}
+    gauge = 'eph_path_ports_in_use{local="127.0.0.1",remote="127.0.0.1:7000"} 450.0'
+    assert gauge in scrape
+    assert 'eph_path_usable_ports{local="127.0.0.1",remote="127.0.0.1:7000"} 600.0' in scrape
+    assert "eph_host_time_wait" in scrape
+    # without a terminal: plain lines naming the busiest path first
+    assert "127.0.0.1 -> 127.0.0.1:7000: " in stdout
+
+    paths = pq.read_table(out / "paths.parquet").to_pylist()
+    peak: dict[str, int] = {}
+    for row in paths:
+        peak[row["remote"] + f":{row['remote_port']}"] = max(
+            peak.get(f"{row['remote']}:{row['remote_port']}", 0), row["ports"]
+        )
+    assert {
+        k: v for k, v in peak.items() if k.endswith((":7000", ":7001"))
+    } == ss  # each path's peak is what ss counts at the end (all in TIME_WAIT)
+    host = pq.read_table(out / "host.parquet")
+    assert host.num_rows >= 20  # 6 s at 250 ms
+    # every new connection counted once by cookie: the client closes first, so each
+    # one sits in TIME_WAIT until the next sample sees it
+    new_7000 = sum(r["new"] for r in paths if r["remote_port"] == 7000)
+    assert new_7000 == 450
