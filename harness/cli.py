@@ -551,11 +551,25 @@ def observe(
         duration_s=duration, interval_s=interval, top=top, out=out, views=views
     )
     observation.run()
-    where = f"; samples in {out}" if out is not None else ""
     click.echo(
-        f"observed {observation.samples} samples, stopped by {observation.stop_reason}{where}",
-        err=True,
+        f"observed {observation.samples} samples, stopped by {observation.stop_reason}", err=True
     )
+    if out is not None:
+        _report_observation(out)
+
+
+def _report_observation(directory: Path) -> None:
+    """summary.json and report.html of an observation directory; the findings echoed."""
+    from harness.files import atomic_write
+    from harness.report.observation import summarize_observation
+    from harness.report.observation_report import observation_findings, render_observation
+
+    summary = summarize_observation(directory)
+    atomic_write(directory / "summary.json", summary.model_dump_json(indent=2) + "\n")
+    report = render_observation(directory, summary)
+    for line in observation_findings(summary):
+        click.echo(f"  {line}", err=True)
+    click.echo(f"report: {report}", err=True)
 
 
 @cli.command()

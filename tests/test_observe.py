@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import re
+import signal
 import subprocess
 import sys
 import time
@@ -133,3 +135,55 @@ def test_observe_sees_each_path_as_ss_does_and_serves_prometheus(
     # one sits in TIME_WAIT until the next sample sees it
     new_7000 = sum(r["new"] for r in paths if r["remote_port"] == 7000)
     assert new_7000 == 450
+
+
+def test_curl_against_nginx_exhausts_a_small_range_and_the_report_names_the_path(
+    netns: Namespace, tmp_path: Path
+) -> None:
+    """A new curl process per request (HTTP/1.1: curl closes first, so TIME_WAIT sits
+    here) against nginx, with 200 ports: 200 succeed, then connects fail; eph observe
+    alone says which path ran out."""
+    from .servers import nginx
+
+    for name, value in (("ip_local_port_range", "40000 40199"), ("tcp_tw_reuse", "0")):
+        subprocess.run(netns.command(["sysctl", "-qw", f"net.ipv4.{name}={value}"]), check=True)
+    out = tmp_path / "observed"
+    loop = (
+        "ok=0; failed=0; for i in $(seq 260); do"
+        " if curl -s -o /dev/null --max-time 2 http://127.0.0.1:8080/; then ok=$((ok+1));"
+        " else failed=$((failed+1)); fi; done; echo $ok $failed"
+    )
+    with nginx(netns, tmp_path / "nginx", "127.0.0.1:8080"):
+        observer = subprocess.Popen(
+            netns.command([*EPH, "observe", "--duration", "60s", "--interval", "200ms",
+                           "--out", str(out)]),
+            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=ENV,
+        )  # fmt: skip
+        try:
+            time.sleep(1.0)  # eph is sampling before the first request
+            counts = subprocess.run(
+                netns.command(["bash", "-c", loop]), capture_output=True, text=True, timeout=120
+            ).stdout.split()
+            time.sleep(0.5)
+            observer.send_signal(signal.SIGINT)  # Ctrl-C keeps what was seen
+            _, stderr = observer.communicate(timeout=60)
+        finally:
+            if observer.poll() is None:
+                observer.kill()
+                observer.wait(timeout=10)
+    assert observer.returncode == 0, stderr
+    assert "stopped by SIGINT" in stderr
+    assert [int(c) for c in counts] == [200, 60]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["mode"] == "observe"
+    assert summary["exhaustion"]["exhausted"] is True
+    assert summary["exhaustion"]["path"] == "127.0.0.1 -> 127.0.0.1:8080"
+    top = summary["paths"][0]
+    assert top["remote"] == "127.0.0.1:8080" and top["local_addr"] == "127.0.0.1"
+    assert top["peak_ports"] == top["usable_ports"] == 200
+    assert top["peak_fraction"] == 1.0
+    assert top["states_at_peak"] == {"time_wait": 200}
+    assert summary["exhaustion"]["first_full_s"] > 0
+    page = (out / "report.html").read_text()
+    assert "Ports exhausted on 127.0.0.1 -&gt; 127.0.0.1:8080" in page
+    assert page.count("data:image/png") == 4

@@ -15,11 +15,13 @@ import signal
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
 from types import FrameType
 from typing import Any, Protocol
 
 from harness.capacity.model import reserved_spans
+from harness.files import atomic_write_json
 from harness.kernel.counters import read_counters
 from harness.kernel.sysctls import read_kernel
 from harness.observe.outlook import Outlook, outlook
@@ -41,6 +43,7 @@ class Settings:
     timestamps: int
     reuse_delay_ms: int | None
     conntrack_max: int | None
+    netns: str | None = None
 
     @classmethod
     def read(cls) -> Settings:
@@ -53,10 +56,12 @@ class Settings:
             timestamps=int(kernel.get("tcp_timestamps", 1)),
             reuse_delay_ms=kernel.get("tcp_tw_reuse_delay_ms"),
             conntrack_max=_conntrack_max(),
+            netns=kernel.get("netns"),
         )
 
     def to_json(self) -> dict[str, Any]:
         return {
+            "netns": self.netns,
             "port_range": list(self.port_range),
             "reserved": self.reserved,
             "tcp_tw_reuse": self.tw_reuse,
@@ -120,7 +125,8 @@ class Observation:
         )
         store = ObserveStore(self.out) if self.out is not None else None
         previous = _install_stop(self)
-        began = clock()
+        began, started = clock(), time.time()
+        self._write_meta(started, None)
         last_counters: tuple[float, dict[str, int | None]] | None = None
         try:
             while not self._stop:
@@ -137,6 +143,25 @@ class Observation:
                 view.close()
             if store is not None:
                 store.close()
+            self._write_meta(started, clock() - began)
+
+    def _write_meta(self, started: float, duration: float | None) -> None:
+        """``observe.json``: what a report needs besides the samples."""
+        if self.out is None:
+            return
+        atomic_write_json(
+            self.out / "observe.json",
+            {
+                "started": started,
+                "started_at": datetime.fromtimestamp(started, UTC).isoformat(timespec="seconds"),
+                "interval_s": self.interval_s,
+                "top": self.top,
+                "duration_s": duration,
+                "samples": self.samples,
+                "stop_reason": self.stop_reason if duration is not None else "running",
+                "settings": self.settings.to_json(),
+            },
+        )
 
     def _one(
         self,

@@ -1,0 +1,216 @@
+"""The summary of an observation (``eph observe --out DIR``): which path ran out, or will.
+
+Read from the directory alone (``paths.parquet``, ``host.parquet``,
+``observe.json``), so ``eph report DIR`` can render it again at any time. Rows
+are samples x kept paths: small even for a day at one sample a second, so the
+tables are read whole.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+from pydantic import BaseModel, ConfigDict
+
+from harness.errors import RunDirError
+
+__all__ = [
+    "OBSERVE_SCHEMA_VERSION",
+    "ObserveSummary",
+    "ObservedPath",
+    "is_observation",
+    "summarize_observation",
+]
+
+OBSERVE_SCHEMA_VERSION = 1
+STATE_COLUMNS = (
+    "syn_sent",
+    "established",
+    "fin_wait1",
+    "fin_wait2",
+    "closing",
+    "time_wait",
+    "close_wait",
+    "last_ack",
+    "close",
+)
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ObservedPath(_Model):
+    """One path (local address -> remote address:port) over the whole observation."""
+
+    label: str
+    protocol: str
+    local_addr: str
+    remote: str  # address:port
+    peak_ports: int
+    usable_ports: int
+    peak_fraction: float
+    peak_at_s: float  # seconds from the start
+    states_at_peak: dict[str, int]
+    new_per_s_peak: float
+    new_per_s_mean: float
+    hold_s: float  # TIME_WAIT hold seen on the path (0: the client did not close first)
+    lifetime_s: float  # median estimate, connect to close
+    time_to_exhaustion_s: float | None  # shortest estimate seen; None: never heading there
+    first_full_s: float | None
+
+
+class Exhaustion(_Model):
+    exhausted: bool
+    path: str | None
+    first_full_s: float | None
+
+
+class HostCounters(_Model):
+    time_wait_peak: int | None
+    tw_recycled: int | None  # over the observation
+    timewait_overflow: int | None
+    active_opens_per_s_peak: float | None
+    conntrack_peak: int | None
+    conntrack_max: int | None
+    sample_ms_median: float
+
+
+class ObserveSummary(_Model):
+    """``summary.json`` of an observation; ``mode`` tells it from a run's."""
+
+    schema_version: int = OBSERVE_SCHEMA_VERSION
+    mode: Literal["observe"] = "observe"
+    started_at: str
+    duration_s: float
+    samples: int
+    interval_s: float
+    stop_reason: str | None
+    settings: dict[str, Any]
+    paths_seen_peak: int
+    paths: list[ObservedPath]
+    exhaustion: Exhaustion
+    host: HostCounters
+
+    @classmethod
+    def read(cls, path: Path) -> ObserveSummary:
+        try:
+            return cls.model_validate_json(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as exc:
+            reason = f"{path.name} is not an observation summary: {exc}"
+            raise RunDirError(path.parent, reason) from None
+
+
+def is_observation(directory: Path) -> bool:
+    """Whether ``directory`` holds an observation rather than a run."""
+    return (directory / "observe.json").exists()
+
+
+def _read(directory: Path, name: str) -> pa.Table:
+    path = directory / name
+    try:
+        return pq.read_table(path)
+    except (OSError, pa.ArrowInvalid) as exc:
+        raise RunDirError(directory, f"cannot read {name}: {exc}") from None
+
+
+def summarize_observation(directory: Path) -> ObserveSummary:
+    """The summary of the observation stored in ``directory``."""
+    meta = json.loads((directory / "observe.json").read_text(encoding="utf-8"))
+    paths = _read(directory, "paths.parquet")
+    host = _read(directory, "host.parquet")
+    t0 = float(meta["started"])
+    observed = [_path(paths, label, t0) for label in _labels(paths)]
+    observed.sort(key=lambda p: (-p.peak_fraction, -p.peak_ports, p.label))
+    full = [p for p in observed if p.first_full_s is not None]
+    first = min(full, key=lambda p: p.first_full_s or 0.0) if full else None
+    return ObserveSummary(
+        started_at=meta["started_at"],
+        duration_s=float(meta.get("duration_s") or 0.0),
+        samples=host.num_rows,
+        interval_s=float(meta["interval_s"]),
+        stop_reason=meta.get("stop_reason"),
+        settings=meta["settings"],
+        paths_seen_peak=int(pc.max(host.column("paths")).as_py() or 0) if host.num_rows else 0,
+        paths=observed,
+        exhaustion=Exhaustion(
+            exhausted=first is not None,
+            path=first.label if first else None,
+            first_full_s=first.first_full_s if first else None,
+        ),
+        host=_host(host, meta["settings"].get("conntrack_max")),
+    )
+
+
+def _labels(paths: pa.Table) -> list[str]:
+    """Every labelled path (``other`` is an aggregate, not a path)."""
+    labels = pc.unique(paths.column("label")).to_pylist()
+    return [label for label in labels if label and label != "other"]
+
+
+def _finite(values: np.ndarray) -> np.ndarray:
+    kept: np.ndarray = values[np.isfinite(values)]
+    return kept
+
+
+def _path(paths: pa.Table, label: str, t0: float) -> ObservedPath:
+    rows = paths.filter(pc.equal(paths.column("label"), label))
+    col = {name: rows.column(name).to_numpy(zero_copy_only=False) for name in rows.column_names}
+    peak = int(np.argmax(col["ports"]))
+    usable = int(col["usable"][peak])
+    full = np.flatnonzero(col["ports"] >= col["usable"])
+    rates = _finite(col["new_per_s"].astype(float))
+    tte = _finite(col["time_to_exhaustion_s"].astype(float))
+    lifetimes = _finite(col["lifetime_s"].astype(float))
+    return ObservedPath(
+        label=label,
+        protocol=str(col["protocol"][peak]),
+        local_addr=str(col["local"][peak]),
+        remote=f"{col['remote'][peak]}:{int(col['remote_port'][peak])}",
+        peak_ports=int(col["ports"][peak]),
+        usable_ports=usable,
+        peak_fraction=float(col["ports"][peak]) / max(1, usable),
+        peak_at_s=float(col["time"][peak]) - t0,
+        states_at_peak={s: int(col[s][peak]) for s in STATE_COLUMNS if col[s][peak]},
+        new_per_s_peak=float(rates.max()) if len(rates) else 0.0,
+        new_per_s_mean=float(rates.mean()) if len(rates) else 0.0,
+        hold_s=float(col["hold_s"].max()),
+        lifetime_s=float(np.median(lifetimes)) if len(lifetimes) else 0.0,
+        time_to_exhaustion_s=float(tte.min()) if len(tte) else None,
+        first_full_s=float(col["time"][full[0]]) - t0 if len(full) else None,
+    )
+
+
+def _max(host: pa.Table, name: str) -> int | None:
+    value = pc.max(host.column(name)).as_py() if host.num_rows else None
+    return None if value is None else int(value)
+
+
+def _delta(host: pa.Table, name: str) -> int | None:
+    values = host.column(name).drop_null()
+    if len(values) < 2:
+        return None
+    return int(values[-1].as_py()) - int(values[0].as_py())
+
+
+def _host(host: pa.Table, conntrack_max: int | None) -> HostCounters:
+    time = host.column("time").to_numpy()
+    opens = host.column("active_opens").to_numpy(zero_copy_only=False).astype(float)
+    rates = np.diff(opens) / np.diff(time) if host.num_rows > 1 else np.zeros(0)
+    rates = _finite(rates)
+    sample_ms = host.column("sample_ms").to_numpy(zero_copy_only=False).astype(float)
+    return HostCounters(
+        time_wait_peak=_max(host, "sockstat_tw"),
+        tw_recycled=_delta(host, "tw_recycled"),
+        timewait_overflow=_delta(host, "timewait_overflow"),
+        active_opens_per_s_peak=float(rates.max()) if len(rates) else None,
+        conntrack_peak=_max(host, "conntrack_count"),
+        conntrack_max=conntrack_max,
+        sample_ms_median=float(np.median(sample_ms)) if len(sample_ms) else 0.0,
+    )

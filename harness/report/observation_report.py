@@ -1,0 +1,262 @@
+"""``report.html`` of an observation: which path is eating the ports, and what would help.
+
+Four figures, each from ``paths.parquet`` / ``host.parquet`` as sampled (one
+point a sample, nothing binned): occupancy per path against its usable ports,
+new connections/s per path, time to exhaustion, and the kernel's counters.
+Findings and recommendations come from the capacity model
+(``harness.capacity.model``) with the measured rate, hold and lifetime.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import math
+from collections.abc import Callable
+from pathlib import Path
+
+import jinja2
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+from matplotlib.figure import Figure
+
+from harness.capacity.model import TIME_WAIT_S
+from harness.files import atomic_write
+from harness.report.observation import STATE_COLUMNS, ObserveSummary
+
+__all__ = ["observation_findings", "observation_recommendations", "render_observation"]
+
+PARITY_FRACTION = 0.5  # connect() walks the even half first (docs/kernel.md, "Parity")
+SHOWN_PATHS = 5
+
+_ENV = jinja2.Environment(
+    loader=jinja2.PackageLoader("harness.report", "templates"),
+    autoescape=jinja2.select_autoescape(["html", "j2"]),
+    undefined=jinja2.StrictUndefined,
+)
+
+
+def _when(seconds: float) -> str:
+    if seconds < 120:
+        return f"{seconds:.1f} s"
+    if seconds < 7200:
+        return f"{seconds / 60:.1f} min"
+    return f"{seconds / 3600:.1f} h"
+
+
+def observation_findings(summary: ObserveSummary) -> list[str]:
+    """What happened, in plain words, the worst first."""
+    found: list[str] = []
+    ex = summary.exhaustion
+    if ex.exhausted and ex.path is not None and ex.first_full_s is not None:
+        path = next(p for p in summary.paths if p.label == ex.path)
+        found.append(
+            f"Ports exhausted on {ex.path}: all {path.usable_ports:,} usable ports were held"
+            f" {ex.first_full_s:.1f} s into the observation"
+            f" ({_states(path.states_at_peak)}); new connections to it fail with EADDRNOTAVAIL."
+        )
+    for path in summary.paths:
+        if path.label == ex.path:
+            continue
+        if path.time_to_exhaustion_s is not None:
+            found.append(
+                f"{path.label} is heading for exhaustion: at {path.new_per_s_peak:,.0f}"
+                f" new connections/s its {path.usable_ports:,} ports last"
+                f" {_when(path.time_to_exhaustion_s)} from the worst moment seen."
+            )
+        elif path.peak_fraction >= PARITY_FRACTION:
+            found.append(
+                f"{path.label} held {path.peak_fraction:.0%} of its ports: past half,"
+                " connect() searches the used half first and slows down."
+            )
+    if not found and summary.paths:
+        top = summary.paths[0]
+        found.append(
+            f"No path near exhaustion: the busiest, {top.label}, peaked at"
+            f" {top.peak_ports:,} of {top.usable_ports:,} ports ({top.peak_fraction:.1%})."
+        )
+    if not summary.paths:
+        found.append("No client connections were seen in this network namespace.")
+    overflow = summary.host.timewait_overflow
+    if overflow:
+        found.append(
+            f"TCPTimeWaitOverflow rose by {overflow:,}: tcp_max_tw_buckets is full and sockets"
+            " skip TIME_WAIT (no port hold, but no protection against late segments)."
+        )
+    return found
+
+
+def _states(states: dict[str, int]) -> str:
+    return ", ".join(f"{n:,} {s.upper()}" for s, n in sorted(states.items(), key=lambda x: -x[1]))
+
+
+def observation_recommendations(summary: ObserveSummary) -> list[str]:
+    """Levers for the busiest path, sized from the model with the measured inputs."""
+    if not summary.paths:
+        return []
+    p = summary.paths[0]
+    rate = p.new_per_s_peak
+    busy = p.lifetime_s + p.hold_s
+    if rate <= 0 or busy <= 0:
+        return []
+    needed = math.ceil(rate * busy * 1.25)  # 25% headroom
+    sustainable = p.usable_ports / busy
+    if rate <= sustainable * 0.8:
+        return [
+            f"{p.label} sustains {sustainable:,.0f} new connections/s at its hold of"
+            f" {busy:.1f} s; the peak seen, {rate:,.0f}/s, leaves room: nothing to change."
+        ]
+    out = [
+        f"Pool or keep connections alive: at the peak rate of {rate:,.0f}/s with a"
+        f" {busy:.1f} s hold, {p.label} needs {needed:,} ports; N requests per connection"
+        " divide that by N.",
+        f"Widen ip_local_port_range to at least {needed:,} usable ports"
+        f" (now {p.usable_ports:,}); keep the ends of different parity.",
+        f"Spread over {math.ceil(rate / (sustainable * 0.8))} destination addresses or ports:"
+        " each gets the whole range.",
+    ]
+    if p.hold_s >= TIME_WAIT_S:
+        out.append(
+            "Let the server close first, or turn on tcp_tw_reuse = 1 (needs TCP timestamps"
+            " on both sides): the 60 s TIME_WAIT then leaves the client."
+        )
+    return out
+
+
+# ---------------------------------------------------------------- figures
+
+
+def _series(paths: pa.Table, label: str, column: str, t0: float) -> tuple[np.ndarray, np.ndarray]:
+    rows = paths.filter(pc.equal(paths.column("label"), label))
+    time = rows.column("time").to_numpy() - t0
+    return time, rows.column(column).to_numpy(zero_copy_only=False).astype(float)
+
+
+def _occupancy(paths: pa.Table, summary: ObserveSummary, t0: float) -> Figure:
+    fig = Figure(figsize=(10, 6.5))
+    top, stack = fig.subplots(2, 1, sharex=True)
+    for p in summary.paths[:SHOWN_PATHS]:
+        t, ports = _series(paths, p.label, "ports", t0)
+        top.plot(t, 100 * ports / max(1, p.usable_ports), label=p.label)
+    top.axhline(100, color="black", lw=0.8)
+    top.axhline(100 * PARITY_FRACTION, color="grey", ls="--", lw=0.8, label="half: slow connect()")
+    top.set_ylabel("% of usable ports")
+    top.legend(fontsize=7, loc="upper left")
+    if summary.paths:
+        p = summary.paths[0]
+        t, _ = _series(paths, p.label, "ports", t0)
+        layers = [_series(paths, p.label, s, t0)[1] for s in STATE_COLUMNS]
+        names = [s.upper() for s in STATE_COLUMNS]
+        kept = [(n, y) for n, y in zip(names, layers, strict=True) if y.any()]
+        if kept:
+            stack.stackplot(t, *(y for _, y in kept), labels=[n for n, _ in kept], alpha=0.8)
+        stack.axhline(p.usable_ports, color="black", lw=0.8, label="usable ports")
+        stack.set_title(f"busiest path, {p.label}: sockets by state", fontsize=9)
+        stack.legend(fontsize=7, loc="upper left")
+    stack.set_xlabel("seconds")
+    stack.set_ylabel("sockets")
+    return fig
+
+
+def _rates(paths: pa.Table, host: pa.Table, summary: ObserveSummary, t0: float) -> Figure:
+    fig = Figure(figsize=(10, 3.5))
+    ax = fig.subplots()
+    for p in summary.paths[:SHOWN_PATHS]:
+        t, rate = _series(paths, p.label, "new_per_s", t0)
+        ax.plot(t, rate, label=p.label)
+    if host.num_rows > 1:
+        t = host.column("time").to_numpy() - t0
+        opens = host.column("active_opens").to_numpy(zero_copy_only=False).astype(float)
+        ax.plot(t[1:], np.diff(opens) / np.diff(t), color="black", lw=0.8, ls=":",
+                label="ActiveOpens/s (whole host)")  # fmt: skip
+    ax.set_xlabel("seconds")
+    ax.set_ylabel("new connections/s")
+    ax.legend(fontsize=7, loc="upper left")
+    return fig
+
+
+def _exhaustion(paths: pa.Table, summary: ObserveSummary, t0: float) -> Figure:
+    fig = Figure(figsize=(10, 3.5))
+    ax = fig.subplots()
+    drawn = False
+    for p in summary.paths[:SHOWN_PATHS]:
+        t, tte = _series(paths, p.label, "time_to_exhaustion_s", t0)
+        if np.isfinite(tte).any():
+            ax.plot(t, tte, marker=".", label=p.label)
+            drawn = True
+    if drawn:
+        ax.set_yscale("log")
+        ax.legend(fontsize=7, loc="upper left")
+    else:
+        ax.text(0.5, 0.5, "no path was heading for exhaustion", ha="center", transform=ax.transAxes)
+    ax.set_xlabel("seconds")
+    ax.set_ylabel("seconds to exhaustion")
+    return fig
+
+
+def _counters(host: pa.Table, t0: float) -> Figure:
+    fig = Figure(figsize=(10, 3.5))
+    left = fig.subplots()
+    t = host.column("time").to_numpy() - t0
+    for name, label in (("sockstat_tw", "TIME_WAIT sockets"), ("conntrack_count", "conntrack")):
+        values = host.column(name).to_numpy(zero_copy_only=False)
+        if values.dtype != object:
+            left.plot(t, values, label=label)
+    left.set_xlabel("seconds")
+    left.set_ylabel("sockets / entries")
+    right = left.twinx()
+    for name, label in (
+        ("tw_recycled", "TWRecycled"),
+        ("timewait_overflow", "TCPTimeWaitOverflow"),
+    ):
+        values = host.column(name).to_numpy(zero_copy_only=False)
+        if values.dtype != object and len(values):
+            right.plot(t, values - values[0], ls="--", label=f"{label} (since start)")
+    right.set_ylabel("count since start")
+    fig.legend(fontsize=7, loc="upper left")
+    return fig
+
+
+def _png(fig: Figure) -> str:
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=90, bbox_inches="tight")
+    return base64.b64encode(buffer.getvalue()).decode()
+
+
+FIGURE_NOTES = {
+    "occupancy": "Ports held per path against its usable ports (the range, less reserved and"
+    " listening ports): 100% is exhaustion; past 50% connect() is already slower.",
+    "rates": "New connections per second per path, counted by socket cookie between samples;"
+    " ActiveOpens beside it is the host's total (short sockets that leave no TIME_WAIT are"
+    " seen there only).",
+    "exhaustion": "At each sample's rate, how long until the path's free ports are gone;"
+    " absent while the rate fits the range.",
+    "counters": "The kernel's own counters: TIME_WAIT sockets, conntrack entries, TIME_WAIT"
+    " reuses and overflows.",
+}
+
+
+def render_observation(directory: Path, summary: ObserveSummary) -> Path:
+    """``report.html`` in ``directory``, self-contained."""
+    paths = pq.read_table(directory / "paths.parquet")
+    host = pq.read_table(directory / "host.parquet")
+    t0 = float(host.column("time")[0].as_py()) if host.num_rows else 0.0
+    makers: list[tuple[str, str, Callable[[], Figure]]] = [
+        ("Occupancy per path", "occupancy", lambda: _occupancy(paths, summary, t0)),
+        ("New connections per second", "rates", lambda: _rates(paths, host, summary, t0)),
+        ("Time to exhaustion", "exhaustion", lambda: _exhaustion(paths, summary, t0)),
+        ("Kernel counters", "counters", lambda: _counters(host, t0)),
+    ]
+    figures = [(title, _png(make()), FIGURE_NOTES[key]) for title, key, make in makers]
+    html = _ENV.get_template("observe.html.j2").render(
+        summary=summary,
+        findings=observation_findings(summary),
+        recommendations=observation_recommendations(summary),
+        figures=figures,
+        paths=summary.paths[:20],
+    )
+    out = directory / "report.html"
+    atomic_write(out, html)
+    return out
