@@ -269,6 +269,23 @@ def collector_vs_ss(binary: Path, sockets: int) -> dict[str, Any]:
     return result
 
 
+def paths_vs_ss(sockets: int, destinations: int) -> dict[str, Any]:
+    """Target-free path sampling (eph observe) against ``ss -tan`` in a fresh namespace."""
+    with Namespace(prefix="ephbench") as ns:
+        ns.set_sysctl("net.ipv4.ip_local_port_range", (1024, 65000))
+        out = subprocess.run(
+            ns.command(
+                [sys.executable, str(BENCH / "paths_sample.py"), str(sockets), str(destinations)]
+            ),
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            check=True,
+            env={**os.environ, "PYTHONPATH": str(ROOT)},
+        ).stdout
+    return dict(json.loads(out))
+
+
 def synthetic_table(n: int) -> Any:
     """``n`` records at 20,000/s over the default 28,232-port range, 5% EADDRNOTAVAIL."""
     import numpy as np
@@ -421,12 +438,17 @@ def main() -> int:
     parser.add_argument("--analysis-connections", type=int, default=1_000_000)
     parser.add_argument(
         "--only",
-        choices=["all", "report", "memory", "scaling"],
+        choices=["all", "report", "memory", "scaling", "paths"],
         default="all",
         help="report: only the 1M render; memory: only the engine's bytes per connection;"
-        " scaling: only 1 against 2 processes",
+        " scaling: only 1 against 2 processes; paths: only eph observe's sample against ss",
     )
+    parser.add_argument("--destinations", type=int, default=1000)
     args = parser.parse_args()
+    if args.only == "paths":
+        paths = paths_vs_ss(args.tw_sockets, args.destinations)
+        print(json.dumps({"machine": machine(), "paths_at_time_wait": paths}, indent=2))
+        return 0
     if args.only == "scaling":
         with (
             tempfile.TemporaryDirectory(prefix="eph-bench-") as tmp,
@@ -527,6 +549,9 @@ def main() -> int:
         "uvloop_engine_memory": memory,
         "scaling": scaling,
         "collector_at_time_wait": collector,
+        "paths_at_time_wait": (
+            paths_vs_ss(args.tw_sockets, args.destinations) if use_ns else None
+        ),
         "analysis": analysis_time(args.analysis_connections),
     }
     with tempfile.TemporaryDirectory(prefix="eph-bench-") as tmp:
