@@ -217,6 +217,33 @@ def selection() -> None:
         pass
 
 
+def bind_over_timewait() -> None:
+    """Range of 100 all in TIME_WAIT (reuse off): can a bind-first client still get a port?"""
+    sysctl("ip_local_port_range", SMALL)
+    sysctl("tcp_tw_reuse", 0)
+    lst = listener(port=9000)
+    for _ in range(100):
+        churn_once(lst.getsockname(), lst)
+    for how, address in (
+        ("bind(ip, 0)", ("127.0.0.1", 0)),
+        ("bind(ip, 40000)", ("127.0.0.1", 40000)),
+    ):
+        for reuseaddr in (0, 1):
+            with socket.socket() as c:
+                c.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, reuseaddr)
+                try:
+                    c.bind(address)
+                    result = "bound"
+                except OSError as e:
+                    result = errno.errorcode.get(e.errno or 0, str(e.errno))
+            report(
+                "range of 100 in TIME_WAIT, reuse off",
+                bind=how,
+                so_reuseaddr=reuseaddr,
+                result=result,
+            )
+
+
 def parity() -> None:
     sysctl("ip_local_port_range", SMALL)
     lst = listener(port=9000)
@@ -685,6 +712,7 @@ EXPERIMENTS = {
     f.__name__: f
     for f in (
         selection,
+        bind_over_timewait,
         parity,
         cliff,
         cliff4k,
