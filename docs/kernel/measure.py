@@ -473,6 +473,44 @@ def server_first() -> None:
     reuse_case(0, 1, client_first=False, seconds=2)
 
 
+def server_rst() -> None:
+    for rfc1337 in (0, 1):
+        _server_rst(rfc1337, port=9000 + rfc1337)
+
+
+def _server_rst(rfc1337: int, port: int) -> None:
+    """Client closes first, the server answers its FIN with an RST (SO_LINGER 0)."""
+    sysctl("ip_local_port_range", (40000 + 200 * rfc1337, 40099 + 200 * rfc1337))
+    sysctl("tcp_tw_reuse", 0)
+    sysctl("tcp_rfc1337", rfc1337)
+    lst = listener(port=port)
+    before = netstat("TW", "TWRecycled", "TWKilled")
+    succeeded, ports, deadline = 0, set(), time.monotonic() + 2
+    while time.monotonic() < deadline:
+        c = socket.socket()
+        try:
+            c.connect(("127.0.0.1", port))
+        except OSError:
+            c.close()
+            time.sleep(0.001)
+            continue
+        ports.add(c.getsockname()[1])
+        succeeded += 1
+        c.close()
+        conn, _ = lst.accept()
+        conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        conn.close()
+    after = netstat("TW", "TWRecycled", "TWKilled")
+    report(
+        "range of 100, reuse off, client closes first, server answers with RST, 2 s",
+        tcp_rfc1337=rfc1337,
+        succeeded=succeeded,
+        distinct_ports=len(ports),
+        time_wait_now=len(tw_sockets()),
+        delta={k: after[k] - before[k] for k in after},
+    )
+
+
 def multi_destination() -> None:
     sysctl("ip_local_port_range", SMALL)
     sysctl("tcp_tw_reuse", 0)
@@ -726,6 +764,7 @@ EXPERIMENTS = {
         reuse1_delay100,
         reuse1_nots,
         server_first,
+        server_rst,
         multi_destination,
         tuple_reuse,
         tuple_reuse_async,
