@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import subprocess
 import time
@@ -13,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from .conftest import EPH, ROOT, eph, run_dir_summary, write_scenario
+from .unprivileged import eph_as_nobody
 
 pytestmark = [pytest.mark.netns, pytest.mark.e2e]
 
@@ -291,24 +291,11 @@ rate = 200
 def test_without_privilege_or_user_namespaces_the_message_says_what_is_needed() -> None:
     scenario = ROOT / "scenarios" / "exhaust-small-range.toml"
     # not root, and no unshare on PATH: neither kind of namespace can be made
-    result = subprocess.run(
-        [
-            shutil.which("setpriv") or "setpriv",
-            "--reuid=65534",
-            "--regid=65534",
-            "--clear-groups",
-            *EPH,
-            "lab",
-            str(scenario),
-            "--out",
-            "/tmp/never",
-        ],
+    result = eph_as_nobody(
+        ["lab", str(scenario), "--out", "/tmp/never"],
+        root=ROOT,
         cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-        env={"PATH": "/nonexistent", "PYTHONPATH": str(ROOT), "MPLCONFIGDIR": "/tmp"},
+        env={"PATH": "/nonexistent", "MPLCONFIGDIR": "/tmp"},
     )
     assert result.returncode == 2, result.stderr
     assert "needs network namespaces" in result.stderr and "root" in result.stderr

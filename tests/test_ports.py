@@ -22,6 +22,7 @@ from harness.capacity.preflight import IANA_RANGES, preflight
 from harness.kernel.netns import Namespace
 
 from .conftest import EPH, ROOT, eph
+from .unprivileged import eph_as_nobody
 
 ENV = {**os.environ, "PYTHONPATH": str(ROOT)}
 UDP_SERVICE = (
@@ -142,17 +143,9 @@ def test_a_busy_port_names_the_clients_holding_it(tmp_path: Path, netns: Namespa
     assert "ip_local_reserved_ports" in stderr
 
 
-@pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("setpriv"), reason="needs root")
+@pytest.mark.skipif(os.geteuid() != 0, reason="drops to user nobody: needs root")
 def test_a_privileged_port_as_an_unprivileged_user_teaches(tmp_path: Path) -> None:
-    result = subprocess.run(
-        ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups",
-         *EPH, "listen", "--endpoint", "127.0.0.1:80"],
-        capture_output=True,
-        text=True,
-        cwd="/",
-        env=ENV,
-        timeout=60,
-    )  # fmt: skip
+    result = eph_as_nobody(["listen", "--endpoint", "127.0.0.1:80"], root=ROOT, env=ENV)
     assert result.returncode == 2, result.stderr
     assert "cannot listen on 127.0.0.1:80: permission denied" in result.stderr
     assert "ip_unprivileged_port_start" in result.stderr

@@ -1,4 +1,8 @@
-"""The kernel's TCP counters for this network namespace, from /proc/net."""
+"""The kernel's TCP counters for this network namespace, from /proc/net.
+
+Which of them move for what, measured, is in docs/kernel.md ("Counters worth
+sampling"); note that a connect() failing with EADDRNOTAVAIL moves none of them.
+"""
 
 from __future__ import annotations
 

@@ -2,23 +2,42 @@
 
 Hand-written with ``struct`` and numpy over a plain netlink socket, because the
 libraries are far too slow for a 100 ms sampling interval at this scale
-(KERNEL-NOTES, ~28,000 TIME_WAIT sockets): pyroute2's DiagSocket takes ~2,900 ms
-a sample, ``ss`` ~87 ms, parsing /proc/net/tcp ~89 ms. The kernel filters by
+(docs/kernel.md, "The cost of looking": at ~28,000 TIME_WAIT sockets this dump
+takes a few ms where ``ss`` and /proc/net/tcp take tens). The kernel filters by
 state (the request's bitmask), and every message body is read with one numpy
 structured view instead of a Python loop per socket.
+
+The socket I/O (:func:`dump_sockets`) and the parsing (:func:`parse_dump`, which
+takes the dump's datagrams as bytes) are separate, so the parser is testable on
+hand-built buffers. Its contract:
+
+- rows come from every ``SOCK_DIAG_BY_FAMILY`` message up to ``NLMSG_DONE``;
+  other message types (an ``NLMSG_ERROR`` with code 0 is an ack) are skipped;
+- an ``NLMSG_ERROR`` with a negative errno, or an ``NLMSG_DONE`` carrying one
+  (a dump the kernel aborted), raises ``OSError`` with that errno, its name and
+  its text;
+- bytes that are not whole netlink messages (a datagram cut mid-message, a
+  length field smaller than a header, a diag message shorter than
+  ``inet_diag_msg``) or datagrams that run out before ``NLMSG_DONE`` raise
+  ``OSError(EBADMSG)`` saying where: never a partial count.
+
+Netlink never splits a message across datagrams, so each datagram is parsed on
+its own; :func:`dump_sockets` reads with ``MSG_TRUNC`` so that a datagram larger
+than its buffer is an error too, not a silently short one.
 """
 
 from __future__ import annotations
 
 import enum
+import errno
 import os
 import socket
 import struct
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 
 import numpy as np
 
-__all__ = ["DIAG_DTYPE", "TcpState", "dump_sockets", "dump_tcp"]
+__all__ = ["DIAG_DTYPE", "TcpState", "dump_sockets", "dump_tcp", "parse_dump"]
 
 NETLINK_SOCK_DIAG = 4
 SOCK_DIAG_BY_FAMILY = 20
@@ -27,7 +46,7 @@ NLMSG_DONE = 3
 NLM_F_REQUEST = 0x1
 NLM_F_DUMP = 0x300  # NLM_F_ROOT | NLM_F_MATCH
 
-_NLMSGHDR = struct.Struct("=IHHII")  # len, type, flags, seq, pid: 16 bytes
+_NLMSGHDR = struct.Struct("=IHHII")  # len, type, flags, seq, pid: 16 bytes, host byte order
 # inet_diag_req_v2: family, protocol, ext, pad, states; then an empty inet_diag_sockid (48 bytes)
 _REQUEST = struct.Struct("=BBBBI48x")
 _RECV_BUFFER = 1 << 20
@@ -50,7 +69,8 @@ class TcpState(enum.IntEnum):
     NEW_SYN_RECV = 12
 
 
-# struct inet_diag_msg: what each answer carries after its netlink header (72 bytes)
+# struct inet_diag_msg: what each answer carries after its netlink header (72 bytes).
+# Ports are in network byte order, every other integer in the host's.
 DIAG_DTYPE = np.dtype(
     [
         ("family", "u1"),
@@ -61,16 +81,16 @@ DIAG_DTYPE = np.dtype(
         ("dport", ">u2"),
         ("src", "V16"),  # IPv4 uses the first 4 bytes
         ("dst", "V16"),
-        ("ifindex", "<u4"),
-        ("cookie", "<u8"),
-        ("expires", "<u4"),
-        ("rqueue", "<u4"),
-        ("wqueue", "<u4"),
-        ("uid", "<u4"),
-        ("inode", "<u4"),
+        ("ifindex", "=u4"),
+        ("cookie", "=u8"),
+        ("expires", "=u4"),
+        ("rqueue", "=u4"),
+        ("wqueue", "=u4"),
+        ("uid", "=u4"),
+        ("inode", "=u4"),
     ]
 )
-assert DIAG_DTYPE.itemsize == 72
+_MESSAGE = _NLMSGHDR.size + DIAG_DTYPE.itemsize  # the shortest diag message: 88 bytes
 
 
 def dump_tcp(
@@ -107,67 +127,126 @@ def dump_sockets(
                 0,
             )
             sock.send(header + request)
-            parts.extend(_receive(sock))
-    if not parts:
-        return np.zeros(0, dtype=DIAG_DTYPE)
-    return np.concatenate(parts)
+            parts.append(parse_dump(_datagrams(sock)))
+    return _joined(parts)
 
 
-def _receive(sock: socket.socket) -> list[np.ndarray]:
+def _datagrams(sock: socket.socket) -> Iterator[memoryview]:
+    """The datagrams of one dump as they arrive (one buffer, reused: parse each at once)."""
     buffer = bytearray(_RECV_BUFFER)
-    parts: list[np.ndarray] = []
     while True:
-        size = sock.recv_into(buffer)
+        size = sock.recv_into(buffer, 0, socket.MSG_TRUNC)  # the datagram's real size
+        if size > len(buffer):
+            raise OSError(
+                errno.EMSGSIZE,
+                f"sock_diag: a {size}-byte datagram did not fit the {len(buffer)}-byte buffer",
+            )
         if size == 0:
-            return parts
-        rows, done = _parse(memoryview(buffer)[:size])
+            return
+        yield memoryview(buffer)[:size]
+
+
+def parse_dump(datagrams: Iterable[bytes | bytearray | memoryview]) -> np.ndarray:
+    """The ``DIAG_DTYPE`` rows of one dump's datagrams, read up to ``NLMSG_DONE``.
+
+    Raises ``OSError`` as the module docstring says; stops consuming
+    ``datagrams`` at the one holding ``NLMSG_DONE``.
+    """
+    parts = []
+    for number, datagram in enumerate(datagrams):
+        rows, done = _parse(memoryview(datagram).cast("B"), number)
         if len(rows):
             parts.append(rows)
         if done:
-            return parts
+            return _joined(parts)
+    raise OSError(errno.EBADMSG, "sock_diag: the dump ended without NLMSG_DONE")
 
 
-def _parse(chunk: memoryview) -> tuple[np.ndarray, bool]:
-    """The diag rows of one recv() and whether the dump is done."""
-    offsets = _offsets(chunk)
-    words = np.frombuffer(chunk, dtype="<u2", count=len(chunk) // 2)
-    types = words[offsets // 2 + 2]  # nlmsg_type sits 4 bytes into each header
-    if (types == NLMSG_ERROR).any():
-        offset = int(offsets[np.argmax(types == NLMSG_ERROR)])
-        (code,) = struct.unpack_from("=i", chunk, offset + _NLMSGHDR.size)
-        if code:
-            raise OSError(-code, f"sock_diag dump failed: {os.strerror(-code)}")
-    data = offsets[types == SOCK_DIAG_BY_FAMILY] + _NLMSGHDR.size
-    done = bool((types == NLMSG_DONE).any())
+def _joined(parts: list[np.ndarray]) -> np.ndarray:
+    """One array of ``DIAG_DTYPE`` (a plain concatenate would turn the ports native-endian)."""
+    out = np.empty(sum(len(p) for p in parts), dtype=DIAG_DTYPE)
+    return np.concatenate(parts, out=out) if parts else out
+
+
+def _parse(chunk: memoryview, number: int = 0) -> tuple[np.ndarray, bool]:
+    """The diag rows of one datagram and whether it ends the dump."""
+    offsets, lengths = _offsets(chunk, number)
+    types = np.frombuffer(chunk, dtype="=u2", count=len(chunk) // 2)[offsets // 2 + 2]
+    ends = np.flatnonzero((types == NLMSG_DONE) | (types == NLMSG_ERROR))
+    for index in ends:
+        _raise_if_failed(chunk, number, int(offsets[index]), int(lengths[index]), int(types[index]))
+    done = bool((types[ends] == NLMSG_DONE).any())
+    diag = types == SOCK_DIAG_BY_FAMILY
+    if done:  # nothing after NLMSG_DONE belongs to this dump
+        diag[int(ends[np.argmax(types[ends] == NLMSG_DONE)]) :] = False
+    short = diag & (lengths < _MESSAGE)
+    if short.any():
+        at = int(np.argmax(short))
+        what = f"a diag message of {lengths[at]} bytes, less than header + inet_diag_msg"
+        raise _malformed(number, int(offsets[at]), f"{what} ({_MESSAGE})")
+    data = offsets[diag] + _NLMSGHDR.size
     if not len(data):
         return np.zeros(0, dtype=DIAG_DTYPE), done
     raw = np.frombuffer(chunk, dtype=np.uint8)
     stride = int(data[1] - data[0]) if len(data) > 1 else 0
     if len(data) > 1 and (np.diff(data) == stride).all():
         # every message the same length (TIME_WAIT sockets carry no attributes):
-        # one strided view, no copy until the caller's concatenate
+        # one strided view, one copy
         view = np.ndarray((len(data),), DIAG_DTYPE, raw, int(data[0]), (stride,))
         return view.copy(), done
     gathered = raw[data[:, None] + np.arange(DIAG_DTYPE.itemsize)]
     return gathered.view(DIAG_DTYPE).reshape(-1), done
 
 
-def _offsets(chunk: memoryview) -> np.ndarray:
-    """Where each netlink message of a chunk starts."""
+def _raise_if_failed(chunk: memoryview, number: int, offset: int, length: int, kind: int) -> None:
+    """NLMSG_ERROR and NLMSG_DONE carry an int: 0, or minus the errno that ended the dump."""
+    if length < _NLMSGHDR.size + 4:
+        if kind == NLMSG_DONE:
+            return  # a bare NLMSG_DONE: nothing to report
+        raise _malformed(number, offset, f"an NLMSG_ERROR of {length} bytes, with no error code")
+    (code,) = struct.unpack_from("=i", chunk, offset + _NLMSGHDR.size)
+    if code < 0:
+        name = errno.errorcode.get(-code, f"errno {-code}")
+        what = "failed" if kind == NLMSG_ERROR else "was aborted"
+        raise OSError(-code, f"sock_diag dump {what}: {name} ({os.strerror(-code)})")
+
+
+def _malformed(number: int, offset: int, what: str) -> OSError:
+    return OSError(errno.EBADMSG, f"sock_diag: datagram {number}, byte {offset}: {what}")
+
+
+def _offsets(chunk: memoryview, number: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Where each netlink message of a datagram starts, and its length field.
+
+    Raises when the messages do not tile the datagram exactly (up to the
+    alignment padding of the last one).
+    """
     size = len(chunk)
+    if size < _NLMSGHDR.size:
+        raise _malformed(number, 0, f"{size} bytes, less than a netlink header")
     (first,) = struct.unpack_from("=I", chunk, 0)
     step = (first + 3) & ~3
-    if step and size % step == 0:
-        lengths = np.frombuffer(chunk, dtype="<u4", count=size // 4)[:: step // 4]
-        if (lengths == first).all():
-            return np.arange(0, size, step, dtype=np.int64)
-    offsets = []
+    if first >= _NLMSGHDR.size and size % step == 0:
+        lengths = np.frombuffer(chunk, dtype="=u4", count=size // 4)[:: step // 4]
+        if (lengths == first).all():  # the usual case: one message size throughout
+            return np.arange(0, size, step, dtype=np.int64), lengths.astype(np.int64)
+    starts: list[int] = []
     offset = 0
     unpack = struct.Struct("=I").unpack_from
-    while offset + _NLMSGHDR.size <= size:
-        offsets.append(offset)
+    while offset + _NLMSGHDR.size <= size:  # messages of several sizes: walk the lengths
+        starts.append(offset)
         (length,) = unpack(chunk, offset)
         if length < _NLMSGHDR.size:
-            break
+            raise _malformed(number, offset, f"a length field of {length}, less than a header")
         offset += (length + 3) & ~3
-    return np.array(offsets, dtype=np.int64)
+    offsets = np.array(starts, dtype=np.int64)
+    words = np.frombuffer(chunk, dtype="=u4", count=size // 4)
+    lengths = words[offsets // 4].astype(np.int64)  # messages start 4-aligned
+    if len(offsets) and offsets[-1] + lengths[-1] > size:
+        left = size - int(offsets[-1])
+        raise _malformed(
+            number, int(offsets[-1]), f"a {lengths[-1]}-byte message cut off after {left} bytes"
+        )
+    if offset < size:
+        raise _malformed(number, offset, f"a header cut off after {size - offset} bytes")
+    return offsets, lengths
