@@ -26,6 +26,7 @@ from matplotlib.figure import Figure
 
 from harness.errors import ScenarioError
 from harness.lab.topology import run_lab
+from harness.report.model import Summary
 from harness.rundir import RunDir
 from harness.scenario import Scenario, load_scenario
 
@@ -33,7 +34,7 @@ __all__ = ["Vary", "run_sweep"]
 
 logger = logging.getLogger(__name__)
 
-PointSink = Callable[[int, int, str, dict[str, Any] | None], None]
+PointSink = Callable[[int, int, str, Summary | None], None]
 
 
 @dataclass(frozen=True)
@@ -107,23 +108,26 @@ def run_sweep(
     return sweep.path
 
 
-def _row(index: int, label: str, sets: dict[str, str], summary: dict[str, Any]) -> dict[str, Any]:
-    capacity = summary.get("capacity", {})
+def _row(index: int, label: str, sets: dict[str, str], summary: Summary) -> dict[str, Any]:
+    """One point of the comparison table: its settings, and measured against the model."""
+    capacity = summary.capacity
     return {
         "point": index,
         "label": label,
         **{key: text.partition("=")[2] for key, text in sets.items()},
-        "attempted": summary["connections"]["attempted"],
-        "succeeded": summary["connections"]["succeeded"],
-        "distinct_tuples": summary.get("tuples", {}).get("distinct"),
-        "exhausted": summary["exhaustion"]["exhausted"],
-        "measured_rate_per_s": capacity.get("measured_rate_per_s"),
-        "measured_sustained_rate_per_s": capacity.get("measured_sustained_rate_per_s"),
-        "model_max_rate_per_s": capacity.get("model_max_rate_per_s"),
-        "measured_time_to_exhaustion_s": capacity.get("measured_time_to_exhaustion_s"),
-        "model_time_to_exhaustion_s": capacity.get("model_time_to_exhaustion_s"),
-        "model_ports": capacity.get("model_ports"),
-        "kernel_tw_recycled": summary.get("time_wait", {}).get("kernel_tw_recycled"),
+        "attempted": summary.connections.attempted,
+        "succeeded": summary.connections.succeeded,
+        "distinct_tuples": summary.tuples.distinct if summary.tuples is not None else None,
+        "exhausted": summary.exhaustion.exhausted,
+        "measured_rate_per_s": capacity.measured_rate_per_s,
+        "measured_sustained_rate_per_s": capacity.measured_sustained_rate_per_s,
+        "model_max_rate_per_s": capacity.model_max_rate_per_s,
+        "measured_time_to_exhaustion_s": capacity.measured_time_to_exhaustion_s,
+        "model_time_to_exhaustion_s": capacity.model_time_to_exhaustion_s,
+        "model_ports": capacity.model_ports,
+        "kernel_tw_recycled": (
+            summary.time_wait.kernel_tw_recycled if summary.time_wait is not None else None
+        ),
     }
 
 
