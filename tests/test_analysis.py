@@ -176,3 +176,28 @@ def test_host_sections_count_each_worker_on_its_own() -> None:
     assert w1.port_range == [40000, 40099]
     assert (w2.attempted, w2.succeeded, w2.failed) == (4, 3, 1)
     assert w2.first_exhaustion_s == 0.003 and w2.source_addresses == ["127.0.0.1"]
+
+
+def test_peaks_read_the_targets_scopes_and_the_kernels_counter() -> None:
+    """Occupancy sums the ``to`` scopes per sample; TWRecycled comes from ``all``."""
+    from harness.report.occupancy import IN_USE, peaks, scope_series
+
+    times = [0, 0, 0, 1, 1, 1]
+    scopes = ["all", "to a:1", "to b:1", "all", "to a:1", "to b:1"]
+    time_wait = [500, 10, 20, 900, 30, 40]  # "all" counts other sockets too
+    columns: dict[str, pa.Array] = {
+        "t_ns": pa.array(times, pa.int64()),
+        "scope": pa.array(scopes, pa.string()),
+        "tw_recycled": pa.array([5.0, None, None, 12.0, None, None], pa.float64()),
+    }
+    for state in IN_USE:
+        columns[state] = pa.array(time_wait if state == "time_wait" else [1] * 6, pa.int64())
+    samples = pa.table(columns)
+    t, tw = scope_series(samples, ("time_wait",))
+    assert t.tolist() == [0, 1] and tw.tolist() == [30, 70]
+    found = peaks(samples)
+    assert found.time_wait == 70
+    assert found.in_use == 70 + 2 * (len(IN_USE) - 1)
+    assert found.tw_recycled == 7
+    only_all = samples.filter(pa.array([s == "all" for s in scopes]))
+    assert scope_series(only_all, ("time_wait",))[1].tolist() == [500, 900]
