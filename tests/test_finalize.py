@@ -146,3 +146,22 @@ def test_a_malformed_summary_names_file_key_value_and_expected(
         Summary.load(path / "summary.json")
     assert caught.value.source == path / "summary.json"
     assert isinstance(caught.value, RunDirError)  # eph's CLI reports it as such
+
+
+def test_plan_from_a_run_directory_reads_its_summary(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from harness.cli import main
+
+    path = _run_dir(tmp_path)
+    main(["plan", "--from", str(path), "--json"])
+    plan = json.loads(capsys.readouterr().out)
+    assert plan["inputs"]["port_range"] == [40000, 40099] and plan["inputs"]["tw_reuse"] == 0
+    assert plan["measured"]["ports before the first failure"] == {"model": 100, "measured": 100}
+    data = json.loads((path / "summary.json").read_text())
+    (path / "summary.json").write_text(json.dumps({**data, "schema_version": 1}))
+    with pytest.raises(SystemExit) as exited:  # a clear error, no traceback
+        main(["plan", "--from", str(path)])
+    assert exited.value.code == 2
+    error = capsys.readouterr().err
+    assert "summary.json, key 'schema_version'" in error and "eph report RUN_DIR" in error
