@@ -8,7 +8,8 @@ The hierarchy::
     ├── ListenerError             the target listener could not serve an endpoint
     ├── RunError                  a run could not start or a child process failed
     └── RunDirError               a run directory is missing, truncated or corrupt
-        └── SummaryError          its summary.json is of another version or malformed
+        └── SummaryError          its summary.json (or a file feeding it) is of another
+                                  version or holds a wrong value
 
 A failed *connection* is never an exception here: it is data, recorded with its
 errno (see ``harness.records``); :func:`errno_name` is how every part of eph
@@ -106,7 +107,8 @@ class RunDirError(EphError):
 
 
 class SummaryError(RunDirError):
-    """A ``summary.json`` is of another schema version, or a value in it is wrong.
+    """A ``summary.json`` is of another schema version, or a value in it (or in a file
+    that feeds it, such as ``listener.json``) is wrong.
 
     ``source`` is the file, ``key`` the dotted key path, ``value`` what it held
     and ``expected`` what would have been accepted.

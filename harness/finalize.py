@@ -20,7 +20,15 @@ from harness.records import Part, merge_parts
 from harness.report.analysis import analyze
 from harness.report.hosts import HostSamples
 from harness.report.html import render_report
-from harness.report.model import Distributed, Kernel, Listener, PriorRun, Service, Summary
+from harness.report.model import (
+    Distributed,
+    Kernel,
+    Listener,
+    PriorRun,
+    Service,
+    Summary,
+    validated,
+)
 from harness.report.occupancy import kernel_conservation
 from harness.report.rundata import RunData
 from harness.report.summary import Columns, summarize
@@ -52,25 +60,18 @@ def finalize(
     table = _read_connections(run)
     scenario = run.read_json("scenario.json")
     setup = Scenario.model_validate(scenario)
-    facts = _RunFacts(
+    facts = _facts(
+        run,
+        hosts,
         interrupted=interrupted,
-        started_at=run.path.stat().st_mtime if started_at is None else started_at,
+        started_at=started_at,
         duration_s=duration_s,
-        kernel=_kernel(run.path, hosts, kernel),
-        listener=Listener.model_validate(listener) if listener is not None else None,
-        locust_requests=(
-            locust_request_count(run.path / "locust.json")
-            if locust_requests is None
-            else locust_requests
-        ),
+        kernel=kernel,
+        listener=listener,
+        locust_requests=locust_requests,
     )
     summary = _summarize(run, table, setup, facts)
-    if stop_reason is not None:
-        summary.stop_reason = stop_reason
-    if (run.path / "service.json").exists():  # the port-conflict lab's stand-in service
-        summary.service = Service.model_validate(run.read_json("service.json"))
-    if expected_workers is not None:
-        _account_for_workers(summary, expected_workers, hosts)
+    _add_run_notes(run, summary, stop_reason, expected_workers, hosts)
     samples = _read_samples(run.path / "samples.parquet")
     server_samples = _read_samples(run.path / "server" / "samples.parquet")
     summary = analyze(table, samples, setup, summary, server_samples, hosts)
@@ -93,6 +94,33 @@ class _RunFacts:
     kernel: Kernel
     listener: Listener | None
     locust_requests: int | None
+
+
+def _facts(
+    run: RunDir,
+    hosts: list[HostSamples],
+    *,
+    interrupted: bool,
+    started_at: float | None,
+    duration_s: float | None,
+    kernel: Kernel | Mapping[str, Any] | None,
+    listener: Mapping[str, Any] | None,
+    locust_requests: int | None,
+) -> _RunFacts:
+    """What finalize was given, the gaps filled from the run directory (or this host)."""
+    counts = None
+    if listener is not None:
+        counts = validated(Listener, listener, run.path / "listener.json")
+    if locust_requests is None:
+        locust_requests = locust_request_count(run.path / "locust.json")
+    return _RunFacts(
+        interrupted=interrupted,
+        started_at=run.path.stat().st_mtime if started_at is None else started_at,
+        duration_s=duration_s,
+        kernel=_kernel(run.path, hosts, kernel),
+        listener=counts,
+        locust_requests=locust_requests,
+    )
 
 
 def _finish_samples(run: RunDir) -> None:
@@ -141,7 +169,7 @@ def _kernel(
     if isinstance(given, Kernel):
         return given
     if given is not None:
-        return Kernel.model_validate(given)
+        return validated(Kernel, given, "the run's kernel reading")
     found = _collector_kernel(path) or next((h.kernel for h in hosts if h.kernel), None)
     return found if found is not None else Kernel.model_validate(read_kernel())
 
@@ -165,6 +193,23 @@ def _summarize(run: RunDir, table: pa.Table, setup: Scenario, facts: _RunFacts) 
         lossy_link=bool(setup.lab.loss) and (run.path / "lab.json").exists(),
         datagrams=setup.load.protocol is Protocol.UDP,
     )
+
+
+def _add_run_notes(
+    run: RunDir,
+    summary: Summary,
+    stop_reason: str | None,
+    expected_workers: int | None,
+    hosts: list[HostSamples],
+) -> None:
+    """Why the run stopped, the stand-in service's timeline, the workers that shipped."""
+    if stop_reason is not None:
+        summary.stop_reason = stop_reason
+    if (run.path / "service.json").exists():  # the port-conflict lab's stand-in service
+        service = run.read_json("service.json")
+        summary.service = validated(Service, service, run.path / "service.json")
+    if expected_workers is not None:
+        _account_for_workers(summary, expected_workers, hosts)
 
 
 def _account_for_workers(summary: Summary, expected: int, hosts: list[HostSamples]) -> None:

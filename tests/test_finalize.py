@@ -165,3 +165,10 @@ def test_plan_from_a_run_directory_reads_its_summary(
     assert exited.value.code == 2
     error = capsys.readouterr().err
     assert "summary.json, key 'schema_version'" in error and "eph report RUN_DIR" in error
+
+
+def test_a_wrong_value_in_a_file_feeding_the_summary_names_it(tmp_path: Path) -> None:
+    path = _run_dir(tmp_path)
+    (path / "listener.json").write_text(json.dumps({"accepted": "lots"}))
+    with pytest.raises(SummaryError, match=r"listener\.json, key 'accepted': has a wrong value"):
+        rerender(path)

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Final, Literal
+from typing import Any, Final, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
@@ -45,6 +45,7 @@ __all__ = [
     "TupleExample",
     "Tuples",
     "summary_schema",
+    "validated",
 ]
 
 SCHEMA_VERSION: Final = 2
@@ -157,7 +158,7 @@ class Kernel(_Reported):
 class Listener(_Reported):
     """The embedded listener's counts (``listener.json``)."""
 
-    accepted: int
+    accepted: int = 0
     endpoints: dict[str, int] | None = None
     loop_errors: int | None = None
 
@@ -343,10 +344,7 @@ class Summary(_Section):
                 value=version,
                 expected=str(SCHEMA_VERSION),
             )
-        try:
-            return cls.model_validate(data)
-        except ValidationError as exc:
-            raise _first_error(source, exc) from None
+        return validated(cls, data, source)
 
 
 class PriorRun(BaseModel):
@@ -368,10 +366,19 @@ class PriorRun(BaseModel):
             data = json.loads(path.read_text())
         except (OSError, ValueError) as exc:
             raise SummaryError(path, f"is not readable JSON ({exc})") from None
-        try:
-            return cls.model_validate(data)
-        except ValidationError as exc:
-            raise _first_error(path, exc) from None
+        return validated(cls, data, path)
+
+
+Section = TypeVar("Section", bound=BaseModel)
+
+
+def validated(model: type[Section], data: object, source: Path | str) -> Section:
+    """``data`` (from ``source``, a file that feeds the summary) as ``model``; a wrong
+    value raises :class:`SummaryError` naming the file, the key, the value."""
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        raise _first_error(source, exc) from None
 
 
 def _first_error(source: Path | str, exc: ValidationError) -> SummaryError:
