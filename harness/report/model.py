@@ -18,6 +18,30 @@ from typing import Any, Final, Literal, TypeVar
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from harness.errors import SummaryError
+from harness.report.sections import (
+    BindAttempt,
+    Capacity,
+    Connections,
+    Conservation,
+    Distributed,
+    Exhaustion,
+    HostSection,
+    Kernel,
+    Latency,
+    Listener,
+    Occupancy,
+    OccupancyBand,
+    Outage,
+    ParityQuantiles,
+    Ports,
+    Quantiles,
+    SamplesInfo,
+    Section,
+    Service,
+    TimeWait,
+    TupleExample,
+    Tuples,
+)
 
 __all__ = [
     "SCHEMA_VERSION",
@@ -51,249 +75,14 @@ __all__ = [
 SCHEMA_VERSION: Final = 2
 
 
-class _Section(BaseModel):
-    """A part of the summary eph itself computes: unknown keys are an error."""
-
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
-
-
-class _Reported(BaseModel):
-    """A part copied from another process's JSON: its extra keys are kept."""
-
-    model_config = ConfigDict(extra="allow", validate_assignment=True)
-
-
-class Latency(_Section):
-    """Connect latency in milliseconds."""
-
-    p50: float
-    p90: float
-    p99: float
-    max: float
-
-
-class Quantiles(_Section):
-    p50: float
-    p90: float
-    p99: float
-    min: float
-
-
-class ParityQuantiles(_Section):
-    even: Quantiles | None
-    odd: Quantiles | None
-
-
-class Connections(_Section):
-    attempted: int
-    succeeded: int
-    failed: int
-    errors: dict[str, int]  # errno name -> failed attempts
-    io_errors: dict[str, int]  # errno name -> connected, then failed in I/O
-    rate_per_s: float
-    connect_ms: Latency | None
-
-
-class Ports(_Section):
-    range: list[int] | None  # ip_local_port_range, [low, high]
-    distinct_used: int
-    even_fraction: float | None
-    # how the kernel handed them out (absent when no connection succeeded)
-    max_uses_per_port: int | None = None
-    mean_uses_per_port: float | None = None
-    first_odd_s: float | None = None
-    first_port_by_destination: dict[str, int] | None = None
-    connect_ms_by_parity: ParityQuantiles | None = None
-    first_offset_by_destination: dict[str, int] | None = None
-
-    @property
-    def span(self) -> tuple[int, int] | None:
-        """The range as (low, high), when the kernel's reading had one."""
-        if self.range is None or len(self.range) != 2:
-            return None
-        return self.range[0], self.range[1]
-
-
-class Exhaustion(_Section):
-    exhausted: bool
-    errno: str | None = None  # the first failure's, when exhausted
-    first_failure_s: float | None
-    succeeded_before_first_failure: int | None
-
-
-class Outage(_Section):
-    from_s: float
-    to_s: float
-    failures: int
-    errors: dict[str, int]
-    recovered: bool
-
-
-class Kernel(_Reported):
-    """The sysctls as read where the clients ran (``harness.kernel.sysctls``)."""
-
-    release: str | None = None
-    ip_local_port_range: list[int] | None = None
-    ip_local_reserved_ports: str | int | None = None
-    tcp_tw_reuse: int | None = None
-    tcp_tw_reuse_delay_ms: int | None = None  # Linux 6.14+
-    tcp_timestamps: int | None = None
-    tcp_fin_timeout: int | None = None
-    tcp_max_tw_buckets: int | None = None
-    somaxconn: int | None = None
-    rlimit_nofile: list[int] | None = None
-    netns: str | None = None
-
-    @property
-    def reserved(self) -> str:
-        """``ip_local_reserved_ports`` as text (a single port reads back as a number)."""
-        return str(self.ip_local_reserved_ports or "")
-
-    @property
-    def port_span(self) -> tuple[int, int] | None:
-        found = self.ip_local_port_range
-        return (found[0], found[1]) if found is not None and len(found) == 2 else None
-
-
-class Listener(_Reported):
-    """The embedded listener's counts (``listener.json``)."""
-
-    accepted: int = 0
-    endpoints: dict[str, int] | None = None
-    loop_errors: int | None = None
-
-
-class Conservation(_Section):
-    records: int
-    locust_requests: int | None = None
-    records_match_locust: bool | None = None
-    listener_accepted: int | None = None
-    succeeded_match_listener: bool | None = None
-    listener_check: str | None = None  # why the listener's count is not judged
-    ok: bool
-    # the kernel's Tcp ActiveOpens against the records (TCP runs with counters)
-    kernel_active_opens: int | None = None
-    kernel_attempt_fails: int | None = None
-    attempts_sending_syn: int | None = None
-    attempts_match_kernel: bool | None = None
-    kernel_check: str | None = None
-
-
-class BindAttempt(_Section):
-    at_s: float
-    errno: str
-    held_by: dict[str, int]  # TCP state -> client sockets on the port
-
-
-class Service(_Reported):
-    """The port-conflict lab's stand-in service (``service.json``)."""
-
-    port: int
-    restart_at_s: float
-    stopped_at_s: float | None = None
-    rebound_at_s: float | None = None
-    failed_binds: int = 0
-    errors: list[str] = []
-    attempts: list[BindAttempt] = []
-    rebound: bool = False
-
-
-class Distributed(_Section):
-    expected_workers: int
-    hosts_shipped: list[str]
-    missing_workers: int
-
-
-class SamplesInfo(_Section):
-    count: int
-    interval_s: float
-    max_sample_ms: float | None
-    median_sample_ms: float | None
-    missing_after_s: float | None  # the collector's samples stop here (it died)
-
-
-class TimeWait(_Section):
-    peak: int | None
-    reused_connections: int
-    kernel_tw_recycled: int | None
-    reused_minus_kernel: int | None
-    reuse_age_s: Quantiles | None
-    server_peak: int | None = None  # a lab's pair topology: the server namespace's
-
-
-class TupleExample(_Section):
-    local_port: int
-    remote_port: int
-    first_start_ns: int
-    first_close_ns: int
-    second_start_ns: int
-
-
-class Tuples(_Section):
-    distinct: int
-    max_uses: int
-    concurrent_duplicates: int
-    examples: list[TupleExample]
-    reuse_distance_median: float | None
-
-
-class HostSection(_Section):
-    """One load-generator host of a distributed run."""
-
-    host: str
-    hostname: str | None
-    attempted: int
-    succeeded: int
-    failed: int
-    source_addresses: list[str]
-    distinct_ports: int
-    port_span: list[int] | None
-    first_exhaustion_s: float | None
-    port_range: list[int] | None
-    peak_in_use: int | None
-    usable_ports: int | None
-    clock_shift_ms: float
-    time_wait_peak: int | None = None
-
-
-class Capacity(_Section):
-    """The capacity model against what was measured."""
-
-    measured_rate_per_s: float | None = None
-    measured_time_to_exhaustion_s: float | None = None
-    model_max_rate_per_s: float | None = None
-    model_time_to_exhaustion_s: float | None = None
-    # the model's inputs (absent when the port range is unknown)
-    model_ports: int | None = None
-    model_hold_s: float | None = None
-    model_lifetime_s: float | None = None
-    model_reuse: bool | None = None
-    offered_rate_per_s: float | None = None
-    offered_rate_source: Literal["scenario", "measured"] | None = None
-    measured_sustained_rate_per_s: float | None = None
-
-
-class OccupancyBand(_Section):
-    occupancy: list[float]  # [low, high) share of the usable ports
-    connections: int
-    even: Quantiles | None
-    odd: Quantiles | None
-
-
-class Occupancy(_Section):
-    peak_ports: int
-    usable_ports: int
-    peak_fraction: float | None
-    connect_ms_by_occupancy: list[OccupancyBand]
-
-
-class Summary(_Section):
+class Summary(Section):
     """``summary.json``: the run's figures, computed in bulk after it."""
 
     schema_version: Literal[2] = SCHEMA_VERSION
     scenario: str
     interrupted: bool
-    started_at: str  # ISO 8601, UTC
+    started_at: str
+    """When the run started: ISO 8601, UTC."""
     duration_s: float
     connections: Connections
     ports: Ports
@@ -369,10 +158,10 @@ class PriorRun(BaseModel):
         return validated(cls, data, path)
 
 
-Section = TypeVar("Section", bound=BaseModel)
+_M = TypeVar("_M", bound=BaseModel)
 
 
-def validated(model: type[Section], data: object, source: Path | str) -> Section:
+def validated(model: type[_M], data: object, source: Path | str) -> _M:
     """``data`` (from ``source``, a file that feeds the summary) as ``model``; a wrong
     value raises :class:`SummaryError` naming the file, the key, the value."""
     try:
