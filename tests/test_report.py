@@ -148,3 +148,23 @@ def test_time_bins_have_no_partial_tail() -> None:
     edges, width = time_bins(np.array([0.0, 3.55]))
     assert width == 0.1
     assert edges[-1] == pytest.approx(3.5)
+
+
+def test_report_and_capacity_never_import_locust() -> None:
+    """Every module of report/ and capacity/ imports without locust, gevent or pyplot."""
+    import subprocess
+    import sys
+
+    from .conftest import ROOT
+
+    code = (
+        "import sys, pkgutil, importlib, harness.report, harness.capacity\n"
+        "for pkg in (harness.report, harness.capacity):\n"
+        "    for m in pkgutil.walk_packages(pkg.__path__, pkg.__name__ + '.'):\n"
+        "        importlib.import_module(m.name)\n"
+        "print(sorted(m for m in ('locust', 'gevent', 'matplotlib.pyplot') if m in sys.modules))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True
+    ).stdout
+    assert out.strip() == "[]"
