@@ -89,3 +89,19 @@ def test_a_row_reads_the_points_summary() -> None:
     assert (row["attempted"], row["succeeded"], row["exhausted"]) == (200, 100, True)
     assert row["model_ports"] == 100 and row["model_max_rate_per_s"] == 1.7
     assert row["distinct_tuples"] is None and row["kernel_tw_recycled"] is None  # not analysed
+
+
+def test_the_comparison_figure_puts_measured_beside_the_model() -> None:
+    from harness.lab.sweep import _figure, _row
+
+    rows = [
+        _row(i, f"kernel.tcp_tw_reuse={i}", {"kernel.tcp_tw_reuse": f"x={i}"}, summary)
+        for i, summary in enumerate(
+            [exhausted_summary(model_max_rate_per_s=1.7), exhausted_summary()]
+        )
+    ]
+    rate, tte = _figure(rows).axes
+    heights = [bar.get_height() for bar in rate.patches]
+    assert heights == [0, 0, 1.7, 0]  # measured for both points, then the model for both
+    assert [t.get_text() for t in rate.get_xticklabels()] == ["0", "1"]
+    assert rate.get_xlabel() == "tcp_tw_reuse" and len(tte.patches) == 4

@@ -83,28 +83,14 @@ def summarize(
 ) -> Summary:
     """The summary's first sections, from the records alone; analysis adds the rest."""
     attempted = len(cols.errno)
-    ok = cols.ok
-    succeeded = int(ok.sum())
-    ports = cols.local_port[ok]
+    succeeded = int(cols.ok.sum())
     summary = Summary(
         scenario=scenario,
         interrupted=interrupted,
         started_at=started_at,
         duration_s=round(duration_s, 3),
-        connections=Connections(
-            attempted=attempted,
-            succeeded=succeeded,
-            failed=attempted - succeeded,
-            errors=_counts(cols.errno),
-            io_errors=_counts(cols.io_errno[ok]),
-            rate_per_s=_rate(cols, duration_s),
-            connect_ms=_latency(cols.connect_us[ok]),
-        ),
-        ports=Ports(
-            range=kernel.ip_local_port_range,
-            distinct_used=len(np.unique(ports)),
-            even_fraction=round(float((ports % 2 == 0).mean()), 4) if len(ports) else None,
-        ),
+        connections=_connections(cols, duration_s),
+        ports=_ports(cols, kernel),
         exhaustion=_exhaustion(cols),
         outages=outages(cols),
         kernel=kernel,
@@ -115,6 +101,30 @@ def summarize(
     if listener is not None:
         summary.listener = listener
     return summary
+
+
+def _connections(cols: Columns, duration_s: float) -> Connections:
+    attempted, ok = len(cols.errno), cols.ok
+    succeeded = int(ok.sum())
+    return Connections(
+        attempted=attempted,
+        succeeded=succeeded,
+        failed=attempted - succeeded,
+        errors=_counts(cols.errno),
+        io_errors=_counts(cols.io_errno[ok]),
+        rate_per_s=_rate(cols, duration_s),
+        connect_ms=_latency(cols.connect_us[ok]),
+    )
+
+
+def _ports(cols: Columns, kernel: Kernel) -> Ports:
+    """The ports the successful connections got."""
+    ports = cols.local_port[cols.ok]
+    return Ports(
+        range=kernel.ip_local_port_range,
+        distinct_used=len(np.unique(ports)),
+        even_fraction=round(float((ports % 2 == 0).mean()), 4) if len(ports) else None,
+    )
 
 
 def _rate(cols: Columns, duration_s: float) -> float:
