@@ -327,6 +327,7 @@ _SCENARIO = 'name = "b"\n[target]\nendpoints = ["127.0.0.1:9000"]\n'
 def analysis_time(connections: int) -> dict[str, Any]:
     """finalize()'s analysis over ``connections`` synthetic records (no load needed)."""
     from harness.report.analysis import analyze
+    from harness.report.model import Kernel
     from harness.report.summary import Columns, summarize
     from harness.scenario import parse_scenario
 
@@ -335,9 +336,14 @@ def analysis_time(connections: int) -> dict[str, Any]:
     started = time.perf_counter()
     cols = Columns.from_table(table)
     summary = summarize(
-        cols, scenario="b", started_at="-", duration_s=50.0, interrupted=False, kernel=_KERNEL
+        cols,
+        scenario="b",
+        started_at="-",
+        duration_s=50.0,
+        interrupted=False,
+        kernel=Kernel.model_validate(_KERNEL),
     )
-    analyze(table, None, scenario, _KERNEL, summary)
+    analyze(table, None, scenario, summary)
     return {"connections": connections, "seconds": round(time.perf_counter() - started, 2)}
 
 

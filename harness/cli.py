@@ -21,6 +21,7 @@ from harness.load.progress import Progress
 from harness.scenario import ClosePolicy, ListenerClose, Scenario, load_scenario
 
 if TYPE_CHECKING:
+    from harness.report.model import Summary
     from harness.run import RunResult
 
 __all__ = ["main"]
@@ -249,15 +250,15 @@ def sweep(
         total *= len(axis.values)
     _console.print(f"[bold]eph sweep[/] {scenario}: {total} points")
 
-    def on_point(index: int, count: int, label: str, summary: dict[str, Any] | None) -> None:
+    def on_point(index: int, count: int, label: str, summary: Summary | None) -> None:
         if summary is None:
             _console.print(f"[{index + 1}/{count}] {label} ...", highlight=False, markup=False)
             return
-        capacity = summary.get("capacity", {})
+        capacity = summary.capacity
         _console.print(
-            f"[{index + 1}/{count}] {label}: {summary['connections']['succeeded']} succeeded,"
-            f" measured {capacity.get('measured_rate_per_s')}/s, model"
-            f" {capacity.get('model_max_rate_per_s')}/s",
+            f"[{index + 1}/{count}] {label}: {summary.connections.succeeded} succeeded,"
+            f" measured {capacity.measured_rate_per_s}/s, model"
+            f" {capacity.model_max_rate_per_s}/s",
             highlight=False,
             markup=False,
         )
@@ -332,22 +333,21 @@ class _ProgressView:
             print(text, file=sys.stderr, flush=True)
 
 
-def _print_result(run_dir: Path, summary: dict[str, object]) -> None:
-    conns = summary["connections"]
-    exhaustion = summary["exhaustion"]
-    assert isinstance(conns, dict) and isinstance(exhaustion, dict)
+def _print_result(run_dir: Path, summary: Summary) -> None:
+    conns, exhaustion = summary.connections, summary.exhaustion
     _console.print(
-        f"connections: {conns['attempted']} attempted, {conns['succeeded']} succeeded,"
-        f" {conns['failed']} failed {conns['errors'] or ''}; {conns['rate_per_s']}/s"
+        f"connections: {conns.attempted} attempted, {conns.succeeded} succeeded,"
+        f" {conns.failed} failed {conns.errors or ''}; {conns.rate_per_s}/s"
     )
-    if exhaustion["exhausted"]:
+    if exhaustion.exhausted:
         _console.print(
-            f"[red]exhausted[/] after {exhaustion['first_failure_s']} s"
-            f" ({exhaustion['succeeded_before_first_failure']} connections first)"
+            f"[red]exhausted[/] after {exhaustion.first_failure_s} s"
+            f" ({exhaustion.succeeded_before_first_failure} connections first)"
         )
-    conservation = summary.get("conservation", {})
-    if isinstance(conservation, dict) and not conservation.get("ok", True):
-        _console.print(f"[yellow]conservation check failed[/]: {conservation}")
+    conservation = summary.conservation
+    if not conservation.ok:
+        shown = conservation.model_dump(mode="json", exclude_unset=True)
+        _console.print(f"[yellow]conservation check failed[/]: {shown}")
     _console.print(f"report: {run_dir / 'report.html'}")
 
 
@@ -654,6 +654,7 @@ def plan(
 
     from harness.capacity.plan import from_kernel, from_run, make_plan, render_text
     from harness.kernel.sysctls import read_kernel
+    from harness.report.model import Summary
     from harness.rundir import RunDir
 
     given: dict[str, Any] = {
@@ -671,7 +672,9 @@ def plan(
     measured = None
     if run_dir is not None:
         run = RunDir.open(run_dir)
-        inputs, measured = from_run(run.read_json("summary.json"), run.read_json("scenario.json"))
+        inputs, measured = from_run(
+            Summary.load(run.summary), Scenario.model_validate(run.read_json("scenario.json"))
+        )
         changes: dict[str, Any] = {k: v for k, v in given.items() if v is not None}
         if rate:
             changes["rate"] = rate
@@ -740,6 +743,15 @@ def validate(scenarios: Sequence[Path], overrides: Sequence[str]) -> None:
         click.echo(f"{path}: ok ({scenario.name})")
         for note in scenario.advisories():
             click.echo(f"  warning: {note}")
+
+
+@cli.command("schema")
+@click.argument("name", type=click.Choice(["summary"]))
+def schema_command(name: str) -> None:
+    """Print the JSON Schema of a run directory's file: summary (summary.json)."""
+    from harness.report.model import summary_schema
+
+    click.echo(json.dumps(summary_schema(), indent=2))
 
 
 def main(argv: Sequence[str] | None = None) -> None:

@@ -5,22 +5,35 @@ from __future__ import annotations
 import datetime as dt
 import json
 import logging
+from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from harness.errors import RunDirError
+from harness.errors import RunDirError, SummaryError
 from harness.kernel.sysctls import read_kernel
 from harness.observe.collector import finish_samples
 from harness.records import Part, merge_parts
-from harness.report.analysis import HostSamples, analyze, kernel_conservation
-from harness.report.figures import RunData
+from harness.report.analysis import analyze
+from harness.report.hosts import HostSamples
 from harness.report.html import render_report
+from harness.report.model import (
+    Distributed,
+    Kernel,
+    Listener,
+    PriorRun,
+    Service,
+    Summary,
+    validated,
+)
+from harness.report.occupancy import kernel_conservation
+from harness.report.rundata import RunData
 from harness.report.summary import Columns, summarize
 from harness.rundir import HOSTS_DIR, RunDir
-from harness.scenario import Scenario
+from harness.scenario import Protocol, Scenario
 
 __all__ = ["finalize", "load_run", "locust_request_count", "rerender", "worker_hosts"]
 
@@ -33,127 +46,207 @@ def finalize(
     interrupted: bool = False,
     started_at: float | None = None,
     duration_s: float | None = None,
-    kernel: dict[str, Any] | None = None,
-    listener: dict[str, Any] | None = None,
+    kernel: Kernel | Mapping[str, Any] | None = None,
+    listener: Mapping[str, Any] | None = None,
     locust_requests: int | None = None,
     stop_reason: str | None = None,
     expected_workers: int | None = None,
-) -> dict[str, Any]:
+) -> Summary:
     """Merge part files into ``connections.parquet``, then write summary and report."""
     run = RunDir.open(path)
-    for directory in (run.path, run.path / "server", *sorted((run.path / HOSTS_DIR).glob("*/"))):
-        # a collector that died (killed, crashed) left its stream unconverted
-        if (directory / "samples.arrows").exists():
-            kept = finish_samples(directory)
-            logger.warning("%s: the collector did not finish; kept %d samples", directory, kept)
+    _finish_samples(run)
     hosts = worker_hosts(run.path)
-    parts = [Part(p) for p in sorted(run.parts.glob("*.arrows"))] + [
-        Part(p, host.name, int(host.info.get("clock_shift_ns", 0)))
-        for host in hosts
-        for p in sorted((run.path / HOSTS_DIR / host.name / "parts").glob("*.arrows"))
-    ]
-    if parts or not run.connections.exists():
-        try:
-            rows, truncated = merge_parts(parts, run.connections)
-        except OSError as exc:
-            raise RunDirError(
-                path,
-                f"cannot write connections.parquet ({exc.strerror or exc}); the record parts"
-                f" in parts/ are intact: free some space and run `eph report {path}`",
-            ) from None
-        for part_path in truncated:
-            logger.warning("records part %s was truncated; kept its whole batches", part_path)
-        for part in parts:
-            part.path.unlink()
-        logger.debug("merged %d rows from %d parts", rows, len(parts))
-    try:
-        table = pq.read_table(run.connections)
-    except (OSError, ValueError) as exc:
-        raise RunDirError(path, f"connections.parquet is unreadable ({exc})") from None
-    cols = Columns.from_table(table)
-    if duration_s is None:
-        duration_s = float(cols.seconds().max()) if len(cols.start_ns) else 0.0
-    if started_at is None:
-        started_at = run.path.stat().st_mtime
-    if locust_requests is None:
-        locust_requests = locust_request_count(run.path / "locust.json")
+    _merge_records(run, hosts)
+    table = _read_connections(run)
     scenario = run.read_json("scenario.json")
-    if kernel is None:
-        kernel = (
-            _collector_kernel(run.path)
-            or next((h.kernel for h in hosts if h.kernel), None)
-            or read_kernel()
-        )
-    summary = summarize(
-        cols,
-        scenario=scenario["name"],
-        started_at=dt.datetime.fromtimestamp(started_at, dt.UTC).isoformat(timespec="seconds"),
-        duration_s=duration_s,
+    setup = Scenario.model_validate(scenario)
+    facts = _facts(
+        run,
+        hosts,
         interrupted=interrupted,
+        started_at=started_at,
+        duration_s=duration_s,
         kernel=kernel,
         listener=listener,
         locust_requests=locust_requests,
-        lossy_link=bool(scenario.get("lab", {}).get("loss")) and (run.path / "lab.json").exists(),
-        datagrams=scenario.get("load", {}).get("protocol") == "udp",
     )
-    if stop_reason is not None:
-        summary["stop_reason"] = stop_reason
-    if (run.path / "service.json").exists():  # the port-conflict lab's stand-in service
-        summary["service"] = run.read_json("service.json")
-    if expected_workers is not None:
-        shipped = [host.name for host in hosts if host.info]
-        summary["distributed"] = {
-            "expected_workers": expected_workers,
-            "hosts_shipped": shipped,
-            # a worker that died (or lost the master) never shipped: its records stayed
-            # on its host, and Locust counted its requests up to its last report
-            "missing_workers": max(0, expected_workers - len(shipped)),
-        }
-        if summary["distributed"]["missing_workers"]:
-            summary["conservation"]["ok"] = False  # attempts were made that no record holds
+    summary = _summarize(run, table, setup, facts)
+    _add_run_notes(run, summary, stop_reason, expected_workers, hosts)
     samples = _read_samples(run.path / "samples.parquet")
     server_samples = _read_samples(run.path / "server" / "samples.parquet")
-    summary.update(
-        analyze(
-            table,
-            samples,
-            Scenario.model_validate(scenario),
-            kernel,
-            summary,
-            server_samples,
-            hosts,
-        )
-    )
-    if scenario.get("load", {}).get("protocol", "tcp") == "tcp":  # ActiveOpens counts TCP
-        _judge_kernel(summary, table, samples, judged=_kernel_is_ours(run.path, scenario, hosts))
-    run.write_json("summary.json", summary)
+    summary = analyze(table, samples, setup, summary, server_samples, hosts)
+    if setup.load.protocol is Protocol.TCP:  # ActiveOpens counts TCP
+        _judge_kernel(summary, table, samples, judged=_kernel_is_ours(run.path, setup, hosts))
+    run.write_json("summary.json", summary.to_json())
     render_report(
         run.report, RunData(table, samples, summary, scenario, server_samples, tuple(hosts))
     )
     return summary
 
 
-def _kernel_is_ours(path: Path, scenario: dict[str, Any], hosts: list[HostSamples]) -> bool:
+@dataclass(frozen=True)
+class _RunFacts:
+    """What only the run itself knew, as finalize was given it."""
+
+    interrupted: bool
+    started_at: float  # seconds since the epoch
+    duration_s: float | None  # the load's window; None: the records' span
+    kernel: Kernel
+    listener: Listener | None
+    locust_requests: int | None
+
+
+def _facts(
+    run: RunDir,
+    hosts: list[HostSamples],
+    *,
+    interrupted: bool,
+    started_at: float | None,
+    duration_s: float | None,
+    kernel: Kernel | Mapping[str, Any] | None,
+    listener: Mapping[str, Any] | None,
+    locust_requests: int | None,
+) -> _RunFacts:
+    """What finalize was given, the gaps filled from the run directory (or this host)."""
+    counts = None
+    if listener is not None:
+        counts = validated(Listener, listener, run.path / "listener.json")
+    if locust_requests is None:
+        locust_requests = locust_request_count(run.path / "locust.json")
+    return _RunFacts(
+        interrupted=interrupted,
+        started_at=run.path.stat().st_mtime if started_at is None else started_at,
+        duration_s=duration_s,
+        kernel=_kernel(run.path, hosts, kernel),
+        listener=counts,
+        locust_requests=locust_requests,
+    )
+
+
+def _finish_samples(run: RunDir) -> None:
+    """Convert the sample streams of collectors that died (killed, crashed)."""
+    for directory in (run.path, run.path / "server", *sorted((run.path / HOSTS_DIR).glob("*/"))):
+        if (directory / "samples.arrows").exists():
+            kept = finish_samples(directory)
+            logger.warning("%s: the collector did not finish; kept %d samples", directory, kept)
+
+
+def _merge_records(run: RunDir, hosts: list[HostSamples]) -> None:
+    """This host's record parts and every worker's into ``connections.parquet``."""
+    parts = [Part(p) for p in sorted(run.parts.glob("*.arrows"))] + [
+        Part(p, host.name, int(host.info.get("clock_shift_ns", 0)))
+        for host in hosts
+        for p in sorted((run.path / HOSTS_DIR / host.name / "parts").glob("*.arrows"))
+    ]
+    if not parts and run.connections.exists():
+        return
+    try:
+        rows, truncated = merge_parts(parts, run.connections)
+    except OSError as exc:
+        raise RunDirError(
+            run.path,
+            f"cannot write connections.parquet ({exc.strerror or exc}); the record parts"
+            f" in parts/ are intact: free some space and run `eph report {run.path}`",
+        ) from None
+    for part_path in truncated:
+        logger.warning("records part %s was truncated; kept its whole batches", part_path)
+    for part in parts:
+        part.path.unlink()
+    logger.debug("merged %d rows from %d parts", rows, len(parts))
+
+
+def _read_connections(run: RunDir) -> pa.Table:
+    try:
+        return pq.read_table(run.connections)
+    except (OSError, ValueError) as exc:
+        raise RunDirError(run.path, f"connections.parquet is unreadable ({exc})") from None
+
+
+def _kernel(
+    path: Path, hosts: list[HostSamples], given: Kernel | Mapping[str, Any] | None
+) -> Kernel:
+    """The kernel as given, else as the collector (or a worker's) saw it, else this one."""
+    if isinstance(given, Kernel):
+        return given
+    if given is not None:
+        return validated(Kernel, given, "the run's kernel reading")
+    found = _collector_kernel(path) or next((h.kernel for h in hosts if h.kernel), None)
+    return found if found is not None else Kernel.model_validate(read_kernel())
+
+
+def _summarize(run: RunDir, table: pa.Table, setup: Scenario, facts: _RunFacts) -> Summary:
+    """The sections that come from the records alone."""
+    cols = Columns.from_table(table)
+    duration_s = facts.duration_s
+    if duration_s is None:
+        duration_s = float(cols.seconds().max()) if len(cols.start_ns) else 0.0
+    started = dt.datetime.fromtimestamp(facts.started_at, dt.UTC)
+    return summarize(
+        cols,
+        scenario=setup.name,
+        started_at=started.isoformat(timespec="seconds"),
+        duration_s=duration_s,
+        interrupted=facts.interrupted,
+        kernel=facts.kernel,
+        listener=facts.listener,
+        locust_requests=facts.locust_requests,
+        lossy_link=bool(setup.lab.loss) and (run.path / "lab.json").exists(),
+        datagrams=setup.load.protocol is Protocol.UDP,
+    )
+
+
+def _add_run_notes(
+    run: RunDir,
+    summary: Summary,
+    stop_reason: str | None,
+    expected_workers: int | None,
+    hosts: list[HostSamples],
+) -> None:
+    """Why the run stopped, the stand-in service's timeline, the workers that shipped."""
+    if stop_reason is not None:
+        summary.stop_reason = stop_reason
+    if (run.path / "service.json").exists():  # the port-conflict lab's stand-in service
+        service = run.read_json("service.json")
+        summary.service = validated(Service, service, run.path / "service.json")
+    if expected_workers is not None:
+        _account_for_workers(summary, expected_workers, hosts)
+
+
+def _account_for_workers(summary: Summary, expected: int, hosts: list[HostSamples]) -> None:
+    shipped = [host.name for host in hosts if host.info]
+    summary.distributed = Distributed(
+        expected_workers=expected,
+        hosts_shipped=shipped,
+        # a worker that died (or lost the master) never shipped: its records stayed
+        # on its host, and Locust counted its requests up to its last report
+        missing_workers=max(0, expected - len(shipped)),
+    )
+    if summary.distributed.missing_workers:
+        summary.conservation.ok = False  # attempts were made that no record holds
+
+
+def _kernel_is_ours(path: Path, setup: Scenario, hosts: list[HostSamples]) -> bool:
     """Only a lab's namespace holds nothing but this run's sockets: one Locust process
     (more talk to each other over TCP), no workers elsewhere."""
-    processes = int(scenario.get("load", {}).get("processes", 1))
-    return (path / "lab.json").exists() and processes == 1 and not hosts
+    return (path / "lab.json").exists() and setup.load.processes == 1 and not hosts
 
 
 def _judge_kernel(
-    summary: dict[str, Any], table: pa.Table, samples: pa.Table | None, *, judged: bool
+    summary: Summary, table: pa.Table, samples: pa.Table | None, *, judged: bool
 ) -> None:
     found = kernel_conservation(table, samples)
-    if found is None or found["kernel_active_opens"] is None:
+    if found is None or found.kernel_active_opens is None:
         return
-    cons = summary["conservation"]
-    cons.update(found)
-    match = found["kernel_active_opens"] == found["attempts_sending_syn"]
-    cons["attempts_match_kernel"] = match
+    cons = summary.conservation
+    cons.kernel_active_opens = found.kernel_active_opens
+    cons.kernel_attempt_fails = found.kernel_attempt_fails
+    cons.attempts_sending_syn = found.attempts_sending_syn
+    match = found.kernel_active_opens == found.attempts_sending_syn
+    cons.attempts_match_kernel = match
     if judged:
-        cons["ok"] = bool(cons["ok"] and match)
+        cons.ok = bool(cons.ok and match)
     else:
-        cons["kernel_check"] = "not judged: other sockets share this kernel (not a lab)"
+        cons.kernel_check = "not judged: other sockets share this kernel (not a lab)"
 
 
 def worker_hosts(path: Path) -> list[HostSamples]:
@@ -174,11 +267,12 @@ def worker_hosts(path: Path) -> list[HostSamples]:
     return hosts
 
 
-def rerender(path: Path) -> dict[str, Any]:
+def rerender(path: Path) -> Summary:
     """``eph report``: summary and report again from what a run directory holds.
 
     What only the run itself knew (interrupted, start, load window, listener
-    counts, kernel) comes from its ``summary.json`` and ``listener.json``.
+    counts, kernel) comes from its ``summary.json`` (of this schema version or an
+    older one) and ``listener.json``.
     """
     run = RunDir.open(path)
     if not run.connections.exists() and not any(run.parts.glob("*.arrows")):
@@ -189,52 +283,55 @@ def rerender(path: Path) -> dict[str, Any]:
         Scenario.model_validate(run.read_json("scenario.json"))
     except ValueError as exc:  # pydantic's ValidationError is a ValueError
         raise RunDirError(path, f"scenario.json does not validate ({exc})") from None
-    previous: dict[str, Any] = {}
+    previous = PriorRun()
     if run.summary.exists():
         try:
-            previous = run.read_json("summary.json")
+            previous = PriorRun.load(run.summary)
         except RunDirError as exc:
             logger.warning("%s; recomputing without it", exc)
     listener = run.read_json("listener.json") if (run.path / "listener.json").exists() else None
-    started = previous.get("started_at")
+    started = previous.started_at
     return finalize(
         path,
-        interrupted=bool(previous.get("interrupted", False)),
+        interrupted=previous.interrupted,
         started_at=dt.datetime.fromisoformat(started).timestamp() if started else None,
-        duration_s=previous.get("duration_s"),
-        kernel=previous.get("kernel"),
+        duration_s=previous.duration_s,
+        kernel=previous.kernel,
         listener=listener,
-        stop_reason=previous.get("stop_reason"),
-        expected_workers=(previous.get("distributed") or {}).get("expected_workers"),
+        stop_reason=previous.stop_reason,
+        expected_workers=(
+            previous.distributed.expected_workers if previous.distributed is not None else None
+        ),
     )
 
 
 def load_run(path: Path) -> RunData:
-    """A finalized run directory's data, for ``eph report --compare``."""
+    """A finalized run directory's data, for ``eph report --compare``; a summary of an
+    older schema version is written again first."""
     run = RunDir.open(path)
-    if not run.summary.exists():
-        rerender(path)
-    try:
-        table = pq.read_table(run.connections)
-    except (OSError, ValueError) as exc:
-        raise RunDirError(path, f"connections.parquet is unreadable ({exc})") from None
+    summary = rerender(path) if not run.summary.exists() else None
+    if summary is None:
+        try:
+            summary = Summary.load(run.summary)
+        except SummaryError as exc:
+            logger.warning("%s; writing it again", exc)
+            summary = rerender(path)
     return RunData(
-        table,
+        _read_connections(run),
         _read_samples(run.path / "samples.parquet"),
-        run.read_json("summary.json"),
+        summary,
         run.read_json("scenario.json"),
         _read_samples(run.path / "server" / "samples.parquet"),
         tuple(worker_hosts(run.path)),
     )
 
 
-def _collector_kernel(path: Path) -> dict[str, Any] | None:
+def _collector_kernel(path: Path) -> Kernel | None:
     """The kernel as the collector saw it at the start: where the clients ran."""
     try:
-        found = json.loads((path / "collector.json").read_text())["start"]
-    except (OSError, ValueError, KeyError):
+        return Kernel.model_validate(json.loads((path / "collector.json").read_text())["start"])
+    except (OSError, ValueError, KeyError, TypeError):
         return None
-    return dict(found)
 
 
 def _read_samples(path: Path) -> pa.Table | None:

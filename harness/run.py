@@ -36,6 +36,7 @@ from harness.finalize import finalize
 from harness.kernel.sysctls import read_kernel
 from harness.load.progress import Progress, read_progress
 from harness.observe.collector import collect_command
+from harness.report.model import Summary
 from harness.rundir import RunDir
 from harness.scenario import Protocol, Scenario
 from harness.units import format_duration
@@ -98,7 +99,7 @@ class Master:
 @dataclass(frozen=True)
 class RunResult:
     run_dir: Path
-    summary: dict[str, Any]
+    summary: Summary
 
 
 ProgressSink = Callable[[float, float, Progress], None]

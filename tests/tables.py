@@ -1,4 +1,4 @@
-"""Connection tables whose answers are known, for analysis and report tests."""
+"""Connection tables and summaries whose answers are known, for analysis and report tests."""
 
 from __future__ import annotations
 
@@ -6,6 +6,15 @@ import numpy as np
 import pyarrow as pa
 
 from harness.records import CONNECTIONS_SCHEMA
+from harness.report.model import (
+    Capacity,
+    Connections,
+    Conservation,
+    Exhaustion,
+    Kernel,
+    Ports,
+    Summary,
+)
 
 
 def connections_table(
@@ -34,4 +43,34 @@ def connections_table(
             "host": const(host),
         },
         schema=CONNECTIONS_SCHEMA,
+    )
+
+
+def exhausted_summary(**capacity: object) -> Summary:
+    """200 attempts over a 100-port range: 100 succeeded, then EADDRNOTAVAIL at 0.5 s."""
+    return Summary(
+        scenario="r",
+        interrupted=False,
+        started_at="t",
+        duration_s=1.0,
+        connections=Connections(
+            attempted=200,
+            succeeded=100,
+            failed=100,
+            errors={"EADDRNOTAVAIL": 100},
+            io_errors={},
+            rate_per_s=200.0,
+            connect_ms=None,
+        ),
+        ports=Ports(range=[40000, 40099], distinct_used=100, even_fraction=0.5),
+        exhaustion=Exhaustion(
+            exhausted=True,
+            errno="EADDRNOTAVAIL",
+            first_failure_s=0.5,
+            succeeded_before_first_failure=100,
+        ),
+        outages=[],
+        kernel=Kernel(ip_local_port_range=[40000, 40099], tcp_tw_reuse=0, tcp_timestamps=1),
+        conservation=Conservation(records=200, ok=True),
+        capacity=Capacity.model_validate(capacity),
     )

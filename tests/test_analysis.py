@@ -7,7 +7,9 @@ import pyarrow as pa
 import pytest
 
 from harness.capacity.model import CapacityModel, reserved_in_range
-from harness.report.analysis import audit_tuples
+from harness.report.hosts import HostSamples, host_sections
+from harness.report.model import Kernel, Ports, TupleExample
+from harness.report.tuples import audit_tuples, port_allocation
 from harness.scenario import ClosePolicy
 
 from .tables import connections_table as _table
@@ -40,14 +42,15 @@ def test_planted_overlap_is_found_with_an_example() -> None:
     audit = audit_tuples(_table(rows))
     assert audit.concurrent_duplicates == 1
     assert audit.examples == [
-        {
-            "local_port": 40000,
-            "remote_port": 9000,
-            "first_start_ns": 0,
-            "first_close_ns": 5 * S,
-            "second_start_ns": 1 * S,
-        }
+        TupleExample(
+            local_port=40000,
+            remote_port=9000,
+            first_start_ns=0,
+            first_close_ns=5 * S,
+            second_start_ns=1 * S,
+        )
     ]
+    assert audit.section().concurrent_duplicates == 1
 
 
 def test_server_close_leaves_no_client_time_wait_to_reuse() -> None:
@@ -142,33 +145,59 @@ def test_reserved_in_range() -> None:
 
 
 def test_port_allocation_parity_and_offsets() -> None:
-    from harness.report.analysis import port_allocation
-
     # even ports first, then odd (connect() prefers the low end's parity), 2 uses of 40000
     rows = [(i * S // 10, 100, 40000 + 2 * i, 0) for i in range(50)]
     rows += [(5 * S + i * S // 10, 100, 40001 + 2 * i, 0) for i in range(50)]
     rows += [(11 * S, 100, 40000, 0)]
-    result = port_allocation(_table(rows), [40000, 40099])
-    assert result["first_odd_s"] == pytest.approx(5.0)
-    assert result["max_uses_per_port"] == 2
-    assert result["first_port_by_destination"] == {"127.0.0.1:9000": 40000}
-    assert result["first_offset_by_destination"] == {"127.0.0.1:9000": 0}
-    assert result["connect_ms_by_parity"]["even"]["p50"] == pytest.approx(0.01)
+    ports = Ports(range=[40000, 40099], distinct_used=100, even_fraction=0.5)
+    result = port_allocation(_table(rows), ports)
+    assert result.distinct_used == 100  # what summarize found is kept
+    assert result.first_odd_s == pytest.approx(5.0)
+    assert result.max_uses_per_port == 2
+    assert result.first_port_by_destination == {"127.0.0.1:9000": 40000}
+    assert result.first_offset_by_destination == {"127.0.0.1:9000": 0}
+    assert result.connect_ms_by_parity is not None
+    assert result.connect_ms_by_parity.even is not None
+    assert result.connect_ms_by_parity.even.p50 == pytest.approx(0.01)
+    assert port_allocation(_table([(0, 100, 0, 99)]), ports) == ports  # nothing succeeded
 
 
 def test_host_sections_count_each_worker_on_its_own() -> None:
-    from harness.report.analysis import HostSamples, host_sections
-
     a = _table([(i * 1_000_000, 100, 40000 + i, 0) for i in range(5)], host="w1")
     b = _table(
         [(i * 1_000_000, 100, 40000 + i % 3, 0 if i < 3 else 99) for i in range(4)], host="w2"
     )
     table = pa.concat_tables([a, b], promote_options="permissive").unify_dictionaries()
-    hosts = [
-        HostSamples(name, None, {"ip_local_port_range": [40000, 40099]}) for name in ("w1", "w2")
-    ]
+    kernel = Kernel(ip_local_port_range=[40000, 40099])
+    hosts = [HostSamples(name, None, kernel) for name in ("w1", "w2")]
     w1, w2 = host_sections(table.sort_by("start_ns"), hosts, None)
-    assert (w1["attempted"], w1["succeeded"], w1["distinct_ports"]) == (5, 5, 5)
-    assert w1["first_exhaustion_s"] is None and w1["port_span"] == [40000, 40004]
-    assert (w2["attempted"], w2["succeeded"], w2["failed"]) == (4, 3, 1)
-    assert w2["first_exhaustion_s"] == 0.003 and w2["source_addresses"] == ["127.0.0.1"]
+    assert (w1.attempted, w1.succeeded, w1.distinct_ports) == (5, 5, 5)
+    assert w1.first_exhaustion_s is None and w1.port_span == [40000, 40004]
+    assert w1.port_range == [40000, 40099]
+    assert (w2.attempted, w2.succeeded, w2.failed) == (4, 3, 1)
+    assert w2.first_exhaustion_s == 0.003 and w2.source_addresses == ["127.0.0.1"]
+
+
+def test_peaks_read_the_targets_scopes_and_the_kernels_counter() -> None:
+    """Occupancy sums the ``to`` scopes per sample; TWRecycled comes from ``all``."""
+    from harness.report.occupancy import IN_USE, peaks, scope_series
+
+    times = [0, 0, 0, 1, 1, 1]
+    scopes = ["all", "to a:1", "to b:1", "all", "to a:1", "to b:1"]
+    time_wait = [500, 10, 20, 900, 30, 40]  # "all" counts other sockets too
+    columns: dict[str, pa.Array] = {
+        "t_ns": pa.array(times, pa.int64()),
+        "scope": pa.array(scopes, pa.string()),
+        "tw_recycled": pa.array([5.0, None, None, 12.0, None, None], pa.float64()),
+    }
+    for state in IN_USE:
+        columns[state] = pa.array(time_wait if state == "time_wait" else [1] * 6, pa.int64())
+    samples = pa.table(columns)
+    t, tw = scope_series(samples, ("time_wait",))
+    assert t.tolist() == [0, 1] and tw.tolist() == [30, 70]
+    found = peaks(samples)
+    assert found.time_wait == 70
+    assert found.in_use == 70 + 2 * (len(IN_USE) - 1)
+    assert found.tw_recycled == 7
+    only_all = samples.filter(pa.array([s == "all" for s in scopes]))
+    assert scope_series(only_all, ("time_wait",))[1].tolist() == [500, 900]

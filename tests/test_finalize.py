@@ -4,14 +4,17 @@ from __future__ import annotations
 
 import json
 import socket
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from harness.endpoints import ResolvedEndpoint
-from harness.errors import RunDirError
-from harness.finalize import finalize, rerender
+from harness.errors import RunDirError, SummaryError
+from harness.finalize import finalize, load_run, rerender
 from harness.records import RecordWriter
+from harness.report.model import Summary
 from harness.rundir import RunDir
 from harness.scenario import parse_scenario
 
@@ -52,10 +55,11 @@ def test_rerender_keeps_what_only_the_run_knew(tmp_path: Path) -> None:
     first = json.loads((path / "summary.json").read_text())
     (path / "report.html").unlink()
     again = rerender(path)
-    assert again == first
-    assert again["interrupted"] is True and again["duration_s"] == 2.5
-    assert again["conservation"]["succeeded_match_listener"] is True
+    assert again.to_json() == first
+    assert again.interrupted is True and again.duration_s == 2.5
+    assert again.conservation.succeeded_match_listener is True
     assert (path / "report.html").exists()
+    assert Summary.load(path / "summary.json") == again
 
 
 def test_missing_directory(tmp_path: Path) -> None:
@@ -88,5 +92,83 @@ def test_truncated_summary_is_recomputed(tmp_path: Path) -> None:
     path = _run_dir(tmp_path)
     (path / "summary.json").write_text('{"schema_version": 1, "connec')
     again = rerender(path)
-    assert again["connections"]["attempted"] == 120
-    assert again["exhaustion"]["succeeded_before_first_failure"] == 100
+    assert again.connections.attempted == 120
+    assert again.exhaustion.succeeded_before_first_failure == 100
+
+
+def test_a_version_1_summary_is_written_again_as_version_2(tmp_path: Path) -> None:
+    """v1 had the same keys: what only the run knew survives `eph report`."""
+    path = _run_dir(tmp_path)
+    first = json.loads((path / "summary.json").read_text())
+    old = {**first, "schema_version": 1}
+    (path / "summary.json").write_text(json.dumps(old))
+    with pytest.raises(SummaryError, match=r"key 'schema_version'.*\(got 1, expected 2\)"):
+        Summary.load(path / "summary.json")
+    again = rerender(path)
+    assert again.schema_version == 2
+    assert again.to_json() == first
+    assert json.loads((path / "summary.json").read_text())["schema_version"] == 2
+
+
+def test_compare_writes_an_old_summary_again(tmp_path: Path) -> None:
+    path = _run_dir(tmp_path)
+    data = json.loads((path / "summary.json").read_text())
+    (path / "summary.json").write_text(json.dumps({**data, "schema_version": 1}))
+    assert load_run(path).summary.schema_version == 2
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (
+            lambda s: s["connections"].update(succeeded="many"),
+            r"summary\.json, key 'connections\.succeeded': has a wrong value \(got 'many',"
+            r" expected a valid integer",
+        ),
+        (
+            lambda s: s["exhaustion"].pop("exhausted"),
+            r"key 'exhaustion\.exhausted': is missing",
+        ),
+        (
+            lambda s: s.update(exhaustion_s=3),
+            r"key 'exhaustion_s': is not a summary key",
+        ),
+    ],
+)
+def test_a_malformed_summary_names_file_key_value_and_expected(
+    tmp_path: Path, change: Callable[[dict[str, Any]], object], message: str
+) -> None:
+    path = _run_dir(tmp_path)
+    data = json.loads((path / "summary.json").read_text())
+    change(data)
+    (path / "summary.json").write_text(json.dumps(data))
+    with pytest.raises(SummaryError, match=message) as caught:
+        Summary.load(path / "summary.json")
+    assert caught.value.source == path / "summary.json"
+    assert isinstance(caught.value, RunDirError)  # eph's CLI reports it as such
+
+
+def test_plan_from_a_run_directory_reads_its_summary(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from harness.cli import main
+
+    path = _run_dir(tmp_path)
+    main(["plan", "--from", str(path), "--json"])
+    plan = json.loads(capsys.readouterr().out)
+    assert plan["inputs"]["port_range"] == [40000, 40099] and plan["inputs"]["tw_reuse"] == 0
+    assert plan["measured"]["ports before the first failure"] == {"model": 100, "measured": 100}
+    data = json.loads((path / "summary.json").read_text())
+    (path / "summary.json").write_text(json.dumps({**data, "schema_version": 1}))
+    with pytest.raises(SystemExit) as exited:  # a clear error, no traceback
+        main(["plan", "--from", str(path)])
+    assert exited.value.code == 2
+    error = capsys.readouterr().err
+    assert "summary.json, key 'schema_version'" in error and "eph report RUN_DIR" in error
+
+
+def test_a_wrong_value_in_a_file_feeding_the_summary_names_it(tmp_path: Path) -> None:
+    path = _run_dir(tmp_path)
+    (path / "listener.json").write_text(json.dumps({"accepted": "lots"}))
+    with pytest.raises(SummaryError, match=r"listener\.json, key 'accepted': has a wrong value"):
+        rerender(path)

@@ -8,11 +8,12 @@ from pathlib import Path
 
 import pytest
 
-from harness.capacity.plan import PlanInputs, from_kernel, make_plan, render_text
+from harness.capacity.plan import PlanInputs, from_kernel, from_run, make_plan, render_text
 from harness.kernel.sysctls import SYSCTLS
-from harness.scenario import ClosePolicy
+from harness.scenario import ClosePolicy, parse_scenario
 
 from .conftest import eph
+from .tables import exhausted_summary
 
 # The KERNEL-NOTES default: 28,232 ports, 60 s of TIME_WAIT -> 470/s
 DEFAULT = PlanInputs(rate=2000.0, port_range=(32768, 60999), tw_reuse=0)
@@ -112,3 +113,30 @@ def test_cli_says_what_is_wrong(tmp_path: Path) -> None:
     assert bad.returncode == 2 and "'60000-1000' is not LOW-HIGH" in bad.stderr
     duration = eph(["plan", "--rate", "5", "--lifetime", "5 parsecs"], cwd=tmp_path)
     assert duration.returncode == 2 and "not a duration" in duration.stderr
+
+
+def test_from_run_takes_the_runs_setup_and_what_it_measured() -> None:
+    scenario = parse_scenario(
+        'name = "r"\n[target]\nendpoints = ["127.0.0.1:9000", "127.0.0.1:9001"]\n'
+        '[load]\nclose = "client"\nsocket_port_range = [40050, 41000]\n'
+    )
+    summary = exhausted_summary(
+        offered_rate_per_s=200.0,
+        model_lifetime_s=0.002,
+        measured_time_to_exhaustion_s=0.5,
+        measured_sustained_rate_per_s=1.5,
+    )
+    inputs, measured = from_run(summary, scenario)
+    assert inputs.rate == 200.0 and inputs.lifetime_s == 0.002
+    assert inputs.port_range == (40050, 40099)  # the socket's range narrows the kernel's
+    assert inputs.destinations == 2 and inputs.loopback and inputs.tw_reuse == 0
+    assert not inputs.reuse_delay_settable  # the run's kernel had no tcp_tw_reuse_delay
+    assert measured["ports before the first failure"] == (100, 100)
+    assert measured["time to exhaustion (s)"] == (0.5, 0.5)
+    assert measured["sustained rate after it (/s)"][1] == 1.5
+
+
+def test_from_run_without_an_offered_rate_uses_the_measured_one() -> None:
+    scenario = parse_scenario('name = "r"\n[target]\nendpoints = ["10.0.0.1:80"]\n')
+    inputs, _ = from_run(exhausted_summary(), scenario)
+    assert inputs.rate == 200.0 and not inputs.loopback

@@ -10,14 +10,16 @@ import pytest
 
 from harness.report.figures import FIGURES, RunData, time_bins
 from harness.report.html import findings, recommendations, render_comparison, render_report
+from harness.report.model import Capacity, Kernel, Listener, Occupancy, TimeWait, Tuples
 from harness.report.summary import Columns, summarize
+from harness.scenario import Scenario
 
 from .tables import connections_table
 
 MS = 1_000_000
 
 
-def _run(n: int, fail_from: int, listener: dict | None = None) -> RunData:  # type: ignore[type-arg]
+def _run(n: int, fail_from: int, listener: Listener | None = None) -> RunData:
     """n attempts 1 ms apart over a 100-port range; from ``fail_from`` on, EADDRNOTAVAIL."""
     rows = [
         (i * MS, 200, 40000 + i % 100 if i < fail_from else 0, 0 if i < fail_from else 99)
@@ -30,21 +32,21 @@ def _run(n: int, fail_from: int, listener: dict | None = None) -> RunData:  # ty
         started_at="t",
         duration_s=max(n, 1) / 1000,
         interrupted=n == 0,
-        kernel={
-            "ip_local_port_range": [40000, 40099],
-            "ip_local_reserved_ports": "40010-40019",
-            "tcp_tw_reuse": 0,
-        },
+        kernel=Kernel(
+            ip_local_port_range=[40000, 40099],
+            ip_local_reserved_ports="40010-40019",
+            tcp_tw_reuse=0,
+        ),
         listener=listener,
     )
-    summary["capacity"] = {
-        "model_ports": 90,
-        "model_max_rate_per_s": 1.5,
-        "model_hold_s": 60.0,
-        "model_lifetime_s": 0.0002,
-        "offered_rate_per_s": 1000.0,
-        "measured_rate_per_s": 100.0,
-    }
+    summary.capacity = Capacity(
+        model_ports=90,
+        model_max_rate_per_s=1.5,
+        model_hold_s=60.0,
+        model_lifetime_s=0.0002,
+        offered_rate_per_s=1000.0,
+        measured_rate_per_s=100.0,
+    )
     scenario = {
         "name": "r",
         "description": "d <b>escaped</b>",
@@ -54,9 +56,11 @@ def _run(n: int, fail_from: int, listener: dict | None = None) -> RunData:  # ty
     return RunData(table, None, summary, scenario)
 
 
-@pytest.mark.parametrize("listener", [None, {"accepted": 100}])
+@pytest.mark.parametrize("listener", [None, Listener(accepted=100)])
 @pytest.mark.parametrize("n", [0, 300, 60_000])
-def test_renders_every_figure_self_contained(tmp_path: Path, listener: dict | None, n: int) -> None:  # type: ignore[type-arg]
+def test_renders_every_figure_self_contained(
+    tmp_path: Path, listener: Listener | None, n: int
+) -> None:
     data = _run(n, fail_from=min(n, 100), listener=listener)
     path = tmp_path / "report.html"
     render_report(path, data)
@@ -71,13 +75,17 @@ def test_renders_every_figure_self_contained(tmp_path: Path, listener: dict | No
     if n:
         assert "Exhausted after" in html
         assert "Recommendations" in html and "keep-alive or pooling" in html
+    assert ("listener accepted" in html) == (listener is not None)
+    assert "<th>ip_local_reserved_ports</th><td>40010-40019</td>" in html
 
 
 def test_recommendations_come_from_the_model() -> None:
-    lines = recommendations(_run(300, 100).summary, _run(300, 100).scenario)
+    data = _run(300, 100)
+    lines = recommendations(data.summary, data.setup)
     assert lines[0].startswith("To sustain the offered 1,000/s")
     assert any("[code] keep-alive or pooling" in line for line in lines)
-    assert not recommendations({"capacity": {}}, {})
+    unknown = data.summary.model_copy(update={"capacity": Capacity()})
+    assert not recommendations(unknown, Scenario.model_validate(data.scenario))
 
 
 def test_comparison_puts_runs_side_by_side(tmp_path: Path) -> None:
@@ -98,8 +106,8 @@ def test_findings_name_the_mismatch() -> None:
         started_at="t",
         duration_s=1.0,
         interrupted=False,
-        kernel={},
-        listener={"accepted": 9},
+        kernel=Kernel(),
+        listener=Listener(accepted=9),
         locust_requests=10,
     )
     text = " ".join(findings(summary))
@@ -108,16 +116,26 @@ def test_findings_name_the_mismatch() -> None:
 
 def test_findings_speak_for_the_kernel() -> None:
     summary = _run(20, 10).summary  # 10 successes, then EADDRNOTAVAIL
-    summary["tuples"] = {"distinct": 10, "max_uses": 1, "concurrent_duplicates": 2}
-    summary["time_wait"] = {"reused_connections": 412, "kernel_tw_recycled": 412, "peak": 98}
-    summary["occupancy"] = {"peak_ports": 100, "usable_ports": 100}
-    summary["capacity"] = {
-        "model_max_rate_per_s": 100.0,
-        "model_ports": 100,
-        "model_hold_s": 1.0,
-        "measured_rate_per_s": 98.0,
-        "measured_sustained_rate_per_s": 95.0,
-    }
+    summary.tuples = Tuples(
+        distinct=10, max_uses=1, concurrent_duplicates=2, examples=[], reuse_distance_median=None
+    )
+    summary.time_wait = TimeWait(
+        peak=98,
+        reused_connections=412,
+        kernel_tw_recycled=412,
+        reused_minus_kernel=0,
+        reuse_age_s=None,
+    )
+    summary.occupancy = Occupancy(
+        peak_ports=100, usable_ports=100, peak_fraction=1.0, connect_ms_by_occupancy=[]
+    )
+    summary.capacity = Capacity(
+        model_max_rate_per_s=100.0,
+        model_ports=100,
+        model_hold_s=1.0,
+        measured_rate_per_s=98.0,
+        measured_sustained_rate_per_s=95.0,
+    )
     text = " ".join(findings(summary))
     assert "at the peak 100 of 100 usable ports toward the targets were held, 98 of them" in text
     assert "4-tuples NOT unique: 2 connections" in text
@@ -130,3 +148,23 @@ def test_time_bins_have_no_partial_tail() -> None:
     edges, width = time_bins(np.array([0.0, 3.55]))
     assert width == 0.1
     assert edges[-1] == pytest.approx(3.5)
+
+
+def test_report_and_capacity_never_import_locust() -> None:
+    """Every module of report/ and capacity/ imports without locust, gevent or pyplot."""
+    import subprocess
+    import sys
+
+    from .conftest import ROOT
+
+    code = (
+        "import sys, pkgutil, importlib, harness.report, harness.capacity\n"
+        "for pkg in (harness.report, harness.capacity):\n"
+        "    for m in pkgutil.walk_packages(pkg.__path__, pkg.__name__ + '.'):\n"
+        "        importlib.import_module(m.name)\n"
+        "print(sorted(m for m in ('locust', 'gevent', 'matplotlib.pyplot') if m in sys.modules))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True
+    ).stdout
+    assert out.strip() == "[]"

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import numpy as np
 
+from harness.report.model import Kernel, Listener, Outage, Summary
 from harness.report.summary import Columns, summarize
 
-KERNEL = {"ip_local_port_range": [40000, 40099]}
+KERNEL = Kernel(ip_local_port_range=[40000, 40099])
 
 
 def _cols(errnos: list[int], ports: list[int], step_ns: int = 1_000_000) -> Columns:
@@ -20,7 +21,7 @@ def _cols(errnos: list[int], ports: list[int], step_ns: int = 1_000_000) -> Colu
     )
 
 
-def _summary(cols: Columns, **kw: object) -> dict:  # type: ignore[type-arg]
+def _summary(cols: Columns, **kw: object) -> Summary:
     args = {
         "scenario": "t",
         "started_at": "x",
@@ -37,57 +38,63 @@ def test_exhaustion_after_the_range() -> None:
     ports = list(range(40000, 40100, 2)) + list(range(40001, 40100, 2))
     cols = _cols([0] * 100 + [99] * 20 + [111], ports + [0] * 21)
     summary = _summary(cols)
-    assert summary["connections"]["attempted"] == 121
-    assert summary["connections"]["succeeded"] == 100
-    assert summary["connections"]["errors"] == {"EADDRNOTAVAIL": 20, "ECONNREFUSED": 1}
-    assert summary["ports"]["distinct_used"] == 100
-    assert summary["ports"]["even_fraction"] == 0.5
-    exhaustion = summary["exhaustion"]
-    assert exhaustion["exhausted"] is True
-    assert exhaustion["succeeded_before_first_failure"] == 100
-    assert exhaustion["first_failure_s"] == 0.1  # 100 attempts 1 ms apart
+    assert summary.connections.attempted == 121
+    assert summary.connections.succeeded == 100
+    assert summary.connections.errors == {"EADDRNOTAVAIL": 20, "ECONNREFUSED": 1}
+    assert summary.ports.distinct_used == 100
+    assert summary.ports.even_fraction == 0.5
+    exhaustion = summary.exhaustion
+    assert exhaustion.exhausted is True
+    assert exhaustion.errno == "EADDRNOTAVAIL"
+    assert exhaustion.succeeded_before_first_failure == 100
+    assert exhaustion.first_failure_s == 0.1  # 100 attempts 1 ms apart
+    assert summary.exhausted_at == 0.1
 
 
 def test_refused_is_not_exhaustion() -> None:
     summary = _summary(_cols([111] * 5, [0] * 5))
-    assert summary["exhaustion"]["exhausted"] is False
+    assert summary.exhaustion.exhausted is False
+    assert summary.exhausted_at is None
 
 
 def test_rate_is_over_the_records_span() -> None:
     summary = _summary(_cols([0] * 101, list(range(101)), step_ns=10_000_000), duration_s=5.0)
-    assert summary["connections"]["rate_per_s"] == 100.0
+    assert summary.connections.rate_per_s == 100.0
 
 
 def test_conservation_mismatch_is_reported() -> None:
     cols = _cols([0] * 10, list(range(10)))
-    ok = _summary(cols, listener={"accepted": 10}, locust_requests=10)["conservation"]
-    assert ok["ok"] is True
-    bad = _summary(cols, listener={"accepted": 9}, locust_requests=11)["conservation"]
-    assert bad["ok"] is False
-    assert bad["records_match_locust"] is False and bad["succeeded_match_listener"] is False
+    ok = _summary(cols, listener=Listener(accepted=10), locust_requests=10).conservation
+    assert ok.ok is True
+    bad = _summary(cols, listener=Listener(accepted=9), locust_requests=11).conservation
+    assert bad.ok is False
+    assert bad.records_match_locust is False and bad.succeeded_match_listener is False
 
 
 def test_over_a_lossy_link_the_listener_count_is_shown_not_judged() -> None:
     cols = _cols([0] * 10, list(range(1000, 1010)))
-    result = _summary(cols, listener={"accepted": 9}, locust_requests=10, lossy_link=True)
-    conservation = result["conservation"]
-    assert conservation["succeeded_match_listener"] is False
-    assert "loses packets" in conservation["listener_check"]
-    assert conservation["ok"] is True
-    wrong_count = _summary(cols, listener={"accepted": 9}, locust_requests=11, lossy_link=True)
-    assert wrong_count["conservation"]["ok"] is False
+    listener = Listener(accepted=9)
+    result = _summary(cols, listener=listener, locust_requests=10, lossy_link=True)
+    conservation = result.conservation
+    assert conservation.succeeded_match_listener is False
+    assert conservation.listener_check is not None
+    assert "loses packets" in conservation.listener_check
+    assert conservation.ok is True
+    wrong_count = _summary(cols, listener=listener, locust_requests=11, lossy_link=True)
+    assert wrong_count.conservation.ok is False
 
 
 def test_empty_run() -> None:
     summary = _summary(_cols([], []))
-    assert summary["connections"]["attempted"] == 0
-    assert summary["ports"]["even_fraction"] is None
-    assert summary["connections"]["connect_ms"] is None
+    assert summary.connections.attempted == 0
+    assert summary.ports.even_fraction is None
+    assert summary.connections.connect_ms is None
 
 
-def test_required_keys_present() -> None:
-    summary = _summary(_cols([0], [40000]), listener={"accepted": 1})
-    for key in (
+def test_written_keys_are_those_the_run_had() -> None:
+    """Optional sections appear in the JSON only when set; required ones always do."""
+    with_listener = _summary(_cols([0], [40000]), listener=Listener(accepted=1)).to_json()
+    assert set(with_listener) == {
         "schema_version",
         "scenario",
         "interrupted",
@@ -96,32 +103,33 @@ def test_required_keys_present() -> None:
         "connections",
         "ports",
         "exhaustion",
+        "outages",
+        "kernel",
         "listener",
-    ):
-        assert key in summary
-    for key in ("attempted", "succeeded", "failed", "errors", "rate_per_s"):
-        assert key in summary["connections"]
-    assert set(summary["ports"]) >= {"range", "distinct_used", "even_fraction"}
-    assert set(summary["exhaustion"]) >= {
+        "conservation",
+    }
+    assert with_listener["schema_version"] == 2
+    assert with_listener["listener"] == {"accepted": 1}
+    assert set(with_listener["exhaustion"]) == {
         "exhausted",
         "first_failure_s",
         "succeeded_before_first_failure",
     }
+    assert "listener" not in _summary(_cols([0], [40000])).to_json()
 
 
 def test_outage_windows_from_failures_at_the_target() -> None:
     # 1 ms apart: 100 ok, 50 refused with exhaustion failures mixed in, 100 ok,
     # 3 refused (a blip), 10 ok, then 20 timeouts until the end
     errnos = [0] * 100 + [111, 99] * 25 + [0] * 100 + [111] * 3 + [0] * 10 + [110] * 20
-    summary = _summary(_cols(errnos, [40000] * len(errnos)))
-    first, last = summary["outages"]
-    assert first["from_s"] == 0.1 and first["to_s"] == 0.15  # to the next success
-    assert first["failures"] == 25 and first["errors"] == {"ECONNREFUSED": 25}
-    assert first["recovered"] is True
-    assert last["errors"] == {"ETIMEDOUT": 20} and last["recovered"] is False
-    assert last["to_s"] == round((len(errnos) - 1) / 1000, 4)
+    first, last = _summary(_cols(errnos, [40000] * len(errnos))).outages
+    assert first == Outage(
+        from_s=0.1, to_s=0.15, failures=25, errors={"ECONNREFUSED": 25}, recovered=True
+    )  # to the next success
+    assert last.errors == {"ETIMEDOUT": 20} and last.recovered is False
+    assert last.to_s == round((len(errnos) - 1) / 1000, 4)
 
 
 def test_no_outage_when_only_the_range_runs_out() -> None:
     summary = _summary(_cols([0] * 10 + [99] * 50, [40000] * 60))
-    assert summary["outages"] == []
+    assert summary.outages == []

@@ -12,6 +12,7 @@ from harness.errors import ScenarioError
 from harness.lab.sweep import Vary
 
 from .conftest import ROOT, eph
+from .tables import exhausted_summary
 
 
 def test_vary_parses_values_and_keeps_brackets_whole() -> None:
@@ -75,3 +76,32 @@ def test_a_3_by_2_sweep_compares_every_point_with_the_model(tmp_path: Path) -> N
             # may (the kernel handing a just-closed tuple out again, KERNEL-NOTES; seen
             # here: 4.5/s once) stay under a tenth of the range per run
             assert float(row["measured_sustained_rate_per_s"]) * 1.5 <= 0.1 * size
+
+
+def test_a_row_reads_the_points_summary() -> None:
+    from harness.lab.sweep import _row
+
+    summary = exhausted_summary(model_ports=100, model_max_rate_per_s=1.7)
+    row = _row(
+        3, "kernel.tcp_tw_reuse=0", {"kernel.tcp_tw_reuse": "kernel.tcp_tw_reuse=0"}, summary
+    )
+    assert row["point"] == 3 and row["kernel.tcp_tw_reuse"] == "0"
+    assert (row["attempted"], row["succeeded"], row["exhausted"]) == (200, 100, True)
+    assert row["model_ports"] == 100 and row["model_max_rate_per_s"] == 1.7
+    assert row["distinct_tuples"] is None and row["kernel_tw_recycled"] is None  # not analysed
+
+
+def test_the_comparison_figure_puts_measured_beside_the_model() -> None:
+    from harness.lab.sweep import _figure, _row
+
+    rows = [
+        _row(i, f"kernel.tcp_tw_reuse={i}", {"kernel.tcp_tw_reuse": f"x={i}"}, summary)
+        for i, summary in enumerate(
+            [exhausted_summary(model_max_rate_per_s=1.7), exhausted_summary()]
+        )
+    ]
+    rate, tte = _figure(rows).axes
+    heights = [bar.get_height() for bar in rate.patches]
+    assert heights == [0, 0, 1.7, 0]  # measured for both points, then the model for both
+    assert [t.get_text() for t in rate.get_xticklabels()] == ["0", "1"]
+    assert rate.get_xlabel() == "tcp_tw_reuse" and len(tte.patches) == 4

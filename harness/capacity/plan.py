@@ -11,22 +11,18 @@ ports, keep-alive or pooling, server-first close).
 
 from __future__ import annotations
 
-import math
-from dataclasses import asdict, dataclass, field, replace
-from typing import Any
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, replace
+from typing import TYPE_CHECKING, Any
 
-from harness.capacity.model import (
-    DEFAULT_REUSE_DELAY_S,
-    CapacityModel,
-    merge_reserved,
-    reserved_in_range,
-    unreserved_in_range,
-)
-from harness.scenario import ClosePolicy
+from harness.capacity.levers import Lever, fmt_rate, levers, ports_text
+from harness.capacity.model import CapacityModel, merge_reserved, unreserved_in_range
+from harness.scenario import ClosePolicy, Protocol, Scenario
+
+if TYPE_CHECKING:  # only its attributes are read: capacity/ needs nothing of report/ to run
+    from harness.report.model import Summary
 
 __all__ = ["Lever", "Plan", "PlanInputs", "from_kernel", "from_run", "make_plan", "render_text"]
-
-FULL_RANGE = (1024, 65535)  # the widest range the kernel accepts a low end of 1024 for
 
 
 @dataclass(frozen=True)
@@ -65,20 +61,6 @@ class PlanInputs:
 
 
 @dataclass(frozen=True)
-class Lever:
-    """One change, alone, and the rate it gives."""
-
-    kind: str  # "kernel" or "code"
-    name: str
-    change: str  # what to do, in words
-    max_rate_per_s: float | None  # None: no port limit at all
-    reaches_goal: bool
-    sysctls: dict[str, str] = field(default_factory=dict)
-    caveat: str = ""
-    applies: dict[str, Any] = field(default_factory=dict)  # the PlanInputs it changes
-
-
-@dataclass(frozen=True)
 class Plan:
     inputs: PlanInputs
     usable_ports: int  # per path and host
@@ -102,7 +84,7 @@ class Plan:
         return data
 
 
-def from_kernel(kernel: dict[str, Any], rate: float, **given: Any) -> PlanInputs:
+def from_kernel(kernel: Mapping[str, Any], rate: float, **given: Any) -> PlanInputs:
     """Inputs from a kernel reading (``harness.kernel.sysctls.read_kernel``), ``given`` winning."""
     settings: dict[str, Any] = {"rate": rate}
     if isinstance(kernel.get("ip_local_port_range"), list):
@@ -120,57 +102,50 @@ def from_kernel(kernel: dict[str, Any], rate: float, **given: Any) -> PlanInputs
     return PlanInputs(**settings)
 
 
-def from_run(
-    summary: dict[str, Any], scenario: dict[str, Any]
-) -> tuple[PlanInputs, dict[str, Any]]:
+Measured = dict[str, tuple[Any, Any]]  # what was compared -> (the model's, the run's)
+
+
+def from_run(summary: Summary, scenario: Scenario) -> tuple[PlanInputs, Measured]:
     """``eph plan --from RUN_DIR``: the run's own setup and rate, and what it measured."""
-    capacity = summary.get("capacity", {})
-    endpoints = scenario["target"]["endpoints"]
-    hosts = [str(e).rsplit(":", 1)[0].strip("[]") for e in endpoints]
-    rate = capacity.get("offered_rate_per_s") or summary["connections"]["rate_per_s"] or 1.0
+    capacity, load = summary.capacity, scenario.load
+    hosts = [e.host for e in scenario.target.endpoints]
+    rate = capacity.offered_rate_per_s or summary.connections.rate_per_s or 1.0
     inputs = from_kernel(
-        summary.get("kernel", {}),
+        summary.kernel.model_dump(exclude_unset=True),
         float(rate),
-        lifetime_s=float(capacity.get("model_lifetime_s") or 0.0),
-        close=_close_side(scenario.get("load", {})),
-        sources=len(scenario.get("load", {}).get("source_addresses", [])) or 1,
-        destinations=len(endpoints),
+        lifetime_s=float(capacity.model_lifetime_s or 0.0),
+        # UDP has no TIME_WAIT: as far as ports go, it closes like a reset
+        close=ClosePolicy.RESET if load.protocol is Protocol.UDP else load.close,
+        sources=len(load.source_addresses) or 1,
+        destinations=len(hosts),
         loopback=all(h.startswith("127.") or h in ("::1", "localhost") for h in hosts),
     )
-    socket_range = scenario.get("load", {}).get("socket_port_range")
-    if socket_range:  # IP_LOCAL_PORT_RANGE narrows the range per socket
+    if load.socket_port_range:  # IP_LOCAL_PORT_RANGE narrows the range per socket
         low, high = inputs.port_range
-        inputs = replace(inputs, port_range=(max(low, socket_range[0]), min(high, socket_range[1])))
+        socket_low, socket_high = load.socket_port_range
+        inputs = replace(inputs, port_range=(max(low, socket_low), min(high, socket_high)))
     plan_model = inputs.model()
-    exhaustion = summary.get("exhaustion", {})
-    measured = {
+    measured: Measured = {
         "ports before the first failure": (
             plan_model.ports,
-            exhaustion.get("succeeded_before_first_failure"),
+            summary.exhaustion.succeeded_before_first_failure,
         ),
         "time to exhaustion (s)": (
             _round(plan_model.time_to_exhaustion_s(inputs.rate), 4),
-            capacity.get("measured_time_to_exhaustion_s"),
+            capacity.measured_time_to_exhaustion_s,
         ),
         "sustained rate after it (/s)": (
             _round(plan_model.max_rate_per_s),
-            capacity.get("measured_sustained_rate_per_s"),
+            capacity.measured_sustained_rate_per_s,
         ),
     }
     return inputs, measured
 
 
-def _close_side(load: dict[str, Any]) -> ClosePolicy:
-    """UDP has no TIME_WAIT: as far as ports go, it closes like a reset."""
-    if load.get("protocol") == "udp":
-        return ClosePolicy.RESET
-    return ClosePolicy(load.get("close", "client"))
-
-
 def make_plan(inputs: PlanInputs) -> Plan:
     model = inputs.model()
     limit = model.max_rate_per_s
-    levers = _levers(inputs, model)
+    found = levers(inputs, model)
     return Plan(
         inputs=inputs,
         usable_ports=model.usable_ports,
@@ -180,165 +155,13 @@ def make_plan(inputs: PlanInputs) -> Plan:
         max_rate_per_s=_round(limit),
         time_to_exhaustion_s=_round(model.time_to_exhaustion_s(inputs.rate), 4),
         headroom=round(limit / inputs.rate - 1, 4) if limit and inputs.rate > 0 else None,
-        levers=levers,
-        sysctl_snippet=_snippet(inputs, levers),
+        levers=found,
+        sysctl_snippet=_snippet(inputs, found),
     )
 
 
 def _round(value: float | None, digits: int = 1) -> float | None:
     return None if value is None else round(value, digits)
-
-
-def _levers(inputs: PlanInputs, model: CapacityModel) -> list[Lever]:
-    goal = inputs.rate
-    out: list[Lever] = []
-
-    def rate_with(**changes: Any) -> float | None:
-        return replace(inputs, **changes).model().max_rate_per_s
-
-    def reaches(rate: float | None) -> bool:
-        return rate is None or rate >= goal
-
-    # kernel: the range. The least widening that reaches the goal, else the widest.
-    high = inputs.port_range[1]
-    per_port = model.paths * model.hosts / model.busy_s if model.busy_s > 0 else math.inf
-    needed = math.ceil(goal / per_port) if per_port != math.inf else 0
-    if needed > model.usable_ports:
-        # the services' ports get reserved first, so the count is of ports clients can use
-        keep = merge_reserved(inputs.reserved, inputs.keep_ports)
-        new_low = _widened_low(needed, high, keep)
-        new_range = (new_low, high) if new_low is not None else FULL_RANGE
-        kept = unreserved_in_range(inputs.reserved, inputs.keep_ports, *new_range)
-        reserved = merge_reserved(inputs.reserved, kept) if kept else inputs.reserved
-        rate = rate_with(port_range=new_range, reserved=reserved)
-        sysctls = {"net.ipv4.ip_local_port_range": f"{new_range[0]} {new_range[1]}"}
-        if kept:
-            sysctls["net.ipv4.ip_local_reserved_ports"] = reserved
-        out.append(
-            Lever(
-                "kernel",
-                "wider ip_local_port_range",
-                f"net.ipv4.ip_local_port_range = {new_range[0]} {new_range[1]}"
-                f" ({new_range[1] - new_range[0] + 1} ports"
-                + (f"; reserving {_ports_text(kept)}, where services listen)" if kept else ")"),
-                _round(rate),
-                reaches(rate),
-                sysctls,
-                "ports below 32768 may collide with services that listen on them: eph"
-                " reserved the ones listening now; reserve any other service's port too",
-                {"port_range": new_range, "reserved": reserved},
-            )
-        )
-    if inputs.close is ClosePolicy.CLIENT and model.hold_s is not None and not model.reuse:
-        rate = rate_with(tw_reuse=1, timestamps=1)
-        sysctls = {"net.ipv4.tcp_tw_reuse": "1"}
-        if not inputs.timestamps:
-            sysctls["net.ipv4.tcp_timestamps"] = "1"
-        out.append(
-            Lever(
-                "kernel",
-                "TIME_WAIT reuse",
-                "net.ipv4.tcp_tw_reuse = 1: a port comes back"
-                f" {inputs.reuse_delay_ms or DEFAULT_REUSE_DELAY_S * 1000:g} ms after close"
-                " instead of 60 s (needs TCP timestamps, on by default)",
-                _round(rate),
-                reaches(rate),
-                sysctls,
-                "outgoing connections only; the server side is unaffected",
-                {"tw_reuse": 1, "timestamps": 1},
-            )
-        )
-    if inputs.close is ClosePolicy.CLIENT and inputs.reuse_delay_settable:
-        delay_ms = _delay_needed_ms(inputs, model)
-        current = inputs.reuse_delay_ms or DEFAULT_REUSE_DELAY_S * 1000
-        reuse_rate = rate_with(tw_reuse=1, timestamps=1)
-        if delay_ms is not None and delay_ms < current and not reaches(reuse_rate):
-            rate = rate_with(tw_reuse=1, timestamps=1, reuse_delay_ms=delay_ms)
-            out.append(
-                Lever(
-                    "kernel",
-                    "shorter reuse delay",
-                    f"net.ipv4.tcp_tw_reuse = 1 with net.ipv4.tcp_tw_reuse_delay ="
-                    f" {delay_ms} (Linux 6.14+; {_fmt_rate(reuse_rate)} at {current:g} ms)",
-                    _round(rate),
-                    reaches(rate),
-                    {"net.ipv4.tcp_tw_reuse": "1", "net.ipv4.tcp_tw_reuse_delay": str(delay_ms)},
-                    "keep it well above the path's round trip: PAWS needs the old segments gone",
-                    {"tw_reuse": 1, "timestamps": 1, "reuse_delay_ms": delay_ms},
-                )
-            )
-    if model.busy_s > 0:
-        for name, attr, code in (
-            (
-                "more source addresses",
-                "sources",
-                "bind each socket to one of {n} local addresses with IP_BIND_ADDRESS_NO_PORT"
-                " set first, so the port is picked per 4-tuple at connect()",
-            ),
-            (
-                "more destinations",
-                "destinations",
-                "spread connections over {n} destination address:port pairs (more"
-                " listeners or a VIP per backend): each gets the whole range",
-            ),
-            ("more load-generator hosts", "hosts", "spread the load over {n} hosts"),
-        ):
-            current_n = getattr(inputs, attr)
-            per_unit = model.ports / current_n / model.busy_s
-            n = max(current_n + 1, math.ceil(goal / per_unit))
-            rate = rate_with(**{attr: n})
-            out.append(
-                Lever(
-                    "code", name, code.format(n=n), _round(rate), reaches(rate), applies={attr: n}
-                )
-            )
-    if limit := model.max_rate_per_s:
-        per_connection = max(2, math.ceil(goal / limit))
-        out.append(
-            Lever(
-                "code",
-                "keep-alive or pooling",
-                f"reuse each connection for {per_connection} or more requests (HTTP keep-alive,"
-                " a connection pool): new connections/s fall by that factor",
-                _round(limit * per_connection),
-                True,
-            )
-        )
-    if inputs.close is ClosePolicy.CLIENT and model.hold_s:
-        rate = rate_with(close=ClosePolicy.SERVER)
-        out.append(
-            Lever(
-                "code",
-                "server-first close",
-                "let the server close first (or the client reset with SO_LINGER 0): the"
-                " TIME_WAIT lands on the server, which does not spend ephemeral ports on it",
-                _round(rate),
-                reaches(rate),
-                caveat="a reset skips TIME_WAIT's protection against stray old segments",
-                applies={"close": ClosePolicy.SERVER},
-            )
-        )
-    return out
-
-
-def _widened_low(needed: int, high: int, reserved: str) -> int | None:
-    """The highest low end (different parity from ``high``) giving ``needed`` usable ports."""
-    low = high - needed + 1
-    while low >= FULL_RANGE[0]:
-        low -= (low % 2) == (high % 2)  # the kernel docs advise ends of different parity
-        if high - low + 1 - reserved_in_range(reserved, low, high) >= needed:
-            return low
-        low -= 1
-    return None
-
-
-def _delay_needed_ms(inputs: PlanInputs, model: CapacityModel) -> int | None:
-    """The reuse delay (whole ms, at least 1) that reaches the rate, if any does."""
-    per_rate = model.ports / inputs.rate if inputs.rate > 0 else math.inf
-    delay_s = per_rate - model.lifetime_s
-    if delay_s < 0.001:
-        return None
-    return int(min(delay_s * 1000, 60_000))
 
 
 def _snippet(inputs: PlanInputs, levers: list[Lever]) -> str:
@@ -355,7 +178,7 @@ def _snippet(inputs: PlanInputs, levers: list[Lever]) -> str:
     ]
     settings: dict[str, str] = {}
     for lever in picks:
-        lines.append(f"# {lever.name}: up to {_fmt_rate(lever.max_rate_per_s)}")
+        lines.append(f"# {lever.name}: up to {fmt_rate(lever.max_rate_per_s)}")
         lines.extend(f"{key} = {value}" for key, value in lever.sysctls.items())
         settings.update(lever.sysctls)
     # whatever range stays in effect, the services' ports must not be in the clients' reach
@@ -366,21 +189,12 @@ def _snippet(inputs: PlanInputs, levers: list[Lever]) -> str:
         low, high = (int(v) for v in settings["net.ipv4.ip_local_port_range"].split())
     exposed = unreserved_in_range(reserved, inputs.keep_ports, low, high)
     if exposed:
-        lines.append(f"# keep {_ports_text(exposed)} (services listen there) out of the range")
+        lines.append(f"# keep {ports_text(exposed)} (services listen there) out of the range")
         lines.append(f"{reserved_key} = {merge_reserved(reserved, exposed)}")
     return "\n".join(lines) + "\n"
 
 
-def _ports_text(ports: list[int]) -> str:
-    shown = ", ".join(str(p) for p in ports[:8])
-    return f"port{'s' if len(ports) > 1 else ''} {shown}" + (" ..." if len(ports) > 8 else "")
-
-
-def _fmt_rate(rate: float | None) -> str:
-    return "no port limit" if rate is None else f"{rate:,.0f}/s"
-
-
-def render_text(plan: Plan, measured: dict[str, Any] | None = None) -> str:
+def render_text(plan: Plan, measured: Measured | None = None) -> str:
     """The plan for people: the verdict, the numbers, the levers, the snippet."""
     i = plan.inputs
     lines = [
@@ -393,7 +207,7 @@ def render_text(plan: Plan, measured: dict[str, Any] | None = None) -> str:
     ]
     hold = "none (no TIME_WAIT on the client)" if plan.hold_s is None else f"{plan.hold_s:g} s"
     lines.append(
-        f"sustainable: {_fmt_rate(plan.max_rate_per_s)}  ="
+        f"sustainable: {fmt_rate(plan.max_rate_per_s)}  ="
         f" {plan.ports:,} ports / ({i.lifetime_s:g} s lifetime + hold {hold})"
     )
     if plan.meets_goal:
@@ -411,7 +225,7 @@ def render_text(plan: Plan, measured: dict[str, Any] | None = None) -> str:
     lines += ["", "levers (each alone):"]
     for lever in plan.levers:
         mark = "reaches the goal" if lever.reaches_goal else "not enough"
-        lines.append(f"  [{lever.kind}] {lever.name}: {_fmt_rate(lever.max_rate_per_s)} ({mark})")
+        lines.append(f"  [{lever.kind}] {lever.name}: {fmt_rate(lever.max_rate_per_s)} ({mark})")
         lines.append(f"      {lever.change}")
         if lever.caveat:
             lines.append(f"      note: {lever.caveat}")

@@ -22,10 +22,12 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
+from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 
 from harness.errors import ScenarioError
 from harness.lab.topology import run_lab
+from harness.report.model import Summary
 from harness.rundir import RunDir
 from harness.scenario import Scenario, load_scenario
 
@@ -33,7 +35,7 @@ __all__ = ["Vary", "run_sweep"]
 
 logger = logging.getLogger(__name__)
 
-PointSink = Callable[[int, int, str, dict[str, Any] | None], None]
+PointSink = Callable[[int, int, str, Summary | None], None]
 
 
 @dataclass(frozen=True)
@@ -107,70 +109,77 @@ def run_sweep(
     return sweep.path
 
 
-def _row(index: int, label: str, sets: dict[str, str], summary: dict[str, Any]) -> dict[str, Any]:
-    capacity = summary.get("capacity", {})
+def _row(index: int, label: str, sets: dict[str, str], summary: Summary) -> dict[str, Any]:
+    """One point of the comparison table: its settings, and measured against the model."""
+    capacity = summary.capacity
     return {
         "point": index,
         "label": label,
         **{key: text.partition("=")[2] for key, text in sets.items()},
-        "attempted": summary["connections"]["attempted"],
-        "succeeded": summary["connections"]["succeeded"],
-        "distinct_tuples": summary.get("tuples", {}).get("distinct"),
-        "exhausted": summary["exhaustion"]["exhausted"],
-        "measured_rate_per_s": capacity.get("measured_rate_per_s"),
-        "measured_sustained_rate_per_s": capacity.get("measured_sustained_rate_per_s"),
-        "model_max_rate_per_s": capacity.get("model_max_rate_per_s"),
-        "measured_time_to_exhaustion_s": capacity.get("measured_time_to_exhaustion_s"),
-        "model_time_to_exhaustion_s": capacity.get("model_time_to_exhaustion_s"),
-        "model_ports": capacity.get("model_ports"),
-        "kernel_tw_recycled": summary.get("time_wait", {}).get("kernel_tw_recycled"),
+        "attempted": summary.connections.attempted,
+        "succeeded": summary.connections.succeeded,
+        "distinct_tuples": summary.tuples.distinct if summary.tuples is not None else None,
+        "exhausted": summary.exhaustion.exhausted,
+        "measured_rate_per_s": capacity.measured_rate_per_s,
+        "measured_sustained_rate_per_s": capacity.measured_sustained_rate_per_s,
+        "model_max_rate_per_s": capacity.model_max_rate_per_s,
+        "measured_time_to_exhaustion_s": capacity.measured_time_to_exhaustion_s,
+        "model_time_to_exhaustion_s": capacity.model_time_to_exhaustion_s,
+        "model_ports": capacity.model_ports,
+        "kernel_tw_recycled": (
+            summary.time_wait.kernel_tw_recycled if summary.time_wait is not None else None
+        ),
     }
+
+
+# one panel each: measured column, model column, unit, title
+_PANELS = (
+    (
+        "measured_sustained_rate_per_s",
+        "model_max_rate_per_s",
+        "connections/s",
+        "Sustained rate once the range ran out: measured vs the model's ceiling",
+    ),
+    (
+        "measured_time_to_exhaustion_s",
+        "model_time_to_exhaustion_s",
+        "seconds",
+        "Time to exhaustion: measured vs model (at the offered rate)",
+    ),
+)
 
 
 def _figure(rows: list[dict[str, Any]]) -> Figure:
     fig = Figure(figsize=(11, 7), layout="constrained")
-    rate_ax, tte_ax = fig.subplots(2, 1)
+    axes = fig.subplots(2, 1)
     # values on the ticks, one axis per line; the keys once, under the axis
     parts = [[p.partition("=") for p in row["label"].split(" ")] for row in rows]
     labels = ["\n".join(value for _, _, value in point) for point in parts]
     keys = " / ".join(key.rsplit(".", 1)[-1] for key, _, _ in parts[0]) if parts else ""
-    x = list(range(len(rows)))
-    width = 0.38
-    for ax, measured, model, unit, title in (
-        (
-            rate_ax,
-            "measured_sustained_rate_per_s",
-            "model_max_rate_per_s",
-            "connections/s",
-            "Sustained rate once the range ran out: measured vs the model's ceiling",
-        ),
-        (
-            tte_ax,
-            "measured_time_to_exhaustion_s",
-            "model_time_to_exhaustion_s",
-            "seconds",
-            "Time to exhaustion: measured vs model (at the offered rate)",
-        ),
-    ):
-        ax.bar(
-            [i - width / 2 for i in x],
-            [row[measured] or 0 for row in rows],
-            width,
-            label="measured",
-            color="tab:blue",
-        )
-        ax.bar(
-            [i + width / 2 for i in x],
-            [row[model] or 0 for row in rows],
-            width,
-            label="model",
-            color="tab:orange",
-        )
-        ax.set_xticks(x, labels, fontsize=8)
+    for ax, (measured, model, unit, title) in zip(axes, _PANELS, strict=True):
+        _measured_against_model(ax, rows, measured, model)
+        ax.set_xticks(list(range(len(rows))), labels, fontsize=8)
         ax.set_xlabel(keys)
         ax.set_ylabel(unit)
         ax.set_title(title)
         ax.grid(axis="y", alpha=0.3)
         ax.legend()
-    rate_ax.set_yscale("symlog", linthresh=1.0)
+    axes[0].set_yscale("symlog", linthresh=1.0)
     return fig
+
+
+def _measured_against_model(
+    ax: Axes, rows: list[dict[str, Any]], measured: str, model: str, width: float = 0.38
+) -> None:
+    """A pair of bars per point: measured (left) and the model (right)."""
+    for offset, column, name, color in (
+        (-width / 2, measured, "measured", "tab:blue"),
+        (width / 2, model, "model", "tab:orange"),
+    ):
+        ax.bar(
+            [i + offset for i in range(len(rows))],
+            [row[column] or 0 for row in rows],
+            width,
+            label=name,
+            color=color,
+        )

@@ -41,6 +41,7 @@ from harness.endpoints import Endpoint
 from harness.errors import RunError, ScenarioError
 from harness.kernel.netns import Namespace, netns_available, run_checked
 from harness.kernel.sysctls import SYSCTLS
+from harness.report.model import Summary
 from harness.run import Placement, ProgressSink, RunResult, run_scenario
 from harness.rundir import RunDir
 from harness.scenario import Emulation, Scenario, Topology
@@ -214,7 +215,7 @@ def _run_in_user_namespace(
         signal.signal(signal.SIGTERM, previous)
     if code != 0:
         raise RunError(f"the lab's inner run (in a user namespace) exited with code {code}")
-    return RunResult(run.path, run.read_json("summary.json"))
+    return RunResult(run.path, Summary.load(run.summary))
 
 
 def _run_here(

@@ -1,1 +1,10 @@
-"""From records to a report: the summary, the analysis, figures and HTML."""
+"""From records to a report: the summary, the analysis, figures and HTML.
+
+The way through: ``summary`` (the first sections, from the records) and
+``analysis`` (tuples, occupancy, hosts, capacity) build a :class:`Summary`
+(``model``, its sections in ``sections``), which ``figures`` and ``html`` render.
+"""
+
+from harness.report.model import SCHEMA_VERSION, Summary, summary_schema
+
+__all__ = ["SCHEMA_VERSION", "Summary", "summary_schema"]

@@ -5,17 +5,26 @@ from __future__ import annotations
 import base64
 import io
 import json
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import jinja2
 from matplotlib.figure import Figure
 
 from harness.capacity.plan import from_run, make_plan
 from harness.files import atomic_write
-from harness.report.figures import FIGURES, HOSTS_FIGURE, RunData
+from harness.report.figures import (
+    FIGURES,
+    HOSTS_FIGURE,
+    RunData,
+    compare_capacity,
+    compare_occupancy,
+    compare_successes,
+)
+from harness.report.model import Capacity, Service, Summary
+from harness.scenario import Scenario
 
-__all__ = ["findings", "recommendations", "render_report"]
+__all__ = ["findings", "recommendations", "render_comparison", "render_report"]
 
 _ENV = jinja2.Environment(
     loader=jinja2.PackageLoader("harness.report", "templates"),
@@ -31,10 +40,11 @@ def render_report(path: Path, data: RunData) -> None:
     figures = [(title, _png(make(data)), note) for title, make, note in makers]
     html = _ENV.get_template("report.html.j2").render(
         summary=data.summary,
+        kernel=data.summary.kernel.model_dump(mode="json", exclude_unset=True),
         scenario=data.scenario,
         scenario_json=json.dumps(data.scenario, indent=2),
         findings=findings(data.summary),
-        recommendations=recommendations(data.summary, data.scenario),
+        recommendations=recommendations(data.summary, data.setup),
         figures=figures,
     )
     _write(path, html)
@@ -45,13 +55,13 @@ def _write(path: Path, html: str) -> None:
     atomic_write(path, html)
 
 
-def recommendations(summary: dict[str, Any], scenario: dict[str, Any]) -> list[str]:
+def recommendations(summary: Summary, scenario: Scenario) -> list[str]:
     """What the capacity model says would raise the ceiling this run met."""
-    if not summary.get("capacity", {}).get("model_ports"):
+    if not summary.capacity.model_ports:
         return []
     inputs, _ = from_run(summary, scenario)
     plan = make_plan(inputs)
-    if plan.meets_goal and not summary.get("exhaustion", {}).get("exhausted"):
+    if plan.meets_goal and not summary.exhaustion.exhausted:
         if plan.max_rate_per_s is None or plan.headroom is None:
             return [f"No port limit at {inputs.rate:,.0f}/s: nothing to change."]
         return [
@@ -75,12 +85,73 @@ def recommendations(summary: dict[str, Any], scenario: dict[str, Any]) -> list[s
     return out
 
 
-def _service_findings(summary: dict[str, Any]) -> list[str]:
+def findings(summary: Summary) -> list[str]:
+    """The run in plain words."""
+    return [
+        *_outcome_findings(summary),
+        *_outage_findings(summary),
+        *_service_findings(summary.service),
+        *_kernel_findings(summary),
+        *_conservation_findings(summary),
+        *_stop_findings(summary),
+    ]
+
+
+def _outcome_findings(summary: Summary) -> list[str]:
+    """Exhausted or not, and the failed connects by errno."""
+    out = []
+    conns, exhaustion = summary.connections, summary.exhaustion
+    if exhaustion.exhausted:
+        text = (
+            f"Exhausted after {exhaustion.first_failure_s or 0:.3g} s: first {exhaustion.errno}"
+            f" after {exhaustion.succeeded_before_first_failure} successful connections"
+        )
+        occupancy = summary.occupancy
+        if occupancy is not None:
+            tw_peak = summary.time_wait.peak if summary.time_wait is not None else None
+            text += (
+                f"; at the peak {occupancy.peak_ports} of {occupancy.usable_ports} usable"
+                " ports toward the targets were held"
+                + (f", {tw_peak} of them in TIME_WAIT" if tw_peak is not None else "")
+            )
+        out.append(text + ".")
+    elif conns.failed == 0:
+        out.append(f"No failures: {conns.succeeded} connections succeeded.")
+    if conns.errors:
+        text = ", ".join(f"{k} {v}" for k, v in sorted(conns.errors.items()))
+        out.append(f"Failed connects: {text}.")
+    return out
+
+
+def _outage_findings(summary: Summary) -> list[str]:
+    """Spans in which the target was down, and samples that stop early."""
+    out = []
+    for outage in summary.outages:
+        errors = ", ".join(f"{k} {v}" for k, v in sorted(outage.errors.items()))
+        out.append(
+            f"The target was unreachable from {outage.from_s:.3g} s to {outage.to_s:.3g} s"
+            f" ({outage.failures} attempts in a row failed: {errors})"
+            + (
+                "; connections succeeded again after it."
+                if outage.recovered
+                else "; it had not recovered when the run ended."
+            )
+            + " That is the target, not the port range."
+        )
+    missing = summary.samples.missing_after_s if summary.samples is not None else None
+    if missing is not None:
+        out.append(
+            f"The collector stopped at {missing:.3g} s: there are no socket samples after that"
+            " (occupancy, TIME_WAIT and counters end there; the connection records do not)."
+        )
+    return out
+
+
+def _service_findings(service: Service | None) -> list[str]:
     """The port-conflict lab: could the service bind its port again?"""
-    service = summary.get("service")
-    if not service or "stopped_at_s" not in service:
+    if service is None or service.stopped_at_s is None:
         return []
-    port, failed = service["port"], service["failed_binds"]
+    port, failed, stopped = service.port, service.failed_binds, service.stopped_at_s
     fix = (
         f" The fix: keep the port out of the clients' reach with"
         f" net.ipv4.ip_local_reserved_ports = {port} (or a range that excludes it;"
@@ -88,144 +159,107 @@ def _service_findings(summary: dict[str, Any]) -> list[str]:
     )
     if not failed:
         return [
-            f"The service on port {port} restarted at {service['stopped_at_s']:.3g} s and bound"
+            f"The service on port {port} restarted at {stopped:.3g} s and bound"
             " again at once: no client held its port."
         ]
     held: dict[str, int] = {}
-    for attempt in service["attempts"]:
-        for state, count in attempt["held_by"].items():
+    for attempt in service.attempts:
+        for state, count in attempt.held_by.items():
             held[state] = max(held.get(state, 0), count)
     holders = ", ".join(f"{state} {count}" for state, count in sorted(held.items())) or "?"
-    if service.get("rebound"):
-        outcome = f"it bound again only at {service['rebound_at_s']:.3g} s"
+    if service.rebound and service.rebound_at_s is not None:
+        outcome = f"it bound again only at {service.rebound_at_s:.3g} s"
     else:
         outcome = "it never bound again before the run ended"
     return [
-        f"Port conflict: the service on port {port} stopped at {service['stopped_at_s']:.3g} s"
-        f" and its bind() failed {failed} times with {', '.join(service['errors'])}, because"
+        f"Port conflict: the service on port {port} stopped at {stopped:.3g} s"
+        f" and its bind() failed {failed} times with {', '.join(service.errors)}, because"
         f" clients had taken its port as their ephemeral port (client sockets on it: {holders});"
         f" {outcome}." + fix
     ]
 
 
-def findings(summary: dict[str, Any]) -> list[str]:
-    """The run in plain words."""
+def _conservation_findings(summary: Summary) -> list[str]:
+    """Records against Locust, the kernel and the listener; workers that never shipped."""
     out = []
-    conns = summary["connections"]
-    exhaustion = summary["exhaustion"]
-    if exhaustion["exhausted"]:
-        text = (
-            f"Exhausted after {exhaustion['first_failure_s']:.3g} s: first {exhaustion['errno']}"
-            f" after {exhaustion['succeeded_before_first_failure']} successful connections"
-        )
-        occupancy = summary.get("occupancy") or {}
-        if occupancy.get("peak_ports") is not None:
-            tw_peak = (summary.get("time_wait") or {}).get("peak")
-            text += (
-                f"; at the peak {occupancy['peak_ports']} of {occupancy['usable_ports']} usable"
-                " ports toward the targets were held"
-                + (f", {tw_peak} of them in TIME_WAIT" if tw_peak is not None else "")
-            )
-        out.append(text + ".")
-    elif conns["failed"] == 0:
-        out.append(f"No failures: {conns['succeeded']} connections succeeded.")
-    if conns["errors"]:
-        text = ", ".join(f"{k} {v}" for k, v in sorted(conns["errors"].items()))
-        out.append(f"Failed connects: {text}.")
-    for outage in summary.get("outages", []):
-        errors = ", ".join(f"{k} {v}" for k, v in sorted(outage["errors"].items()))
+    cons = summary.conservation
+    if cons.records_match_locust is False:
         out.append(
-            f"The target was unreachable from {outage['from_s']:.3g} s to {outage['to_s']:.3g} s"
-            f" ({outage['failures']} attempts in a row failed: {errors})"
-            + (
-                "; connections succeeded again after it."
-                if outage["recovered"]
-                else "; it had not recovered when the run ended."
-            )
-            + " That is the target, not the port range."
+            f"Records ({cons.records}) differ from Locust's request count ({cons.locust_requests})."
         )
-    missing = (summary.get("samples") or {}).get("missing_after_s")
-    if missing is not None:
+    if cons.attempts_match_kernel is False:
         out.append(
-            f"The collector stopped at {missing:.3g} s: there are no socket samples after that"
-            " (occupancy, TIME_WAIT and counters end there; the connection records do not)."
-        )
-    out.extend(_service_findings(summary))
-    out.extend(_kernel_findings(summary))
-    cons = summary.get("conservation", {})
-    if cons.get("records_match_locust") is False:
-        out.append(
-            f"Records ({cons['records']}) differ from Locust's request count"
-            f" ({cons['locust_requests']})."
-        )
-    if cons.get("attempts_match_kernel") is False:
-        out.append(
-            f"The kernel counted {cons['kernel_active_opens']} connects (Tcp ActiveOpens)"
-            f" against {cons['attempts_sending_syn']} recorded attempts that sent a SYN"
+            f"The kernel counted {cons.kernel_active_opens} connects (Tcp ActiveOpens)"
+            f" against {cons.attempts_sending_syn} recorded attempts that sent a SYN"
             + (
                 " (not judged: other sockets share this kernel)."
-                if cons.get("kernel_check")
+                if cons.kernel_check
                 else ": records are missing or were made twice."
             )
         )
-    if cons.get("succeeded_match_listener") is False:
+    if cons.succeeded_match_listener is False:
         out.append(
-            f"Successful connects ({conns['succeeded']}) differ from the listener's accepts"
-            f" ({cons['listener_accepted']}): look at ListenOverflows (a full accept queue)."
+            f"Successful connects ({summary.connections.succeeded}) differ from the listener's"
+            f" accepts ({cons.listener_accepted}): look at ListenOverflows (a full accept queue)."
         )
-    elif cons.get("succeeded_match_listener"):
+    elif cons.succeeded_match_listener:
         out.append("Every successful connect was accepted by the listener.")
-    missing = (summary.get("distributed") or {}).get("missing_workers")
-    if missing:
+    distributed = summary.distributed
+    if distributed is not None and distributed.missing_workers:
         out.append(
-            f"{missing} of {summary['distributed']['expected_workers']} workers never shipped"
-            " their records (the worker died or lost the master): their connections are not"
-            " in this report, and Locust's count includes what they reported before."
+            f"{distributed.missing_workers} of {distributed.expected_workers} workers never"
+            " shipped their records (the worker died or lost the master): their connections"
+            " are not in this report, and Locust's count includes what they reported before."
         )
-    if summary.get("interrupted"):
-        out.append("The run was interrupted before its planned duration.")
-    reason = summary.get("stop_reason")
-    if reason == "max_connections":
-        out.append("The run stopped when it reached load.max_connections.")
-    elif reason == "disk":
-        out.append(
-            "The run stopped early: the disk holding the run directory was nearly full"
-            " (EPH_MIN_FREE_MB)."
-        )
-    elif reason == "locust exited":
-        out.append("Locust exited before the planned duration: see logs/locust.log.")
     return out
 
 
-def _kernel_findings(summary: dict[str, Any]) -> list[str]:
+_STOP_REASONS = {
+    "max_connections": "The run stopped when it reached load.max_connections.",
+    "disk": "The run stopped early: the disk holding the run directory was nearly full"
+    " (EPH_MIN_FREE_MB).",
+    "locust exited": "Locust exited before the planned duration: see logs/locust.log.",
+}
+
+
+def _stop_findings(summary: Summary) -> list[str]:
+    out = []
+    if summary.interrupted:
+        out.append("The run was interrupted before its planned duration.")
+    if summary.stop_reason in _STOP_REASONS:
+        out.append(_STOP_REASONS[summary.stop_reason])
+    return out
+
+
+def _kernel_findings(summary: Summary) -> list[str]:
     """What the tuple audit, the TIME_WAIT reuse count and the capacity model say."""
     out = []
-    tuples = summary.get("tuples")
-    if tuples and tuples.get("distinct"):
-        if tuples["concurrent_duplicates"]:
+    tuples = summary.tuples
+    if tuples is not None and tuples.distinct:
+        if tuples.concurrent_duplicates:
             out.append(
-                f"4-tuples NOT unique: {tuples['concurrent_duplicates']} connections began"
+                f"4-tuples NOT unique: {tuples.concurrent_duplicates} connections began"
                 " while another on the same 4-tuple was still open."
             )
         else:
             out.append(
-                f"4-tuples unique: {tuples['distinct']} distinct, at most"
-                f" {tuples['max_uses']} uses of one."
+                f"4-tuples unique: {tuples.distinct} distinct, at most"
+                f" {tuples.max_uses} uses of one."
             )
-    time_wait = summary.get("time_wait")
-    if time_wait and time_wait.get("reused_connections"):
-        kernel = time_wait.get("kernel_tw_recycled")
-        text = f"Reuse out of TIME_WAIT: {time_wait['reused_connections']} connections"
+    time_wait = summary.time_wait
+    if time_wait is not None and time_wait.reused_connections:
+        kernel = time_wait.kernel_tw_recycled
+        text = f"Reuse out of TIME_WAIT: {time_wait.reused_connections} connections"
         out.append(text + (f", kernel TWRecycled {kernel}." if kernel is not None else "."))
-    out.extend(_capacity_findings(summary.get("capacity") or {}))
+    out.extend(_capacity_findings(summary.capacity))
     return out
 
 
-def _capacity_findings(capacity: dict[str, Any]) -> list[str]:
-    if capacity.get("model_ports") is None:
+def _capacity_findings(capacity: Capacity) -> list[str]:
+    if capacity.model_ports is None:
         return []
-    limit, hold = capacity.get("model_max_rate_per_s"), capacity.get("model_hold_s")
-    lifetime_ms = (capacity.get("model_lifetime_s") or 0.0) * 1000
+    limit, hold = capacity.model_max_rate_per_s, capacity.model_hold_s
+    lifetime_ms = (capacity.model_lifetime_s or 0.0) * 1000
     if hold is None:
         text = "Capacity model: no TIME_WAIT on the client (it does not close first)"
         if limit:
@@ -233,25 +267,22 @@ def _capacity_findings(capacity: dict[str, Any]) -> list[str]:
         return [text + "."]
     busy = f"{hold:g} s hold" + (f" + {lifetime_ms:.3g} ms lifetime" if lifetime_ms else "")
     out = [
-        f"Capacity model: at most {limit:,.0f} new connections/s"
-        f" ({capacity['model_ports']} ports / ({busy})); measured"
-        f" {capacity.get('measured_rate_per_s')}/s on average."
+        f"Capacity model: at most {limit or 0:,.0f} new connections/s"
+        f" ({capacity.model_ports} ports / ({busy})); measured"
+        f" {capacity.measured_rate_per_s}/s on average."
     ]
-    sustained = capacity.get("measured_sustained_rate_per_s")
+    sustained = capacity.measured_sustained_rate_per_s
     if sustained is not None and limit:
         out.append(
             f"After exhaustion the rate settled at {sustained:,.0f}/s,"
             f" {sustained / limit - 1:+.1%} against the model."
         )
-    tte, model_tte = (
-        capacity.get("measured_time_to_exhaustion_s"),
-        capacity.get("model_time_to_exhaustion_s"),
-    )
+    tte, model_tte = capacity.measured_time_to_exhaustion_s, capacity.model_time_to_exhaustion_s
     if tte is not None and model_tte:
         out.append(
             f"Time to exhaustion: {tte:.3g} s measured, {model_tte:.3g} s from the model at"
-            f" the offered {capacity.get('offered_rate_per_s') or 0:,.0f}/s"
-            f" ({capacity.get('offered_rate_source')})."
+            f" the offered {capacity.offered_rate_per_s or 0:,.0f}/s"
+            f" ({capacity.offered_rate_source})."
         )
     return out
 
@@ -262,30 +293,32 @@ def _png(fig: Figure) -> str:
     return base64.b64encode(buffer.getvalue()).decode("ascii")
 
 
-# what the comparison table shows: label, path into summary.json
-COMPARED: list[tuple[str, tuple[str, ...]]] = [
-    ("scenario", ("scenario",)),
-    ("port range", ("ports", "range")),
-    ("tcp_tw_reuse", ("kernel", "tcp_tw_reuse")),
-    ("reuse delay (ms)", ("kernel", "tcp_tw_reuse_delay_ms")),
-    ("attempted", ("connections", "attempted")),
-    ("succeeded", ("connections", "succeeded")),
-    ("failed", ("connections", "failed")),
-    ("attempts/s", ("connections", "rate_per_s")),
-    ("exhausted after (s)", ("exhaustion", "first_failure_s")),
-    ("sustained after exhaustion (/s)", ("capacity", "measured_sustained_rate_per_s")),
-    ("model ceiling (/s)", ("capacity", "model_max_rate_per_s")),
-    ("TIME_WAIT peak", ("time_wait", "peak")),
-    ("reused out of TIME_WAIT", ("time_wait", "reused_connections")),
-    ("connect p50 (ms)", ("connections", "connect_ms", "p50")),
-    ("connect p99 (ms)", ("connections", "connect_ms", "p99")),
+def _latency(summary: Summary, which: str) -> float | None:
+    found = summary.connections.connect_ms
+    return None if found is None else float(getattr(found, which))
+
+
+# what the comparison table shows: label, the value in a summary
+COMPARED: list[tuple[str, Callable[[Summary], object]]] = [
+    ("scenario", lambda s: s.scenario),
+    ("port range", lambda s: s.ports.range),
+    ("tcp_tw_reuse", lambda s: s.kernel.tcp_tw_reuse),
+    ("reuse delay (ms)", lambda s: s.kernel.tcp_tw_reuse_delay_ms),
+    ("attempted", lambda s: s.connections.attempted),
+    ("succeeded", lambda s: s.connections.succeeded),
+    ("failed", lambda s: s.connections.failed),
+    ("attempts/s", lambda s: s.connections.rate_per_s),
+    ("exhausted after (s)", lambda s: s.exhaustion.first_failure_s),
+    ("sustained after exhaustion (/s)", lambda s: s.capacity.measured_sustained_rate_per_s),
+    ("model ceiling (/s)", lambda s: s.capacity.model_max_rate_per_s),
+    ("TIME_WAIT peak", lambda s: s.time_wait.peak if s.time_wait else None),
+    ("reused out of TIME_WAIT", lambda s: s.time_wait.reused_connections if s.time_wait else None),
+    ("connect p50 (ms)", lambda s: _latency(s, "p50")),
+    ("connect p99 (ms)", lambda s: _latency(s, "p99")),
 ]
 
 
-def _lookup(summary: dict[str, Any], path: tuple[str, ...]) -> Any:
-    value: Any = summary
-    for key in path:
-        value = value.get(key) if isinstance(value, dict) else None
+def _shown(value: object) -> object:
     if isinstance(value, list):
         return "-".join(str(v) for v in value)
     return "-" if value is None else value
@@ -293,9 +326,7 @@ def _lookup(summary: dict[str, Any], path: tuple[str, ...]) -> Any:
 
 def render_comparison(path: Path, runs: list[tuple[str, RunData]]) -> None:
     """``eph report --compare``: runs side by side, e.g. before and after tuning."""
-    from harness.report.figures import compare_capacity, compare_occupancy, compare_successes
-
-    rows = [(label, [_lookup(d.summary, keys) for _, d in runs]) for label, keys in COMPARED]
+    rows = [(label, [_shown(value(d.summary)) for _, d in runs]) for label, value in COMPARED]
     figures = [
         (title, _png(make(runs)), note)
         for title, make, note in (

@@ -1,19 +1,29 @@
-"""``summary.json``: the run's figures, computed in bulk from the records."""
+"""The summary's first sections, computed in bulk from the records (the model: ``model``)."""
 
 from __future__ import annotations
 
 import errno as errno_module
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 import pyarrow as pa
 
 from harness.errors import errno_name
+from harness.report.model import (
+    SCHEMA_VERSION,
+    Connections,
+    Conservation,
+    Exhaustion,
+    Kernel,
+    Latency,
+    Listener,
+    Outage,
+    Ports,
+    Summary,
+)
 
 __all__ = ["EXHAUSTION_ERRNOS", "SCHEMA_VERSION", "Columns", "outages", "summarize"]
 
-SCHEMA_VERSION = 1
 # local errors that mean "no ephemeral port left": connect() toward a destination
 # (EADDRNOTAVAIL), bind(ip, 0) (EADDRINUSE), connected UDP (EAGAIN)
 EXHAUSTION_ERRNOS = (errno_module.EADDRNOTAVAIL, errno_module.EADDRINUSE, errno_module.EAGAIN)
@@ -65,47 +75,56 @@ def summarize(
     started_at: str,
     duration_s: float,
     interrupted: bool,
-    kernel: dict[str, Any],
-    listener: dict[str, Any] | None = None,
+    kernel: Kernel,
+    listener: Listener | None = None,
     locust_requests: int | None = None,
     lossy_link: bool = False,
     datagrams: bool = False,
-) -> dict[str, Any]:
+) -> Summary:
+    """The summary's first sections, from the records alone; analysis adds the rest."""
     attempted = len(cols.errno)
-    ok = cols.ok
-    succeeded = int(ok.sum())
-    port_range = kernel.get("ip_local_port_range")
-    ports = cols.local_port[ok]
-    summary: dict[str, Any] = {
-        "schema_version": SCHEMA_VERSION,
-        "scenario": scenario,
-        "interrupted": interrupted,
-        "started_at": started_at,
-        "duration_s": round(duration_s, 3),
-        "connections": {
-            "attempted": attempted,
-            "succeeded": succeeded,
-            "failed": attempted - succeeded,
-            "errors": _counts(cols.errno),
-            "io_errors": _counts(cols.io_errno[ok]),
-            "rate_per_s": _rate(cols, duration_s),
-            "connect_ms": _latency(cols.connect_us[ok]),
-        },
-        "ports": {
-            "range": port_range,
-            "distinct_used": len(np.unique(ports)),
-            "even_fraction": round(float((ports % 2 == 0).mean()), 4) if len(ports) else None,
-        },
-        "exhaustion": _exhaustion(cols),
-        "outages": outages(cols),
-        "kernel": kernel,
-    }
-    if listener is not None:
-        summary["listener"] = listener
-    summary["conservation"] = _conservation(
-        attempted, succeeded, listener, locust_requests, lossy_link, datagrams
+    succeeded = int(cols.ok.sum())
+    summary = Summary(
+        scenario=scenario,
+        interrupted=interrupted,
+        started_at=started_at,
+        duration_s=round(duration_s, 3),
+        connections=_connections(cols, duration_s),
+        ports=_ports(cols, kernel),
+        exhaustion=_exhaustion(cols),
+        outages=outages(cols),
+        kernel=kernel,
+        conservation=_conservation(
+            attempted, succeeded, listener, locust_requests, lossy_link, datagrams
+        ),
     )
+    if listener is not None:
+        summary.listener = listener
     return summary
+
+
+def _connections(cols: Columns, duration_s: float) -> Connections:
+    attempted, ok = len(cols.errno), cols.ok
+    succeeded = int(ok.sum())
+    return Connections(
+        attempted=attempted,
+        succeeded=succeeded,
+        failed=attempted - succeeded,
+        errors=_counts(cols.errno),
+        io_errors=_counts(cols.io_errno[ok]),
+        rate_per_s=_rate(cols, duration_s),
+        connect_ms=_latency(cols.connect_us[ok]),
+    )
+
+
+def _ports(cols: Columns, kernel: Kernel) -> Ports:
+    """The ports the successful connections got."""
+    ports = cols.local_port[cols.ok]
+    return Ports(
+        range=kernel.ip_local_port_range,
+        distinct_used=len(np.unique(ports)),
+        even_fraction=round(float((ports % 2 == 0).mean()), 4) if len(ports) else None,
+    )
 
 
 def _rate(cols: Columns, duration_s: float) -> float:
@@ -118,37 +137,39 @@ def _rate(cols: Columns, duration_s: float) -> float:
     return round(n / duration_s, 1) if duration_s > 0 else 0.0
 
 
-def _latency(connect_us: np.ndarray) -> dict[str, float] | None:
+def _latency(connect_us: np.ndarray) -> Latency | None:
     if not len(connect_us):
         return None
     p50, p90, p99 = np.percentile(connect_us, [50, 90, 99]) / 1000.0
-    return {
-        "p50": round(p50, 3),
-        "p90": round(p90, 3),
-        "p99": round(p99, 3),
-        "max": round(float(connect_us.max()) / 1000.0, 3),
-    }
+    return Latency(
+        p50=round(p50, 3),
+        p90=round(p90, 3),
+        p99=round(p99, 3),
+        max=round(float(connect_us.max()) / 1000.0, 3),
+    )
 
 
-def _exhaustion(cols: Columns) -> dict[str, Any]:
+def _exhaustion(cols: Columns) -> Exhaustion:
     hit = np.isin(cols.errno, EXHAUSTION_ERRNOS)
     if not hit.any():
-        return {"exhausted": False, "first_failure_s": None, "succeeded_before_first_failure": None}
+        return Exhaustion(
+            exhausted=False, first_failure_s=None, succeeded_before_first_failure=None
+        )
     first = int(np.argmax(hit))  # rows are sorted by start time
     start = cols.start_ns[first]
-    return {
-        "exhausted": True,
-        "errno": errno_name(int(cols.errno[first])),
-        "first_failure_s": round(float(start - cols.start_ns.min()) / 1e9, 4),
-        "succeeded_before_first_failure": int((cols.ok & (cols.start_ns < start)).sum()),
-    }
+    return Exhaustion(
+        exhausted=True,
+        errno=errno_name(int(cols.errno[first])),
+        first_failure_s=round(float(start - cols.start_ns.min()) / 1e9, 4),
+        succeeded_before_first_failure=int((cols.ok & (cols.start_ns < start)).sum()),
+    )
 
 
 MIN_OUTAGE_FAILURES = 5  # fewer failures in a row is a blip, not an outage
 MAX_OUTAGES = 20
 
 
-def outages(cols: Columns) -> list[dict[str, Any]]:
+def outages(cols: Columns) -> list[Outage]:
     """Spans in which every attempt failed at the target (refused, reset, timed out,
     unreachable): the target was down, which is not the range running out.
 
@@ -170,13 +191,13 @@ def outages(cols: Columns) -> list[dict[str, Any]]:
         recovered = bool(end < len(start))
         names, counts = np.unique(errno[begin:end], return_counts=True)
         windows.append(
-            {
-                "from_s": round((int(start[begin]) - t0) / 1e9, 4),
-                "to_s": round((int(start[end if recovered else end - 1]) - t0) / 1e9, 4),
-                "failures": int(end - begin),
-                "errors": {errno_name(int(n)): int(c) for n, c in zip(names, counts, strict=True)},
-                "recovered": recovered,
-            }
+            Outage(
+                from_s=round((int(start[begin]) - t0) / 1e9, 4),
+                to_s=round((int(start[end if recovered else end - 1]) - t0) / 1e9, 4),
+                failures=int(end - begin),
+                errors={errno_name(int(n)): int(c) for n, c in zip(names, counts, strict=True)},
+                recovered=recovered,
+            )
         )
     return windows
 
@@ -184,33 +205,32 @@ def outages(cols: Columns) -> list[dict[str, Any]]:
 def _conservation(
     attempted: int,
     succeeded: int,
-    listener: dict[str, Any] | None,
+    listener: Listener | None,
     locust_requests: int | None,
     lossy_link: bool = False,
     datagrams: bool = False,
-) -> dict[str, Any]:
+) -> Conservation:
     """Every attempt recorded, counted by Locust, and (if connected) accepted by our listener.
 
     Over a lab link that loses packets the last check is reported but not judged:
     a client is connected once it sends the handshake's final ACK, and when that
     ACK (and the FIN after it) is lost the server never accepts the connection.
     """
-    result: dict[str, Any] = {"records": attempted}
+    result = Conservation(records=attempted, ok=True)
     checks = []
     if locust_requests is not None:
-        result["locust_requests"] = locust_requests
-        result["records_match_locust"] = locust_requests == attempted
-        checks.append(result["records_match_locust"])
+        result.locust_requests = locust_requests
+        result.records_match_locust = locust_requests == attempted
+        checks.append(result.records_match_locust)
     if listener is not None:
-        accepted = int(listener.get("accepted", 0))
-        result["listener_accepted"] = accepted
-        result["succeeded_match_listener"] = accepted == succeeded
+        result.listener_accepted = listener.accepted
+        result.succeeded_match_listener = listener.accepted == succeeded
         if lossy_link:
-            result["listener_check"] = "not judged: the lab's link loses packets"
+            result.listener_check = "not judged: the lab's link loses packets"
         elif datagrams:
             # a UDP "success" is a local connect(); its datagram may still be dropped
-            result["listener_check"] = "not judged: UDP datagrams may be dropped"
+            result.listener_check = "not judged: UDP datagrams may be dropped"
         else:
-            checks.append(result["succeeded_match_listener"])
-    result["ok"] = all(checks)
+            checks.append(result.succeeded_match_listener)
+    result.ok = all(checks)
     return result

@@ -1,0 +1,253 @@
+"""The levers ``eph plan`` tries, each alone: what it changes and the rate it gives.
+
+The kernel's (a wider range, TIME_WAIT reuse, a shorter reuse delay: sysctls to
+apply by hand, never applied here) and the code's (more source addresses,
+destinations or hosts, keep-alive or pooling, server-first close).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING, Any
+
+from harness.capacity.model import (
+    DEFAULT_REUSE_DELAY_S,
+    CapacityModel,
+    merge_reserved,
+    reserved_in_range,
+    unreserved_in_range,
+)
+from harness.scenario import ClosePolicy
+
+if TYPE_CHECKING:
+    from harness.capacity.plan import PlanInputs
+
+__all__ = ["FULL_RANGE", "Lever", "fmt_rate", "levers", "ports_text"]
+
+FULL_RANGE = (1024, 65535)  # the widest range the kernel accepts a low end of 1024 for
+
+
+@dataclass(frozen=True)
+class Lever:
+    """One change, alone, and the rate it gives."""
+
+    kind: str  # "kernel" or "code"
+    name: str
+    change: str  # what to do, in words
+    max_rate_per_s: float | None  # None: no port limit at all
+    reaches_goal: bool
+    sysctls: dict[str, str] = field(default_factory=dict)
+    caveat: str = ""
+    applies: dict[str, Any] = field(default_factory=dict)  # the PlanInputs it changes
+
+
+@dataclass(frozen=True)
+class _Trial:
+    """The setup as it is, and how to try a change to it."""
+
+    inputs: PlanInputs
+    model: CapacityModel
+
+    @property
+    def goal(self) -> float:
+        return self.inputs.rate
+
+    def rate_with(self, **changes: Any) -> float | None:
+        return replace(self.inputs, **changes).model().max_rate_per_s
+
+    def reaches(self, rate: float | None) -> bool:
+        return rate is None or rate >= self.goal
+
+
+def levers(inputs: PlanInputs, model: CapacityModel) -> list[Lever]:
+    """Every lever that applies to this setup, kernel's first."""
+    trial = _Trial(inputs, model)
+    found: list[Lever | None] = [
+        _wider_range(trial),
+        _tw_reuse(trial),
+        _shorter_delay(trial),
+        *_more_paths(trial),
+        _pooling(trial),
+        _server_close(trial),
+    ]
+    return [lever for lever in found if lever is not None]
+
+
+def _round(value: float | None, digits: int = 1) -> float | None:
+    return None if value is None else round(value, digits)
+
+
+def _wider_range(trial: _Trial) -> Lever | None:
+    """The least widening of ip_local_port_range that reaches the goal, else the widest."""
+    inputs, model = trial.inputs, trial.model
+    high = inputs.port_range[1]
+    per_port = model.paths * model.hosts / model.busy_s if model.busy_s > 0 else math.inf
+    needed = math.ceil(trial.goal / per_port) if per_port != math.inf else 0
+    if needed <= model.usable_ports:
+        return None
+    # the services' ports get reserved first, so the count is of ports clients can use
+    keep = merge_reserved(inputs.reserved, inputs.keep_ports)
+    new_low = _widened_low(needed, high, keep)
+    new_range = (new_low, high) if new_low is not None else FULL_RANGE
+    kept = unreserved_in_range(inputs.reserved, inputs.keep_ports, *new_range)
+    reserved = merge_reserved(inputs.reserved, kept) if kept else inputs.reserved
+    rate = trial.rate_with(port_range=new_range, reserved=reserved)
+    sysctls = {"net.ipv4.ip_local_port_range": f"{new_range[0]} {new_range[1]}"}
+    if kept:
+        sysctls["net.ipv4.ip_local_reserved_ports"] = reserved
+    return Lever(
+        "kernel",
+        "wider ip_local_port_range",
+        f"net.ipv4.ip_local_port_range = {new_range[0]} {new_range[1]}"
+        f" ({new_range[1] - new_range[0] + 1} ports"
+        + (f"; reserving {ports_text(kept)}, where services listen)" if kept else ")"),
+        _round(rate),
+        trial.reaches(rate),
+        sysctls,
+        "ports below 32768 may collide with services that listen on them: eph"
+        " reserved the ones listening now; reserve any other service's port too",
+        {"port_range": new_range, "reserved": reserved},
+    )
+
+
+def _tw_reuse(trial: _Trial) -> Lever | None:
+    inputs, model = trial.inputs, trial.model
+    if inputs.close is not ClosePolicy.CLIENT or model.hold_s is None or model.reuse:
+        return None
+    rate = trial.rate_with(tw_reuse=1, timestamps=1)
+    sysctls = {"net.ipv4.tcp_tw_reuse": "1"}
+    if not inputs.timestamps:
+        sysctls["net.ipv4.tcp_timestamps"] = "1"
+    return Lever(
+        "kernel",
+        "TIME_WAIT reuse",
+        "net.ipv4.tcp_tw_reuse = 1: a port comes back"
+        f" {inputs.reuse_delay_ms or DEFAULT_REUSE_DELAY_S * 1000:g} ms after close"
+        " instead of 60 s (needs TCP timestamps, on by default)",
+        _round(rate),
+        trial.reaches(rate),
+        sysctls,
+        "outgoing connections only; the server side is unaffected",
+        {"tw_reuse": 1, "timestamps": 1},
+    )
+
+
+def _shorter_delay(trial: _Trial) -> Lever | None:
+    """tcp_tw_reuse_delay (Linux 6.14+), when reuse at the current delay falls short."""
+    inputs = trial.inputs
+    if inputs.close is not ClosePolicy.CLIENT or not inputs.reuse_delay_settable:
+        return None
+    delay_ms = _delay_needed_ms(inputs, trial.model)
+    current = inputs.reuse_delay_ms or DEFAULT_REUSE_DELAY_S * 1000
+    reuse_rate = trial.rate_with(tw_reuse=1, timestamps=1)
+    if delay_ms is None or delay_ms >= current or trial.reaches(reuse_rate):
+        return None
+    rate = trial.rate_with(tw_reuse=1, timestamps=1, reuse_delay_ms=delay_ms)
+    return Lever(
+        "kernel",
+        "shorter reuse delay",
+        f"net.ipv4.tcp_tw_reuse = 1 with net.ipv4.tcp_tw_reuse_delay ="
+        f" {delay_ms} (Linux 6.14+; {fmt_rate(reuse_rate)} at {current:g} ms)",
+        _round(rate),
+        trial.reaches(rate),
+        {"net.ipv4.tcp_tw_reuse": "1", "net.ipv4.tcp_tw_reuse_delay": str(delay_ms)},
+        "keep it well above the path's round trip: PAWS needs the old segments gone",
+        {"tw_reuse": 1, "timestamps": 1, "reuse_delay_ms": delay_ms},
+    )
+
+
+_PATHS = (
+    (
+        "more source addresses",
+        "sources",
+        "bind each socket to one of {n} local addresses with IP_BIND_ADDRESS_NO_PORT"
+        " set first, so the port is picked per 4-tuple at connect()",
+    ),
+    (
+        "more destinations",
+        "destinations",
+        "spread connections over {n} destination address:port pairs (more"
+        " listeners or a VIP per backend): each gets the whole range",
+    ),
+    ("more load-generator hosts", "hosts", "spread the load over {n} hosts"),
+)
+
+
+def _more_paths(trial: _Trial) -> list[Lever]:
+    """More of what multiplies the ports: source addresses, destinations, hosts."""
+    model = trial.model
+    if model.busy_s <= 0:
+        return []
+    out = []
+    for name, attr, code in _PATHS:
+        current_n = getattr(trial.inputs, attr)
+        per_unit = model.ports / current_n / model.busy_s
+        n = max(current_n + 1, math.ceil(trial.goal / per_unit))
+        rate = trial.rate_with(**{attr: n})
+        out.append(
+            Lever(
+                "code", name, code.format(n=n), _round(rate), trial.reaches(rate), applies={attr: n}
+            )
+        )
+    return out
+
+
+def _pooling(trial: _Trial) -> Lever | None:
+    limit = trial.model.max_rate_per_s
+    if not limit:
+        return None
+    per_connection = max(2, math.ceil(trial.goal / limit))
+    return Lever(
+        "code",
+        "keep-alive or pooling",
+        f"reuse each connection for {per_connection} or more requests (HTTP keep-alive,"
+        " a connection pool): new connections/s fall by that factor",
+        _round(limit * per_connection),
+        True,
+    )
+
+
+def _server_close(trial: _Trial) -> Lever | None:
+    if trial.inputs.close is not ClosePolicy.CLIENT or not trial.model.hold_s:
+        return None
+    rate = trial.rate_with(close=ClosePolicy.SERVER)
+    return Lever(
+        "code",
+        "server-first close",
+        "let the server close first (or the client reset with SO_LINGER 0): the"
+        " TIME_WAIT lands on the server, which does not spend ephemeral ports on it",
+        _round(rate),
+        trial.reaches(rate),
+        caveat="a reset skips TIME_WAIT's protection against stray old segments",
+        applies={"close": ClosePolicy.SERVER},
+    )
+
+
+def _widened_low(needed: int, high: int, reserved: str) -> int | None:
+    """The highest low end (different parity from ``high``) giving ``needed`` usable ports."""
+    low = high - needed + 1
+    while low >= FULL_RANGE[0]:
+        low -= (low % 2) == (high % 2)  # the kernel docs advise ends of different parity
+        if high - low + 1 - reserved_in_range(reserved, low, high) >= needed:
+            return low
+        low -= 1
+    return None
+
+
+def _delay_needed_ms(inputs: PlanInputs, model: CapacityModel) -> int | None:
+    """The reuse delay (whole ms, at least 1) that reaches the rate, if any does."""
+    per_rate = model.ports / inputs.rate if inputs.rate > 0 else math.inf
+    delay_s = per_rate - model.lifetime_s
+    if delay_s < 0.001:
+        return None
+    return int(min(delay_s * 1000, 60_000))
+
+
+def ports_text(ports: list[int]) -> str:
+    shown = ", ".join(str(p) for p in ports[:8])
+    return f"port{'s' if len(ports) > 1 else ''} {shown}" + (" ..." if len(ports) > 8 else "")
+
+
+def fmt_rate(rate: float | None) -> str:
+    return "no port limit" if rate is None else f"{rate:,.0f}/s"

@@ -1,0 +1,191 @@
+"""The ``summary.json`` contract: one pydantic model, its schema published.
+
+Analysis builds a :class:`Summary`; the report, the figures, ``eph plan --from``,
+the sweep and the CLI read its attributes. A key renamed here is renamed for
+every reader, and mypy sees each use. Field names are the JSON keys.
+
+A field that a run may leave out (``listener`` when eph served nothing,
+``occupancy`` without samples) defaults to None and is written only when it was
+set, so ``summary.json`` carries the keys the run had something to say about.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Final, Literal, TypeVar
+
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+from harness.errors import SummaryError
+from harness.report.sections import (
+    BindAttempt,
+    Capacity,
+    Connections,
+    Conservation,
+    Distributed,
+    Exhaustion,
+    HostSection,
+    Kernel,
+    Latency,
+    Listener,
+    Occupancy,
+    OccupancyBand,
+    Outage,
+    ParityQuantiles,
+    Ports,
+    Quantiles,
+    SamplesInfo,
+    Section,
+    Service,
+    TimeWait,
+    TupleExample,
+    Tuples,
+)
+
+__all__ = [
+    "SCHEMA_VERSION",
+    "BindAttempt",
+    "Capacity",
+    "Connections",
+    "Conservation",
+    "Distributed",
+    "Exhaustion",
+    "HostSection",
+    "Kernel",
+    "Latency",
+    "Listener",
+    "Occupancy",
+    "OccupancyBand",
+    "Outage",
+    "ParityQuantiles",
+    "Ports",
+    "PriorRun",
+    "Quantiles",
+    "SamplesInfo",
+    "Service",
+    "Summary",
+    "TimeWait",
+    "TupleExample",
+    "Tuples",
+    "summary_schema",
+    "validated",
+]
+
+SCHEMA_VERSION: Final = 2
+
+
+class Summary(Section):
+    """``summary.json``: the run's figures, computed in bulk after it."""
+
+    schema_version: Literal[2] = SCHEMA_VERSION
+    scenario: str
+    interrupted: bool
+    started_at: str
+    """When the run started: ISO 8601, UTC."""
+    duration_s: float
+    connections: Connections
+    ports: Ports
+    exhaustion: Exhaustion
+    outages: list[Outage]
+    kernel: Kernel
+    listener: Listener | None = None
+    conservation: Conservation
+    stop_reason: str | None = None
+    service: Service | None = None
+    distributed: Distributed | None = None
+    samples: SamplesInfo | None = None
+    time_wait: TimeWait | None = None
+    tuples: Tuples | None = None
+    hosts: list[HostSection] | None = None
+    capacity: Capacity = Capacity()
+    occupancy: Occupancy | None = None
+
+    @property
+    def exhausted_at(self) -> float | None:
+        """Seconds from the first attempt to the first failure for want of a port."""
+        return self.exhaustion.first_failure_s if self.exhaustion.exhausted else None
+
+    def to_json(self) -> dict[str, Any]:
+        """The JSON object, with only the optional keys the run set."""
+        data = self.model_dump(mode="json", exclude_unset=True)
+        return {"schema_version": self.schema_version, **data}  # always, and first
+
+    @classmethod
+    def load(cls, path: Path) -> Summary:
+        """Read and validate ``path``; an older or malformed one raises :class:`SummaryError`."""
+        try:
+            data = json.loads(path.read_text())
+        except (OSError, ValueError) as exc:
+            raise SummaryError(path, f"is not readable JSON ({exc})") from None
+        return cls.from_json(data, path)
+
+    @classmethod
+    def from_json(cls, data: object, source: Path | str = "summary.json") -> Summary:
+        if not isinstance(data, dict):
+            raise SummaryError(source, "is not a JSON object", value=type(data).__name__)
+        version = data.get("schema_version")
+        if version != SCHEMA_VERSION:
+            raise SummaryError(
+                source,
+                "was written by another version of eph; `eph report RUN_DIR` writes it again",
+                key="schema_version",
+                value=version,
+                expected=str(SCHEMA_VERSION),
+            )
+        return validated(cls, data, source)
+
+
+class PriorRun(BaseModel):
+    """What only the run itself knew, read back from any version's ``summary.json``
+    so that ``eph report`` can compute the rest again."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    interrupted: bool = False
+    started_at: str | None = None
+    duration_s: float | None = None
+    kernel: Kernel | None = None
+    stop_reason: str | None = None
+    distributed: Distributed | None = None
+
+    @classmethod
+    def load(cls, path: Path) -> PriorRun:
+        try:
+            data = json.loads(path.read_text())
+        except (OSError, ValueError) as exc:
+            raise SummaryError(path, f"is not readable JSON ({exc})") from None
+        return validated(cls, data, path)
+
+
+_M = TypeVar("_M", bound=BaseModel)
+
+
+def validated(model: type[_M], data: object, source: Path | str) -> _M:
+    """``data`` (from ``source``, a file that feeds the summary) as ``model``; a wrong
+    value raises :class:`SummaryError` naming the file, the key, the value."""
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        raise _first_error(source, exc) from None
+
+
+def _first_error(source: Path | str, exc: ValidationError) -> SummaryError:
+    """The first of pydantic's errors, spelled the way eph names a bad value."""
+    error = exc.errors()[0]
+    key = ".".join(str(part) for part in error["loc"])
+    more = f"; {exc.error_count() - 1} more value(s) wrong too" if exc.error_count() > 1 else ""
+    if error["type"] == "missing":
+        return SummaryError(source, "is missing" + more, key=key)
+    if error["type"] == "extra_forbidden":
+        return SummaryError(source, "is not a summary key" + more, key=key)
+    expected = error["msg"].removeprefix("Input should be ")
+    return SummaryError(
+        source, "has a wrong value" + more, key=key, value=error.get("input"), expected=expected
+    )
+
+
+def summary_schema() -> dict[str, Any]:
+    """The JSON Schema of ``summary.json`` (``eph schema summary``)."""
+    schema = Summary.model_json_schema()
+    return {"$schema": "https://json-schema.org/draft/2020-12/schema", **schema}

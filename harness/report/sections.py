@@ -1,0 +1,334 @@
+"""The sections of ``summary.json``, one model each (the whole: ``model.Summary``).
+
+Field names are the JSON keys. Attribute docstrings become the published JSON
+Schema's descriptions.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict
+
+__all__ = [
+    "BindAttempt",
+    "Capacity",
+    "Connections",
+    "Conservation",
+    "Distributed",
+    "Exhaustion",
+    "HostSection",
+    "Kernel",
+    "Latency",
+    "Listener",
+    "Occupancy",
+    "OccupancyBand",
+    "Outage",
+    "ParityQuantiles",
+    "Ports",
+    "Quantiles",
+    "SamplesInfo",
+    "Section",
+    "Service",
+    "TimeWait",
+    "TupleExample",
+    "Tuples",
+]
+
+
+class Section(BaseModel):
+    """A part of the summary eph itself computes: unknown keys are an error."""
+
+    model_config = ConfigDict(
+        extra="forbid", validate_assignment=True, use_attribute_docstrings=True
+    )
+
+
+class _Reported(BaseModel):
+    """A part copied from another process's JSON: its extra keys are kept."""
+
+    model_config = ConfigDict(
+        extra="allow", validate_assignment=True, use_attribute_docstrings=True
+    )
+
+
+class Latency(Section):
+    """Connect latency in milliseconds."""
+
+    p50: float
+    p90: float
+    p99: float
+    max: float
+
+
+class Quantiles(Section):
+    """Percentiles and minimum of a sample of values (the field names its unit)."""
+
+    p50: float
+    p90: float
+    p99: float
+    min: float
+
+
+class ParityQuantiles(Section):
+    """Connect latency (ms) of connections on even and on odd local ports."""
+
+    even: Quantiles | None
+    odd: Quantiles | None
+
+
+class Connections(Section):
+    """Every connection attempt's outcome, from the records."""
+
+    attempted: int
+    succeeded: int
+    failed: int
+    errors: dict[str, int]
+    """Failed connects by errno name (EADDRNOTAVAIL, ECONNREFUSED, ...)."""
+    io_errors: dict[str, int]
+    """Connections that connected, then failed in I/O, by errno name."""
+    rate_per_s: float
+    """Attempts per second over the records' own span."""
+    connect_ms: Latency | None
+    """None when nothing connected."""
+
+
+class Ports(Section):
+    """The local (ephemeral) ports the successful connections got. The keys after
+    ``even_fraction`` say how the kernel handed them out; absent when none succeeded."""
+
+    range: list[int] | None
+    """The kernel's ip_local_port_range, [low, high]."""
+    distinct_used: int
+    even_fraction: float | None
+    max_uses_per_port: int | None = None
+    mean_uses_per_port: float | None = None
+    first_odd_s: float | None = None
+    """When the first odd port was handed out (s from the first attempt)."""
+    first_port_by_destination: dict[str, int] | None = None
+    connect_ms_by_parity: ParityQuantiles | None = None
+    first_offset_by_destination: dict[str, int] | None = None
+
+    @property
+    def span(self) -> tuple[int, int] | None:
+        """The range as (low, high), when the kernel's reading had one."""
+        if self.range is None or len(self.range) != 2:
+            return None
+        return self.range[0], self.range[1]
+
+
+class Exhaustion(Section):
+    """Whether and when a connect first failed for want of a port."""
+
+    exhausted: bool
+    errno: str | None = None
+    """The first such failure's errno name (EADDRNOTAVAIL, EADDRINUSE, EAGAIN)."""
+    first_failure_s: float | None
+    """Seconds from the first attempt."""
+    succeeded_before_first_failure: int | None
+
+
+class Outage(Section):
+    """A span in which every attempt failed at the target: the target, not the range."""
+
+    from_s: float
+    to_s: float
+    failures: int
+    errors: dict[str, int]
+    recovered: bool
+    """A connection succeeded again after it."""
+
+
+class Kernel(_Reported):
+    """The sysctls as read where the clients ran (``harness.kernel.sysctls``)."""
+
+    release: str | None = None
+    ip_local_port_range: list[int] | None = None
+    ip_local_reserved_ports: str | int | None = None
+    tcp_tw_reuse: int | None = None
+    tcp_tw_reuse_delay_ms: int | None = None
+    """net.ipv4.tcp_tw_reuse_delay (Linux 6.14+); absent before."""
+    tcp_timestamps: int | None = None
+    tcp_fin_timeout: int | None = None
+    tcp_max_tw_buckets: int | None = None
+    somaxconn: int | None = None
+    rlimit_nofile: list[int] | None = None
+    netns: str | None = None
+
+    @property
+    def reserved(self) -> str:
+        """``ip_local_reserved_ports`` as text (a single port reads back as a number)."""
+        return str(self.ip_local_reserved_ports or "")
+
+    @property
+    def port_span(self) -> tuple[int, int] | None:
+        found = self.ip_local_port_range
+        return (found[0], found[1]) if found is not None and len(found) == 2 else None
+
+
+class Listener(_Reported):
+    """The embedded listener's counts (``listener.json``)."""
+
+    accepted: int = 0
+    endpoints: dict[str, int] | None = None
+    loop_errors: int | None = None
+
+
+class Conservation(Section):
+    """Every attempt recorded, counted by Locust, accepted by the listener, and
+    (TCP, with counters) counted by the kernel's Tcp ActiveOpens."""
+
+    records: int
+    locust_requests: int | None = None
+    records_match_locust: bool | None = None
+    listener_accepted: int | None = None
+    succeeded_match_listener: bool | None = None
+    listener_check: str | None = None
+    """Why the listener's count is not judged."""
+    ok: bool
+    """Every check that is judged agrees."""
+    kernel_active_opens: int | None = None
+    kernel_attempt_fails: int | None = None
+    attempts_sending_syn: int | None = None
+    attempts_match_kernel: bool | None = None
+    kernel_check: str | None = None
+    """Why the kernel's count is not judged."""
+
+
+class BindAttempt(Section):
+    """One failed bind() of the stand-in service."""
+
+    at_s: float
+    errno: str
+    held_by: dict[str, int]
+    """TCP state -> client sockets on the port."""
+
+
+class Service(_Reported):
+    """The port-conflict lab's stand-in service (``service.json``)."""
+
+    port: int
+    restart_at_s: float
+    stopped_at_s: float | None = None
+    rebound_at_s: float | None = None
+    failed_binds: int = 0
+    errors: list[str] = []
+    attempts: list[BindAttempt] = []
+    rebound: bool = False
+
+
+class Distributed(Section):
+    """A distributed run's workers: expected, and those whose records arrived."""
+
+    expected_workers: int
+    hosts_shipped: list[str]
+    missing_workers: int
+
+
+class SamplesInfo(Section):
+    """The collector's socket samples."""
+
+    count: int
+    interval_s: float
+    max_sample_ms: float | None
+    median_sample_ms: float | None
+    missing_after_s: float | None
+    """Seconds from the first attempt at which the samples stop (the collector died);
+    None when they cover the run."""
+
+
+class TimeWait(Section):
+    """TIME_WAIT on the client: its peak, and tuples reused out of it."""
+
+    peak: int | None
+    """Most client sockets toward the targets in TIME_WAIT at once (from the samples)."""
+    reused_connections: int
+    """Connections on a tuple the client had closed less than 60 s before."""
+    kernel_tw_recycled: int | None
+    """The kernel's TWRecycled counter over the run."""
+    reused_minus_kernel: int | None
+    reuse_age_s: Quantiles | None
+    """Seconds from a tuple's close to its reuse."""
+    server_peak: int | None = None
+    """A lab's pair topology: the server namespace's TIME_WAIT peak."""
+
+
+class TupleExample(Section):
+    """Two uses of one 4-tuple, the second begun before the first closed."""
+
+    local_port: int
+    remote_port: int
+    first_start_ns: int
+    first_close_ns: int
+    second_start_ns: int
+
+
+class Tuples(Section):
+    """The audit of every successful connection's 4-tuple."""
+
+    distinct: int
+    max_uses: int
+    concurrent_duplicates: int
+    """Uses of a 4-tuple begun while another use of it was still open (should be 0)."""
+    examples: list[TupleExample]
+    reuse_distance_median: float | None
+    """Connections between two uses of one tuple, median."""
+
+
+class HostSection(Section):
+    """One load-generator host of a distributed run."""
+
+    host: str
+    hostname: str | None
+    attempted: int
+    succeeded: int
+    failed: int
+    source_addresses: list[str]
+    distinct_ports: int
+    port_span: list[int] | None
+    first_exhaustion_s: float | None
+    port_range: list[int] | None
+    peak_in_use: int | None
+    usable_ports: int | None
+    clock_shift_ms: float
+    time_wait_peak: int | None = None
+
+
+class Capacity(Section):
+    """The capacity model against what was measured."""
+
+    measured_rate_per_s: float | None = None
+    measured_time_to_exhaustion_s: float | None = None
+    model_max_rate_per_s: float | None = None
+    """The sustainable rate: ports / (lifetime + hold); None: no port limit."""
+    model_time_to_exhaustion_s: float | None = None
+    model_ports: int | None = None
+    """Usable ports across paths and hosts; absent (as the keys after it) when the
+    port range is unknown."""
+    model_hold_s: float | None = None
+    """How long a closed port stays unavailable; None: no TIME_WAIT on the client."""
+    model_lifetime_s: float | None = None
+    model_reuse: bool | None = None
+    offered_rate_per_s: float | None = None
+    offered_rate_source: Literal["scenario", "measured"] | None = None
+    measured_sustained_rate_per_s: float | None = None
+    """Successes per second once the range ran out; None when it never did."""
+
+
+class OccupancyBand(Section):
+    """Connect latency (ms) of the connections begun in one band of occupancy."""
+
+    occupancy: list[float]
+    """The band: [low, high) share of the usable ports in use."""
+    connections: int
+    even: Quantiles | None
+    odd: Quantiles | None
+
+
+class Occupancy(Section):
+    """Ports in use toward the targets, from the collector's samples."""
+
+    peak_ports: int
+    usable_ports: int
+    peak_fraction: float | None
+    connect_ms_by_occupancy: list[OccupancyBand]
