@@ -423,10 +423,14 @@ def report(run_dirs: Sequence[Path], compare: bool, out: Path | None) -> None:
     before and after tuning (each run is labelled by its directory name).
     """
     from harness.finalize import load_run, rerender
+    from harness.report.observation import is_observation
 
     if not compare:
         if len(run_dirs) != 1:
             raise click.UsageError("give one RUN_DIR, or --compare A B [...]")
+        if is_observation(run_dirs[0]):  # eph observe --out DIR or eph lab --exec
+            _report_observation(run_dirs[0])
+            return
         _print_result(run_dirs[0], rerender(run_dirs[0]))
         return
     import time
@@ -558,6 +562,14 @@ def observe(
         _report_observation(out)
 
 
+def _plan_changes(given: dict[str, Any], rate: float | None) -> dict[str, Any]:
+    """What the command line sets over the inputs taken from a directory."""
+    changes = {k: v for k, v in given.items() if v is not None}
+    if rate:
+        changes["rate"] = rate
+    return changes
+
+
 def _report_observation(directory: Path) -> None:
     """summary.json and report.html of an observation directory; the findings echoed."""
     from harness.files import atomic_write
@@ -652,9 +664,16 @@ def plan(
     """
     from dataclasses import replace
 
-    from harness.capacity.plan import from_kernel, from_run, make_plan, render_text
+    from harness.capacity.plan import (
+        from_kernel,
+        from_observation,
+        from_run,
+        make_plan,
+        render_text,
+    )
     from harness.kernel.sysctls import read_kernel
     from harness.report.model import Summary
+    from harness.report.observation import ObserveSummary, is_observation
     from harness.rundir import RunDir
 
     given: dict[str, Any] = {
@@ -670,15 +689,18 @@ def plan(
         "hosts": hosts,
     }
     measured = None
-    if run_dir is not None:
+    if run_dir is not None and is_observation(run_dir):
+        try:
+            inputs, measured = from_observation(ObserveSummary.read(run_dir / "summary.json"))
+        except ValueError as exc:
+            raise click.UsageError(f"--from {run_dir}: {exc}") from None
+        inputs = replace(inputs, **_plan_changes(given, rate))
+    elif run_dir is not None:
         run = RunDir.open(run_dir)
         inputs, measured = from_run(
             Summary.load(run.summary), Scenario.model_validate(run.read_json("scenario.json"))
         )
-        changes: dict[str, Any] = {k: v for k, v in given.items() if v is not None}
-        if rate:
-            changes["rate"] = rate
-        inputs = replace(inputs, **changes)
+        inputs = replace(inputs, **_plan_changes(given, rate))
     elif rate is None:
         raise click.UsageError("give --rate N (new connections/s), or --from RUN_DIR")
     else:

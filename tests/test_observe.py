@@ -187,3 +187,18 @@ def test_curl_against_nginx_exhausts_a_small_range_and_the_report_names_the_path
     page = (out / "report.html").read_text()
     assert "Ports exhausted on 127.0.0.1 -&gt; 127.0.0.1:8080" in page
     assert page.count("data:image/png") == 4
+
+    # the directory alone is enough: re-render it, and plan from it
+    from .conftest import eph
+
+    again = eph(["report", str(out)], cwd=tmp_path)
+    assert again.returncode == 0, again.stderr
+    assert "Ports exhausted on 127.0.0.1 -> 127.0.0.1:8080" in again.stderr
+    assert json.loads((out / "summary.json").read_text()) == summary
+    planned = eph(["plan", "--from", str(out), "--json"], cwd=tmp_path)
+    assert planned.returncode == 0, planned.stderr
+    plan = json.loads(planned.stdout)
+    assert plan["measured"]["usable ports of the path"] == {"model": 200, "measured": 200}
+    assert plan["hold_s"] == 60  # the path showed TIME_WAIT: curl closes first
+    assert plan["meets_goal"] is False
+    assert any("keep-alive" in lever["name"] for lever in plan["levers"])

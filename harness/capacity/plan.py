@@ -21,6 +21,7 @@ from harness.scenario import ClosePolicy, Protocol, Scenario
 
 if TYPE_CHECKING:  # only its attributes are read: capacity/ needs nothing of report/ to run
     from harness.report.model import Summary
+    from harness.report.observation import ObserveSummary
 
 __all__ = ["Lever", "Plan", "PlanInputs", "from_kernel", "from_run", "make_plan", "render_text"]
 
@@ -138,6 +139,40 @@ def from_run(summary: Summary, scenario: Scenario) -> tuple[PlanInputs, Measured
             _round(plan_model.max_rate_per_s),
             capacity.measured_sustained_rate_per_s,
         ),
+    }
+    return inputs, measured
+
+
+def from_observation(summary: ObserveSummary) -> tuple[PlanInputs, Measured]:
+    """``eph plan --from DIR`` of an observation: its busiest path's rate, hold and lifetime.
+
+    The client closes first where the path showed TIME_WAIT; otherwise the hold
+    is the server's (or a reset's) and only the lifetime keeps a port busy.
+    """
+    if not summary.paths:
+        raise ValueError("the observation saw no client path: nothing to plan from")
+    path = summary.paths[0]
+    settings = summary.settings
+    kernel = {
+        "ip_local_port_range": settings.get("port_range"),
+        "ip_local_reserved_ports": settings.get("reserved"),
+        "tcp_tw_reuse": settings.get("tcp_tw_reuse"),
+        "tcp_timestamps": settings.get("tcp_timestamps"),
+        "tcp_tw_reuse_delay_ms": settings.get("tcp_tw_reuse_delay_ms"),
+    }
+    host = path.remote.rsplit(":", 1)[0].strip("[]")
+    inputs = from_kernel(
+        {k: v for k, v in kernel.items() if v is not None},
+        max(path.new_per_s_peak, 1.0),
+        lifetime_s=path.lifetime_s,
+        close=ClosePolicy.CLIENT if path.hold_s > 0 else ClosePolicy.SERVER,
+        destinations=1,
+        loopback=host.startswith("127.") or host == "::1",
+    )
+    model = inputs.model()
+    measured: Measured = {
+        "usable ports of the path": (model.usable_ports, path.usable_ports),
+        "ports held at the peak": (model.ports, path.peak_ports),
     }
     return inputs, measured
 
