@@ -3,8 +3,8 @@
 Everything runs inside one fresh network namespace when this is root (a wide
 port range and tcp_tw_reuse=1 there, so that earlier rounds' TIME_WAIT sockets
 do not skew later ones, and the host is left alone); on the host's loopback
-otherwise. Clients close with RST, as the figures in KERNEL-NOTES do, so that
-the numbers measure the engines and not TIME_WAIT.
+otherwise. Clients close with RST, so that the numbers measure the engines and
+not TIME_WAIT.
 
 Rounds are interleaved (bare, eph, bare, eph, ...) and the median of each is
 kept: the machines are noisy, and ratios within one run are what count.

@@ -73,7 +73,7 @@ def test_million_connections_audit_is_vectorised() -> None:
 @pytest.mark.parametrize(
     ("kwargs", "rate", "ports"),
     [
-        # KERNEL-NOTES: default range, 60 s of TIME_WAIT: about 470/s
+        # docs/kernel.md "Reuse": default range, 60 s of TIME_WAIT: about 470/s
         ({"port_range": [32768, 60999], "tw_reuse": 0}, 28232 / 60, 28232),
         # 100 ports, reuse on with timestamps, 1 s delay: 100/s; 100 ms: 1000/s
         ({"port_range": [40000, 40099], "tw_reuse": 1, "reuse_delay_ms": 1000}, 100.0, 100),
@@ -86,7 +86,7 @@ def test_million_connections_audit_is_vectorised() -> None:
         ),
         ({"port_range": [40000, 40099], "tw_reuse": 2, "destinations": ["127.0.0.1"]}, 100.0, 100),
         ({"port_range": [40000, 40099], "tw_reuse": 1, "timestamps": 0}, 100 / 60, 100),
-        # 2 destination ports x 2 destination IPs: 400 ports (KERNEL-NOTES)
+        # 2 destination ports x 2 destination IPs: 400 ports (docs/kernel.md "Reuse")
         (
             {
                 "port_range": [40000, 40099],

@@ -71,7 +71,7 @@ def test_counts_equal_ss_and_targets_split_by_side(netns: Namespace) -> None:
         proc.communicate()
 
     # equal to ss; up to 300 (the kernel may hand a just-closed tuple out again: one
-    # TIME_WAIT for two connections, see KERNEL-NOTES)
+    # TIME_WAIT for two connections, see docs/kernel.md "Reuse")
     assert sample["tcp_states"]["TIME_WAIT"] == tw
     assert 280 <= tw <= 300
     assert sample["tcp_states"]["ESTABLISHED"] == established == 40  # both ends of 20

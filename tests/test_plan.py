@@ -15,7 +15,7 @@ from harness.scenario import ClosePolicy, parse_scenario
 from .conftest import eph
 from .tables import exhausted_summary
 
-# The KERNEL-NOTES default: 28,232 ports, 60 s of TIME_WAIT -> 470/s
+# The default (docs/kernel.md "Reuse"): 28,232 ports, 60 s of TIME_WAIT -> 470/s
 DEFAULT = PlanInputs(rate=2000.0, port_range=(32768, 60999), tw_reuse=0)
 
 

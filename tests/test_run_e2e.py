@@ -180,7 +180,7 @@ def test_exhaustion_in_a_namespace_matches_the_kernel(
     """100 ports, client closes first, no reuse: 100 ports used, then EADDRNOTAVAIL.
 
     Successes can exceed 100 by a few: the kernel may hand a port out again while
-    its previous connection is only just closing (KERNEL-NOTES; seen here as 103
+    its previous connection is only just closing (docs/kernel.md "Reuse"; seen here as 103
     once in a loaded full-suite run). The ports used stay exactly the 100.
     """
     prefix = _in_namespace(netns, (40000, 40099))
@@ -212,8 +212,8 @@ def test_exhaustion_in_a_namespace_matches_the_kernel(
 
 @pytest.mark.netns
 def test_time_wait_reuse_matches_twrecycled_and_the_model(tmp_path: Path, netns: Namespace) -> None:
-    """100 ports, tw_reuse=1, tcp_tw_reuse_delay 100 ms: ~1000 connections/s (KERNEL-NOTES:
-    5,000 in 5 s), each reuse counted by the analysis and by the kernel's TWRecycled."""
+    """100 ports, tw_reuse=1, tcp_tw_reuse_delay 100 ms: ~1000 connections/s (docs/kernel.md
+    "Reuse": 5,000 in 5 s), each reuse counted by the analysis and by the kernel's TWRecycled."""
     netns.set_sysctl("net.ipv4.ip_local_port_range", (40000, 40099))
     netns.set_sysctl("net.ipv4.tcp_tw_reuse", 1)
     netns.set_sysctl("net.ipv4.tcp_tw_reuse_delay", 100)

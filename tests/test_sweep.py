@@ -73,7 +73,7 @@ def test_a_3_by_2_sweep_compares_every_point_with_the_model(tmp_path: Path) -> N
             assert float(row["measured_sustained_rate_per_s"]) == pytest.approx(model, rel=0.05)
         else:
             # a run shorter than TIME_WAIT: no port comes back out of it. The few that
-            # may (the kernel handing a just-closed tuple out again, KERNEL-NOTES; seen
+            # may (the kernel handing a just-closed tuple out again, docs/kernel.md "Reuse"; seen
             # here: 4.5/s once) stay under a tenth of the range per run
             assert float(row["measured_sustained_rate_per_s"]) * 1.5 <= 0.1 * size
 

@@ -69,7 +69,7 @@ def _time_wait(audit: TupleAudit, found: Peaks | None, server_samples: pa.Table 
         reused_connections=audit.reused_out_of_time_wait,
         kernel_tw_recycled=recycled,
         # positive: reuses the kernel did not count as TWRecycled (a just-closed tuple
-        # handed out again, KERNEL-NOTES); negative: reuses the records missed
+        # handed out again, docs/kernel.md "Reuse"); negative: reuses the records missed
         reused_minus_kernel=(
             audit.reused_out_of_time_wait - recycled if recycled is not None else None
         ),

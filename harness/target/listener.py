@@ -1,8 +1,8 @@
 """The target listener: an asyncio Protocol server, run on uvloop.
 
-Protocol-based on purpose: here the streams API accepts about half as fast
-(KERNEL-NOTES: 40,000 vs 17,500 accepts/s). This module never imports locust,
-so its process is never monkey-patched by gevent.
+Protocol-based on purpose: the streams API accepted about half as fast when
+measured here (``make bench`` prints this listener's accept rate). This module
+never imports locust, so its process is never monkey-patched by gevent.
 """
 
 from __future__ import annotations
