@@ -50,6 +50,7 @@ __all__ = ["Master", "Placement", "RunResult", "kernel_differences", "run_scenar
 
 logger = logging.getLogger(__name__)
 
+
 @dataclass(frozen=True)
 class RunResult:
     run_dir: Path
@@ -217,6 +218,7 @@ def _write_preflight(
         if on_preflight is not None:
             on_preflight(report)
 
+
 def _is_loopback(host: str) -> bool:
     try:
         return ipaddress.ip_address(host).is_loopback
@@ -318,6 +320,7 @@ def _limit_reached(
         )
         return "disk"
     return None
+
 
 def min_free_bytes() -> int:
     """The space a run leaves free on its disk: it stops before the disk fills, so that

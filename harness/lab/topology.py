@@ -94,7 +94,7 @@ def run_lab(
         return _run_here(scenario, run, lab_sysctls(scenario), progress, locust_args, on_preflight)
     with contextlib.ExitStack() as stack:
         # the supervisor closes before the namespaces go: their processes stop first
-        scenario, placement, link = _build(stack, scenario, run)
+        scenario, placement = _build(stack, scenario, run)
         return run_scenario(
             scenario,
             out=run.path,
@@ -129,7 +129,7 @@ def _needs_user_namespace(scenario: Scenario) -> bool:
 
 def _build(
     stack: contextlib.ExitStack, scenario: Scenario, run: RunDir
-) -> tuple[Scenario, Placement, str]:
+) -> tuple[Scenario, Placement]:
     """The topology's namespaces (deleted when ``stack`` closes) with their settings, link
     and service (stopped before that); ``lab.json`` says what was built."""
     client = stack.enter_context(Namespace("eph"))
@@ -157,7 +157,7 @@ def _build(
     _write_lab_json(run, scenario, [ns.name for ns in namespaces], link)
     logger.info("lab %s: %s", scenario.lab.topology.value, ", ".join(n.name for n in namespaces))
     _start_service(children, scenario, run, placement.load)
-    return scenario, placement, link
+    return scenario, placement
 
 
 def _write_lab_json(run: RunDir, scenario: Scenario, namespaces: list[str], link: str) -> None:

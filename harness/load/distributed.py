@@ -191,9 +191,15 @@ class CollectorChild:
         with open(run_dir.logs / "collector.log", "ab") as log:
             self._children = Supervisor()  # it dies with this process, even on SIGKILL
             self._proc = self._children.start(
-                "collector", args, stage=Stage.OBSERVE, grace=15.0, death_signal=signal.SIGTERM,
-                own_group=False, stdout=log, stderr=log,
-            ).proc  # fmt: skip
+                "collector",
+                args,
+                stage=Stage.OBSERVE,
+                grace=15.0,
+                death_signal=signal.SIGTERM,
+                own_group=False,
+                stdout=log,
+                stderr=log,
+            ).proc
         # sampling before the first connection, as in `eph run` (its stream opens right
         # before its first sample); a collector that cannot start is the log's business
         stream = run_dir.path / "samples.arrows"
