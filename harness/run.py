@@ -356,20 +356,9 @@ def run_worker(
     env = {**os.environ, "EPH_WORKER": "1", "EPH_RUN_DIR": str(out)}
     if name:
         env["EPH_HOST_NAME"] = name
-    args = [
-        sys.executable,
-        "-m",
-        "locust",
-        "-f",
-        str(LOCUSTFILE),
-        "--worker",
-        "--master-host",
-        master_host,
-        "--master-port",
-        str(master_port),
-        "--logfile",
-        str(out / f"worker-{os.getpid()}.log"),
-    ]
+    args = [sys.executable, "-m", "locust", "-f", str(LOCUSTFILE), "--worker"]
+    args += ["--master-host", master_host, "--master-port", str(master_port)]
+    args += ["--logfile", str(out / f"worker-{os.getpid()}.log")]
     log_path = out / f"worker-{os.getpid()}.out"
     with _Interrupt() as interrupt, open(log_path, "ab") as log, Supervisor() as supervisor:
         locust = supervisor.start(
