@@ -73,13 +73,13 @@ def test_the_startup_sweep_takes_every_eph_prefix_and_spares_the_living() -> Non
     dead = subprocess.Popen(["true"])
     dead.wait()
     stale = f"ephtest-{dead.pid}-9"
-    subprocess.run(["ip", "netns", "add", stale], check=True)
-    try:
-        with Namespace(prefix="ephtest") as alive:
+    with Namespace(prefix="ephtest") as alive:  # (its start sweeps too: made before the stale)
+        subprocess.run(["ip", "netns", "add", stale], check=True)
+        try:
             assert stale in sweep_stale()
             assert stale in removed_namespaces()
             assert not _exists(stale)
             assert _exists(alive.name)
-        assert stale not in sweep_stale()
-    finally:
-        subprocess.run(["ip", "netns", "delete", stale], capture_output=True, check=False)
+            assert stale not in sweep_stale()
+        finally:
+            subprocess.run(["ip", "netns", "delete", stale], capture_output=True, check=False)
