@@ -173,7 +173,8 @@ nested = [sys.executable, "-c",
 children = Supervisor()
 pids = []
 unshare = ["unshare", "--user", "--map-root-user", "--net", "--"]
-for prefix in [[], unshare, ["ip", "netns", "exec", sys.argv[1]]]:
+nsenter = ["nsenter", f"--net=/run/netns/{sys.argv[1]}", "--"]
+for prefix in [[], unshare, ["ip", "netns", "exec", sys.argv[1]], nsenter]:
     pids.append(children.start("sleep", [*prefix, *sleep], stage=Stage.LOAD).pid)
 term = children.start("sigterm", sleep, stage=Stage.OBSERVE, death_signal=signal.SIGTERM)
 pids.append(term.pid)
@@ -192,8 +193,8 @@ time.sleep(60)
 
 @pytest.mark.netns
 def test_every_kind_of_child_dies_with_a_parent_killed_with_sigkill(netns: Namespace) -> None:
-    """Plain, in `unshare`, in `ip netns exec` (as root), SIGTERM-asking, nested through
-    a second supervisor, forked without exec: all gone within GONE_WITHIN seconds."""
+    """Plain, in `unshare`, `ip netns exec` or `nsenter` (as root), SIGTERM-asking, nested
+    through a second supervisor, forked without exec: all gone within GONE_WITHIN seconds."""
     parent = subprocess.Popen(
         _python(_PARENT, netns.name),
         stdout=subprocess.PIPE,
@@ -204,7 +205,7 @@ def test_every_kind_of_child_dies_with_a_parent_killed_with_sigkill(netns: Names
     try:
         assert parent.stdout is not None
         pids = [int(p) for p in parent.stdout.readline().split()]
-        assert len(pids) >= 6 and not any(_gone(p) for p in pids)
+        assert len(pids) == 8 and not any(_gone(p) for p in pids)
     finally:
         parent.kill()
         parent.wait()
