@@ -75,6 +75,9 @@ def _port_range(_ctx: click.Context, param: click.Parameter, value: str | None) 
 def cli(verbose: int) -> None:
     """eph: find out when a client runs out of ephemeral ports, before production does."""
     _setup_logging(verbose)
+    from harness.kernel.netns import sweep_stale
+
+    sweep_stale()  # namespaces of an eph killed with SIGKILL: cheap, silent if none
 
 
 @cli.command(context_settings={"ignore_unknown_options": True})
@@ -205,21 +208,50 @@ def worker(
 
 
 @cli.command(context_settings={"ignore_unknown_options": True})
-@click.argument("scenario", type=click.Path(path_type=Path))
+@click.argument("scenario", type=click.Path(path_type=Path), required=False)
 @_out_option
 @_set_option
+@click.option(
+    "--cleanup",
+    is_flag=True,
+    help="Only remove the namespaces of labs whose eph is gone (killed), and say which.",
+)
 @click.argument("locust_args", nargs=-1, type=click.UNPROCESSED)
 def lab(
-    scenario: Path, out: Path | None, overrides: Sequence[str], locust_args: Sequence[str]
+    scenario: Path | None,
+    out: Path | None,
+    overrides: Sequence[str],
+    cleanup: bool,
+    locust_args: Sequence[str],
 ) -> None:
     """Run SCENARIO in throwaway network namespaces with its [kernel] settings.
 
     Needs root (ip netns). The namespaces, and every setting made in them, are
     gone when the run ends, however it ends; host settings are never written.
+    After a SIGKILL, the next eph command removes them (or --cleanup).
     """
     from harness.lab.topology import run_lab
 
+    if cleanup:
+        _cleanup_namespaces()
+        return
+    if scenario is None:
+        raise click.UsageError("Missing argument 'SCENARIO'.")
     _launch("lab", run_lab, load_scenario(scenario, overrides), out, locust_args)
+
+
+def _cleanup_namespaces() -> None:
+    from harness.kernel.netns import netns_available, remove_stale, removed_namespaces
+
+    problem = netns_available()
+    if problem:
+        raise click.ClickException(problem)
+    remove_stale()
+    removed = removed_namespaces()  # with what eph's start removed already
+    for name in removed:
+        click.echo(f"removed {name}")
+    if not removed:
+        click.echo("no namespace left by a killed eph")
 
 
 @cli.command()

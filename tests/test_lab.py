@@ -327,7 +327,7 @@ def test_unprivileged_user_namespace_lab_applies_settings_and_leaves_nothing(
     assert summary["tuples"]["distinct"] == 100
     assert summary["exhaustion"]["exhausted"] is True
     assert json.loads((out / "lab.json").read_text())["namespaces"] == ["(unnamed, user namespace)"]
-    assert set(_eph_namespaces()) == before
+    assert set(_eph_namespaces()) <= before  # none made (and stale ones may be swept)
 
 
 @pytest.mark.parametrize("engine", ["locust", "uvloop"])

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from harness.kernel.netns import Namespace, remove_stale
+from harness.kernel.netns import Namespace, remove_stale, removed_namespaces, sweep_stale
 
 pytestmark = pytest.mark.netns
 
@@ -67,3 +67,19 @@ def test_processes_left_inside_are_stopped() -> None:
         name = ns.name
     assert sleeper.wait(timeout=5) != 0  # killed, not left holding the namespace
     assert not _exists(name)
+
+
+def test_the_startup_sweep_takes_every_eph_prefix_and_spares_the_living() -> None:
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    stale = f"ephtest-{dead.pid}-9"
+    with Namespace(prefix="ephtest") as alive:  # (its start sweeps too: made before the stale)
+        subprocess.run(["ip", "netns", "add", stale], check=True)
+        try:
+            assert stale in sweep_stale()
+            assert stale in removed_namespaces()
+            assert not _exists(stale)
+            assert _exists(alive.name)
+            assert stale not in sweep_stale()
+        finally:
+            subprocess.run(["ip", "netns", "delete", stale], capture_output=True, check=False)

@@ -91,3 +91,24 @@ def test_locust_web_ui_and_master_bind_loopback_by_default(tmp_path: Path) -> No
     finally:
         proc.terminate()
         proc.wait(timeout=30)
+
+
+def test_every_child_process_starts_through_the_supervisor() -> None:
+    """A child started elsewhere would not die with eph (no parent-death signal) nor stop
+    in the supervisor's order. Short commands that eph waits for (ip, tc) are runs."""
+    offences = []
+    for path in sorted((ROOT / "harness").rglob("*.py")):
+        if path == ROOT / "harness" / "supervisor.py":
+            continue
+        for name, call in _calls(ast.parse(path.read_text())):
+            if name.endswith("Popen") or name in ("os.fork", "gevent.fork", "os.posix_spawn"):
+                offences.append(f"{path.relative_to(ROOT)}:{call.lineno} {name}")
+    assert not offences
+
+
+def test_the_supervisor_imports_neither_locust_nor_gevent() -> None:
+    code = "import sys, harness.supervisor; print(sorted({'locust', 'gevent'} & set(sys.modules)))"
+    out = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True
+    )
+    assert out.stdout.strip() == "[]"

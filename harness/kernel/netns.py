@@ -2,7 +2,10 @@
 
 Each namespace is named ``<prefix>-<pid>-<n>`` so that parallel runs and the
 leftovers of a crashed one never collide, and it is deleted on every exit path
-of the ``with`` block. Sysctls are written inside the namespace only (with
+of the ``with`` block. An eph killed with SIGKILL deletes nothing: the next eph
+command of any verb calls :func:`sweep_stale`, which deletes every ``eph*``
+namespace whose pid is gone (listing ``/run/netns`` costs no subprocess), and
+``eph lab --cleanup`` does the same on demand. Sysctls are written inside the namespace only (with
 ``ip netns exec``, whose /proc/sys/net is the namespace's own); nothing here
 ever writes a host setting. Commands are argument lists, never shell strings.
 """
@@ -18,15 +21,26 @@ import shutil
 import signal
 import subprocess
 from collections.abc import Sequence
+from pathlib import Path
 from types import TracebackType
 
 from harness.errors import RunError
 
-__all__ = ["Namespace", "netns_available", "remove_stale", "run_checked"]
+__all__ = [
+    "Namespace",
+    "netns_available",
+    "remove_stale",
+    "removed_namespaces",
+    "run_checked",
+    "sweep_stale",
+]
 
 logger = logging.getLogger(__name__)
 
 _counter = itertools.count(1)
+_NETNS_DIR = Path("/run/netns")  # where `ip netns add` mounts named namespaces
+_ANY_EPH = "eph[a-z]*"  # eph's prefixes: eph (labs), ephtest, ephdist (tests)
+_removed: list[str] = []  # what this process deleted as stale, for `eph lab --cleanup`
 
 
 def netns_available() -> str | None:
@@ -112,19 +126,51 @@ def _kill_inside(name: str) -> None:
         logger.warning("killed pid %d still running in namespace %s", pid, name)
 
 
-def remove_stale(prefix: str) -> list[str]:
-    """Delete ``<prefix>-<pid>-<n>`` namespaces whose process is gone (a crashed run's)."""
-    listing = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True, check=False)
+def remove_stale(prefix: str | None = None) -> list[str]:
+    """Delete ``<prefix>-<pid>-<n>`` namespaces whose process is gone (a killed run's),
+    first stopping anything still inside; every eph prefix when ``prefix`` is None."""
+    pattern = re.compile(rf"({re.escape(prefix) if prefix else _ANY_EPH})-(\d+)-\d+")
     removed = []
-    for line in listing.stdout.splitlines():
-        name = line.split()[0] if line.strip() else ""
-        match = re.fullmatch(rf"{re.escape(prefix)}-(\d+)-\d+", name)
-        if match and not _alive(int(match.group(1))):
+    for name in _names():
+        match = pattern.fullmatch(name)
+        if match and not _alive(int(match.group(2))):
             _kill_inside(name)
-            subprocess.run(["ip", "netns", "delete", name], capture_output=True, check=False)
-            logger.info("removed namespace %s left by a process that is gone", name)
+            result = subprocess.run(
+                ["ip", "netns", "delete", name], capture_output=True, text=True, check=False
+            )
+            if result.returncode != 0:
+                logger.error("could not delete namespace %s: %s", name, result.stderr.strip())
+                continue
+            logger.warning(
+                "removed namespace %s: the eph that made it (pid %s) is gone", name, match.group(2)
+            )
             removed.append(name)
+    _removed.extend(removed)
     return removed
+
+
+def sweep_stale() -> list[str]:
+    """At eph's start: :func:`remove_stale` for every eph prefix, where it may; quiet
+    (and without a subprocess) unless there is something to remove; never raises."""
+    if os.geteuid() != 0 or not os.access(_NETNS_DIR, os.W_OK):
+        return []  # not root, or root of a user namespace: the host's mounts are not ours
+    try:
+        return remove_stale()
+    except OSError as exc:  # no `ip`: nothing of eph's can be there either
+        logger.debug("no namespace sweep: %s", exc)
+        return []
+
+
+def removed_namespaces() -> list[str]:
+    """Every namespace this process has removed as stale so far."""
+    return list(_removed)
+
+
+def _names() -> list[str]:
+    try:
+        return sorted(os.listdir(_NETNS_DIR))
+    except OSError:  # no namespace was ever made here
+        return []
 
 
 def _alive(pid: int) -> bool:

@@ -8,18 +8,17 @@ Topologies:
 
 - ``single``: one namespace; listener, Locust and collector talk over its
   loopback. Non-loopback ``source_addresses`` are added to its ``lo``.
-- ``pair``: a client and a server namespace joined by a veth pair
-  (client 198.18.0.1, server 198.18.0.2: the RFC 2544 benchmarking range), a
-  collector on each side, so client-side and server-side TIME_WAIT are seen
-  apart. ``[lab] delay``/``jitter``/``loss`` put netem on both ends of the link,
-  or, where the kernel has no netem (``emulation = "auto"``) or when asked
-  (``"relay"``), replace the veth pair with a TUN device on each side and
-  ``harness.lab.relay``, a userspace process that delays and drops packets.
+- ``pair``: a client and a server namespace joined by a link
+  (``harness.lab.link``: a veth pair, netem on it when impaired, or TUN devices
+  and eph's userspace relay), a collector on each side, so client-side and
+  server-side TIME_WAIT are seen apart.
 
 The orchestrator (``harness.run``) stays on the host; each child runs inside
-its namespace through ``ip netns exec``. Namespaces go on every exit path:
-success, error, SIGINT/SIGTERM (the run stops, finalizes, then the ``with``
-blocks delete them), a crashed child.
+its namespace through ``ip netns exec``, started by a supervisor so that it dies
+with eph even on SIGKILL. Namespaces go on every exit path: success, error,
+SIGINT/SIGTERM (the run stops, finalizes, then the ``with`` blocks delete them),
+a crashed child. After a SIGKILL, the next eph command of any verb deletes them
+(their names carry the pid of the eph that made them), or ``eph lab --cleanup``.
 """
 
 from __future__ import annotations
@@ -37,26 +36,31 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from harness.endpoints import Endpoint
 from harness.errors import RunError, ScenarioError
 from harness.kernel.netns import Namespace, netns_available, run_checked
 from harness.kernel.sysctls import SYSCTLS
+from harness.lab.link import (
+    CLIENT_ADDRESS,
+    SERVER_ADDRESS,
+    add_sources,
+    build_pair_link,
+    netem_args,
+)
+from harness.placement import START_TIMEOUT, STOP_GRACE, Placement
 from harness.report.model import Summary
-from harness.run import Placement, ProgressSink, RunResult, run_scenario
+from harness.run import ProgressSink, RunResult, run_scenario
 from harness.rundir import RunDir
-from harness.scenario import Emulation, Scenario, Topology
+from harness.scenario import Scenario, Topology
+from harness.supervisor import Stage, Supervisor
 
 __all__ = ["CLIENT_ADDRESS", "SERVER_ADDRESS", "lab_sysctls", "run_lab"]
 
 logger = logging.getLogger(__name__)
 
-CLIENT_ADDRESS = "198.18.0.1"
-SERVER_ADDRESS = "198.18.0.2"
-_PREFIX_LENGTH = 24
-_VETH = "eph0"  # the same name in each namespace: names are per namespace
 _INSIDE = "EPH_LAB_INSIDE"  # set for the inner run of an unprivileged lab
-_RELAY_GRACE = 300.0  # seconds the relay outlives the run's duration at most (ramp, drain)
 USERNS = "EPH_LAB_USERNS"  # "1": an unnamed user namespace even as root (what non-root gets)
+_SERVICE_STOP_GRACE = 10.0
+_INNER_SLACK = 300.0  # seconds an unprivileged lab's inner run may take past its own bounds
 
 
 def lab_sysctls(scenario: Scenario) -> dict[str, str]:
@@ -90,26 +94,8 @@ def run_lab(
     if inside:
         return _run_here(scenario, run, lab_sysctls(scenario), progress, locust_args, on_preflight)
     with contextlib.ExitStack() as stack:
-        scenario, placement, namespaces, link = _build(stack, scenario, run)
-        for ns in namespaces:
-            for name, value in lab_sysctls(scenario).items():
-                ns.set_sysctl(name, value)
-        pair = scenario.lab.topology is Topology.PAIR
-        run.write_json(
-            "lab.json",
-            {
-                "topology": scenario.lab.topology.value,
-                "namespaces": [ns.name for ns in namespaces],
-                "sysctls": lab_sysctls(scenario),
-                "addresses": {"client": CLIENT_ADDRESS, "server": SERVER_ADDRESS} if pair else {},
-                "emulation": link,
-                "netem": _netem_args(scenario) if link == "netem" else [],
-            },
-        )
-        logger.info(
-            "lab %s: %s", scenario.lab.topology.value, ", ".join(n.name for n in namespaces)
-        )
-        stack.enter_context(_service(scenario, run, placement.load))
+        # the supervisor closes before the namespaces go: their processes stop first
+        scenario, placement = _build(stack, scenario, run)
         return run_scenario(
             scenario,
             out=run.path,
@@ -144,31 +130,50 @@ def _needs_user_namespace(scenario: Scenario) -> bool:
 
 def _build(
     stack: contextlib.ExitStack, scenario: Scenario, run: RunDir
-) -> tuple[Scenario, Placement, list[Namespace], str]:
-    """The namespaces of the scenario's topology (deleted when ``stack`` closes), and
-    what makes the pair's link: "veth", "netem" or "relay"."""
+) -> tuple[Scenario, Placement]:
+    """The topology's namespaces (deleted when ``stack`` closes) with their settings, link
+    and service (stopped before that); ``lab.json`` says what was built."""
     client = stack.enter_context(Namespace("eph"))
-    inside_client = tuple(client.command([]))
+    namespaces = [client]
     if scenario.lab.topology is Topology.PAIR:
-        server = stack.enter_context(Namespace("eph"))
-        link = _link_kind(scenario, client)
-        if link == "relay":
-            _build_tun_link(stack, client, server, scenario, run)
-        else:
-            _build_veth_link(client, server, scenario)
-        scenario = _route_pair(client, server, scenario)
+        namespaces.append(stack.enter_context(Namespace("eph")))
+    children = stack.enter_context(Supervisor())
+    inside_client = tuple(client.command([]))
+    if len(namespaces) == 2:
+        server = namespaces[1]
+        scenario, link = build_pair_link(children, client, server, scenario, run)
         inside_server = tuple(server.command([]))
         placement = Placement(
             load=inside_client,
             listener=inside_server,
             collectors=(("", inside_client), ("server", inside_server)),
         )
-        return scenario, placement, [client, server], link
-    _add_sources(client, scenario.load.source_addresses, "lo")
-    placement = Placement(
-        load=inside_client, listener=inside_client, collectors=(("", inside_client),)
+    else:
+        add_sources(client, scenario.load.source_addresses, "lo")
+        link = "loopback"
+        placement = Placement(inside_client, inside_client, (("", inside_client),))
+    for ns in namespaces:
+        for name, value in lab_sysctls(scenario).items():
+            ns.set_sysctl(name, value)
+    _write_lab_json(run, scenario, [ns.name for ns in namespaces], link)
+    logger.info("lab %s: %s", scenario.lab.topology.value, ", ".join(n.name for n in namespaces))
+    _start_service(children, scenario, run, placement.load)
+    return scenario, placement
+
+
+def _write_lab_json(run: RunDir, scenario: Scenario, namespaces: list[str], link: str) -> None:
+    pair = scenario.lab.topology is Topology.PAIR
+    run.write_json(
+        "lab.json",
+        {
+            "topology": scenario.lab.topology.value,
+            "namespaces": namespaces,
+            "sysctls": lab_sysctls(scenario),
+            "addresses": {"client": CLIENT_ADDRESS, "server": SERVER_ADDRESS} if pair else {},
+            "emulation": link,
+            "netem": netem_args(scenario) if link == "netem" else [],
+        },
     )
-    return scenario, placement, [client], "loopback"
 
 
 def _userns() -> bool:
@@ -185,37 +190,51 @@ def _run_in_user_namespace(
     """Without root: the same lab again, inside ``unshare --user --map-root-user --net``.
 
     That namespace has no name and ends with its last process, so nothing can be
-    left behind. SIGINT reaches the inner run (same process group); SIGTERM is
-    passed on to it.
+    left behind: the inner run dies with this one (a supervisor's child), and its
+    own children with it. SIGINT and SIGTERM are passed on to it; it stops, keeps
+    its data and exits, and so does this process.
     """
     resolved = run.path / "lab-scenario.json"
     resolved.write_text(json.dumps(scenario.to_json()))
-    args = [
-        "unshare",
-        "--user",
-        "--map-root-user",
-        "--net",
-        "--",
-        sys.executable,
-        "-m",
-        "harness",
-        "lab",
-        str(resolved),
-        "--out",
-        str(run.path),
-    ]
+    args = ["unshare", "--user", "--map-root-user", "--net", "--", sys.executable, "-m"]
+    args += ["harness", "lab", str(resolved), "--out", str(run.path)]
     if locust_args:
         args += ["--", *locust_args]
     logger.info("not root: running the lab in an unprivileged user namespace")
-    proc = subprocess.Popen(args, env={**os.environ, _INSIDE: "1"})
-    previous = signal.signal(signal.SIGTERM, lambda *_: proc.send_signal(signal.SIGTERM))
-    try:
-        code = proc.wait()
-    finally:
-        signal.signal(signal.SIGTERM, previous)
+    load = scenario.load
+    bound = scenario.duration + START_TIMEOUT + load.connect_timeout + load.io_timeout
+    bound += load.hold + STOP_GRACE + _INNER_SLACK
+    with Supervisor() as children, _passing_signals_on() as forward:
+        # its own process group: a Ctrl-C reaches it once, passed on from here
+        inner = children.start(
+            "lab (user namespace)", args, stage=Stage.LOAD, env={**os.environ, _INSIDE: "1"}
+        )
+        forward.append(inner.pid)
+        try:
+            code = inner.proc.wait(timeout=bound)
+        except subprocess.TimeoutExpired:
+            raise RunError(f"the lab's inner run took over {bound:.0f} s, its bound") from None
     if code != 0:
         raise RunError(f"the lab's inner run (in a user namespace) exited with code {code}")
     return RunResult(run.path, Summary.load(run.summary))
+
+
+@contextlib.contextmanager
+def _passing_signals_on() -> Iterator[list[int]]:
+    """SIGINT and SIGTERM go to the pids in the yielded list instead of this process."""
+    pids: list[int] = []
+
+    def forward(signum: int, frame: object) -> None:
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signum)
+
+    previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield pids
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 def _run_here(
@@ -245,7 +264,8 @@ def _run_here(
             "netem": [],
         },
     )
-    with _service(scenario, run, ()):
+    with Supervisor() as children:
+        _start_service(children, scenario, run, ())
         return run_scenario(
             scenario,
             out=run.path,
@@ -255,196 +275,28 @@ def _run_here(
         )
 
 
-@contextlib.contextmanager
-def _service(scenario: Scenario, run: RunDir, prefix: Sequence[str]) -> Iterator[None]:
+def _start_service(
+    children: Supervisor, scenario: Scenario, run: RunDir, prefix: Sequence[str]
+) -> None:
     """``[lab] service_port``: the stand-in service beside the clients, for the run."""
     port = scenario.lab.service_port
     if port is None:
-        yield
         return
-    args = [
-        *prefix,
-        sys.executable,
-        "-m",
-        "harness.target.service",
-        "--port",
-        str(port),
-        "--run-dir",
-        str(run.path),
-        "--restart-at",
-        f"{scenario.lab.service_restart:g}",
-        "--until",
-        f"{scenario.duration:g}",
-    ]
+    args = [*prefix, sys.executable, "-m", "harness.target.service", "--port", str(port)]
+    args += ["--run-dir", str(run.path), "--restart-at", f"{scenario.lab.service_restart:g}"]
+    args += ["--until", f"{scenario.duration:g}"]
     with open(run.logs / "service.log", "ab") as log:
-        proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=log)
-    try:
-        assert proc.stdout is not None
-        if b'"listening"' not in proc.stdout.readline():
-            raise RunError(
-                f"the lab's service could not listen on port {port}: see {run.logs}/service.log"
-            )
-        yield
-    finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        if proc.stdout is not None:
-            proc.stdout.close()
-
-
-def _link_kind(scenario: Scenario, client: Namespace) -> str:
-    lab = scenario.lab
-    if not lab.impaired:
-        return "veth"
-    if lab.emulation is Emulation.RELAY:
-        return "relay"
-    if lab.emulation is Emulation.NETEM or _has_netem(client):
-        return "netem"
-    logger.info("this kernel has no netem: the pair's link is eph's userspace relay")
-    return "relay"
-
-
-def _has_netem(ns: Namespace) -> bool:
-    """Probe on the namespace's own lo: add a netem qdisc, then remove it."""
-    probe = ["tc", "-n", ns.name, "qdisc", "add", "dev", "lo", "root", "netem", "delay", "1ms"]
-    if subprocess.run(probe, capture_output=True, check=False).returncode != 0:
-        return False
-    run_checked(["tc", "-n", ns.name, "qdisc", "del", "dev", "lo", "root"])
-    return True
-
-
-def _build_veth_link(client: Namespace, server: Namespace, scenario: Scenario) -> None:
-    _ip(
-        "link",
-        "add",
-        _VETH,
-        "netns",
-        client.name,
-        "type",
-        "veth",
-        "peer",
-        "name",
-        _VETH,
-        "netns",
-        server.name,
-    )
-    for ns, address in ((client, CLIENT_ADDRESS), (server, SERVER_ADDRESS)):
-        _ip("-n", ns.name, "addr", "add", f"{address}/{_PREFIX_LENGTH}", "dev", _VETH)
-        _ip("-n", ns.name, "link", "set", _VETH, "up")
-        netem = _netem_args(scenario)
-        if netem:
-            _add_netem(ns, netem)
-
-
-def _build_tun_link(
-    stack: contextlib.ExitStack,
-    client: Namespace,
-    server: Namespace,
-    scenario: Scenario,
-    run: RunDir,
-) -> None:
-    """A TUN device on each side and the relay between them (stopped when ``stack`` closes)."""
-    for ns, address in ((client, CLIENT_ADDRESS), (server, SERVER_ADDRESS)):
-        _ip("-n", ns.name, "tuntap", "add", "dev", _VETH, "mode", "tun")
-        _ip("-n", ns.name, "addr", "add", f"{address}/{_PREFIX_LENGTH}", "dev", _VETH)
-        _ip("-n", ns.name, "link", "set", _VETH, "up")
-    lab = scenario.lab
-    args = [
-        sys.executable,
-        "-m",
-        "harness.lab.relay",
-        client.name,
-        server.name,
-        "--device",
-        _VETH,
-        "--delay",
-        str(lab.delay),
-        "--jitter",
-        str(lab.jitter),
-        "--loss",
-        str(lab.loss),
-        "--max-seconds",
-        str(scenario.duration + _RELAY_GRACE),
-        "--stats",
-        str(run.path / "relay.json"),
-    ]
-    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    stack.callback(_stop_relay, proc)
-    assert proc.stdout is not None
-    if proc.stdout.readline().strip() != "ready":
-        proc.wait(timeout=10)
-        assert proc.stderr is not None
-        raise RunError(f"the lab's packet relay did not start: {proc.stderr.read().strip()}")
-
-
-def _stop_relay(proc: subprocess.Popen[str]) -> None:
-    proc.terminate()
-    try:
-        proc.wait(timeout=5)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
-
-
-def _route_pair(client: Namespace, server: Namespace, scenario: Scenario) -> Scenario:
-    """Extra source addresses on the client, routes back to them on the server, and the
-    targets moved to the server's address (ports kept)."""
-    sources = scenario.load.source_addresses
-    _add_sources(client, sources, _VETH)
-    for source in sources:  # the server answers them through the client
-        if ipaddress.ip_address(source) not in ipaddress.ip_network(
-            f"{CLIENT_ADDRESS}/24", strict=False
-        ):
-            _ip("-n", server.name, "route", "add", f"{source}/32", "via", CLIENT_ADDRESS)
-    endpoints = []
-    for endpoint in scenario.target.endpoints:
-        if endpoint.is_ipv6:
-            raise ScenarioError(
-                "the pair topology is IPv4 only", key="target.endpoints", value=str(endpoint)
-            )
-        endpoints.append(Endpoint(SERVER_ADDRESS, endpoint.port))
-    return scenario.with_endpoints(endpoints)
-
-
-def _netem_args(scenario: Scenario) -> list[str]:
-    """netem for one end of the link: half the round trip each way; loss each way."""
-    lab = scenario.lab
-    args: list[str] = []
-    if lab.delay or lab.jitter:
-        args += ["delay", f"{lab.delay * 1000 / 2:g}ms"]
-        if lab.jitter:
-            args += [f"{lab.jitter * 1000 / 2:g}ms"]
-    if lab.loss:
-        args += ["loss", f"{lab.loss:g}%"]
-    return args
-
-
-def _add_netem(ns: Namespace, netem: list[str]) -> None:
-    args = ["tc", "-n", ns.name, "qdisc", "add", "dev", _VETH, "root", "netem", *netem]
-    result = subprocess.run(args, capture_output=True, text=True, check=False)
-    if result.returncode == 0:
-        return
-    if "unknown" in result.stderr.lower():
-        raise RunError(
-            '[lab] emulation = "netem" needs the kernel\'s netem qdisc'
-            " (CONFIG_NET_SCH_NETEM), which this kernel does not have; use"
-            ' emulation = "auto" or "relay" (eph\'s userspace relay) instead'
+        service = children.start(
+            "service",
+            args,
+            stage=Stage.TARGET,
+            grace=_SERVICE_STOP_GRACE,
+            death_signal=signal.SIGTERM,  # it writes service.json, then exits
+            stdout=subprocess.PIPE,
+            stderr=log,
         )
-    raise RunError(f"{' '.join(args)}: {result.stderr.strip()}")
-
-
-def _add_sources(ns: Namespace, sources: Sequence[str], device: str) -> None:
-    for source in sources:
-        address = ipaddress.ip_address(source)
-        if address.is_loopback and device == "lo":
-            continue  # 127.0.0.0/8 and ::1 are already local on lo
-        ns.add_address(f"{source}/{address.max_prefixlen}", device)
-
-
-def _ip(*args: str) -> None:
-    run_checked(["ip", *args])
+    assert service.proc.stdout is not None
+    if b'"listening"' not in service.proc.stdout.readline():
+        raise RunError(
+            f"the lab's service could not listen on port {port}: see {run.logs}/service.log"
+        )

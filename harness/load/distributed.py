@@ -34,13 +34,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import gevent
-from gevent import subprocess as gsubprocess
 
 from harness.files import atomic_write_json
 from harness.observe.collector import collect_command
 from harness.records import FLUSH_INTERVAL, host_name
 from harness.rundir import HOSTS_DIR, RunDir
 from harness.scenario import Protocol, Scenario
+from harness.supervisor import Stage, Supervisor
 from harness.units import format_duration
 
 if TYPE_CHECKING:  # importing locust monkey-patches: only its own processes do
@@ -189,7 +189,17 @@ class CollectorChild:
             udp=scenario.load.protocol is Protocol.UDP,
         )
         with open(run_dir.logs / "collector.log", "ab") as log:
-            self._proc = gsubprocess.Popen(args, stdout=log, stderr=log)
+            self._children = Supervisor()  # it dies with this process, even on SIGKILL
+            self._proc = self._children.start(
+                "collector",
+                args,
+                stage=Stage.OBSERVE,
+                grace=15.0,
+                death_signal=signal.SIGTERM,
+                own_group=False,
+                stdout=log,
+                stderr=log,
+            ).proc
         # sampling before the first connection, as in `eph run` (its stream opens right
         # before its first sample); a collector that cannot start is the log's business
         stream = run_dir.path / "samples.arrows"
@@ -199,14 +209,7 @@ class CollectorChild:
         gevent.sleep(0.05)
 
     def stop(self) -> None:
-        if self._proc.poll() is None:
-            self._proc.send_signal(signal.SIGTERM)
-        try:
-            self._proc.wait(timeout=15)
-        except gsubprocess.TimeoutExpired:
-            logger.error("the collector (pid %s) did not stop; killing it", self._proc.pid)
-            self._proc.kill()
-            self._proc.wait()
+        self._children.close()  # SIGTERM, 15 s, SIGKILL: the supervisor's one stop
 
 
 # ----------------------------------------------------------------- master side

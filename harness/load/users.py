@@ -27,6 +27,7 @@ import contextlib
 import json
 import logging
 import os
+import signal
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -39,6 +40,7 @@ from locust.env import Environment
 from locust.runners import STATE_RUNNING, STATE_SPAWNING, MasterRunner, WorkerRunner
 
 from harness.endpoints import Endpoint
+from harness.kernel.parent_death import die_with_parent_after_fork
 from harness.load.churn import ChurnPlan, Target
 from harness.load.distributed import (
     CollectorChild,
@@ -56,6 +58,7 @@ from harness.load.uvloop_engine import read_frame
 from harness.records import FLUSH_INTERVAL, RecordWriter, host_name
 from harness.rundir import RunDir
 from harness.scenario import Engine, Scenario, load_scenario
+from harness.supervisor import Stage, Supervisor
 
 __all__ = ["EphUser", "install", "scenario_from_environ", "user_class"]
 
@@ -167,7 +170,9 @@ class _UvloopBridge:
         scenario_path = session.run_dir.path / f"scenario-{os.getpid()}.json"
         scenario_path.write_text(json.dumps(session.scenario.to_json()))
         log = open(session.run_dir.logs / f"uvloop-{os.getpid()}.log", "ab")  # noqa: SIM115
-        self._proc = gsubprocess.Popen(
+        self._children = Supervisor()  # the engine dies with this process, even on SIGKILL
+        self._proc: Any = self._children.start(  # its pipes are gevent files
+            "uvloop engine",
             [
                 sys.executable,
                 "-m",
@@ -179,10 +184,13 @@ class _UvloopBridge:
                 "--rate-share",
                 str(share),
             ],
+            stage=Stage.LOAD,
+            grace=5.0,
+            own_group=False,  # a Ctrl-C at a plain `locust` reaches it (and it ignores it)
             stdin=gsubprocess.PIPE,
             stdout=gsubprocess.PIPE,
             stderr=log,
-        )
+        ).proc
         log.close()
         self._reader = gevent.spawn(self._read)
 
@@ -211,12 +219,7 @@ class _UvloopBridge:
         plan = self._session.plan
         limit = plan.connect_timeout + plan.io_timeout + plan.hold + 10.0
         self._reader.join(timeout=limit)
-        try:
-            self._proc.wait(timeout=5)
-        except gsubprocess.TimeoutExpired:
-            logger.error("uvloop engine (pid %s) did not stop; killing it", self._proc.pid)
-            self._proc.kill()
-            self._proc.wait()
+        self._children.close()  # SIGTERM, 5 s, SIGKILL: the supervisor's one stop
         self._reader.join(timeout=5)
 
 
@@ -287,6 +290,7 @@ def install(scenario: Scenario | None) -> None:
     ``scenario`` is None on a distributed worker (``eph worker``): the master
     sends it ahead of the test.
     """
+    die_with_parent_after_fork(signal.SIGKILL)  # Locust's --processes workers die with it
     counter = iter(range(1 << 30))
     received: dict[str, Any] = {}
 

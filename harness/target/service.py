@@ -65,17 +65,33 @@ def main(argv: list[str] | None = None) -> int:
     stop = [False]
     signal.signal(signal.SIGTERM, lambda *_: stop.__setitem__(0, True))
     die_with_parent(signal.SIGTERM)
-    timeline: dict[str, Any] = {"port": args.port, "restart_at_s": args.restart_at}
-    server: socket.socket | None = bind_service(args.port)
+    server = bind_service(args.port)
     print(json.dumps({"event": "listening", "port": args.port}), flush=True)
+    _wait_for_load(args.run_dir, stop)
+    last = _restart(args, server, stop)
+    if last is not None:
+        last.close()
+    return 0
+
+
+def _wait_for_load(run_dir: Path, stop: list[bool]) -> None:
+    """Until the run's first progress file (or a stop, or START_TIMEOUT)."""
     deadline = time.monotonic() + START_TIMEOUT
-    while not any((args.run_dir / "progress").glob("*.json")):
+    while not any((run_dir / "progress").glob("*.json")):
         if stop[0] or time.monotonic() > deadline:
             break
         time.sleep(0.01)
-    began = time.monotonic()
+
+
+def _restart(
+    args: argparse.Namespace, server: socket.socket | None, stop: list[bool]
+) -> socket.socket | None:
+    """Close at ``--restart-at``, then bind again every ``--retry`` until it works or
+    ``--until``; ``service.json`` kept current. The socket it ends with, if any."""
+    timeline: dict[str, Any] = {"port": args.port, "restart_at_s": args.restart_at}
     attempts: list[dict[str, Any]] = []
     out = args.run_dir / "service.json"
+    began = time.monotonic()
     while not stop[0] and time.monotonic() - began < args.until:
         now = time.monotonic() - began
         if server is not None and now >= args.restart_at:
@@ -86,24 +102,23 @@ def main(argv: list[str] | None = None) -> int:
             try:
                 server = bind_service(args.port)
             except OSError as exc:
-                attempts.append(
-                    {
-                        "at_s": round(now, 3),
-                        "errno": errno.errorcode.get(exc.errno or 0, str(exc.errno)),
-                        "held_by": _holders(args.port),
-                    }
-                )
+                attempts.append(_failed_bind(args.port, now, exc))
             else:
                 timeline["rebound_at_s"] = round(now, 3)
-                _write(out, timeline, attempts)
                 break
             # the run may end (and read this file) at any moment: keep it current
             _write(out, timeline, attempts)
         time.sleep(args.retry)
     _write(out, timeline, attempts)
-    if server is not None:
-        server.close()
-    return 0
+    return server
+
+
+def _failed_bind(port: int, at: float, exc: OSError) -> dict[str, Any]:
+    return {
+        "at_s": round(at, 3),
+        "errno": errno.errorcode.get(exc.errno or 0, str(exc.errno)),
+        "held_by": _holders(port),
+    }
 
 
 def _write(out: Path, timeline: dict[str, Any], attempts: list[dict[str, Any]]) -> None:

@@ -1,0 +1,313 @@
+"""Where each child of a run lives and how it starts: listener, collectors, Locust.
+
+``harness.run`` drives a run from start to finalize; this module makes its
+children, each through the run's :class:`~harness.supervisor.Supervisor` (so each
+dies with eph and stops in the supervisor's order). A :class:`Placement` puts
+each in a namespace (``eph lab``); a :class:`Master` makes Locust a master whose
+workers run elsewhere. None of it imports locust: Locust runs in its own process.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import selectors
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from harness.endpoints import Endpoint
+from harness.errors import RunError
+from harness.kernel.parent_death import death_signal_preexec
+from harness.observe.collector import collect_command
+from harness.rundir import RunDir
+from harness.scenario import Protocol, Scenario
+from harness.supervisor import Child, Stage, Supervisor
+from harness.units import format_duration
+
+__all__ = [
+    "LISTENER_START_TIMEOUT",
+    "LOCUSTFILE",
+    "START_TIMEOUT",
+    "STOP_GRACE",
+    "ListenerChild",
+    "Master",
+    "Placement",
+    "preflight_where",
+    "start_collectors",
+    "start_locust",
+]
+
+START_TIMEOUT = 60.0  # seconds for Locust to start its test (first start installs nothing)
+LISTENER_START_TIMEOUT = 15.0
+LISTENER_STOP_GRACE = 15.0  # seconds for the listener to drain its accept queue and report
+COLLECTOR_STOP_GRACE = 10.0
+STOP_GRACE = 30.0  # seconds past the close timeouts for Locust to write its stats
+LOCUSTFILE = Path(__file__).with_name("locustfile.py")
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Where each process of a run lives: a command prefix such as ``ip netns exec NAME``.
+
+    Empty prefixes (the default) run everything here, on the host. ``collectors``
+    pairs a subdirectory of the run directory ("" for its root) with a prefix.
+    """
+
+    load: tuple[str, ...] = ()
+    listener: tuple[str, ...] = ()
+    collectors: tuple[tuple[str, tuple[str, ...]], ...] = (("", ()),)
+
+    @property
+    def on_host(self) -> bool:
+        return not self.load
+
+
+@dataclass(frozen=True)
+class Master:
+    """``eph run --master``: Locust's master here, its workers (``eph worker``) elsewhere.
+
+    The master binds ``bind_host:bind_port`` (loopback unless told otherwise), waits
+    up to ``wait`` seconds for ``workers`` workers, runs no users and no collector
+    itself, and merges what each worker ships into the run directory.
+    """
+
+    workers: int = 1
+    bind_host: str = "127.0.0.1"
+    bind_port: int = 5557
+    wait: float = 120.0
+
+    def locust_args(self) -> list[str]:
+        return [
+            "--master",
+            "--expect-workers",
+            str(self.workers),
+            "--expect-workers-max-wait",
+            f"{self.wait:g}",
+            "--master-bind-host",
+            self.bind_host,
+            "--master-bind-port",
+            str(self.bind_port),
+        ]
+
+
+def preflight_where(scenario: Scenario, placement: Placement) -> dict[str, Any] | None:
+    """``eph preflight`` where the load runs: here, or inside the lab's namespace."""
+    if placement.on_host:
+        from harness.capacity.preflight import preflight
+
+        return preflight(scenario)
+    result = subprocess.run(
+        [*placement.load, sys.executable, "-m", "harness", "preflight", "-", "--json"],
+        input=json.dumps(scenario.to_json()),
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+        preexec_fn=death_signal_preexec(),  # a killed eph takes it along
+    )
+    if result.returncode != 0:
+        logger.warning("the preflight failed in the lab: %s", result.stderr.strip()[-500:])
+        return None
+    return dict(json.loads(result.stdout))
+
+
+class ListenerChild:
+    """``eph listen`` in a child process, speaking JSON lines on stdout."""
+
+    def __init__(
+        self, supervisor: Supervisor, scenario: Scenario, run: RunDir, prefix: Sequence[str] = ()
+    ) -> None:
+        self._supervisor = supervisor
+        self._log = run.logs / "listener.log"
+        with open(self._log, "ab") as log:
+            self.child = supervisor.start(
+                "listener",
+                [*prefix, *_listen_command(scenario)],
+                stage=Stage.TARGET,
+                grace=LISTENER_STOP_GRACE,
+                stdout=subprocess.PIPE,
+                stderr=log,
+            )
+        self.endpoints = [Endpoint.parse(e) for e in self._read_event("listening")["endpoints"]]
+
+    def _read_event(self, name: str, timeout: float = LISTENER_START_TIMEOUT) -> dict[str, Any]:
+        stdout = self.child.proc.stdout
+        assert stdout is not None
+        deadline = time.monotonic() + timeout
+        with selectors.DefaultSelector() as selector:
+            selector.register(stdout, selectors.EVENT_READ)
+            while time.monotonic() < deadline:
+                if not selector.select(timeout=max(0.0, deadline - time.monotonic())):
+                    break
+                line = stdout.readline()
+                if not line:
+                    break
+                event = json.loads(line)
+                if event.get("event") == name:
+                    return dict(event)
+        self._supervisor.stop(self.child, grace=0.0)
+        raise RunError(f"the embedded listener failed ({name!r} never came): {self._tail()}")
+
+    def _tail(self) -> str:
+        try:
+            text = self._log.read_text(errors="replace").strip().splitlines()
+        except OSError:
+            return "no log"
+        return text[-1].removeprefix("error: ") if text else f"exit code {self.child.poll()}"
+
+    def stats(self) -> dict[str, Any]:
+        """What it accepted, from the report it prints when stopped (stop it first)."""
+        stats = self._read_event("stopped", timeout=1.0)
+        stats.pop("event", None)
+        return stats
+
+
+def _listen_command(scenario: Scenario) -> list[str]:
+    listener = scenario.listener
+    if listener is None:
+        raise ValueError("the scenario has no [listener]")
+    args = [
+        sys.executable,
+        "-m",
+        "harness",
+        "listen",
+        "--close",
+        scenario.listener_close.value,
+        "--backlog",
+        str(listener.backlog),
+    ]
+    for endpoint in scenario.target.endpoints:
+        args += ["--endpoint", str(endpoint)]
+    if listener.response:
+        args += ["--response", listener.response]
+    if scenario.listener_reads_request:
+        args.append("--read-request")
+    if scenario.load.protocol is Protocol.UDP:
+        args.append("--udp")
+    return args
+
+
+def start_collectors(
+    supervisor: Supervisor, scenario: Scenario, run: RunDir, placement: Placement
+) -> list[Child]:
+    """``eph collect`` into the run directory (or a subdirectory), one per placement."""
+    bound = math.ceil(scenario.duration) + START_TIMEOUT + STOP_GRACE
+    children = []
+    for subdir, prefix in placement.collectors:
+        args = collect_command(
+            run.path / subdir,
+            format_duration(scenario.collector.interval),
+            bound,
+            scenario.target.endpoints,
+            udp=scenario.load.protocol is Protocol.UDP,
+        )
+        log_name = f"collector-{subdir}.log" if subdir else "collector.log"
+        with open(run.logs / log_name, "ab") as log:
+            children.append(
+                supervisor.start(
+                    "collector",
+                    [*prefix, *args],
+                    stage=Stage.OBSERVE,
+                    grace=COLLECTOR_STOP_GRACE,
+                    death_signal=signal.SIGTERM,  # it writes its last sample, then exits
+                    stdout=log,
+                    stderr=log,
+                )
+            )
+    return children
+
+
+def start_locust(
+    supervisor: Supervisor,
+    scenario: Scenario,
+    run: RunDir,
+    placement: Placement,
+    extra: Sequence[str] = (),
+    master: Master | None = None,
+) -> Child:
+    """Locust headless on ``harness/locustfile.py``, configured through the environment.
+
+    Stopped with SIGTERM, which Locust handles in a gevent handler; SIGINT would
+    raise KeyboardInterrupt in whatever greenlet runs, mid-attempt.
+    """
+    load = scenario.load
+    env = {
+        **os.environ,
+        "EPH_SCENARIO": str(run.scenario),
+        "EPH_RUN_DIR": str(run.path),
+        "EPH_MANAGED": "1",
+        # each of Locust's processes paces its share of load.rate
+        "EPH_RATE_SHARE": repr(1 / load.process_count),
+    }
+    with open(run.logs / "locust.out", "ab") as out:
+        return supervisor.start(
+            "locust",
+            [*placement.load, *locust_command(scenario, run, extra, master)],
+            stage=Stage.LOAD,
+            grace=load.connect_timeout + load.io_timeout + load.hold + STOP_GRACE,
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+
+
+def locust_command(
+    scenario: Scenario, run: RunDir, extra: Sequence[str], master: Master | None = None
+) -> list[str]:
+    load = scenario.load
+    backstop = math.ceil(scenario.duration) + 30  # eph stops it first; this bounds a lost parent
+    if master is not None:
+        spread = master.locust_args()
+    elif load.process_count > 1:
+        spread = _processes_args(load.process_count)
+    else:
+        spread = []
+    # users finish the attempt they are in before stopping (then Locust kills them)
+    stop_timeout = math.ceil(load.connect_timeout + load.io_timeout + load.hold + 1)
+    return [
+        sys.executable,
+        "-m",
+        "locust",
+        "-f",
+        str(LOCUSTFILE),
+        "--headless",
+        "-u",
+        str(load.users),
+        "-r",
+        f"{load.spawn_rate:g}",
+        "-t",
+        f"{backstop}s",
+        "--csv",
+        str(run.path / "locust"),
+        "--json-file",
+        str(run.path / "locust"),
+        "--logfile",
+        str(run.logs / "locust.log"),
+        "--only-summary",
+        "--exit-code-on-error",
+        "0",
+        "--stop-timeout",
+        str(stop_timeout),
+        *spread,
+        *extra,
+    ]
+
+
+def _processes_args(count: int) -> list[str]:
+    """Locust forks ``count`` workers that talk to its master over TCP: a port of this
+    run's own, so that two runs on one host (parallel tests) never mix workers."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = str(probe.getsockname()[1])
+    return ["--processes", str(count), "--master-bind-port", port, "--master-port", port]
