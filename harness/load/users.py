@@ -49,9 +49,10 @@ from harness.load.distributed import (
     worker_run_dir,
 )
 from harness.load.gevent_engine import GeventChurn
+from harness.load.outcome import failure
 from harness.load.pacing import Pacer
 from harness.load.progress import ProgressCounter
-from harness.load.stats import REQUEST_TYPE, failure, feed_rows
+from harness.load.stats import REQUEST_TYPE, feed_rows
 from harness.load.uvloop_engine import read_frame
 from harness.records import FLUSH_INTERVAL, RecordWriter, host_name
 from harness.rundir import RunDir
