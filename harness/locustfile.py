@@ -8,8 +8,9 @@ engine; an ``eph worker`` (``EPH_WORKER=1``) gets its scenario from the master.
 
 import os
 
+from harness.load import hooks as _hooks
 from harness.load import users as _users
 
 scenario = None if os.environ.get("EPH_WORKER") == "1" else _users.scenario_from_environ()
-_users.install(scenario)
+_hooks.install(scenario)
 EphUser = _users.user_class()
