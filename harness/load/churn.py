@@ -18,10 +18,11 @@ from harness.endpoints import ResolvedEndpoint
 from harness.errors import ScenarioError
 from harness.scenario import ClosePolicy, Protocol, Reply, Scenario
 
-__all__ = ["ChurnPlan", "Target", "make_socket"]
+__all__ = ["LINGER_RESET", "ChurnPlan", "Target", "make_socket"]
 
 IP_BIND_ADDRESS_NO_PORT = getattr(socket, "IP_BIND_ADDRESS_NO_PORT", 24)
 IP_LOCAL_PORT_RANGE = 51  # Linux 6.3+; no Python constant: value (hi << 16) | lo
+LINGER_RESET = struct.pack("ii", 1, 0)  # SO_LINGER on, 0 s: close() sends a reset
 
 
 UDP_PAYLOAD = b"eph\n"  # what a UDP attempt sends when load.send is empty

@@ -30,15 +30,14 @@ from typing import BinaryIO
 
 import numpy as np
 
-from harness.load.churn import ChurnPlan, Target, make_socket
+from harness.load.churn import LINGER_RESET, ChurnPlan, Target, make_socket
 from harness.load.outcome import INTERRUPTED, TIMED_OUT, errno_of
 from harness.load.pacing import Pacer
 from harness.records import RecordWriter
 from harness.scenario import ClosePolicy, Protocol, Reply
 
-__all__ = ["FRAME_HEADER", "LINGER_RESET", "CallbackChurn", "write_frame"]
+__all__ = ["FRAME_HEADER", "CallbackChurn", "write_frame"]
 
-LINGER_RESET = struct.pack("ii", 1, 0)  # SO_LINGER on, 0 s: close() sends a reset
 _INLINE = 64  # attempts one user makes in a row before letting the loop run others
 _SWEEP_EVERY = 0.05  # seconds between timeout sweeps over connects in flight
 

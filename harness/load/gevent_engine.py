@@ -13,7 +13,6 @@ from __future__ import annotations
 import contextlib
 import errno
 import socket
-import struct
 import time
 from collections.abc import Callable
 
@@ -21,7 +20,7 @@ import gevent
 from gevent import monkey
 from gevent.socket import wait_read, wait_write
 
-from harness.load.churn import UDP_PAYLOAD, ChurnPlan, Target, make_socket
+from harness.load.churn import LINGER_RESET, UDP_PAYLOAD, ChurnPlan, Target, make_socket
 from harness.load.outcome import INTERRUPTED, NO_REPLY, TIMED_OUT, columns
 from harness.records import RecordWriter
 from harness.scenario import ClosePolicy, Protocol, Reply
@@ -29,7 +28,6 @@ from harness.scenario import ClosePolicy, Protocol, Reply
 __all__ = ["GeventChurn"]
 
 _RealSocket: type[socket.socket] = monkey.get_original("socket", "socket")
-_LINGER_RESET = struct.pack("ii", 1, 0)
 _IN_PROGRESS = (errno.EINPROGRESS, errno.EAGAIN, errno.EWOULDBLOCK)
 
 
@@ -188,5 +186,5 @@ def _recv(sock: socket.socket, timeout: float) -> bytes:
 def _close(sock: socket.socket, policy: ClosePolicy) -> None:
     if policy is ClosePolicy.RESET:
         with contextlib.suppress(OSError):
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, LINGER_RESET)
     sock.close()

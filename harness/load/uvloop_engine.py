@@ -33,8 +33,8 @@ from typing import BinaryIO
 
 import numpy as np
 
-from harness.load.churn import UDP_PAYLOAD, ChurnPlan, Target, make_socket
-from harness.load.fastpath import FRAME_HEADER, LINGER_RESET, CallbackChurn, write_frame
+from harness.load.churn import LINGER_RESET, UDP_PAYLOAD, ChurnPlan, Target, make_socket
+from harness.load.fastpath import FRAME_HEADER, CallbackChurn, write_frame
 from harness.load.outcome import INTERRUPTED, NO_REPLY, TIMED_OUT, columns, errno_of
 from harness.load.pacing import Pacer
 from harness.records import FLUSH_INTERVAL, ROW_DTYPE, RecordWriter
