@@ -31,7 +31,7 @@ from harness.scenario import parse_scenario
 from .conftest import ROOT
 
 ATTEMPTS = 4
-SERVER_DELAY = 0.05  # the server waits this long after accepting: the client is waiting
+SERVER_DELAY = 0.1  # the server waits this long after accepting: the client is waiting
 
 GEVENT_SCRIPT = r"""
 import json, sys

@@ -77,7 +77,9 @@ class GeventChurn:
             settled = True
         except OSError as exc:
             t1 = monotonic_ns() if t1 == t0 else t1
-            err, io_err = columns(exc, connected=port != 0)
+            # after connect() said 0, a failure is the exchange's, even one that came
+            # before getsockname() (a reset): the connection was made
+            err, io_err = columns(exc, connected=err == 0)
             settled = True
         finally:
             # Interrupted (GreenletExit when a user is stopped, KeyboardInterrupt landing
@@ -113,8 +115,8 @@ class GeventChurn:
                 if plan.hold:
                     gevent.sleep(plan.hold)
         except OSError as exc:  # ECONNREFUSED: an ICMP port unreachable came back
-            err, io_err = columns(exc, connected=port != 0)
-            if not port:
+            err, io_err = columns(exc, connected=err == 0)
+            if err:  # connect() did not answer: no socket, or no bind
                 t1 = monotonic_ns()
         finally:
             if sock is not None:

@@ -187,8 +187,8 @@ class UvloopChurn:
                     if plan.hold:
                         await asyncio.sleep(plan.hold)
             except OSError as exc:  # ECONNREFUSED: an ICMP port unreachable came back
-                err, io_err = columns(exc, connected=port != 0)
-                if not port:
+                err, io_err = columns(exc, connected=err == 0)
+                if err:  # connect() did not answer: no socket, or no bind
                     t1 = time.monotonic_ns()
         finally:
             if sock is not None:
