@@ -8,10 +8,11 @@ engine; an ``eph worker`` (``EPH_WORKER=1``) gets its scenario from the master.
 
 import os
 
+from harness.load import hooks as _hooks
 from harness.load import ports_tab as _ports_tab
 from harness.load import users as _users
 
 scenario = None if os.environ.get("EPH_WORKER") == "1" else _users.scenario_from_environ()
-_users.install(scenario)
+_hooks.install(scenario)
 EphUser = _users.user_class()
 _ports_tab.register()  # the web UI's "Ports" tab: live occupancy per path

@@ -1,7 +1,7 @@
 """Per-connection records: staged on the hot path, streamed to disk in bulk.
 
-The hot path appends one tuple of raw stamps per attempt (a list append,
-~0.1 us); durations are computed at flush, in bulk. Every ``FLUSH_INTERVAL``
+The hot path appends one tuple of raw stamps per attempt (a bound list
+append); durations are computed at flush, in bulk. Every ``FLUSH_INTERVAL``
 the staged rows become one numpy array (24 bytes a row) and
 one Arrow record batch appended to this process's part file, an Arrow IPC
 *stream*: a crash loses at most the rows of one interval, and a truncated part

@@ -15,7 +15,8 @@ SCRIPT = r"""
 import json, time
 import numpy as np
 from locust.stats import RequestStats
-from harness.load.stats import REQUEST_TYPE, failure, feed_rows
+from harness.load.outcome import failure
+from harness.load.stats import REQUEST_TYPE, feed_rows
 from harness.records import ROW_DTYPE
 
 rng = np.random.default_rng(7)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 
@@ -29,3 +30,39 @@ def test_import_has_no_heavy_side_effects() -> None:
         [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True
     ).stdout
     assert out.strip() == "[]"
+
+
+WALK = r"""
+import importlib, json, pkgutil, sys
+import harness
+
+LOCUST_SIDE = ("harness.load", "harness.locustfile")
+HEAVY = ("locust", "gevent")
+checked, culprits = [], {}
+for info in pkgutil.walk_packages(harness.__path__, "harness."):
+    name = info.name
+    if any(name == side or name.startswith(side + ".") for side in LOCUST_SIDE):
+        continue
+    importlib.import_module(name)
+    checked.append(name)
+    for heavy in HEAVY:
+        if heavy in sys.modules and heavy not in culprits:
+            culprits[heavy] = name  # the first module whose import pulled it in
+print(json.dumps({"checked": checked, "culprits": culprits}))
+"""
+
+
+def test_nothing_outside_load_imports_locust_or_gevent() -> None:
+    """Every module outside ``harness/load/`` and the locustfile, walked with pkgutil:
+    importing it pulls in neither locust nor gevent (locust monkey-patches on import)."""
+    out = subprocess.run(
+        [sys.executable, "-c", WALK], cwd=ROOT, capture_output=True, text=True, timeout=120
+    )
+    assert out.returncode == 0, out.stderr
+    result = json.loads(out.stdout)
+    assert result["culprits"] == {}, f"imported by: {result['culprits']}"
+    # the walk found the package's rooms, not an empty list
+    checked = set(result["checked"])
+    for module in ("harness.cli", "harness.run", "harness.records", "harness.target.listener"):
+        assert module in checked, module
+    assert not any(name.startswith("harness.load") for name in checked)

@@ -7,7 +7,6 @@ of both engines only read attributes.
 
 from __future__ import annotations
 
-import errno as errno_module
 import ipaddress
 import itertools
 import socket
@@ -16,14 +15,14 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 from harness.endpoints import ResolvedEndpoint
-from harness.errors import ScenarioError, errno_name
+from harness.errors import ScenarioError
 from harness.scenario import ClosePolicy, Protocol, Reply, Scenario
 
-__all__ = ["ETIMEDOUT", "ChurnPlan", "Target", "errno_name", "make_socket"]
+__all__ = ["LINGER_RESET", "ChurnPlan", "Target", "make_socket"]
 
 IP_BIND_ADDRESS_NO_PORT = getattr(socket, "IP_BIND_ADDRESS_NO_PORT", 24)
 IP_LOCAL_PORT_RANGE = 51  # Linux 6.3+; no Python constant: value (hi << 16) | lo
-ETIMEDOUT = errno_module.ETIMEDOUT
+LINGER_RESET = struct.pack("ii", 1, 0)  # SO_LINGER on, 0 s: close() sends a reset
 
 
 UDP_PAYLOAD = b"eph\n"  # what a UDP attempt sends when load.send is empty
@@ -124,7 +123,7 @@ def make_socket(
 
     The bind uses IP_BIND_ADDRESS_NO_PORT: the port is chosen at connect() time,
     per destination. A plain bind(ip, 0) would take a port from the range for
-    every socket across *all* destinations (KERNEL-NOTES).
+    every socket across *all* destinations (``docs/kernel.md``, port selection).
     """
     sock = socket_class(target.endpoint.family, kind)
     sock.setblocking(False)

@@ -17,7 +17,7 @@ under ``hosts/<name>/`` of its run directory, where ``eph run`` merges them.
 
 Also here: a worker's own collector (``CollectorChild``) and the master's share of
 a test (``MasterSession``: the scenario out, progress from the workers' stats).
-Imported only by Locust processes (``harness.load.users``).
+Imported only by Locust processes (``harness.load.users``, ``harness.load.hooks``).
 """
 
 from __future__ import annotations

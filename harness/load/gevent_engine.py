@@ -1,11 +1,11 @@
 """One churn attempt with gevent: the Locust engine's hot path.
 
 It uses the *original* (unpatched) socket class in non-blocking mode and asks
-gevent's hub to wait only when a call would block. Measured here on loopback
-with 20 Locust users: a gevent socket with ``settimeout`` made each attempt
-~15% slower (8,700 vs 11,300/s bare) because gevent builds a Timeout per call;
-this way the recording user runs as fast as a bare connect/close user
-(11,800/s), and timeouts cost nothing until a connect really has to wait.
+gevent's hub to wait only when a call would block. A gevent socket with
+``settimeout`` measured slower, because gevent builds a Timeout per call; this
+way the recording user keeps pace with a bare connect/close Locust user
+(``make bench``: ``eph_locust_vs_bare_locust``), and timeouts cost nothing until
+a connect really has to wait.
 """
 
 from __future__ import annotations
@@ -13,7 +13,6 @@ from __future__ import annotations
 import contextlib
 import errno
 import socket
-import struct
 import time
 from collections.abc import Callable
 
@@ -21,19 +20,19 @@ import gevent
 from gevent import monkey
 from gevent.socket import wait_read, wait_write
 
-from harness.load.churn import ETIMEDOUT, UDP_PAYLOAD, ChurnPlan, Target, make_socket
+from harness.load.churn import LINGER_RESET, UDP_PAYLOAD, ChurnPlan, Target, make_socket
+from harness.load.outcome import INTERRUPTED, NO_REPLY, TIMED_OUT, columns
 from harness.records import RecordWriter
 from harness.scenario import ClosePolicy, Protocol, Reply
 
 __all__ = ["GeventChurn"]
 
 _RealSocket: type[socket.socket] = monkey.get_original("socket", "socket")
-_LINGER_RESET = struct.pack("ii", 1, 0)
 _IN_PROGRESS = (errno.EINPROGRESS, errno.EAGAIN, errno.EWOULDBLOCK)
 
 
-class _Timeout(Exception):
-    pass
+class _Timeout(TimeoutError):
+    """Raised by gevent's waits (one shared instance): an attempt's ``ETIMEDOUT``."""
 
 
 _TIMEOUT = _Timeout()
@@ -60,7 +59,7 @@ class GeventChurn:
         monotonic_ns = time.monotonic_ns
         t0 = monotonic_ns()
         t1 = t0
-        err = errno.ECANCELED  # until connect() answers
+        err = INTERRUPTED  # until connect() answers
         io_err = rx = port = address_id = 0
         sock: socket.socket | None = None
         settled = False
@@ -78,10 +77,9 @@ class GeventChurn:
             settled = True
         except OSError as exc:
             t1 = monotonic_ns() if t1 == t0 else t1
-            if port:
-                io_err = exc.errno or errno.EIO
-            else:
-                err = exc.errno or errno.EIO
+            # after connect() said 0, a failure is the exchange's, even one that came
+            # before getsockname() (a reset): the connection was made
+            err, io_err = columns(exc, connected=err == 0)
             settled = True
         finally:
             # Interrupted (GreenletExit when a user is stopped, KeyboardInterrupt landing
@@ -102,7 +100,7 @@ class GeventChurn:
         plan = self.plan
         monotonic_ns = time.monotonic_ns
         t0 = t1 = monotonic_ns()
-        err, io_err, rx, port, address_id = errno.ECANCELED, 0, 0, 0, 0
+        err, io_err, rx, port, address_id = INTERRUPTED, 0, 0, 0, 0
         sock: socket.socket | None = None
         try:
             sock = make_socket(target, _RealSocket, socket.SOCK_DGRAM)
@@ -116,13 +114,10 @@ class GeventChurn:
                     rx = len(_recv(sock, plan.io_timeout))
                 if plan.hold:
                     gevent.sleep(plan.hold)
-        except _Timeout:
-            io_err = ETIMEDOUT
         except OSError as exc:  # ECONNREFUSED: an ICMP port unreachable came back
-            if port:
-                io_err = exc.errno or errno.EIO
-            else:
-                err, t1 = exc.errno or errno.EIO, monotonic_ns()
+            err, io_err = columns(exc, connected=err == 0)
+            if err:  # connect() did not answer: no socket, or no bind
+                t1 = monotonic_ns()
         finally:
             if sock is not None:
                 sock.close()
@@ -134,7 +129,7 @@ class GeventChurn:
     def _settle(self, sock: socket.socket | None) -> tuple[int, int, int]:
         """Interrupted mid-attempt: did the handshake finish anyway? (errno, port, address)"""
         if sock is None:
-            return errno.ECANCELED, 0, 0
+            return INTERRUPTED, 0, 0
         try:
             if sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR) == 0:
                 sock.getpeername()  # raises ENOTCONN while the handshake is pending
@@ -142,14 +137,14 @@ class GeventChurn:
                 return 0, local[1], self.writer.address_id(local[0])
         except OSError:
             pass
-        return errno.ECANCELED, 0, 0
+        return INTERRUPTED, 0, 0
 
 
 def _wait_connect(sock: socket.socket, timeout: float) -> int:
     try:
         wait_write(sock.fileno(), timeout=timeout, timeout_exc=_TIMEOUT)
     except _Timeout:
-        return ETIMEDOUT
+        return TIMED_OUT
     return sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
 
 
@@ -162,14 +157,14 @@ def _exchange(sock: socket.socket, plan: ChurnPlan) -> tuple[int, int]:
         if plan.reply is Reply.DATA:
             rx = len(_recv(sock, plan.io_timeout))
             if rx == 0:  # the server closed before replying
-                return errno.ENODATA, 0
+                return NO_REPLY, 0
         elif plan.reply is Reply.EOF:
             while chunk := _recv(sock, plan.io_timeout):
                 rx += len(chunk)
         if plan.hold:
             gevent.sleep(plan.hold)
     except _Timeout:
-        return ETIMEDOUT, rx
+        return TIMED_OUT, rx
     return 0, rx
 
 
@@ -193,5 +188,5 @@ def _recv(sock: socket.socket, timeout: float) -> bytes:
 def _close(sock: socket.socket, policy: ClosePolicy) -> None:
     if policy is ClosePolicy.RESET:
         with contextlib.suppress(OSError):
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, LINGER_RESET)
     sock.close()

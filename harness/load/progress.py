@@ -16,8 +16,8 @@ from pathlib import Path
 
 import numpy as np
 
-from harness.errors import errno_name
 from harness.files import atomic_write_json
+from harness.load.outcome import failure_counts, label
 
 __all__ = ["Progress", "ProgressCounter", "read_progress"]
 
@@ -38,17 +38,9 @@ class ProgressCounter:
         if not len(rows):
             return
         self.attempts += len(rows)
-        failed = rows["errno"] != 0
-        io_failed = (rows["io_errno"] != 0) & ~failed
-        self.failures += int(failed.sum() + io_failed.sum())
-        for column, mask, suffix in (
-            ("errno", failed, ""),
-            ("io_errno", io_failed, " after connect"),
-        ):
-            if mask.any():
-                values, counts = np.unique(rows[column][mask], return_counts=True)
-                for value, count in zip(values.tolist(), counts.tolist(), strict=True):
-                    self.errors[errno_name(value) + suffix] += count
+        for errno, io_errno, count in failure_counts(rows):
+            self.failures += count
+            self.errors[label(errno, io_errno)] += count
 
     def write(self, *, users: int, done: bool = False) -> None:
         data = {

@@ -18,36 +18,17 @@ from collections.abc import Sequence
 import numpy as np
 from locust import stats as locust_stats
 
-from harness.errors import errno_name
+from harness.load.outcome import (
+    ConnectionFailed,
+    Outcome,
+    classify_rows,
+    failure,
+    failure_counts,
+)
 
-__all__ = ["REQUEST_TYPE", "ConnectionFailed", "failure", "feed_rows"]
+__all__ = ["REQUEST_TYPE", "feed_rows"]
 
 REQUEST_TYPE = "TCP"
-
-
-class ConnectionFailed(Exception):
-    """What Locust shows for a failed attempt: the errno's name, and the phase."""
-
-    def __init__(self, errno: int, io_errno: int) -> None:
-        self.errno = errno
-        self.io_errno = io_errno
-        text = errno_name(errno) if errno else f"{errno_name(io_errno)} after connect"
-        super().__init__(text)
-
-    def __repr__(self) -> str:
-        return f"ConnectionFailed({self.args[0]!r})"
-
-
-_FAILURES: dict[tuple[int, int], ConnectionFailed] = {}
-
-
-def failure(errno: int, io_errno: int) -> ConnectionFailed:
-    """One shared exception per (errno, io_errno): failures allocate nothing."""
-    key = (errno, io_errno)
-    found = _FAILURES.get(key)
-    if found is None:
-        found = _FAILURES[key] = ConnectionFailed(errno, io_errno)
-    return found
 
 
 def feed_rows(stats: locust_stats.RequestStats, rows: np.ndarray, names: Sequence[str]) -> None:
@@ -84,13 +65,12 @@ def _feed_endpoint(
         batch.response_times[key] = batch.response_times.get(key, 0) + count
     _per_second(batch.num_reqs_per_sec, wall)
 
-    failed = (rows["errno"] != 0) | (rows["io_errno"] != 0)
+    failed = classify_rows(rows) != Outcome.CONNECTED
     if failed.any():
         batch.num_failures = int(failed.sum())
         _per_second(batch.num_fail_per_sec, wall[failed])
-        kinds, kind_counts = np.unique(rows[failed][["errno", "io_errno"]], return_counts=True)
-        for kind, count in zip(kinds.tolist(), kind_counts.tolist(), strict=True):
-            _log_errors(stats, name, failure(int(kind[0]), int(kind[1])), count)
+        for errno, io_errno, count in failure_counts(rows):
+            _log_errors(stats, name, failure(errno, io_errno), count)
 
     stats.get(name, REQUEST_TYPE).extend(batch)
     stats.total.extend(batch)

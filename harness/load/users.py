@@ -2,6 +2,7 @@
 
 Imports locust (and so gevent's monkey-patching): only for Locust processes,
 through ``harness/locustfile.py``. The listener and collector never import it.
+``harness.load.hooks`` starts and closes the sessions on Locust's events.
 
 Configuration comes from the environment, because Locust imports the
 locustfile (and picks its User class) before parsing its own arguments:
@@ -27,7 +28,6 @@ import contextlib
 import json
 import logging
 import os
-import signal
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -35,36 +35,34 @@ from typing import Any
 
 import gevent
 from gevent import subprocess as gsubprocess
-from locust import User, constant, events, task
+from locust import User, constant, task
 from locust.env import Environment
-from locust.runners import STATE_RUNNING, STATE_SPAWNING, MasterRunner, WorkerRunner
 
 from harness.endpoints import Endpoint
-from harness.kernel.parent_death import die_with_parent_after_fork
 from harness.load.churn import ChurnPlan, Target
-from harness.load.distributed import (
-    CollectorChild,
-    MasterSession,
-    Receiver,
-    master_run_dir,
-    ship,
-    worker_run_dir,
-)
+from harness.load.distributed import CollectorChild, worker_run_dir
 from harness.load.gevent_engine import GeventChurn
+from harness.load.outcome import failure
 from harness.load.pacing import Pacer
 from harness.load.progress import ProgressCounter
-from harness.load.stats import REQUEST_TYPE, failure, feed_rows
+from harness.load.stats import REQUEST_TYPE, feed_rows
 from harness.load.uvloop_engine import read_frame
-from harness.records import FLUSH_INTERVAL, RecordWriter, host_name
+from harness.records import FLUSH_INTERVAL, RecordWriter
 from harness.rundir import RunDir
 from harness.scenario import Engine, Scenario, load_scenario
 from harness.supervisor import Stage, Supervisor
 
-__all__ = ["EphUser", "install", "scenario_from_environ", "user_class"]
+__all__ = [
+    "EphUser",
+    "current_session",
+    "end_sessions",
+    "scenario_from_environ",
+    "start_session",
+    "user_class",
+]
 
 logger = logging.getLogger(__name__)
 
-LOOPBACK = "127.0.0.1"
 UVLOOP_IDLE = 1.0  # how often a uvloop-engine user wakes up; it only holds a slot
 DEFAULT_SCENARIO = Path("scenarios/default.toml")
 
@@ -230,17 +228,50 @@ def _run_dir(scenario: Scenario) -> RunDir:
     return RunDir.create(Path("reports"), scenario.name + "-locust")
 
 
-# ----------------------------------------------------------------- users
+# ----------------------------------------------------------------- sessions
 
 
-_sessions: dict[int, _Session] = {}
+_sessions: dict[int, _Session] = {}  # by id(environment): one test's session at a time
+
+
+def start_session(
+    environment: Environment,
+    scenario: Scenario,
+    sequence: int,
+    *,
+    rate_share: float | None = None,
+    collect: bool = False,
+) -> None:
+    """A new session for ``environment``'s test; the previous one, if any, closes."""
+    old = _sessions.pop(id(environment), None)
+    if old is not None:
+        old.close()
+    _sessions[id(environment)] = _Session(
+        environment, scenario, sequence, rate_share=rate_share, collect=collect
+    )
+
+
+def current_session(environment: Environment) -> _Session | None:
+    return _sessions.get(id(environment))
+
+
+def end_sessions() -> list[_Session]:
+    """Close every session (Locust is quitting) and return them."""
+    ended = list(_sessions.values())
+    _sessions.clear()
+    for session in ended:
+        session.close()
+    return ended
 
 
 def _session(environment: Environment) -> _Session:
     found = _sessions.get(id(environment))
     if found is None:
-        raise RuntimeError("eph session missing: was harness.load.users.install() called?")
+        raise RuntimeError("eph session missing: was harness.load.hooks.install() called?")
     return found
+
+
+# ----------------------------------------------------------------- users
 
 
 class EphUser(User):
@@ -282,124 +313,3 @@ class EphUser(User):
 def user_class() -> type[EphUser]:
     """The concrete user class, named ``EphUser`` for Locust's UI and its workers."""
     return type("EphUser", (EphUser,), {"abstract": False, "__module__": EphUser.__module__})
-
-
-def install(scenario: Scenario | None) -> None:
-    """Hook eph's session into Locust's events (call once, from the locustfile).
-
-    ``scenario`` is None on a distributed worker (``eph worker``): the master
-    sends it ahead of the test.
-    """
-    die_with_parent_after_fork(signal.SIGKILL)  # Locust's --processes workers die with it
-    counter = iter(range(1 << 30))
-    received: dict[str, Any] = {}
-
-    def start(environment: Environment, **_: Any) -> None:
-        runner = environment.runner
-        if isinstance(runner, MasterRunner):
-            _start_master(environment, scenario)
-            return  # the master runs no users; its workers record
-        old = _sessions.pop(id(environment), None)
-        if old is not None:
-            old.close()
-        if isinstance(runner, WorkerRunner) and os.environ.get("EPH_WORKER") == "1":
-            if "scenario" not in received:
-                logger.error("the master sent no scenario: is it an `eph run --master`?")
-                runner.quit()
-                return
-            worker_scenario = Scenario.model_validate(received["scenario"])
-            _sessions[id(environment)] = _Session(
-                environment,
-                worker_scenario,
-                next(counter),
-                rate_share=float(received["rate_share"]),
-                collect=True,
-            )
-            return
-        assert scenario is not None
-        _sessions[id(environment)] = _Session(environment, scenario, next(counter))
-
-    def stop(environment: Environment, **_: Any) -> None:
-        found = _sessions.get(id(environment))
-        runner = environment.runner
-        if found is not None:
-            found.close()
-            if isinstance(runner, WorkerRunner):
-                # the rows close() fed reach the master now, ahead of this worker's
-                # "client_stopped" (Locust has no public call for this report)
-                runner._send_stats()
-                if found.collector is not None:
-                    ship(runner.send_message, found.run_dir.path, host_name())
-        master = _masters.get(id(environment))
-        if master is not None:
-            master.close()
-        receiver = _receivers.get(id(environment))
-        if receiver is not None and isinstance(runner, MasterRunner):
-            # every worker has stopped and shipped; Locust's own quit only reaches
-            # workers still in a test, so these would linger for its 60 s heartbeat
-            for client_id in receiver.clients:
-                runner.send_message("quit", None, client_id)
-
-    def quitting(environment: Environment, **_: Any) -> None:
-        runner = environment.runner
-        if isinstance(runner, MasterRunner) and runner.state in (STATE_RUNNING, STATE_SPAWNING):
-            # SIGTERM makes a headless master quit, and quit() waits only 0.5 s for
-            # the workers' last stats; a uvloop engine takes longer to stop. Stopping
-            # first waits until every worker has stopped, so its last rows are counted.
-            runner.stop()
-
-    def quit_(**_: Any) -> None:
-        for key, found in list(_sessions.items()):
-            del _sessions[key]
-            found.close()
-            if os.environ.get("EPH_MANAGED") != "1" and found.collector is None:
-                _finalize_standalone(found)
-
-    def init(environment: Environment, **_: Any) -> None:
-        # quitting fires its listeners newest first, and the master runner's own, which
-        # quits at once, is added when the runner is made: add ours after that
-        events.quitting.add_listener(quitting)
-        runner = environment.runner
-        if isinstance(runner, MasterRunner):
-            receiver = _receivers[id(environment)] = Receiver(master_run_dir(scenario))
-            runner.register_message("eph_file", receiver.on_file)
-            runner.register_message("eph_host", receiver.on_host)
-        elif isinstance(runner, WorkerRunner):
-            runner.register_message("eph_scenario", lambda msg, **_: received.update(msg.data))
-
-    events.test_start.add_listener(start)
-    events.test_stop.add_listener(stop)
-    events.quit.add_listener(quit_)
-    events.init.add_listener(init)
-    events.init_command_line_parser.add_listener(_loopback_defaults)
-
-
-def _loopback_defaults(parser: Any, **_: Any) -> None:
-    """Locust's web UI and master listen on every interface by default; eph's bind
-    127.0.0.1 unless told otherwise (``--web-host``, ``--master-bind-host``)."""
-    parser.set_defaults(web_host=LOOPBACK, master_bind_host=LOOPBACK)
-
-
-# ----------------------------------------------------------------- master
-
-
-_masters: dict[int, MasterSession] = {}
-_receivers: dict[int, Receiver] = {}
-
-
-def _start_master(environment: Environment, scenario: Scenario | None) -> None:
-    if scenario is None:
-        raise RuntimeError("a Locust master needs EPH_SCENARIO")
-    old = _masters.pop(id(environment), None)
-    if old is not None:
-        old.close()
-    _masters[id(environment)] = MasterSession(environment, scenario)
-
-
-def _finalize_standalone(session: _Session) -> None:
-    """Plain ``locust -f``: nobody else will merge the records and write the report."""
-    from harness.finalize import finalize
-
-    path = session.run_dir.path
-    finalize(path, locust_requests=session.environment.stats.total.num_requests)
-    logger.info("eph run directory: %s (report.html)", path)

@@ -7,9 +7,9 @@ process's part file. Never imports locust.
 
 Plain connect/close churn takes the callback fast path (``harness.load.fastpath``).
 Everything else (bytes to send, a reply to wait for, a hold, a server-first
-close) runs one Task per user over Protocols, the fastest asyncio style here:
-uvloop ``create_connection`` + Protocol did 20,600 connects/s on loopback where
-``loop.sock_connect`` did 11,100/s (measured in one run, 32 tasks).
+close) runs one Task per user over Protocols: of the asyncio styles, uvloop
+``create_connection`` + Protocol measured faster than ``loop.sock_connect``
+(compare with ``make bench``).
 
 Wire format: stdin carries JSON lines (``{"users": N}``, ``{"stop": true}``);
 stdout carries frames of ``<I`` row count followed by that many ``ROW_DTYPE``
@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import errno
 import functools
 import json
 import os
@@ -34,8 +33,9 @@ from typing import BinaryIO
 
 import numpy as np
 
-from harness.load.churn import ETIMEDOUT, UDP_PAYLOAD, ChurnPlan, Target, make_socket
-from harness.load.fastpath import FRAME_HEADER, LINGER_RESET, CallbackChurn, write_frame
+from harness.load.churn import LINGER_RESET, UDP_PAYLOAD, ChurnPlan, Target, make_socket
+from harness.load.fastpath import FRAME_HEADER, CallbackChurn, write_frame
+from harness.load.outcome import INTERRUPTED, NO_REPLY, TIMED_OUT, columns, errno_of
 from harness.load.pacing import Pacer
 from harness.records import FLUSH_INTERVAL, ROW_DTYPE, RecordWriter
 from harness.scenario import ClosePolicy, Protocol, Reply, Scenario
@@ -44,14 +44,15 @@ __all__ = ["FRAME_HEADER", "UvloopChurn", "read_frame"]
 
 
 class _Client(asyncio.Protocol):
-    """Notes when the connection is up, and wakes a waiter on data or EOF."""
+    """Notes when the connection is up, and wakes a waiter on data, EOF or an error."""
 
-    __slots__ = ("connected_ns", "eof", "rx", "transport", "waiter")
+    __slots__ = ("connected_ns", "eof", "error", "rx", "transport", "waiter")
 
     def __init__(self) -> None:
         self.connected_ns = 0
         self.rx = 0
         self.eof = False
+        self.error: Exception | None = None  # what ended the connection (a reset), if anything
         self.waiter: asyncio.Future[None] | None = None
         self.transport: asyncio.Transport | None = None
 
@@ -70,6 +71,7 @@ class _Client(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.eof = True
+        self.error = exc
         self._wake()
 
     def _wake(self) -> None:
@@ -137,7 +139,7 @@ class UvloopChurn:
         loop = asyncio.get_running_loop()
         t0 = time.monotonic_ns()
         t1 = t0
-        err = errno.ECANCELED  # until connect() answers: what a stop mid-connect records
+        err = INTERRUPTED  # until connect() answers: what a stop mid-connect records
         io_err = port = address_id = 0
         client: _Client | None = None
         try:
@@ -149,10 +151,8 @@ class UvloopChurn:
                 local = client.transport.get_extra_info("sockname")  # type: ignore[union-attr]
                 port = local[1]
                 address_id = self.writer.address_id(local[0])
-            except TimeoutError:
-                err = ETIMEDOUT
-            except OSError as exc:
-                err = exc.errno or errno.EIO
+            except OSError as exc:  # TimeoutError included: ETIMEDOUT
+                err = errno_of(exc)
             if t1 == t0:
                 t1 = time.monotonic_ns()
             if client is not None:
@@ -170,7 +170,7 @@ class UvloopChurn:
         a datagram out, optionally one back, hold, close (the port is free at once)."""
         plan = self.plan
         t0 = t1 = time.monotonic_ns()
-        err, io_err, port, address_id = errno.ECANCELED, 0, 0, 0
+        err, io_err, port, address_id = INTERRUPTED, 0, 0, 0
         sock: socket.socket | None = None
         try:
             try:
@@ -186,13 +186,10 @@ class UvloopChurn:
                             await asyncio.get_running_loop().sock_recv(sock, 65536)
                     if plan.hold:
                         await asyncio.sleep(plan.hold)
-            except TimeoutError:
-                io_err = ETIMEDOUT
             except OSError as exc:  # ECONNREFUSED: an ICMP port unreachable came back
-                if port:
-                    io_err = exc.errno or errno.EIO
-                else:
-                    err, t1 = exc.errno or errno.EIO, time.monotonic_ns()
+                err, io_err = columns(exc, connected=err == 0)
+                if err:  # connect() did not answer: no socket, or no bind
+                    t1 = time.monotonic_ns()
         finally:
             if sock is not None:
                 sock.close()
@@ -222,12 +219,15 @@ class UvloopChurn:
                     client.transport.write(plan.send)  # type: ignore[union-attr]
                 if plan.reply is not Reply.NONE:
                     await client.wait(until_eof=plan.reply is Reply.EOF)
+                    # a reset before the reply (or the EOF) waited for: as recv() raises it
+                    if client.error is not None and (plan.reply is Reply.EOF or not client.rx):
+                        return errno_of(client.error)
                     if plan.reply is Reply.DATA and client.rx == 0:
-                        return errno.ENODATA
+                        return NO_REPLY
             if plan.hold:
                 await asyncio.sleep(plan.hold)
         except TimeoutError:
-            return ETIMEDOUT
+            return TIMED_OUT
         return 0
 
     def flush(self) -> None:
