@@ -216,12 +216,20 @@ def worker(
     is_flag=True,
     help="Only remove the namespaces of labs whose eph is gone (killed), and say which.",
 )
+@click.option(
+    "--exec",
+    "command",
+    metavar="'CMD ...'",
+    help="Run your own client instead of Locust, with EPH_TARGET=host:port, and observe it"
+    " (also lab.exec in the scenario).",
+)
 @click.argument("locust_args", nargs=-1, type=click.UNPROCESSED)
 def lab(
     scenario: Path | None,
     out: Path | None,
     overrides: Sequence[str],
     cleanup: bool,
+    command: str | None,
     locust_args: Sequence[str],
 ) -> None:
     """Run SCENARIO in throwaway network namespaces with its [kernel] settings.
@@ -229,6 +237,9 @@ def lab(
     Needs root (ip netns). The namespaces, and every setting made in them, are
     gone when the run ends, however it ends; host settings are never written.
     After a SIGKILL, the next eph command removes them (or --cleanup).
+
+    With --exec, your own client runs in the lab against eph's listener (its
+    address in EPH_TARGET) and the ports it takes are observed and reported.
     """
     from harness.lab.topology import run_lab
 
@@ -237,7 +248,25 @@ def lab(
         return
     if scenario is None:
         raise click.UsageError("Missing argument 'SCENARIO'.")
-    _launch("lab", run_lab, load_scenario(scenario, overrides), out, locust_args)
+    loaded = load_scenario(scenario, overrides)
+    command = command or loaded.lab.exec
+    if command is not None:
+        if locust_args:
+            raise click.UsageError("--exec runs your client, not Locust: no Locust arguments")
+        _lab_exec(loaded, command, out)
+        return
+    _launch("lab", run_lab, loaded, out, locust_args)
+
+
+def _lab_exec(scenario: Scenario, command: str, out: Path | None) -> None:
+    """eph lab --exec: the client runs, observed; the observation's report is the run's."""
+    from harness.lab.exec import failure, run_exec
+
+    run, result = run_exec(scenario, command, out=out)
+    _report_observation(run.path)
+    error = failure(run, result)
+    if error is not None:
+        raise error
 
 
 def _cleanup_namespaces() -> None:
@@ -403,6 +432,11 @@ def _print_result(run_dir: Path, summary: Summary) -> None:
 )
 @click.option("--response", default="", help="Bytes to send to each connection.")
 @click.option("--read-request", is_flag=True, help="Answer and close after the first bytes read.")
+@click.option(
+    "--keep-alive",
+    is_flag=True,
+    help="With --read-request and --close wait: answer every request read on a connection.",
+)
 @click.option("--backlog", default=4096, show_default=True, help="listen() backlog.")
 @click.option("--udp", is_flag=True, help="Serve UDP instead: count and answer each datagram.")
 @click.option(
@@ -417,6 +451,7 @@ def listen(
     close: str,
     response: str,
     read_request: bool,
+    keep_alive: bool,
     backlog: int,
     loop_kind: str,
     udp: bool,
@@ -434,6 +469,7 @@ def listen(
         close=ListenerClose(close),
         response=response.encode(),
         read_request=read_request,
+        keep_alive=keep_alive,
         backlog=backlog,
         udp=udp,
     )
@@ -551,6 +587,7 @@ def collect(
     help="Serve Prometheus gauges here, e.g. 127.0.0.1:9465 (port 0: any free port).",
 )
 @click.option("--plain", is_flag=True, help="Plain lines even on a terminal.")
+@click.option("--no-report", is_flag=True, hidden=True, help="Samples only (eph lab --exec).")
 def observe(
     duration: float,
     interval: float,
@@ -558,6 +595,7 @@ def observe(
     out: Path | None,
     prometheus: str | None,
     plain: bool,
+    no_report: bool,
 ) -> None:
     """Watch every client path of this host: ports held per destination, and how long
     until they run out. Read-only; no load of its own.
@@ -590,7 +628,7 @@ def observe(
     click.echo(
         f"observed {observation.samples} samples, stopped by {observation.stop_reason}", err=True
     )
-    if out is not None:
+    if out is not None and not no_report:
         _report_observation(out)
 
 

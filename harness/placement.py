@@ -193,6 +193,8 @@ def _listen_command(scenario: Scenario) -> list[str]:
         args += ["--response", listener.response]
     if scenario.listener_reads_request:
         args.append("--read-request")
+        if listener.keep_alive:
+            args.append("--keep-alive")
     if scenario.load.protocol is Protocol.UDP:
         args.append("--udp")
     return args

@@ -53,7 +53,7 @@ from harness.rundir import RunDir
 from harness.scenario import Scenario, Topology
 from harness.supervisor import Stage, Supervisor
 
-__all__ = ["CLIENT_ADDRESS", "SERVER_ADDRESS", "lab_sysctls", "run_lab"]
+__all__ = ["CLIENT_ADDRESS", "SERVER_ADDRESS", "build_lab", "lab_sysctls", "run_lab"]
 
 logger = logging.getLogger(__name__)
 
@@ -95,7 +95,7 @@ def run_lab(
         return _run_here(scenario, run, lab_sysctls(scenario), progress, locust_args, on_preflight)
     with contextlib.ExitStack() as stack:
         # the supervisor closes before the namespaces go: their processes stop first
-        scenario, placement = _build(stack, scenario, run)
+        scenario, placement = build_lab(stack, scenario, run)
         return run_scenario(
             scenario,
             out=run.path,
@@ -128,7 +128,7 @@ def _needs_user_namespace(scenario: Scenario) -> bool:
     )
 
 
-def _build(
+def build_lab(
     stack: contextlib.ExitStack, scenario: Scenario, run: RunDir
 ) -> tuple[Scenario, Placement]:
     """The topology's namespaces (deleted when ``stack`` closes) with their settings, link

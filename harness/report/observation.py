@@ -82,6 +82,28 @@ class HostCounters(_Model):
     sample_ms_median: float
 
 
+class ExecRecord(_Model):
+    """``eph lab --exec``: the user's command and how it ended (``exec.json``)."""
+
+    command: list[str]
+    target: str
+    exit_code: int | None  # None: stopped by eph at the scenario's duration
+    ran_s: float
+    stopped_at_duration: bool
+    exited_at_once: bool
+    stdout: str
+    stderr: str
+
+    def verdict(self) -> str:
+        shell = self.command[:2] == ["/bin/sh", "-c"]
+        what = self.command[-1] if shell else " ".join(self.command)
+        if self.stopped_at_duration:
+            return f"`{what}` was still running after {self.ran_s:.1f} s: stopped at duration"
+        if self.exited_at_once:
+            return f"`{what}` exited with code {self.exit_code} at once ({self.ran_s:.2f} s)"
+        return f"`{what}` exited with code {self.exit_code} after {self.ran_s:.1f} s"
+
+
 class ObserveSummary(_Model):
     """``summary.json`` of an observation; ``mode`` tells it from a run's."""
 
@@ -97,6 +119,7 @@ class ObserveSummary(_Model):
     paths: list[ObservedPath]
     exhaustion: Exhaustion
     host: HostCounters
+    exec: ExecRecord | None = None  # eph lab --exec: the client that was observed
 
     @classmethod
     def read(cls, path: Path) -> ObserveSummary:
@@ -145,7 +168,16 @@ def summarize_observation(directory: Path) -> ObserveSummary:
             first_full_s=first.first_full_s if first else None,
         ),
         host=_host(host, meta["settings"].get("conntrack_max")),
+        exec=_exec(directory),
     )
+
+
+def _exec(directory: Path) -> ExecRecord | None:
+    path = directory / "exec.json"
+    if not path.exists():
+        return None
+    data = json.loads(path.read_text(encoding="utf-8"))
+    return None if "error" in data else ExecRecord.model_validate(data)
 
 
 def _labels(paths: pa.Table) -> list[str]:

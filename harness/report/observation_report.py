@@ -49,6 +49,11 @@ def _when(seconds: float) -> str:
 def observation_findings(summary: ObserveSummary) -> list[str]:
     """What happened, in plain words, the worst first."""
     found: list[str] = []
+    if summary.exec is not None:
+        found.append(
+            f"Your client, against {summary.exec.target}: {summary.exec.verdict()}"
+            f" (its output: {summary.exec.stdout}, {summary.exec.stderr})."
+        )
     ex = summary.exhaustion
     if ex.exhausted and ex.path is not None and ex.first_full_s is not None:
         path = next(p for p in summary.paths if p.label == ex.path)

@@ -135,6 +135,9 @@ class ListenerConfig(_Section):
     response: str = ""
     close: ListenerClose = ListenerClose.AUTO
     read_request: StrictBool | None = None  # None: read the request when load.send is set
+    # answer every request read on a connection, not only the first: a keep-alive
+    # server for clients that pool (with close = "wait" and read_request)
+    keep_alive: StrictBool = False
     backlog: Annotated[StrictInt, Field(ge=1, le=1 << 20)] = 4096
 
 
@@ -264,6 +267,9 @@ class LabConfig(_Section):
     # restarted as soon as bind() lets it (harness.target.service)
     service_port: Port | None = None
     service_restart: Duration = 1.0
+    # the user's own client instead of Locust (eph lab --exec): a command line, run in
+    # the client namespace with EPH_TARGET=host:port, observed (harness.lab.exec)
+    exec: str | None = None
 
     @property
     def impaired(self) -> bool:

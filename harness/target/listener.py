@@ -60,13 +60,16 @@ class ListenerStats:
 
 
 class _Connection(asyncio.Protocol):
-    __slots__ = ("_close", "_read", "_response", "_transport")
+    __slots__ = ("_again", "_close", "_read", "_response", "_transport")
 
-    def __init__(self, counter: _Counter, close: ListenerClose, response: bytes, read: bool):
+    def __init__(
+        self, counter: _Counter, close: ListenerClose, response: bytes, read: bool, again: bool
+    ) -> None:
         counter.accepted += 1
         self._close = close
         self._response = response
         self._read = read
+        self._again = again  # keep-alive: answer every request, not only the first
         self._transport: asyncio.Transport | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -78,7 +81,7 @@ class _Connection(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         if self._read and self._transport is not None:
-            self._read = False
+            self._read = self._again
             self._answer(self._transport)
 
     def eof_received(self) -> bool:
@@ -124,6 +127,7 @@ class Listener:
         close: ListenerClose = ListenerClose.WAIT,
         response: bytes = b"",
         read_request: bool = False,
+        keep_alive: bool = False,
         backlog: int = 4096,
         udp: bool = False,
     ) -> None:
@@ -133,6 +137,7 @@ class Listener:
         self._close = close
         self._response = response
         self._read = read_request
+        self._keep_alive = keep_alive and read_request and close is ListenerClose.WAIT
         self._backlog = backlog
         self._udp = udp  # datagram endpoints: each datagram counts as one accept
         self._servers: list[tuple[str, Any, _Counter]] = []  # asyncio.Server or transport
@@ -188,8 +193,8 @@ class Listener:
             self._servers.append((str(Endpoint(host, port)), server, counter))
 
     def _factory(self, counter: _Counter) -> Callable[[], _Connection]:
-        close, response, read = self._close, self._response, self._read
-        return lambda: _Connection(counter, close, response, read)
+        close, response, read, again = self._close, self._response, self._read, self._keep_alive
+        return lambda: _Connection(counter, close, response, read, again)
 
     async def drain(self, quiet: float = DRAIN_QUIET, limit: float = DRAIN_LIMIT) -> None:
         """Keep accepting until no connection arrived for ``quiet`` seconds (at most ``limit``).

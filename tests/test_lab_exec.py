@@ -1,0 +1,104 @@
+"""`eph lab --exec`: the user's own client in a lab, observed. Clients are curl and sh."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from .conftest import eph, write_scenario
+
+pytestmark = [pytest.mark.netns, pytest.mark.e2e]
+
+# an HTTP/1.1 keep-alive server on eph's listener: every request gets an answer, the
+# client closes first (TIME_WAIT on the client side); 100 ports, no reuse
+SCENARIO = r"""
+name = "exec"
+duration = "{duration}"
+
+[target]
+endpoints = ["127.0.0.1:9000"]
+
+[listener]
+response = "HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
+read_request = true
+keep_alive = true
+close = "wait"
+
+[kernel]
+ip_local_port_range = [40000, 40099]
+tcp_tw_reuse = 0
+
+[collector]
+interval = "100ms"
+"""
+
+PER_REQUEST = (
+    "bash -c 'ok=0; for i in $(seq 140); do"
+    ' curl -s -o /dev/null --max-time 2 "http://$EPH_TARGET/$i" && ok=$((ok+1)); done;'
+    " echo $ok'"
+)
+# one curl, 140 URLs: curl keeps the connection alive between them
+POOLED = (
+    "curl -s -o /dev/null --max-time 20 -w '%{http_code} %{num_connects}\\n'"
+    " \"http://${EPH_TARGET}/[1-140]\""
+)
+
+
+def _lab(tmp_path: Path, command: str, duration: str = "30s") -> tuple[int, str, Path]:
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    scenario = write_scenario(tmp_path / "exec.toml", SCENARIO.format(duration=duration))
+    out = tmp_path / "run"
+    result = eph(["lab", str(scenario), "--exec", command, "--out", str(out)], cwd=tmp_path)
+    return result.returncode, result.stderr, out
+
+
+def test_a_client_per_request_exhausts_and_a_pooled_one_does_not(tmp_path: Path) -> None:
+    code, stderr, out = _lab(tmp_path / "per-request", PER_REQUEST)
+    assert code == 0, stderr
+    assert (out / "exec.stdout").read_text().strip() == "100"  # 100 ports, then EADDRNOTAVAIL
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["mode"] == "observe"
+    assert summary["exhaustion"]["exhausted"] is True
+    assert summary["exhaustion"]["path"] == "127.0.0.1 -> 127.0.0.1:9000"
+    assert summary["paths"][0]["peak_ports"] == 100
+    assert summary["exec"]["exit_code"] == 0
+    assert "Ports exhausted on 127.0.0.1 -> 127.0.0.1:9000" in stderr
+    lab = json.loads((out / "lab.json").read_text())
+    assert lab["sysctls"]["net.ipv4.ip_local_port_range"] == "40000 40099"
+
+    code, stderr, out = _lab(tmp_path / "pooled", POOLED)
+    assert code == 0, stderr
+    transfers = (out / "exec.stdout").read_text().split("\n")[:-1]
+    assert transfers.count("200 0") == 139 and transfers[0] == "200 1"  # one connect, reused
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["exhaustion"]["exhausted"] is False
+    assert summary["paths"][0]["peak_ports"] == 1  # one connection for 140 requests
+    assert (out / "report.html").exists()
+
+
+def test_a_command_that_is_not_there_is_a_clear_error(tmp_path: Path) -> None:
+    code, stderr, out = _lab(tmp_path, "no-such-client --flag")
+    assert code == 2
+    assert "command not found: 'no-such-client'" in stderr and "Traceback" not in stderr
+    assert json.loads((out / "exec.json").read_text())["error"].startswith("command not found")
+
+
+def test_a_command_that_fails_at_once_says_so_and_keeps_the_run(tmp_path: Path) -> None:
+    code, stderr, out = _lab(tmp_path, "sh -c 'echo no target configured >&2; exit 3'")
+    assert code == 2
+    assert "exited with code 3 at once" in stderr and "no target configured" in stderr
+    assert "Traceback" not in stderr
+    recorded = json.loads((out / "exec.json").read_text())
+    assert recorded["exit_code"] == 3 and recorded["exited_at_once"] is True
+    assert (out / "summary.json").exists()  # the observation is kept
+
+
+def test_a_command_still_running_at_duration_is_stopped_and_said(tmp_path: Path) -> None:
+    code, stderr, out = _lab(tmp_path, "sleep 60", duration="2s")
+    assert code == 0, stderr
+    assert "still running" in stderr and "stopped at duration" in stderr
+    recorded = json.loads((out / "exec.json").read_text())
+    assert recorded["stopped_at_duration"] is True and recorded["exit_code"] is None
+    assert 1.9 < recorded["ran_s"] < 10
