@@ -124,6 +124,15 @@ def cli(verbose: int) -> None:
     callback=_duration,
     help="With --master: how long to wait for the workers.",
 )
+@click.option(
+    "--web",
+    "web",
+    is_flag=False,
+    flag_value="127.0.0.1:8089",
+    default=None,
+    metavar="[HOST:PORT]",
+    help="Locust's web UI during the run, with the Ports tab (127.0.0.1:8089 if no value).",
+)
 @click.argument("locust_args", nargs=-1, type=click.UNPROCESSED)
 def run(
     scenario: Path,
@@ -135,6 +144,7 @@ def run(
     master_bind_host: str,
     master_bind_port: int,
     wait_workers: float,
+    web: str | None,
     locust_args: Sequence[str],
 ) -> None:
     """Run SCENARIO on this host: listener, Locust load, collector, summary and report.
@@ -152,11 +162,19 @@ def run(
     )
     _launch(
         "run",
-        functools.partial(run_scenario, master=master),
+        functools.partial(run_scenario, master=master, web=_web_endpoint(web)),
         load_scenario(scenario, overrides, targets=targets),
         out,
         locust_args,
     )
+
+
+def _web_endpoint(web: str | None) -> Endpoint | None:
+    if web is None:
+        return None
+    endpoint = Endpoint.parse(web, allow_port_zero=False)
+    click.echo(f"Locust's web UI: http://{endpoint}/ (the Ports tab shows this host's paths)")
+    return endpoint
 
 
 @cli.command()

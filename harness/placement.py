@@ -237,8 +237,10 @@ def start_locust(
     placement: Placement,
     extra: Sequence[str] = (),
     master: Master | None = None,
+    web: Endpoint | None = None,
 ) -> Child:
-    """Locust headless on ``harness/locustfile.py``, configured through the environment.
+    """Locust on ``harness/locustfile.py``, configured through the environment: headless,
+    or with its web UI at ``web`` (the test starting at once, the Ports tab live).
 
     Stopped with SIGTERM, which Locust handles in a gevent handler; SIGINT would
     raise KeyboardInterrupt in whatever greenlet runs, mid-attempt.
@@ -255,7 +257,7 @@ def start_locust(
     with open(run.logs / "locust.out", "ab") as out:
         return supervisor.start(
             "locust",
-            [*placement.load, *locust_command(scenario, run, extra, master)],
+            [*placement.load, *locust_command(scenario, run, extra, master, web)],
             stage=Stage.LOAD,
             grace=load.connect_timeout + load.io_timeout + load.hold + STOP_GRACE,
             env=env,
@@ -265,7 +267,11 @@ def start_locust(
 
 
 def locust_command(
-    scenario: Scenario, run: RunDir, extra: Sequence[str], master: Master | None = None
+    scenario: Scenario,
+    run: RunDir,
+    extra: Sequence[str],
+    master: Master | None = None,
+    web: Endpoint | None = None,
 ) -> list[str]:
     load = scenario.load
     backstop = math.ceil(scenario.duration) + 30  # eph stops it first; this bounds a lost parent
@@ -283,7 +289,7 @@ def locust_command(
         "locust",
         "-f",
         str(LOCUSTFILE),
-        "--headless",
+        *_ui_args(web),
         "-u",
         str(load.users),
         "-r",
@@ -304,6 +310,12 @@ def locust_command(
         *spread,
         *extra,
     ]
+
+
+def _ui_args(web: Endpoint | None) -> list[str]:
+    if web is None:
+        return ["--headless"]
+    return ["--autostart", "--web-host", web.host, "--web-port", str(web.port)]
 
 
 def _processes_args(count: int) -> list[str]:

@@ -27,6 +27,7 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
+from harness.endpoints import Endpoint
 from harness.errors import RunError
 from harness.finalize import finalize
 from harness.kernel.sysctls import read_kernel
@@ -95,7 +96,10 @@ def run_scenario(
     placement: Placement = _ON_HOST,
     master: Master | None = None,
     on_preflight: Callable[[dict[str, Any]], None] | None = None,
+    web: Endpoint | None = None,
 ) -> RunResult:
+    """Run ``scenario``: its children, the load for ``duration``, then the summary and
+    report. ``web``: Locust's web UI there (the test starts at once) instead of headless."""
     run = RunDir.open(out, create=True) if out else RunDir.create(Path("reports"), scenario.name)
     if master is None:  # a master makes no connections: its workers' hosts matter
         _write_preflight(scenario, placement, run, on_preflight)
@@ -107,7 +111,9 @@ def run_scenario(
         for note in kernel_differences(scenario, kernel):
             logger.warning("%s", note)
     with _Interrupt() as interrupt:
-        outcome = _run_children(scenario, run, placement, master, locust_args, interrupt, progress)
+        outcome = _run_children(
+            scenario, run, placement, master, locust_args, interrupt, progress, web
+        )
         summary = finalize(
             run.path,
             interrupted=interrupt.set,
@@ -149,6 +155,7 @@ def _run_children(
     locust_args: Sequence[str],
     interrupt: _Interrupt,
     progress: ProgressSink | None,
+    web: Endpoint | None = None,
 ) -> _Outcome:
     """Listener, collectors, Locust: start them, wait for the load's end, stop them
     (the supervisor's order: Locust, then the collectors, then the listener)."""
@@ -160,7 +167,7 @@ def _run_children(
             scenario = scenario.with_endpoints(listener.endpoints)
         run.write_scenario(scenario)
         collectors = start_collectors(supervisor, scenario, run, placement)
-        locust = start_locust(supervisor, scenario, run, placement, locust_args, master)
+        locust = start_locust(supervisor, scenario, run, placement, locust_args, master, web)
         start_timeout = START_TIMEOUT + (master.wait if master is not None else 0.0)
         outcome.load_started = _wait_for_start(locust, run, interrupt, start_timeout)
         outcome.started_at = time.time()

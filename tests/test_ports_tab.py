@@ -104,3 +104,44 @@ def test_ports_tab_shows_live_occupancy_of_the_load_host(tmp_path: Path) -> None
                     proc.kill()
         if listener.stdout is not None:
             listener.stdout.close()
+
+
+def test_eph_run_web_serves_the_ui_with_the_ports_tab(tmp_path: Path) -> None:
+    """`eph run --web HOST:PORT`: Locust's UI during the run, the test started at once."""
+    import urllib.request
+
+    web = _free_port()
+    scenario = tmp_path / "web.toml"
+    scenario.write_text(
+        SCENARIO.format(endpoint="127.0.0.1:0").replace('duration = "60s"', 'duration = "6s"')
+        + "[listener]\n"
+    )
+    proc = subprocess.Popen(
+        [*EPH, "run", str(scenario), "--web", f"127.0.0.1:{web}", "--out", str(tmp_path / "run")],
+        cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(ROOT)},
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    seen: list[int] = []
+    try:
+        deadline = time.monotonic() + 40
+        while time.monotonic() < deadline and proc.poll() is None:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{web}/eph/ports.json") as answer:
+                    rows = json.load(answer)
+            except OSError:
+                time.sleep(0.3)
+                continue
+            seen += [row["ports"] for row in rows if row["path"].startswith("127.0.0.1 -> ")]
+            if len(seen) > 3 and max(seen) > 50:
+                break
+            time.sleep(1.1)
+        with urllib.request.urlopen(f"http://127.0.0.1:{web}/") as answer:
+            page = answer.read().decode()
+        assert '"extended_tabs": [{"key": "eph-ports", "title": "Ports"}]' in page
+    finally:
+        out, err = proc.communicate(timeout=90)
+    assert proc.returncode == 0, err[-2000:]
+    assert f"http://127.0.0.1:{web}/" in out
+    assert seen and max(seen) > 50, seen  # the run's client TIME_WAIT, seen live
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["connections"]["succeeded"] > 100
