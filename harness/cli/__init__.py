@@ -1,0 +1,39 @@
+"""The ``eph`` command line (also ``python -m harness``).
+
+One click group (``_base``) and its verbs by what they do: ``runs`` make load
+(run, worker, lab, sweep, validate), ``watch`` looks without load (listen,
+collect, observe), ``reports`` reads and plans (report, plan, preflight,
+schema). Input errors exit with code 2 and one paragraph, never a traceback.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Sequence
+
+import click
+from rich.text import Text
+
+from harness.cli import reports, runs, watch
+from harness.cli._base import cli, console
+from harness.errors import EphError
+
+__all__ = ["cli", "main"]
+
+_VERBS = (reports, runs, watch)  # importing them registers their commands on ``cli``
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    try:
+        cli.main(
+            args=list(argv) if argv is not None else None, prog_name="eph", standalone_mode=False
+        )
+    except EphError as exc:
+        # verbatim: no markup (messages quote "[listener]"), no hard wrap (copy-pastable)
+        console.print(Text.assemble(("error: ", "bold red"), str(exc)), soft_wrap=True)
+        sys.exit(2)
+    except click.exceptions.Abort:
+        sys.exit(130)
+    except click.ClickException as exc:
+        exc.show()
+        sys.exit(exc.exit_code)

@@ -1,0 +1,204 @@
+"""Verbs that look without load: listen (a target), collect, observe."""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import click
+
+from harness.cli._base import (
+    cli,
+    duration_value,
+    report_observation,
+)
+from harness.endpoints import Endpoint
+from harness.scenario import ListenerClose
+
+
+@cli.command()
+@click.option(
+    "--endpoint",
+    "endpoints",
+    multiple=True,
+    default=["127.0.0.1:9000"],
+    show_default=True,
+    metavar="HOST:PORT",
+    help="Address to serve (repeatable); port 0 picks a free port.",
+)
+@click.option(
+    "--close",
+    type=click.Choice([c.value for c in ListenerClose if c is not ListenerClose.AUTO]),
+    default="wait",
+    show_default=True,
+    help="wait: for the client to close; first: close right after accept (or the"
+    " request); reset: RST (SO_LINGER 0).",
+)
+@click.option("--response", default="", help="Bytes to send to each connection.")
+@click.option("--read-request", is_flag=True, help="Answer and close after the first bytes read.")
+@click.option(
+    "--keep-alive",
+    is_flag=True,
+    help="With --read-request and --close wait: answer every request read on a connection.",
+)
+@click.option("--backlog", default=4096, show_default=True, help="listen() backlog.")
+@click.option("--udp", is_flag=True, help="Serve UDP instead: count and answer each datagram.")
+@click.option(
+    "--loop",
+    "loop_kind",
+    type=click.Choice(["uvloop", "asyncio"]),
+    default="uvloop",
+    show_default=True,
+)
+def listen(
+    endpoints: Sequence[str],
+    close: str,
+    response: str,
+    read_request: bool,
+    keep_alive: bool,
+    backlog: int,
+    loop_kind: str,
+    udp: bool,
+) -> None:
+    """Serve the target endpoints until SIGINT/SIGTERM; print counts as JSON at exit.
+
+    With --udp, UDP endpoints instead: each datagram is counted and answered with
+    --response, or echoed.
+    """
+    from harness.target.listener import Listener, run_listener
+
+    parsed = [Endpoint.parse(e) for e in endpoints]
+    listener = Listener(
+        parsed,
+        close=ListenerClose(close),
+        response=response.encode(),
+        read_request=read_request,
+        keep_alive=keep_alive,
+        backlog=backlog,
+        udp=udp,
+    )
+    run_listener(listener, loop_kind=loop_kind)
+
+
+@cli.command()
+@click.option("--once", is_flag=True, help="Print one sample as JSON and exit.")
+@click.option("--out", type=click.Path(path_type=Path), help="Directory for samples.parquet.")
+@click.option(
+    "--duration",
+    default="10m",
+    show_default=True,
+    callback=duration_value,
+    help="Stop after this long.",
+)
+@click.option(
+    "--interval",
+    default="100ms",
+    show_default=True,
+    callback=duration_value,
+    help="Time between samples.",
+)
+@click.option(
+    "--target",
+    "targets",
+    multiple=True,
+    metavar="HOST:PORT",
+    help="Count sockets to and at this endpoint too (repeatable).",
+)
+@click.option("--udp", is_flag=True, help="Count connected UDP sockets toward the targets.")
+def collect(
+    once: bool,
+    out: Path | None,
+    duration: float,
+    interval: float,
+    targets: Sequence[str],
+    udp: bool,
+) -> None:
+    """Sample the kernel's TCP sockets and counters (any host, no load needed).
+
+    On the staging server, `--target 0.0.0.0:443` is wrong: name the address the
+    server accepts on, e.g. `--target 10.0.0.5:443`, to see its TIME_WAIT.
+    """
+
+    from harness.observe.collector import Collector, run_collector
+
+    resolved = [Endpoint.parse(t, allow_port_zero=False).resolve() for t in targets]
+    if once:
+        click.echo(json.dumps(Collector(resolved, udp=udp).sample().to_json(), indent=2))
+        return
+    if out is None:
+        raise click.UsageError("give --out DIR (or --once)")
+    count = run_collector(out, resolved, interval=interval, duration=duration, udp=udp)
+    click.echo(f"{count} samples in {out / 'samples.parquet'}")
+
+
+@cli.command()
+@click.option(
+    "--duration",
+    callback=duration_value,
+    default="10m",
+    show_default=True,
+    help="Stop after this long (Ctrl-C stops sooner; what was seen is kept).",
+)
+@click.option(
+    "--interval", callback=duration_value, default="1s", show_default=True, help="One sample per."
+)
+@click.option(
+    "--top",
+    type=click.IntRange(1, 1000),
+    default=20,
+    show_default=True,
+    help="Paths kept a sample.",
+)
+@click.option("--out", type=click.Path(path_type=Path), help="Write samples here (a directory).")
+@click.option(
+    "--prometheus",
+    metavar="HOST:PORT",
+    help="Serve Prometheus gauges here, e.g. 127.0.0.1:9465 (port 0: any free port).",
+)
+@click.option("--plain", is_flag=True, help="Plain lines even on a terminal.")
+@click.option("--no-report", is_flag=True, hidden=True, help="Samples only (eph lab --exec).")
+def observe(
+    duration: float,
+    interval: float,
+    top: int,
+    out: Path | None,
+    prometheus: str | None,
+    plain: bool,
+    no_report: bool,
+) -> None:
+    """Watch every client path of this host: ports held per destination, and how long
+    until they run out. Read-only; no load of its own.
+
+    A path is local address -> remote address:port: the kernel hands each one the
+    whole ephemeral range. On a terminal the view refreshes every second; otherwise
+    a few plain lines every 5 s.
+    """
+    from harness.observe.session import Observation
+    from harness.observe.views import PlainView, TerminalView
+
+    views: list[Any] = []
+    if prometheus is not None:
+        from harness.observe.prometheus import PrometheusView
+
+        endpoint = Endpoint.parse(prometheus, allow_port_zero=True)
+        try:
+            server = PrometheusView(endpoint.host, endpoint.port)
+        except OSError as exc:
+            raise click.UsageError(f"--prometheus {prometheus}: {exc.strerror or exc}") from None
+        host, port = server.address
+        click.echo(f"Prometheus metrics at http://{host}:{port}/metrics", err=True)
+        views.append(server)
+    terminal = sys.stdout.isatty() and not plain
+    views.append(TerminalView(rows=top) if terminal else PlainView())
+    observation = Observation(
+        duration_s=duration, interval_s=interval, top=top, out=out, views=views
+    )
+    observation.run()
+    click.echo(
+        f"observed {observation.samples} samples, stopped by {observation.stop_reason}", err=True
+    )
+    if out is not None and not no_report:
+        report_observation(out)
