@@ -7,9 +7,7 @@ skipping it.
 
 from __future__ import annotations
 
-import os
 import re
-import shutil
 import subprocess
 from pathlib import Path
 
@@ -17,18 +15,10 @@ import numpy as np
 import pytest
 from matplotlib import image
 
+from .browser import chromium
 from .conftest import ROOT, eph
 
 pytestmark = [pytest.mark.netns, pytest.mark.e2e]
-
-
-def _chromium() -> str:
-    found = shutil.which("chromium") or shutil.which("chromium-browser")
-    if found is None:
-        if os.environ.get("EPH_REQUIRE_BROWSER") == "1":
-            pytest.fail("chromium is missing: `make system-deps` installs it")
-        pytest.skip("chromium is not installed (make system-deps)")
-    return found
 
 
 def _headless(browser: str, *args: str) -> subprocess.CompletedProcess[str]:
@@ -42,7 +32,7 @@ def _headless(browser: str, *args: str) -> subprocess.CompletedProcess[str]:
 
 
 def test_every_figure_loads_and_the_page_is_not_blank(tmp_path: Path) -> None:
-    browser = _chromium()
+    browser = chromium()
     out = tmp_path / "run"
     result = eph(
         [
