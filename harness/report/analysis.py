@@ -13,12 +13,22 @@ import numpy as np
 import pyarrow as pa
 
 from harness.capacity.model import CapacityModel
+from harness.report.cliff import CliffInput, detect_cliff
 from harness.report.columns import quantiles
 from harness.report.hosts import HostSamples, host_sections
-from harness.report.model import Capacity, Kernel, Occupancy, Summary, TimeWait
+from harness.report.model import (
+    Capacity,
+    Kernel,
+    LatencyCliff,
+    Occupancy,
+    Summary,
+    TimeWait,
+)
 from harness.report.occupancy import (
     Peaks,
+    counter_delta,
     latency_by_occupancy,
+    occupancy_at_start,
     peaks,
     samples_info,
     scope_series,
@@ -26,7 +36,7 @@ from harness.report.occupancy import (
 from harness.report.tuples import TupleAudit, audit_tuples, port_allocation, sustained_rate
 from harness.scenario import ClosePolicy, Protocol, Scenario
 
-__all__ = ["analyze", "capacity_model"]
+__all__ = ["analyze", "capacity_model", "latency_cliff"]
 
 
 def analyze(
@@ -59,7 +69,31 @@ def analyze(
             peak_fraction=round(found.in_use / model.ports, 4) if model.ports else None,
             connect_ms_by_occupancy=latency_by_occupancy(table, samples, model.ports),
         )
+        result.latency_cliff = latency_cliff(table, samples, model.ports, summary)
+    if samples is not None and samples.num_rows and "timewait_overflow" in samples.column_names:
+        result.time_wait.kernel_timewait_overflow = counter_delta(samples, "timewait_overflow")
     return result
+
+
+def latency_cliff(
+    table: pa.Table, samples: pa.Table, usable: int, summary: Summary
+) -> LatencyCliff | None:
+    """Connect latency against occupancy: where it steps up (``harness.report.cliff``)."""
+    occupancy = occupancy_at_start(table, samples, usable)
+    if occupancy is None:
+        return None
+    ok = table.column("errno").to_numpy() == 0
+    start = table.column("start_ns").to_numpy()
+    start_s = (start - start.min()) / 1e9
+    exhausted = summary.exhaustion.first_failure_s
+    return detect_cliff(
+        CliffInput(
+            occupancy=occupancy,
+            connect_ms=table.column("connect_us").to_numpy()[ok] / 1000.0,
+            start_s=start_s[ok],
+            end_s=float(exhausted if exhausted is not None else start_s.max()),
+        )
+    )
 
 
 def _time_wait(audit: TupleAudit, found: Peaks | None, server_samples: pa.Table | None) -> TimeWait:

@@ -88,6 +88,7 @@ def recommendations(summary: Summary, scenario: Scenario) -> list[str]:
 def findings(summary: Summary) -> list[str]:
     """The run in plain words."""
     return [
+        *_cliff_findings(summary),
         *_outcome_findings(summary),
         *_outage_findings(summary),
         *_service_findings(summary.service),
@@ -115,12 +116,53 @@ def _outcome_findings(summary: Summary) -> list[str]:
                 + (f", {tw_peak} of them in TIME_WAIT" if tw_peak is not None else "")
             )
         out.append(text + ".")
-    elif conns.failed == 0:
+    elif conns.failed == 0 and not _slowed(summary):
         out.append(f"No failures: {conns.succeeded} connections succeeded.")
+    elif conns.failed == 0:
+        out.append(
+            f"No connect failed ({conns.succeeded} succeeded), but connects slowed down:"
+            " see the first finding."
+        )
     if conns.errors:
         text = ", ".join(f"{k} {v}" for k, v in sorted(conns.errors.items()))
         out.append(f"Failed connects: {text}.")
     return out
+
+
+def _slowed(summary: Summary) -> bool:
+    cliff = summary.latency_cliff
+    return cliff is not None and cliff.detected
+
+
+def _cliff_findings(summary: Summary) -> list[str]:
+    """The warning before the errors: connect latency stepped up as the range filled."""
+    cliff = summary.latency_cliff
+    if cliff is None or not cliff.detected:
+        return []
+    onset = cliff.onset_occupancy or 0.0
+    half = (
+        " (the even half: connect() now scans it before each odd port)"
+        if 0.45 <= onset <= 0.55
+        else ""
+    )
+    text = (
+        f"Connects slowed down {cliff.ratio or 0:,.0f}x once {onset:.0%} of the usable ports"
+        f" were held{half}, at {cliff.onset_s or 0:.3g} s: connect p50 {cliff.before_p50_ms} ms"
+        f" -> {cliff.after_p50_ms} ms, p99 {cliff.before_p99_ms} -> {cliff.after_p99_ms} ms"
+    )
+    if cliff.rate_before_per_s and cliff.rate_after_per_s is not None:
+        text += (
+            f"; successful connections per second fell from {cliff.rate_before_per_s:,.0f}"
+            f" to {cliff.rate_after_per_s:,.0f}"
+        )
+    soft = summary.capacity.model_soft_rate_per_s
+    if soft:
+        text += f". The model's soft limit here: {soft:,.0f}/s fills the even half"
+    return [
+        text + ". This is the warning before EADDRNOTAVAIL: a random IP_LOCAL_PORT_RANGE"
+        " window per socket (load.socket_port_window), TIME_WAIT reuse, a wider range or"
+        " more destinations keep connect() fast."
+    ]
 
 
 def _outage_findings(summary: Summary) -> list[str]:
@@ -234,6 +276,14 @@ def _stop_findings(summary: Summary) -> list[str]:
 def _kernel_findings(summary: Summary) -> list[str]:
     """What the tuple audit, the TIME_WAIT reuse count and the capacity model say."""
     out = []
+    overflow = summary.time_wait.kernel_timewait_overflow if summary.time_wait else None
+    if overflow:
+        out.append(
+            f"TIME_WAIT overflow: {overflow:,} closes skipped TIME_WAIT because"
+            f" net.ipv4.tcp_max_tw_buckets ({summary.kernel.tcp_max_tw_buckets}) was reached:"
+            " their ports came back at once, without TIME_WAIT's protection against stray"
+            " segments of the old connection."
+        )
     tuples = summary.tuples
     if tuples is not None and tuples.distinct:
         if tuples.concurrent_duplicates:
