@@ -27,7 +27,7 @@ def _fill(
     connect_ms = base * rng.lognormal(0.0, noise, n)
     gaps = np.where(slow, 1 / (slow_rate or fast_rate * before_ms / after_ms), 1 / fast_rate)
     start_s = np.concatenate(([0.0], np.cumsum(gaps[:-1])))
-    return CliffInput(occupancy, connect_ms, start_s, float(start_s[-1]))
+    return CliffInput(occupancy, connect_ms, start_s, np.zeros(0))
 
 
 def test_a_sharp_step_at_the_even_half_is_found_with_its_ratio_and_rates() -> None:
@@ -58,7 +58,7 @@ def test_a_short_spike_is_not_sustained() -> None:
     data = _fill(after_ms=0.01)
     spike = (data.occupancy >= 0.3) & (data.occupancy < 0.33)
     slowed = np.where(spike, data.connect_ms * 100, data.connect_ms)
-    cliff = detect_cliff(CliffInput(data.occupancy, slowed, data.start_s, data.end_s))
+    cliff = detect_cliff(CliffInput(data.occupancy, slowed, data.start_s, data.failures_s))
     assert not cliff.detected
 
 
@@ -75,12 +75,19 @@ def test_noisy_latency_still_finds_the_onset() -> None:
 def test_occupancy_that_never_reaches_the_step_has_no_cliff() -> None:
     data = _fill()
     low = data.occupancy < 0.5
-    kept = CliffInput(
-        data.occupancy[low], data.connect_ms[low], data.start_s[low], float(data.start_s[low][-1])
-    )
+    kept = CliffInput(data.occupancy[low], data.connect_ms[low], data.start_s[low], np.zeros(0))
     assert not detect_cliff(kept).detected
 
 
 def test_empty_input() -> None:
     empty = np.zeros(0)
-    assert not detect_cliff(CliffInput(empty, empty, empty, 0.0)).detected
+    assert not detect_cliff(CliffInput(empty, empty, empty, empty)).detected
+
+
+def test_the_rate_after_ends_at_the_next_failure_for_want_of_a_port() -> None:
+    data = _fill(slow_rate=1_000.0)
+    onset_s = 10_000 / 50_000
+    failures = np.array([0.01, onset_s + 2.0])  # one before the onset: not the end
+    cliff = detect_cliff(CliffInput(data.occupancy, data.connect_ms, data.start_s, failures))
+    assert cliff.rate_after_per_s == pytest.approx(1_000, rel=0.01)
+    assert cliff.onset_s == pytest.approx(onset_s, rel=0.01)

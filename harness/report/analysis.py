@@ -33,6 +33,7 @@ from harness.report.occupancy import (
     samples_info,
     scope_series,
 )
+from harness.report.summary import EXHAUSTION_ERRNOS
 from harness.report.tuples import TupleAudit, audit_tuples, port_allocation, sustained_rate
 from harness.scenario import ClosePolicy, Protocol, Scenario
 
@@ -69,15 +70,13 @@ def analyze(
             peak_fraction=round(found.in_use / model.ports, 4) if model.ports else None,
             connect_ms_by_occupancy=latency_by_occupancy(table, samples, model.ports),
         )
-        result.latency_cliff = latency_cliff(table, samples, model.ports, summary)
+        result.latency_cliff = latency_cliff(table, samples, model.ports)
     if samples is not None and samples.num_rows and "timewait_overflow" in samples.column_names:
         result.time_wait.kernel_timewait_overflow = counter_delta(samples, "timewait_overflow")
     return result
 
 
-def latency_cliff(
-    table: pa.Table, samples: pa.Table, usable: int, summary: Summary
-) -> LatencyCliff | None:
+def latency_cliff(table: pa.Table, samples: pa.Table, usable: int) -> LatencyCliff | None:
     """Connect latency against occupancy: where it steps up (``harness.report.cliff``)."""
     occupancy = occupancy_at_start(table, samples, usable)
     if occupancy is None:
@@ -85,13 +84,13 @@ def latency_cliff(
     ok = table.column("errno").to_numpy() == 0
     start = table.column("start_ns").to_numpy()
     start_s = (start - start.min()) / 1e9
-    exhausted = summary.exhaustion.first_failure_s
+    out_of_ports = np.isin(table.column("errno").to_numpy(), EXHAUSTION_ERRNOS)
     return detect_cliff(
         CliffInput(
             occupancy=occupancy,
             connect_ms=table.column("connect_us").to_numpy()[ok] / 1000.0,
             start_s=start_s[ok],
-            end_s=float(exhausted if exhausted is not None else start_s.max()),
+            failures_s=np.sort(start_s[out_of_ports]),
         )
     )
 

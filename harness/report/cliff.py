@@ -15,7 +15,7 @@ latency against the share of usable ports in use when each began:
    :data:`MIN_BEFORE` connections below it and :data:`MIN_AFTER` from it on.
 3. Before and after are the connections below and from the onset's occupancy:
    their p50, p99 and the p50 ratio, and the success rate in time before the
-   first connection past the onset against the rate from then to the first
+   first connection past the onset against the rate from then to the next
    failure for want of a port (or the last record).
 
 Everything is vectorised: one sort, one bincount; only the ~100 bins are looped.
@@ -55,7 +55,7 @@ class CliffInput:
     occupancy: np.ndarray  # share of the usable ports in use when each began
     connect_ms: np.ndarray
     start_s: np.ndarray  # seconds from the first attempt
-    end_s: float  # where the "after" window ends: first exhaustion failure, or last start
+    failures_s: np.ndarray  # starts of the attempts that failed for want of a port, sorted
 
 
 def _bin_medians(bins: np.ndarray, values: np.ndarray, count: int) -> tuple[np.ndarray, np.ndarray]:
@@ -108,8 +108,11 @@ def detect_cliff(data: CliffInput) -> LatencyCliff:
     before_ms, after_ms = data.connect_ms[~after], data.connect_ms[after]
     onset_s = float(data.start_s[after].min())
     first_s = float(data.start_s.min())
+    # after: to the first failure for want of a port past the onset, or the last start
+    later = data.failures_s[data.failures_s >= onset_s]
+    end_s = float(later[0]) if len(later) else float(data.start_s.max())
     in_before = int((data.start_s < onset_s).sum())
-    in_after = int(((data.start_s >= onset_s) & (data.start_s <= data.end_s)).sum())
+    in_after = int(((data.start_s >= onset_s) & (data.start_s < end_s)).sum())
     before_p50 = _ms(before_ms, 50)
     after_p50 = _ms(after_ms, 50)
     return LatencyCliff(
@@ -122,5 +125,5 @@ def detect_cliff(data: CliffInput) -> LatencyCliff:
         after_p99_ms=_ms(after_ms, 99),
         ratio=round(after_p50 / before_p50, 1) if before_p50 > 0 else None,
         rate_before_per_s=_rate(in_before, onset_s - first_s),
-        rate_after_per_s=_rate(in_after, data.end_s - onset_s),
+        rate_after_per_s=_rate(in_after, end_s - onset_s),
     )
