@@ -144,6 +144,8 @@ def capacity_model(
         sources=len(scenario.load.source_addresses) or 1,
         lifetime_s=lifetime_s,
         hosts=hosts,
+        tw_buckets=kernel.tcp_max_tw_buckets,
+        window=scenario.load.socket_port_window,
     )
 
 
@@ -172,6 +174,9 @@ def _capacity(model: CapacityModel | None, summary: Summary, paced_rate: float =
     result.model_hold_s = model.hold_s
     result.model_lifetime_s = round(model.lifetime_s, 6)
     result.model_reuse = model.reuse
+    soft = model.soft_rate_per_s
+    result.model_soft_rate_per_s = round(soft, 2) if soft is not None else None
+    result.model_tw_buckets = model.tw_buckets
     result.offered_rate_per_s = round(offered, 1) if offered else None
     result.offered_rate_source = "scenario" if paced else "measured"
     if offered:

@@ -63,7 +63,7 @@ def recommendations(summary: Summary, scenario: Scenario) -> list[str]:
     plan = make_plan(inputs)
     if plan.meets_goal and not summary.exhaustion.exhausted:
         if plan.max_rate_per_s is None or plan.headroom is None:
-            return [f"No port limit at {inputs.rate:,.0f}/s: nothing to change."]
+            return [f"No client-side port limit at {inputs.rate:,.0f}/s: nothing to change."]
         return [
             f"The setup sustains {plan.max_rate_per_s:,.0f}/s, {plan.headroom:+.0%} over the"
             f" {inputs.rate:,.0f}/s offered: nothing to change for this load."
@@ -75,7 +75,7 @@ def recommendations(summary: Summary, scenario: Scenario) -> list[str]:
     for lever in plan.levers:
         if lever.reaches_goal:
             rate = (
-                "no port limit"
+                "no client-side port limit"
                 if lever.max_rate_per_s is None
                 else f"{lever.max_rate_per_s:,.0f}/s"
             )
