@@ -172,7 +172,7 @@ def latency_vs_occupancy(data: RunData) -> Figure:
     ax.set_xlim(0, 100)
     ax.set_xlabel("ports of the range in use when the connect began (%)")
     ax.set_ylabel("connect latency (ms)")
-    ax.set_title("Connect latency against range occupancy (a full range makes connect() search)")
+    ax.set_title("Connect latency against range occupancy (a held even half makes connect() scan)")
     ax.grid(alpha=0.3, which="both")
     legend(ax, loc="upper left", fontsize="small", ncol=2)
     return fig
