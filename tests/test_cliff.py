@@ -91,3 +91,17 @@ def test_the_rate_after_ends_at_the_next_failure_for_want_of_a_port() -> None:
     cliff = detect_cliff(CliffInput(data.occupancy, data.connect_ms, data.start_s, failures))
     assert cliff.rate_after_per_s == pytest.approx(1_000, rel=0.01)
     assert cliff.onset_s == pytest.approx(onset_s, rel=0.01)
+
+
+def test_a_random_port_window_is_aligned_and_inside_the_range() -> None:
+    from harness.load.churn import PortWindow
+
+    window = PortWindow.over(40000, 55999, 64)
+    assert window.count == 250
+    picks = {window.pick() for _ in range(2000)}
+    lows = np.array([value & 0xFFFF for value in picks])
+    highs = np.array([value >> 16 for value in picks])
+    assert ((lows - 40000) % 64 == 0).all() and (highs - lows == 63).all()
+    assert lows.min() >= 40000 and highs.max() <= 55999
+    assert len(picks) > 200  # spread over the windows
+    assert PortWindow.over(40000, 40009, 64) == PortWindow(40000, 10, 1)  # narrower range
