@@ -348,6 +348,11 @@ def _latency(summary: Summary, which: str) -> float | None:
     return None if found is None else float(getattr(found, which))
 
 
+def _cliff(summary: Summary, which: str) -> object:
+    cliff = summary.latency_cliff
+    return getattr(cliff, which) if cliff is not None and cliff.detected else None
+
+
 # what the comparison table shows: label, the value in a summary
 COMPARED: list[tuple[str, Callable[[Summary], object]]] = [
     ("scenario", lambda s: s.scenario),
@@ -363,6 +368,9 @@ COMPARED: list[tuple[str, Callable[[Summary], object]]] = [
     ("model ceiling (/s)", lambda s: s.capacity.model_max_rate_per_s),
     ("TIME_WAIT peak", lambda s: s.time_wait.peak if s.time_wait else None),
     ("reused out of TIME_WAIT", lambda s: s.time_wait.reused_connections if s.time_wait else None),
+    ("slow connects from occupancy", lambda s: _cliff(s, "onset_occupancy")),
+    ("slow connects: p50 ratio", lambda s: _cliff(s, "ratio")),
+    ("soft limit (/s)", lambda s: s.capacity.model_soft_rate_per_s),
     ("connect p50 (ms)", lambda s: _latency(s, "p50")),
     ("connect p99 (ms)", lambda s: _latency(s, "p99")),
 ]
