@@ -84,13 +84,22 @@ def test_empty_input() -> None:
     assert not detect_cliff(CliffInput(empty, empty, empty, empty)).detected
 
 
-def test_the_rate_after_ends_at_the_next_failure_for_want_of_a_port() -> None:
+def test_the_rate_after_ends_at_the_first_failure_for_want_of_a_port() -> None:
     data = _fill(slow_rate=1_000.0)
     onset_s = 10_000 / 50_000
-    failures = np.array([0.01, onset_s + 2.0])  # one before the onset: not the end
+    failures = np.array([onset_s + 2.0, onset_s + 2.001])
     cliff = detect_cliff(CliffInput(data.occupancy, data.connect_ms, data.start_s, failures))
     assert cliff.rate_after_per_s == pytest.approx(1_000, rel=0.01)
     assert cliff.onset_s == pytest.approx(onset_s, rel=0.01)
+
+
+def test_failures_before_the_onset_leave_the_rate_after_over_the_rest() -> None:
+    """A range already failing (full windows): the rate after runs to the last start,
+    not to the next failure a few microseconds on."""
+    data = _fill(slow_rate=1_000.0)
+    failures = np.array([0.01, 10_000 / 50_000 + 0.0001])
+    cliff = detect_cliff(CliffInput(data.occupancy, data.connect_ms, data.start_s, failures))
+    assert cliff.rate_after_per_s == pytest.approx(1_000, rel=0.01)
 
 
 def test_a_random_port_window_is_aligned_and_inside_the_range() -> None:

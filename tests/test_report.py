@@ -186,7 +186,7 @@ def test_a_cliff_is_the_first_finding_and_no_run_that_slowed_reads_no_failures()
     assert "the even half" in found[0]
     assert "p50 0.009 ms -> 0.907 ms, p99 0.038 -> 5.24 ms" in found[0]
     assert "fell from 48,742 to 877" in found[0]
-    assert "soft limit here: 133/s" in found[0]
+    assert "soft limit here: above 133/s the even half fills" in found[0]
     assert not any(text.startswith("No failures") for text in found)
     assert "but connects slowed down" in found[1]
 

@@ -15,8 +15,9 @@ latency against the share of usable ports in use when each began:
    :data:`MIN_BEFORE` connections below it and :data:`MIN_AFTER` from it on.
 3. Before and after are the connections below and from the onset's occupancy:
    their p50, p99 and the p50 ratio, and the success rate in time before the
-   first connection past the onset against the rate from then to the next
-   failure for want of a port (or the last record).
+   first connection past the onset against the rate from then to the first
+   failure for want of a port (or to the last record, when there is none or
+   connects were failing already before the onset).
 
 Everything is vectorised: one sort, one bincount; only the ~100 bins are looped.
 """
@@ -108,9 +109,11 @@ def detect_cliff(data: CliffInput) -> LatencyCliff:
     before_ms, after_ms = data.connect_ms[~after], data.connect_ms[after]
     onset_s = float(data.start_s[after].min())
     first_s = float(data.start_s.min())
-    # after: to the first failure for want of a port past the onset, or the last start
-    later = data.failures_s[data.failures_s >= onset_s]
-    end_s = float(later[0]) if len(later) else float(data.start_s.max())
+    # after: to the first failure for want of a port, or the last start when there is
+    # none or connects were failing already (then the rate is the failing range's)
+    failures = data.failures_s
+    ahead = len(failures) and failures[0] >= onset_s
+    end_s = float(failures[0]) if ahead else float(data.start_s.max())
     in_before = int((data.start_s < onset_s).sum())
     in_after = int(((data.start_s >= onset_s) & (data.start_s < end_s)).sum())
     before_p50 = _ms(before_ms, 50)

@@ -139,25 +139,27 @@ def _cliff_findings(summary: Summary) -> list[str]:
     cliff = summary.latency_cliff
     if cliff is None or not cliff.detected:
         return []
-    onset = cliff.onset_occupancy or 0.0
-    half = (
-        " (the even half: connect() now scans it before each odd port)"
-        if 0.45 <= onset <= 0.55
-        else ""
-    )
+    onset, ratio = cliff.onset_occupancy or 0.0, cliff.ratio or 0.0
+    parity = 0.45 <= onset <= 0.55  # the low-parity half held: the scan before each port
     text = (
-        f"Connects slowed down {cliff.ratio or 0:,.0f}x once {onset:.0%} of the usable ports"
-        f" were held{half}, at {cliff.onset_s or 0:.3g} s: connect p50 {cliff.before_p50_ms} ms"
+        f"Connects slowed down {ratio:,.0f}x"
+        if ratio >= 10
+        else f"Connects slowed down {ratio:.1f}x"
+    ) + (
+        f" once {onset:.0%} of the usable ports were held"
+        + (" (the even half: connect() now scans it before each odd port)" if parity else "")
+        + f", at {cliff.onset_s or 0:.3g} s: connect p50 {cliff.before_p50_ms} ms"
         f" -> {cliff.after_p50_ms} ms, p99 {cliff.before_p99_ms} -> {cliff.after_p99_ms} ms"
     )
-    if cliff.rate_before_per_s and cliff.rate_after_per_s is not None:
-        text += (
-            f"; successful connections per second fell from {cliff.rate_before_per_s:,.0f}"
-            f" to {cliff.rate_after_per_s:,.0f}"
-        )
+    before, after = cliff.rate_before_per_s, cliff.rate_after_per_s
+    if before and after is not None:
+        went = "fell" if after < before else "went"
+        text += f"; successful connections per second {went} from {before:,.0f} to {after:,.0f}"
     soft = summary.capacity.model_soft_rate_per_s
-    if soft:
-        text += f". The model's soft limit here: {soft:,.0f}/s fills the even half"
+    if parity and soft:
+        text += f". The model's soft limit here: above {soft:,.0f}/s the even half fills"
+    if not parity:
+        return [text + ". connect() searches a nearly full range: the ports are about to run out."]
     return [
         text + ". This is the warning before EADDRNOTAVAIL: a random IP_LOCAL_PORT_RANGE"
         " window per socket (load.socket_port_window), TIME_WAIT reuse, a wider range or"
