@@ -201,3 +201,30 @@ def test_peaks_read_the_targets_scopes_and_the_kernels_counter() -> None:
     assert found.tw_recycled == 7
     only_all = samples.filter(pa.array([s == "all" for s in scopes]))
     assert scope_series(only_all, ("time_wait",))[1].tolist() == [500, 900]
+
+
+def test_the_latency_cliff_reads_occupancy_from_the_samples() -> None:
+    """2,000 client-closed connections 1 ms apart over 2,000 ports: even ports first at
+    10 us, then odd ones at 900 us; the collector sees one more port held per ms."""
+    from harness.report.analysis import latency_cliff
+    from harness.report.occupancy import IN_USE
+
+    n, ms = 2000, 1_000_000
+    ports = [40000 + 2 * i for i in range(n // 2)] + [40001 + 2 * i for i in range(n // 2)]
+    table = _table([(i * ms, 100, ports[i], 0) for i in range(n)])
+    connect_us = pa.array([10] * (n // 2) + [900] * (n // 2), pa.uint32())
+    table = table.set_column(table.schema.get_field_index("connect_us"), "connect_us", connect_us)
+    times = np.arange(0, n + 1, 20) * ms  # a sample every 20 ms
+    columns: dict[str, pa.Array] = {
+        "t_ns": pa.array(times, pa.int64()),
+        "scope": pa.array(["to 127.0.0.1:9000"] * len(times), pa.string()),
+    }
+    for state in IN_USE:
+        held = times // ms if state == "time_wait" else np.zeros(len(times), np.int64)
+        columns[state] = pa.array(held, pa.int64())
+    cliff = latency_cliff(table, pa.table(columns), usable=n)
+    assert cliff is not None and cliff.detected
+    assert cliff.onset_occupancy == pytest.approx(0.5, abs=0.01)
+    assert (cliff.before_p50_ms, cliff.after_p50_ms, cliff.ratio) == (0.01, 0.9, 90.0)
+    assert cliff.onset_s == pytest.approx(1.0, abs=0.01)
+    assert cliff.rate_before_per_s == pytest.approx(1000, rel=0.01)

@@ -14,7 +14,7 @@ from harness.endpoints import ResolvedEndpoint
 from harness.errors import RunDirError, SummaryError
 from harness.finalize import finalize, load_run, rerender
 from harness.records import RecordWriter
-from harness.report.model import Summary
+from harness.report.model import SCHEMA_VERSION, Summary
 from harness.rundir import RunDir
 from harness.scenario import parse_scenario
 
@@ -96,25 +96,26 @@ def test_truncated_summary_is_recomputed(tmp_path: Path) -> None:
     assert again.exhaustion.succeeded_before_first_failure == 100
 
 
-def test_a_version_1_summary_is_written_again_as_version_2(tmp_path: Path) -> None:
+def test_a_version_1_summary_is_written_again_as_the_current_version(tmp_path: Path) -> None:
     """v1 had the same keys: what only the run knew survives `eph report`."""
     path = _run_dir(tmp_path)
     first = json.loads((path / "summary.json").read_text())
     old = {**first, "schema_version": 1}
     (path / "summary.json").write_text(json.dumps(old))
-    with pytest.raises(SummaryError, match=r"key 'schema_version'.*\(got 1, expected 2\)"):
+    expected = rf"key 'schema_version'.*\(got 1, expected {SCHEMA_VERSION}\)"
+    with pytest.raises(SummaryError, match=expected):
         Summary.load(path / "summary.json")
     again = rerender(path)
-    assert again.schema_version == 2
+    assert again.schema_version == SCHEMA_VERSION
     assert again.to_json() == first
-    assert json.loads((path / "summary.json").read_text())["schema_version"] == 2
+    assert json.loads((path / "summary.json").read_text())["schema_version"] == SCHEMA_VERSION
 
 
 def test_compare_writes_an_old_summary_again(tmp_path: Path) -> None:
     path = _run_dir(tmp_path)
     data = json.loads((path / "summary.json").read_text())
     (path / "summary.json").write_text(json.dumps({**data, "schema_version": 1}))
-    assert load_run(path).summary.schema_version == 2
+    assert load_run(path).summary.schema_version == SCHEMA_VERSION
 
 
 @pytest.mark.parametrize(

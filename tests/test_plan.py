@@ -140,3 +140,75 @@ def test_from_run_without_an_offered_rate_uses_the_measured_one() -> None:
     scenario = parse_scenario('name = "r"\n[target]\nendpoints = ["10.0.0.1:80"]\n')
     inputs, _ = from_run(exhausted_summary(), scenario)
     assert inputs.rate == 200.0 and not inputs.loopback
+
+
+def test_the_soft_limit_is_where_the_even_half_fills() -> None:
+    """(ports / 2) / (lifetime + hold): 235/s for the default range without reuse."""
+    plan = make_plan(replace(DEFAULT, rate=300.0))
+    assert plan.meets_goal and plan.slows_down
+    assert plan.soft_rate_per_s == pytest.approx(28232 / 2 / 60, abs=0.1)
+    assert plan.time_to_slow_s == pytest.approx(14116 / 300, abs=1e-3)
+    text = render_text(plan)
+    assert "soft limit: 235/s  = 14,116 ports (the even half)" in text
+    assert "but connects slow down after 47.0533 s" in text
+    assert not make_plan(replace(DEFAULT, rate=200.0)).slows_down
+
+
+def test_a_random_window_per_socket_has_no_soft_limit_and_is_a_lever() -> None:
+    plan = make_plan(replace(DEFAULT, rate=300.0))
+    window = next(lever for lever in plan.levers if lever.name == "random port window per socket")
+    assert window.soft_rate_per_s is None and window.reaches_goal
+    assert "load.socket_port_window" in window.change
+    reuse = next(lever for lever in plan.levers if lever.name == "TIME_WAIT reuse")
+    assert reuse.soft_rate_per_s == pytest.approx(28232 / 2 / 1.0, rel=0.01)
+    windowed = make_plan(replace(DEFAULT, rate=300.0, socket_window=64))
+    assert windowed.soft_rate_per_s is None and not windowed.slows_down
+    assert "soft limit: none (a random IP_LOCAL_PORT_RANGE window" in render_text(windowed)
+    # under the soft limit there is nothing for the window to fix
+    assert all(
+        lever.name != "random port window per socket"
+        for lever in make_plan(replace(DEFAULT, rate=100.0)).levers
+    )
+
+
+def test_tcp_max_tw_buckets_under_the_ports_leaves_only_lifetimes_holding_them() -> None:
+    """Past the buckets a close skips TIME_WAIT: its port is free at once."""
+    capped = replace(DEFAULT, tw_buckets=10_000, lifetime_s=0.1)
+    model = capped.model()
+    assert model.max_rate_per_s == pytest.approx((28232 - 10_000) / 0.1)
+    assert model.soft_rate_per_s == pytest.approx((14116 - 10_000) / 0.1)
+    assert replace(DEFAULT, tw_buckets=10_000).model().max_rate_per_s is None  # no lifetime
+    roomy = replace(DEFAULT, tw_buckets=131_072).model()  # the default: more than the ports
+    assert roomy.max_rate_per_s == pytest.approx(28232 / 60)
+    kernel = {"ip_local_port_range": [32768, 60999], "tcp_max_tw_buckets": 10}
+    assert from_kernel(kernel, 1.0).tw_buckets == 10
+
+
+def test_a_lifetime_only_bound_past_any_connect_rate_is_no_client_side_port_limit() -> None:
+    """Server-first close with 43 us connections: not '656,558,140/s' but no limit."""
+    plan = make_plan(replace(DEFAULT, rate=2000.0, lifetime_s=43e-6))
+    server = next(lever for lever in plan.levers if lever.name == "server-first close")
+    assert server.max_rate_per_s is None and server.reaches_goal
+    assert "server-first close: no client-side port limit" in render_text(plan)
+    long_lived = replace(DEFAULT, close=ClosePolicy.SERVER, lifetime_s=10.0).model()
+    assert long_lived.max_rate_per_s == pytest.approx(28232 / 10)  # ports still bound it
+
+
+def test_from_run_sets_the_runs_cliff_beside_the_model() -> None:
+    from harness.report.model import LatencyCliff
+
+    scenario = parse_scenario('name = "r"\n[target]\nendpoints = ["127.0.0.1:9000"]\n')
+    summary = exhausted_summary(offered_rate_per_s=200.0)
+    summary.latency_cliff = LatencyCliff(
+        detected=True,
+        onset_occupancy=0.5,
+        before_p50_ms=0.009,
+        after_p50_ms=0.9,
+        ratio=100.0,
+        rate_before_per_s=48000.0,
+        rate_after_per_s=900.0,
+    )
+    _, measured = from_run(summary, scenario)
+    assert measured["slow connects from occupancy"] == (0.5, 0.5)
+    assert measured["connect p50 before/after (ms)"][1] == "0.009 -> 0.9 (100.0x)"
+    assert measured["successes/s before/after"][1] == "48,000 -> 900"

@@ -6,11 +6,22 @@ import re
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import pytest
 
 from harness.report.figures import FIGURES, RunData, time_bins
 from harness.report.html import findings, recommendations, render_comparison, render_report
-from harness.report.model import Capacity, Kernel, Listener, Occupancy, TimeWait, Tuples
+from harness.report.model import (
+    Capacity,
+    Kernel,
+    LatencyCliff,
+    Listener,
+    Occupancy,
+    Summary,
+    TimeWait,
+    Tuples,
+)
+from harness.report.occupancy import IN_USE
 from harness.report.summary import Columns, summarize
 from harness.scenario import Scenario
 
@@ -142,6 +153,83 @@ def test_findings_speak_for_the_kernel() -> None:
     assert "Reuse out of TIME_WAIT: 412 connections, kernel TWRecycled 412." in text
     assert "at most 100 new connections/s (100 ports / (1 s hold)); measured 98.0/s" in text
     assert "settled at 95/s, -5.0% against the model" in text
+
+
+CLIFF = LatencyCliff(
+    detected=True,
+    onset_occupancy=0.5,
+    onset_s=0.165,
+    before_p50_ms=0.009,
+    after_p50_ms=0.907,
+    before_p99_ms=0.038,
+    after_p99_ms=5.24,
+    ratio=100.8,
+    rate_before_per_s=48741.7,
+    rate_after_per_s=876.7,
+)
+
+
+def _no_failures(n: int = 10) -> Summary:
+    cols = Columns.from_table(connections_table([(i * MS, 10, 40000 + i, 0) for i in range(n)]))
+    return summarize(
+        cols, scenario="r", started_at="t", duration_s=1.0, interrupted=False, kernel=Kernel()
+    )
+
+
+def test_a_cliff_is_the_first_finding_and_no_run_that_slowed_reads_no_failures() -> None:
+    summary = _no_failures()
+    assert findings(summary)[0] == "No failures: 10 connections succeeded."
+    summary.latency_cliff = CLIFF
+    summary.capacity = Capacity(model_soft_rate_per_s=133.33)
+    found = findings(summary)
+    assert found[0].startswith("Connects slowed down 101x once 50% of the usable ports were held")
+    assert "the even half" in found[0]
+    assert "p50 0.009 ms -> 0.907 ms, p99 0.038 -> 5.24 ms" in found[0]
+    assert "fell from 48,742 to 877" in found[0]
+    assert "soft limit here: above 133/s the even half fills" in found[0]
+    assert not any(text.startswith("No failures") for text in found)
+    assert "but connects slowed down" in found[1]
+
+
+def test_no_cliff_no_cliff_finding() -> None:
+    summary = _no_failures()
+    summary.latency_cliff = LatencyCliff(detected=False)
+    assert not any("slowed" in text for text in findings(summary))
+
+
+def test_a_time_wait_overflow_is_a_finding() -> None:
+    summary = _no_failures()
+    summary.kernel = Kernel(tcp_max_tw_buckets=10)
+    summary.time_wait = TimeWait(
+        peak=10,
+        reused_connections=0,
+        kernel_tw_recycled=0,
+        reused_minus_kernel=0,
+        reuse_age_s=None,
+        kernel_timewait_overflow=20,
+    )
+    text = " ".join(findings(summary))
+    assert "TIME_WAIT overflow: 20 closes skipped TIME_WAIT" in text
+    assert "tcp_max_tw_buckets (10)" in text
+
+
+def test_the_latency_figure_marks_the_onset() -> None:
+    from harness.report.figures.occupancy import latency_vs_occupancy
+
+    data = _run(300, 300)
+    data.summary.latency_cliff = CLIFF
+    data.summary.capacity = Capacity(model_ports=100)
+    t = data.table.column("start_ns").to_numpy()
+    data.samples = pa.table(
+        {
+            "t_ns": pa.array([int(t.min()), int(t.max())], pa.int64()),
+            "scope": pa.array(["to 127.0.0.1:9000"] * 2),
+            **{state: pa.array([0, 100], pa.int64()) for state in IN_USE},
+        }
+    )
+    fig = latency_vs_occupancy(data)
+    labels = fig.axes[0].get_legend_handles_labels()[1]
+    assert "cliff at 50% (101x p50)" in labels
 
 
 def test_time_bins_have_no_partial_tail() -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from harness.report.model import Kernel, Listener, Outage, Summary
+from harness.report.model import SCHEMA_VERSION, Kernel, Listener, Outage, Summary
 from harness.report.summary import Columns, summarize
 
 KERNEL = Kernel(ip_local_port_range=[40000, 40099])
@@ -108,7 +108,7 @@ def test_written_keys_are_those_the_run_had() -> None:
         "listener",
         "conservation",
     }
-    assert with_listener["schema_version"] == 2
+    assert with_listener["schema_version"] == SCHEMA_VERSION
     assert with_listener["listener"] == {"accepted": 1}
     assert set(with_listener["exhaustion"]) == {
         "exhausted",

@@ -40,6 +40,7 @@ class Lever:
     sysctls: dict[str, str] = field(default_factory=dict)
     caveat: str = ""
     applies: dict[str, Any] = field(default_factory=dict)  # the PlanInputs it changes
+    soft_rate_per_s: float | None = None  # where connects slow down with it; None: never
 
 
 @dataclass(frozen=True)
@@ -56,6 +57,9 @@ class _Trial:
     def rate_with(self, **changes: Any) -> float | None:
         return replace(self.inputs, **changes).model().max_rate_per_s
 
+    def soft_with(self, **changes: Any) -> float | None:
+        return replace(self.inputs, **changes).model().soft_rate_per_s
+
     def reaches(self, rate: float | None) -> bool:
         return rate is None or rate >= self.goal
 
@@ -68,10 +72,39 @@ def levers(inputs: PlanInputs, model: CapacityModel) -> list[Lever]:
         _tw_reuse(trial),
         _shorter_delay(trial),
         *_more_paths(trial),
+        _random_window(trial),
         _pooling(trial),
         _server_close(trial),
     ]
-    return [lever for lever in found if lever is not None]
+    return [_with_soft(trial, lever) for lever in found if lever is not None]
+
+
+def _with_soft(trial: _Trial, lever: Lever) -> Lever:
+    """The lever's soft limit, where connects slow down with it applied (set already by a
+    lever that changes no input, and none where it leaves no port limit)."""
+    if not lever.applies or lever.max_rate_per_s is None:
+        return lever
+    return replace(lever, soft_rate_per_s=_round(trial.soft_with(**lever.applies)))
+
+
+def _random_window(trial: _Trial) -> Lever | None:
+    """The cliff's own fix: a random narrow IP_LOCAL_PORT_RANGE window per socket."""
+    soft = trial.model.soft_rate_per_s
+    if soft is None or soft >= trial.goal:
+        return None
+    rate = trial.rate_with(socket_window=64)
+    return Lever(
+        "code",
+        "random port window per socket",
+        "set IP_LOCAL_PORT_RANGE (Linux 6.3+) on each socket to a random aligned window"
+        " of 64 ports of the range (eph: load.socket_port_window = 64): connect() scans"
+        " one window, not the whole even half",
+        _round(rate),
+        trial.reaches(rate),
+        caveat="a full window fails with EADDRNOTAVAIL while others have room: retry"
+        " connect() on a new socket with another window",
+        applies={"socket_window": 64},
+    )
 
 
 def _round(value: float | None, digits: int = 1) -> float | None:
@@ -198,6 +231,7 @@ def _pooling(trial: _Trial) -> Lever | None:
     if not limit:
         return None
     per_connection = max(2, math.ceil(trial.goal / limit))
+    soft = trial.model.soft_rate_per_s  # fewer new connections on the same ports
     return Lever(
         "code",
         "keep-alive or pooling",
@@ -205,6 +239,7 @@ def _pooling(trial: _Trial) -> Lever | None:
         " a connection pool): new connections/s fall by that factor",
         _round(limit * per_connection),
         True,
+        soft_rate_per_s=_round(soft * per_connection if soft is not None else None),
     )
 
 
@@ -216,7 +251,8 @@ def _server_close(trial: _Trial) -> Lever | None:
         "code",
         "server-first close",
         "let the server close first (or the client reset with SO_LINGER 0): the"
-        " TIME_WAIT lands on the server, which does not spend ephemeral ports on it",
+        " TIME_WAIT lands on the server, which does not spend ephemeral ports on it"
+        + ("" if rate is None else "; only a connection's life holds its port"),
         _round(rate),
         trial.reaches(rate),
         caveat="a reset skips TIME_WAIT's protection against stray old segments",
@@ -250,4 +286,4 @@ def ports_text(ports: list[int]) -> str:
 
 
 def fmt_rate(rate: float | None) -> str:
-    return "no port limit" if rate is None else f"{rate:,.0f}/s"
+    return "no client-side port limit" if rate is None else f"{rate:,.0f}/s"

@@ -10,9 +10,26 @@ closes first, or ``tcp_tw_reuse_delay`` when TIME_WAIT reuse applies
                / (lifetime + hold)
 
 A server-side close or a reset leaves no TIME_WAIT on the client (hold 0): only
-the lifetime limits it, which for short connections is no practical limit. At
+the lifetime limits it, which for short connections is no practical limit: above
+:data:`CONNECT_BOUND_PER_S` per host the model says "no client-side port limit",
+since connect()'s own cost bounds the rate long before the ports do. At
 a rate above the maximum, the ports run out after ``ports / rate`` seconds
 (none has come back by then, since ``ports / rate < lifetime + hold``).
+
+**The soft limit.** connect() hands out the range's low-parity half first; once
+that half is held, every connect scans it before it tries the other half
+(docs/kernel.md, "Parity"): connects slow down 10-100x, seconds before any
+fails. That happens above::
+
+    soft rate = (ports / 2) / (lifetime + hold)
+
+after ``(ports / 2) / rate`` seconds. A random ``IP_LOCAL_PORT_RANGE`` window per
+socket (``window``) bounds the scan to the window: no soft limit.
+
+**tcp_max_tw_buckets** caps the TIME_WAIT sockets of a namespace (a host): past
+it a closing socket skips TIME_WAIT, its port free at once. With fewer buckets
+than a host's ports, TIME_WAIT alone never fills them: only the ports held
+while connections live do, ``(ports - buckets) / lifetime``.
 """
 
 from __future__ import annotations
@@ -24,6 +41,7 @@ from dataclasses import dataclass
 from harness.scenario import ClosePolicy
 
 __all__ = [
+    "CONNECT_BOUND_PER_S",
     "DEFAULT_REUSE_DELAY_S",
     "TIME_WAIT_S",
     "CapacityModel",
@@ -34,6 +52,8 @@ __all__ = [
     "unreserved_in_range",
 ]
 
+# no host makes a million connects a second: a lifetime-only bound above it is no limit
+CONNECT_BOUND_PER_S = 1_000_000.0
 TIME_WAIT_S = 60.0  # TCP_TIMEWAIT_LEN: fixed in the kernel, not tcp_fin_timeout
 DEFAULT_REUSE_DELAY_S = 1.0  # before Linux 6.14 (no sysctl), and its default after
 
@@ -78,6 +98,8 @@ class CapacityModel:
     reuse: bool  # TIME_WAIT reuse applies
     lifetime_s: float = 0.0  # connect to close: the port is busy then too
     hosts: int = 1  # load-generator hosts, each with its own ports
+    tw_buckets: int | None = None  # tcp_max_tw_buckets per host; None: unknown (no cap)
+    window: int | None = None  # a random IP_LOCAL_PORT_RANGE window per socket, in ports
 
     @classmethod
     def from_settings(
@@ -93,19 +115,22 @@ class CapacityModel:
         sources: int = 1,
         lifetime_s: float = 0.0,
         hosts: int = 1,
+        tw_buckets: int | None = None,
+        window: int | None = None,
     ) -> CapacityModel:
         low, high = int(port_range[0]), int(port_range[1])
         usable = max(0, high - low + 1 - reserved_in_range(reserved, low, high))
         paths = max(1, sources) * max(1, len(destinations))
         life, hosts = max(0.0, lifetime_s), max(1, hosts)
+        given = {"tw_buckets": tw_buckets, "window": window}
         if close is not ClosePolicy.CLIENT:
-            return cls(usable, paths, None, False, life, hosts)
+            return cls(usable, paths, None, False, life, hosts, **given)
         loopback = bool(destinations) and all(_loopback(d) for d in destinations)
         reuse = reuse_applies(tw_reuse, timestamps, loopback)
         if reuse:
             delay = DEFAULT_REUSE_DELAY_S if reuse_delay_ms is None else reuse_delay_ms / 1000
-            return cls(usable, paths, delay, True, life, hosts)
-        return cls(usable, paths, TIME_WAIT_S, False, life, hosts)
+            return cls(usable, paths, delay, True, life, hosts, **given)
+        return cls(usable, paths, TIME_WAIT_S, False, life, hosts, **given)
 
     @property
     def ports(self) -> int:
@@ -120,9 +145,37 @@ class CapacityModel:
     @property
     def max_rate_per_s(self) -> float | None:
         """The sustainable rate; None when nothing holds a port (no TIME_WAIT, no lifetime)."""
+        return self._rate_to_hold(self.ports)
+
+    @property
+    def soft_rate_per_s(self) -> float | None:
+        """The rate at which the low-parity half fills (connects slow down from then on);
+        None: it never fills (nothing holds a port, or a random window per socket)."""
+        if self.window is not None:
+            return None
+        return self._rate_to_hold(self.ports / 2)
+
+    def _rate_to_hold(self, held: float) -> float | None:
+        """The rate at which ``held`` ports (across paths and hosts) stay busy."""
         if self.busy_s <= 0:
             return None
-        return self.ports / self.busy_s
+        per_host = held / self.hosts
+        if self.hold_s and self.tw_buckets is not None and self.tw_buckets < per_host:
+            # TIME_WAIT stops at the buckets; past them only lifetimes hold ports
+            if self.lifetime_s <= 0:
+                return None
+            capped = (per_host - self.tw_buckets) / self.lifetime_s * self.hosts
+            return _bounded(max(held / self.busy_s, capped), self.hosts)
+        if not self.hold_s:
+            return _bounded(held / self.busy_s, self.hosts)
+        return held / self.busy_s
+
+    def time_to_slow_s(self, rate: float) -> float | None:
+        """At ``rate`` new connections/s, when connects start to slow down (None: never)."""
+        limit = self.soft_rate_per_s
+        if limit is None or rate <= limit or rate <= 0:
+            return None
+        return self.ports / 2 / rate
 
     def time_to_exhaustion_s(self, rate: float) -> float | None:
         """At ``rate`` new connections/s, when the first connect fails (None: never)."""
@@ -130,6 +183,11 @@ class CapacityModel:
         if limit is None or rate <= limit or rate <= 0:
             return None
         return self.ports / rate
+
+
+def _bounded(rate: float, hosts: int) -> float | None:
+    """A lifetime-only bound, or None where connect()'s cost comes first."""
+    return None if rate > CONNECT_BOUND_PER_S * hosts else rate
 
 
 def reuse_applies(tw_reuse: int, timestamps: int, loopback: bool) -> bool:

@@ -44,6 +44,8 @@ class PlanInputs:
     # ports local services listen on (found by the preflight, or --keep-port): any
     # range recommended here leaves them out of the clients' reach, reserved
     keep_ports: tuple[int, ...] = ()
+    tw_buckets: int | None = None  # net.ipv4.tcp_max_tw_buckets; None: not known
+    socket_window: int | None = None  # a random IP_LOCAL_PORT_RANGE window per socket
 
     def model(self) -> CapacityModel:
         destination = "127.0.0.1" if self.loopback else "192.0.2.1"
@@ -58,6 +60,8 @@ class PlanInputs:
             sources=self.sources,
             lifetime_s=self.lifetime_s,
             hosts=self.hosts,
+            tw_buckets=self.tw_buckets,
+            window=self.socket_window,
         )
 
 
@@ -73,6 +77,13 @@ class Plan:
     headroom: float | None  # max / asked - 1; None: no limit
     levers: list[Lever]
     sysctl_snippet: str  # the kernel levers that reach the goal, combined
+    soft_rate_per_s: float | None = None  # the low-parity half fills; None: never
+    time_to_slow_s: float | None = None  # at the asked rate; None: never
+
+    @property
+    def slows_down(self) -> bool:
+        """At the asked rate the low-parity half fills: connects slow down."""
+        return self.soft_rate_per_s is not None and self.soft_rate_per_s < self.inputs.rate
 
     @property
     def meets_goal(self) -> bool:
@@ -95,6 +106,7 @@ def from_kernel(kernel: Mapping[str, Any], rate: float, **given: Any) -> PlanInp
         ("tcp_tw_reuse", "tw_reuse"),
         ("tcp_tw_reuse_delay_ms", "reuse_delay_ms"),
         ("tcp_timestamps", "timestamps"),
+        ("tcp_max_tw_buckets", "tw_buckets"),
     ):
         if kernel.get(key) is not None:
             settings[name] = str(kernel[key]) if name == "reserved" else int(kernel[key])
@@ -120,6 +132,7 @@ def from_run(summary: Summary, scenario: Scenario) -> tuple[PlanInputs, Measured
         sources=len(load.source_addresses) or 1,
         destinations=len(hosts),
         loopback=all(h.startswith("127.") or h in ("::1", "localhost") for h in hosts),
+        socket_window=load.socket_port_window,
     )
     if load.socket_port_range:  # IP_LOCAL_PORT_RANGE narrows the range per socket
         low, high = inputs.port_range
@@ -140,7 +153,30 @@ def from_run(summary: Summary, scenario: Scenario) -> tuple[PlanInputs, Measured
             capacity.measured_sustained_rate_per_s,
         ),
     }
+    measured.update(_cliff_measured(summary, plan_model))
     return inputs, measured
+
+
+def _cliff_measured(summary: Summary, model: CapacityModel) -> Measured:
+    """The run's latency cliff (the report's ``latency_cliff``) against the soft limit."""
+    cliff = summary.latency_cliff
+    if cliff is None:
+        return {}
+    soft = model.soft_rate_per_s
+    if not cliff.detected:
+        return {"slow connects from occupancy": (0.5 if soft is not None else None, None)}
+    return {
+        "slow connects from occupancy": (0.5 if soft is not None else None, cliff.onset_occupancy),
+        "connect p50 before/after (ms)": (
+            None,
+            f"{cliff.before_p50_ms} -> {cliff.after_p50_ms} ({cliff.ratio}x)",
+        ),
+        "connect p99 after the onset (ms)": (None, cliff.after_p99_ms),
+        "successes/s before/after": (
+            None,
+            f"{cliff.rate_before_per_s or 0:,.0f} -> {cliff.rate_after_per_s or 0:,.0f}",
+        ),
+    }
 
 
 def from_observation(summary: ObserveSummary) -> tuple[PlanInputs, Measured]:
@@ -192,6 +228,8 @@ def make_plan(inputs: PlanInputs) -> Plan:
         headroom=round(limit / inputs.rate - 1, 4) if limit and inputs.rate > 0 else None,
         levers=found,
         sysctl_snippet=_snippet(inputs, found),
+        soft_rate_per_s=_round(model.soft_rate_per_s),
+        time_to_slow_s=_round(model.time_to_slow_s(inputs.rate), 4),
     )
 
 
@@ -245,9 +283,15 @@ def render_text(plan: Plan, measured: Measured | None = None) -> str:
         f"sustainable: {fmt_rate(plan.max_rate_per_s)}  ="
         f" {plan.ports:,} ports / ({i.lifetime_s:g} s lifetime + hold {hold})"
     )
+    lines.append(_soft_line(plan))
     if plan.meets_goal:
         headroom = "" if plan.headroom is None else f" (headroom {plan.headroom:+.0%})"
-        lines.append(f"verdict: the goal fits{headroom}")
+        slow = (
+            f", but connects slow down after {plan.time_to_slow_s:g} s (the soft limit)"
+            if plan.slows_down and plan.time_to_slow_s is not None
+            else ""
+        )
+        lines.append(f"verdict: the goal fits{headroom}{slow}")
     else:
         lines.append(
             f"verdict: SHORT. At {i.rate:,.0f}/s the ports run out after"
@@ -260,13 +304,38 @@ def render_text(plan: Plan, measured: Measured | None = None) -> str:
     lines += ["", "levers (each alone):"]
     for lever in plan.levers:
         mark = "reaches the goal" if lever.reaches_goal else "not enough"
-        lines.append(f"  [{lever.kind}] {lever.name}: {fmt_rate(lever.max_rate_per_s)} ({mark})")
+        soft = (
+            f"; slow connects above {fmt_rate(lever.soft_rate_per_s)}"
+            if lever.soft_rate_per_s is not None
+            else "; no slow scan"
+        )
+        lines.append(
+            f"  [{lever.kind}] {lever.name}: {fmt_rate(lever.max_rate_per_s)} ({mark}{soft})"
+        )
         lines.append(f"      {lever.change}")
         if lever.caveat:
             lines.append(f"      note: {lever.caveat}")
     if plan.sysctl_snippet:
         lines += ["", plan.sysctl_snippet.rstrip()]
     return "\n".join(lines) + "\n"
+
+
+def _soft_line(plan: Plan) -> str:
+    """The soft limit: where the low-parity half fills and connect() starts to scan it."""
+    if plan.soft_rate_per_s is None:
+        why = (
+            "a random IP_LOCAL_PORT_RANGE window per socket bounds the scan"
+            if plan.inputs.socket_window
+            else "nothing holds the ports long enough to fill half the range"
+        )
+        return f"soft limit: none ({why})"
+    text = (
+        f"soft limit: {fmt_rate(plan.soft_rate_per_s)}  = {plan.ports / 2:,.0f} ports (the even"
+        f" half) / busy time: above it the even half fills and every connect scans it first"
+    )
+    if plan.slows_down and plan.time_to_slow_s is not None:
+        text += f"; at {plan.inputs.rate:,.0f}/s after {plan.time_to_slow_s:g} s"
+    return text
 
 
 def _fmt(value: Any) -> str:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ipaddress
 import itertools
+import random
 import socket
 import struct
 from collections.abc import Iterator
@@ -16,12 +17,14 @@ from dataclasses import dataclass
 
 from harness.endpoints import ResolvedEndpoint
 from harness.errors import ScenarioError
+from harness.kernel.sysctls import read_kernel
 from harness.scenario import ClosePolicy, Protocol, Reply, Scenario
 
-__all__ = ["LINGER_RESET", "ChurnPlan", "Target", "make_socket"]
+__all__ = ["LINGER_RESET", "ChurnPlan", "PortWindow", "Target", "make_socket"]
 
 IP_BIND_ADDRESS_NO_PORT = getattr(socket, "IP_BIND_ADDRESS_NO_PORT", 24)
 IP_LOCAL_PORT_RANGE = 51  # Linux 6.3+; no Python constant: value (hi << 16) | lo
+IPPROTO_IP = socket.IPPROTO_IP
 LINGER_RESET = struct.pack("ii", 1, 0)  # SO_LINGER on, 0 s: close() sends a reset
 
 
@@ -36,11 +39,33 @@ class Target:
     endpoint: ResolvedEndpoint
     source: str | None  # bound with IP_BIND_ADDRESS_NO_PORT; None lets the kernel pick
     port_range: int = 0  # IP_LOCAL_PORT_RANGE value for each socket; 0 = the sysctl's
+    window: PortWindow | None = None  # a random IP_LOCAL_PORT_RANGE window per socket
 
     @property
     def needs_socket_setup(self) -> bool:
         """Whether a socket must be prepared before connect() (bind, options)."""
-        return self.source is not None or self.port_range != 0
+        return self.source is not None or self.port_range != 0 or self.window is not None
+
+
+@dataclass(frozen=True, slots=True)
+class PortWindow:
+    """``load.socket_port_window``: each socket gets one of ``count`` aligned windows of
+    ``size`` ports from ``low``, at random, so connect() scans at most one window
+    (Cloudflare's fix for the slow scan once half the range is held)."""
+
+    low: int
+    size: int
+    count: int
+
+    @classmethod
+    def over(cls, low: int, high: int, size: int) -> PortWindow:
+        size = min(size, high - low + 1)
+        return cls(low, size, max(1, (high - low + 1) // size))
+
+    def pick(self) -> int:
+        """A random window as the option's value, ``(hi << 16) | lo``."""
+        first = self.low + self.size * random.randrange(self.count)
+        return ((first + self.size - 1) << 16) | first
 
 
 @dataclass(frozen=True)
@@ -65,7 +90,7 @@ class ChurnPlan:
         if load.socket_port_range is not None:
             low, high = load.socket_port_range
             packed = (high << 16) | low
-        targets = tuple(_pair_targets(endpoints, load.source_addresses, packed))
+        targets = tuple(_pair_targets(endpoints, load.source_addresses, packed, _window(scenario)))
         reply = Reply.EOF if load.close is ClosePolicy.SERVER else load.reply
         return cls(
             endpoints=endpoints,
@@ -91,12 +116,31 @@ class ChurnPlan:
         return itertools.cycle(self.targets)
 
 
+def _window(scenario: Scenario) -> PortWindow | None:
+    """The random window, over socket_port_range or the namespace's range (read here,
+    where the clients run)."""
+    load = scenario.load
+    if load.socket_port_window is None:
+        return None
+    span = load.socket_port_range or read_kernel().get("ip_local_port_range")
+    if not isinstance(span, list | tuple) or len(span) != 2:
+        raise ScenarioError(
+            "socket_port_window needs the port range, which could not be read",
+            key="load.socket_port_window",
+            value=load.socket_port_window,
+        )
+    return PortWindow.over(int(span[0]), int(span[1]), load.socket_port_window)
+
+
 def _pair_targets(
-    endpoints: tuple[ResolvedEndpoint, ...], sources: list[str], port_range: int
+    endpoints: tuple[ResolvedEndpoint, ...],
+    sources: list[str],
+    port_range: int,
+    window: PortWindow | None = None,
 ) -> Iterator[Target]:
     for index, endpoint in enumerate(endpoints):
         if not sources:
-            yield Target(index, endpoint, None, port_range)
+            yield Target(index, endpoint, None, port_range, window)
             continue
         family_sources = [s for s in sources if _family(s) == endpoint.family]
         if not family_sources:
@@ -106,7 +150,7 @@ def _pair_targets(
                 value=sources,
             )
         for source in family_sources:
-            yield Target(index, endpoint, source, port_range)
+            yield Target(index, endpoint, source, port_range, window)
 
 
 def _family(address: str) -> socket.AddressFamily:
@@ -128,11 +172,10 @@ def make_socket(
     sock = socket_class(target.endpoint.family, kind)
     sock.setblocking(False)
     try:
-        if target.port_range:
+        port_range = target.window.pick() if target.window is not None else target.port_range
+        if port_range:
             # a u32: (hi << 16) | lo overflows the C int an integer argument becomes
-            sock.setsockopt(
-                socket.IPPROTO_IP, IP_LOCAL_PORT_RANGE, struct.pack("=I", target.port_range)
-            )
+            sock.setsockopt(IPPROTO_IP, IP_LOCAL_PORT_RANGE, struct.pack("=I", port_range))
         if target.source is not None:
             sock.setsockopt(socket.IPPROTO_IP, IP_BIND_ADDRESS_NO_PORT, 1)
             sock.bind((target.source, 0))

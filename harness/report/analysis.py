@@ -13,20 +13,31 @@ import numpy as np
 import pyarrow as pa
 
 from harness.capacity.model import CapacityModel
+from harness.report.cliff import CliffInput, detect_cliff
 from harness.report.columns import quantiles
 from harness.report.hosts import HostSamples, host_sections
-from harness.report.model import Capacity, Kernel, Occupancy, Summary, TimeWait
+from harness.report.model import (
+    Capacity,
+    Kernel,
+    LatencyCliff,
+    Occupancy,
+    Summary,
+    TimeWait,
+)
 from harness.report.occupancy import (
     Peaks,
+    counter_delta,
     latency_by_occupancy,
+    occupancy_at_start,
     peaks,
     samples_info,
     scope_series,
 )
+from harness.report.summary import EXHAUSTION_ERRNOS
 from harness.report.tuples import TupleAudit, audit_tuples, port_allocation, sustained_rate
 from harness.scenario import ClosePolicy, Protocol, Scenario
 
-__all__ = ["analyze", "capacity_model"]
+__all__ = ["analyze", "capacity_model", "latency_cliff"]
 
 
 def analyze(
@@ -59,7 +70,29 @@ def analyze(
             peak_fraction=round(found.in_use / model.ports, 4) if model.ports else None,
             connect_ms_by_occupancy=latency_by_occupancy(table, samples, model.ports),
         )
+        result.latency_cliff = latency_cliff(table, samples, model.ports)
+    if samples is not None and samples.num_rows and "timewait_overflow" in samples.column_names:
+        result.time_wait.kernel_timewait_overflow = counter_delta(samples, "timewait_overflow")
     return result
+
+
+def latency_cliff(table: pa.Table, samples: pa.Table, usable: int) -> LatencyCliff | None:
+    """Connect latency against occupancy: where it steps up (``harness.report.cliff``)."""
+    occupancy = occupancy_at_start(table, samples, usable)
+    if occupancy is None:
+        return None
+    ok = table.column("errno").to_numpy() == 0
+    start = table.column("start_ns").to_numpy()
+    start_s = (start - start.min()) / 1e9
+    out_of_ports = np.isin(table.column("errno").to_numpy(), EXHAUSTION_ERRNOS)
+    return detect_cliff(
+        CliffInput(
+            occupancy=occupancy,
+            connect_ms=table.column("connect_us").to_numpy()[ok] / 1000.0,
+            start_s=start_s[ok],
+            failures_s=np.sort(start_s[out_of_ports]),
+        )
+    )
 
 
 def _time_wait(audit: TupleAudit, found: Peaks | None, server_samples: pa.Table | None) -> TimeWait:
@@ -111,6 +144,8 @@ def capacity_model(
         sources=len(scenario.load.source_addresses) or 1,
         lifetime_s=lifetime_s,
         hosts=hosts,
+        tw_buckets=kernel.tcp_max_tw_buckets,
+        window=scenario.load.socket_port_window,
     )
 
 
@@ -139,6 +174,9 @@ def _capacity(model: CapacityModel | None, summary: Summary, paced_rate: float =
     result.model_hold_s = model.hold_s
     result.model_lifetime_s = round(model.lifetime_s, 6)
     result.model_reuse = model.reuse
+    soft = model.soft_rate_per_s
+    result.model_soft_rate_per_s = round(soft, 2) if soft is not None else None
+    result.model_tw_buckets = model.tw_buckets
     result.offered_rate_per_s = round(offered, 1) if offered else None
     result.offered_rate_source = "scenario" if paced else "measured"
     if offered:

@@ -63,7 +63,7 @@ def recommendations(summary: Summary, scenario: Scenario) -> list[str]:
     plan = make_plan(inputs)
     if plan.meets_goal and not summary.exhaustion.exhausted:
         if plan.max_rate_per_s is None or plan.headroom is None:
-            return [f"No port limit at {inputs.rate:,.0f}/s: nothing to change."]
+            return [f"No client-side port limit at {inputs.rate:,.0f}/s: nothing to change."]
         return [
             f"The setup sustains {plan.max_rate_per_s:,.0f}/s, {plan.headroom:+.0%} over the"
             f" {inputs.rate:,.0f}/s offered: nothing to change for this load."
@@ -75,7 +75,7 @@ def recommendations(summary: Summary, scenario: Scenario) -> list[str]:
     for lever in plan.levers:
         if lever.reaches_goal:
             rate = (
-                "no port limit"
+                "no client-side port limit"
                 if lever.max_rate_per_s is None
                 else f"{lever.max_rate_per_s:,.0f}/s"
             )
@@ -88,6 +88,7 @@ def recommendations(summary: Summary, scenario: Scenario) -> list[str]:
 def findings(summary: Summary) -> list[str]:
     """The run in plain words."""
     return [
+        *_cliff_findings(summary),
         *_outcome_findings(summary),
         *_outage_findings(summary),
         *_service_findings(summary.service),
@@ -115,12 +116,55 @@ def _outcome_findings(summary: Summary) -> list[str]:
                 + (f", {tw_peak} of them in TIME_WAIT" if tw_peak is not None else "")
             )
         out.append(text + ".")
-    elif conns.failed == 0:
+    elif conns.failed == 0 and not _slowed(summary):
         out.append(f"No failures: {conns.succeeded} connections succeeded.")
+    elif conns.failed == 0:
+        out.append(
+            f"No connect failed ({conns.succeeded} succeeded), but connects slowed down:"
+            " see the first finding."
+        )
     if conns.errors:
         text = ", ".join(f"{k} {v}" for k, v in sorted(conns.errors.items()))
         out.append(f"Failed connects: {text}.")
     return out
+
+
+def _slowed(summary: Summary) -> bool:
+    cliff = summary.latency_cliff
+    return cliff is not None and cliff.detected
+
+
+def _cliff_findings(summary: Summary) -> list[str]:
+    """The warning before the errors: connect latency stepped up as the range filled."""
+    cliff = summary.latency_cliff
+    if cliff is None or not cliff.detected:
+        return []
+    onset, ratio = cliff.onset_occupancy or 0.0, cliff.ratio or 0.0
+    parity = 0.45 <= onset <= 0.55  # the low-parity half held: the scan before each port
+    text = (
+        f"Connects slowed down {ratio:,.0f}x"
+        if ratio >= 10
+        else f"Connects slowed down {ratio:.1f}x"
+    ) + (
+        f" once {onset:.0%} of the usable ports were held"
+        + (" (the even half: connect() now scans it before each odd port)" if parity else "")
+        + f", at {cliff.onset_s or 0:.3g} s: connect p50 {cliff.before_p50_ms} ms"
+        f" -> {cliff.after_p50_ms} ms, p99 {cliff.before_p99_ms} -> {cliff.after_p99_ms} ms"
+    )
+    before, after = cliff.rate_before_per_s, cliff.rate_after_per_s
+    if before and after is not None:
+        went = "fell" if after < before else "went"
+        text += f"; successful connections per second {went} from {before:,.0f} to {after:,.0f}"
+    soft = summary.capacity.model_soft_rate_per_s
+    if parity and soft:
+        text += f". The model's soft limit here: above {soft:,.0f}/s the even half fills"
+    if not parity:
+        return [text + ". connect() searches a nearly full range: the ports are about to run out."]
+    return [
+        text + ". This is the warning before EADDRNOTAVAIL: a random IP_LOCAL_PORT_RANGE"
+        " window per socket (load.socket_port_window), TIME_WAIT reuse, a wider range or"
+        " more destinations keep connect() fast."
+    ]
 
 
 def _outage_findings(summary: Summary) -> list[str]:
@@ -234,6 +278,14 @@ def _stop_findings(summary: Summary) -> list[str]:
 def _kernel_findings(summary: Summary) -> list[str]:
     """What the tuple audit, the TIME_WAIT reuse count and the capacity model say."""
     out = []
+    overflow = summary.time_wait.kernel_timewait_overflow if summary.time_wait else None
+    if overflow:
+        out.append(
+            f"TIME_WAIT overflow: {overflow:,} closes skipped TIME_WAIT because"
+            f" net.ipv4.tcp_max_tw_buckets ({summary.kernel.tcp_max_tw_buckets}) was reached:"
+            " their ports came back at once, without TIME_WAIT's protection against stray"
+            " segments of the old connection."
+        )
     tuples = summary.tuples
     if tuples is not None and tuples.distinct:
         if tuples.concurrent_duplicates:
@@ -298,6 +350,11 @@ def _latency(summary: Summary, which: str) -> float | None:
     return None if found is None else float(getattr(found, which))
 
 
+def _cliff(summary: Summary, which: str) -> object:
+    cliff = summary.latency_cliff
+    return getattr(cliff, which) if cliff is not None and cliff.detected else None
+
+
 # what the comparison table shows: label, the value in a summary
 COMPARED: list[tuple[str, Callable[[Summary], object]]] = [
     ("scenario", lambda s: s.scenario),
@@ -313,6 +370,9 @@ COMPARED: list[tuple[str, Callable[[Summary], object]]] = [
     ("model ceiling (/s)", lambda s: s.capacity.model_max_rate_per_s),
     ("TIME_WAIT peak", lambda s: s.time_wait.peak if s.time_wait else None),
     ("reused out of TIME_WAIT", lambda s: s.time_wait.reused_connections if s.time_wait else None),
+    ("slow connects from occupancy", lambda s: _cliff(s, "onset_occupancy")),
+    ("slow connects: p50 ratio", lambda s: _cliff(s, "ratio")),
+    ("soft limit (/s)", lambda s: s.capacity.model_soft_rate_per_s),
     ("connect p50 (ms)", lambda s: _latency(s, "p50")),
     ("connect p99 (ms)", lambda s: _latency(s, "p99")),
 ]

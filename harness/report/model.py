@@ -28,6 +28,7 @@ from harness.report.sections import (
     HostSection,
     Kernel,
     Latency,
+    LatencyCliff,
     Listener,
     Occupancy,
     OccupancyBand,
@@ -54,6 +55,7 @@ __all__ = [
     "HostSection",
     "Kernel",
     "Latency",
+    "LatencyCliff",
     "Listener",
     "Occupancy",
     "OccupancyBand",
@@ -72,13 +74,13 @@ __all__ = [
     "validated",
 ]
 
-SCHEMA_VERSION: Final = 2
+SCHEMA_VERSION: Final = 3
 
 
 class Summary(Section):
     """``summary.json``: the run's figures, computed in bulk after it."""
 
-    schema_version: Literal[2] = SCHEMA_VERSION
+    schema_version: Literal[3] = SCHEMA_VERSION
     scenario: str
     interrupted: bool
     started_at: str
@@ -100,6 +102,7 @@ class Summary(Section):
     hosts: list[HostSection] | None = None
     capacity: Capacity = Capacity()
     occupancy: Occupancy | None = None
+    latency_cliff: LatencyCliff | None = None
 
     @property
     def exhausted_at(self) -> float | None:

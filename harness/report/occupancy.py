@@ -18,6 +18,7 @@ __all__ = [
     "OCCUPANCY_BINS",
     "KernelCount",
     "Peaks",
+    "counter_delta",
     "kernel_conservation",
     "latency_by_occupancy",
     "occupancy_at_start",
@@ -55,7 +56,7 @@ def scope_series(
     return times, np.bincount(index, weights=values, minlength=len(times))
 
 
-def _counter_delta(samples: pa.Table, name: str) -> int | None:
+def counter_delta(samples: pa.Table, name: str) -> int | None:
     """A kernel counter's growth over the run (the ``all`` scope), None without two values."""
     values = samples.column(name).to_numpy(zero_copy_only=False)[scope_mask(samples)]
     values = values.astype(float)
@@ -125,8 +126,8 @@ def kernel_conservation(table: pa.Table, samples: pa.Table | None) -> KernelCoun
         return None
     errno = table.column("errno").to_numpy()
     return KernelCount(
-        kernel_active_opens=_counter_delta(samples, "active_opens"),
-        kernel_attempt_fails=_counter_delta(samples, "attempt_fails"),
+        kernel_active_opens=counter_delta(samples, "active_opens"),
+        kernel_attempt_fails=counter_delta(samples, "attempt_fails"),
         attempts_sending_syn=int((~np.isin(errno, EXHAUSTION_ERRNOS)).sum()),
     )
 

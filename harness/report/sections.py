@@ -20,6 +20,7 @@ __all__ = [
     "HostSection",
     "Kernel",
     "Latency",
+    "LatencyCliff",
     "Listener",
     "Occupancy",
     "OccupancyBand",
@@ -251,6 +252,9 @@ class TimeWait(Section):
     """Seconds from a tuple's close to its reuse."""
     server_peak: int | None = None
     """A lab's pair topology: the server namespace's TIME_WAIT peak."""
+    kernel_timewait_overflow: int | None = None
+    """TCPTimeWaitOverflow over the run: closes that skipped TIME_WAIT because
+    tcp_max_tw_buckets was reached (ports freed at once, without TIME_WAIT's protection)."""
 
 
 class TupleExample(Section):
@@ -313,6 +317,11 @@ class Capacity(Section):
     offered_rate_source: Literal["scenario", "measured"] | None = None
     measured_sustained_rate_per_s: float | None = None
     """Successes per second once the range ran out; None when it never did."""
+    model_soft_rate_per_s: float | None = None
+    """The rate at which the low-parity half fills: (ports / 2) / (lifetime + hold). Above
+    it connects slow down (each scans that half) before any fails; None: it never fills."""
+    model_tw_buckets: int | None = None
+    """net.ipv4.tcp_max_tw_buckets: past it closes skip TIME_WAIT (no hold)."""
 
 
 class OccupancyBand(Section):
@@ -332,3 +341,27 @@ class Occupancy(Section):
     usable_ports: int
     peak_fraction: float | None
     connect_ms_by_occupancy: list[OccupancyBand]
+
+
+class LatencyCliff(Section):
+    """The warning before the errors: the occupancy at which connect latency steps up
+    (the low-parity half of the range held, so each connect scans it first; detector in
+    ``harness.report.cliff``). Before and after: successful connections below and from
+    the onset's occupancy."""
+
+    detected: bool
+    onset_occupancy: float | None = None
+    """Share of the usable ports in use where the step begins (the even half: 0.5)."""
+    onset_s: float | None = None
+    """When the first connection past the onset began (s from the first attempt)."""
+    before_p50_ms: float | None = None
+    after_p50_ms: float | None = None
+    before_p99_ms: float | None = None
+    after_p99_ms: float | None = None
+    ratio: float | None = None
+    """after_p50_ms / before_p50_ms."""
+    rate_before_per_s: float | None = None
+    """Successful connections per second before the onset."""
+    rate_after_per_s: float | None = None
+    """Successful connections per second from the onset to the first failure for want of a
+    port (or the end)."""

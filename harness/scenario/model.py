@@ -153,6 +153,9 @@ class LoadConfig(_Section):
     reply: Reply = Reply.NONE
     source_addresses: list[str] = Field(default_factory=list)
     socket_port_range: PortRange | None = None  # IP_LOCAL_PORT_RANGE (Linux 6.3+)
+    # IP_LOCAL_PORT_RANGE per socket, a random aligned window of this many ports of the
+    # range (or of socket_port_range): connect() scans the window, not the whole range
+    socket_port_window: Annotated[StrictInt, Field(ge=2, le=65536)] | None = None
     connect_timeout: Duration = 3.0
     io_timeout: Duration = 5.0
     backoff: Duration = 0.01

@@ -74,8 +74,10 @@ FIGURES: list[tuple[str, FigureMaker, str]] = [
     (
         "Connect latency against occupancy",
         latency_vs_occupancy,
-        "Median and p99 connect latency as the range fills, for even and odd ports. A full"
-        " range makes connect() walk more candidate ports before it finds one.",
+        "Median and p99 connect latency as the range fills, for even and odd ports. Once"
+        " the even half is held, every connect scans it before an odd port: the red dashed"
+        " line marks where the latency steps up (the cliff), the grey lines its p50 before"
+        " and after. A full range makes connect() walk more candidate ports still.",
     ),
     (
         "Kernel counters",

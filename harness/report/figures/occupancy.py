@@ -122,6 +122,24 @@ def hosts(data: RunData) -> Figure:
     return fig
 
 
+def _mark_cliff(ax: Axes, data: RunData) -> None:
+    """The detected onset of slow connects, and the p50 before and after it."""
+    cliff = data.summary.latency_cliff
+    if cliff is None or not cliff.detected or cliff.onset_occupancy is None:
+        return
+    at = cliff.onset_occupancy * 100
+    ax.axvline(
+        at,
+        color="tab:red",
+        ls="--",
+        lw=1.0,
+        label=f"cliff at {at:.0f}% ({cliff.ratio or 0:,.0f}x p50)",
+    )
+    if cliff.before_p50_ms and cliff.after_p50_ms:
+        ax.hlines(cliff.before_p50_ms, 0, at, color="grey", lw=0.8, ls="-.")
+        ax.hlines(cliff.after_p50_ms, at, 100, color="grey", lw=0.8, ls="-.")
+
+
 def latency_vs_occupancy(data: RunData) -> Figure:
     fig = figure()
     ax = fig.subplots()
@@ -149,11 +167,12 @@ def latency_vs_occupancy(data: RunData) -> Figure:
                 for b in range(len(centers))
             ]
             ax.plot(centers, values, style, marker="o", ms=3, color=color, label=f"{name} p{q}")
+    _mark_cliff(ax, data)
     ax.set_yscale("log")
     ax.set_xlim(0, 100)
     ax.set_xlabel("ports of the range in use when the connect began (%)")
     ax.set_ylabel("connect latency (ms)")
-    ax.set_title("Connect latency against range occupancy (a full range makes connect() search)")
+    ax.set_title("Connect latency against range occupancy (a held even half makes connect() scan)")
     ax.grid(alpha=0.3, which="both")
     legend(ax, loc="upper left", fontsize="small", ncol=2)
     return fig

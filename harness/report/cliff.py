@@ -1,0 +1,132 @@
+"""The warning before the errors: the occupancy at which connect() latency steps up.
+
+connect() hands out ports of the range's low-end parity first; once that half is
+held (TIME_WAIT), every connect scans all of it before it tries the other half
+(docs/kernel.md, "Parity"). Users meet this as slow connects, seconds before the
+first EADDRNOTAVAIL. The detector, on the successful connections' connect
+latency against the share of usable ports in use when each began:
+
+1. Bin the occupancy in steps of :data:`BIN_WIDTH` and take each bin's median
+   latency (bins with fewer than :data:`MIN_BIN_CONNECTIONS` are ignored).
+2. The onset is the first populated bin whose median is at least
+   :data:`STEP_RATIO` times the baseline (the median of the medians of the bins
+   below it), provided the step is *sustained*: at least :data:`SUSTAINED_SHARE`
+   of the populated bins from there on stay that high, and there are at least
+   :data:`MIN_BEFORE` connections below it and :data:`MIN_AFTER` from it on.
+3. Before and after are the connections below and from the onset's occupancy:
+   their p50, p99 and the p50 ratio, and the success rate in time before the
+   first connection past the onset against the rate from then to the first
+   failure for want of a port (or to the last record, when there is none or
+   connects were failing already before the onset).
+
+Everything is vectorised: one sort, one bincount; only the ~100 bins are looped.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from harness.report.sections import LatencyCliff
+
+__all__ = [
+    "BIN_WIDTH",
+    "MIN_AFTER",
+    "MIN_BEFORE",
+    "MIN_BIN_CONNECTIONS",
+    "STEP_RATIO",
+    "SUSTAINED_SHARE",
+    "CliffInput",
+    "detect_cliff",
+]
+
+BIN_WIDTH = 0.01  # of the usable range
+MIN_BIN_CONNECTIONS = 20  # a bin with fewer has no median worth comparing
+STEP_RATIO = 3.0  # median after / baseline: the 1k-port cliff is ~3x, the default range ~95x
+SUSTAINED_SHARE = 0.8  # of the bins past the onset that must stay above the step
+MIN_BEFORE = 200  # connections below the onset
+MIN_AFTER = 100  # connections from it on
+
+
+@dataclass(frozen=True)
+class CliffInput:
+    """The successful connections, in start order, as the detector reads them."""
+
+    occupancy: np.ndarray  # share of the usable ports in use when each began
+    connect_ms: np.ndarray
+    start_s: np.ndarray  # seconds from the first attempt
+    failures_s: np.ndarray  # starts of the attempts that failed for want of a port, sorted
+
+
+def _bin_medians(bins: np.ndarray, values: np.ndarray, count: int) -> tuple[np.ndarray, np.ndarray]:
+    """(median, count) of ``values`` per bin, from one sort."""
+    order = np.lexsort((values, bins))
+    ordered = values[order]
+    counts = np.bincount(bins, minlength=count)
+    starts = np.concatenate(([0], np.cumsum(counts)[:-1]))
+    low = starts + np.maximum(counts - 1, 0) // 2
+    high = starts + counts // 2
+    safe = np.minimum(len(ordered) - 1, np.maximum(0, np.stack([low, high])))
+    medians = (ordered[safe[0]] + ordered[safe[1]]) / 2 if len(ordered) else np.zeros(count)
+    return np.where(counts > 0, medians, np.nan), counts
+
+
+def _onset_bin(medians: np.ndarray, counts: np.ndarray) -> int | None:
+    populated = np.flatnonzero(counts >= MIN_BIN_CONNECTIONS)
+    below = np.cumsum(counts) - counts  # connections in lower bins
+    total = int(counts.sum())
+    for position, b in enumerate(populated[1:], start=1):
+        if below[b] < MIN_BEFORE or total - below[b] < MIN_AFTER:
+            continue
+        baseline = float(np.median(medians[populated[:position]]))
+        if baseline <= 0 or medians[b] < STEP_RATIO * baseline:
+            continue
+        after = medians[populated[position:]]
+        if np.mean(after >= STEP_RATIO * baseline) >= SUSTAINED_SHARE:
+            return int(b)
+    return None
+
+
+def _ms(values: np.ndarray, q: float) -> float:
+    return round(float(np.percentile(values, q)), 4)
+
+
+def _rate(count: int, span_s: float) -> float | None:
+    return round(count / span_s, 1) if span_s > 0 else None
+
+
+def detect_cliff(data: CliffInput) -> LatencyCliff:
+    """The latency cliff, if the run has one (see the module's docstring)."""
+    occupancy = np.clip(np.nan_to_num(data.occupancy), 0.0, 1.0)
+    count = round(1 / BIN_WIDTH) + 1
+    bins = np.minimum((occupancy / BIN_WIDTH).astype(np.int64), count - 1)
+    medians, counts = _bin_medians(bins, np.asarray(data.connect_ms, dtype=float), count)
+    onset = _onset_bin(medians, counts)
+    if onset is None:
+        return LatencyCliff(detected=False)
+    after = bins >= onset
+    before_ms, after_ms = data.connect_ms[~after], data.connect_ms[after]
+    onset_s = float(data.start_s[after].min())
+    first_s = float(data.start_s.min())
+    # after: to the first failure for want of a port, or the last start when there is
+    # none or connects were failing already (then the rate is the failing range's)
+    failures = data.failures_s
+    ahead = len(failures) and failures[0] >= onset_s
+    end_s = float(failures[0]) if ahead else float(data.start_s.max())
+    in_before = int((data.start_s < onset_s).sum())
+    in_after = int(((data.start_s >= onset_s) & (data.start_s < end_s)).sum())
+    before_p50 = _ms(before_ms, 50)
+    after_p50 = _ms(after_ms, 50)
+    return LatencyCliff(
+        detected=True,
+        onset_occupancy=round(onset * BIN_WIDTH, 4),
+        onset_s=round(onset_s, 4),
+        before_p50_ms=before_p50,
+        after_p50_ms=after_p50,
+        before_p99_ms=_ms(before_ms, 99),
+        after_p99_ms=_ms(after_ms, 99),
+        ratio=round(after_p50 / before_p50, 1) if before_p50 > 0 else None,
+        rate_before_per_s=_rate(in_before, onset_s - first_s),
+        rate_after_per_s=_rate(in_after, end_s - onset_s),
+    )

@@ -1,0 +1,116 @@
+"""The latency-cliff detector (``harness.report.cliff``) on synthetic arrays."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from harness.report.cliff import CliffInput, detect_cliff
+
+
+def _fill(
+    n: int = 20_000,
+    *,
+    step_at: float = 0.5,
+    before_ms: float = 0.01,
+    after_ms: float = 0.9,
+    noise: float = 0.3,
+    seed: int = 1,
+    fast_rate: float = 50_000.0,
+    slow_rate: float | None = None,
+) -> CliffInput:
+    """A range filling linearly from empty to full; latency steps at ``step_at``."""
+    rng = np.random.default_rng(seed)
+    occupancy = np.linspace(0.0, 1.0, n, endpoint=False)
+    slow = occupancy >= step_at
+    base = np.where(slow, after_ms, before_ms)
+    connect_ms = base * rng.lognormal(0.0, noise, n)
+    gaps = np.where(slow, 1 / (slow_rate or fast_rate * before_ms / after_ms), 1 / fast_rate)
+    start_s = np.concatenate(([0.0], np.cumsum(gaps[:-1])))
+    return CliffInput(occupancy, connect_ms, start_s, np.zeros(0))
+
+
+def test_a_sharp_step_at_the_even_half_is_found_with_its_ratio_and_rates() -> None:
+    cliff = detect_cliff(_fill(slow_rate=1_000.0))
+    assert cliff.detected
+    assert cliff.onset_occupancy == pytest.approx(0.5, abs=0.01)
+    assert cliff.ratio == pytest.approx(90, rel=0.1)
+    assert cliff.before_p50_ms == pytest.approx(0.01, rel=0.1)
+    assert cliff.after_p50_ms == pytest.approx(0.9, rel=0.1)
+    assert cliff.after_p99_ms is not None and cliff.after_p99_ms > cliff.after_p50_ms
+    assert cliff.rate_before_per_s == pytest.approx(50_000, rel=0.01)
+    assert cliff.rate_after_per_s == pytest.approx(1_000, rel=0.01)
+    assert cliff.onset_s == pytest.approx(10_000 / 50_000, rel=0.01)
+
+
+def test_flat_latency_has_no_cliff() -> None:
+    cliff = detect_cliff(_fill(after_ms=0.01))
+    assert not cliff.detected
+    assert cliff.onset_occupancy is None and cliff.ratio is None
+
+
+def test_a_step_under_the_ratio_is_not_a_cliff() -> None:
+    assert not detect_cliff(_fill(after_ms=0.02)).detected  # 2x: noise, not a scan
+    assert detect_cliff(_fill(after_ms=0.04)).detected  # 4x: the 1k-port cliff's size
+
+
+def test_a_short_spike_is_not_sustained() -> None:
+    data = _fill(after_ms=0.01)
+    spike = (data.occupancy >= 0.3) & (data.occupancy < 0.33)
+    slowed = np.where(spike, data.connect_ms * 100, data.connect_ms)
+    cliff = detect_cliff(CliffInput(data.occupancy, slowed, data.start_s, data.failures_s))
+    assert not cliff.detected
+
+
+def test_too_few_connections_decide_nothing() -> None:
+    assert not detect_cliff(_fill(n=150)).detected
+
+
+def test_noisy_latency_still_finds_the_onset() -> None:
+    cliff = detect_cliff(_fill(noise=1.0, after_ms=0.15, seed=7))
+    assert cliff.detected
+    assert cliff.onset_occupancy == pytest.approx(0.5, abs=0.02)
+
+
+def test_occupancy_that_never_reaches_the_step_has_no_cliff() -> None:
+    data = _fill()
+    low = data.occupancy < 0.5
+    kept = CliffInput(data.occupancy[low], data.connect_ms[low], data.start_s[low], np.zeros(0))
+    assert not detect_cliff(kept).detected
+
+
+def test_empty_input() -> None:
+    empty = np.zeros(0)
+    assert not detect_cliff(CliffInput(empty, empty, empty, empty)).detected
+
+
+def test_the_rate_after_ends_at_the_first_failure_for_want_of_a_port() -> None:
+    data = _fill(slow_rate=1_000.0)
+    onset_s = 10_000 / 50_000
+    failures = np.array([onset_s + 2.0, onset_s + 2.001])
+    cliff = detect_cliff(CliffInput(data.occupancy, data.connect_ms, data.start_s, failures))
+    assert cliff.rate_after_per_s == pytest.approx(1_000, rel=0.01)
+    assert cliff.onset_s == pytest.approx(onset_s, rel=0.01)
+
+
+def test_failures_before_the_onset_leave_the_rate_after_over_the_rest() -> None:
+    """A range already failing (full windows): the rate after runs to the last start,
+    not to the next failure a few microseconds on."""
+    data = _fill(slow_rate=1_000.0)
+    failures = np.array([0.01, 10_000 / 50_000 + 0.0001])
+    cliff = detect_cliff(CliffInput(data.occupancy, data.connect_ms, data.start_s, failures))
+    assert cliff.rate_after_per_s == pytest.approx(1_000, rel=0.01)
+
+
+def test_a_random_port_window_is_aligned_and_inside_the_range() -> None:
+    from harness.load.churn import PortWindow
+
+    window = PortWindow.over(40000, 55999, 64)
+    assert window.count == 250
+    picks = {window.pick() for _ in range(2000)}
+    lows = np.array([value & 0xFFFF for value in picks])
+    highs = np.array([value >> 16 for value in picks])
+    assert ((lows - 40000) % 64 == 0).all() and (highs - lows == 63).all()
+    assert lows.min() >= 40000 and highs.max() <= 55999
+    assert len(picks) > 200  # spread over the windows
+    assert PortWindow.over(40000, 40009, 64) == PortWindow(40000, 10, 1)  # narrower range
