@@ -18,6 +18,7 @@ from typing import Any, Final, Literal, TypeVar
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from harness.errors import SummaryError
+from harness.report.cpu import Cpu
 from harness.report.sections import (
     BindAttempt,
     Capacity,
@@ -100,6 +101,7 @@ class Summary(Section):
     hosts: list[HostSection] | None = None
     capacity: Capacity = Capacity()
     occupancy: Occupancy | None = None
+    cpu: Cpu | None = None
 
     @property
     def exhausted_at(self) -> float | None:
