@@ -48,8 +48,10 @@ def cpu_vs_occupancy(data: RunData) -> Figure:
             lw=1.0,
             label=f"system, whole run: {cpu.system_us_per_attempt:.3g} µs",
         )
+    # connect() takes ports of the range's low-end parity first: past half, it walks them
+    ax.axvline(50, color="grey", ls=":", lw=1.0, label="half the range (one parity)")
     ax.set_xlim(0, 100)
-    ax.set_ylim(bottom=0)
+    ax.set_ylim(0, float(np.maximum(system, user).max()) * 1.12 or 1.0)
     ax.set_xlabel("ports of the range in use toward the targets (%)")
     ax.set_ylabel("CPU per attempt (µs), all load processes")
     ax.set_title(f"{_TITLE} (numbers: attempts in the band)")
