@@ -12,8 +12,9 @@ close) runs one Task per user over Protocols: of the asyncio styles, uvloop
 (compare with ``make bench``).
 
 Wire format: stdin carries JSON lines (``{"users": N}``, ``{"stop": true}``);
-stdout carries frames of ``<I`` row count followed by that many ``ROW_DTYPE``
-rows, and ends with EOF after the last flush.
+stdout carries one frame per flush: a ``<I`` row count and this process's CPU
+over the interval (``harness.load.cpu.CpuInterval``), then that many
+``ROW_DTYPE`` rows; it ends with EOF after the last flush.
 """
 
 from __future__ import annotations
