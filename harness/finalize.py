@@ -15,9 +15,11 @@ import pyarrow.parquet as pq
 
 from harness.errors import RunDirError, SummaryError
 from harness.kernel.sysctls import read_kernel
+from harness.load.cpu import CPU_FILE, CPU_REQUEST_TYPE, is_cpu_part, merge_cpu_parts
 from harness.observe.collector import finish_samples
 from harness.records import Part, merge_parts
 from harness.report.analysis import analyze
+from harness.report.cpu import cpu_section
 from harness.report.hosts import HostSamples
 from harness.report.html import render_report
 from harness.report.model import (
@@ -56,6 +58,7 @@ def finalize(
     run = RunDir.open(path)
     _finish_samples(run)
     hosts = worker_hosts(run.path)
+    _merge_cpu(run, hosts)
     _merge_records(run, hosts)
     table = _read_connections(run)
     scenario = run.read_json("scenario.json")
@@ -75,6 +78,9 @@ def finalize(
     samples = _read_samples(run.path / "samples.parquet")
     server_samples = _read_samples(run.path / "server" / "samples.parquet")
     summary = analyze(table, samples, setup, summary, server_samples, hosts)
+    cpu = cpu_section(_read_cpu(run.path), samples, summary.capacity.model_ports)
+    if cpu is not None:
+        summary.cpu = cpu
     if setup.load.protocol is Protocol.TCP:  # ActiveOpens counts TCP
         _judge_kernel(summary, table, samples, judged=_kernel_is_ours(run.path, setup, hosts))
     run.write_json("summary.json", summary.to_json())
@@ -131,13 +137,44 @@ def _finish_samples(run: RunDir) -> None:
             logger.warning("%s: the collector did not finish; kept %d samples", directory, kept)
 
 
-def _merge_records(run: RunDir, hosts: list[HostSamples]) -> None:
-    """This host's record parts and every worker's into ``connections.parquet``."""
-    parts = [Part(p) for p in sorted(run.parts.glob("*.arrows"))] + [
+def _parts(run: RunDir, hosts: list[HostSamples], *, cpu: bool) -> list[Part]:
+    """This host's part files and every worker's: the CPU parts, or the records'."""
+    found = [Part(p) for p in sorted(run.parts.glob("*.arrows"))] + [
         Part(p, host.name, int(host.info.get("clock_shift_ns", 0)))
         for host in hosts
         for p in sorted((run.path / HOSTS_DIR / host.name / "parts").glob("*.arrows"))
     ]
+    return [part for part in found if is_cpu_part(part.path) == cpu]
+
+
+def _merge_cpu(run: RunDir, hosts: list[HostSamples]) -> None:
+    """Every load process's CPU per interval into ``cpu.parquet``."""
+    parts = _parts(run, hosts, cpu=True)
+    if not parts:
+        return  # nothing new (eph report), or a run from before CPU was recorded
+    try:
+        rows = merge_cpu_parts(parts, run.path / CPU_FILE)
+    except OSError as exc:
+        logger.warning("cannot write %s (%s); its parts stay in parts/", CPU_FILE, exc)
+        return
+    for part in parts:
+        part.path.unlink()
+    logger.debug("merged %d CPU rows from %d parts", rows, len(parts))
+
+
+def _read_cpu(path: Path) -> pa.Table | None:
+    try:
+        return pq.read_table(path / CPU_FILE)
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as exc:
+        logger.warning("%s is unreadable (%s); the summary has no cpu section", CPU_FILE, exc)
+        return None
+
+
+def _merge_records(run: RunDir, hosts: list[HostSamples]) -> None:
+    """This host's record parts and every worker's into ``connections.parquet``."""
+    parts = _parts(run, hosts, cpu=False)
     if not parts and run.connections.exists():
         return
     try:
@@ -350,4 +387,8 @@ def locust_request_count(path: Path) -> int | None:
         entries = json.loads(path.read_text())
     except (OSError, ValueError):
         return None
-    return sum(int(entry.get("num_requests", 0)) for entry in entries)
+    return sum(
+        int(entry.get("num_requests", 0))
+        for entry in entries
+        if entry.get("method") != CPU_REQUEST_TYPE  # CPU per connection, not requests
+    )

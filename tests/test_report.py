@@ -77,7 +77,7 @@ def test_renders_every_figure_self_contained(
     render_report(path, data)
     html = path.read_text()
     pngs = re.findall(r'src="data:image/png;base64,([A-Za-z0-9+/=]+)"', html)
-    assert len(pngs) == len(FIGURES) == 8
+    assert len(pngs) == len(FIGURES) == 9
     assert all(len(png) > 5_000 for png in pngs)  # a drawn figure, not an empty canvas
     assert "http://" not in html and "https://" not in html  # nothing fetched when opened
     assert "d &lt;b&gt;escaped&lt;/b&gt;" in html

@@ -53,7 +53,7 @@ def test_every_figure_loads_and_the_page_is_not_blank(tmp_path: Path) -> None:
     figures = re.search(r'data-figures="(\d+)"', body.group(0))
     loaded = re.search(r'data-figures-loaded="(\d+)"', body.group(0))
     assert figures and loaded, f"the page's load script did not run: {body.group(0)}"
-    assert int(figures.group(1)) == 8
+    assert int(figures.group(1)) == 9
     assert loaded.group(1) == figures.group(1), "a figure did not decode"
 
     shot = tmp_path / "report.png"

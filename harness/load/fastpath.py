@@ -31,33 +31,50 @@ from typing import BinaryIO
 import numpy as np
 
 from harness.load.churn import LINGER_RESET, ChurnPlan, Target, make_socket
+from harness.load.cpu import CpuInterval, CpuMeter
 from harness.load.outcome import INTERRUPTED, TIMED_OUT, errno_of
 from harness.load.pacing import Pacer
 from harness.records import RecordWriter
 from harness.scenario import ClosePolicy, Protocol, Reply
 
-__all__ = ["FRAME_HEADER", "CallbackChurn", "write_frame"]
+__all__ = ["FRAME_HEADER", "CallbackChurn", "flush_frame", "write_frame"]
 
 _INLINE = 64  # attempts one user makes in a row before letting the loop run others
 _SWEEP_EVERY = 0.05  # seconds between timeout sweeps over connects in flight
 
 _InFlight = tuple[socket.socket, Target, int, int]  # socket, target, start ns, user slot
 
-# the uvloop child's stdout: frames of a ``<I`` row count, then that many ROW_DTYPE rows
-FRAME_HEADER = struct.Struct("<I")
+# the uvloop child's stdout: frames of a ``<I`` row count and the child's CPU over the
+# interval (a ``CpuInterval``'s six fields), then that many ROW_DTYPE rows
+FRAME_HEADER = struct.Struct("<I6q")
+_NO_CPU = CpuInterval(0, 0, 0, 0, 0, 0)
 
 
-def write_frame(out: BinaryIO, rows: np.ndarray) -> None:
-    out.write(FRAME_HEADER.pack(len(rows)) + rows.tobytes())
+def write_frame(out: BinaryIO, rows: np.ndarray, cpu: CpuInterval | None = None) -> None:
+    out.write(FRAME_HEADER.pack(len(rows), *(cpu or _NO_CPU)) + rows.tobytes())
     out.flush()
+
+
+def flush_frame(writer: RecordWriter, meter: CpuMeter | None, out: BinaryIO) -> None:
+    """One interval: the staged rows to the part file and the Locust process, with the
+    CPU this process spent meanwhile (``harness.load.cpu``)."""
+    rows = writer.flush()
+    write_frame(out, rows, meter.tick(rows) if meter is not None else None)
 
 
 class CallbackChurn:
     """N users, each a chain of non-blocking connect/close attempts, every one recorded."""
 
-    def __init__(self, plan: ChurnPlan, writer: RecordWriter, out: BinaryIO) -> None:
+    def __init__(
+        self,
+        plan: ChurnPlan,
+        writer: RecordWriter,
+        out: BinaryIO,
+        meter: CpuMeter | None = None,
+    ) -> None:
         self.plan = plan
         self.writer = writer
+        self.meter = meter
         self._out = out
         self._pacer = Pacer(plan.rate) if plan.rate > 0 else None
         self._targets: Iterator[Target] = plan.cycle()
@@ -103,7 +120,7 @@ class CallbackChurn:
             self._sweeper = None
 
     def flush(self) -> None:
-        write_frame(self._out, self.writer.flush())
+        flush_frame(self.writer, self.meter, self._out)
 
     def _next(self, slot: int, paced: bool = False) -> None:
         """Attempt after attempt for one user until one must wait (connect, pace, backoff)."""

@@ -7,6 +7,16 @@ endpoint, merged with ``StatsEntry.extend``: the same merge Locust's master uses
 for its workers' reports. ``tests/test_locust_stats.py`` checks the result equals
 logging each request.
 
+CPU per connection goes to Locust's table too, as two entries of request type
+``CPU`` (:func:`feed_cpu`): each interval of an engine process (see
+``harness.load.cpu``) counts as its attempts, each with a "response time" of the
+interval's CPU *microseconds* per attempt. So the entry's average is exactly the
+CPU spent over the attempts made, its percentiles weigh the intervals by their
+attempts, and its request count repeats the connections'. They stay out of the
+Aggregated row and out of eph's conservation count (``locust.json`` entries of
+type ``CPU`` are skipped). The CPU of a Locust process that only drives a uvloop
+child is not in them (it is in ``cpu.parquet``).
+
 Imports locust: only for Locust processes.
 """
 
@@ -18,6 +28,7 @@ from collections.abc import Sequence
 import numpy as np
 from locust import stats as locust_stats
 
+from harness.load.cpu import CPU_REQUEST_TYPE, CpuInterval
 from harness.load.outcome import (
     ConnectionFailed,
     Outcome,
@@ -26,9 +37,11 @@ from harness.load.outcome import (
     failure_counts,
 )
 
-__all__ = ["REQUEST_TYPE", "feed_rows"]
+__all__ = ["CPU_REQUEST_TYPE", "REQUEST_TYPE", "SYSTEM_CPU", "USER_CPU", "feed_cpu", "feed_rows"]
 
 REQUEST_TYPE = "TCP"
+SYSTEM_CPU = "system µs per connection"
+USER_CPU = "user µs per connection"
 
 
 def feed_rows(stats: locust_stats.RequestStats, rows: np.ndarray, names: Sequence[str]) -> None:
@@ -91,3 +104,22 @@ def _log_errors(
         entry = stats.errors[key] = locust_stats.StatsError(REQUEST_TYPE, name, error)
     entry.occurred()
     entry.occurrences += count - 1
+
+
+def feed_cpu(stats: locust_stats.RequestStats, interval: CpuInterval) -> None:
+    """Add one interval of an engine process to the ``CPU`` entries: its attempts,
+    each with the interval's CPU µs per attempt as its response time."""
+    if not interval.attempts:
+        return  # CPU with no attempt to charge it to: cpu.parquet keeps it
+    wall = time.time() - (time.monotonic_ns() - interval.t_ns) / 1e9
+    for name, spent_us in ((SYSTEM_CPU, interval.stime_us), (USER_CPU, interval.utime_us)):
+        per_attempt = spent_us / interval.attempts
+        batch = locust_stats.StatsEntry(stats, name, CPU_REQUEST_TYPE)
+        batch.num_requests = interval.attempts
+        batch.total_response_time = float(spent_us)  # type: ignore[assignment]
+        batch.min_response_time = per_attempt  # type: ignore[assignment]
+        batch.max_response_time = per_attempt  # type: ignore[assignment]
+        batch.start_time = wall - interval.interval_ns / 1e9
+        batch.last_request_timestamp = wall
+        batch.response_times[locust_stats.bucket_response_time(per_attempt)] = interval.attempts
+        stats.get(name, CPU_REQUEST_TYPE).extend(batch)

@@ -40,13 +40,14 @@ from locust.env import Environment
 
 from harness.endpoints import Endpoint
 from harness.load.churn import ChurnPlan, Target
+from harness.load.cpu import CpuMeter, cpu_part_path
 from harness.load.distributed import CollectorChild, worker_run_dir
 from harness.load.gevent_engine import GeventChurn
 from harness.load.outcome import failure
 from harness.load.pacing import Pacer
 from harness.load.progress import ProgressCounter
-from harness.load.stats import REQUEST_TYPE, feed_rows
-from harness.load.uvloop_engine import read_frame
+from harness.load.stats import REQUEST_TYPE, feed_cpu, feed_rows
+from harness.load.uvloop_engine import read_frame_cpu
 from harness.records import FLUSH_INTERVAL, RecordWriter
 from harness.rundir import RunDir
 from harness.scenario import Engine, Scenario, load_scenario
@@ -110,6 +111,12 @@ class _Session:
         )
         self.writer: RecordWriter | None = None
         self.bridge: _UvloopBridge | None = None
+        # this process's CPU per flush; a uvloop child meters its own, and this
+        # process then only drives it
+        label = "locust" if self.engine is Engine.LOCUST else "uvloop-driver"
+        self.cpu = CpuMeter(
+            cpu_part_path(self.run_dir.parts, f"{label}-{pid}-{sequence}"), engine=label
+        )
         if self.engine is Engine.LOCUST:
             part = self.run_dir.parts / f"locust-{pid}-{sequence}.arrows"
             self.writer = RecordWriter(
@@ -140,8 +147,16 @@ class _Session:
             self.flush()
 
     def flush(self, done: bool = False) -> None:
+        """One interval: rows to the part file, counted; at ``done`` the last one."""
         if self.writer is not None:
-            self.progress.update(self.writer.flush())
+            rows = self.writer.close() if done else self.writer.flush()
+            self.progress.update(rows)
+            interval = self.cpu.close(rows) if done else self.cpu.tick(rows)
+            feed_cpu(self.environment.stats, interval)
+        elif done:
+            self.cpu.close()
+        else:
+            self.cpu.tick()
         runner = self.environment.runner
         self.progress.write(users=runner.user_count if runner else 0, done=done)
 
@@ -152,8 +167,6 @@ class _Session:
         self._flusher.kill()
         if self.bridge is not None:
             self.bridge.stop()
-        if self.writer is not None:
-            self.progress.update(self.writer.close())
         self.flush(done=True)
         if self.collector is not None:
             self.collector.stop()
@@ -206,9 +219,10 @@ class _UvloopBridge:
     def _read(self) -> None:
         session = self._session
         stats = session.environment.stats
-        while (rows := read_frame(self._proc.stdout)) is not None:
-            feed_rows(stats, rows, session.names)
-            session.progress.update(rows)
+        while (frame := read_frame_cpu(self._proc.stdout)) is not None:
+            feed_rows(stats, frame.rows, session.names)
+            feed_cpu(stats, frame.cpu)  # the child's CPU; it writes its own CPU part
+            session.progress.update(frame.rows)
 
     def stop(self) -> None:
         self._send({"stop": True})

@@ -12,8 +12,9 @@ close) runs one Task per user over Protocols: of the asyncio styles, uvloop
 (compare with ``make bench``).
 
 Wire format: stdin carries JSON lines (``{"users": N}``, ``{"stop": true}``);
-stdout carries frames of ``<I`` row count followed by that many ``ROW_DTYPE``
-rows, and ends with EOF after the last flush.
+stdout carries one frame per flush: a ``<I`` row count and this process's CPU
+over the interval (``harness.load.cpu.CpuInterval``), then that many
+``ROW_DTYPE`` rows; it ends with EOF after the last flush.
 """
 
 from __future__ import annotations
@@ -29,18 +30,19 @@ import socket
 import sys
 import time
 from pathlib import Path
-from typing import BinaryIO
+from typing import BinaryIO, NamedTuple
 
 import numpy as np
 
 from harness.load.churn import LINGER_RESET, UDP_PAYLOAD, ChurnPlan, Target, make_socket
-from harness.load.fastpath import FRAME_HEADER, CallbackChurn, write_frame
+from harness.load.cpu import CpuInterval, CpuMeter, cpu_part_path
+from harness.load.fastpath import FRAME_HEADER, CallbackChurn, flush_frame, write_frame
 from harness.load.outcome import INTERRUPTED, NO_REPLY, TIMED_OUT, columns, errno_of
 from harness.load.pacing import Pacer
 from harness.records import FLUSH_INTERVAL, ROW_DTYPE, RecordWriter
 from harness.scenario import ClosePolicy, Protocol, Reply, Scenario
 
-__all__ = ["FRAME_HEADER", "UvloopChurn", "read_frame"]
+__all__ = ["FRAME_HEADER", "Frame", "UvloopChurn", "read_frame", "read_frame_cpu"]
 
 
 class _Client(asyncio.Protocol):
@@ -88,9 +90,16 @@ class _Client(asyncio.Protocol):
 class UvloopChurn:
     """N concurrent attempt loops, resized on request, recording every attempt."""
 
-    def __init__(self, plan: ChurnPlan, writer: RecordWriter, out: BinaryIO) -> None:
+    def __init__(
+        self,
+        plan: ChurnPlan,
+        writer: RecordWriter,
+        out: BinaryIO,
+        meter: CpuMeter | None = None,
+    ) -> None:
         self.plan = plan
         self.writer = writer
+        self.meter = meter
         self._out = out
         self._pacer = Pacer(plan.rate) if plan.rate > 0 else None
         self._target_users = 0
@@ -231,7 +240,7 @@ class UvloopChurn:
         return 0
 
     def flush(self) -> None:
-        write_frame(self._out, self.writer.flush())
+        flush_frame(self.writer, self.meter, self._out)
 
 
 def _close(transport: asyncio.Transport, policy: ClosePolicy) -> None:
@@ -245,16 +254,29 @@ def _close(transport: asyncio.Transport, policy: ClosePolicy) -> None:
         transport.close()
 
 
-def read_frame(stream: BinaryIO) -> np.ndarray | None:
+class Frame(NamedTuple):
+    """One flush of the engine child: its rows, and its CPU over the interval."""
+
+    rows: np.ndarray
+    cpu: CpuInterval
+
+
+def read_frame_cpu(stream: BinaryIO) -> Frame | None:
     """Read one frame; ``None`` at EOF."""
     header = stream.read(FRAME_HEADER.size)
     if len(header) < FRAME_HEADER.size:
         return None
-    (count,) = FRAME_HEADER.unpack(header)
+    count, *cpu = FRAME_HEADER.unpack(header)
     payload = stream.read(count * ROW_DTYPE.itemsize)
     if len(payload) < count * ROW_DTYPE.itemsize:
         return None
-    return np.frombuffer(payload, dtype=ROW_DTYPE)
+    return Frame(np.frombuffer(payload, dtype=ROW_DTYPE), CpuInterval(*cpu))
+
+
+def read_frame(stream: BinaryIO) -> np.ndarray | None:
+    """Read one frame's rows; ``None`` at EOF."""
+    frame = read_frame_cpu(stream)
+    return frame.rows if frame is not None else None
 
 
 async def _serve(churn: UvloopChurn | CallbackChurn) -> None:
@@ -300,8 +322,9 @@ def main(argv: list[str] | None = None) -> int:
         engine="uvloop",
         pid=os.getpid(),
     )
+    meter = CpuMeter(cpu_part_path(args.part.parent, f"uvloop-{os.getpid()}"), engine="uvloop")
     engine = CallbackChurn if CallbackChurn.applies(plan) else UvloopChurn
-    churn = engine(plan, writer, sys.stdout.buffer)
+    churn = engine(plan, writer, sys.stdout.buffer, meter)
     # Ctrl-C reaches the whole process group; this process stops when its Locust
     # process says so (stdin), after finishing and recording its attempts.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -312,8 +335,7 @@ def main(argv: list[str] | None = None) -> int:
         uvloop.run(_serve(churn))
     finally:
         rows = writer.close()
-        if len(rows):
-            write_frame(sys.stdout.buffer, rows)
+        write_frame(sys.stdout.buffer, rows, meter.close(rows))
         sys.stdout.buffer.flush()
     return 0
 

@@ -18,6 +18,7 @@ from typing import Any, Final, Literal, TypeVar
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from harness.errors import SummaryError
+from harness.report.cpu import Cpu
 from harness.report.sections import (
     BindAttempt,
     Capacity,
@@ -103,6 +104,7 @@ class Summary(Section):
     capacity: Capacity = Capacity()
     occupancy: Occupancy | None = None
     latency_cliff: LatencyCliff | None = None
+    cpu: Cpu | None = None
 
     @property
     def exhausted_at(self) -> float | None:

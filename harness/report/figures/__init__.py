@@ -17,6 +17,7 @@ from harness.report.figures._axes import time_bins
 from harness.report.figures.capacity import capacity
 from harness.report.figures.compare import compare_capacity, compare_occupancy, compare_successes
 from harness.report.figures.connections import allocation, outcomes, port_use
+from harness.report.figures.cpu import cpu_vs_occupancy
 from harness.report.figures.kernel import counters, reuse_age
 from harness.report.figures.occupancy import hosts, latency_vs_occupancy, occupancy
 from harness.report.rundata import RunData
@@ -33,6 +34,13 @@ __all__ = [
 ]
 
 FigureMaker = Callable[[RunData], Figure]
+
+CPU_CAPTION = (
+    "System and user CPU of the load processes per attempt, in bands of the range's"
+    " occupancy (cpu.parquet joined with the collector's samples). connect() walks the"
+    " ports in use looking for a free one, so system CPU per attempt rises as the range"
+    " fills: often the first sign of exhaustion."
+)
 
 # title, function, what it shows (the report's caption)
 FIGURES: list[tuple[str, FigureMaker, str]] = [
@@ -79,6 +87,7 @@ FIGURES: list[tuple[str, FigureMaker, str]] = [
         " line marks where the latency steps up (the cliff), the grey lines its p50 before"
         " and after. A full range makes connect() walk more candidate ports still.",
     ),
+    ("System CPU per connection against occupancy", cpu_vs_occupancy, CPU_CAPTION),
     (
         "Kernel counters",
         counters,
