@@ -42,7 +42,7 @@ PER_REQUEST = (
 # one curl, 140 URLs: curl keeps the connection alive between them
 POOLED = (
     "curl -s -o /dev/null --max-time 20 -w '%{http_code} %{num_connects}\\n'"
-    " \"http://${EPH_TARGET}/[1-140]\""
+    ' "http://${EPH_TARGET}/[1-140]"'
 )
 
 

@@ -26,7 +26,6 @@ from harness.scenario.model import Scenario
 __all__ = ["apply_override", "load_scenario", "parse_scenario"]
 
 
-
 def load_scenario(
     path: Path | str, overrides: Iterable[str] = (), *, targets: Sequence[str] = ()
 ) -> Scenario:
