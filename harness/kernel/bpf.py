@@ -132,13 +132,14 @@ def netns_inode(path: Path = Path("/proc/self/ns/net")) -> int:
     return os.stat(path).st_ino
 
 
-def recorder_command(netns: int, out: Path, bpftrace: str = "bpftrace") -> list[str]:
-    """bpftrace recording the client connections of namespace ``netns`` to ``out``.
+def recorder_command(netns: int, bpftrace: str = "bpftrace") -> list[str]:
+    """bpftrace recording the client connections of namespace ``netns`` to its stdout
+    (a file: ``-o`` would buffer it whole).
 
     Line-buffered: each line is written when its connection closes, so what a
     killed recorder leaves is whole lines.
     """
-    return [bpftrace, "-B", "line", "-o", str(out), "-e", program(), str(netns)]
+    return [bpftrace, "-B", "line", "-e", program(), str(netns)]
 
 
 def recorder_env() -> dict[str, str]:
@@ -290,4 +291,5 @@ def _tuple_key(table: pa.Table) -> np.ndarray:
         column = table.column(name).combine_chunks()
         values = column.indices if pa.types.is_dictionary(column.type) else column
         key = (key + values.to_numpy().astype(np.int64)) << bits
-    return key + table.column("remote_port").to_numpy().astype(np.int64)
+    key += table.column("remote_port").to_numpy().astype(np.int64)
+    return key
