@@ -113,6 +113,7 @@ class Observation:
     views: Sequence[ObserveView] = ()
     settings: Settings = field(default_factory=Settings.read)
     trace: bool = False  # with out: the kernel's record of every connection (eBPF)
+    trace_reason: str | None = None  # why --trace could not trace
     samples: int = 0
     stop_reason: str | None = None
     _stop: bool = field(default=False, repr=False)
@@ -130,6 +131,7 @@ class Observation:
         store = ObserveStore(self.out) if self.out is not None else None
         children = Supervisor()
         tracing = start_trace(children, self.out) if self.trace and self.out else None
+        self.trace_reason = tracing if isinstance(tracing, str) else None
         previous = _install_stop(self)
         began, started = clock(), time.time()
         self._write_meta(started, None)
@@ -150,7 +152,7 @@ class Observation:
             if store is not None:
                 store.close()
             with contextlib.closing(children):
-                if tracing is not None:
+                if tracing is not None and not isinstance(tracing, str):
                     tracing.finish()
             self._write_meta(started, clock() - began)
 

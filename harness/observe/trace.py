@@ -100,21 +100,20 @@ class KernelTrace:
 
 
 def start_trace(
-    children: Supervisor, directory: Path, netns: int | None = None
-) -> KernelTrace | None:
-    """A started recorder of ``netns`` (default: this process's), or ``None`` with the
-    reason logged in one line when the kernel or the host cannot trace."""
+    children: Supervisor, directory: Path, netns: Path = Path("/proc/self/ns/net")
+) -> KernelTrace | str:
+    """A started recorder of namespace ``netns`` (default: this process's), or why the
+    kernel or the host cannot trace, in one line (also logged)."""
     reason = bpf.unavailable()
-    if reason is not None:
-        logger.warning("no kernel trace: %s; sampling goes on", reason)
-        return None
-    trace = KernelTrace(children, directory, netns if netns is not None else bpf.netns_inode())
-    try:
-        trace.start()
-    except RunError as exc:
-        logger.warning("no kernel trace: %s; sampling goes on", exc)
-        return None
-    return trace
+    if reason is None:
+        trace = KernelTrace(children, directory, bpf.netns_inode(netns))
+        try:
+            trace.start()
+            return trace
+        except RunError as exc:
+            reason = str(exc)
+    logger.warning("no kernel trace: %s; sampling goes on", reason)
+    return reason
 
 
 def _read(path: Path) -> str:

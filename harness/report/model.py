@@ -42,6 +42,7 @@ from harness.report.sections import (
     TupleExample,
     Tuples,
 )
+from harness.report.witness import KernelWitness
 
 __all__ = [
     "SCHEMA_VERSION",
@@ -100,6 +101,7 @@ class Summary(Section):
     hosts: list[HostSection] | None = None
     capacity: Capacity = Capacity()
     occupancy: Occupancy | None = None
+    kernel_witness: KernelWitness | None = None
 
     @property
     def exhausted_at(self) -> float | None:
