@@ -18,7 +18,9 @@ Columns are those of :data:`~harness.records.CONNECTIONS_SCHEMA` (``engine`` is
 ``"kernel"``; ``close`` is who sent the first FIN: ``client`` for this side,
 ``server`` for the peer, ``reset`` when the connection ended from ESTABLISHED
 with no FIN) plus ``comm``, ``time_wait_ns`` (when the socket went on as a
-TIME_WAIT socket, 0 if it did not) and ``time_wait_end_ns`` (TIME_WAIT's end:
+timewait socket holding its port, 0 if it did not: TIME_WAIT, or FIN_WAIT2 when
+this side had closed and the peer not yet; ``ss`` shows the latter as
+FIN-WAIT-2) and ``time_wait_end_ns`` (TIME_WAIT's end:
 60 s later, or sooner when the same 4-tuple was reused). IPv4 only.
 """
 

@@ -1,0 +1,200 @@
+"""The eBPF recorder: its lines parsed in bulk, and its rows for clients eph did not write
+matched against ``ss`` and the clients' own counts, in a namespace of their own."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from harness.kernel import bpf
+from harness.kernel.netns import Namespace
+from harness.observe.trace import KernelTrace
+from harness.report.witness import kernel_witness
+from harness.supervisor import Stage, Supervisor
+
+LO = socket.htonl(0x7F000001)  # 127.0.0.1 as the kernel holds it, read as a host u32
+
+
+def _line(syn: int, est: int, close: int, last: int, fin: int, err: int, sport: int) -> str:
+    return f"{syn}\t{est}\t{close}\t{last}\t{fin}\t{err}\t{LO}\t{sport}\t{LO}\t80\t42\tmy client"
+
+
+def test_lines_become_connection_columns(tmp_path: Path) -> None:
+    text = tmp_path / "kernel.tsv"
+    lines = [
+        "Attaching 5 probes...",
+        bpf.READY_LINE,
+        _line(1_000_000, 1_250_000, 9_000_000, 5, 1, 0, 40000),  # we closed: TIME_WAIT
+        _line(2_000_000, 2_100_000, 3_000_000, 9, 2, 0, 40001),  # the peer closed first
+        _line(4_000_000, 0, 4_002_000, 2, 0, 99, 0),  # EADDRNOTAVAIL inside connect()
+        _line(5_000_000, 5_001_000, 6_000_000, 1, 0, 104, 40002),  # reset
+        _line(10_000_000, 10_001_000, 11_000_000, 5, 1, 0, 40000),  # the tuple, reused
+        "",
+    ]
+    text.write_text("\n".join(lines))
+    read = bpf.convert(text, tmp_path / "k.arrows", tmp_path / "k.parquet", "here")
+    assert (read.connections, read.skipped_lines) == (5, 2)
+    rows = pq.read_table(tmp_path / "k.parquet").to_pylist()
+    assert [r["start_ns"] for r in rows] == sorted(r["start_ns"] for r in rows)
+    first, peer, failed, reset, again = rows
+    assert (first["connect_us"], first["close_us"], first["close"]) == (250, 8000, "client")
+    assert first["local_addr"] == first["remote_addr"] == "127.0.0.1"
+    assert (first["comm"], first["pid"], first["engine"], first["host"]) == (
+        "my client", 42, "kernel", "here",
+    )  # fmt: skip
+    assert first["time_wait_ns"] == 9_000_000
+    assert first["time_wait_end_ns"] == 10_000_000  # the tuple's next SYN ended it
+    assert again["time_wait_end_ns"] == 11_000_000 + bpf.TIME_WAIT_NS
+    assert (peer["close"], peer["time_wait_ns"]) == ("server", 0)
+    assert (failed["errno"], failed["local_port"], failed["close"], failed["connect_us"]) == (
+        99, 0, "", 2,
+    )  # fmt: skip
+    assert (reset["close"], reset["io_errno"], reset["errno"]) == ("reset", 104, 0)
+
+
+def _records(path: Path, rows: list[tuple[int, int, int]]) -> None:
+    """A records table: (start_ns, local_port, errno) toward 127.0.0.1:80."""
+    n = len(rows)
+    addr = pa.DictionaryArray.from_arrays(pa.array([0] * n, pa.int32()), ["127.0.0.1"])
+    pq.write_table(
+        pa.table(
+            {
+                "start_ns": pa.array([r[0] for r in rows], pa.int64()),
+                "local_addr": addr,
+                "local_port": pa.array([r[1] for r in rows], pa.uint16()),
+                "remote_addr": addr,
+                "remote_port": pa.array([80] * n, pa.uint16()),
+                "errno": pa.array([r[2] for r in rows], pa.uint16()),
+            }
+        ),
+        path,
+    )
+
+
+def test_the_witness_matches_tuples_by_turn_and_failures_by_count(tmp_path: Path) -> None:
+    ours, seen = tmp_path / "ours.parquet", tmp_path / "seen.parquet"
+    second = 1_000_000_000
+    _records(ours, [(0, 40000, 0), (5 * second, 40000, 0), (1, 0, 99), (2, 0, 99), (3, 41, 0)])
+    _records(seen, [(10, 40000, 0), (5 * second + 10, 40000, 0), (7, 0, 99), (9, 40005, 0)])
+    witness = kernel_witness(ours, seen)
+    assert (witness.records, witness.kernel_connections, witness.matched) == (5, 4, 3)
+    assert (witness.only_in_records, witness.only_in_kernel) == (2, 1)
+    missing = kernel_witness(ours, None, reason="kernel tracing needs root (eBPF)")
+    assert (missing.available, missing.reason) == (False, "kernel tracing needs root (eBPF)")
+
+
+def _require_bpftrace() -> None:
+    reason = bpf.unavailable()
+    if reason is None:
+        return
+    if os.environ.get("EPH_REQUIRE_BROWSER") == "1" and shutil.which("bpftrace") is None:
+        pytest.fail("bpftrace is missing: `make system-deps` installs it")
+    pytest.skip(reason)
+
+
+CLIENT = """
+import errno, json, socket, sys
+server = socket.socket(); server.bind(("127.0.0.1", 0)); server.listen(1024)
+counts = {"ok": 0, "eaddrnotavail": 0, "other": 0}
+for _ in range(int(sys.argv[1])):
+    s = socket.socket()
+    code = s.connect_ex(server.getsockname())
+    key = "ok" if code == 0 else "eaddrnotavail" if code == errno.EADDRNOTAVAIL else "other"
+    counts[key] += 1
+    if code == 0:
+        conn, _ = server.accept()
+        s.close()  # this side's FIN first: TIME_WAIT here once the server's FIN comes
+        conn.recv(1)
+        conn.close()
+    else:
+        s.close()
+print(json.dumps({**counts, "port": server.getsockname()[1]}))
+"""
+
+
+def _time_wait(ns: Namespace, remote_port: int) -> int:
+    """Client timewait sockets toward ``remote_port``: TIME-WAIT, and FIN-WAIT-2 once
+    their socket is closed (the kernel keeps those as timewait sockets too)."""
+    args = ["ss", "-tanH", "state", "time-wait", "state", "fin-wait-2"]
+    out = subprocess.run(ns.command(args), capture_output=True, text=True).stdout
+    peers = [line.split()[-1] for line in out.splitlines() if line.strip()]
+    return sum(peer.rsplit(":", 1)[1] == str(remote_port) for peer in peers)
+
+
+@pytest.mark.netns
+def test_recorder_rows_for_clients_eph_did_not_write_match_ss(
+    tmp_path: Path, netns: Namespace
+) -> None:
+    _require_bpftrace()
+    subprocess.run(netns.command(["ip", "link", "set", "lo", "up"]), check=True)
+    netns.set_sysctl("net.ipv4.ip_local_port_range", [40000, 40099])
+    netns.set_sysctl("net.ipv4.tcp_tw_reuse", 0)
+    script = tmp_path / "client.py"
+    script.write_text(CLIENT)
+    with Supervisor() as children:
+        trace = KernelTrace(children, tmp_path, bpf.netns_inode(Path("/run/netns") / netns.name))
+        trace.start()
+        client = subprocess.run(
+            netns.command([sys.executable, str(script), "130"]),
+            capture_output=True, text=True, timeout=60, check=True,
+        )  # fmt: skip
+        counted = json.loads(client.stdout)
+        in_time_wait = _time_wait(netns, counted["port"])
+        server = children.start(
+            "http.server",
+            netns.command([sys.executable, "-m", "http.server", "-b", "127.0.0.1", "8765"]),
+            stage=Stage.TARGET, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )  # fmt: skip
+        _wait_for_port(netns, 8765)
+        for _ in range(10):  # HTTP/1.0: both close at once, the one first is either
+            subprocess.run(
+                netns.command(["curl", "-sf", "-o", "/dev/null", "http://127.0.0.1:8765/"]),
+                check=True, timeout=10,
+            )  # fmt: skip
+        curl_time_wait = _time_wait(netns, 8765)
+        children.stop(server)
+        result = trace.finish()
+    rows = pq.read_table(tmp_path / result.table)
+    comm = np.array(rows.column("comm").to_pylist())
+    errno_ = rows.column("errno").to_numpy()
+    close = np.array(rows.column("close").to_pylist())
+    tw = rows.column("time_wait_ns").to_numpy()
+    python = comm == "python3"
+    usable = 100 - (40000 <= counted["port"] <= 40099)  # the script's own server took one?
+    assert (counted["ok"], counted["eaddrnotavail"], counted["other"]) == (usable, 130 - usable, 0)
+    assert np.count_nonzero(python & (errno_ == 0)) == counted["ok"]
+    assert np.count_nonzero(python & (errno_ == 99)) == counted["eaddrnotavail"]
+    assert np.count_nonzero(python & (close == "client") & (tw > 0)) == in_time_wait == usable
+    ports = rows.column("local_port").to_numpy()[python & (errno_ == 0)]
+    assert len(set(ports)) == usable and set(ports) <= set(range(40000, 40100))
+    curl = comm == "curl"
+    assert np.count_nonzero(curl) == 10
+    assert set(close[curl]) <= {"server", "client"}
+    assert np.count_nonzero(curl & (close == "client")) == np.count_nonzero(curl & (tw > 0))
+    assert np.count_nonzero(curl & (tw > 0)) == curl_time_wait
+    assert set(rows.column("remote_port").to_numpy()[curl]) == {8765}
+    assert rows.num_rows == 140  # nothing from outside the namespace, no server sockets
+    assert result.lost_events == 0
+
+
+def _wait_for_port(ns: Namespace, port: int, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        out = subprocess.run(
+            ns.command(["ss", "-tlnH", f"sport = :{port}"]), capture_output=True, text=True
+        ).stdout
+        if out.strip():
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"nothing listens on {port}")
