@@ -27,7 +27,8 @@ LO = socket.htonl(0x7F000001)  # 127.0.0.1 as the kernel holds it, read as a hos
 
 
 def _line(syn: int, est: int, close: int, last: int, fin: int, err: int, sport: int) -> str:
-    return f"{syn}\t{est}\t{close}\t{last}\t{fin}\t{err}\t{LO}\t{sport}\t{LO}\t80\t42\tmy client"
+    fields = (syn, est, close, last, fin, err, LO, sport, LO, 80, 42, "my client")
+    return f"@r{syn % 2}[{', '.join(str(f) for f in fields)}]: 1"
 
 
 def test_lines_become_connection_columns(tmp_path: Path) -> None:
@@ -41,10 +42,11 @@ def test_lines_become_connection_columns(tmp_path: Path) -> None:
         _line(5_000_000, 5_001_000, 6_000_000, 1, 0, 104, 40002),  # reset
         _line(10_000_000, 10_001_000, 11_000_000, 5, 1, 0, 40000),  # the tuple, reused
         "",
+        "@gen: 1",
     ]
     text.write_text("\n".join(lines))
     read = bpf.convert(text, tmp_path / "k.arrows", tmp_path / "k.parquet", "here")
-    assert (read.connections, read.skipped_lines) == (5, 2)
+    assert (read.connections, read.skipped_lines) == (5, 3)
     rows = pq.read_table(tmp_path / "k.parquet").to_pylist()
     assert [r["start_ns"] for r in rows] == sorted(r["start_ns"] for r in rows)
     first, peer, failed, reset, again = rows
