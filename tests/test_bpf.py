@@ -23,6 +23,8 @@ from harness.observe.trace import KernelTrace
 from harness.report.witness import kernel_witness
 from harness.supervisor import Stage, Supervisor
 
+from .conftest import EPH, ROOT, eph, run_dir_summary, write_scenario
+
 LO = socket.htonl(0x7F000001)  # 127.0.0.1 as the kernel holds it, read as a host u32
 
 
@@ -200,3 +202,82 @@ def _wait_for_port(ns: Namespace, port: int, timeout: float = 10.0) -> None:
             return
         time.sleep(0.05)
     raise AssertionError(f"nothing listens on {port}")
+
+
+SCENARIO = """
+name = "traced"
+duration = "2s"
+[target]
+endpoints = ["127.0.0.1:9000"]
+[listener]
+[load]
+engine = "uvloop"
+users = 10
+spawn_rate = 100
+rate = 0
+close = "client"
+backoff = "20ms"
+"""
+
+
+@pytest.mark.netns
+@pytest.mark.e2e
+def test_run_trace_witnesses_every_record_and_failure(tmp_path: Path, netns: Namespace) -> None:
+    """100 ports, no reuse: 100 successes then EADDRNOTAVAIL, every one seen by the kernel."""
+    _require_bpftrace()
+    netns.set_sysctl("net.ipv4.ip_local_port_range", [40000, 40099])
+    netns.set_sysctl("net.ipv4.tcp_tw_reuse", 0)
+    scenario = write_scenario(tmp_path / "s.toml", SCENARIO)
+    out = tmp_path / "run"
+    result = eph(
+        ["run", str(scenario), "--trace", "--out", str(out)], cwd=tmp_path,
+        prefix=netns.command([]),
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = run_dir_summary(out)
+    witness = summary["kernel_witness"]
+    assert witness["available"] is True, witness
+    assert witness["records"] == summary["connections"]["attempted"] > 100
+    assert witness["matched"] == witness["records"] == witness["kernel_connections"], witness
+    assert witness["only_in_records"] == witness["only_in_kernel"] == 0
+    kernel = pq.read_table(out / "kernel_connections.parquet")
+    errno_ = kernel.column("errno").to_numpy()
+    assert np.count_nonzero(errno_ == 0) == summary["connections"]["succeeded"]
+    assert set(errno_[errno_ != 0]) == {99}
+
+
+@pytest.mark.netns
+@pytest.mark.e2e
+def test_observe_trace_writes_connections_of_any_client(tmp_path: Path, netns: Namespace) -> None:
+    _require_bpftrace()
+    subprocess.run(netns.command(["ip", "link", "set", "lo", "up"]), check=True)
+    out = tmp_path / "obs"
+    args = [*EPH, "observe", "--trace", "--out", str(out), "--duration", "30s", "--plain"]
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    with Supervisor() as children:
+        observer = children.start(
+            "observe", netns.command([*args, "--no-report"]), stage=Stage.OBSERVE, env=env,
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )  # fmt: skip
+        deadline = time.monotonic() + 30
+        while not ((out / "host.arrows").exists() and (out / "host.arrows").stat().st_size):
+            assert observer.poll() is None and time.monotonic() < deadline
+            time.sleep(0.1)
+        server = children.start(
+            "http.server",
+            netns.command([sys.executable, "-m", "http.server", "-b", "127.0.0.1", "8766"]),
+            stage=Stage.TARGET, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )  # fmt: skip
+        _wait_for_port(netns, 8766)
+        for _ in range(5):
+            subprocess.run(
+                netns.command(["curl", "-sf", "-o", "/dev/null", "http://127.0.0.1:8766/"]),
+                check=True, timeout=10,
+            )  # fmt: skip
+        children.stop(server)
+        children.stop(observer, grace=60)
+    assert observer.returncode == 0
+    rows = pq.read_table(out / "connections.parquet")
+    assert rows.column("comm").to_pylist() == ["curl"] * 5
+    assert set(rows.column("remote_port").to_pylist()) == {8766}
+    assert json.loads((out / "kernel.json").read_text())["connections"] == 5
