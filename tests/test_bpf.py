@@ -19,7 +19,7 @@ import pytest
 
 from harness.kernel import bpf
 from harness.kernel.netns import Namespace
-from harness.observe.trace import KernelTrace
+from harness.observe.trace import KernelTrace, start_trace
 from harness.report.witness import kernel_witness
 from harness.supervisor import Stage, Supervisor
 
@@ -281,3 +281,78 @@ def test_observe_trace_writes_connections_of_any_client(tmp_path: Path, netns: N
     assert rows.column("comm").to_pylist() == ["curl"] * 5
     assert set(rows.column("remote_port").to_pylist()) == {8766}
     assert json.loads((out / "kernel.json").read_text())["connections"] == 5
+
+
+def test_without_root_it_says_why_in_one_line(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.setattr(os, "geteuid", lambda: 1000)
+    with Supervisor() as children:
+        reason = start_trace(children, tmp_path)
+        assert not children.running
+    assert reason == "kernel tracing needs root (eBPF)"
+    assert [r.getMessage() for r in caplog.records] == [
+        "no kernel trace: kernel tracing needs root (eBPF); sampling goes on"
+    ]
+    monkeypatch.setattr(bpf, "BTF", tmp_path / "no-btf")
+    monkeypatch.setattr(os, "geteuid", lambda: 0)
+    assert bpf.unavailable() == f"kernel tracing needs BTF ({tmp_path / 'no-btf'} is missing)"
+    monkeypatch.setattr(bpf, "BTF", tmp_path)
+    assert bpf.unavailable("no-such-bpftrace") == (
+        "kernel tracing needs bpftrace (apt-get install bpftrace)"
+    )
+
+
+CLIENT_150 = """
+import os, socket
+host, port = os.environ["EPH_TARGET"].rsplit(":", 1)
+counts = [0, 0]
+for _ in range(150):
+    s = socket.socket()
+    counts[s.connect_ex((host, int(port))) != 0] += 1
+    s.close()
+print(*counts)
+"""
+
+LAB = """
+name = "lab-trace"
+duration = "10s"
+[target]
+endpoints = ["127.0.0.1:9000"]
+[listener]
+[kernel]
+ip_local_port_range = [40000, 40099]
+tcp_tw_reuse = 0
+[collector]
+interval = "100ms"
+"""
+
+
+@pytest.mark.netns
+@pytest.mark.e2e
+def test_lab_exec_trace_records_the_users_client(tmp_path: Path) -> None:
+    _require_bpftrace()
+    client = tmp_path / "client.py"
+    client.write_text(CLIENT_150)
+    scenario = write_scenario(tmp_path / "lab.toml", LAB)
+    out = tmp_path / "lab"
+    result = eph(
+        [
+            "lab",
+            str(scenario),
+            "--exec",
+            f"{sys.executable} {client}",
+            "--trace",
+            "--out",
+            str(out),
+        ],
+        cwd=tmp_path,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    ok, failed = map(int, (out / "exec.stdout").read_text().split())
+    assert (ok, failed) == (100, 50)
+    rows = pq.read_table(out / "connections.parquet")
+    errno_ = rows.column("errno").to_numpy()
+    assert (np.count_nonzero(errno_ == 0), np.count_nonzero(errno_ == 99)) == (ok, failed)
+    assert rows.num_rows == 150
+    assert np.count_nonzero(rows.column("time_wait_ns").to_numpy()) == ok
