@@ -20,6 +20,7 @@ import pytest
 from harness.kernel import bpf
 from harness.kernel.netns import Namespace
 from harness.observe.trace import KernelTrace, start_trace
+from harness.report.tuples import audit_tuples
 from harness.report.witness import kernel_witness
 from harness.supervisor import Stage, Supervisor
 
@@ -65,6 +66,9 @@ def test_lines_become_connection_columns(tmp_path: Path) -> None:
         99, 0, "", 2,
     )  # fmt: skip
     assert (reset["close"], reset["io_errno"], reset["errno"]) == ("reset", 104, 0)
+    # the run's analysis reads the kernel's rows as they are: same column names and values
+    audit = audit_tuples(pq.read_table(tmp_path / "k.parquet"))
+    assert (audit.distinct, audit.max_uses, audit.reused_out_of_time_wait) == (3, 2, 1)
 
 
 def _records(path: Path, rows: list[tuple[int, int, int]]) -> None:

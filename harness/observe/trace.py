@@ -43,6 +43,9 @@ class TraceResult:
     lost_events: int
     netns: int
     table: str
+    # time.time_ns() - time.monotonic_ns() at the end: the rows' CLOCK_MONOTONIC
+    # stamps on the samples' wall clock
+    wall_minus_monotonic_ns: int
 
 
 class KernelTrace:
@@ -92,6 +95,7 @@ class KernelTrace:
             lost_events=bpf.lost_events(_read(self.stderr)),
             netns=self.netns,
             table=table,
+            wall_minus_monotonic_ns=time.time_ns() - time.monotonic_ns(),
         )
         (self.directory / "kernel.json").write_text(json.dumps(asdict(result), indent=2) + "\n")
         if result.lost_events:
