@@ -185,6 +185,9 @@ def _run_children(
             locust, run, scenario, outcome.load_started, interrupt, progress, collectors
         )
         outcome.load_ended = time.monotonic()
+        if isinstance(tracing, KernelTrace):  # the load's last sockets close before it stops
+            supervisor.stop(*[c for c in supervisor.running if c.stage is Stage.LOAD])
+            tracing.settle()
         supervisor.close()
         if isinstance(tracing, KernelTrace):
             outcome.trace = tracing.finish("kernel_connections.parquet")

@@ -5,7 +5,7 @@
 filtered to one network namespace (the socket's ``skc_net`` inode, the
 connecting task's for the syscall) and to client sockets (those that pass
 CLOSE -> SYN_SENT). A connection that reaches CLOSE becomes a key of a BPF map
-that is printed and cleared every ``FLUSH_MS`` (two maps in turn): one wakeup
+that is printed and cleared every ``FLUSH_MS`` (four maps in turn): one wakeup
 of bpftrace per flush, not one per connection, which is what keeps traced churn
 near untraced. Nothing is kept per connection in Python.
 
@@ -19,7 +19,8 @@ process is the caller's (through the supervisor).
 Columns are those of :data:`~harness.records.CONNECTIONS_SCHEMA` (``engine`` is
 ``"kernel"``; ``close`` is who sent the first FIN: ``client`` for this side,
 ``server`` for the peer, ``reset`` when the connection ended from ESTABLISHED
-with no FIN) plus ``comm``, ``time_wait_ns`` (when the socket went on as a
+with no FIN; ``errno`` is ECONNABORTED for a socket its process closed while it
+was still connecting) plus ``comm``, ``time_wait_ns`` (when the socket went on as a
 timewait socket holding its port, 0 if it did not: TIME_WAIT, or FIN_WAIT2 when
 this side had closed and the peer not yet; ``ss`` shows the latter as
 FIN-WAIT-2) and ``time_wait_end_ns`` (TIME_WAIT's end:
@@ -28,6 +29,7 @@ FIN-WAIT-2) and ``time_wait_end_ns`` (TIME_WAIT's end:
 
 from __future__ import annotations
 
+import errno
 import os
 import re
 import shutil
@@ -80,6 +82,7 @@ _FIELDS = (
     ("comm", pa.string()),
 )
 _FIN_WAIT2, _CLOSING, _ESTABLISHED = 5, 11, 1
+ECONNABORTED = errno.ECONNABORTED  # closed by its process before it connected, with no error
 _CLOSE_SIDE = ["", "client", "server", "reset"]  # first_fin 1: this side; 2: the peer
 
 _DICT = pa.dictionary(pa.int32(), pa.string())
@@ -162,6 +165,7 @@ def ready(out: Path) -> bool:
 
 
 _LOST = re.compile(r"Lost (\d+) events")
+_INSERTED = re.compile(rb"^@inserted: (\d+)$", re.MULTILINE)
 
 
 def lost_events(stderr_text: str) -> int:
@@ -175,6 +179,13 @@ class TraceRead:
 
     connections: int = 0
     skipped_lines: int = 0  # lines that were not a connection (banners, a cut last line)
+    inserted: int = 0  # rows the program made, by its own count at exit (0: it was killed)
+
+    @property
+    def lost(self) -> int:
+        """Rows the program made that its reader never printed (a reader lagging by more
+        than three flushes clears a map that holds new rows)."""
+        return max(0, self.inserted - self.connections)
 
 
 def read_trace(path: Path, host: str, read: TraceRead | None = None) -> Iterator[pa.RecordBatch]:
@@ -198,7 +209,8 @@ def read_trace(path: Path, host: str, read: TraceRead | None = None) -> Iterator
         csv.ConvertOptions(column_types=dict(_FIELDS)),
     )
     for block in _blocks(path):
-        for prefix in (b"@r0[", b"@r1["):
+        read.inserted += sum(int(n) for n in _INSERTED.findall(block))
+        for prefix in (b"@r0[", b"@r1[", b"@r2[", b"@r3["):
             block = block.replace(prefix, b"")
         block = block.replace(b"]: 1\n", b"\n").replace(b", ", b"\t")
         table = csv.read_csv(pa.py_buffer(block), *options)
@@ -232,6 +244,7 @@ def _rows(batch: pa.RecordBatch, host: str) -> pa.RecordBatch:
     connected = est > 0
     failed = ~connected
     connect_us = np.where(connected, est - syn, close - syn) // 1000
+    failure = np.where(err > 0, err, ECONNABORTED)
     side = np.where(connected, np.where(col["first_fin"] > 0, col["first_fin"], 3), 0)
     went_tw = (
         connected & (err == 0) & np.isin(col["last_state"], (_FIN_WAIT2, _CLOSING)) & (side == 1)
@@ -244,7 +257,7 @@ def _rows(batch: pa.RecordBatch, host: str) -> pa.RecordBatch:
         "local_port": pa.array(col["sport"].astype(np.uint16)),
         "remote_addr": _addresses(col["daddr"]),
         "remote_port": pa.array(col["dport"].astype(np.uint16)),
-        "errno": pa.array(np.where(failed, err, 0).astype(np.uint16)),
+        "errno": pa.array(np.where(failed, failure, 0).astype(np.uint16)),
         "io_errno": pa.array(np.where(connected, err, 0).astype(np.uint16)),
         "close": _dict(side.astype(np.int32), _CLOSE_SIDE),
         "engine": _dict(np.zeros(n, np.int32), ["kernel"]),

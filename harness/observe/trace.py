@@ -40,7 +40,7 @@ class TraceResult:
 
     connections: int
     skipped_lines: int
-    lost_events: int
+    lost_events: int  # bpftrace's lost events and rows its reader cleared unprinted
     netns: int
     table: str
     # time.time_ns() - time.monotonic_ns() at the end: the rows' CLOCK_MONOTONIC
@@ -81,10 +81,15 @@ class KernelTrace:
             time.sleep(0.05)
         logger.info("tracing client connections of netns %d in the kernel", self.netns)
 
+    def settle(self) -> None:
+        """Wait for the state changes of sockets that were closing (and a flush)."""
+        time.sleep(SETTLE_S)
+
     def finish(self, table: str = "connections.parquet") -> TraceResult:
         """Stop the recorder; its lines as ``table`` in the directory."""
         if self.child is not None:
-            time.sleep(SETTLE_S)
+            if self.child.poll() is None:
+                self.settle()
             self._children.stop(self.child)
         read = bpf.convert(
             self.text, self.directory / "kernel.arrows", self.directory / table, host_name()
@@ -92,7 +97,7 @@ class KernelTrace:
         result = TraceResult(
             connections=read.connections,
             skipped_lines=read.skipped_lines,
-            lost_events=bpf.lost_events(_read(self.stderr)),
+            lost_events=bpf.lost_events(_read(self.stderr)) + read.lost,
             netns=self.netns,
             table=table,
             wall_minus_monotonic_ns=time.time_ns() - time.monotonic_ns(),

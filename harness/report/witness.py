@@ -8,7 +8,8 @@ beside eph's own ``connections.parquet``. The two are matched in bulk:
   account), when both started within ``MATCH_WINDOW_NS`` of each other;
 - a failure may have no port (EADDRNOTAVAIL), and a record of one may not
   know the port the kernel tried: failures are matched by count per errno and
-  remote endpoint.
+  remote endpoint; the rest of them by count per endpoint whatever their errno
+  (eph's own connect timeout is, to the kernel, a socket closed while connecting).
 
 Only the kernel's connections toward the run's endpoints count: other processes
 of the namespace are not eph's to account for.
@@ -136,5 +137,12 @@ def _matched_failures(ours: pa.Table, seen: pa.Table, codes: _AddressCodes) -> i
         pairs, n = np.unique(np.stack([errno, key], axis=1), axis=0, return_counts=True)
         return {(int(e), int(k)): int(c) for (e, k), c in zip(pairs, n, strict=True)}
 
-    theirs = counts(seen)
-    return sum(min(n, theirs.get(pair, 0)) for pair, n in counts(ours).items())
+    mine, theirs = counts(ours), counts(seen)
+    same = {pair: min(n, theirs.get(pair, 0)) for pair, n in mine.items()}
+    left: dict[int, int] = {}
+    right: dict[int, int] = {}
+    for pair, n in mine.items():
+        left[pair[1]] = left.get(pair[1], 0) + n - same[pair]
+    for pair, n in theirs.items():
+        right[pair[1]] = right.get(pair[1], 0) + n - same.get(pair, 0)
+    return sum(same.values()) + sum(min(n, right.get(e, 0)) for e, n in left.items())
