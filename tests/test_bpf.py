@@ -30,7 +30,16 @@ LO = socket.htonl(0x7F000001)  # 127.0.0.1 as the kernel holds it, read as a hos
 
 
 def _line(syn: int, est: int, close: int, last: int, fin: int, err: int, sport: int) -> str:
-    fields = (syn, est, close, last, fin, err, LO, sport, LO, 80, 42, "my client")
+    fields = (
+        syn,
+        est,
+        close,
+        last | fin << 8 | err << 16,
+        LO << 32 | LO,
+        sport << 16 | 80,
+        42,
+        "my client",
+    )
     return f"@r{syn % 2}[{', '.join(str(f) for f in fields)}]: 1"
 
 

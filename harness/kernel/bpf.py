@@ -71,13 +71,9 @@ _FIELDS = (
     ("syn_ns", pa.uint64()),
     ("est_ns", pa.uint64()),
     ("close_ns", pa.uint64()),
-    ("last_state", pa.int32()),
-    ("first_fin", pa.int32()),
-    ("err", pa.int32()),
-    ("saddr", pa.uint32()),
-    ("sport", pa.uint32()),
-    ("daddr", pa.uint32()),
-    ("dport", pa.uint32()),
+    ("state", pa.uint64()),  # last_state | first_fin << 8 | err << 16
+    ("addrs", pa.uint64()),  # saddr << 32 | daddr, each a network-order u32
+    ("ports", pa.uint64()),  # sport << 16 | dport
     ("pid", pa.uint32()),
     ("comm", pa.string()),
 )
@@ -240,23 +236,25 @@ def _rows(batch: pa.RecordBatch, host: str) -> pa.RecordBatch:
     syn = col["syn_ns"].astype(np.int64)
     est = col["est_ns"].astype(np.int64)
     close = col["close_ns"].astype(np.int64)
-    err = col["err"].astype(np.int64)
+    state = col["state"].astype(np.int64)
+    last_state, first_fin, err = state & 0xFF, (state >> 8) & 0xFF, state >> 16
+    addrs, ports = col["addrs"], col["ports"]
+    saddr, daddr = (addrs >> 32).astype(np.uint32), (addrs & 0xFFFFFFFF).astype(np.uint32)
+    sport, dport = (ports >> 16).astype(np.uint16), (ports & 0xFFFF).astype(np.uint16)
     connected = est > 0
     failed = ~connected
     connect_us = np.where(connected, est - syn, close - syn) // 1000
     failure = np.where(err > 0, err, ECONNABORTED)
-    side = np.where(connected, np.where(col["first_fin"] > 0, col["first_fin"], 3), 0)
-    went_tw = (
-        connected & (err == 0) & np.isin(col["last_state"], (_FIN_WAIT2, _CLOSING)) & (side == 1)
-    )
+    side = np.where(connected, np.where(first_fin > 0, first_fin, 3), 0)
+    went_tw = connected & (err == 0) & np.isin(last_state, (_FIN_WAIT2, _CLOSING)) & (side == 1)
     columns = {
         "start_ns": pa.array(syn),
         "connect_us": pa.array(np.clip(connect_us, 0, 2**32 - 1).astype(np.uint32)),
         "close_us": pa.array(np.clip((close - syn) // 1000, 0, 2**32 - 1).astype(np.uint32)),
-        "local_addr": _addresses(col["saddr"]),
-        "local_port": pa.array(col["sport"].astype(np.uint16)),
-        "remote_addr": _addresses(col["daddr"]),
-        "remote_port": pa.array(col["dport"].astype(np.uint16)),
+        "local_addr": _addresses(saddr),
+        "local_port": pa.array(sport),
+        "remote_addr": _addresses(daddr),
+        "remote_port": pa.array(dport),
         "errno": pa.array(np.where(failed, failure, 0).astype(np.uint16)),
         "io_errno": pa.array(np.where(connected, err, 0).astype(np.uint16)),
         "close": _dict(side.astype(np.int32), _CLOSE_SIDE),
