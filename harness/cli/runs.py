@@ -238,6 +238,8 @@ def lab(
             raise click.UsageError("--exec runs your client, not Locust: no Locust arguments")
         _lab_exec(loaded, command, out, trace)
         return
+    if trace:
+        raise click.UsageError("--trace in a lab goes with --exec (or eph run --trace)")
     _launch("lab", run_lab, loaded, out, locust_args)
 
 
