@@ -374,3 +374,14 @@ def test_lab_exec_trace_records_the_users_client(tmp_path: Path) -> None:
     assert (np.count_nonzero(errno_ == 0), np.count_nonzero(errno_ == 99)) == (ok, failed)
     assert rows.num_rows == 150
     assert np.count_nonzero(rows.column("time_wait_ns").to_numpy()) >= 100
+
+
+def test_trace_options_say_what_they_need() -> None:
+    from click.testing import CliRunner
+
+    from harness.cli import cli
+
+    observe = CliRunner().invoke(cli, ["observe", "--trace", "--duration", "1s"])
+    assert observe.exit_code == 2 and "give --out DIR" in observe.output
+    lab = CliRunner().invoke(cli, ["lab", str(ROOT / "scenarios/default.toml"), "--trace"])
+    assert lab.exit_code == 2 and "--trace in a lab goes with --exec" in lab.output
