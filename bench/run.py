@@ -204,6 +204,40 @@ class Bench:
             "bytes_per_connection": round(extra_bytes / extra_rows, 2) if extra_rows > 0 else None,
         }
 
+    def trace_overhead(self, endpoint: str) -> dict[str, Any]:
+        """The uvloop engine's churn with and without the kernel recorder (eBPF) watching
+        the namespace, rounds interleaved; the traced rate over the untraced one."""
+        from harness.kernel import bpf
+        from harness.observe.trace import KernelTrace
+        from harness.supervisor import Supervisor
+
+        reason = bpf.unavailable()
+        if reason is not None or self.ns is None:
+            return {"skipped": reason or "needs a namespace (root)"}
+        netns = bpf.netns_inode(Path("/run/netns") / self.ns.name)
+        locustfile = ROOT / "harness" / "locustfile.py"
+        rates: dict[str, list[float]] = {"untraced": [], "traced": []}
+        traced_rows = 0
+        for _ in range(self.args.rounds):
+            rates["untraced"].append(self.locust_rate(locustfile, self.eph_env(endpoint, "uvloop")))
+            with Supervisor() as children:
+                trace = KernelTrace(children, Path(tempfile.mkdtemp(dir=self.workdir)), netns)
+                trace.start()
+                env = self.eph_env(endpoint, "uvloop")
+                rates["traced"].append(self.locust_rate(locustfile, env))
+                result = trace.finish()
+            traced_rows += result.connections
+            if result.lost_events:
+                rates.setdefault("lost_events", []).append(float(result.lost_events))
+        untraced, traced = median(rates["untraced"]), median(rates["traced"])
+        return {
+            "untraced_per_s": round(untraced),
+            "traced_per_s": round(traced),
+            "ratio": round(traced / untraced, 3),
+            "kernel_rows": traced_rows,
+            "all_rounds": rates,
+        }
+
     def listener_accept_rate(self, binary: Path) -> dict[str, float]:
         """The C loop against our listener: accepts/s the listener saw, and the client's rate."""
         proc, endpoint = self.listener()
@@ -444,10 +478,11 @@ def main() -> int:
     parser.add_argument("--analysis-connections", type=int, default=1_000_000)
     parser.add_argument(
         "--only",
-        choices=["all", "report", "memory", "scaling", "paths"],
+        choices=["all", "report", "memory", "scaling", "paths", "trace"],
         default="all",
         help="report: only the 1M render; memory: only the engine's bytes per connection;"
-        " scaling: only 1 against 2 processes; paths: only eph observe's sample against ss",
+        " scaling: only 1 against 2 processes; paths: only eph observe's sample against ss;"
+        " trace: only churn with the kernel recorder against without",
     )
     parser.add_argument("--destinations", type=int, default=1000)
     args = parser.parse_args()
@@ -463,6 +498,9 @@ def main() -> int:
             ns.set_sysctl("net.ipv4.ip_local_port_range", (1024, 65000))
             scaling = Bench(args, Path(tmp), ns).scaling()
         print(json.dumps({"machine": machine(), "scaling": scaling}, indent=2))
+        return 0
+    if args.only == "trace":
+        print(json.dumps({"machine": machine(), "trace": trace_overhead(args)}, indent=2))
         return 0
     if args.only == "memory":
         with (
@@ -555,15 +593,29 @@ def main() -> int:
         "uvloop_engine_memory": memory,
         "scaling": scaling,
         "collector_at_time_wait": collector,
-        "paths_at_time_wait": (
-            paths_vs_ss(args.tw_sockets, args.destinations) if use_ns else None
-        ),
+        "paths_at_time_wait": (paths_vs_ss(args.tw_sockets, args.destinations) if use_ns else None),
         "analysis": analysis_time(args.analysis_connections),
+        "trace": trace_overhead(args),
     }
     with tempfile.TemporaryDirectory(prefix="eph-bench-") as tmp:
         report["report"] = report_time(args.analysis_connections, Path(tmp))
     print(json.dumps(report, indent=2))
     return 0
+
+
+def trace_overhead(args: argparse.Namespace) -> dict[str, Any]:
+    """:meth:`Bench.trace_overhead` in a fresh namespace, against eph's listener there."""
+    if netns_available() is not None:
+        return {"skipped": netns_available()}
+    with tempfile.TemporaryDirectory(prefix="eph-bench-") as tmp, Namespace("ephbench") as ns:
+        ns.set_sysctl("net.ipv4.ip_local_port_range", (1024, 65000))
+        ns.set_sysctl("net.ipv4.tcp_tw_reuse", 1)
+        bench = Bench(args, Path(tmp), ns)
+        proc, endpoint = bench.listener()
+        try:
+            return bench.trace_overhead(endpoint)
+        finally:
+            bench.stop(proc)
 
 
 class _null:

@@ -72,6 +72,13 @@ class Placement:
     def on_host(self) -> bool:
         return not self.load
 
+    @property
+    def load_netns(self) -> Path:
+        """The network namespace the load runs in (its file, for its inode)."""
+        if self.load[:3] == ("ip", "netns", "exec") and len(self.load) > 3:
+            return Path("/run/netns") / self.load[3]
+        return Path("/proc/self/ns/net")
+
 
 @dataclass(frozen=True)
 class Master:

@@ -32,6 +32,7 @@ from harness.errors import RunError
 from harness.finalize import finalize
 from harness.kernel.sysctls import read_kernel
 from harness.load.progress import Progress, read_progress
+from harness.observe.trace import KernelTrace, TraceResult, start_trace
 from harness.placement import (
     LOCUSTFILE,
     START_TIMEOUT,
@@ -44,6 +45,7 @@ from harness.placement import (
     start_locust,
 )
 from harness.report.model import Summary
+from harness.report.witness import KernelWitness, kernel_witness
 from harness.rundir import RunDir
 from harness.scenario import Scenario
 from harness.supervisor import Child, Stage, Supervisor
@@ -97,9 +99,11 @@ def run_scenario(
     master: Master | None = None,
     on_preflight: Callable[[dict[str, Any]], None] | None = None,
     web: Endpoint | None = None,
+    trace: bool = False,
 ) -> RunResult:
     """Run ``scenario``: its children, the load for ``duration``, then the summary and
-    report. ``web``: Locust's web UI there (the test starts at once) instead of headless."""
+    report. ``web``: Locust's web UI there (the test starts at once) instead of headless.
+    ``trace``: the kernel recorder witnesses every connection (``kernel_witness``)."""
     run = RunDir.open(out, create=True) if out else RunDir.create(Path("reports"), scenario.name)
     if master is None:  # a master makes no connections: its workers' hosts matter
         _write_preflight(scenario, placement, run, on_preflight)
@@ -112,7 +116,7 @@ def run_scenario(
             logger.warning("%s", note)
     with _Interrupt() as interrupt:
         outcome = _run_children(
-            scenario, run, placement, master, locust_args, interrupt, progress, web
+            scenario, run, placement, master, locust_args, interrupt, progress, web, trace
         )
         summary = finalize(
             run.path,
@@ -124,6 +128,9 @@ def run_scenario(
             stop_reason="interrupted" if interrupt.set else outcome.stop_reason,
             expected_workers=master.workers if master is not None else None,
         )
+        if trace:
+            summary.kernel_witness = _witness(run, outcome.trace)
+            run.write_json("summary.json", summary.to_json())
     if outcome.stop_reason == "disk":
         raise RunError(
             f"the disk holding {run.path} is nearly full ({free_bytes(run.path) / 2**20:.1f} MiB"
@@ -142,6 +149,7 @@ class _Outcome:
     load_ended: float = 0.0
     stop_reason: str = "interrupted"
     listener: dict[str, Any] | None = None
+    trace: TraceResult | str = "not traced"  # the kernel recorder's, or why it did not run
 
     def __post_init__(self) -> None:
         self.load_ended = self.load_started
@@ -156,6 +164,7 @@ def _run_children(
     interrupt: _Interrupt,
     progress: ProgressSink | None,
     web: Endpoint | None = None,
+    trace: bool = False,
 ) -> _Outcome:
     """Listener, collectors, Locust: start them, wait for the load's end, stop them
     (the supervisor's order: Locust, then the collectors, then the listener)."""
@@ -167,6 +176,7 @@ def _run_children(
             scenario = scenario.with_endpoints(listener.endpoints)
         run.write_scenario(scenario)
         collectors = start_collectors(supervisor, scenario, run, placement)
+        tracing = start_trace(supervisor, run.path, placement.load_netns) if trace else None
         locust = start_locust(supervisor, scenario, run, placement, locust_args, master, web)
         start_timeout = START_TIMEOUT + (master.wait if master is not None else 0.0)
         outcome.load_started = _wait_for_start(locust, run, interrupt, start_timeout)
@@ -175,12 +185,26 @@ def _run_children(
             locust, run, scenario, outcome.load_started, interrupt, progress, collectors
         )
         outcome.load_ended = time.monotonic()
+        if isinstance(tracing, KernelTrace):  # the load's last sockets close before it stops
+            supervisor.stop(*[c for c in supervisor.running if c.stage is Stage.LOAD])
+            tracing.settle()
         supervisor.close()
+        if isinstance(tracing, KernelTrace):
+            outcome.trace = tracing.finish("kernel_connections.parquet")
+        elif tracing is not None:
+            outcome.trace = tracing
         if listener is not None:
             outcome.listener = listener.stats()
             run.write_json("listener.json", outcome.listener)
     _log_exits(locust, collectors, run, interrupt)
     return outcome
+
+
+def _witness(run: RunDir, trace: TraceResult | str) -> KernelWitness:
+    records = run.path / "connections.parquet"
+    if isinstance(trace, str):
+        return kernel_witness(records, None, reason=trace)
+    return kernel_witness(records, run.path / trace.table, lost_events=trace.lost_events)
 
 
 def _log_exits(

@@ -34,6 +34,13 @@ if TYPE_CHECKING:
 logger = logging.getLogger("harness")
 
 
+trace_option = click.option(
+    "--trace",
+    is_flag=True,
+    help="Also record every client connection from the kernel (eBPF; root, bpftrace).",
+)
+
+
 @cli.command(context_settings={"ignore_unknown_options": True})
 @click.argument("scenario", type=click.Path(path_type=Path))
 @out_option
@@ -87,6 +94,7 @@ logger = logging.getLogger("harness")
     metavar="[HOST:PORT]",
     help="Locust's web UI during the run, with the Ports tab (127.0.0.1:8089 if no value).",
 )
+@trace_option
 @click.argument("locust_args", nargs=-1, type=click.UNPROCESSED)
 def run(
     scenario: Path,
@@ -99,6 +107,7 @@ def run(
     master_bind_port: int,
     wait_workers: float,
     web: str | None,
+    trace: bool,
     locust_args: Sequence[str],
 ) -> None:
     """Run SCENARIO on this host: listener, Locust load, collector, summary and report.
@@ -116,7 +125,7 @@ def run(
     )
     _launch(
         "run",
-        functools.partial(run_scenario, master=master, web=_web_endpoint(web)),
+        functools.partial(run_scenario, master=master, web=_web_endpoint(web), trace=trace),
         load_scenario(scenario, overrides, targets=targets),
         out,
         locust_args,
@@ -195,6 +204,7 @@ def worker(
     help="Run your own client instead of Locust, with EPH_TARGET=host:port, and observe it"
     " (also lab.exec in the scenario).",
 )
+@trace_option
 @click.argument("locust_args", nargs=-1, type=click.UNPROCESSED)
 def lab(
     scenario: Path | None,
@@ -202,6 +212,7 @@ def lab(
     overrides: Sequence[str],
     cleanup: bool,
     command: str | None,
+    trace: bool,
     locust_args: Sequence[str],
 ) -> None:
     """Run SCENARIO in throwaway network namespaces with its [kernel] settings.
@@ -225,16 +236,18 @@ def lab(
     if command is not None:
         if locust_args:
             raise click.UsageError("--exec runs your client, not Locust: no Locust arguments")
-        _lab_exec(loaded, command, out)
+        _lab_exec(loaded, command, out, trace)
         return
+    if trace:
+        raise click.UsageError("--trace in a lab goes with --exec (or eph run --trace)")
     _launch("lab", run_lab, loaded, out, locust_args)
 
 
-def _lab_exec(scenario: Scenario, command: str, out: Path | None) -> None:
+def _lab_exec(scenario: Scenario, command: str, out: Path | None, trace: bool) -> None:
     """eph lab --exec: the client runs, observed; the observation's report is the run's."""
     from harness.lab.exec import failure, run_exec
 
-    run, result = run_exec(scenario, command, out=out)
+    run, result = run_exec(scenario, command, out=out, trace=trace)
     report_observation(run.path)
     error = failure(run, result)
     if error is not None:

@@ -160,6 +160,12 @@ def collect(
 )
 @click.option("--plain", is_flag=True, help="Plain lines even on a terminal.")
 @click.option("--no-report", is_flag=True, hidden=True, help="Samples only (eph lab --exec).")
+@click.option(
+    "--trace",
+    is_flag=True,
+    help="With --out: record every client connection from the kernel (eBPF, root) into"
+    " connections.parquet.",
+)
 def observe(
     duration: float,
     interval: float,
@@ -168,6 +174,7 @@ def observe(
     prometheus: str | None,
     plain: bool,
     no_report: bool,
+    trace: bool,
 ) -> None:
     """Watch every client path of this host: ports held per destination, and how long
     until they run out. Read-only; no load of its own.
@@ -193,8 +200,10 @@ def observe(
         views.append(server)
     terminal = sys.stdout.isatty() and not plain
     views.append(TerminalView(rows=top) if terminal else PlainView())
+    if trace and out is None:
+        raise click.UsageError("--trace writes connections.parquet: give --out DIR")
     observation = Observation(
-        duration_s=duration, interval_s=interval, top=top, out=out, views=views
+        duration_s=duration, interval_s=interval, top=top, out=out, views=views, trace=trace
     )
     observation.run()
     click.echo(

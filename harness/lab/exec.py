@@ -133,9 +133,14 @@ def parse_command(text: str | Sequence[str]) -> list[str]:
 
 
 def run_exec(
-    scenario: Scenario, command: str | Sequence[str], *, out: Path | None = None
+    scenario: Scenario,
+    command: str | Sequence[str],
+    *,
+    out: Path | None = None,
+    trace: bool = False,
 ) -> tuple[RunDir, ExecResult]:
-    """Run ``command`` in the scenario's lab, observed; the run directory and how it
+    """Run ``command`` in the scenario's lab, observed (``trace``: and recorded from the
+    kernel, every connection, in ``connections.parquet``); the run directory and how it
     ended. A command that failed at once is :func:`failure`'s to report, after the
     observation is rendered: nothing recorded is lost."""
     problem = netns_available()
@@ -152,7 +157,7 @@ def run_exec(
         scenario, placement = build_lab(stack, scenario, run)
         children = stack.enter_context(Supervisor())  # closes before the namespaces go
         target = _target(children, scenario, run, placement.listener)
-        observer = _start_observer(children, scenario, run, placement.load)
+        observer = _start_observer(children, scenario, run, placement.load, trace)
         result = _run_command(children, scenario, run, placement.load, argv, target)
         _settle(scenario)
         children.stop(observer, grace=OBSERVER_STOP_GRACE_S)
@@ -186,12 +191,13 @@ def _target(children: Supervisor, scenario: Scenario, run: RunDir, prefix: Seque
 
 
 def _start_observer(
-    children: Supervisor, scenario: Scenario, run: RunDir, prefix: Sequence[str]
+    children: Supervisor, scenario: Scenario, run: RunDir, prefix: Sequence[str], trace: bool
 ) -> Child:
     interval = max(MIN_INTERVAL_S, scenario.collector.interval)
     bound = scenario.duration + OBSERVER_START_S + STOP_GRACE_S + 30
     args = [*prefix, sys.executable, "-m", "harness", "observe", "--plain", "--no-report"]
     args += ["--duration", f"{bound:g}s", "--interval", f"{interval:g}s", "--out", str(run.path)]
+    args += ["--trace"] if trace else []
     with open(run.logs / "observe.log", "ab") as log:
         child = children.start(
             "observe",

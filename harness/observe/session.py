@@ -10,6 +10,7 @@ and always keeps what it saw.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import signal
 import time
@@ -27,6 +28,8 @@ from harness.kernel.sysctls import read_kernel
 from harness.observe.outlook import Outlook, outlook
 from harness.observe.paths import PathSampler, PathSnapshot
 from harness.observe.store import ObserveStore, host_batch, paths_batch
+from harness.observe.trace import start_trace
+from harness.supervisor import Supervisor
 
 __all__ = ["HostView", "Observation", "ObserveView", "Settings"]
 
@@ -109,6 +112,8 @@ class Observation:
     out: Path | None = None
     views: Sequence[ObserveView] = ()
     settings: Settings = field(default_factory=Settings.read)
+    trace: bool = False  # with out: the kernel's record of every connection (eBPF)
+    trace_reason: str | None = None  # why --trace could not trace
     samples: int = 0
     stop_reason: str | None = None
     _stop: bool = field(default=False, repr=False)
@@ -124,6 +129,9 @@ class Observation:
             top=self.top,
         )
         store = ObserveStore(self.out) if self.out is not None else None
+        children = Supervisor()
+        tracing = start_trace(children, self.out) if self.trace and self.out else None
+        self.trace_reason = tracing if isinstance(tracing, str) else None
         previous = _install_stop(self)
         began, started = clock(), time.time()
         self._write_meta(started, None)
@@ -143,6 +151,9 @@ class Observation:
                 view.close()
             if store is not None:
                 store.close()
+            with contextlib.closing(children):
+                if tracing is not None and not isinstance(tracing, str):
+                    tracing.finish()
             self._write_meta(started, clock() - began)
 
     def _write_meta(self, started: float, duration: float | None) -> None:

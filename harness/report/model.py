@@ -44,6 +44,7 @@ from harness.report.sections import (
     TupleExample,
     Tuples,
 )
+from harness.report.witness import KernelWitness
 
 __all__ = [
     "SCHEMA_VERSION",
@@ -105,6 +106,7 @@ class Summary(Section):
     occupancy: Occupancy | None = None
     latency_cliff: LatencyCliff | None = None
     cpu: Cpu | None = None
+    kernel_witness: KernelWitness | None = None
 
     @property
     def exhausted_at(self) -> float | None:

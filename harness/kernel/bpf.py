@@ -1,0 +1,335 @@
+"""The eBPF connection recorder: what the kernel saw of every client TCP connection.
+
+``connections.bt`` (beside this module) is a bpftrace program on the tracepoint
+``sock:inet_sock_set_state`` and the ``connect()`` syscall's entry and exit,
+filtered to one network namespace (the socket's ``skc_net`` inode, the
+connecting task's for the syscall) and to client sockets (those that pass
+CLOSE -> SYN_SENT). A connection that reaches CLOSE becomes a key of a BPF map
+that is printed and cleared every ``FLUSH_MS`` (four maps in turn): one wakeup
+of bpftrace per flush, not one per connection, which is what keeps traced churn
+near untraced. Nothing is kept per connection in Python.
+
+This module knows no run: it says whether the recorder can run here
+(:func:`unavailable`), builds its command (:func:`recorder_command`), and turns
+its output into Arrow batches in bulk (:func:`read_trace`, :func:`convert`):
+``pyarrow.csv`` reads the text a block at a time; addresses, durations and the
+close side are numpy operations over whole columns. Starting and stopping the
+process is the caller's (through the supervisor).
+
+Columns are those of :data:`~harness.records.CONNECTIONS_SCHEMA` (``engine`` is
+``"kernel"``; ``close`` is who sent the first FIN: ``client`` for this side,
+``server`` for the peer, ``reset`` when the connection ended from ESTABLISHED
+with no FIN; ``errno`` is ECONNABORTED for a socket its process closed while it
+was still connecting) plus ``comm``, ``time_wait_ns`` (when the socket went on as a
+timewait socket holding its port, 0 if it did not: TIME_WAIT, or FIN_WAIT2 when
+this side had closed and the peer not yet; ``ss`` shows the latter as
+FIN-WAIT-2) and ``time_wait_end_ns`` (TIME_WAIT's end:
+60 s later, or sooner when the same 4-tuple was reused). IPv4 only.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import re
+import shutil
+import subprocess
+from collections.abc import Iterator
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.csv as csv
+import pyarrow.ipc as ipc
+import pyarrow.parquet as pq
+
+__all__ = [
+    "KERNEL_CONNECTIONS_SCHEMA",
+    "READY_LINE",
+    "TIME_WAIT_NS",
+    "TraceRead",
+    "convert",
+    "lost_events",
+    "program",
+    "read_trace",
+    "recorder_command",
+    "unavailable",
+]
+
+READY_LINE = "eph-bpf ready"  # printed by the program's BEGIN, once every probe is attached
+TIME_WAIT_NS = 60_000_000_000  # TCP_TIMEWAIT_LEN: fixed in the kernel
+MAP_KEYS_MAX = 262_144  # connections open at once that the program can follow
+TRACEFS = Path("/sys/kernel/tracing")
+BTF = Path("/sys/kernel/btf/vmlinux")
+READ_BLOCK = 1 << 22  # bytes of text per parsed block
+FLUSH_MS = 100  # the program prints the connections closed since its last flush this often
+
+_FIELDS = (
+    ("syn_ns", pa.uint64()),
+    ("est_ns", pa.uint64()),
+    ("close_ns", pa.uint64()),
+    ("state", pa.uint64()),  # last_state | first_fin << 8 | err << 16
+    ("addrs", pa.uint64()),  # saddr << 32 | daddr, each a network-order u32
+    ("ports", pa.uint64()),  # sport << 16 | dport
+    ("pid", pa.uint32()),
+    ("comm", pa.string()),
+)
+_FIN_WAIT2, _CLOSING, _ESTABLISHED = 5, 11, 1
+ECONNABORTED = errno.ECONNABORTED  # closed by its process before it connected, with no error
+_CLOSE_SIDE = ["", "client", "server", "reset"]  # first_fin 1: this side; 2: the peer
+
+_DICT = pa.dictionary(pa.int32(), pa.string())
+KERNEL_CONNECTIONS_SCHEMA = pa.schema(
+    [
+        ("start_ns", pa.int64()),
+        ("connect_us", pa.uint32()),
+        ("close_us", pa.uint32()),
+        ("local_addr", _DICT),
+        ("local_port", pa.uint16()),
+        ("remote_addr", _DICT),
+        ("remote_port", pa.uint16()),
+        ("errno", pa.uint16()),
+        ("io_errno", pa.uint16()),
+        ("close", _DICT),
+        ("engine", _DICT),
+        ("pid", pa.uint32()),
+        ("host", _DICT),
+        ("comm", _DICT),
+        ("time_wait_ns", pa.int64()),
+        ("time_wait_end_ns", pa.int64()),
+    ]
+)
+
+
+def program(flush_ms: int = FLUSH_MS) -> str:
+    """The bpftrace program's text."""
+    text = resources.files(__package__).joinpath("connections.bt").read_text(encoding="utf-8")
+    return text.replace("FLUSH_MS", str(int(flush_ms)))
+
+
+def unavailable(bpftrace: str = "bpftrace") -> str | None:
+    """Why the recorder cannot run here, in one line; ``None`` when it can.
+
+    Mounts tracefs when it is not (the syscall tracepoints need it).
+    """
+    if os.geteuid() != 0:
+        return "kernel tracing needs root (eBPF)"
+    if not BTF.exists():
+        return f"kernel tracing needs BTF ({BTF} is missing)"
+    if shutil.which(bpftrace) is None:
+        return "kernel tracing needs bpftrace (apt-get install bpftrace)"
+    if not (TRACEFS / "events").is_dir():
+        mounted = subprocess.run(
+            ["mount", "-t", "tracefs", "nodev", str(TRACEFS)], capture_output=True, text=True
+        )
+        if mounted.returncode != 0:
+            return f"kernel tracing needs tracefs at {TRACEFS}: {mounted.stderr.strip()}"
+    if not (TRACEFS / "events/sock/inet_sock_set_state").is_dir():
+        return "kernel tracing needs the tracepoint sock:inet_sock_set_state"
+    return None
+
+
+def netns_inode(path: Path = Path("/proc/self/ns/net")) -> int:
+    """The inode of a network namespace (a ``/proc/PID/ns/net`` or ``/run/netns/NAME``)."""
+    return os.stat(path).st_ino
+
+
+def recorder_command(netns: int, bpftrace: str = "bpftrace") -> list[str]:
+    """bpftrace recording the client connections of namespace ``netns`` to its stdout
+    (a file: ``-o`` would buffer it whole).
+
+    Line-buffered: each line is written when its connection closes, so what a
+    killed recorder leaves is whole lines.
+    """
+    return [bpftrace, "-B", "line", "-e", program(), str(netns)]
+
+
+def recorder_env() -> dict[str, str]:
+    return {**os.environ, "BPFTRACE_MAP_KEYS_MAX": str(MAP_KEYS_MAX)}
+
+
+def ready(out: Path) -> bool:
+    """Whether the recorder at ``out`` has every probe attached."""
+    try:
+        with open(out, "rb") as text:
+            return READY_LINE.encode() in text.read(4096)
+    except OSError:
+        return False
+
+
+_LOST = re.compile(r"Lost (\d+) events")
+_INSERTED = re.compile(rb"^@inserted: (\d+)$", re.MULTILINE)
+
+
+def lost_events(stderr_text: str) -> int:
+    """Events bpftrace says it lost (its perf buffer was full)."""
+    return sum(int(n) for n in _LOST.findall(stderr_text))
+
+
+@dataclass
+class TraceRead:
+    """What :func:`convert` got out of one recorder's output."""
+
+    connections: int = 0
+    skipped_lines: int = 0  # lines that were not a connection (banners, a cut last line)
+    inserted: int = 0  # rows the program made, by its own count at exit (0: it was killed)
+
+    @property
+    def lost(self) -> int:
+        """Rows the program made that its reader never printed (a reader lagging by more
+        than three flushes clears a map that holds new rows)."""
+        return max(0, self.inserted - self.connections)
+
+
+def read_trace(path: Path, host: str, read: TraceRead | None = None) -> Iterator[pa.RecordBatch]:
+    """The recorder's text as batches in :data:`KERNEL_CONNECTIONS_SCHEMA` (TIME_WAIT's
+    end is filled in by :func:`convert`, which sees every connection).
+
+    A block of whole lines at a time: bpftrace's map lines
+    (``@r0[1, 2, ..., comm]: 1``) become tab-separated rows with three replaces over
+    the block, then ``pyarrow.csv`` parses them; other lines are skipped and counted.
+    """
+    read = read if read is not None else TraceRead()
+
+    def skip(_row: object) -> str:
+        read.skipped_lines += 1
+        return "skip"
+
+    names = [name for name, _ in _FIELDS]
+    options = (
+        csv.ReadOptions(column_names=names),
+        csv.ParseOptions(delimiter="\t", quote_char=False, invalid_row_handler=skip),
+        csv.ConvertOptions(column_types=dict(_FIELDS)),
+    )
+    for block in _blocks(path):
+        read.inserted += sum(int(n) for n in _INSERTED.findall(block))
+        for prefix in (b"@r0[", b"@r1[", b"@r2[", b"@r3["):
+            block = block.replace(prefix, b"")
+        block = block.replace(b"]: 1\n", b"\n").replace(b", ", b"\t")
+        table = csv.read_csv(pa.py_buffer(block), *options)
+        for batch in table.to_batches():
+            if batch.num_rows:
+                read.connections += batch.num_rows
+                yield _rows(batch, host)
+
+
+def _blocks(path: Path) -> Iterator[bytes]:
+    """``path`` in blocks of about ``READ_BLOCK`` bytes, each ending at a line's end."""
+    rest = b""
+    with open(path, "rb") as text:
+        while chunk := text.read(READ_BLOCK):
+            chunk = rest + chunk
+            cut = chunk.rfind(b"\n") + 1
+            rest = chunk[cut:]
+            if cut:
+                yield chunk[:cut]
+    if rest:
+        yield rest + b"\n"
+
+
+def _rows(batch: pa.RecordBatch, host: str) -> pa.RecordBatch:
+    col = {name: batch.column(name).to_numpy(zero_copy_only=False) for name, _ in _FIELDS}
+    n = batch.num_rows
+    syn = col["syn_ns"].astype(np.int64)
+    est = col["est_ns"].astype(np.int64)
+    close = col["close_ns"].astype(np.int64)
+    state = col["state"].astype(np.int64)
+    last_state, first_fin, err = state & 0xFF, (state >> 8) & 0xFF, state >> 16
+    addrs, ports = col["addrs"], col["ports"]
+    saddr, daddr = (addrs >> 32).astype(np.uint32), (addrs & 0xFFFFFFFF).astype(np.uint32)
+    sport, dport = (ports >> 16).astype(np.uint16), (ports & 0xFFFF).astype(np.uint16)
+    connected = est > 0
+    failed = ~connected
+    connect_us = np.where(connected, est - syn, close - syn) // 1000
+    failure = np.where(err > 0, err, ECONNABORTED)
+    side = np.where(connected, np.where(first_fin > 0, first_fin, 3), 0)
+    went_tw = connected & (err == 0) & np.isin(last_state, (_FIN_WAIT2, _CLOSING)) & (side == 1)
+    columns = {
+        "start_ns": pa.array(syn),
+        "connect_us": pa.array(np.clip(connect_us, 0, 2**32 - 1).astype(np.uint32)),
+        "close_us": pa.array(np.clip((close - syn) // 1000, 0, 2**32 - 1).astype(np.uint32)),
+        "local_addr": _addresses(saddr),
+        "local_port": pa.array(sport),
+        "remote_addr": _addresses(daddr),
+        "remote_port": pa.array(dport),
+        "errno": pa.array(np.where(failed, failure, 0).astype(np.uint16)),
+        "io_errno": pa.array(np.where(connected, err, 0).astype(np.uint16)),
+        "close": _dict(side.astype(np.int32), _CLOSE_SIDE),
+        "engine": _dict(np.zeros(n, np.int32), ["kernel"]),
+        "pid": pa.array(col["pid"].astype(np.uint32)),
+        "host": _dict(np.zeros(n, np.int32), [host]),
+        "comm": pc.dictionary_encode(batch.column("comm")).cast(_DICT),
+        "time_wait_ns": pa.array(np.where(went_tw, close, 0)),
+        "time_wait_end_ns": pa.array(np.zeros(n, np.int64)),
+    }
+    return pa.RecordBatch.from_pydict(columns, schema=KERNEL_CONNECTIONS_SCHEMA)
+
+
+def _addresses(raw: np.ndarray) -> pa.DictionaryArray:
+    """Network-order u32 IPv4 addresses to dotted strings, formatted once per distinct one."""
+    unique, index = np.unique(raw.astype(np.uint32), return_inverse=True)
+    octets = unique.astype("<u4").view(np.uint8).reshape(-1, 4)  # network order in memory
+    dotted = [".".join(str(b) for b in row) for row in octets]
+    return _dict(index.astype(np.int32), dotted)
+
+
+def _dict(indices: np.ndarray, values: list[str]) -> pa.DictionaryArray:
+    return pa.DictionaryArray.from_arrays(
+        pa.array(indices, pa.int32()), pa.array(values, pa.string())
+    )
+
+
+def convert(text: Path, part: Path, out: Path, host: str) -> TraceRead:
+    """The recorder's text to an Arrow IPC part (streamed, a block at a time), then to
+    ``out`` (Parquet, sorted by start) with each TIME_WAIT's end filled in."""
+    read = TraceRead()
+    with pa.OSFile(str(part), "wb") as sink, ipc.new_stream(sink, KERNEL_CONNECTIONS_SCHEMA) as w:
+        if text.exists() and text.stat().st_size:
+            for batch in read_trace(text, host, read):
+                w.write_batch(batch)
+    with pa.memory_map(str(part)) as source:
+        table = ipc.open_stream(source).read_all()
+    table = table.combine_chunks().unify_dictionaries()
+    if table.num_rows:
+        table = table.sort_by("start_ns")
+        table = table.set_column(
+            table.schema.get_field_index("time_wait_end_ns"),
+            "time_wait_end_ns",
+            pa.array(time_wait_end(table)),
+        )
+    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
+    pq.write_table(table, tmp, compression="zstd")
+    os.replace(tmp, out)
+    return read
+
+
+def time_wait_end(table: pa.Table) -> np.ndarray:
+    """When each TIME_WAIT ended: ``TIME_WAIT_NS`` after it began, or the next SYN_SENT
+    of the same 4-tuple before that (tcp_tw_reuse took it over); 0 where none."""
+    start = table.column("time_wait_ns").to_numpy()
+    syn = table.column("start_ns").to_numpy()
+    key = _tuple_key(table)
+    order = np.lexsort((syn, key))
+    end = np.where(start > 0, start + TIME_WAIT_NS, 0)
+    k, s, e = key[order], syn[order], end[order]
+    nxt = np.append(s[1:], 0)
+    same = np.append(k[1:] == k[:-1], False)
+    reused = same & (e > 0) & (nxt < e) & (nxt >= start[order])
+    e = np.where(reused, nxt, e)
+    result = np.empty_like(end)
+    result[order] = e
+    return result
+
+
+def _tuple_key(table: pa.Table) -> np.ndarray:
+    """One int per 4-tuple (address dictionary codes and ports), for sorting."""
+    key = np.zeros(table.num_rows, np.int64)
+    for name, bits in (("local_addr", 16), ("local_port", 16), ("remote_addr", 16)):
+        column = table.column(name).combine_chunks()
+        values = column.indices if pa.types.is_dictionary(column.type) else column
+        key = (key + values.to_numpy().astype(np.int64)) << bits
+    key += table.column("remote_port").to_numpy().astype(np.int64)
+    return key

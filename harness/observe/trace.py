@@ -1,0 +1,138 @@
+"""The kernel's account of every client connection, beside the samples: ``--trace``.
+
+A :class:`KernelTrace` starts the eBPF recorder (:mod:`harness.kernel.bpf`) through
+the supervisor, in the observe stage, filtered to one network namespace; waits
+until its probes are attached, so nothing made after :meth:`KernelTrace.start`
+returns is missed; and at :meth:`KernelTrace.finish` stops it and turns its
+lines into a connections table (``connections.parquet`` for an observation,
+``kernel_connections.parquet`` beside a run's own records). Where tracing
+cannot run (no root, no BTF, no bpftrace) :func:`start_trace` says why in one
+line and returns ``None``: the sampling goes on without it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import signal
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from harness.errors import RunError
+from harness.kernel import bpf
+from harness.records import host_name
+from harness.supervisor import Child, Stage, Supervisor
+
+__all__ = ["TRACE_FILES", "KernelTrace", "TraceResult", "start_trace"]
+
+logger = logging.getLogger(__name__)
+
+START_TIMEOUT_S = 30.0  # compiling and attaching the program
+STOP_GRACE_S = 10.0
+SETTLE_S = 0.2  # after the stop request: lines of connections that were closing
+TRACE_FILES = ("kernel.tsv", "kernel.err", "kernel.arrows")
+
+
+@dataclass(frozen=True)
+class TraceResult:
+    """What the recorder saw; written to ``kernel.json``."""
+
+    connections: int
+    skipped_lines: int
+    lost_events: int  # bpftrace's lost events and rows its reader cleared unprinted
+    netns: int
+    table: str
+    # time.time_ns() - time.monotonic_ns() at the end: the rows' CLOCK_MONOTONIC
+    # stamps on the samples' wall clock
+    wall_minus_monotonic_ns: int
+
+
+class KernelTrace:
+    """The recorder of one namespace, writing into ``directory``."""
+
+    def __init__(self, children: Supervisor, directory: Path, netns: int) -> None:
+        self._children = children
+        self.directory = directory
+        self.netns = netns
+        self.text = directory / "kernel.tsv"
+        self.stderr = directory / "kernel.err"
+        self.child: Child | None = None
+
+    def start(self) -> None:
+        """Start bpftrace and wait until every probe is attached."""
+        self.text.unlink(missing_ok=True)
+        with open(self.text, "wb") as out, open(self.stderr, "wb") as err:
+            self.child = self._children.start(
+                "kernel trace",
+                bpf.recorder_command(self.netns),
+                stage=Stage.OBSERVE,
+                grace=STOP_GRACE_S,
+                death_signal=signal.SIGTERM,
+                env=bpf.recorder_env(),
+                stdout=out,
+                stderr=err,
+            )
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while not bpf.ready(self.text):
+            if self.child.poll() is not None or time.monotonic() > deadline:
+                self._children.stop(self.child, grace=1.0)
+                raise RunError(f"bpftrace did not start: {_tail(self.stderr)}")
+            time.sleep(0.05)
+        logger.info("tracing client connections of netns %d in the kernel", self.netns)
+
+    def settle(self) -> None:
+        """Wait for the state changes of sockets that were closing (and a flush)."""
+        time.sleep(SETTLE_S)
+
+    def finish(self, table: str = "connections.parquet") -> TraceResult:
+        """Stop the recorder; its lines as ``table`` in the directory."""
+        if self.child is not None:
+            if self.child.poll() is None:
+                self.settle()
+            self._children.stop(self.child)
+        read = bpf.convert(
+            self.text, self.directory / "kernel.arrows", self.directory / table, host_name()
+        )
+        result = TraceResult(
+            connections=read.connections,
+            skipped_lines=read.skipped_lines,
+            lost_events=bpf.lost_events(_read(self.stderr)) + read.lost,
+            netns=self.netns,
+            table=table,
+            wall_minus_monotonic_ns=time.time_ns() - time.monotonic_ns(),
+        )
+        (self.directory / "kernel.json").write_text(json.dumps(asdict(result), indent=2) + "\n")
+        if result.lost_events:
+            logger.warning("bpftrace lost %d events: connections are missing", result.lost_events)
+        return result
+
+
+def start_trace(
+    children: Supervisor, directory: Path, netns: Path = Path("/proc/self/ns/net")
+) -> KernelTrace | str:
+    """A started recorder of namespace ``netns`` (default: this process's), or why the
+    kernel or the host cannot trace, in one line (also logged)."""
+    reason = bpf.unavailable()
+    if reason is None:
+        trace = KernelTrace(children, directory, bpf.netns_inode(netns))
+        try:
+            trace.start()
+            return trace
+        except RunError as exc:
+            reason = str(exc)
+    logger.warning("no kernel trace: %s; sampling goes on", reason)
+    return reason
+
+
+def _read(path: Path) -> str:
+    try:
+        return path.read_text(errors="replace")
+    except OSError:
+        return ""
+
+
+def _tail(path: Path, lines: int = 3) -> str:
+    text = _read(path).strip().splitlines()
+    kept = [line for line in text if "RLIMIT_MEMLOCK" not in line]  # bpftrace's usual noise
+    return " | ".join(kept[-lines:]) if kept else "(no output)"

@@ -1,0 +1,389 @@
+"""The eBPF recorder: its lines parsed in bulk, and its rows for clients eph did not write
+matched against ``ss`` and the clients' own counts, in a namespace of their own."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from harness.kernel import bpf
+from harness.kernel.netns import Namespace
+from harness.observe.trace import KernelTrace, start_trace
+from harness.report.tuples import audit_tuples
+from harness.report.witness import kernel_witness
+from harness.supervisor import Stage, Supervisor
+
+from .conftest import EPH, ROOT, eph, run_dir_summary, write_scenario
+
+LO = socket.htonl(0x7F000001)  # 127.0.0.1 as the kernel holds it, read as a host u32
+
+
+def _line(syn: int, est: int, close: int, last: int, fin: int, err: int, sport: int) -> str:
+    fields = (
+        syn,
+        est,
+        close,
+        last | fin << 8 | err << 16,
+        LO << 32 | LO,
+        sport << 16 | 80,
+        42,
+        "my client",
+    )
+    return f"@r{syn % 2}[{', '.join(str(f) for f in fields)}]: 1"
+
+
+def test_lines_become_connection_columns(tmp_path: Path) -> None:
+    text = tmp_path / "kernel.tsv"
+    lines = [
+        "Attaching 5 probes...",
+        bpf.READY_LINE,
+        _line(1_000_000, 1_250_000, 9_000_000, 5, 1, 0, 40000),  # we closed: TIME_WAIT
+        _line(2_000_000, 2_100_000, 3_000_000, 9, 2, 0, 40001),  # the peer closed first
+        _line(4_000_000, 0, 4_002_000, 2, 0, 99, 0),  # EADDRNOTAVAIL inside connect()
+        _line(5_000_000, 5_001_000, 6_000_000, 1, 0, 104, 40002),  # reset
+        _line(10_000_000, 10_001_000, 11_000_000, 5, 1, 0, 40000),  # the tuple, reused
+        "",
+        "@gen: 1",
+    ]
+    text.write_text("\n".join(lines))
+    read = bpf.convert(text, tmp_path / "k.arrows", tmp_path / "k.parquet", "here")
+    assert (read.connections, read.skipped_lines) == (5, 3)
+    rows = pq.read_table(tmp_path / "k.parquet").to_pylist()
+    assert [r["start_ns"] for r in rows] == sorted(r["start_ns"] for r in rows)
+    first, peer, failed, reset, again = rows
+    assert (first["connect_us"], first["close_us"], first["close"]) == (250, 8000, "client")
+    assert first["local_addr"] == first["remote_addr"] == "127.0.0.1"
+    assert (first["comm"], first["pid"], first["engine"], first["host"]) == (
+        "my client", 42, "kernel", "here",
+    )  # fmt: skip
+    assert first["time_wait_ns"] == 9_000_000
+    assert first["time_wait_end_ns"] == 10_000_000  # the tuple's next SYN ended it
+    assert again["time_wait_end_ns"] == 11_000_000 + bpf.TIME_WAIT_NS
+    assert (peer["close"], peer["time_wait_ns"]) == ("server", 0)
+    assert (failed["errno"], failed["local_port"], failed["close"], failed["connect_us"]) == (
+        99, 0, "", 2,
+    )  # fmt: skip
+    assert (reset["close"], reset["io_errno"], reset["errno"]) == ("reset", 104, 0)
+    # the run's analysis reads the kernel's rows as they are: same column names and values
+    audit = audit_tuples(pq.read_table(tmp_path / "k.parquet"))
+    assert (audit.distinct, audit.max_uses, audit.reused_out_of_time_wait) == (3, 2, 1)
+
+
+def _records(path: Path, rows: list[tuple[int, int, int]]) -> None:
+    """A records table: (start_ns, local_port, errno) toward 127.0.0.1:80."""
+    n = len(rows)
+    addr = pa.DictionaryArray.from_arrays(pa.array([0] * n, pa.int32()), ["127.0.0.1"])
+    pq.write_table(
+        pa.table(
+            {
+                "start_ns": pa.array([r[0] for r in rows], pa.int64()),
+                "local_addr": addr,
+                "local_port": pa.array([r[1] for r in rows], pa.uint16()),
+                "remote_addr": addr,
+                "remote_port": pa.array([80] * n, pa.uint16()),
+                "errno": pa.array([r[2] for r in rows], pa.uint16()),
+            }
+        ),
+        path,
+    )
+
+
+def test_the_witness_matches_tuples_by_turn_and_failures_by_count(tmp_path: Path) -> None:
+    ours, seen = tmp_path / "ours.parquet", tmp_path / "seen.parquet"
+    second = 1_000_000_000
+    _records(ours, [(0, 40000, 0), (5 * second, 40000, 0), (1, 0, 99), (2, 0, 99), (3, 41, 0)])
+    _records(seen, [(10, 40000, 0), (5 * second + 10, 40000, 0), (7, 0, 99), (9, 40005, 0)])
+    witness = kernel_witness(ours, seen)
+    assert (witness.records, witness.kernel_connections, witness.matched) == (5, 4, 3)
+    assert (witness.only_in_records, witness.only_in_kernel) == (2, 1)
+    missing = kernel_witness(ours, None, reason="kernel tracing needs root (eBPF)")
+    assert (missing.available, missing.reason) == (False, "kernel tracing needs root (eBPF)")
+
+
+def _require_bpftrace() -> None:
+    reason = bpf.unavailable()
+    if reason is None:
+        return
+    if os.environ.get("EPH_REQUIRE_BROWSER") == "1" and shutil.which("bpftrace") is None:
+        pytest.fail("bpftrace is missing: `make system-deps` installs it")
+    pytest.skip(reason)
+
+
+CLIENT = """
+import errno, json, socket, sys
+server = socket.socket(); server.bind(("127.0.0.1", 0)); server.listen(1024)
+counts = {"ok": 0, "eaddrnotavail": 0, "other": 0}
+for _ in range(int(sys.argv[1])):
+    s = socket.socket()
+    code = s.connect_ex(server.getsockname())
+    key = "ok" if code == 0 else "eaddrnotavail" if code == errno.EADDRNOTAVAIL else "other"
+    counts[key] += 1
+    if code == 0:
+        conn, _ = server.accept()
+        s.close()  # this side's FIN first: TIME_WAIT here once the server's FIN comes
+        conn.recv(1)
+        conn.close()
+    else:
+        s.close()
+print(json.dumps({**counts, "port": server.getsockname()[1]}))
+"""
+
+
+def _time_wait(ns: Namespace, remote_port: int) -> int:
+    """Client timewait sockets toward ``remote_port``: TIME-WAIT, and FIN-WAIT-2 once
+    their socket is closed (the kernel keeps those as timewait sockets too)."""
+    args = ["ss", "-tanH", "state", "time-wait", "state", "fin-wait-2"]
+    out = subprocess.run(ns.command(args), capture_output=True, text=True).stdout
+    peers = [line.split()[-1] for line in out.splitlines() if line.strip()]
+    return sum(peer.rsplit(":", 1)[1] == str(remote_port) for peer in peers)
+
+
+@pytest.mark.netns
+def test_recorder_rows_for_clients_eph_did_not_write_match_ss(
+    tmp_path: Path, netns: Namespace
+) -> None:
+    _require_bpftrace()
+    subprocess.run(netns.command(["ip", "link", "set", "lo", "up"]), check=True)
+    netns.set_sysctl("net.ipv4.ip_local_port_range", [40000, 40099])
+    netns.set_sysctl("net.ipv4.tcp_tw_reuse", 0)
+    script = tmp_path / "client.py"
+    script.write_text(CLIENT)
+    with Supervisor() as children:
+        trace = KernelTrace(children, tmp_path, bpf.netns_inode(Path("/run/netns") / netns.name))
+        trace.start()
+        client = subprocess.run(
+            netns.command([sys.executable, str(script), "130"]),
+            capture_output=True, text=True, timeout=60, check=True,
+        )  # fmt: skip
+        counted = json.loads(client.stdout)
+        in_time_wait = _time_wait(netns, counted["port"])
+        server = children.start(
+            "http.server",
+            netns.command([sys.executable, "-m", "http.server", "-b", "127.0.0.1", "8765"]),
+            stage=Stage.TARGET, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )  # fmt: skip
+        _wait_for_port(netns, 8765)
+        for _ in range(10):  # HTTP/1.0: both close at once, the one first is either
+            subprocess.run(
+                netns.command(["curl", "-sf", "-o", "/dev/null", "http://127.0.0.1:8765/"]),
+                check=True, timeout=10,
+            )  # fmt: skip
+        curl_time_wait = _time_wait(netns, 8765)
+        children.stop(server)
+        result = trace.finish()
+    rows = pq.read_table(tmp_path / result.table)
+    comm = np.array(rows.column("comm").to_pylist())
+    errno_ = rows.column("errno").to_numpy()
+    close = np.array(rows.column("close").to_pylist())
+    tw = rows.column("time_wait_ns").to_numpy()
+    python = comm == "python3"
+    usable = 100 - (40000 <= counted["port"] <= 40099)  # the script's own server took one?
+    assert (counted["ok"], counted["eaddrnotavail"], counted["other"]) == (usable, 130 - usable, 0)
+    assert np.count_nonzero(python & (errno_ == 0)) == counted["ok"]
+    assert np.count_nonzero(python & (errno_ == 99)) == counted["eaddrnotavail"]
+    assert np.count_nonzero(python & (close == "client") & (tw > 0)) == in_time_wait == usable
+    ports = rows.column("local_port").to_numpy()[python & (errno_ == 0)]
+    assert len(set(ports)) == usable and set(ports) <= set(range(40000, 40100))
+    curl = comm == "curl"
+    assert np.count_nonzero(curl) == 10
+    assert set(close[curl]) <= {"server", "client"}
+    assert np.count_nonzero(curl & (close == "client")) == np.count_nonzero(curl & (tw > 0))
+    assert np.count_nonzero(curl & (tw > 0)) == curl_time_wait
+    assert set(rows.column("remote_port").to_numpy()[curl]) == {8765}
+    assert rows.num_rows == 140  # nothing from outside the namespace, no server sockets
+    assert result.lost_events == 0
+
+
+def _wait_for_port(ns: Namespace, port: int, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        out = subprocess.run(
+            ns.command(["ss", "-tlnH", f"sport = :{port}"]), capture_output=True, text=True
+        ).stdout
+        if out.strip():
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"nothing listens on {port}")
+
+
+SCENARIO = """
+name = "traced"
+duration = "2s"
+[target]
+endpoints = ["127.0.0.1:9000"]
+[listener]
+[load]
+engine = "uvloop"
+users = 10
+spawn_rate = 100
+rate = 0
+close = "client"
+backoff = "20ms"
+"""
+
+
+@pytest.mark.netns
+@pytest.mark.e2e
+def test_run_trace_witnesses_every_record_and_failure(tmp_path: Path, netns: Namespace) -> None:
+    """100 ports, no reuse: 100 successes then EADDRNOTAVAIL, every one seen by the kernel."""
+    _require_bpftrace()
+    netns.set_sysctl("net.ipv4.ip_local_port_range", [40000, 40099])
+    netns.set_sysctl("net.ipv4.tcp_tw_reuse", 0)
+    scenario = write_scenario(tmp_path / "s.toml", SCENARIO)
+    out = tmp_path / "run"
+    result = eph(
+        ["run", str(scenario), "--trace", "--out", str(out)], cwd=tmp_path,
+        prefix=netns.command([]),
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = run_dir_summary(out)
+    witness = summary["kernel_witness"]
+    assert witness["available"] is True, witness
+    assert witness["records"] == summary["connections"]["attempted"] > 100
+    assert witness["matched"] == witness["records"] == witness["kernel_connections"], (
+        witness,
+        json.loads((out / "kernel.json").read_text()),
+    )
+    assert witness["only_in_records"] == witness["only_in_kernel"] == 0
+    kernel = pq.read_table(out / "kernel_connections.parquet")
+    errno_ = kernel.column("errno").to_numpy()
+    assert np.count_nonzero(errno_ == 0) == summary["connections"]["succeeded"]
+    assert set(errno_[errno_ != 0]) == {99}
+
+
+@pytest.mark.netns
+@pytest.mark.e2e
+def test_observe_trace_writes_connections_of_any_client(tmp_path: Path, netns: Namespace) -> None:
+    _require_bpftrace()
+    subprocess.run(netns.command(["ip", "link", "set", "lo", "up"]), check=True)
+    out = tmp_path / "obs"
+    args = [*EPH, "observe", "--trace", "--out", str(out), "--duration", "30s", "--plain"]
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    with Supervisor() as children:
+        observer = children.start(
+            "observe", netns.command([*args, "--no-report"]), stage=Stage.OBSERVE, env=env,
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )  # fmt: skip
+        deadline = time.monotonic() + 30
+        while not ((out / "host.arrows").exists() and (out / "host.arrows").stat().st_size):
+            assert observer.poll() is None and time.monotonic() < deadline
+            time.sleep(0.1)
+        server = children.start(
+            "http.server",
+            netns.command([sys.executable, "-m", "http.server", "-b", "127.0.0.1", "8766"]),
+            stage=Stage.TARGET, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )  # fmt: skip
+        _wait_for_port(netns, 8766)
+        for _ in range(5):
+            subprocess.run(
+                netns.command(["curl", "-sf", "-o", "/dev/null", "http://127.0.0.1:8766/"]),
+                check=True, timeout=10,
+            )  # fmt: skip
+        children.stop(server)
+        children.stop(observer, grace=60)
+    assert observer.returncode == 0
+    rows = pq.read_table(out / "connections.parquet")
+    assert rows.column("comm").to_pylist() == ["curl"] * 5
+    assert set(rows.column("remote_port").to_pylist()) == {8766}
+    assert json.loads((out / "kernel.json").read_text())["connections"] == 5
+
+
+def test_without_root_it_says_why_in_one_line(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.setattr(os, "geteuid", lambda: 1000)
+    with Supervisor() as children:
+        reason = start_trace(children, tmp_path)
+        assert not children.running
+    assert reason == "kernel tracing needs root (eBPF)"
+    assert [r.getMessage() for r in caplog.records] == [
+        "no kernel trace: kernel tracing needs root (eBPF); sampling goes on"
+    ]
+    monkeypatch.setattr(bpf, "BTF", tmp_path / "no-btf")
+    monkeypatch.setattr(os, "geteuid", lambda: 0)
+    assert bpf.unavailable() == f"kernel tracing needs BTF ({tmp_path / 'no-btf'} is missing)"
+    monkeypatch.setattr(bpf, "BTF", tmp_path)
+    assert bpf.unavailable("no-such-bpftrace") == (
+        "kernel tracing needs bpftrace (apt-get install bpftrace)"
+    )
+
+
+CLIENT_150 = """
+import os, socket
+host, port = os.environ["EPH_TARGET"].rsplit(":", 1)
+counts = [0, 0]
+for _ in range(150):
+    s = socket.socket()
+    counts[s.connect_ex((host, int(port))) != 0] += 1
+    s.close()
+print(*counts)
+"""
+
+LAB = """
+name = "lab-trace"
+duration = "10s"
+[target]
+endpoints = ["127.0.0.1:9000"]
+[listener]
+[kernel]
+ip_local_port_range = [40000, 40099]
+tcp_tw_reuse = 0
+[collector]
+interval = "100ms"
+"""
+
+
+@pytest.mark.netns
+@pytest.mark.e2e
+def test_lab_exec_trace_records_the_users_client(tmp_path: Path) -> None:
+    _require_bpftrace()
+    client = tmp_path / "client.py"
+    client.write_text(CLIENT_150)
+    scenario = write_scenario(tmp_path / "lab.toml", LAB)
+    out = tmp_path / "lab"
+    result = eph(
+        [
+            "lab",
+            str(scenario),
+            "--exec",
+            f"{sys.executable} {client}",
+            "--trace",
+            "--out",
+            str(out),
+        ],
+        cwd=tmp_path,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    ok, failed = map(int, (out / "exec.stdout").read_text().split())
+    # a port can come back while its previous connection is only just closing: a few
+    # more than 100 (docs/kernel.md "Reuse")
+    assert 100 <= ok <= 110 and ok + failed == 150
+    rows = pq.read_table(out / "connections.parquet")
+    errno_ = rows.column("errno").to_numpy()
+    seen = {int(e): int(n) for e, n in zip(*np.unique(errno_, return_counts=True), strict=True)}
+    kernel_json = (out / "kernel.json").read_text()
+    assert seen == {0: ok, 99: failed}, (seen, kernel_json)
+    assert rows.num_rows == 150
+    assert np.count_nonzero(rows.column("time_wait_ns").to_numpy()) >= 100
+
+
+def test_trace_options_say_what_they_need() -> None:
+    from click.testing import CliRunner
+
+    from harness.cli import cli
+
+    observe = CliRunner().invoke(cli, ["observe", "--trace", "--duration", "1s"])
+    assert observe.exit_code == 2 and "give --out DIR" in observe.output
+    lab = CliRunner().invoke(cli, ["lab", str(ROOT / "scenarios/default.toml"), "--trace"])
+    assert lab.exit_code == 2 and "--trace in a lab goes with --exec" in lab.output
