@@ -19,6 +19,9 @@ import pyarrow.parquet as pq
 from pydantic import BaseModel, ConfigDict
 
 from harness.errors import RunDirError
+from harness.report.cliff import CliffInput, detect_cliff
+from harness.report.sections import LatencyCliff, Tuples
+from harness.report.tuples import audit_tuples
 
 __all__ = [
     "OBSERVE_SCHEMA_VERSION",
@@ -104,6 +107,20 @@ class ExecRecord(_Model):
         return f"`{what}` exited with code {self.exit_code} after {self.ran_s:.1f} s"
 
 
+class Traced(_Model):
+    """What the eBPF recorder's rows say (``eph observe --trace``, ``lab --exec --trace``).
+
+    The same analysis as a run's records: the 4-tuple audit, and the latency cliff
+    of the busiest traced path, its occupancy read from the samples of that path.
+    """
+
+    connections: int
+    failed: int
+    path: str | None  # the busiest traced path, whose latency the cliff reads
+    tuples: Tuples
+    latency_cliff: LatencyCliff
+
+
 class ObserveSummary(_Model):
     """``summary.json`` of an observation; ``mode`` tells it from a run's."""
 
@@ -120,6 +137,8 @@ class ObserveSummary(_Model):
     exhaustion: Exhaustion
     host: HostCounters
     exec: ExecRecord | None = None  # eph lab --exec: the client that was observed
+    # with --trace: the kernel's row of every client connection (connections.parquet)
+    traced: Traced | None = None
 
     @classmethod
     def read(cls, path: Path) -> ObserveSummary:
@@ -169,7 +188,73 @@ def summarize_observation(directory: Path) -> ObserveSummary:
         ),
         host=_host(host, meta["settings"].get("conntrack_max")),
         exec=_exec(directory),
+        traced=_traced(directory, paths),
     )
+
+
+def _traced(directory: Path, paths: pa.Table) -> Traced | None:
+    """The kernel's rows, when the observation traced them."""
+    table_path, meta_path = directory / "connections.parquet", directory / "kernel.json"
+    if not (table_path.exists() and meta_path.exists()):
+        return None
+    table = _read(directory, "connections.parquet")
+    offset = int(json.loads(meta_path.read_text(encoding="utf-8"))["wall_minus_monotonic_ns"])
+    errno = table.column("errno").to_numpy(zero_copy_only=False)
+    label, cliff = _path_cliff(table, paths, offset)
+    return Traced(
+        connections=table.num_rows,
+        failed=int((errno != 0).sum()),
+        path=label,
+        tuples=audit_tuples(table).section(),
+        latency_cliff=cliff,
+    )
+
+
+def _path_cliff(
+    table: pa.Table, paths: pa.Table, offset_ns: int
+) -> tuple[str | None, LatencyCliff]:
+    """Connect latency against the busiest traced path's occupancy when each began."""
+    if table.num_rows == 0:
+        return None, LatencyCliff(detected=False)
+    keys = pc.binary_join_element_wise(
+        table.column("local_addr").cast(pa.string()),
+        pc.binary_join_element_wise(
+            table.column("remote_addr").cast(pa.string()),
+            table.column("remote_port").cast(pa.string()),
+            ":",
+        ),
+        " -> ",
+    )
+    counts = pc.value_counts(keys)
+    top = counts.field("values")[
+        int(pc.index(counts.field("counts"), pc.max(counts.field("counts"))).as_py())
+    ]
+    label = str(top.as_py())
+    rows = table.filter(pc.equal(keys, top))
+    series = paths.filter(pc.equal(paths.column("label"), label))
+    start = rows.column("start_ns").to_numpy().astype(np.int64)
+    errno = rows.column("errno").to_numpy(zero_copy_only=False)
+    ok = errno == 0
+    wall_s = (start + offset_ns) / 1e9
+    occupancy = (
+        np.interp(
+            wall_s,
+            series.column("time").to_numpy(),
+            series.column("occupancy").to_numpy(zero_copy_only=False).astype(float),
+        )
+        if series.num_rows
+        else np.zeros(len(start))
+    )
+    first = float(start.min()) / 1e9
+    cliff = detect_cliff(
+        CliffInput(
+            occupancy=occupancy[ok],
+            connect_ms=rows.column("connect_us").to_numpy(zero_copy_only=False)[ok] / 1000.0,
+            start_s=start[ok] / 1e9 - first,
+            failures_s=np.sort(start[errno == 99] / 1e9 - first),
+        )
+    )
+    return label, cliff
 
 
 def _exec(directory: Path) -> ExecRecord | None:

@@ -54,6 +54,7 @@ def observation_findings(summary: ObserveSummary) -> list[str]:
             f"Your client, against {summary.exec.target}: {summary.exec.verdict()}"
             f" (its output: {summary.exec.stdout}, {summary.exec.stderr})."
         )
+    found += _traced_findings(summary)
     ex = summary.exhaustion
     if ex.exhausted and ex.path is not None and ex.first_full_s is not None:
         path = next(p for p in summary.paths if p.label == ex.path)
@@ -91,6 +92,30 @@ def observation_findings(summary: ObserveSummary) -> list[str]:
             " skip TIME_WAIT (no port hold, but no protection against late segments)."
         )
     return found
+
+
+def _traced_findings(summary: ObserveSummary) -> list[str]:
+    """From the kernel's rows (--trace): the latency cliff, and 4-tuples used at once."""
+    traced = summary.traced
+    if traced is None:
+        return []
+    out = []
+    cliff = traced.latency_cliff
+    if cliff.detected:
+        out.append(
+            f"Connects on {traced.path} slowed down {cliff.ratio or 0:,.0f}x once"
+            f" {cliff.onset_occupancy or 0:.0%} of its usable ports were held: connect p50"
+            f" {cliff.before_p50_ms} ms -> {cliff.after_p50_ms} ms, p99 {cliff.before_p99_ms}"
+            f" -> {cliff.after_p99_ms} ms (from the kernel's own record of"
+            f" {traced.connections:,} connections). Past half the range connect() scans the"
+            " used half first: the warning before EADDRNOTAVAIL."
+        )
+    if traced.tuples.concurrent_duplicates:
+        out.append(
+            f"{traced.tuples.concurrent_duplicates} connections reused a 4-tuple still in use"
+            " by another, in the kernel's own record."
+        )
+    return out
 
 
 def _states(states: dict[str, int]) -> str:
