@@ -46,7 +46,7 @@ from harness.placement import (
 )
 from harness.report.model import Summary
 from harness.report.witness import KernelWitness, kernel_witness
-from harness.rundir import RunDir
+from harness.rundir import RunDir, free_bytes, min_free_bytes
 from harness.scenario import Scenario
 from harness.supervisor import Child, Stage, Supervisor
 
@@ -352,22 +352,6 @@ def _limit_reached(
         )
         return "disk"
     return None
-
-
-def min_free_bytes() -> int:
-    """The space a run leaves free on its disk: it stops before the disk fills, so that
-    the merge and the report still fit (``EPH_MIN_FREE_MB``, default 64)."""
-    try:
-        return int(float(os.environ.get("EPH_MIN_FREE_MB", "64")) * 2**20)
-    except ValueError:
-        raise RunError(
-            f"EPH_MIN_FREE_MB = {os.environ['EPH_MIN_FREE_MB']!r} is not a number of MiB"
-        ) from None
-
-
-def free_bytes(path: Path) -> int:
-    stats = os.statvfs(path)
-    return stats.f_bavail * stats.f_frsize
 
 
 def run_worker(

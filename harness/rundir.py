@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from harness.errors import RunDirError
+from harness.errors import RunDirError, RunError
 from harness.files import atomic_write_json
 from harness.scenario import Scenario
 
@@ -127,3 +127,19 @@ class RunDir:
             raise RunDirError(self.path, f"{name} is missing") from None
         except ValueError as exc:
             raise RunDirError(self.path, f"{name} is not valid JSON ({exc})") from None
+
+
+def min_free_bytes() -> int:
+    """The space a run leaves free on its disk: it stops before the disk fills, so that
+    the merge and the report still fit (``EPH_MIN_FREE_MB``, default 64)."""
+    try:
+        return int(float(os.environ.get("EPH_MIN_FREE_MB", "64")) * 2**20)
+    except ValueError:
+        raise RunError(
+            f"EPH_MIN_FREE_MB = {os.environ['EPH_MIN_FREE_MB']!r} is not a number of MiB"
+        ) from None
+
+
+def free_bytes(path: Path) -> int:
+    stats = os.statvfs(path)
+    return stats.f_bavail * stats.f_frsize

@@ -267,6 +267,22 @@ def _snippet(inputs: PlanInputs, levers: list[Lever]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _lever_lines(lever: Lever) -> list[str]:
+    mark = "reaches the goal" if lever.reaches_goal else "not enough"
+    soft = (
+        f"; slow connects above {fmt_rate(lever.soft_rate_per_s)}"
+        if lever.soft_rate_per_s is not None
+        else "; no slow scan"
+    )
+    lines = [
+        f"  [{lever.kind}] {lever.name}: {fmt_rate(lever.max_rate_per_s)} ({mark}{soft})",
+        f"      {lever.change}",
+    ]
+    if lever.caveat:
+        lines.append(f"      note: {lever.caveat}")
+    return lines
+
+
 def render_text(plan: Plan, measured: Measured | None = None) -> str:
     """The plan for people: the verdict, the numbers, the levers, the snippet."""
     i = plan.inputs
@@ -303,18 +319,7 @@ def render_text(plan: Plan, measured: Measured | None = None) -> str:
             lines.append(f"  {name:<32} model {_fmt(model):>12}  measured {_fmt(seen):>12}")
     lines += ["", "levers (each alone):"]
     for lever in plan.levers:
-        mark = "reaches the goal" if lever.reaches_goal else "not enough"
-        soft = (
-            f"; slow connects above {fmt_rate(lever.soft_rate_per_s)}"
-            if lever.soft_rate_per_s is not None
-            else "; no slow scan"
-        )
-        lines.append(
-            f"  [{lever.kind}] {lever.name}: {fmt_rate(lever.max_rate_per_s)} ({mark}{soft})"
-        )
-        lines.append(f"      {lever.change}")
-        if lever.caveat:
-            lines.append(f"      note: {lever.caveat}")
+        lines += _lever_lines(lever)
     if plan.sysctl_snippet:
         lines += ["", plan.sysctl_snippet.rstrip()]
     return "\n".join(lines) + "\n"

@@ -111,25 +111,26 @@ class _Session:
         )
         self.writer: RecordWriter | None = None
         self.bridge: _UvloopBridge | None = None
-        # this process's CPU per flush; a uvloop child meters its own, and this
-        # process then only drives it
+        self.cpu = self._start_engine(f"{pid}-{sequence}", share)
+        self._fire: Callable[..., None] = environment.events.request.fire
+        self._closed = False
+        self.flush()  # the first progress file tells `eph run` the test has started
+        self._flusher = gevent.spawn(self._flush_loop)
+
+    def _start_engine(self, tag: str, share: float) -> CpuMeter:
+        """This process's engine (gevent churn, or the bridge to a uvloop child) and its
+        CPU meter: a uvloop child meters its own, and this process then only drives it."""
         label = "locust" if self.engine is Engine.LOCUST else "uvloop-driver"
-        self.cpu = CpuMeter(
-            cpu_part_path(self.run_dir.parts, f"{label}-{pid}-{sequence}"), engine=label
-        )
+        meter = CpuMeter(cpu_part_path(self.run_dir.parts, f"{label}-{tag}"), engine=label)
         if self.engine is Engine.LOCUST:
-            part = self.run_dir.parts / f"locust-{pid}-{sequence}.arrows"
+            part = self.run_dir.parts / f"locust-{tag}.arrows"
             self.writer = RecordWriter(
                 part, endpoints=self.plan.endpoints, close=self.plan.close_label, engine="locust"
             )
             self.churn = GeventChurn(self.plan, self.writer, self._on_result)
         else:
-            part = self.run_dir.parts / f"uvloop-{pid}-{sequence}.arrows"
-            self.bridge = _UvloopBridge(self, part, share)
-        self._fire: Callable[..., None] = environment.events.request.fire
-        self._closed = False
-        self.flush()  # the first progress file tells `eph run` the test has started
-        self._flusher = gevent.spawn(self._flush_loop)
+            self.bridge = _UvloopBridge(self, self.run_dir.parts / f"uvloop-{tag}.arrows", share)
+        return meter
 
     def _on_result(self, target: Target, err: int, io_err: int, connect_ms: float, rx: int) -> None:
         self._fire(

@@ -25,10 +25,14 @@ Everything is vectorised: one sort, one bincount; only the ~100 bins are looped.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from harness.report.sections import LatencyCliff
+
+if TYPE_CHECKING:  # attributes only: model imports sections, not this
+    from harness.report.model import Summary
 
 __all__ = [
     "BIN_WIDTH",
@@ -130,3 +134,42 @@ def detect_cliff(data: CliffInput) -> LatencyCliff:
         rate_before_per_s=_rate(in_before, onset_s - first_s),
         rate_after_per_s=_rate(in_after, end_s - onset_s),
     )
+
+
+def slowed(summary: Summary) -> bool:
+    """Whether the run's connects slowed down past the cliff."""
+    cliff = summary.latency_cliff
+    return cliff is not None and cliff.detected
+
+
+def cliff_findings(summary: Summary) -> list[str]:
+    """The warning before the errors: connect latency stepped up as the range filled."""
+    cliff = summary.latency_cliff
+    if cliff is None or not cliff.detected:
+        return []
+    onset, ratio = cliff.onset_occupancy or 0.0, cliff.ratio or 0.0
+    parity = 0.45 <= onset <= 0.55  # the low-parity half held: the scan before each port
+    text = (
+        f"Connects slowed down {ratio:,.0f}x"
+        if ratio >= 10
+        else f"Connects slowed down {ratio:.1f}x"
+    ) + (
+        f" once {onset:.0%} of the usable ports were held"
+        + (" (the even half: connect() now scans it before each odd port)" if parity else "")
+        + f", at {cliff.onset_s or 0:.3g} s: connect p50 {cliff.before_p50_ms} ms"
+        f" -> {cliff.after_p50_ms} ms, p99 {cliff.before_p99_ms} -> {cliff.after_p99_ms} ms"
+    )
+    before, after = cliff.rate_before_per_s, cliff.rate_after_per_s
+    if before and after is not None:
+        went = "fell" if after < before else "went"
+        text += f"; successful connections per second {went} from {before:,.0f} to {after:,.0f}"
+    soft = summary.capacity.model_soft_rate_per_s
+    if parity and soft:
+        text += f". The model's soft limit here: above {soft:,.0f}/s the even half fills"
+    if not parity:
+        return [text + ". connect() searches a nearly full range: the ports are about to run out."]
+    return [
+        text + ". This is the warning before EADDRNOTAVAIL: a random IP_LOCAL_PORT_RANGE"
+        " window per socket (load.socket_port_window), TIME_WAIT reuse, a wider range or"
+        " more destinations keep connect() fast."
+    ]

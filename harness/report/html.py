@@ -13,6 +13,7 @@ from matplotlib.figure import Figure
 
 from harness.capacity.plan import from_run, make_plan
 from harness.files import atomic_write
+from harness.report.cliff import cliff_findings, slowed
 from harness.report.figures import (
     FIGURES,
     HOSTS_FIGURE,
@@ -88,7 +89,7 @@ def recommendations(summary: Summary, scenario: Scenario) -> list[str]:
 def findings(summary: Summary) -> list[str]:
     """The run in plain words."""
     return [
-        *_cliff_findings(summary),
+        *cliff_findings(summary),
         *_outcome_findings(summary),
         *_outage_findings(summary),
         *_service_findings(summary.service),
@@ -116,7 +117,7 @@ def _outcome_findings(summary: Summary) -> list[str]:
                 + (f", {tw_peak} of them in TIME_WAIT" if tw_peak is not None else "")
             )
         out.append(text + ".")
-    elif conns.failed == 0 and not _slowed(summary):
+    elif conns.failed == 0 and not slowed(summary):
         out.append(f"No failures: {conns.succeeded} connections succeeded.")
     elif conns.failed == 0:
         out.append(
@@ -127,44 +128,6 @@ def _outcome_findings(summary: Summary) -> list[str]:
         text = ", ".join(f"{k} {v}" for k, v in sorted(conns.errors.items()))
         out.append(f"Failed connects: {text}.")
     return out
-
-
-def _slowed(summary: Summary) -> bool:
-    cliff = summary.latency_cliff
-    return cliff is not None and cliff.detected
-
-
-def _cliff_findings(summary: Summary) -> list[str]:
-    """The warning before the errors: connect latency stepped up as the range filled."""
-    cliff = summary.latency_cliff
-    if cliff is None or not cliff.detected:
-        return []
-    onset, ratio = cliff.onset_occupancy or 0.0, cliff.ratio or 0.0
-    parity = 0.45 <= onset <= 0.55  # the low-parity half held: the scan before each port
-    text = (
-        f"Connects slowed down {ratio:,.0f}x"
-        if ratio >= 10
-        else f"Connects slowed down {ratio:.1f}x"
-    ) + (
-        f" once {onset:.0%} of the usable ports were held"
-        + (" (the even half: connect() now scans it before each odd port)" if parity else "")
-        + f", at {cliff.onset_s or 0:.3g} s: connect p50 {cliff.before_p50_ms} ms"
-        f" -> {cliff.after_p50_ms} ms, p99 {cliff.before_p99_ms} -> {cliff.after_p99_ms} ms"
-    )
-    before, after = cliff.rate_before_per_s, cliff.rate_after_per_s
-    if before and after is not None:
-        went = "fell" if after < before else "went"
-        text += f"; successful connections per second {went} from {before:,.0f} to {after:,.0f}"
-    soft = summary.capacity.model_soft_rate_per_s
-    if parity and soft:
-        text += f". The model's soft limit here: above {soft:,.0f}/s the even half fills"
-    if not parity:
-        return [text + ". connect() searches a nearly full range: the ports are about to run out."]
-    return [
-        text + ". This is the warning before EADDRNOTAVAIL: a random IP_LOCAL_PORT_RANGE"
-        " window per socket (load.socket_port_window), TIME_WAIT reuse, a wider range or"
-        " more destinations keep connect() fast."
-    ]
 
 
 def _outage_findings(summary: Summary) -> list[str]:
