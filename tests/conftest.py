@@ -89,3 +89,13 @@ def tcp_states(port: int) -> dict[str, dict[str, int]]:
             if address.rsplit(":", 1)[-1] == str(port):
                 result[side][state] = result[side].get(state, 0) + 1
     return result
+
+
+def out_rsts(ns: Namespace) -> int:
+    """Tcp OutRsts of a namespace: every reset sent, by either side. A reset that
+    reaches a client in TIME_WAIT ends it early (docs/kernel.md, "TIME_WAIT")."""
+    text = subprocess.run(
+        ns.command(["cat", "/proc/net/snmp"]), capture_output=True, text=True, check=True
+    ).stdout
+    names, values = [line.split()[1:] for line in text.splitlines() if line.startswith("Tcp:")]
+    return int(values[names.index("OutRsts")])

@@ -15,7 +15,7 @@ from harness.kernel.counters import read_counters
 from harness.kernel.netns import Namespace
 from harness.observe.collector import Collector
 
-from .conftest import EPH, ROOT
+from .conftest import EPH, ROOT, out_rsts
 
 pytestmark = pytest.mark.netns
 
@@ -39,15 +39,6 @@ def _ss_count(ns: Namespace, state: str) -> int:
         ns.command(["ss", "-tanH", "state", state]), capture_output=True, text=True, check=True
     ).stdout
     return len([line for line in out.splitlines() if line.strip()])
-
-
-def _out_rsts(ns: Namespace) -> int:
-    """Tcp OutRsts of the namespace: every reset sent, by either side."""
-    text = subprocess.run(
-        ns.command(["cat", "/proc/net/snmp"]), capture_output=True, text=True, check=True
-    ).stdout
-    names, values = [line.split()[1:] for line in text.splitlines() if line.startswith("Tcp:")]
-    return int(values[names.index("OutRsts")])
 
 
 def test_counts_equal_ss_and_targets_split_by_side(netns: Namespace) -> None:
@@ -75,7 +66,7 @@ def test_counts_equal_ss_and_targets_split_by_side(netns: Namespace) -> None:
     )
     sample = json.loads(once.stdout)
     tw, established = _ss_count(netns, "time-wait"), _ss_count(netns, "established")
-    resets = _out_rsts(netns)
+    resets = out_rsts(netns)
     for proc in (client, listener):
         proc.kill()
         proc.communicate()

@@ -57,7 +57,8 @@ def _lab(tmp_path: Path, command: str, duration: str = "30s") -> tuple[int, str,
 def test_a_client_per_request_exhausts_and_a_pooled_one_does_not(tmp_path: Path) -> None:
     code, stderr, out = _lab(tmp_path / "per-request", PER_REQUEST)
     assert code == 0, stderr
-    assert (out / "exec.stdout").read_text().strip() == "100"  # 100 ports, then EADDRNOTAVAIL
+    # 100 ports, then EADDRNOTAVAIL (a few more when a reset ends a TIME_WAIT early)
+    assert 100 <= int((out / "exec.stdout").read_text()) <= 105
     summary = json.loads((out / "summary.json").read_text())
     assert summary["mode"] == "observe"
     assert summary["exhaustion"]["exhausted"] is True

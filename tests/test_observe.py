@@ -15,7 +15,7 @@ import pytest
 
 from harness.kernel.netns import Namespace
 
-from .conftest import EPH, ROOT
+from .conftest import EPH, ROOT, out_rsts
 
 pytestmark = [pytest.mark.netns, pytest.mark.e2e]
 
@@ -102,6 +102,7 @@ def test_observe_sees_each_path_as_ss_does_and_serves_prometheus(
             capture_output=True, text=True, timeout=20, check=True,
         ).stdout  # fmt: skip
         ss = _ss_client_paths(netns)
+        resets = out_rsts(netns)
         stdout, stderr = observer.communicate(timeout=30)
     finally:
         for proc in (observer, client):
@@ -112,8 +113,12 @@ def test_observe_sees_each_path_as_ss_does_and_serves_prometheus(
                 stream.close()
     assert observer.returncode == 0, stderr
     assert "stopped by duration" in stderr
-    assert ss == {"127.0.0.1:7000": 450, "127.0.0.1:7001": 150}
-    gauge = 'eph_path_ports_in_use{local="127.0.0.1",remote="127.0.0.1:7000"} 450.0'
+    # every connection left a TIME_WAIT here, but for those a reset ended early
+    made = {"127.0.0.1:7000": 450, "127.0.0.1:7001": 150}
+    assert set(ss) == set(made)
+    assert all(made[k] - resets <= ss[k] <= made[k] for k in made), (ss, resets)
+    held = ss["127.0.0.1:7000"]
+    gauge = f'eph_path_ports_in_use{{local="127.0.0.1",remote="127.0.0.1:7000"}} {held}.0'
     assert gauge in scrape
     assert 'eph_path_usable_ports{local="127.0.0.1",remote="127.0.0.1:7000"} 600.0' in scrape
     assert "eph_host_time_wait" in scrape
@@ -121,20 +126,21 @@ def test_observe_sees_each_path_as_ss_does_and_serves_prometheus(
     assert "127.0.0.1 -> 127.0.0.1:7000: " in stdout
 
     paths = pq.read_table(out / "paths.parquet").to_pylist()
+    last: dict[str, int] = {}
     peak: dict[str, int] = {}
-    for row in paths:
-        peak[row["remote"] + f":{row['remote_port']}"] = max(
-            peak.get(f"{row['remote']}:{row['remote_port']}", 0), row["ports"]
-        )
-    assert {
-        k: v for k, v in peak.items() if k.endswith((":7000", ":7001"))
-    } == ss  # each path's peak is what ss counts at the end (all in TIME_WAIT)
+    for row in paths:  # in sample order
+        key = f"{row['remote']}:{row['remote_port']}"
+        last[key] = row["ports"]
+        peak[key] = max(peak.get(key, 0), row["ports"])
+    # after the churn nothing changes for 60 s: eph's last sample is what ss counts
+    assert {k: v for k, v in last.items() if k in made} == ss
+    assert all(ss[k] <= peak[k] <= made[k] for k in made)
     host = pq.read_table(out / "host.parquet")
     assert host.num_rows >= 20  # 6 s at 250 ms
     # every new connection counted once by cookie: the client closes first, so each
     # one sits in TIME_WAIT until the next sample sees it
     new_7000 = sum(r["new"] for r in paths if r["remote_port"] == 7000)
-    assert new_7000 == 450
+    assert 450 - resets <= new_7000 <= 450
 
 
 def test_curl_against_nginx_exhausts_a_small_range_and_the_report_names_the_path(
@@ -173,7 +179,9 @@ def test_curl_against_nginx_exhausts_a_small_range_and_the_report_names_the_path
                 observer.wait(timeout=10)
     assert observer.returncode == 0, stderr
     assert "stopped by SIGINT" in stderr
-    assert [int(c) for c in counts] == [200, 60]
+    ok, failed = (int(c) for c in counts)
+    # 200 ports; a few more succeed when a reset ends a TIME_WAIT early (docs/kernel.md)
+    assert 200 <= ok <= 205 and ok + failed == 260
     summary = json.loads((out / "summary.json").read_text())
     assert summary["mode"] == "observe"
     assert summary["exhaustion"]["exhausted"] is True
