@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 
-__all__ = ["format_duration", "parse_duration"]
+__all__ = ["format_duration", "human_duration", "parse_duration"]
 
 _UNITS = {"us": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
 _PATTERN = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(us|ms|s|m|h)\s*$")
@@ -30,3 +30,12 @@ def format_duration(seconds: float) -> str:
     if seconds == 0:
         return "0ms"
     return f"{seconds * 1e3:g}ms"
+
+
+def human_duration(seconds: float) -> str:
+    """For people, not for parsing back: ``12.3 s``, ``4.2 min``, ``1.5 h``."""
+    if seconds < 60:
+        return f"{seconds:.1f} s"
+    if seconds < 3600:
+        return f"{seconds / 60:.1f} min"
+    return f"{seconds / 3600:.1f} h"

@@ -43,6 +43,17 @@ def _line(syn: int, est: int, close: int, last: int, fin: int, err: int, sport: 
     return f"@r{syn % 2}[{', '.join(str(f) for f in fields)}]: 1"
 
 
+def test_kernel_rows_have_every_column_of_the_records_first() -> None:
+    """kernel/ imports nothing of eph, so its schema repeats the records': it must not drift
+    (the analysis reads either table)."""
+    from harness.records import CONNECTIONS_SCHEMA
+
+    ours = bpf.KERNEL_CONNECTIONS_SCHEMA
+    assert ours.names[: len(CONNECTIONS_SCHEMA)] == CONNECTIONS_SCHEMA.names
+    for field in CONNECTIONS_SCHEMA:
+        assert ours.field(field.name).type == field.type, field.name
+
+
 def test_lines_become_connection_columns(tmp_path: Path) -> None:
     text = tmp_path / "kernel.tsv"
     lines = [

@@ -54,7 +54,7 @@ def test_the_even_half_held_makes_connects_slow(tmp_path: Path) -> None:
     summary = _cliff_lab(tmp_path)
     cliff = summary.latency_cliff
     assert cliff is not None and cliff.detected, cliff
-    assert cliff.onset_occupancy == pytest.approx(0.5, abs=0.05), cliff
+    assert cliff.onset_occupancy == pytest.approx(0.5, rel=0.05), cliff
     assert cliff.ratio is not None and cliff.ratio > 10, cliff
     assert cliff.rate_before_per_s and cliff.rate_after_per_s, cliff
     assert cliff.rate_after_per_s < cliff.rate_before_per_s / 5, cliff  # the churn collapses

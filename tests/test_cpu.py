@@ -20,6 +20,7 @@ from harness.load.fastpath import write_frame
 from harness.load.uvloop_engine import read_frame, read_frame_cpu
 from harness.records import ROW_DTYPE, Part
 from harness.report.cpu import cpu_section
+from harness.report.occupancy import IN_USE
 
 from .conftest import ROOT
 
@@ -204,18 +205,7 @@ def _samples(t_s: list[float], in_use: list[int]) -> pa.Table:
             "scope": pa.array(["to 127.0.0.1:9000"] * n),
             **{
                 state: pa.array(in_use if state == "time_wait" else [0] * n, pa.int64())
-                for state in (
-                    "established",
-                    "syn_sent",
-                    "syn_recv",
-                    "fin_wait1",
-                    "fin_wait2",
-                    "time_wait",
-                    "close",
-                    "close_wait",
-                    "last_ack",
-                    "closing",
-                )
+                for state in IN_USE
             },
         }
     )

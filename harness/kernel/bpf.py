@@ -82,6 +82,8 @@ ECONNABORTED = errno.ECONNABORTED  # closed by its process before it connected, 
 _CLOSE_SIDE = ["", "client", "server", "reset"]  # first_fin 1: this side; 2: the peer
 
 _DICT = pa.dictionary(pa.int32(), pa.string())
+# the records' columns first (harness.records; kernel/ imports nothing of eph, and
+# tests/test_bpf.py checks the two agree), then the kernel's own
 KERNEL_CONNECTIONS_SCHEMA = pa.schema(
     [
         ("start_ns", pa.int64()),

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-__all__ = ["COUNTERS", "read_counters"]
+__all__ = ["COUNTERS", "ipv6_sockets_unseen", "read_counters", "tcp6_inuse"]
 
 # column name -> (file, section, field)
 COUNTERS = {
@@ -64,3 +64,34 @@ def read_counters(proc: Path = Path("/proc")) -> dict[str, int | None]:
     except (OSError, ValueError):
         result["conntrack_count"] = None
     return result
+
+
+def tcp6_inuse(proc: Path = Path("/proc")) -> int | None:
+    """sockstat6's ``TCP6: inuse`` (TIME_WAIT sockets not included), None if unreadable."""
+    try:
+        for line in (proc / "net" / "sockstat6").read_text().splitlines():
+            if line.startswith("TCP6:"):
+                return int(line.split()[2])
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
+
+
+def ipv6_sockets_unseen(
+    ipv4_time_wait: int, sockstat_tw: int | None = None, proc: Path = Path("/proc")
+) -> bool:
+    """Whether an IPv6 sock_diag dump can find anything once the IPv4 one is done.
+
+    Each family's dump walks the whole socket table, so the IPv6 one is skipped when
+    the kernel's own counts say there is nothing: sockstat6 TCP6 inuse 0, and every
+    TIME_WAIT socket of sockstat (which counts both families) seen in the IPv4 dump.
+    ``sockstat_tw`` is read here unless the caller has it already.
+    """
+    if tcp6_inuse(proc) != 0:
+        return True
+    if sockstat_tw is None:
+        try:
+            sockstat_tw = _sockstat(proc / "net" / "sockstat").get("tw")
+        except OSError:
+            return True
+    return sockstat_tw != ipv4_time_wait

@@ -161,7 +161,7 @@ def run_exec(
         result = _run_command(children, scenario, run, placement.load, argv, target)
         _settle(scenario)
         children.stop(observer, grace=OBSERVER_STOP_GRACE_S)
-    run.write_json("exec.json", asdict(result))
+    run.write_json("exec.json", {**asdict(result), "verdict": result.verdict})
     logger.info("%s", result.verdict)
     return run, result
 

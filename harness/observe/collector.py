@@ -33,7 +33,7 @@ import pyarrow.parquet as pq
 
 from harness.endpoints import ResolvedEndpoint
 from harness.files import atomic_path, read_stream
-from harness.kernel.counters import COUNTERS, SOCKSTAT, read_counters
+from harness.kernel.counters import COUNTERS, SOCKSTAT, ipv6_sockets_unseen, read_counters
 from harness.kernel.parent_death import die_with_parent
 from harness.kernel.sockdiag import TcpState, dump_sockets, dump_tcp
 from harness.kernel.sysctls import read_kernel
@@ -162,29 +162,13 @@ class Collector:
         return count
 
     def _needs_ipv6(self, ipv4: np.ndarray, counters: dict[str, int | None]) -> bool:
-        """Whether an IPv6 dump can find anything.
-
-        Each family's dump walks the whole socket table: ~10 ms at 28,000 sockets
-        even with no IPv6 socket at all. Skipped when the kernel's own counts say
-        there is none: no IPv6 target, sockstat6 TCP6 inuse 0, and every TIME_WAIT
-        socket of sockstat (both families) already seen in the IPv4 dump.
-        """
+        """Whether an IPv6 dump can find anything: an IPv6 target, or what
+        :func:`harness.kernel.counters.ipv6_sockets_unseen` says."""
         if any(t.family == socket.AF_INET6 for t in self._targets):
             return True
-        if _tcp6_inuse() != 0:
-            return True
         ipv4_tw = int((ipv4["state"] == TcpState.TIME_WAIT).sum())
-        return counters.get("sockstat_tw") != ipv4_tw
+        return ipv6_sockets_unseen(ipv4_tw, counters.get("sockstat_tw"))
 
-
-def _tcp6_inuse(path: Path = Path("/proc/net/sockstat6")) -> int | None:
-    try:
-        for line in path.read_text().splitlines():
-            if line.startswith("TCP6:"):
-                return int(line.split()[2])
-    except (OSError, ValueError, IndexError):
-        return None
-    return None
 
 
 def _count(states: np.ndarray) -> dict[str, int]:

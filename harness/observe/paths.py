@@ -29,10 +29,10 @@ import socket
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 
+from harness.kernel.counters import ipv6_sockets_unseen
 from harness.kernel.sockdiag import DIAG_DTYPE, TcpState, dump_sockets
 
 __all__ = ["STATES", "PathSampler", "PathSnapshot", "group_paths", "usable_ports"]
@@ -209,7 +209,7 @@ class PathSampler:
     def sample(self) -> PathSnapshot:
         now = time.time()
         tcp = dump_sockets(TCP, families=[socket.AF_INET])
-        if _ipv6_possible(int((tcp["state"] == TcpState.TIME_WAIT).sum())):
+        if ipv6_sockets_unseen(int((tcp["state"] == TcpState.TIME_WAIT).sum())):
             tcp = np.concatenate([tcp, dump_sockets(TCP, families=[socket.AF_INET6])])
         udp = dump_sockets(UDP, [TcpState.ESTABLISHED, TcpState.CLOSE]) if self.udp else None
         return self.from_rows(tcp, udp, now)
@@ -288,13 +288,3 @@ def _client(
     mask &= rows["state"] != server
     return mask
 
-
-def _ipv6_possible(ipv4_time_wait: int, proc: Path = Path("/proc/net")) -> bool:
-    """Whether an IPv6 dump can find anything: TCP6 sockets in use, or TIME_WAIT
-    sockets that the IPv4 dump did not see (sockstat's ``tw`` counts both families)."""
-    try:
-        tcp6 = (proc / "sockstat6").read_text().split("TCP6: inuse", 1)[1].split()[0]
-        tw = (proc / "sockstat").read_text().split(" tw ", 1)[1].split()[0]
-        return int(tcp6) > 0 or int(tw) != ipv4_time_wait
-    except (OSError, IndexError, ValueError):
-        return True

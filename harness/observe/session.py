@@ -24,6 +24,7 @@ from typing import Any, Protocol
 from harness.capacity.model import reserved_spans
 from harness.files import atomic_write_json
 from harness.kernel.counters import read_counters
+from harness.kernel.listening import read_conntrack
 from harness.kernel.sysctls import read_kernel
 from harness.observe.outlook import Outlook, outlook
 from harness.observe.paths import PathSampler, PathSnapshot
@@ -58,7 +59,7 @@ class Settings:
             tw_reuse=int(kernel.get("tcp_tw_reuse", 2)),
             timestamps=int(kernel.get("tcp_timestamps", 1)),
             reuse_delay_ms=kernel.get("tcp_tw_reuse_delay_ms"),
-            conntrack_max=_conntrack_max(),
+            conntrack_max=(read_conntrack() or {}).get("max"),
             netns=kernel.get("netns"),
         )
 
@@ -73,12 +74,6 @@ class Settings:
             "conntrack_max": self.conntrack_max,
         }
 
-
-def _conntrack_max(path: Path = Path("/proc/sys/net/netfilter/nf_conntrack_max")) -> int | None:
-    try:
-        return int(path.read_text())
-    except (OSError, ValueError):
-        return None
 
 
 @dataclass(frozen=True)

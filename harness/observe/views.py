@@ -15,6 +15,7 @@ from rich.text import Text
 from harness.observe.outlook import Outlook, Verdict
 from harness.observe.paths import STATES, PathSnapshot
 from harness.observe.session import HostView
+from harness.units import human_duration
 
 __all__ = ["PlainView", "TerminalView", "host_line", "path_line"]
 
@@ -29,13 +30,7 @@ _SHORT = {"ESTABLISHED": "estab", "TIME_WAIT": "tw", "SYN_SENT": "syn", "CLOSE_W
 
 
 def _eta(seconds: float) -> str:
-    if math.isnan(seconds):
-        return "-"
-    if seconds < 60:
-        return f"{seconds:.1f} s"
-    if seconds < 3600:
-        return f"{seconds / 60:.1f} min"
-    return f"{seconds / 3600:.1f} h"
+    return "-" if math.isnan(seconds) else human_duration(seconds)
 
 
 def _states(row: list[int]) -> str:

@@ -19,6 +19,7 @@ import pyarrow.parquet as pq
 from pydantic import BaseModel, ConfigDict
 
 from harness.errors import RunDirError
+from harness.observe.store import STATE_COLUMNS
 from harness.report.cliff import CliffInput, detect_cliff
 from harness.report.sections import LatencyCliff, Tuples
 from harness.report.tuples import audit_tuples
@@ -32,17 +33,6 @@ __all__ = [
 ]
 
 OBSERVE_SCHEMA_VERSION = 1
-STATE_COLUMNS = (
-    "syn_sent",
-    "established",
-    "fin_wait1",
-    "fin_wait2",
-    "closing",
-    "time_wait",
-    "close_wait",
-    "last_ack",
-    "close",
-)
 
 
 class _Model(BaseModel):
@@ -96,15 +86,7 @@ class ExecRecord(_Model):
     exited_at_once: bool
     stdout: str
     stderr: str
-
-    def verdict(self) -> str:
-        shell = self.command[:2] == ["/bin/sh", "-c"]
-        what = self.command[-1] if shell else " ".join(self.command)
-        if self.stopped_at_duration:
-            return f"`{what}` was still running after {self.ran_s:.1f} s: stopped at duration"
-        if self.exited_at_once:
-            return f"`{what}` exited with code {self.exit_code} at once ({self.ran_s:.2f} s)"
-        return f"`{what}` exited with code {self.exit_code} after {self.ran_s:.1f} s"
+    verdict: str  # how it ended, for a person (written by harness.lab.exec)
 
 
 class Traced(_Model):

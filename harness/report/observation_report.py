@@ -24,7 +24,9 @@ from matplotlib.figure import Figure
 
 from harness.capacity.model import TIME_WAIT_S
 from harness.files import atomic_write
-from harness.report.observation import STATE_COLUMNS, ObserveSummary
+from harness.observe.store import STATE_COLUMNS
+from harness.report.observation import ObserveSummary
+from harness.units import human_duration
 
 __all__ = ["observation_findings", "observation_recommendations", "render_observation"]
 
@@ -38,20 +40,12 @@ _ENV = jinja2.Environment(
 )
 
 
-def _when(seconds: float) -> str:
-    if seconds < 120:
-        return f"{seconds:.1f} s"
-    if seconds < 7200:
-        return f"{seconds / 60:.1f} min"
-    return f"{seconds / 3600:.1f} h"
-
-
 def observation_findings(summary: ObserveSummary) -> list[str]:
     """What happened, in plain words, the worst first."""
     found: list[str] = []
     if summary.exec is not None:
         found.append(
-            f"Your client, against {summary.exec.target}: {summary.exec.verdict()}"
+            f"Your client, against {summary.exec.target}: {summary.exec.verdict}"
             f" (its output: {summary.exec.stdout}, {summary.exec.stderr})."
         )
     found += _traced_findings(summary)
@@ -70,7 +64,7 @@ def observation_findings(summary: ObserveSummary) -> list[str]:
             found.append(
                 f"{path.label} is heading for exhaustion: at {path.new_per_s_peak:,.0f}"
                 f" new connections/s its {path.usable_ports:,} ports last"
-                f" {_when(path.time_to_exhaustion_s)} from the worst moment seen."
+                f" {human_duration(path.time_to_exhaustion_s)} from the worst moment seen."
             )
         elif path.peak_fraction >= PARITY_FRACTION:
             found.append(
