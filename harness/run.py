@@ -342,13 +342,19 @@ def _limit_reached(
         )
         return "max_connections"
     free = free_bytes(run.path)
-    if free < reserve:
+    # The merge into connections.parquet needs room beside the parts it reads: at most
+    # their size (zstd Parquet is smaller than the Arrow parts), so the reserve grows
+    # with them. A 6 MiB disk once filled during the merge instead of before it.
+    merge_room = run.parts_bytes()
+    if free < reserve + merge_room:
         logger.error(
             "only %.1f MiB free where the run directory is (%s), under the %.0f MiB"
-            " reserve (EPH_MIN_FREE_MB): stopping the run to keep what was recorded",
+            " reserve (EPH_MIN_FREE_MB) plus the %.1f MiB the merge needs: stopping"
+            " the run to keep what was recorded",
             free / 2**20,
             run.path,
             reserve / 2**20,
+            merge_room / 2**20,
         )
         return "disk"
     return None

@@ -85,6 +85,16 @@ class RunDir:
     def parts(self) -> Path:
         return self.path / "parts"
 
+    def parts_bytes(self) -> int:
+        """The bytes the record parts hold: the merge writes up to as much again."""
+        total = 0
+        for part in self.parts.rglob("*"):
+            try:
+                total += part.stat().st_size
+            except OSError:  # merged and removed meanwhile
+                continue
+        return total
+
     @property
     def progress(self) -> Path:
         return self.path / "progress"

@@ -170,7 +170,6 @@ class Collector:
         return ipv6_sockets_unseen(ipv4_tw, counters.get("sockstat_tw"))
 
 
-
 def _count(states: np.ndarray) -> dict[str, int]:
     counts = np.bincount(states, minlength=len(TcpState) + 1)
     return {state.name.lower(): int(counts[state]) for state in TcpState}

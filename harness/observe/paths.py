@@ -287,4 +287,3 @@ def _client(
     mask: np.ndarray = (sport >= low) & (sport <= high) & ~listening[sport]
     mask &= rows["state"] != server
     return mask
-

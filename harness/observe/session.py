@@ -75,7 +75,6 @@ class Settings:
         }
 
 
-
 @dataclass(frozen=True)
 class HostView:
     """One sample's host line: the settings and the counters' change since the last."""
