@@ -161,8 +161,9 @@ def test_unresponsive_target_times_out_within_bounds(tmp_path: Path, engine: str
     summary = run_dir_summary(run)
     conns = summary["connections"]
     assert conns["attempted"] > 10 and conns["errors"] == {"ETIMEDOUT": conns["attempted"]}
-    # 5 users, each a 300 ms timeout and a 20 ms backoff per attempt, for 2 s
-    assert conns["attempted"] <= 5 * (2.0 / 0.32 + 2)
+    # 5 users, each a 300 ms timeout and a 20 ms backoff per attempt, for as long as the
+    # load ran (2 s asked; a busy host stops it a little late, which is not the point here)
+    assert conns["attempted"] <= 5 * (summary["duration_s"] / 0.32 + 2)
     connect_ms = pq.read_table(run / "connections.parquet").column("connect_us").to_numpy() / 1e3
     assert np.all((connect_ms >= 280) & (connect_ms < 600)), connect_ms
     assert summary["outages"] and summary["outages"][0]["recovered"] is False
