@@ -1,13 +1,13 @@
 """The eBPF connection recorder: what the kernel saw of every client TCP connection.
 
 ``connections.bt`` (beside this module) is a bpftrace program on the tracepoint
-``sock:inet_sock_set_state`` and the ``connect()`` syscall's entry and exit,
-filtered to one network namespace (the socket's ``skc_net`` inode, the
-connecting task's for the syscall) and to client sockets (those that pass
-CLOSE -> SYN_SENT). A connection that reaches CLOSE becomes a key of a BPF map
-that is printed and cleared every ``FLUSH_MS`` (four maps in turn): one wakeup
-of bpftrace per flush, not one per connection, which is what keeps traced churn
-near untraced. Nothing is kept per connection in Python.
+``sock:inet_sock_set_state``, filtered to one network namespace (the socket's
+``skc_net`` inode, read once per socket at its SYN) and to client sockets (those
+that pass CLOSE -> SYN_SENT). A connection that reaches CLOSE becomes a key of
+one BPF hash map, which :mod:`harness.kernel.bpfmap` drains from outside
+bpftrace every :data:`DRAIN_S`, thousands of keys per syscall; what closed after
+its last drain bpftrace prints as text at exit. Nothing is kept per connection
+in Python.
 
 This module knows no run: it says whether the recorder can run here
 (:func:`unavailable`), builds its command (:func:`recorder_command`), and turns
@@ -34,6 +34,7 @@ import os
 import re
 import shutil
 import subprocess
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from importlib import resources
@@ -48,10 +49,14 @@ import pyarrow.parquet as pq
 
 __all__ = [
     "KERNEL_CONNECTIONS_SCHEMA",
+    "KEY_SIZE",
     "READY_LINE",
     "TIME_WAIT_NS",
+    "RowWriter",
     "TraceRead",
     "convert",
+    "drain_command",
+    "key_rows",
     "lost_events",
     "program",
     "read_trace",
@@ -59,13 +64,14 @@ __all__ = [
     "unavailable",
 ]
 
-READY_LINE = "eph-bpf ready"  # printed by the program's BEGIN, once every probe is attached
+READY_LINE = "eph-bpf ready"  # printed once every probe is attached
 TIME_WAIT_NS = 60_000_000_000  # TCP_TIMEWAIT_LEN: fixed in the kernel
 MAP_KEYS_MAX = 262_144  # connections open at once that the program can follow
 TRACEFS = Path("/sys/kernel/tracing")
 BTF = Path("/sys/kernel/btf/vmlinux")
 READ_BLOCK = 1 << 22  # bytes of text per parsed block
-FLUSH_MS = 100  # the program prints the connections closed since its last flush this often
+FLUSH_MS = 100  # the program says it is ready this long after it attached
+DRAIN_S = 0.1  # the map is drained this often
 
 _FIELDS = (
     ("syn_ns", pa.uint64()),
@@ -77,6 +83,9 @@ _FIELDS = (
     ("pid", pa.uint32()),
     ("comm", pa.string()),
 )
+# the map @r's key as bpftrace lays it out: every integer 8 bytes, comm 16 bytes
+KEY_DTYPE = np.dtype([(name, "<u8") for name, _ in _FIELDS[:-1]] + [("comm", "S16")])
+KEY_SIZE = KEY_DTYPE.itemsize
 _FIN_WAIT2, _CLOSING, _ESTABLISHED = 5, 11, 1
 ECONNABORTED = errno.ECONNABORTED  # closed by its process before it connected, with no error
 _CLOSE_SIDE = ["", "client", "server", "reset"]  # first_fin 1: this side; 2: the peer
@@ -181,8 +190,8 @@ class TraceRead:
 
     @property
     def lost(self) -> int:
-        """Rows the program made that its reader never printed (a reader lagging by more
-        than three flushes clears a map that holds new rows)."""
+        """Rows the program counted that never reached a table (the map @r was full:
+        its drainer lagged by :data:`MAP_KEYS_MAX` rows)."""
         return max(0, self.inserted - self.connections)
 
 
@@ -191,7 +200,7 @@ def read_trace(path: Path, host: str, read: TraceRead | None = None) -> Iterator
     end is filled in by :func:`convert`, which sees every connection).
 
     A block of whole lines at a time: bpftrace's map lines
-    (``@r0[1, 2, ..., comm]: 1``) become tab-separated rows with three replaces over
+    (``@r[1, 2, ..., comm]: 1``) become tab-separated rows with three replaces over
     the block, then ``pyarrow.csv`` parses them; other lines are skipped and counted.
     """
     read = read if read is not None else TraceRead()
@@ -208,14 +217,12 @@ def read_trace(path: Path, host: str, read: TraceRead | None = None) -> Iterator
     )
     for block in _blocks(path):
         read.inserted += sum(int(n) for n in _INSERTED.findall(block))
-        for prefix in (b"@r0[", b"@r1[", b"@r2[", b"@r3["):
-            block = block.replace(prefix, b"")
-        block = block.replace(b"]: 1\n", b"\n").replace(b", ", b"\t")
+        block = block.replace(b"@r[", b"").replace(b"]: 1\n", b"\n").replace(b", ", b"\t")
         table = csv.read_csv(pa.py_buffer(block), *options)
         for batch in table.to_batches():
             if batch.num_rows:
                 read.connections += batch.num_rows
-                yield _rows(batch, host)
+                yield _text_rows(batch, host)
 
 
 def _blocks(path: Path) -> Iterator[bytes]:
@@ -232,9 +239,22 @@ def _blocks(path: Path) -> Iterator[bytes]:
         yield rest + b"\n"
 
 
-def _rows(batch: pa.RecordBatch, host: str) -> pa.RecordBatch:
-    col = {name: batch.column(name).to_numpy(zero_copy_only=False) for name, _ in _FIELDS}
-    n = batch.num_rows
+def key_rows(keys: np.ndarray, host: str) -> pa.RecordBatch:
+    """Raw keys of the map @r (``n`` rows of :data:`KEY_SIZE` bytes) as a batch."""
+    fields = np.ascontiguousarray(keys).view(KEY_DTYPE).reshape(-1)
+    col = {name: fields[name] for name, _ in _FIELDS[:-1]}
+    names, index = np.unique(fields["comm"], return_inverse=True)
+    comm = _dict(index.astype(np.int32), [name.decode(errors="replace") for name in names])
+    return _rows(col, comm, host)
+
+
+def _text_rows(batch: pa.RecordBatch, host: str) -> pa.RecordBatch:
+    col = {name: batch.column(name).to_numpy(zero_copy_only=False) for name, _ in _FIELDS[:-1]}
+    return _rows(col, pc.dictionary_encode(batch.column("comm")).cast(_DICT), host)
+
+
+def _rows(col: dict[str, np.ndarray], comm: pa.Array, host: str) -> pa.RecordBatch:
+    n = len(col["syn_ns"])
     syn = col["syn_ns"].astype(np.int64)
     est = col["est_ns"].astype(np.int64)
     close = col["close_ns"].astype(np.int64)
@@ -263,7 +283,7 @@ def _rows(batch: pa.RecordBatch, host: str) -> pa.RecordBatch:
         "engine": _dict(np.zeros(n, np.int32), ["kernel"]),
         "pid": pa.array(col["pid"].astype(np.uint32)),
         "host": _dict(np.zeros(n, np.int32), [host]),
-        "comm": pc.dictionary_encode(batch.column("comm")).cast(_DICT),
+        "comm": comm,
         "time_wait_ns": pa.array(np.where(went_tw, close, 0)),
         "time_wait_end_ns": pa.array(np.zeros(n, np.int64)),
     }
@@ -284,16 +304,51 @@ def _dict(indices: np.ndarray, values: list[str]) -> pa.DictionaryArray:
     )
 
 
-def convert(text: Path, part: Path, out: Path, host: str) -> TraceRead:
-    """The recorder's text to an Arrow IPC part (streamed, a block at a time), then to
-    ``out`` (Parquet, sorted by start) with each TIME_WAIT's end filled in."""
+class RowWriter:
+    """Drained keys of the map @r, appended to an Arrow IPC stream as they come."""
+
+    def __init__(self, path: Path, host: str) -> None:
+        self._sink = pa.OSFile(str(path), "wb")
+        self._writer = ipc.new_stream(self._sink, KERNEL_CONNECTIONS_SCHEMA)
+        self.host = host
+        self.rows = 0
+
+    def write(self, keys: np.ndarray) -> None:
+        if len(keys):
+            self._writer.write_batch(key_rows(keys, self.host))
+            self._sink.flush()
+            self.rows += len(keys)
+
+    def __enter__(self) -> RowWriter:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._writer.close()
+        self._sink.close()
+
+
+def _drained(path: Path) -> Iterator[pa.RecordBatch]:
+    """The whole batches of a drained stream (a killed drainer may cut its last one)."""
+    if not path.exists() or not path.stat().st_size:
+        return
+    with pa.memory_map(str(path)) as source:
+        try:
+            reader = ipc.open_stream(source)
+            while True:
+                yield reader.read_next_batch()
+        except (StopIteration, pa.ArrowInvalid, OSError):
+            return
+
+
+def convert(text: Path, drained: Path, out: Path, host: str) -> TraceRead:
+    """The rows drained from the map (``drained``) and those bpftrace printed at exit
+    (``text``) to ``out`` (Parquet, sorted by start), each TIME_WAIT's end filled in."""
     read = TraceRead()
-    with pa.OSFile(str(part), "wb") as sink, ipc.new_stream(sink, KERNEL_CONNECTIONS_SCHEMA) as w:
-        if text.exists() and text.stat().st_size:
-            for batch in read_trace(text, host, read):
-                w.write_batch(batch)
-    with pa.memory_map(str(part)) as source:
-        table = ipc.open_stream(source).read_all()
+    batches = list(_drained(drained))
+    read.connections = sum(batch.num_rows for batch in batches)
+    if text.exists() and text.stat().st_size:
+        batches.extend(read_trace(text, host, read))
+    table = pa.Table.from_batches(batches, KERNEL_CONNECTIONS_SCHEMA)
     table = table.combine_chunks().unify_dictionaries()
     if table.num_rows:
         table = table.sort_by("start_ns")
@@ -306,6 +361,14 @@ def convert(text: Path, part: Path, out: Path, host: str) -> TraceRead:
     pq.write_table(table, tmp, compression="zstd")
     os.replace(tmp, out)
     return read
+
+
+def drain_command(pid: int, out: Path, host: str) -> list[str]:
+    """The drainer of recorder ``pid``'s map into ``out`` (:mod:`harness.kernel.bpfmap`)."""
+    return [
+        sys.executable, "-m", "harness.kernel.bpfmap", str(pid), str(KEY_SIZE), str(out),
+        "--host", host, "--interval", str(DRAIN_S),
+    ]  # fmt: skip
 
 
 def time_wait_end(table: pa.Table) -> np.ndarray:

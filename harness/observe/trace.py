@@ -31,7 +31,7 @@ logger = logging.getLogger(__name__)
 START_TIMEOUT_S = 30.0  # compiling and attaching the program
 STOP_GRACE_S = 10.0
 SETTLE_S = 0.2  # after the stop request: lines of connections that were closing
-TRACE_FILES = ("kernel.tsv", "kernel.err", "kernel.arrows")
+TRACE_FILES = ("kernel.tsv", "kernel.err", "kernel.arrows", "kernel-drain.err")
 
 
 @dataclass(frozen=True)
@@ -57,7 +57,9 @@ class KernelTrace:
         self.netns = netns
         self.text = directory / "kernel.tsv"
         self.stderr = directory / "kernel.err"
+        self.drained = directory / "kernel.arrows"
         self.child: Child | None = None
+        self.drainer: Child | None = None
 
     def start(self) -> None:
         """Start bpftrace and wait until every probe is attached."""
@@ -79,6 +81,14 @@ class KernelTrace:
                 self._children.stop(self.child, grace=1.0)
                 raise RunError(f"bpftrace did not start: {_tail(self.stderr)}")
             time.sleep(0.05)
+        with open(self.directory / "kernel-drain.err", "wb") as err:
+            self.drainer = self._children.start(
+                "kernel trace drain",
+                bpf.drain_command(self.child.pid, self.drained, host_name()),
+                stage=Stage.OBSERVE,
+                death_signal=signal.SIGTERM,
+                stderr=err,
+            )
         logger.info("tracing client connections of netns %d in the kernel", self.netns)
 
     def settle(self) -> None:
@@ -87,13 +97,18 @@ class KernelTrace:
 
     def finish(self, table: str = "connections.parquet") -> TraceResult:
         """Stop the recorder; its lines as ``table`` in the directory."""
-        if self.child is not None:
-            if self.child.poll() is None:
-                self.settle()
-            self._children.stop(self.child)
-        read = bpf.convert(
-            self.text, self.directory / "kernel.arrows", self.directory / table, host_name()
-        )
+        if self.child is not None and self.child.poll() is None:
+            self.settle()
+        # the drainer's last drain first, then bpftrace prints what closed since, at exit
+        for child in (self.drainer, self.child):
+            if child is not None:
+                self._children.stop(child)
+        if self.drainer is not None and self.drainer.returncode not in (0, None):
+            logger.warning(
+                "the kernel trace's map drainer failed (%s); bpftrace printed the rows instead",
+                _tail(self.directory / "kernel-drain.err"),
+            )
+        read = bpf.convert(self.text, self.drained, self.directory / table, host_name())
         result = TraceResult(
             connections=read.connections,
             skipped_lines=read.skipped_lines,
