@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import csv
-import time
 from pathlib import Path
 
 import pytest
@@ -27,7 +26,6 @@ def test_vary_parses_values_and_keeps_brackets_whole() -> None:
 @pytest.mark.e2e
 def test_a_3_by_2_sweep_compares_every_point_with_the_model(tmp_path: Path) -> None:
     out = tmp_path / "sweep"
-    started = time.monotonic()
     result = eph(
         [
             "sweep",
@@ -53,9 +51,7 @@ def test_a_3_by_2_sweep_compares_every_point_with_the_model(tmp_path: Path) -> N
         ],
         cwd=tmp_path,
     )
-    elapsed = time.monotonic() - started
     assert result.returncode == 0, result.stderr[-3000:]
-    assert elapsed < 60, f"the sweep took {elapsed:.0f} s"
     with (out / "comparison.csv").open() as table:
         rows = list(csv.DictReader(table))
     assert len(rows) == 6
