@@ -47,6 +47,7 @@ from harness.placement import (
 from harness.report.model import Summary
 from harness.report.witness import KernelWitness, kernel_witness
 from harness.rundir import RunDir, free_bytes, min_free_bytes
+from harness.runstate import Phase, write_state
 from harness.scenario import Scenario
 from harness.supervisor import Child, Stage, Supervisor
 
@@ -114,10 +115,13 @@ def run_scenario(
         kernel = read_kernel()
         for note in kernel_differences(scenario, kernel):
             logger.warning("%s", note)
+    write_state(run.path, Phase.STARTING, started_at=time.time())
     with _Interrupt() as interrupt:
         outcome = _run_children(
             scenario, run, placement, master, locust_args, interrupt, progress, web, trace
         )
+        stop_reason = "interrupted" if interrupt.set else outcome.stop_reason
+        write_state(run.path, Phase.FINALIZING, stop_reason=stop_reason)
         summary = finalize(
             run.path,
             interrupted=interrupt.set,
@@ -125,12 +129,13 @@ def run_scenario(
             duration_s=outcome.load_ended - outcome.load_started,
             kernel=kernel,
             listener=outcome.listener,
-            stop_reason="interrupted" if interrupt.set else outcome.stop_reason,
+            stop_reason=stop_reason,
             expected_workers=master.workers if master is not None else None,
         )
         if trace:
             summary.kernel_witness = _witness(run, outcome.trace)
             run.write_json("summary.json", summary.to_json())
+        write_state(run.path, Phase.FINISHED)
     if outcome.stop_reason == "disk":
         raise RunError(
             f"the disk holding {run.path} is nearly full ({free_bytes(run.path) / 2**20:.1f} MiB"
@@ -181,9 +186,12 @@ def _run_children(
         start_timeout = START_TIMEOUT + (master.wait if master is not None else 0.0)
         outcome.load_started = _wait_for_start(locust, run, interrupt, start_timeout)
         outcome.started_at = time.time()
+        write_state(run.path, Phase.LOADING, load_started_at=outcome.started_at,
+                    clock_offset_ns=time.time_ns() - time.monotonic_ns())  # fmt: skip
         outcome.stop_reason = _wait_for_end(
             locust, run, scenario, outcome.load_started, interrupt, progress, collectors
         )
+        write_state(run.path, Phase.STOPPING, stop_reason=outcome.stop_reason)
         outcome.load_ended = time.monotonic()
         if isinstance(tracing, KernelTrace):  # the load's last sockets close before it stops
             supervisor.stop(*[c for c in supervisor.running if c.stage is Stage.LOAD])
