@@ -13,6 +13,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from harness.crash import crash_section, crashed_state
 from harness.errors import RunDirError, SummaryError
 from harness.kernel.sysctls import read_kernel
 from harness.load.cpu import CPU_FILE, CPU_REQUEST_TYPE, is_cpu_part, merge_cpu_parts
@@ -35,6 +36,7 @@ from harness.report.occupancy import kernel_conservation
 from harness.report.rundata import RunData
 from harness.report.summary import Columns, summarize
 from harness.rundir import HOSTS_DIR, RunDir
+from harness.runstate import RunState
 from harness.scenario import Protocol, Scenario
 
 __all__ = ["finalize", "load_run", "locust_request_count", "rerender", "worker_hosts"]
@@ -53,8 +55,10 @@ def finalize(
     locust_requests: int | None = None,
     stop_reason: str | None = None,
     expected_workers: int | None = None,
+    crash: RunState | None = None,
 ) -> Summary:
-    """Merge part files into ``connections.parquet``, then write summary and report."""
+    """Merge part files into ``connections.parquet``, then write summary and report.
+    ``crash``: the state of a run whose eph process died, as ``state.json`` left it."""
     run = RunDir.open(path)
     _finish_samples(run)
     hosts = worker_hosts(run.path)
@@ -78,6 +82,8 @@ def finalize(
     samples = _read_samples(run.path / "samples.parquet")
     server_samples = _read_samples(run.path / "server" / "samples.parquet")
     summary = analyze(table, samples, setup, summary, server_samples, hosts)
+    if crash is not None:
+        summary.crash = crash_section(crash, table, samples)
     cpu = cpu_section(_read_cpu(run.path), samples, summary.capacity.model_ports)
     if cpu is not None:
         summary.cpu = cpu
@@ -309,9 +315,11 @@ def rerender(path: Path) -> Summary:
 
     What only the run itself knew (interrupted, start, load window, listener
     counts, kernel) comes from its ``summary.json`` (of this schema version or an
-    older one) and ``listener.json``.
+    older one) and ``listener.json``. A run that never finished (``state.json``)
+    and whose eph process is gone is summarized as crashed, from what its parts hold.
     """
     run = RunDir.open(path)
+    crash = crashed_state(run)  # a run still going is refused
     if not run.connections.exists() and not any(run.parts.glob("*.arrows")):
         raise RunDirError(
             path, "has no connections.parquet: not a run directory, or the run never started"
@@ -327,15 +335,20 @@ def rerender(path: Path) -> Summary:
         except RunDirError as exc:
             logger.warning("%s; recomputing without it", exc)
     listener = run.read_json("listener.json") if (run.path / "listener.json").exists() else None
-    started = previous.started_at
+    started = (
+        dt.datetime.fromisoformat(previous.started_at).timestamp() if previous.started_at else None
+    )
+    if crash is not None and started is None:
+        started = crash.load_started_at or crash.started_at
     return finalize(
         path,
-        interrupted=previous.interrupted,
-        started_at=dt.datetime.fromisoformat(started).timestamp() if started else None,
+        interrupted=previous.interrupted or crash is not None,
+        started_at=started,
         duration_s=previous.duration_s,
         kernel=previous.kernel,
         listener=listener,
-        stop_reason=previous.stop_reason,
+        stop_reason="crashed" if crash is not None else previous.stop_reason,
+        crash=crash,
         expected_workers=(
             previous.distributed.expected_workers if previous.distributed is not None else None
         ),

@@ -230,6 +230,8 @@ _STOP_REASONS = {
 
 
 def _stop_findings(summary: Summary) -> list[str]:
+    if summary.crash is not None:
+        return [summary.crash.finding()]
     out = []
     if summary.interrupted:
         out.append("The run was interrupted before its planned duration.")
