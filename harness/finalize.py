@@ -5,7 +5,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 import logging
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -16,6 +16,7 @@ import pyarrow.parquet as pq
 from harness.crash import crash_section, crashed_state
 from harness.errors import RunDirError, SummaryError
 from harness.kernel.sysctls import read_kernel
+from harness.leftovers import account_for_workers, collect
 from harness.load.cpu import CPU_FILE, CPU_REQUEST_TYPE, is_cpu_part, merge_cpu_parts
 from harness.observe.collector import finish_samples
 from harness.records import Part, merge_parts
@@ -24,7 +25,6 @@ from harness.report.cpu import cpu_section
 from harness.report.hosts import HostSamples
 from harness.report.html import render_report
 from harness.report.model import (
-    Distributed,
     Kernel,
     Listener,
     PriorRun,
@@ -252,20 +252,7 @@ def _add_run_notes(
         service = run.read_json("service.json")
         summary.service = validated(Service, service, run.path / "service.json")
     if expected_workers is not None:
-        _account_for_workers(summary, expected_workers, hosts)
-
-
-def _account_for_workers(summary: Summary, expected: int, hosts: list[HostSamples]) -> None:
-    shipped = [host.name for host in hosts if host.info]
-    summary.distributed = Distributed(
-        expected_workers=expected,
-        hosts_shipped=shipped,
-        # a worker that died (or lost the master) never shipped: its records stayed
-        # on its host, and Locust counted its requests up to its last report
-        missing_workers=max(0, expected - len(shipped)),
-    )
-    if summary.distributed.missing_workers:
-        summary.conservation.ok = False  # attempts were made that no record holds
+        summary.distributed = account_for_workers(run.path, summary, expected_workers, hosts)
 
 
 def _kernel_is_ours(path: Path, setup: Scenario, hosts: list[HostSamples]) -> bool:
@@ -310,16 +297,19 @@ def worker_hosts(path: Path) -> list[HostSamples]:
     return hosts
 
 
-def rerender(path: Path) -> Summary:
+def rerender(path: Path, collect_from: Sequence[Path] = ()) -> Summary:
     """``eph report``: summary and report again from what a run directory holds.
 
     What only the run itself knew (interrupted, start, load window, listener
     counts, kernel) comes from its ``summary.json`` (of this schema version or an
     older one) and ``listener.json``. A run that never finished (``state.json``)
     and whose eph process is gone is summarized as crashed, from what its parts hold.
+    ``collect_from``: run directories of workers that never shipped, folded in first.
     """
     run = RunDir.open(path)
     crash = crashed_state(run)  # a run still going is refused
+    for worker_dir in collect_from:
+        logger.info("%s: collected as %s", worker_dir, collect(run.path, worker_dir))
     if not run.connections.exists() and not any(run.parts.glob("*.arrows")):
         raise RunDirError(
             path, "has no connections.parquet: not a run directory, or the run never started"

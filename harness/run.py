@@ -47,7 +47,7 @@ from harness.placement import (
 from harness.report.model import Summary
 from harness.report.witness import KernelWitness, kernel_witness
 from harness.rundir import RunDir, free_bytes, min_free_bytes
-from harness.runstate import Phase, write_state
+from harness.runstate import Phase, clock_offset_ns, write_state
 from harness.scenario import Scenario
 from harness.supervisor import Child, Stage, Supervisor
 
@@ -186,8 +186,9 @@ def _run_children(
         start_timeout = START_TIMEOUT + (master.wait if master is not None else 0.0)
         outcome.load_started = _wait_for_start(locust, run, interrupt, start_timeout)
         outcome.started_at = time.time()
-        write_state(run.path, Phase.LOADING, load_started_at=outcome.started_at,
-                    clock_offset_ns=time.time_ns() - time.monotonic_ns())  # fmt: skip
+        write_state(
+            run.path, Phase.LOADING, load_started_at=time.time(), clock_offset_ns=clock_offset_ns()
+        )
         outcome.stop_reason = _wait_for_end(
             locust, run, scenario, outcome.load_started, interrupt, progress, collectors
         )

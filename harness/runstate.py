@@ -25,7 +25,7 @@ from pydantic import BaseModel, ConfigDict
 from harness.errors import RunDirError
 from harness.files import atomic_write_json
 
-__all__ = ["STATE_FILE", "Phase", "RunState", "read_state", "write_state"]
+__all__ = ["STATE_FILE", "Phase", "RunState", "clock_offset_ns", "read_state", "write_state"]
 
 STATE_FILE = "state.json"
 
@@ -68,6 +68,11 @@ class RunState(BaseModel):
         if started is None:
             return False
         return self.pid_started is None or abs(started - self.pid_started) < 0.05
+
+
+def clock_offset_ns() -> int:
+    """Wall clock minus CLOCK_MONOTONIC: what maps this host's stamps onto another's."""
+    return time.time_ns() - time.monotonic_ns()
 
 
 def write_state(run_path: Path, phase: Phase, **facts: Any) -> RunState:

@@ -218,6 +218,7 @@ def _conservation_findings(summary: Summary) -> list[str]:
             " shipped their records (the worker died or lost the master): their connections"
             " are not in this report, and Locust's count includes what they reported before."
         )
+        out += [worker.finding() for worker in distributed.missing]
     return out
 
 
