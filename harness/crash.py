@@ -67,6 +67,7 @@ def crash_section(state: RunState, records: pa.Table, samples: pa.Table | None) 
         last_record_s=_seconds(last, origin),
         last_sample_s=_seconds(last_sample, origin),
         last_record_at=last_at,
+        error=state.error,
     )
 
 

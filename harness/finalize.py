@@ -318,30 +318,39 @@ def rerender(path: Path, collect_from: Sequence[Path] = ()) -> Summary:
         Scenario.model_validate(run.read_json("scenario.json"))
     except ValueError as exc:  # pydantic's ValidationError is a ValueError
         raise RunDirError(path, f"scenario.json does not validate ({exc})") from None
+    previous = _prior_run(run, crash)
+    listener = run.read_json("listener.json") if (run.path / "listener.json").exists() else None
+    started = previous.started_at
+    expected = previous.distributed.expected_workers if previous.distributed else None
+    return finalize(
+        path,
+        interrupted=previous.interrupted,
+        started_at=dt.datetime.fromisoformat(started).timestamp() if started else None,
+        duration_s=previous.duration_s,
+        kernel=previous.kernel,
+        listener=listener,
+        stop_reason=previous.stop_reason,
+        crash=crash,
+        expected_workers=expected if crash is None else expected or crash.expected_workers,
+    )
+
+
+def _prior_run(run: RunDir, crash: RunState | None) -> PriorRun:
+    """What only the run knew, from its ``summary.json``; a crashed run's from its state."""
     previous = PriorRun()
     if run.summary.exists():
         try:
             previous = PriorRun.load(run.summary)
         except RunDirError as exc:
             logger.warning("%s; recomputing without it", exc)
-    listener = run.read_json("listener.json") if (run.path / "listener.json").exists() else None
-    started = (
-        dt.datetime.fromisoformat(previous.started_at).timestamp() if previous.started_at else None
-    )
-    if crash is not None and started is None:
-        started = crash.load_started_at or crash.started_at
-    return finalize(
-        path,
-        interrupted=previous.interrupted or crash is not None,
-        started_at=started,
-        duration_s=previous.duration_s,
-        kernel=previous.kernel,
-        listener=listener,
-        stop_reason="crashed" if crash is not None else previous.stop_reason,
-        crash=crash,
-        expected_workers=(
-            previous.distributed.expected_workers if previous.distributed is not None else None
-        ),
+    if crash is None:
+        return previous
+    started = previous.started_at
+    wall = crash.load_started_at or crash.started_at
+    if started is None and wall is not None:
+        started = dt.datetime.fromtimestamp(wall, dt.UTC).isoformat(timespec="seconds")
+    return previous.model_copy(
+        update={"interrupted": True, "stop_reason": "crashed", "started_at": started}
     )
 
 

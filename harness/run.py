@@ -47,7 +47,7 @@ from harness.placement import (
 from harness.report.model import Summary
 from harness.report.witness import KernelWitness, kernel_witness
 from harness.rundir import RunDir, free_bytes, min_free_bytes
-from harness.runstate import Phase, clock_offset_ns, write_state
+from harness.runstate import Phase, clock_offset_ns, noting_errors, write_state
 from harness.scenario import Scenario
 from harness.supervisor import Child, Stage, Supervisor
 
@@ -115,8 +115,9 @@ def run_scenario(
         kernel = read_kernel()
         for note in kernel_differences(scenario, kernel):
             logger.warning("%s", note)
-    write_state(run.path, Phase.STARTING, started_at=time.time())
-    with _Interrupt() as interrupt:
+    workers = master.workers if master is not None else None
+    write_state(run.path, Phase.STARTING, started_at=time.time(), expected_workers=workers)
+    with _Interrupt() as interrupt, noting_errors(run.path):
         outcome = _run_children(
             scenario, run, placement, master, locust_args, interrupt, progress, web, trace
         )
@@ -130,7 +131,7 @@ def run_scenario(
             kernel=kernel,
             listener=outcome.listener,
             stop_reason=stop_reason,
-            expected_workers=master.workers if master is not None else None,
+            expected_workers=workers,
         )
         if trace:
             summary.kernel_witness = _witness(run, outcome.trace)

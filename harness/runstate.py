@@ -12,10 +12,12 @@ one before it, never half of one.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import socket
 import time
+from collections.abc import Iterator
 from enum import StrEnum
 from pathlib import Path
 from typing import Any
@@ -25,7 +27,15 @@ from pydantic import BaseModel, ConfigDict
 from harness.errors import RunDirError
 from harness.files import atomic_write_json
 
-__all__ = ["STATE_FILE", "Phase", "RunState", "clock_offset_ns", "read_state", "write_state"]
+__all__ = [
+    "STATE_FILE",
+    "Phase",
+    "RunState",
+    "clock_offset_ns",
+    "noting_errors",
+    "read_state",
+    "write_state",
+]
 
 STATE_FILE = "state.json"
 
@@ -58,7 +68,11 @@ class RunState(BaseModel):
     """When the load started (wall clock)."""
     clock_offset_ns: int | None = None
     """Wall clock minus CLOCK_MONOTONIC on the run's host: maps record stamps to wall time."""
+    expected_workers: int | None = None
+    """A distributed master's ``--expect-workers``: a crashed one still names its missing."""
     stop_reason: str | None = None
+    error: str | None = None
+    """The error that ended eph before the run finished (not a kill: that leaves none)."""
 
     def alive(self) -> bool | None:
         """Whether the process that wrote this still runs: None when it ran on another host."""
@@ -92,6 +106,18 @@ def write_state(run_path: Path, phase: Phase, **facts: Any) -> RunState:
     )
     atomic_write_json(run_path / STATE_FILE, state.model_dump(mode="json"))
     return state
+
+
+@contextlib.contextmanager
+def noting_errors(run_path: Path) -> Iterator[None]:
+    """An error that ends eph mid-run is noted in ``state.json``, in the phase it struck."""
+    try:
+        yield
+    except Exception as exc:
+        state = read_state(run_path)
+        if state is not None:
+            write_state(run_path, state.phase, error=f"{type(exc).__name__}: {exc}")
+        raise
 
 
 def read_state(run_path: Path) -> RunState | None:

@@ -20,7 +20,7 @@ from harness.crash import crashed_state
 from harness.errors import RunDirError
 from harness.records import FLUSH_INTERVAL
 from harness.rundir import RunDir
-from harness.runstate import STATE_FILE, Phase, read_state, write_state
+from harness.runstate import STATE_FILE, Phase, noting_errors, read_state, write_state
 
 from .conftest import eph, run_dir_summary, write_scenario
 from .test_supervisor import _kill_and_measure, _marked_eph, _wait_for_load
@@ -163,3 +163,12 @@ def test_a_state_left_by_a_dead_process_is_a_crash_and_a_live_one_is_refused(
     assert crashed_state(run) is None
     assert read_state(run.path).started_at is not None  # type: ignore[union-attr]
     assert os.stat(run.path / STATE_FILE).st_size > 0
+
+
+def test_an_error_that_ends_eph_is_noted_in_the_phase_it_struck(tmp_path: Path) -> None:
+    write_state(tmp_path, Phase.FINALIZING, stop_reason="duration")
+    with pytest.raises(RunDirError), noting_errors(tmp_path):
+        raise RunDirError(tmp_path, "cannot write connections.parquet (No space left)")
+    state = read_state(tmp_path)
+    assert state is not None and state.phase is Phase.FINALIZING
+    assert state.stop_reason == "duration" and "No space left" in (state.error or "")

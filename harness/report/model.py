@@ -96,6 +96,8 @@ class Crash(Section):
     """Seconds from the first attempt to the collector's last sample."""
     last_record_at: str | None = None
     """The last record's start, wall clock (ISO 8601, UTC)."""
+    error: str | None = None
+    """The error that ended eph, when one did (a kill leaves none)."""
 
     def finding(self) -> str:
         """What the report says about it: what is there, and what is not."""
@@ -105,8 +107,9 @@ class Crash(Section):
             if value is not None
         )
         unchecked = "" if self.host_checked else f" (it ran on {self.host}; not checked from here)"
+        how = f"stopped with an error ({self.error})" if self.error else "died"
         return (
-            f"The run crashed: its eph process (pid {self.pid}){unchecked} died while"
+            f"The run crashed: its eph process (pid {self.pid}){unchecked} {how} while"
             f" {self.phase} and never finished. This summary holds what the record and sample"
             f" files had flushed ({reach or 'nothing'}); missing are the rows not yet flushed"
             " (at most one flush interval of each process), Locust's own request count,"
