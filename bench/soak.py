@@ -102,11 +102,12 @@ class _Soak:
     finalize_peak: int = 0  # bytes, every process of the run, while it finalized
     faults: list[dict[str, Any]] = field(default_factory=list)
     reuse: int = 1
+    rss: int = 0  # the latest sample, whatever the phase
 
     def sample(self) -> float:
         """One memory sample; returns the seconds until the next."""
         now = time.monotonic() - self.began
-        rss = sum(_rss_by_pid(str(self.run)).values())
+        rss = self.rss = sum(_rss_by_pid(str(self.run)).values())
         state = _phase(self.run)
         if state is Phase.FINALIZING:
             self.finalize_peak = max(self.finalize_peak, rss)
@@ -131,10 +132,9 @@ class _Soak:
 
     def progress(self) -> str:
         now = time.monotonic() - self.began
-        rss = self.memory[-1][1] if self.memory else 0
         return (
             f"{now:6.0f}/{self.duration:.0f} s  {_phase(self.run) or '-'}"
-            f"  rss {rss / 2**20:7.1f} MiB  faults {len(self.faults)}"
+            f"  rss {self.rss / 2**20:7.1f} MiB  faults {len(self.faults)}"
         )
 
 

@@ -381,8 +381,10 @@ def run_worker(
     """``eph worker``: a Locust worker of an ``eph run --master`` elsewhere.
 
     Each test records into a new directory under ``out`` with a collector of this
-    host, and ships it to the master at the end. Returns Locust's exit code once
-    the master quits, at SIGINT/SIGTERM, or after ``max_seconds`` (a bound).
+    host, and ships it to the master at the end; the directory stays, and is all
+    that is left if this worker dies (``eph report --collect-from`` reads it).
+    Returns Locust's exit code once the master quits, at SIGINT/SIGTERM, or after
+    ``max_seconds`` (a bound).
     """
     out.mkdir(mode=0o750, parents=True, exist_ok=True)
     env = {**os.environ, "EPH_WORKER": "1", "EPH_RUN_DIR": str(out)}
