@@ -91,8 +91,8 @@ endif
 bench: setup ## Benchmarks on loopback: prints JSON figures
 	@$(BIN)/python bench/run.py $(ARGS)
 
-soak: setup system-deps ## A 3-minute lab run with faults on a schedule (root; ARGS='--minutes 10')
-	@$(BIN)/python bench/soak.py $(ARGS)
+soak: setup system-deps ## A lab run with faults on a schedule (root; SOAK=60m, default 3m; ARGS='--every 2m')
+	@$(BIN)/python bench/soak.py $(if $(SOAK),--duration $(SOAK)) $(ARGS)
 
 clean: ## Remove .venv, caches and every run under reports/
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache *.egg-info

@@ -5,7 +5,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 import logging
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -13,8 +13,10 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from harness.crash import crash_section, crashed_state
 from harness.errors import RunDirError, SummaryError
 from harness.kernel.sysctls import read_kernel
+from harness.leftovers import account_for_workers, collect
 from harness.load.cpu import CPU_FILE, CPU_REQUEST_TYPE, is_cpu_part, merge_cpu_parts
 from harness.observe.collector import finish_samples
 from harness.records import Part, merge_parts
@@ -23,7 +25,6 @@ from harness.report.cpu import cpu_section
 from harness.report.hosts import HostSamples
 from harness.report.html import render_report
 from harness.report.model import (
-    Distributed,
     Kernel,
     Listener,
     PriorRun,
@@ -35,6 +36,7 @@ from harness.report.occupancy import kernel_conservation
 from harness.report.rundata import RunData
 from harness.report.summary import Columns, summarize
 from harness.rundir import HOSTS_DIR, RunDir
+from harness.runstate import RunState
 from harness.scenario import Protocol, Scenario
 
 __all__ = ["finalize", "load_run", "locust_request_count", "rerender", "worker_hosts"]
@@ -53,8 +55,10 @@ def finalize(
     locust_requests: int | None = None,
     stop_reason: str | None = None,
     expected_workers: int | None = None,
+    crash: RunState | None = None,
 ) -> Summary:
-    """Merge part files into ``connections.parquet``, then write summary and report."""
+    """Merge part files into ``connections.parquet``, then write summary and report.
+    ``crash``: the state of a run whose eph process died, as ``state.json`` left it."""
     run = RunDir.open(path)
     _finish_samples(run)
     hosts = worker_hosts(run.path)
@@ -78,6 +82,8 @@ def finalize(
     samples = _read_samples(run.path / "samples.parquet")
     server_samples = _read_samples(run.path / "server" / "samples.parquet")
     summary = analyze(table, samples, setup, summary, server_samples, hosts)
+    if crash is not None:
+        summary.crash = crash_section(crash, table, samples)
     cpu = cpu_section(_read_cpu(run.path), samples, summary.capacity.model_ports)
     if cpu is not None:
         summary.cpu = cpu
@@ -246,20 +252,7 @@ def _add_run_notes(
         service = run.read_json("service.json")
         summary.service = validated(Service, service, run.path / "service.json")
     if expected_workers is not None:
-        _account_for_workers(summary, expected_workers, hosts)
-
-
-def _account_for_workers(summary: Summary, expected: int, hosts: list[HostSamples]) -> None:
-    shipped = [host.name for host in hosts if host.info]
-    summary.distributed = Distributed(
-        expected_workers=expected,
-        hosts_shipped=shipped,
-        # a worker that died (or lost the master) never shipped: its records stayed
-        # on its host, and Locust counted its requests up to its last report
-        missing_workers=max(0, expected - len(shipped)),
-    )
-    if summary.distributed.missing_workers:
-        summary.conservation.ok = False  # attempts were made that no record holds
+        summary.distributed = account_for_workers(run.path, summary, expected_workers, hosts)
 
 
 def _kernel_is_ours(path: Path, setup: Scenario, hosts: list[HostSamples]) -> bool:
@@ -304,14 +297,19 @@ def worker_hosts(path: Path) -> list[HostSamples]:
     return hosts
 
 
-def rerender(path: Path) -> Summary:
+def rerender(path: Path, collect_from: Sequence[Path] = ()) -> Summary:
     """``eph report``: summary and report again from what a run directory holds.
 
     What only the run itself knew (interrupted, start, load window, listener
     counts, kernel) comes from its ``summary.json`` (of this schema version or an
-    older one) and ``listener.json``.
+    older one) and ``listener.json``. A run that never finished (``state.json``)
+    and whose eph process is gone is summarized as crashed, from what its parts hold.
+    ``collect_from``: run directories of workers that never shipped, folded in first.
     """
     run = RunDir.open(path)
+    crash = crashed_state(run)  # a run still going is refused
+    for worker_dir in collect_from:
+        logger.info("%s: collected as %s", worker_dir, collect(run.path, worker_dir))
     if not run.connections.exists() and not any(run.parts.glob("*.arrows")):
         raise RunDirError(
             path, "has no connections.parquet: not a run directory, or the run never started"
@@ -320,14 +318,10 @@ def rerender(path: Path) -> Summary:
         Scenario.model_validate(run.read_json("scenario.json"))
     except ValueError as exc:  # pydantic's ValidationError is a ValueError
         raise RunDirError(path, f"scenario.json does not validate ({exc})") from None
-    previous = PriorRun()
-    if run.summary.exists():
-        try:
-            previous = PriorRun.load(run.summary)
-        except RunDirError as exc:
-            logger.warning("%s; recomputing without it", exc)
+    previous = _prior_run(run, crash)
     listener = run.read_json("listener.json") if (run.path / "listener.json").exists() else None
     started = previous.started_at
+    expected = previous.distributed.expected_workers if previous.distributed else None
     return finalize(
         path,
         interrupted=previous.interrupted,
@@ -336,9 +330,27 @@ def rerender(path: Path) -> Summary:
         kernel=previous.kernel,
         listener=listener,
         stop_reason=previous.stop_reason,
-        expected_workers=(
-            previous.distributed.expected_workers if previous.distributed is not None else None
-        ),
+        crash=crash,
+        expected_workers=expected if crash is None else expected or crash.expected_workers,
+    )
+
+
+def _prior_run(run: RunDir, crash: RunState | None) -> PriorRun:
+    """What only the run knew, from its ``summary.json``; a crashed run's from its state."""
+    previous = PriorRun()
+    if run.summary.exists():
+        try:
+            previous = PriorRun.load(run.summary)
+        except RunDirError as exc:
+            logger.warning("%s; recomputing without it", exc)
+    if crash is None:
+        return previous
+    started = previous.started_at
+    wall = crash.load_started_at or crash.started_at
+    if started is None and wall is not None:
+        started = dt.datetime.fromtimestamp(wall, dt.UTC).isoformat(timespec="seconds")
+    return previous.model_copy(
+        update={"interrupted": True, "stop_reason": "crashed", "started_at": started}
     )
 
 

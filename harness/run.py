@@ -47,6 +47,7 @@ from harness.placement import (
 from harness.report.model import Summary
 from harness.report.witness import KernelWitness, kernel_witness
 from harness.rundir import RunDir, free_bytes, min_free_bytes
+from harness.runstate import Phase, clock_offset_ns, noting_errors, write_state
 from harness.scenario import Scenario
 from harness.supervisor import Child, Stage, Supervisor
 
@@ -114,10 +115,14 @@ def run_scenario(
         kernel = read_kernel()
         for note in kernel_differences(scenario, kernel):
             logger.warning("%s", note)
-    with _Interrupt() as interrupt:
+    workers = master.workers if master is not None else None
+    write_state(run.path, Phase.STARTING, started_at=time.time(), expected_workers=workers)
+    with _Interrupt() as interrupt, noting_errors(run.path):
         outcome = _run_children(
             scenario, run, placement, master, locust_args, interrupt, progress, web, trace
         )
+        stop_reason = "interrupted" if interrupt.set else outcome.stop_reason
+        write_state(run.path, Phase.FINALIZING, stop_reason=stop_reason)
         summary = finalize(
             run.path,
             interrupted=interrupt.set,
@@ -125,12 +130,13 @@ def run_scenario(
             duration_s=outcome.load_ended - outcome.load_started,
             kernel=kernel,
             listener=outcome.listener,
-            stop_reason="interrupted" if interrupt.set else outcome.stop_reason,
-            expected_workers=master.workers if master is not None else None,
+            stop_reason=stop_reason,
+            expected_workers=workers,
         )
         if trace:
             summary.kernel_witness = _witness(run, outcome.trace)
             run.write_json("summary.json", summary.to_json())
+        write_state(run.path, Phase.FINISHED)
     if outcome.stop_reason == "disk":
         raise RunError(
             f"the disk holding {run.path} is nearly full ({free_bytes(run.path) / 2**20:.1f} MiB"
@@ -181,9 +187,13 @@ def _run_children(
         start_timeout = START_TIMEOUT + (master.wait if master is not None else 0.0)
         outcome.load_started = _wait_for_start(locust, run, interrupt, start_timeout)
         outcome.started_at = time.time()
+        write_state(
+            run.path, Phase.LOADING, load_started_at=time.time(), clock_offset_ns=clock_offset_ns()
+        )
         outcome.stop_reason = _wait_for_end(
             locust, run, scenario, outcome.load_started, interrupt, progress, collectors
         )
+        write_state(run.path, Phase.STOPPING, stop_reason=outcome.stop_reason)
         outcome.load_ended = time.monotonic()
         if isinstance(tracing, KernelTrace):  # the load's last sockets close before it stops
             supervisor.stop(*[c for c in supervisor.running if c.stage is Stage.LOAD])
@@ -371,8 +381,10 @@ def run_worker(
     """``eph worker``: a Locust worker of an ``eph run --master`` elsewhere.
 
     Each test records into a new directory under ``out`` with a collector of this
-    host, and ships it to the master at the end. Returns Locust's exit code once
-    the master quits, at SIGINT/SIGTERM, or after ``max_seconds`` (a bound).
+    host, and ships it to the master at the end; the directory stays, and is all
+    that is left if this worker dies (``eph report --collect-from`` reads it).
+    Returns Locust's exit code once the master quits, at SIGINT/SIGTERM, or after
+    ``max_seconds`` (a bound).
     """
     out.mkdir(mode=0o750, parents=True, exist_ok=True)
     env = {**os.environ, "EPH_WORKER": "1", "EPH_RUN_DIR": str(out)}

@@ -12,6 +12,7 @@ import contextlib
 import json
 import os
 import signal
+import socket
 import subprocess
 import time
 from collections.abc import Iterator
@@ -23,10 +24,13 @@ from typing import Any
 import pyarrow.parquet as pq
 import pytest
 
+from harness.errors import RunDirError
 from harness.kernel.netns import Namespace, run_checked
+from harness.leftovers import announce, collect, missing_workers
 from harness.load.distributed import Receiver, ship
 
-from .conftest import EPH, ROOT, run_dir_summary, write_scenario
+from .conftest import EPH, ROOT, eph, run_dir_summary, write_scenario
+from .test_crash import _part_rows
 
 NET = "198.18.0"
 MASTER, LISTENER, WORKERS = f"{NET}.1", f"{NET}.2", {"w1": f"{NET}.11", "w2": f"{NET}.12"}
@@ -163,7 +167,8 @@ connect_timeout = "1s"
             procs += workers.values()
             if kill is not None:
                 deadline = time.monotonic() + 60
-                while not (run / "progress" / "master.json").exists():
+                # the test started, and the worker told the master where it records
+                while not list((tmp_path / kill).glob("*/worker.json")):
                     assert time.monotonic() < deadline, "the test never started"
                     time.sleep(0.05)
                 time.sleep(1.0)
@@ -231,7 +236,30 @@ def test_a_worker_dying_mid_run_the_others_go_on_and_the_report_says_so(
     # w2's connections never arrived (Locust has what it reported before dying, if
     # it lived to its first report): the run is not conserved, and says so
     assert cons["locust_requests"] >= cons["records"] and cons["ok"] is False
-    assert "workers never shipped their records" in (outcome.run / "report.html").read_text()
+    html = (outcome.run / "report.html").read_text()
+    assert "workers never shipped their records" in html
+    # it said where its records stayed: its own run directory under `eph worker --out`
+    (kept,) = {path.parent.resolve() for path in (tmp_path / "w2").glob("*/worker.json")}
+    where = {"name": "w2", "hostname": socket.gethostname(), "run_dir": str(kept)}
+    assert summary["distributed"]["missing"] == [where]
+    assert f"--collect-from {kept}" in html
+    rows = _part_rows(kept / "parts")[0]
+    assert rows > 0, "the dead worker had flushed nothing in a second"
+    done = eph(["report", str(outcome.run), "--collect-from", str(kept)], cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    collected = run_dir_summary(outcome.run)
+    assert collected["distributed"] == {
+        "expected_workers": 2,
+        "hosts_shipped": ["w1", "w2"],
+        "missing_workers": 0,
+    }
+    assert collected["conservation"]["records"] == cons["records"] + rows
+    assert sorted(h["host"] for h in collected["hosts"]) == ["w1", "w2"]
+    by_host = pq.read_table(outcome.run / "connections.parquet").column("host").to_pylist()
+    assert by_host.count("w2") == rows
+    assert "never shipped" not in (outcome.run / "report.html").read_text()
+    again = eph(["report", str(outcome.run), "--collect-from", str(kept)], cwd=tmp_path)
+    assert again.returncode != 0 and "already holds worker w2" in again.stderr + again.stdout
 
 
 def test_ship_and_receive_round_trip(tmp_path: Path) -> None:
@@ -274,3 +302,29 @@ def test_ship_and_receive_round_trip(tmp_path: Path) -> None:
     )
     assert not (tmp_path / "etc").exists()
     assert not list((tmp_path / "master").rglob("x.log"))
+
+
+def test_workers_announce_where_they_record_and_strangers_are_not_collected(
+    tmp_path: Path,
+) -> None:
+    master = tmp_path / "master"
+    master.mkdir()
+    receiver = Receiver(master)
+    dirs = {client: tmp_path / client for client in ("c1", "c2", "c3")}
+    for directory in dirs.values():
+        directory.mkdir()
+    for client in ("c1", "c2"):  # one host name twice: vm, vm-2
+        receiver.on_worker(msg=SimpleNamespace(data=announce(dirs[client], "vm"), node_id=client))
+    assert [(m.name, m.run_dir) for m in missing_workers(master, ["vm"])] == [
+        ("vm-2", str(dirs["c2"]))
+    ]
+    assert missing_workers(master, ["vm", "vm-2"]) == []
+    with pytest.raises(RunDirError, match="not an eph worker's run directory"):
+        collect(master, tmp_path)
+    announce(dirs["c3"], "vm")  # a worker of another run
+    with pytest.raises(RunDirError, match="not one of this run's workers"):
+        collect(master, dirs["c3"])
+    assert collect(master, dirs["c2"]) == "vm-2"
+    assert json.loads((master / "hosts" / "vm-2" / "host.json").read_text())["files"] == 0
+    with pytest.raises(RunDirError, match="already holds worker vm-2"):
+        collect(master, dirs["c2"])

@@ -84,6 +84,10 @@ def print_result(run_dir: Path, summary: Summary) -> None:
             f"[red]exhausted[/] after {exhaustion.first_failure_s} s"
             f" ({exhaustion.succeeded_before_first_failure} connections first)"
         )
+    if summary.crash is not None:
+        console.print(f"[red]crashed[/]: {summary.crash.finding()}")
+    for worker in summary.distributed.missing if summary.distributed else []:
+        console.print(f"[yellow]missing worker[/]: {worker.finding()}")
     conservation = summary.conservation
     if not conservation.ok:
         shown = conservation.model_dump(mode="json", exclude_unset=True)

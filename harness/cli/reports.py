@@ -32,22 +32,37 @@ if TYPE_CHECKING:
     type=click.Path(path_type=Path),
     help="The comparison page (default reports/compare-<time>.html).",
 )
-def report(run_dirs: Sequence[Path], compare: bool, out: Path | None) -> None:
+@click.option(
+    "--collect-from",
+    "collect_from",
+    multiple=True,
+    type=click.Path(path_type=Path, exists=True, file_okay=False),
+    metavar="WORKER_DIR",
+    help="A distributed run's worker that never shipped: fold in the records it kept"
+    " in its own run directory (repeatable; the summary names them).",
+)
+def report(
+    run_dirs: Sequence[Path], compare: bool, out: Path | None, collect_from: Sequence[Path]
+) -> None:
     """Render RUN_DIR's summary.json and report.html again from its stored data.
 
-    With --compare, RUN_DIR A B [...]: one page with the runs side by side, e.g.
-    before and after tuning (each run is labelled by its directory name).
+    A run that crashed (its eph process died) is summarized from what its parts
+    hold, and says so. With --compare, RUN_DIR A B [...]: one page with the runs
+    side by side, e.g. before and after tuning (each run is labelled by its
+    directory name).
     """
     from harness.finalize import load_run, rerender
     from harness.report.observation import is_observation
 
+    if collect_from and compare:
+        raise click.UsageError("--collect-from folds workers into one RUN_DIR, not --compare")
     if not compare:
         if len(run_dirs) != 1:
             raise click.UsageError("give one RUN_DIR, or --compare A B [...]")
         if is_observation(run_dirs[0]):  # eph observe --out DIR or eph lab --exec
             report_observation(run_dirs[0])
             return
-        print_result(run_dirs[0], rerender(run_dirs[0]))
+        print_result(run_dirs[0], rerender(run_dirs[0], collect_from))
         return
     import time
 

@@ -9,6 +9,9 @@ Three custom Locust messages, over Locust's own master/worker connection:
     directory (record parts, samples, collector.json, logs).
 ``eph_host`` (worker to master, after its last file)
     ``{"name", "hostname", "clock_offset_ns", "files", "bytes"}``.
+``eph_worker`` (worker to master, as its test starts)
+    ``{"name", "hostname", "run_dir", "clock_offset_ns"}``: where its records are
+    while it runs, and stay if it dies (:mod:`harness.leftovers`).
 
 Locust's connection delivers messages in order, and a worker sends all of this
 from its test_stop handler, before its own ``client_stopped``; so once the
@@ -36,9 +39,11 @@ from typing import TYPE_CHECKING, Any
 import gevent
 
 from harness.files import atomic_write_json
+from harness.leftovers import SHIPPED, SHIPPED_PATH, remember
 from harness.observe.collector import collect_command
 from harness.records import FLUSH_INTERVAL, host_name
 from harness.rundir import HOSTS_DIR, RunDir
+from harness.runstate import clock_offset_ns
 from harness.scenario import Protocol, Scenario
 from harness.supervisor import Stage, Supervisor
 from harness.units import format_duration
@@ -61,16 +66,9 @@ logger = logging.getLogger(__name__)
 
 COLLECTOR_START_TIMEOUT = 10.0  # seconds a worker waits for its collector's first sample
 CHUNK = 1 << 20  # bytes per eph_file message: heartbeats keep flowing in between
-SHIPPED = ("parts/*.arrows", "samples.parquet", "collector.json", "logs/*.log")
-_ALLOWED = re.compile(r"(parts/[\w.-]+\.arrows|samples\.parquet|collector\.json|logs/[\w.-]+\.log)")
 _NAME = re.compile(r"[^\w.-]+")
 
 Send = Callable[[str, dict[str, Any]], None]
-
-
-def clock_offset_ns() -> int:
-    """Wall clock minus CLOCK_MONOTONIC: what maps this host's stamps onto another's."""
-    return time.time_ns() - time.monotonic_ns()
 
 
 def ship(send: Send, run_path: Path, name: str) -> dict[str, Any]:
@@ -119,6 +117,7 @@ class Receiver:
     """
 
     def __init__(self, run_path: Path) -> None:
+        self.run_path = run_path
         self.root = run_path / HOSTS_DIR
         self._names: dict[str, str] = {}  # Locust client id -> directory name
 
@@ -143,13 +142,21 @@ class Receiver:
     def on_file(self, msg: Any, **_: Any) -> None:
         data = msg.data
         relative = str(data.get("path", ""))
-        if not _ALLOWED.fullmatch(relative):
+        if not SHIPPED_PATH.fullmatch(relative):
             logger.warning("worker %s sent an unexpected file %r; ignored", msg.node_id, relative)
             return
         target = self._directory(msg.node_id, str(data.get("name", ""))) / relative
         target.parent.mkdir(mode=0o750, parents=True, exist_ok=True)
         with open(target, "wb" if data.get("first") else "ab") as sink:
             sink.write(data.get("data", b""))
+
+    def on_worker(self, msg: Any, **_: Any) -> None:
+        """A worker's test started: where its records are, should it never ship them."""
+        data = dict(msg.data)
+        name = self._directory(msg.node_id, str(data.get("name", ""))).name
+        data["clock_shift_ns"] = int(data.get("clock_offset_ns", 0)) - clock_offset_ns()
+        data["client_id"] = msg.node_id
+        remember(self.run_path, name, data)
 
     def on_host(self, msg: Any, **_: Any) -> None:
         data = dict(msg.data)

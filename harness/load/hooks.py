@@ -30,6 +30,7 @@ from locust.env import Environment
 from locust.runners import STATE_RUNNING, STATE_SPAWNING, MasterRunner, WorkerRunner
 
 from harness.kernel.parent_death import die_with_parent_after_fork
+from harness.leftovers import announce
 from harness.load import locust_compat
 from harness.load.distributed import MasterSession, Receiver, master_run_dir, ship
 from harness.load.users import current_session, end_sessions, start_session
@@ -75,6 +76,7 @@ class LocustHooks:
             self._receivers[id(environment)] = receiver
             runner.register_message("eph_file", receiver.on_file)
             runner.register_message("eph_host", receiver.on_host)
+            runner.register_message("eph_worker", receiver.on_worker)
         elif isinstance(runner, WorkerRunner):
             locust_compat.check()  # at start, not in the middle of the first test
             runner.register_message("eph_scenario", self._on_scenario)
@@ -113,6 +115,9 @@ class LocustHooks:
             rate_share=float(self._received["rate_share"]),
             collect=True,
         )
+        session = current_session(environment)
+        if session is not None:  # where this worker's records stay, should it die
+            runner.send_message("eph_worker", announce(session.run_dir.path, host_name()))
 
     def on_test_stop(self, environment: Environment, **_: Any) -> None:
         runner = environment.runner

@@ -218,6 +218,7 @@ def _conservation_findings(summary: Summary) -> list[str]:
             " shipped their records (the worker died or lost the master): their connections"
             " are not in this report, and Locust's count includes what they reported before."
         )
+        out += [worker.finding() for worker in distributed.missing]
     return out
 
 
@@ -230,6 +231,8 @@ _STOP_REASONS = {
 
 
 def _stop_findings(summary: Summary) -> list[str]:
+    if summary.crash is not None:
+        return [summary.crash.finding()]
     out = []
     if summary.interrupted:
         out.append("The run was interrupted before its planned duration.")

@@ -52,6 +52,7 @@ __all__ = [
     "Capacity",
     "Connections",
     "Conservation",
+    "Crash",
     "Distributed",
     "Exhaustion",
     "HostSection",
@@ -77,6 +78,43 @@ __all__ = [
 ]
 
 SCHEMA_VERSION: Final = 3
+
+
+class Crash(Section):
+    """A run whose eph process died before it finished (SIGKILL, OOM, power): what
+    ``eph report`` found in its directory afterwards."""
+
+    phase: str
+    """The phase ``state.json`` last recorded: starting, loading, stopping, finalizing."""
+    pid: int
+    host: str
+    host_checked: bool
+    """False: the run ran on another host, whose processes eph cannot see from here."""
+    last_record_s: float | None
+    """Seconds from the first attempt to the last one the parts held."""
+    last_sample_s: float | None
+    """Seconds from the first attempt to the collector's last sample."""
+    last_record_at: str | None = None
+    """The last record's start, wall clock (ISO 8601, UTC)."""
+    error: str | None = None
+    """The error that ended eph, when one did (a kill leaves none)."""
+
+    def finding(self) -> str:
+        """What the report says about it: what is there, and what is not."""
+        reach = ", ".join(
+            f"{what} up to {value:.1f} s"
+            for what, value in (("records", self.last_record_s), ("samples", self.last_sample_s))
+            if value is not None
+        )
+        unchecked = "" if self.host_checked else f" (it ran on {self.host}; not checked from here)"
+        how = f"stopped with an error ({self.error})" if self.error else "died"
+        return (
+            f"The run crashed: its eph process (pid {self.pid}){unchecked} {how} while"
+            f" {self.phase} and never finished. This summary holds what the record and sample"
+            f" files had flushed ({reach or 'nothing'}); missing are the rows not yet flushed"
+            " (at most one flush interval of each process), Locust's own request count,"
+            " the listener's counts and the kernel counters at the end."
+        )
 
 
 class Summary(Section):
@@ -107,6 +145,7 @@ class Summary(Section):
     latency_cliff: LatencyCliff | None = None
     cpu: Cpu | None = None
     kernel_witness: KernelWitness | None = None
+    crash: Crash | None = None
 
     @property
     def exhausted_at(self) -> float | None:

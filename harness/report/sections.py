@@ -218,12 +218,29 @@ class Service(_Reported):
     rebound: bool = False
 
 
+class MissingWorker(Section):
+    """A worker that never shipped: its records stayed in its own run directory."""
+
+    name: str
+    hostname: str
+    run_dir: str
+
+    def finding(self) -> str:
+        return (
+            f"Worker {self.name}'s records stayed on {self.hostname}, in {self.run_dir}:"
+            f" `eph report RUN_DIR --collect-from {self.run_dir}` folds them in (copy that"
+            " directory here first if it is on another host)."
+        )
+
+
 class Distributed(Section):
     """A distributed run's workers: expected, and those whose records arrived."""
 
     expected_workers: int
     hosts_shipped: list[str]
     missing_workers: int
+    missing: list[MissingWorker] = []
+    """The missing workers that announced themselves, and where their records are."""
 
 
 class SamplesInfo(Section):
