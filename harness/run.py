@@ -9,22 +9,18 @@ free disk), stops the children in the supervisor's order (Locust with SIGTERM,
 handled by Locust in a gevent handler; the collector; the listener, which drains
 and reports), and finalizes the run directory. SIGINT/SIGTERM to ``eph run`` takes
 the same path, marked ``interrupted``; a SIGKILL takes every child with it.
-``eph worker`` (:func:`run_worker`) is a Locust worker under the same supervisor.
+``eph worker`` (:mod:`harness.worker`) is a Locust worker under the same supervisor.
 """
 
 from __future__ import annotations
 
 import ipaddress
 import logging
-import os
 import signal
-import subprocess
-import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import FrameType
 from typing import Any
 
 from harness.endpoints import Endpoint
@@ -34,9 +30,7 @@ from harness.kernel.sysctls import read_kernel
 from harness.load.progress import Progress, read_progress
 from harness.observe.trace import KernelTrace, TraceResult, start_trace
 from harness.placement import (
-    LOCUSTFILE,
     START_TIMEOUT,
-    STOP_GRACE,
     ListenerChild,
     Master,
     Placement,
@@ -49,9 +43,9 @@ from harness.report.witness import KernelWitness, kernel_witness
 from harness.rundir import RunDir, free_bytes, min_free_bytes
 from harness.runstate import Phase, clock_offset_ns, noting_errors, write_state
 from harness.scenario import Scenario
-from harness.supervisor import Child, Stage, Supervisor
+from harness.supervisor import Child, Interrupt, Stage, Supervisor
 
-__all__ = ["Master", "Placement", "RunResult", "kernel_differences", "run_scenario", "run_worker"]
+__all__ = ["Master", "Placement", "RunResult", "kernel_differences", "run_scenario"]
 
 logger = logging.getLogger(__name__)
 
@@ -64,30 +58,6 @@ class RunResult:
 
 ProgressSink = Callable[[float, float, Progress], None]
 _ON_HOST = Placement()
-
-
-class _Interrupt:
-    """Turns SIGINT/SIGTERM into a flag for the duration of a run."""
-
-    def __init__(self) -> None:
-        self.set = False
-        self._old: dict[int, Any] = {}
-
-    def __enter__(self) -> _Interrupt:
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            self._old[sig] = signal.signal(sig, self._handle)
-        return self
-
-    def _handle(self, signum: int, frame: FrameType | None) -> None:
-        if not self.set:
-            logger.warning(
-                "%s: stopping the run and keeping what was recorded", signal.Signals(signum).name
-            )
-        self.set = True
-
-    def __exit__(self, *exc: object) -> None:
-        for sig, handler in self._old.items():
-            signal.signal(sig, handler)
 
 
 def run_scenario(
@@ -117,7 +87,7 @@ def run_scenario(
             logger.warning("%s", note)
     workers = master.workers if master is not None else None
     write_state(run.path, Phase.STARTING, started_at=time.time(), expected_workers=workers)
-    with _Interrupt() as interrupt, noting_errors(run.path):
+    with Interrupt() as interrupt, noting_errors(run.path):
         outcome = _run_children(
             scenario, run, placement, master, locust_args, interrupt, progress, web, trace
         )
@@ -167,7 +137,7 @@ def _run_children(
     placement: Placement,
     master: Master | None,
     locust_args: Sequence[str],
-    interrupt: _Interrupt,
+    interrupt: Interrupt,
     progress: ProgressSink | None,
     web: Endpoint | None = None,
     trace: bool = False,
@@ -218,7 +188,7 @@ def _witness(run: RunDir, trace: TraceResult | str) -> KernelWitness:
 
 
 def _log_exits(
-    locust: Child, collectors: Sequence[Child], run: RunDir, interrupt: _Interrupt
+    locust: Child, collectors: Sequence[Child], run: RunDir, interrupt: Interrupt
 ) -> None:
     for collector in collectors:
         if collector.returncode not in (0, -signal.SIGTERM):
@@ -281,7 +251,7 @@ def kernel_differences(scenario: Scenario, kernel: dict[str, Any]) -> list[str]:
     return notes
 
 
-def _wait_for_start(locust: Child, run: RunDir, interrupt: _Interrupt, timeout: float) -> float:
+def _wait_for_start(locust: Child, run: RunDir, interrupt: Interrupt, timeout: float) -> float:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline and not interrupt.set:
         if any(run.progress.glob("*.json")):
@@ -303,7 +273,7 @@ def _wait_for_end(
     run: RunDir,
     scenario: Scenario,
     started: float,
-    interrupt: _Interrupt,
+    interrupt: Interrupt,
     progress: ProgressSink | None,
     collectors: Sequence[Child] = (),
 ) -> str:
@@ -368,45 +338,3 @@ def _limit_reached(
         )
         return "disk"
     return None
-
-
-def run_worker(
-    *,
-    master_host: str,
-    master_port: int,
-    out: Path,
-    name: str | None = None,
-    max_seconds: float = 7200.0,
-) -> int:
-    """``eph worker``: a Locust worker of an ``eph run --master`` elsewhere.
-
-    Each test records into a new directory under ``out`` with a collector of this
-    host, and ships it to the master at the end; the directory stays, and is all
-    that is left if this worker dies (``eph report --collect-from`` reads it).
-    Returns Locust's exit code once the master quits, at SIGINT/SIGTERM, or after
-    ``max_seconds`` (a bound).
-    """
-    out.mkdir(mode=0o750, parents=True, exist_ok=True)
-    env = {**os.environ, "EPH_WORKER": "1", "EPH_RUN_DIR": str(out)}
-    if name:
-        env["EPH_HOST_NAME"] = name
-    args = [sys.executable, "-m", "locust", "-f", str(LOCUSTFILE), "--worker"]
-    args += ["--master-host", master_host, "--master-port", str(master_port)]
-    args += ["--logfile", str(out / f"worker-{os.getpid()}.log")]
-    log_path = out / f"worker-{os.getpid()}.out"
-    with _Interrupt() as interrupt, open(log_path, "ab") as log, Supervisor() as supervisor:
-        locust = supervisor.start(
-            "locust worker",
-            args,
-            stage=Stage.LOAD,
-            grace=STOP_GRACE,
-            env=env,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-        )
-        deadline = time.monotonic() + max_seconds
-        while locust.poll() is None and not interrupt.set and time.monotonic() < deadline:
-            time.sleep(0.1)
-        if locust.poll() is None and not interrupt.set:
-            logger.error("the worker ran for %.0f s, its bound; stopping it", max_seconds)
-    return locust.returncode if locust.returncode is not None else 1

@@ -38,12 +38,12 @@ import subprocess
 import time
 from collections.abc import Mapping, Sequence
 from enum import IntEnum
-from types import TracebackType
+from types import FrameType, TracebackType
 from typing import IO, Any
 
 from harness.kernel.parent_death import death_signal_preexec
 
-__all__ = ["DEFAULT_GRACE", "Child", "Stage", "Supervisor"]
+__all__ = ["DEFAULT_GRACE", "Child", "Interrupt", "Stage", "Supervisor"]
 
 logger = logging.getLogger(__name__)
 
@@ -231,3 +231,27 @@ class Supervisor:
         finally:
             if self._running:  # an interrupted close: the rest at once
                 self.stop(*self._running, grace=0.0)
+
+
+class Interrupt:
+    """SIGINT/SIGTERM as a flag while a run lasts: it stops, keeping what it recorded."""
+
+    def __init__(self) -> None:
+        self.set = False
+        self._old: dict[int, Any] = {}
+
+    def __enter__(self) -> Interrupt:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            self._old[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum: int, frame: FrameType | None) -> None:
+        if not self.set:
+            logger.warning(
+                "%s: stopping the run and keeping what was recorded", signal.Signals(signum).name
+            )
+        self.set = True
+
+    def __exit__(self, *exc: object) -> None:
+        for sig, handler in self._old.items():
+            signal.signal(sig, handler)

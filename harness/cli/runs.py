@@ -172,7 +172,7 @@ def worker(
     own sockets, and ships records and samples to the master at the end. Exits
     when the master quits.
     """
-    from harness.run import run_worker
+    from harness.worker import run_worker
 
     console.print(
         f"[bold]eph worker[/] {name or socket.gethostname()}: master {master_host}:{master_port}"
