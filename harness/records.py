@@ -23,10 +23,9 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import pyarrow.ipc as ipc
-import pyarrow.parquet as pq
 
 from harness.endpoints import ResolvedEndpoint
-from harness.files import atomic_path, read_stream
+from harness.files import read_stream
 
 __all__ = [
     "CONNECTIONS_SCHEMA",
@@ -36,6 +35,7 @@ __all__ = [
     "Part",
     "PartReadResult",
     "RecordWriter",
+    "expand_batch",
     "host_name",
     "merge_parts",
     "read_part",
@@ -284,28 +284,21 @@ def _dict(indices: np.ndarray, values: Sequence[str]) -> pa.DictionaryArray:
     )
 
 
+def expand_batch(
+    batch: pa.RecordBatch, meta: dict[str, str], addresses: list[str], part: Part
+) -> pa.Table:
+    """One batch of a part file, expanded to ``CONNECTIONS_SCHEMA`` (the merge reads
+    a part a batch at a time)."""
+    return _expand(pa.Table.from_batches([batch]), meta, addresses, part.host, part.shift_ns)
+
+
 def merge_parts(parts: Sequence[Path | Part], out: Path) -> tuple[int, list[Path]]:
-    """Merge part files into one Parquet file sorted by start time.
+    """Merge part files into one Parquet file sorted by start time, in bounded memory
+    (``harness.merge``).
 
     Returns the row count and the parts that were truncated (their whole
     batches are kept; a truncated part is worth a finding, not a failure).
     """
-    tables = []
-    truncated = []
-    for given in parts:
-        part = given if isinstance(given, Part) else Part(given)
-        result = read_part(part.path, part.host, part.shift_ns)
-        tables.append(result.table)
-        if result.truncated:
-            truncated.append(part.path)
-    table = (
-        pa.concat_tables(tables, promote_options="permissive").unify_dictionaries()
-        if tables
-        else CONNECTIONS_SCHEMA.empty_table()
-    )
-    table = table.combine_chunks().unify_dictionaries()
-    if table.num_rows:
-        table = table.sort_by("start_ns")
-    with atomic_path(out) as tmp:
-        pq.write_table(table, tmp, compression="zstd")
-    return table.num_rows, truncated
+    from harness.merge import merge_sorted  # it reads this module's schema and parts
+
+    return merge_sorted([p if isinstance(p, Part) else Part(p) for p in parts], out)
