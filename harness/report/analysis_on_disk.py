@@ -15,7 +15,6 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from harness.capacity.model import CapacityModel
 from harness.report.cliff import CliffSpans, cliff_section, onset_bin
 from harness.report.counts import ValueCounts
 from harness.report.hosts import HostSamples, sections_of
@@ -46,12 +45,12 @@ from harness.scenario import Scenario
 __all__ = ["analyze_on_disk", "audit_of", "in_use"]
 
 
-def in_use(samples: pa.Table | None, model: CapacityModel | None) -> InUse | None:
+def in_use(samples: pa.Table | None, usable: int | None) -> InUse | None:
     """Ports in use over time against the usable range, when both are known."""
-    if samples is None or not samples.num_rows or model is None or not model.ports:
+    if samples is None or not samples.num_rows or not usable:
         return None
     times, counts = scope_series(samples, IN_USE)
-    return InUse(times, counts, model.ports) if len(times) >= 2 else None
+    return InUse(times, counts, usable) if len(times) >= 2 else None
 
 
 def audit_of(records: OnDisk) -> tuple[TupleAudit, CycleCount]:
@@ -77,7 +76,8 @@ def analyze_on_disk(
     scan = scan_records(records)
     lifetime = scan.close_us.percentile(50) / 1e6 if scan.close_us.total else 0.0
     model = capacity_model(scenario, summary.kernel, lifetime, hosts=max(1, len(hosts)))
-    occupancy = in_use(samples, model) if scan.succeeded else None
+    usable = model.ports if model is not None else None
+    occupancy = in_use(samples, usable) if scan.succeeded else None
     found = sweep(records, scan, occupancy)
     audit, cycles = audit_of(records)
     have_samples = samples is not None and samples.num_rows

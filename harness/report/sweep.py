@@ -16,6 +16,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from harness.report.cliff import BIN_COUNT, occupancy_bins
+from harness.report.columns import time_bins
 from harness.report.counts import ValueCounts
 from harness.report.hosts import HostCounts
 from harness.report.occupancy import OCCUPANCY_BINS
@@ -64,8 +65,6 @@ class Sweep:
 
 class _Pass:
     def __init__(self, scan: RecordScan, occupancy: Occupancy | None, every: int) -> None:
-        from harness.report.figures._axes import time_bins  # figures import this module
-
         self.scan, self.occupancy = scan, occupancy
         self.t0 = scan.first_ns or 0
         self.found = Sweep(every=every)
