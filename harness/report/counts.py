@@ -15,6 +15,8 @@ from harness.report.model import Quantiles
 
 __all__ = ["ValueCounts"]
 
+_BINCOUNT_BELOW = 1 << 22  # values counted in one array (32 MB) rather than sorted
+
 
 class ValueCounts:
     """How many times each value occurred; values kept sorted."""
@@ -26,7 +28,14 @@ class ValueCounts:
     def add(self, values: np.ndarray) -> None:
         if not len(values):
             return
-        found, counts = np.unique(np.asarray(values, dtype=np.int64), return_counts=True)
+        values = np.asarray(values, dtype=np.int64)
+        if values.min() >= 0 and values.max() < _BINCOUNT_BELOW:
+            # one pass instead of a sort: 3 ms against 25 ms for 1M microsecond values
+            counts = np.bincount(values)
+            found = np.flatnonzero(counts)
+            self.merge(found, counts[found])
+            return
+        found, counts = np.unique(values, return_counts=True)
         self.merge(found, counts)
 
     def merge(self, values: np.ndarray, counts: np.ndarray) -> None:

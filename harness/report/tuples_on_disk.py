@@ -86,12 +86,13 @@ def _spread(records: OnDisk, directory: Path) -> None:
                 schema=_USE_SCHEMA,
             )
             rank += batch.num_rows
-            part = (key.astype(np.uint64) * _MIX) >> np.uint64(58)
-            order = np.argsort(part, kind="stable")
+            part = ((key.astype(np.uint64) * _MIX) >> np.uint64(58)).astype(np.uint8)
+            order = np.argsort(part, kind="stable")  # a radix sort for 8-bit keys
             bounds = np.searchsorted(part[order], np.arange(PARTITIONS + 1))
+            uses = uses.take(pa.array(order))  # once, then a slice per partition
             for n, (low, high) in enumerate(itertools.pairwise(bounds)):
                 if high > low:
-                    writers[n].write_batch(uses.take(pa.array(order[low:high])))
+                    writers[n].write_batch(uses.slice(low, high - low))
     finally:
         for writer in writers:
             writer.close()
@@ -103,7 +104,9 @@ def _audit_partition(path: Path, cycles: CycleCount) -> TupleAudit:
     if not uses.num_rows:
         return TupleAudit()
     key, start = uses.column("key").to_numpy(), uses.column("start").to_numpy()
-    order = np.lexsort((start, key))
+    # uses arrive in start order (the file is sorted by it, and the spread kept the
+    # order): a stable sort by tuple alone is the (tuple, start) order, in half the time
+    order = np.argsort(key, kind="stable")
     audit = audit_uses(
         Uses(
             key[order],
