@@ -4,6 +4,7 @@ first failures and ties cross batch edges."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -11,10 +12,12 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from harness.finalize import finalize, load_run
 from harness.observe.collector import SAMPLES_SCHEMA, STATES
 from harness.records import CONNECTIONS_SCHEMA
-from harness.report import ondisk
+from harness.report import ondisk, sweep
 from harness.report.analysis import analyze
+from harness.report.figures.connections import allocation
 from harness.report.model import Kernel
 from harness.report.occupancy import kernel_conservation
 from harness.report.ondisk import OnDisk
@@ -22,6 +25,7 @@ from harness.report.scan import SCAN_COLUMNS, RecordScan, scan_records
 from harness.report.summary import Columns, summarize
 from harness.report.tuples import audit_tuples
 from harness.report.tuples_on_disk import CycleCount, audit_on_disk
+from harness.rundir import RunDir
 from harness.scenario import parse_scenario
 
 KERNEL = Kernel(ip_local_port_range=[40000, 40999], tcp_tw_reuse=1, tcp_timestamps=1)
@@ -173,3 +177,40 @@ def test_a_large_runs_analysis_is_the_in_memory_one(
         assert abs(ages[0][q] - ages[1][q]) <= 1.1e-4, q
     conserved = kernel_conservation(table, samples), kernel_conservation(records, samples)
     assert conserved[0] == conserved[1]
+
+
+def _run(path: Path, table: pa.Table, samples: pa.Table) -> Path:
+    run = RunDir.open(path, create=True)
+    run.write_scenario(parse_scenario(SCENARIO))
+    pq.write_table(table, run.connections)
+    pq.write_table(samples, run.path / "samples.parquet")
+    finalize(run.path, started_at=1_700_000_000.0, duration_s=3.0, kernel=KERNEL)
+    return run.path
+
+
+def test_a_large_run_reports_what_a_small_one_does(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    table = cliff_table(6000, 5)
+    samples = _samples(table, 1000)
+    small = _run(tmp_path / "small", table, samples)
+    held = load_run(small)
+    monkeypatch.setattr(ondisk, "IN_MEMORY_ROWS", 1000)
+    monkeypatch.setattr(ondisk, "BATCH_ROWS", 300)
+    monkeypatch.setattr(sweep, "FIGURE_ROWS", 500)
+    large = _run(tmp_path / "large", table, samples)
+    exact, scanned = (json.loads((p / "summary.json").read_text()) for p in (small, large))
+    exact["time_wait"].pop("reuse_age_s"), scanned["time_wait"].pop("reuse_age_s")
+    assert exact == scanned
+    drawn = load_run(large)
+    assert drawn.every == 12 and drawn.table.num_rows == 500 and held.every == 1
+    titles = [ax.get_title() for ax in allocation(drawn).axes]  # a figure drawn from the sample
+    assert any("(1 in 12 connections drawn)" in t for t in titles)
+    for ours, theirs in zip(held.per_second(), drawn.per_second(), strict=True):
+        if isinstance(ours, dict):
+            assert ours.keys() == theirs.keys()
+            assert all(np.array_equal(ours[k], theirs[k]) for k in ours)
+        else:
+            assert np.array_equal(ours, theirs)
+    assert np.array_equal(held.port_uses(), drawn.port_uses())
+    assert drawn.audit.reused_out_of_time_wait == held.audit.reused_out_of_time_wait

@@ -153,12 +153,14 @@ class _Pass:
             counts.ports += np.bincount(port[mine & ok], minlength=65536)
 
     def _per_second(self, start: np.ndarray, errno: np.ndarray) -> None:
-        """np.histogram's bins (the last one closed, nothing past it), counted by index."""
+        """np.histogram's bins: an edge belongs to the bin it opens, the last edge to the
+        last bin, nothing past it (searched, not divided: the edges are rounded floats)."""
         edges, rates = self.found.edges, self.found.per_second
         bins = len(edges) - 1
-        width = float(edges[1] - edges[0])
-        index = np.minimum(((start - self.t0) / 1e9 / width).astype(np.int64), bins)
-        index[(start - self.t0) / 1e9 == edges[-1]] = bins - 1
+        t = (start - self.t0) / 1e9
+        index = np.searchsorted(edges, t, side="right") - 1
+        index[t == edges[-1]] = bins - 1
+        index[(index < 0) | (index >= bins)] = bins  # counted past the end, then cut
         for value in [-1, *(int(e) for e in np.unique(errno))]:
             mine = index if value < 0 else index[errno == value]
             counts = np.bincount(mine, minlength=bins + 1)[:bins]
