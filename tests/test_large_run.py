@@ -18,6 +18,7 @@ from harness.records import CONNECTIONS_SCHEMA
 from harness.report import ondisk, sweep
 from harness.report.analysis import analyze
 from harness.report.figures.connections import allocation
+from harness.report.hosts import HostSamples
 from harness.report.model import Kernel
 from harness.report.occupancy import kernel_conservation
 from harness.report.ondisk import OnDisk
@@ -214,3 +215,24 @@ def test_a_large_run_reports_what_a_small_one_does(
             assert np.array_equal(ours, theirs)
     assert np.array_equal(held.port_uses(), drawn.port_uses())
     assert drawn.audit.reused_out_of_time_wait == held.audit.reused_out_of_time_wait
+
+
+def test_each_hosts_share_of_a_large_run_is_the_in_memory_one(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(ondisk, "BATCH_ROWS", 250)
+    table = cliff_table(3000, 6)
+    n = table.num_rows
+    which = (np.arange(n) % 3 == 0).astype(np.int32)  # a third of the rows on worker b
+    hosts_column = pa.DictionaryArray.from_arrays(pa.array(which), pa.array(["a", "b"]))
+    table = table.set_column(table.schema.get_field_index("host"), "host", hosts_column)
+    hosts = [HostSamples("a", None, None), HostSamples("b", None, None, {"clock_shift_ns": 5})]
+    scenario = parse_scenario(SCENARIO)
+    args = {"scenario": "t", "started_at": "x", "interrupted": False, "kernel": KERNEL}
+    records = on_disk(table, tmp_path / "c.parquet")
+    expected = summarize(Columns.from_table(table), duration_s=3.0, **args)  # type: ignore[arg-type]
+    expected = analyze(table, None, scenario, expected, hosts=hosts)
+    got = summarize(scan_records(records), duration_s=3.0, **args)  # type: ignore[arg-type]
+    got = analyze(records, None, scenario, got, hosts=hosts)
+    assert [h.attempted for h in expected.hosts] == [2000, 1000]
+    assert got.hosts == expected.hosts
