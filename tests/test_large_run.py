@@ -5,6 +5,8 @@ first failures and ties cross batch edges."""
 from __future__ import annotations
 
 import json
+import os
+import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -12,6 +14,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from harness.errors import RunDirError
 from harness.finalize import finalize, load_run
 from harness.observe.collector import SAMPLES_SCHEMA, STATES
 from harness.records import CONNECTIONS_SCHEMA
@@ -236,3 +239,25 @@ def test_each_hosts_share_of_a_large_run_is_the_in_memory_one(
     got = analyze(records, None, scenario, got, hosts=hosts)
     assert [h.attempted for h in expected.hosts] == [2000, 1000]
     assert got.hosts == expected.hosts
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="mounting a small tmpfs needs root")
+def test_a_full_disk_during_the_audit_says_how_much_it_needed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(ondisk, "BATCH_ROWS", 500)
+    small = tmp_path / "small"
+    small.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(small)], check=True)
+    try:
+        table = varied_table(8000, 1)
+        pq.write_table(table, small / "c.parquet", row_group_size=2000)
+        records = OnDisk(small / "c.parquet", table.num_rows)
+        assert records.path.stat().st_size < 200_000  # the records fit; the audit's files do not
+        with pytest.raises(
+            RunDirError, match=r"8,000 connections needs up to 0.3 MiB free.*eph report"
+        ):
+            audit_on_disk(records, CycleCount(after_ns=None))
+        assert not list(small.glob(".eph-tuples-*")), "its partial files are removed"
+    finally:
+        subprocess.run(["umount", "-l", str(small)], check=False)

@@ -20,6 +20,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.ipc as ipc
 
+from harness.errors import RunDirError
 from harness.report.counts import ValueCounts
 from harness.report.model import TupleExample
 from harness.report.ondisk import OnDisk, StableCodes
@@ -39,6 +40,7 @@ _USE_SCHEMA = pa.schema(
         ("client_closed", pa.bool_()),
     ]
 )
+_USE_BYTES = 33  # a use in a partition file: key, start, end, rank, client_closed
 _MIX = np.uint64(0x9E3779B97F4A7C15)  # Fibonacci hashing: any port range spreads evenly
 
 
@@ -143,7 +145,17 @@ def audit_on_disk(records: OnDisk, cycles: CycleCount) -> TupleAudit:
     ``cycles``), partition by partition in a directory beside the records."""
     totals = _Totals()
     with tempfile.TemporaryDirectory(prefix=".eph-tuples-", dir=records.path.parent) as tmp:
-        _spread(records, Path(tmp))
+        try:
+            _spread(records, Path(tmp))
+        except OSError as exc:  # a full disk: say what the audit needed, where
+            needed = records.num_rows * _USE_BYTES / 2**20
+            raise RunDirError(
+                records.path.parent,
+                f"cannot write the tuple audit's partitions ({exc.strerror or exc}): the"
+                f" report of {records.num_rows:,} connections needs up to {needed:,.1f} MiB"
+                " free in the run directory while it runs; free some space and run"
+                " `eph report` again",
+            ) from None
         for n in range(PARTITIONS):
             _add(totals, _audit_partition(Path(tmp) / f"{n}.arrows", cycles))
     audit = totals.audit
