@@ -31,6 +31,8 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from growth import growth  # noqa: E402  (bench/ is the script's directory)
+
 from harness.kernel.netns import Namespace, netns_available  # noqa: E402
 
 BENCH = Path(__file__).resolve().parent
@@ -384,60 +386,27 @@ def analysis_time(connections: int) -> dict[str, Any]:
     return {"connections": connections, "seconds": round(time.perf_counter() - started, 2)}
 
 
-def report_time(connections: int, workdir: Path) -> dict[str, Any]:
-    """``eph report`` on a synthetic run directory of ``connections`` records and a
-    collector sample every 100 ms (with its port lists): wall time and peak memory
-    of the child process that does it (ru_maxrss)."""
-    import resource
+def report_growth(rows: list[int]) -> list[dict[str, Any]]:
+    """Merge and ``eph report`` of synthetic runs of each size (``bench/growth.py``),
+    one size at a time, each in a directory removed before the next."""
+    results = []
+    for connections in rows:
+        print(f"growth: {connections:,} connections", file=sys.stderr, flush=True)
+        with tempfile.TemporaryDirectory(prefix="eph-bench-") as tmp:
+            results.append(growth(connections, Path(tmp)))
+    return results
 
-    import numpy as np
-    import pyarrow as pa
-    import pyarrow.parquet as pq
 
-    from harness.observe.collector import SAMPLES_SCHEMA, STATES
-    from harness.scenario import parse_scenario
-
-    run = workdir / "report-run"
-    run.mkdir()
-    table = synthetic_table(connections)
-    pq.write_table(table, run / "connections.parquet")
-    start = table.column("start_ns").to_numpy()
-    times = np.arange(start.min(), start.max(), 100_000_000)
-    rows: dict[str, list[Any]] = {name: [] for name in SAMPLES_SCHEMA.names}
-    for i, t in enumerate(times):
-        in_use = min(28232, int(20_000 * (i + 1) * 0.1))  # fills in 1.4 s, then stays full
-        for scope in ("all", "to 127.0.0.1:9000"):
-            rows["t_ns"].append(int(t))
-            rows["scope"].append(scope)
-            for state in STATES:
-                rows[state].append(
-                    in_use - 20 if state == "time_wait" else 20 if state == "established" else 0
-                )
-            rows["ports"].append(
-                None if scope == "all" else np.arange(32768, 32768 + in_use, dtype=np.uint16)
-            )
-            for name in SAMPLES_SCHEMA.names[len(STATES) + 3 :]:
-                rows[name].append(i * 100 if scope == "all" else None)
-    pq.write_table(pa.table(rows, schema=SAMPLES_SCHEMA), run / "samples.parquet")
-    scenario = parse_scenario(_SCENARIO)
-    (run / "scenario.json").write_text(json.dumps(scenario.to_json()))
-    (run / "summary.json").write_text(
-        json.dumps({"kernel": _KERNEL, "duration_s": connections / 20_000, "interrupted": False})
-    )
-    before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-    started = time.perf_counter()
-    subprocess.run(
-        [sys.executable, "-m", "harness", "report", str(run)], check=True, capture_output=True
-    )
-    seconds = time.perf_counter() - started
-    peak_kib = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-    return {
-        "connections": connections,
-        "samples": len(times),
-        "seconds": round(seconds, 2),
-        "peak_rss_mib": round(peak_kib / 1024, 1) if peak_kib > before else None,
-        "report_html_mib": round((run / "report.html").stat().st_size / 2**20, 2),
-    }
+def _rows(text: str) -> list[int]:
+    try:
+        rows = [int(n.replace("_", "")) for n in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"--rows {text!r}: expected sizes like 1000000,10000000"
+        ) from None
+    if any(n < 1 for n in rows):
+        raise argparse.ArgumentTypeError(f"--rows {text!r}: sizes must be positive")
+    return rows
 
 
 def compile_baseline(workdir: Path) -> Path | None:
@@ -483,11 +452,19 @@ def main() -> int:
         "--only",
         choices=["all", "report", "memory", "scaling", "paths", "trace"],
         default="all",
-        help="report: only the 1M render; memory: only the engine's bytes per connection;"
+        help="report: only the merge and report of synthetic runs (--rows);"
+        " memory: only the engine's bytes per connection;"
         " scaling: only 1 against 2 processes; paths: only eph observe's sample against ss;"
         " trace: only churn with the kernel recorder against without",
     )
     parser.add_argument("--destinations", type=int, default=1000)
+    parser.add_argument(
+        "--rows",
+        type=_rows,
+        default=[1_000_000, 10_000_000, 100_000_000],
+        help="synthetic run sizes for the merge and report rows, comma-separated"
+        " (default 1000000,10000000,100000000; 100M needs ~6 GB of disk for a while)",
+    )
     args = parser.parse_args()
     if args.only == "paths":
         paths = paths_vs_ss(args.tw_sockets, args.destinations)
@@ -528,12 +505,7 @@ def main() -> int:
                 bench.stop(proc)
         return 0
     if args.only == "report":
-        with tempfile.TemporaryDirectory(prefix="eph-bench-") as tmp:
-            print(
-                json.dumps(
-                    {"machine": machine(), "report": report_time(1_000_000, Path(tmp))}, indent=2
-                )
-            )
+        print(json.dumps({"machine": machine(), "growth": report_growth(args.rows)}, indent=2))
         return 0
 
     with tempfile.TemporaryDirectory(prefix="eph-bench-") as tmp:
@@ -600,8 +572,7 @@ def main() -> int:
         "analysis": analysis_time(args.analysis_connections),
         "trace": trace_overhead(args),
     }
-    with tempfile.TemporaryDirectory(prefix="eph-bench-") as tmp:
-        report["report"] = report_time(args.analysis_connections, Path(tmp))
+    report["growth"] = report_growth(args.rows)
     print(json.dumps(report, indent=2))
     return 0
 

@@ -33,8 +33,10 @@ from harness.report.model import (
     validated,
 )
 from harness.report.occupancy import kernel_conservation
+from harness.report.ondisk import is_on_disk, open_records
 from harness.report.rundata import RunData
-from harness.report.summary import Columns, summarize
+from harness.report.scan import scan_records
+from harness.report.summary import Columns, RecordSections, summarize
 from harness.rundir import HOSTS_DIR, RunDir
 from harness.runstate import RunState
 from harness.scenario import Protocol, Scenario
@@ -199,8 +201,10 @@ def _merge_records(run: RunDir, hosts: list[HostSamples]) -> None:
 
 
 def _read_connections(run: RunDir) -> pa.Table:
+    """The records in memory, or for a large run a handle the analyses scan
+    (``harness.report.ondisk``): either goes wherever a table of them goes."""
     try:
-        return pq.read_table(run.connections)
+        return open_records(run.connections)
     except (OSError, ValueError) as exc:
         raise RunDirError(run.path, f"connections.parquet is unreadable ({exc})") from None
 
@@ -219,10 +223,14 @@ def _kernel(
 
 def _summarize(run: RunDir, table: pa.Table, setup: Scenario, facts: _RunFacts) -> Summary:
     """The sections that come from the records alone."""
-    cols = Columns.from_table(table)
-    duration_s = facts.duration_s
-    if duration_s is None:
-        duration_s = float(cols.seconds().max()) if len(cols.start_ns) else 0.0
+    cols: RecordSections
+    if is_on_disk(table):
+        cols = scan = scan_records(table)
+        span_s = scan.span_s
+    else:
+        cols = columns = Columns.from_table(table)
+        span_s = float(columns.seconds().max()) if len(columns.start_ns) else 0.0
+    duration_s = span_s if facts.duration_s is None else facts.duration_s
     started = dt.datetime.fromtimestamp(facts.started_at, dt.UTC)
     return summarize(
         cols,
@@ -384,10 +392,13 @@ def _collector_kernel(path: Path) -> Kernel | None:
 
 
 def _read_samples(path: Path) -> pa.Table | None:
+    """The collector's samples without their port lists: the report never draws them,
+    and an hour's samples hold a few GB of them."""
     if not path.exists():
         return None
     try:
-        return pq.read_table(path)
+        names = pq.read_schema(path).names
+        return pq.read_table(path, columns=[name for name in names if name != "ports"])
     except (OSError, ValueError) as exc:
         logger.warning("samples.parquet is unreadable (%s); analysing without samples", exc)
         return None

@@ -15,7 +15,7 @@ import json
 import logging
 import os
 import socket
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,10 +23,9 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import pyarrow.ipc as ipc
-import pyarrow.parquet as pq
 
 from harness.endpoints import ResolvedEndpoint
-from harness.files import atomic_path, read_stream
+from harness.files import read_stream
 
 __all__ = [
     "CONNECTIONS_SCHEMA",
@@ -36,6 +35,7 @@ __all__ = [
     "Part",
     "PartReadResult",
     "RecordWriter",
+    "expand_rows",
     "host_name",
     "merge_parts",
     "read_part",
@@ -179,9 +179,13 @@ class RecordWriter:
         staged = np.array(self._rows, dtype=STAGE_DTYPE)
         self._rows.clear()
         rows = to_rows(staged)
+        self.write(rows)
+        return rows
+
+    def write(self, rows: np.ndarray) -> None:
+        """Write rows already in ``ROW_DTYPE`` as one batch (synthetic runs for benchmarks)."""
         if len(rows):
             self._write(rows)
-        return rows
 
     def _write(self, rows: np.ndarray) -> None:
         if self.error is not None:
@@ -247,65 +251,70 @@ def read_part(path: Path, host: str = "", shift_ns: int = 0) -> PartReadResult:
     for custom in read.custom:
         if custom is not None and b"addresses" in custom:
             addresses = json.loads(custom[b"addresses"])
-    return PartReadResult(_expand(read.table(), meta, addresses, host, shift_ns), read.truncated)
+    expanded = _expand(read.table(), meta, addresses, Part(path, host, shift_ns))
+    return PartReadResult(expanded, read.truncated)
 
 
-def _expand(
-    table: pa.Table, meta: dict[str, str], addresses: list[str], host: str, shift_ns: int
-) -> pa.Table:
-    n = table.num_rows
-    start = table.column("start_ns")
-    if shift_ns:
-        start = pa.array(start.to_numpy() + np.int64(shift_ns))
-    endpoints = json.loads(meta.get("endpoints", "[]")) or [["", 0]]
-    index = table.column("endpoint").to_numpy().astype(np.int32)
-    remote_ports = np.array([port for _, port in endpoints], dtype=np.uint16)
-    columns: dict[str, Any] = {
-        "start_ns": start,
-        "connect_us": table.column("connect_us"),
-        "close_us": table.column("close_us"),
-        "local_addr": _dict(table.column("local_addr").to_numpy().astype(np.int32), addresses),
-        "local_port": table.column("local_port"),
-        "remote_addr": _dict(index, [address for address, _ in endpoints]),
-        "remote_port": pa.array(remote_ports[index] if n else np.zeros(0, np.uint16)),
-        "errno": table.column("errno"),
-        "io_errno": table.column("io_errno"),
-        "close": _dict(np.zeros(n, np.int32), [meta.get("close", "")]),
-        "engine": _dict(np.zeros(n, np.int32), [meta.get("engine", "")]),
-        "pid": pa.array(np.full(n, int(meta.get("pid", 0)), dtype=np.uint32)),
-        "host": _dict(np.zeros(n, np.int32), [host or meta.get("host", "")]),
-    }
-    return pa.table(columns, schema=CONNECTIONS_SCHEMA)
+# a dictionary column from its codes and values: per part (``_dict``), or recoded
+# against the whole file's dictionaries (the merge's)
+Encoder = Callable[[str, np.ndarray, Sequence[str]], pa.DictionaryArray]
 
 
-def _dict(indices: np.ndarray, values: Sequence[str]) -> pa.DictionaryArray:
+def _dict(name: str, indices: np.ndarray, values: Sequence[str]) -> pa.DictionaryArray:
     return pa.DictionaryArray.from_arrays(
         pa.array(indices, pa.int32()), pa.array(values, pa.string())
     )
 
 
+def _expand(
+    table: pa.Table,
+    meta: dict[str, str],
+    addresses: list[str],
+    part: Part,
+    encode: Encoder = _dict,
+) -> pa.Table:
+    n = table.num_rows
+    start = table.column("start_ns")
+    if part.shift_ns:
+        start = pa.array(start.to_numpy() + np.int64(part.shift_ns))
+    endpoints = json.loads(meta.get("endpoints", "[]")) or [["", 0]]
+    index = table.column("endpoint").to_numpy().astype(np.int32)
+    remote_ports = np.array([port for _, port in endpoints], dtype=np.uint16)
+    zeros = np.zeros(n, np.int32)
+    local = table.column("local_addr").to_numpy().astype(np.int32)
+    columns: dict[str, Any] = {
+        "start_ns": start,
+        "connect_us": table.column("connect_us"),
+        "close_us": table.column("close_us"),
+        "local_addr": encode("local_addr", local, addresses),
+        "local_port": table.column("local_port"),
+        "remote_addr": encode("remote_addr", index, [address for address, _ in endpoints]),
+        "remote_port": pa.array(remote_ports[index] if n else np.zeros(0, np.uint16)),
+        "errno": table.column("errno"),
+        "io_errno": table.column("io_errno"),
+        "close": encode("close", zeros, [meta.get("close", "")]),
+        "engine": encode("engine", zeros, [meta.get("engine", "")]),
+        "pid": pa.array(np.full(n, int(meta.get("pid", 0)), dtype=np.uint32)),
+        "host": encode("host", zeros, [part.host or meta.get("host", "")]),
+    }
+    return pa.table(columns, schema=CONNECTIONS_SCHEMA)
+
+
+def expand_rows(
+    table: pa.Table, meta: dict[str, str], addresses: list[str], part: Part, encode: Encoder
+) -> pa.Table:
+    """Rows of a part file (its schema, its metadata ``meta``), expanded to
+    ``CONNECTIONS_SCHEMA`` with dictionaries made by ``encode``."""
+    return _expand(table, meta, addresses, part, encode)
+
+
 def merge_parts(parts: Sequence[Path | Part], out: Path) -> tuple[int, list[Path]]:
-    """Merge part files into one Parquet file sorted by start time.
+    """Merge part files into one Parquet file sorted by start time, in bounded memory
+    (``harness.merge``).
 
     Returns the row count and the parts that were truncated (their whole
     batches are kept; a truncated part is worth a finding, not a failure).
     """
-    tables = []
-    truncated = []
-    for given in parts:
-        part = given if isinstance(given, Part) else Part(given)
-        result = read_part(part.path, part.host, part.shift_ns)
-        tables.append(result.table)
-        if result.truncated:
-            truncated.append(part.path)
-    table = (
-        pa.concat_tables(tables, promote_options="permissive").unify_dictionaries()
-        if tables
-        else CONNECTIONS_SCHEMA.empty_table()
-    )
-    table = table.combine_chunks().unify_dictionaries()
-    if table.num_rows:
-        table = table.sort_by("start_ns")
-    with atomic_path(out) as tmp:
-        pq.write_table(table, tmp, compression="zstd")
-    return table.num_rows, truncated
+    from harness.merge import merge_sorted  # it reads this module's schema and parts
+
+    return merge_sorted([p if isinstance(p, Part) else Part(p) for p in parts], out)

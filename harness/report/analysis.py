@@ -14,7 +14,6 @@ import pyarrow as pa
 
 from harness.capacity.model import CapacityModel
 from harness.report.cliff import CliffInput, detect_cliff
-from harness.report.columns import quantiles
 from harness.report.hosts import HostSamples, host_sections
 from harness.report.model import (
     Capacity,
@@ -33,6 +32,7 @@ from harness.report.occupancy import (
     samples_info,
     scope_series,
 )
+from harness.report.ondisk import is_on_disk
 from harness.report.summary import EXHAUSTION_ERRNOS
 from harness.report.tuples import TupleAudit, audit_tuples, port_allocation, sustained_rate
 from harness.scenario import ClosePolicy, Protocol, Scenario
@@ -49,7 +49,13 @@ def analyze(
     hosts: Sequence[HostSamples] = (),
 ) -> Summary:
     """``summary`` with the sections this module owns: time_wait, tuples, occupancy,
-    capacity, samples, and in a distributed run (``hosts``) one entry per host."""
+    capacity, samples, and in a distributed run (``hosts``) one entry per host.
+
+    ``table`` may stand for a run too large to hold (``harness.report.ondisk``)."""
+    if is_on_disk(table):
+        from harness.report.analysis_on_disk import analyze_on_disk  # it imports this module
+
+        return analyze_on_disk(table, samples, scenario, summary, server_samples, hosts)
     audit = audit_tuples(table)
     found = peaks(samples) if samples is not None and samples.num_rows else None
     model = capacity_model(scenario, summary.kernel, _lifetime_s(table), hosts=max(1, len(hosts)))
@@ -106,7 +112,7 @@ def _time_wait(audit: TupleAudit, found: Peaks | None, server_samples: pa.Table 
         reused_minus_kernel=(
             audit.reused_out_of_time_wait - recycled if recycled is not None else None
         ),
-        reuse_age_s=quantiles(audit.reuse_ages_s),
+        reuse_age_s=audit.reuse_age_quantiles(),
     )
     if server_samples is not None and server_samples.num_rows:
         # a lab's pair topology: the server namespace's own collector

@@ -42,7 +42,11 @@ __all__ = [
     "STEP_RATIO",
     "SUSTAINED_SHARE",
     "CliffInput",
+    "CliffSpans",
+    "cliff_section",
     "detect_cliff",
+    "occupancy_bins",
+    "onset_bin",
 ]
 
 BIN_WIDTH = 0.01  # of the usable range
@@ -51,6 +55,7 @@ STEP_RATIO = 3.0  # median after / baseline: the 1k-port cliff is ~3x, the defau
 SUSTAINED_SHARE = 0.8  # of the bins past the onset that must stay above the step
 MIN_BEFORE = 200  # connections below the onset
 MIN_AFTER = 100  # connections from it on
+BIN_COUNT = round(1 / BIN_WIDTH) + 1
 
 
 @dataclass(frozen=True)
@@ -76,7 +81,7 @@ def _bin_medians(bins: np.ndarray, values: np.ndarray, count: int) -> tuple[np.n
     return np.where(counts > 0, medians, np.nan), counts
 
 
-def _onset_bin(medians: np.ndarray, counts: np.ndarray) -> int | None:
+def onset_bin(medians: np.ndarray, counts: np.ndarray) -> int | None:
     populated = np.flatnonzero(counts >= MIN_BIN_CONNECTIONS)
     below = np.cumsum(counts) - counts  # connections in lower bins
     total = int(counts.sum())
@@ -100,39 +105,69 @@ def _rate(count: int, span_s: float) -> float | None:
     return round(count / span_s, 1) if span_s > 0 else None
 
 
+@dataclass(frozen=True)
+class CliffSpans:
+    """What the section says around a found onset: latency (p50, p99 in ms) below and
+    from it, and the successes before and after it in time."""
+
+    onset: int  # the bin
+    before_ms: tuple[float, float]
+    after_ms: tuple[float, float]
+    first_s: float  # the first success
+    onset_s: float  # the first success past the onset
+    end_s: float  # the first failure for want of a port ahead of it, or the last start
+    in_before: int
+    in_after: int
+
+
+def cliff_section(spans: CliffSpans) -> LatencyCliff:
+    (before_p50, before_p99), (after_p50, after_p99) = spans.before_ms, spans.after_ms
+    return LatencyCliff(
+        detected=True,
+        onset_occupancy=round(spans.onset * BIN_WIDTH, 4),
+        onset_s=round(spans.onset_s, 4),
+        before_p50_ms=before_p50,
+        after_p50_ms=after_p50,
+        before_p99_ms=before_p99,
+        after_p99_ms=after_p99,
+        ratio=round(after_p50 / before_p50, 1) if before_p50 > 0 else None,
+        rate_before_per_s=_rate(spans.in_before, spans.onset_s - spans.first_s),
+        rate_after_per_s=_rate(spans.in_after, spans.end_s - spans.onset_s),
+    )
+
+
+def occupancy_bins(occupancy: np.ndarray) -> np.ndarray:
+    """Each connection's bin of :data:`BIN_WIDTH`."""
+    occupancy = np.clip(np.nan_to_num(occupancy), 0.0, 1.0)
+    return np.minimum((occupancy / BIN_WIDTH).astype(np.int64), BIN_COUNT - 1)
+
+
 def detect_cliff(data: CliffInput) -> LatencyCliff:
     """The latency cliff, if the run has one (see the module's docstring)."""
-    occupancy = np.clip(np.nan_to_num(data.occupancy), 0.0, 1.0)
-    count = round(1 / BIN_WIDTH) + 1
-    bins = np.minimum((occupancy / BIN_WIDTH).astype(np.int64), count - 1)
-    medians, counts = _bin_medians(bins, np.asarray(data.connect_ms, dtype=float), count)
-    onset = _onset_bin(medians, counts)
+    bins = occupancy_bins(data.occupancy)
+    medians, counts = _bin_medians(bins, np.asarray(data.connect_ms, dtype=float), BIN_COUNT)
+    onset = onset_bin(medians, counts)
     if onset is None:
         return LatencyCliff(detected=False)
     after = bins >= onset
     before_ms, after_ms = data.connect_ms[~after], data.connect_ms[after]
     onset_s = float(data.start_s[after].min())
-    first_s = float(data.start_s.min())
     # after: to the first failure for want of a port, or the last start when there is
     # none or connects were failing already (then the rate is the failing range's)
     failures = data.failures_s
     ahead = len(failures) and failures[0] >= onset_s
     end_s = float(failures[0]) if ahead else float(data.start_s.max())
-    in_before = int((data.start_s < onset_s).sum())
-    in_after = int(((data.start_s >= onset_s) & (data.start_s < end_s)).sum())
-    before_p50 = _ms(before_ms, 50)
-    after_p50 = _ms(after_ms, 50)
-    return LatencyCliff(
-        detected=True,
-        onset_occupancy=round(onset * BIN_WIDTH, 4),
-        onset_s=round(onset_s, 4),
-        before_p50_ms=before_p50,
-        after_p50_ms=after_p50,
-        before_p99_ms=_ms(before_ms, 99),
-        after_p99_ms=_ms(after_ms, 99),
-        ratio=round(after_p50 / before_p50, 1) if before_p50 > 0 else None,
-        rate_before_per_s=_rate(in_before, onset_s - first_s),
-        rate_after_per_s=_rate(in_after, end_s - onset_s),
+    return cliff_section(
+        CliffSpans(
+            onset=onset,
+            before_ms=(_ms(before_ms, 50), _ms(before_ms, 99)),
+            after_ms=(_ms(after_ms, 50), _ms(after_ms, 99)),
+            first_s=float(data.start_s.min()),
+            onset_s=onset_s,
+            end_s=end_s,
+            in_before=int((data.start_s < onset_s).sum()),
+            in_after=int(((data.start_s >= onset_s) & (data.start_s < end_s)).sum()),
+        )
     )
 
 

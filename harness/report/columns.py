@@ -8,7 +8,15 @@ import pyarrow.compute as pc
 
 from harness.report.model import Quantiles
 
-__all__ = ["ALL_SCOPE", "codes", "equals", "quantiles", "scope_mask", "scope_prefix_mask"]
+__all__ = [
+    "ALL_SCOPE",
+    "codes",
+    "equals",
+    "quantiles",
+    "scope_mask",
+    "scope_prefix_mask",
+    "time_bins",
+]
 
 ALL_SCOPE = "all"  # the collector's scope for the whole namespace's sockets and counters
 
@@ -56,3 +64,11 @@ def quantiles(values: np.ndarray) -> Quantiles | None:
         p99=round(float(p99), 4),
         min=round(float(values.min()), 4),
     )
+
+
+def time_bins(seconds: np.ndarray) -> tuple[np.ndarray, float]:
+    """Whole bins only: a last, partial bin would read as a false drop in rate."""
+    span = float(seconds.max()) if len(seconds) else 0.0
+    width = 0.1 if span <= 10 else 1.0 if span <= 600 else 10.0
+    count = max(1, int(span // width))
+    return np.arange(count + 1) * width, width

@@ -16,7 +16,7 @@ from harness.report.model import HostSection, Kernel
 from harness.report.occupancy import peaks
 from harness.report.summary import EXHAUSTION_ERRNOS
 
-__all__ = ["HostSamples", "host_mask", "host_sections"]
+__all__ = ["HostCounts", "HostSamples", "host_mask", "host_sections", "sections_of"]
 
 
 @dataclass(frozen=True)
@@ -34,6 +34,18 @@ def host_mask(table: pa.Table, name: str) -> np.ndarray:
     return equals(table, "host", name)
 
 
+@dataclass
+class HostCounts:
+    """One host's share of the records."""
+
+    attempted: int = 0
+    succeeded: int = 0
+    failed: int = 0
+    first_exhaustion_ns: int | None = None
+    addresses: set[str] = field(default_factory=set)  # of its successful connections
+    ports: np.ndarray = field(default_factory=lambda: np.zeros(65536, np.int64))  # uses
+
+
 def host_sections(
     table: pa.Table, hosts: Sequence[HostSamples], model: CapacityModel | None
 ) -> list[HostSection]:
@@ -42,26 +54,45 @@ def host_sections(
     t0 = int(start.min()) if len(start) else 0
     errno = table.column("errno").to_numpy()
     ports = table.column("local_port").to_numpy()
-    sections = []
+    counts = {}
+    addresses = table.column("local_addr")
     for host in hosts:
         mine = host_mask(table, host.name)
         ok = mine & (errno == 0)
         failed = mine & np.isin(errno, list(EXHAUSTION_ERRNOS))
-        used = np.unique(ports[ok])
-        entry = HostSection(
-            host=host.name,
-            hostname=host.info.get("hostname"),
+        counts[host.name] = HostCounts(
             attempted=int(mine.sum()),
             succeeded=int(ok.sum()),
             failed=int((mine & (errno != 0)).sum()),
-            source_addresses=sorted(
-                str(a) for a in pc.unique(table.column("local_addr").filter(ok)).to_pylist()
-            ),
+            first_exhaustion_ns=int(start[failed].min()) if failed.any() else None,
+            addresses={str(a) for a in pc.unique(addresses.filter(ok)).to_pylist()},
+            ports=np.bincount(ports[ok], minlength=65536),
+        )
+    return sections_of(counts, hosts, model, t0)
+
+
+def sections_of(
+    counts: dict[str, HostCounts],
+    hosts: Sequence[HostSamples],
+    model: CapacityModel | None,
+    t0: int,
+) -> list[HostSection]:
+    """The hosts' sections from their counts (in memory, or of a large run's scan)."""
+    sections = []
+    for host in hosts:
+        mine = counts.get(host.name, HostCounts())
+        used = np.flatnonzero(mine.ports)
+        first = mine.first_exhaustion_ns
+        entry = HostSection(
+            host=host.name,
+            hostname=host.info.get("hostname"),
+            attempted=mine.attempted,
+            succeeded=mine.succeeded,
+            failed=mine.failed,
+            source_addresses=sorted(mine.addresses),
             distinct_ports=len(used),
             port_span=[int(used[0]), int(used[-1])] if len(used) else None,
-            first_exhaustion_s=(
-                round((int(start[failed].min()) - t0) / 1e9, 4) if failed.any() else None
-            ),
+            first_exhaustion_s=round((first - t0) / 1e9, 4) if first is not None else None,
             port_range=host.kernel.ip_local_port_range if host.kernel is not None else None,
             peak_in_use=None,
             usable_ports=model.usable_ports * model.paths if model is not None else None,

@@ -11,6 +11,8 @@ import pyarrow as pa
 
 from harness.report.columns import quantiles, scope_mask, scope_prefix_mask
 from harness.report.model import OccupancyBand, SamplesInfo
+from harness.report.ondisk import is_on_disk
+from harness.report.scan import scan_records
 from harness.report.summary import EXHAUSTION_ERRNOS
 
 __all__ = [
@@ -100,13 +102,20 @@ def samples_info(table: pa.Table, samples: pa.Table, interval_s: float) -> Sampl
 def samples_missing_after(table: pa.Table, samples: pa.Table, interval_s: float) -> float | None:
     """When the collector's samples stop well before the load did (it died): the last
     sample, in seconds from the first attempt; None when they cover the run."""
-    start = table.column("start_ns").to_numpy()
-    if not len(start):
-        return None
+    if is_on_disk(table):
+        scan = scan_records(table)
+        if scan.first_ns is None:
+            return None
+        first, last = scan.first_ns, scan.last_ns
+    else:
+        start = table.column("start_ns").to_numpy()
+        if not len(start):
+            return None
+        first, last = int(start.min()), int(start.max())
     last_sample = int(samples.column("t_ns").to_numpy().max())
-    if last_sample >= int(start.max()) - 3 * interval_s * 1e9 - 0.5e9:
+    if last_sample >= last - 3 * interval_s * 1e9 - 0.5e9:
         return None
-    return round((last_sample - int(start.min())) / 1e9, 3)
+    return round((last_sample - first) / 1e9, 3)
 
 
 @dataclass(frozen=True)
@@ -124,11 +133,15 @@ def kernel_conservation(table: pa.Table, samples: pa.Table | None) -> KernelCoun
     fail locally for want of a port. None without counters in the samples."""
     if samples is None or not samples.num_rows or "active_opens" not in samples.column_names:
         return None
-    errno = table.column("errno").to_numpy()
+    if is_on_disk(table):
+        scan = scan_records(table)
+        sending = scan.attempted - int(scan.errors[list(EXHAUSTION_ERRNOS)].sum())
+    else:
+        sending = int((~np.isin(table.column("errno").to_numpy(), EXHAUSTION_ERRNOS)).sum())
     return KernelCount(
         kernel_active_opens=counter_delta(samples, "active_opens"),
         kernel_attempt_fails=counter_delta(samples, "attempt_fails"),
-        attempts_sending_syn=int((~np.isin(errno, EXHAUSTION_ERRNOS)).sum()),
+        attempts_sending_syn=sending,
     )
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno as errno_module
 from dataclasses import dataclass
+from typing import Protocol
 
 import numpy as np
 import pyarrow as pa
@@ -22,7 +23,14 @@ from harness.report.model import (
     Summary,
 )
 
-__all__ = ["EXHAUSTION_ERRNOS", "SCHEMA_VERSION", "Columns", "outages", "summarize"]
+__all__ = [
+    "EXHAUSTION_ERRNOS",
+    "SCHEMA_VERSION",
+    "Columns",
+    "RecordSections",
+    "outages",
+    "summarize",
+]
 
 # local errors that mean "no ephemeral port left": connect() toward a destination
 # (EADDRNOTAVAIL), bind(ip, 0) (EADDRINUSE), connected UDP (EAGAIN)
@@ -62,6 +70,28 @@ class Columns:
             return np.zeros(0)
         return np.asarray((self.start_ns - self.start_ns.min()) / 1e9)
 
+    def connections(self, duration_s: float) -> Connections:
+        return _connections(self, duration_s)
+
+    def ports(self, kernel: Kernel) -> Ports:
+        return _ports(self, kernel)
+
+    def first_exhaustion(self) -> Exhaustion:
+        return _exhaustion(self)
+
+    def outages(self) -> list[Outage]:
+        return outages(self)
+
+
+class RecordSections(Protocol):
+    """What the summary's first sections need of the records: :class:`Columns` in
+    memory, or a scan of a large run (``harness.report.scan``)."""
+
+    def connections(self, duration_s: float) -> Connections: ...
+    def ports(self, kernel: Kernel) -> Ports: ...
+    def first_exhaustion(self) -> Exhaustion: ...
+    def outages(self) -> list[Outage]: ...
+
 
 def _counts(values: np.ndarray) -> dict[str, int]:
     names, counts = np.unique(values[values != 0], return_counts=True)
@@ -69,7 +99,7 @@ def _counts(values: np.ndarray) -> dict[str, int]:
 
 
 def summarize(
-    cols: Columns,
+    cols: RecordSections,
     *,
     scenario: str,
     started_at: str,
@@ -82,20 +112,24 @@ def summarize(
     datagrams: bool = False,
 ) -> Summary:
     """The summary's first sections, from the records alone; analysis adds the rest."""
-    attempted = len(cols.errno)
-    succeeded = int(cols.ok.sum())
+    connections = cols.connections(duration_s)
     summary = Summary(
         scenario=scenario,
         interrupted=interrupted,
         started_at=started_at,
         duration_s=round(duration_s, 3),
-        connections=_connections(cols, duration_s),
-        ports=_ports(cols, kernel),
-        exhaustion=_exhaustion(cols),
-        outages=outages(cols),
+        connections=connections,
+        ports=cols.ports(kernel),
+        exhaustion=cols.first_exhaustion(),
+        outages=cols.outages(),
         kernel=kernel,
         conservation=_conservation(
-            attempted, succeeded, listener, locust_requests, lossy_link, datagrams
+            connections.attempted,
+            connections.succeeded,
+            listener,
+            locust_requests,
+            lossy_link,
+            datagrams,
         ),
     )
     if listener is not None:

@@ -13,11 +13,20 @@ import pyarrow as pa
 
 from harness.capacity.model import TIME_WAIT_S
 from harness.report.columns import codes, quantiles
-from harness.report.model import ParityQuantiles, Ports, TupleExample, Tuples
+from harness.report.counts import ValueCounts
+from harness.report.model import ParityQuantiles, Ports, Quantiles, TupleExample, Tuples
 from harness.report.summary import EXHAUSTION_ERRNOS
 from harness.scenario import ClosePolicy
 
-__all__ = ["TupleAudit", "audit_tuples", "port_allocation", "sustained_rate"]
+__all__ = [
+    "TupleAudit",
+    "Uses",
+    "audit_tuples",
+    "audit_uses",
+    "port_allocation",
+    "sustained",
+    "sustained_rate",
+]
 
 EXAMPLES = 5
 
@@ -34,6 +43,22 @@ class TupleAudit:
     # start to start of consecutive uses of one tuple, and when the later one began
     cycle_s: np.ndarray = field(default_factory=lambda: np.zeros(0))
     cycle_end_ns: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
+    reuse_distances: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
+    # a large run's reuse ages, counted per microsecond (reuse_ages_s is then empty)
+    reuse_age_us: ValueCounts | None = None
+
+    def reuse_age_quantiles(self) -> Quantiles | None:
+        """Quantiles of the reuse ages (s): exact, or of ages in whole microseconds."""
+        if self.reuse_age_us is not None:
+            return self.reuse_age_us.quantiles(scale=1e6)
+        return quantiles(self.reuse_ages_s)
+
+    def reuse_age_weights(self) -> tuple[np.ndarray, np.ndarray]:
+        """Reuse ages (s) and how many reuses had each: for a histogram."""
+        if self.reuse_age_us is not None:
+            counts = self.reuse_age_us
+            return counts.values / 1e6, counts.counts
+        return self.reuse_ages_s, np.ones(len(self.reuse_ages_s), np.int64)
 
     def section(self) -> Tuples:
         """The summary's ``tuples``."""
@@ -47,7 +72,7 @@ class TupleAudit:
 
 
 @dataclass(frozen=True)
-class _Uses:
+class Uses:
     """The successful connections sorted by (4-tuple, start)."""
 
     key: np.ndarray  # local address, local port, remote address, remote port in one int64
@@ -57,7 +82,7 @@ class _Uses:
     rank: np.ndarray  # the row among all attempts (rows are sorted by start time)
 
 
-def _uses(table: pa.Table, ok: np.ndarray) -> _Uses:
+def _uses(table: pa.Table, ok: np.ndarray) -> Uses:
     start = table.column("start_ns").to_numpy()[ok]
     end = start + table.column("close_us").to_numpy()[ok].astype(np.int64) * 1000
     key = (
@@ -68,7 +93,7 @@ def _uses(table: pa.Table, ok: np.ndarray) -> _Uses:
     )
     client_closed = codes(table, "close")[ok] == _client_code(table)
     order = np.lexsort((start, key))
-    return _Uses(key[order], start[order], end[order], client_closed[order], ok[order])
+    return Uses(key[order], start[order], end[order], client_closed[order], ok[order])
 
 
 def audit_tuples(table: pa.Table) -> TupleAudit:
@@ -76,7 +101,12 @@ def audit_tuples(table: pa.Table) -> TupleAudit:
     ok = np.flatnonzero(table.column("errno").to_numpy() == 0)
     if not len(ok):
         return TupleAudit()
-    uses = _uses(table, ok)
+    return audit_uses(_uses(table, ok))
+
+
+def audit_uses(uses: Uses) -> TupleAudit:
+    """The audit of uses sorted by (4-tuple, start): all of a run's, or all of a share
+    of its tuples (``harness.report.tuples_on_disk``)."""
     same = uses.key[1:] == uses.key[:-1]
     gap = uses.start[1:] - uses.end[:-1]  # from the previous use's close to this use's start
     overlap = same & (gap < 0)
@@ -91,12 +121,13 @@ def audit_tuples(table: pa.Table) -> TupleAudit:
         reused_out_of_time_wait=int(reused.sum()),
         reuse_ages_s=gap[reused] / 1e9,
         reuse_distance_median=float(np.median(distances)) if len(distances) else None,
+        reuse_distances=distances,
         cycle_s=(uses.start[1:] - uses.start[:-1])[same] / 1e9,
         cycle_end_ns=uses.start[1:][same],
     )
 
 
-def _example(uses: _Uses, i: int) -> TupleExample:
+def _example(uses: Uses, i: int) -> TupleExample:
     """Use ``i`` and the one after it, which began before it closed."""
     return TupleExample(
         local_port=int((uses.key[i] >> 32) & 0xFFFF),
@@ -179,10 +210,18 @@ def sustained_rate(table: pa.Table, audit: TupleAudit) -> float | None:
     start = table.column("start_ns").to_numpy()
     first = start[np.argmax(exhausted)]
     cycles = audit.cycle_s[audit.cycle_end_ns > first]
-    if len(cycles) >= max(audit.distinct, 1) and cycles.mean() > 0:
-        return round(float(audit.distinct / cycles.mean()), 1)
+    returns = int(((errno == 0) & (start > first)).sum())
     window = (start.max() - first) / 1e9
-    if window <= 0:
+    return sustained(audit.distinct, len(cycles), float(cycles.sum()), returns, window)
+
+
+def sustained(
+    distinct: int, cycles: int, cycles_s: float, returns: int, window_s: float
+) -> float | None:
+    """:func:`sustained_rate` from what it counts: ``cycles`` after the first failure
+    lasting ``cycles_s`` in all, successes (``returns``) in the ``window_s`` after it."""
+    if cycles >= max(distinct, 1) and cycles_s > 0:
+        return round(float(distinct / (cycles_s / cycles)), 1)
+    if window_s <= 0:
         return None
-    returns = (errno == 0) & (start > first)
-    return round(float(returns.sum() / window), 1)
+    return round(float(returns / window_s), 1)

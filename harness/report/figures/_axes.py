@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from typing import Any
 
-import numpy as np
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 
 from harness.capacity.model import DEFAULT_REUSE_DELAY_S
+from harness.report.columns import time_bins
 from harness.report.rundata import RunData
 
 __all__ = [
@@ -27,14 +27,6 @@ __all__ = [
 
 SCATTER_LIMIT = 50_000  # above this many points a scatter becomes a 2-D histogram
 EVEN, ODD = "tab:blue", "tab:orange"
-
-
-def time_bins(seconds: np.ndarray) -> tuple[np.ndarray, float]:
-    """Whole bins only: a last, partial bin would read as a false drop in rate."""
-    span = float(seconds.max()) if len(seconds) else 0.0
-    width = 0.1 if span <= 10 else 1.0 if span <= 600 else 10.0
-    count = max(1, int(span // width))
-    return np.arange(count + 1) * width, width
 
 
 def figure(height: float = 4.0) -> Figure:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 from matplotlib.figure import Figure
 
-from harness.report.figures._axes import figure, finish, range_size, time_bins
+from harness.report.figures._axes import figure, finish, range_size
 from harness.report.occupancy import IN_USE, scope_series
 from harness.report.rundata import RunData
 
@@ -16,11 +16,9 @@ def compare_successes(runs: list[tuple[str, RunData]]) -> Figure:
     fig = figure()
     ax = fig.subplots()
     for name, data in runs:
-        t = data.seconds[data.ok]
-        if not len(t):
-            continue
-        edges, width = time_bins(data.seconds)
-        ax.plot(edges[:-1], np.histogram(t, edges)[0] / width, label=name)
+        edges, width, counts = data.per_second()
+        if 0 in counts and counts[0].sum():
+            ax.plot(edges[:-1], counts[0] / width, label=name)
     return finish(
         fig,
         ax,

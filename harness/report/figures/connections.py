@@ -26,17 +26,13 @@ __all__ = ["allocation", "outcomes", "port_use"]
 def outcomes(data: RunData) -> Figure:
     fig = figure()
     ax = fig.subplots()
-    t = data.seconds
-    edges, width = time_bins(t)
+    edges, width, counts = data.per_second()  # every connection, on a large run too
     centers = edges[:-1]
-
-    def per_second(mask: np.ndarray | None = None) -> np.ndarray:
-        return np.asarray(np.histogram(t if mask is None else t[mask], edges)[0] / width)
-
-    ax.plot(centers, per_second(), label="attempts", color="black", lw=1.2)
-    ax.plot(centers, per_second(data.ok), label="succeeded", color="tab:green")
-    for value in np.unique(data.errno[~data.ok]):
-        ax.plot(centers, per_second(data.errno == value), label=errno_name(int(value)))
+    zero = np.zeros(len(centers))
+    ax.plot(centers, counts[-1] / width, label="attempts", color="black", lw=1.2)
+    ax.plot(centers, counts.get(0, zero) / width, label="succeeded", color="tab:green")
+    for value in sorted(v for v in counts if v > 0):
+        ax.plot(centers, counts[value] / width, label=errno_name(value))
     for n, outage in enumerate(data.summary.outages):
         ax.axvspan(
             outage.from_s,
@@ -54,10 +50,11 @@ def outcomes(data: RunData) -> Figure:
     return fig
 
 
-def _even_share(fig: Figure, ax: Axes, t: np.ndarray, port: np.ndarray) -> None:
+def _even_share(fig: Figure, ax: Axes, t: np.ndarray, port: np.ndarray, every: int) -> None:
     """A large run: a 2-D histogram of ports against time, and the even ports' share."""
     _, _, _, image = ax.hist2d(t, port, bins=(200, 100), cmin=1, cmap="viridis")
-    fig.colorbar(image, ax=ax, label="connections per cell")
+    drawn = "connections per cell" + (f" (1 in {every:,} drawn)" if every > 1 else "")
+    fig.colorbar(image, ax=ax, label=drawn)
     edges, _ = time_bins(t)
     even = np.histogram(t[port % 2 == 0], edges)[0]
     every = np.maximum(np.histogram(t, edges)[0], 1)
@@ -73,7 +70,7 @@ def allocation(data: RunData) -> Figure:
     ax = fig.subplots()
     t, port = data.seconds[data.ok], data.port[data.ok]
     if len(port) > SCATTER_LIMIT:
-        _even_share(fig, ax, t, port)
+        _even_share(fig, ax, t, port, data.every)
     elif len(port):
         even = port % 2 == 0
         ax.scatter(t[even], port[even], s=2, color=EVEN, label="even port")
@@ -89,7 +86,9 @@ def allocation(data: RunData) -> Figure:
     mark_exhaustion(ax, data)
     ax.set_xlabel("time since first attempt (s)")
     ax.set_ylabel("local (ephemeral) port")
-    ax.set_title("Source port given to each connection (dotted: ip_local_port_range)")
+    ax.set_title(
+        "Source port given to each connection (dotted: ip_local_port_range)" + data.sample_note
+    )
     if len(port):
         legend(ax, loc="upper right", markerscale=4, fontsize="small")
     return fig
@@ -126,16 +125,17 @@ def _mark_reserved(ax: Axes, data: RunData, low: int, high: int) -> None:
 def port_use(data: RunData) -> Figure:
     fig = figure()
     ax = fig.subplots()
-    ports = data.port[data.ok]
-    low, high = data.port_range or ((int(ports.min()), int(ports.max())) if len(ports) else (0, 1))
-    counts = np.bincount(ports, minlength=65536)[low : high + 1].astype(float)
+    uses = data.port_uses()  # every connection, on a large run too
+    used = np.flatnonzero(uses)
+    low, high = data.port_range or ((int(used[0]), int(used[-1])) if len(used) else (0, 1))
+    counts = uses[low : high + 1].astype(float)
     numbers = np.arange(low, high + 1)
     bins = min(len(numbers), 400)
     _uses_by_parity(ax, numbers, counts, bins)
     _mark_reserved(ax, data, low, high)
     ax.set_xlabel("local port")
     ax.set_ylabel("connections per port" + ("" if bins == len(numbers) else " (bin mean)"))
-    ax.set_title(f"Uses of each port of the range ({len(ports):,} connections)")
+    ax.set_title(f"Uses of each port of the range ({int(uses.sum()):,} connections)")
     ax.grid(alpha=0.3)
     legend(ax, loc="upper right", fontsize="small")
     return fig

@@ -24,15 +24,16 @@ __all__ = ["counters", "reuse_age"]
 def reuse_age(data: RunData) -> Figure:
     fig = figure()
     ax = fig.subplots()
-    ages = data.audit.reuse_ages_s
+    ages, weights = data.audit.reuse_age_weights()
     delay = reuse_delay_s(data)
     if len(ages):
         low = max(min(float(ages.min()), delay) / 2, 1e-4)
         ax.hist(
             ages,
             bins=list(np.geomspace(low, TIME_WAIT_S * 2, 80)),
+            weights=weights,
             color="tab:purple",
-            label=f"{len(ages):,} reuses",
+            label=f"{int(weights.sum()):,} reuses",
         )
         ax.set_xscale("log")
     else:

@@ -118,7 +118,7 @@ def hosts(data: RunData) -> Figure:
         ax.set_ylim(bottom=0)
         ax.grid(alpha=0.3)
         legend(ax, loc="best", fontsize="small")
-    fig.suptitle(f"{len(data.hosts)} load-generator hosts (Locust workers)")
+    fig.suptitle(f"{len(data.hosts)} load-generator hosts (Locust workers){data.sample_note}")
     return fig
 
 
@@ -172,7 +172,10 @@ def latency_vs_occupancy(data: RunData) -> Figure:
     ax.set_xlim(0, 100)
     ax.set_xlabel("ports of the range in use when the connect began (%)")
     ax.set_ylabel("connect latency (ms)")
-    ax.set_title("Connect latency against range occupancy (a held even half makes connect() scan)")
+    ax.set_title(
+        "Connect latency against range occupancy (a held even half makes connect() scan)"
+        + data.sample_note
+    )
     ax.grid(alpha=0.3, which="both")
     legend(ax, loc="upper left", fontsize="small", ncol=2)
     return fig

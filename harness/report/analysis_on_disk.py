@@ -1,0 +1,188 @@
+""":func:`analysis.analyze` for a run too large to hold (``harness.report.ondisk``):
+the same sections from the summary's scan, one sweep (``sweep``) and the tuple
+audit by partitions (``tuples_on_disk``).
+
+Every figure here is the in-memory one (quantiles from counts per microsecond
+value), except the reuse ages' quantiles: of ages binned to 1 microsecond.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+from harness.report.cliff import CliffSpans, cliff_section, onset_bin
+from harness.report.counts import ValueCounts
+from harness.report.hosts import HostSamples, sections_of
+from harness.report.model import (
+    LatencyCliff,
+    Occupancy,
+    OccupancyBand,
+    ParityQuantiles,
+    Ports,
+    Summary,
+)
+from harness.report.occupancy import (
+    IN_USE,
+    OCCUPANCY_BINS,
+    counter_delta,
+    peaks,
+    samples_info,
+    scope_series,
+)
+from harness.report.ondisk import OnDisk
+from harness.report.scan import RecordScan, scan_records
+from harness.report.sweep import Occupancy as InUse
+from harness.report.sweep import Sweep, sweep
+from harness.report.tuples import TupleAudit, sustained
+from harness.report.tuples_on_disk import CycleCount, audit_on_disk
+from harness.scenario import Scenario
+
+__all__ = ["analyze_on_disk", "audit_of", "in_use"]
+
+
+def in_use(samples: pa.Table | None, usable: int | None) -> InUse | None:
+    """Ports in use over time against the usable range, when both are known."""
+    if samples is None or not samples.num_rows or not usable:
+        return None
+    times, counts = scope_series(samples, IN_USE)
+    return InUse(times, counts, usable) if len(times) >= 2 else None
+
+
+def audit_of(records: OnDisk) -> tuple[TupleAudit, CycleCount]:
+    """The tuple audit, once per run."""
+    found: Any = records.cache.get("audit")
+    if found is None:
+        cycles = CycleCount(after_ns=scan_records(records).exhausted_ns)
+        found = records.cache["audit"] = (audit_on_disk(records, cycles), cycles)
+    audit, cycles = found
+    return audit, cycles
+
+
+def analyze_on_disk(
+    records: OnDisk,
+    samples: pa.Table | None,
+    scenario: Scenario,
+    summary: Summary,
+    server_samples: pa.Table | None,
+    hosts: Sequence[HostSamples],
+) -> Summary:
+    from harness.report.analysis import _capacity, _time_wait, capacity_model  # it calls this
+
+    scan = scan_records(records)
+    lifetime = scan.close_us.percentile(50) / 1e6 if scan.close_us.total else 0.0
+    model = capacity_model(scenario, summary.kernel, lifetime, hosts=max(1, len(hosts)))
+    usable = model.ports if model is not None else None
+    occupancy = in_use(samples, usable) if scan.succeeded else None
+    found = sweep(records, scan, occupancy)
+    audit, cycles = audit_of(records)
+    have_samples = samples is not None and samples.num_rows
+    result = summary.model_copy()
+    if have_samples:
+        result.samples = samples_info(records, samples, scenario.collector.interval)
+    result.time_wait = _time_wait(audit, peaks(samples) if have_samples else None, server_samples)
+    result.tuples = audit.section()
+    if hosts:
+        result.hosts = sections_of(found.hosts, hosts, model, scan.first_ns or 0)
+    result.capacity = _capacity(model, summary, scenario.load.rate)
+    if scan.exhausted_ns is not None:
+        window = (scan.last_ns - scan.exhausted_ns) / 1e9
+        result.capacity.measured_sustained_rate_per_s = sustained(
+            audit.distinct, cycles.count, cycles.total_s, found.returns, window
+        )
+    result.ports = _ports(scan, found, summary.ports)
+    if have_samples and model is not None and occupancy is not None:
+        top = peaks(samples)
+        result.occupancy = Occupancy(
+            peak_ports=top.in_use,
+            usable_ports=model.ports,
+            peak_fraction=round(top.in_use / model.ports, 4) if model.ports else None,
+            connect_ms_by_occupancy=_bands(found),
+        )
+        result.latency_cliff = _cliff(records, scan, found)
+    if samples is not None and have_samples and "timewait_overflow" in samples.column_names:
+        result.time_wait.kernel_timewait_overflow = counter_delta(samples, "timewait_overflow")
+    return result
+
+
+def _ports(scan: RecordScan, found: Sweep, ports: Ports) -> Ports:
+    """:func:`tuples.port_allocation` from the counts."""
+    result = ports.model_copy()
+    if not scan.succeeded:
+        return result
+    used = scan.port_uses[scan.port_uses > 0]
+    even, odd = found.parity
+    result.max_uses_per_port = int(used.max())
+    result.mean_uses_per_port = round(float(used.mean()), 3)
+    if found.first_odd_ns is not None and odd.total < scan.succeeded:
+        result.first_odd_s = round((found.first_odd_ns - (scan.first_ok_ns or 0)) / 1e9, 4)
+    first = {f"{name}:{port}": local for (name, port), local in list(found.first_port.items())[:64]}
+    result.first_port_by_destination = first
+    result.connect_ms_by_parity = ParityQuantiles(
+        even=even.quantiles(scale=1000), odd=odd.quantiles(scale=1000)
+    )
+    if ports.span is not None:
+        low = ports.span[0]
+        result.first_offset_by_destination = {name: port - low for name, port in first.items()}
+    return result
+
+
+def _bands(found: Sweep) -> list[OccupancyBand]:
+    bands = []
+    for band, (low, high) in enumerate(itertools.pairwise(OCCUPANCY_BINS)):
+        even, odd = found.bands[2 * band], found.bands[2 * band + 1]
+        if even.total + odd.total:
+            bands.append(
+                OccupancyBand(
+                    occupancy=[low, min(high, 1.0)],
+                    connections=even.total + odd.total,
+                    even=even.quantiles(scale=1000),
+                    odd=odd.quantiles(scale=1000),
+                )
+            )
+    return bands
+
+
+def _merged(parts: Sequence[ValueCounts]) -> ValueCounts:
+    merged = ValueCounts()
+    for part in parts:
+        merged.merge(part.values, part.counts)
+    return merged
+
+
+def _ms(counts: ValueCounts) -> tuple[float, float]:
+    return tuple(round(counts.percentile(q) / 1000, 4) for q in (50, 99))  # type: ignore[return-value]
+
+
+def _cliff(records: OnDisk, scan: RecordScan, found: Sweep) -> LatencyCliff:
+    """:func:`cliff.detect_cliff` from each bin's counts, and a pass for the rates."""
+    counts = np.array([b.total for b in found.bins])
+    medians = np.array([b.percentile(50) / 1000 if b.total else np.nan for b in found.bins])
+    onset = onset_bin(medians, counts)
+    if onset is None:
+        return LatencyCliff(detected=False)
+    t0 = scan.first_ns or 0
+    onset_ns = int(found.bin_first_ns[onset:].min())
+    failed = scan.exhausted_ns
+    end_ns = failed if failed is not None and failed >= onset_ns else scan.last_ok_ns or 0
+    in_before = in_after = 0
+    for batch in records.batches(["start_ns", "errno"]):
+        start = batch.column("start_ns").to_numpy()[batch.column("errno").to_numpy() == 0]
+        in_before += int((start < onset_ns).sum())
+        in_after += int(((start >= onset_ns) & (start < end_ns)).sum())
+    return cliff_section(
+        CliffSpans(
+            onset=onset,
+            before_ms=_ms(_merged(found.bins[:onset])),
+            after_ms=_ms(_merged(found.bins[onset:])),
+            first_s=((scan.first_ok_ns or 0) - t0) / 1e9,
+            onset_s=(onset_ns - t0) / 1e9,
+            end_s=(end_ns - t0) / 1e9,
+            in_before=in_before,
+            in_after=in_after,
+        )
+    )
