@@ -310,13 +310,27 @@ def test_a_nearly_full_disk_stops_the_run_and_keeps_what_was_recorded(tmp_path: 
         assert (run / "report.html").exists()
 
 
+def _wait_for_handler(pid: int, sig: int, timeout: float = 30.0) -> None:
+    """Until process ``pid`` catches ``sig``: the interpreter's start-up is over (a signal
+    before that, while ``site`` loads, is Python's to die of, not eph's) and eph's entry
+    point has put its handler in place (Python itself leaves SIGTERM alone)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        status = Path(f"/proc/{pid}/status").read_text()
+        caught = int(status.split("SigCgt:")[1].split()[0], 16)
+        if caught & (1 << (sig - 1)):
+            return
+        time.sleep(0.002)
+    raise AssertionError(f"pid {pid} never caught {signal.Signals(sig).name}")
+
+
 def test_a_signal_before_the_run_directory_exists_exits_quietly(tmp_path: Path) -> None:
     scenario = _scenario(
         tmp_path, "127.0.0.1:0", duration="60s", load="rate = 200", extra="[listener]"
     )
     run = tmp_path / "run"
     proc = _eph_run(scenario, run)
-    time.sleep(0.05)  # Python is still importing: nothing started, nothing to keep
+    _wait_for_handler(proc.pid, signal.SIGTERM)  # eph's own code runs: it imports now
     proc.send_signal(signal.SIGINT)
     _, stderr = proc.communicate(timeout=90)
     assert proc.returncode in (0, 130), stderr[-2000:]
