@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import datetime as dt
-import json
 import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -17,8 +16,9 @@ from harness.crash import crash_section, crashed_state
 from harness.errors import RunDirError, SummaryError
 from harness.kernel.sysctls import read_kernel
 from harness.leftovers import account_for_workers, collect
-from harness.load.cpu import CPU_FILE, CPU_REQUEST_TYPE, is_cpu_part, merge_cpu_parts
+from harness.load.cpu import CPU_FILE, is_cpu_part, merge_cpu_parts
 from harness.observe.collector import finish_samples
+from harness.readings import collector_kernel, locust_request_count, read_samples, worker_hosts
 from harness.records import Part, merge_parts
 from harness.report.analysis import analyze
 from harness.report.cpu import cpu_section
@@ -41,7 +41,7 @@ from harness.rundir import HOSTS_DIR, RunDir
 from harness.runstate import RunState
 from harness.scenario import Protocol, Scenario
 
-__all__ = ["finalize", "load_run", "locust_request_count", "rerender", "worker_hosts"]
+__all__ = ["finalize", "load_run", "rerender"]
 
 logger = logging.getLogger(__name__)
 
@@ -81,8 +81,8 @@ def finalize(
     )
     summary = _summarize(run, table, setup, facts)
     _add_run_notes(run, summary, stop_reason, expected_workers, hosts)
-    samples = _read_samples(run.path / "samples.parquet")
-    server_samples = _read_samples(run.path / "server" / "samples.parquet")
+    samples = read_samples(run.path / "samples.parquet")
+    server_samples = read_samples(run.path / "server" / "samples.parquet")
     summary = analyze(table, samples, setup, summary, server_samples, hosts)
     if crash is not None:
         summary.crash = crash_section(crash, table, samples)
@@ -217,7 +217,7 @@ def _kernel(
         return given
     if given is not None:
         return validated(Kernel, given, "the run's kernel reading")
-    found = _collector_kernel(path) or next((h.kernel for h in hosts if h.kernel), None)
+    found = collector_kernel(path) or next((h.kernel for h in hosts if h.kernel), None)
     return found if found is not None else Kernel.model_validate(read_kernel())
 
 
@@ -285,24 +285,6 @@ def _judge_kernel(
         cons.ok = bool(cons.ok and match)
     else:
         cons.kernel_check = "not judged: other sockets share this kernel (not a lab)"
-
-
-def worker_hosts(path: Path) -> list[HostSamples]:
-    """The workers of a distributed run (``hosts/<name>/``), samples on this run's clock."""
-    hosts = []
-    for directory in sorted((path / HOSTS_DIR).glob("*/")):
-        try:
-            info = json.loads((directory / "host.json").read_text())
-        except (OSError, ValueError):
-            logger.warning("%s has no readable host.json: its files did not all arrive", directory)
-            info = {}
-        samples = _read_samples(directory / "samples.parquet")
-        shift = int(info.get("clock_shift_ns", 0))
-        if samples is not None and shift:
-            t_ns = pa.array(samples.column("t_ns").to_numpy() + shift)
-            samples = samples.set_column(samples.schema.get_field_index("t_ns"), "t_ns", t_ns)
-        hosts.append(HostSamples(directory.name, samples, _collector_kernel(directory), info))
-    return hosts
 
 
 def rerender(path: Path, collect_from: Sequence[Path] = ()) -> Summary:
@@ -375,43 +357,9 @@ def load_run(path: Path) -> RunData:
             summary = rerender(path)
     return RunData(
         _read_connections(run),
-        _read_samples(run.path / "samples.parquet"),
+        read_samples(run.path / "samples.parquet"),
         summary,
         run.read_json("scenario.json"),
-        _read_samples(run.path / "server" / "samples.parquet"),
+        read_samples(run.path / "server" / "samples.parquet"),
         tuple(worker_hosts(run.path)),
-    )
-
-
-def _collector_kernel(path: Path) -> Kernel | None:
-    """The kernel as the collector saw it at the start: where the clients ran."""
-    try:
-        return Kernel.model_validate(json.loads((path / "collector.json").read_text())["start"])
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
-
-
-def _read_samples(path: Path) -> pa.Table | None:
-    """The collector's samples without their port lists: the report never draws them,
-    and an hour's samples hold a few GB of them."""
-    if not path.exists():
-        return None
-    try:
-        names = pq.read_schema(path).names
-        return pq.read_table(path, columns=[name for name in names if name != "ports"])
-    except (OSError, ValueError) as exc:
-        logger.warning("samples.parquet is unreadable (%s); analysing without samples", exc)
-        return None
-
-
-def locust_request_count(path: Path) -> int | None:
-    """The request total of Locust's ``--json-file`` output, if there is one."""
-    try:
-        entries = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
-    return sum(
-        int(entry.get("num_requests", 0))
-        for entry in entries
-        if entry.get("method") != CPU_REQUEST_TYPE  # CPU per connection, not requests
     )

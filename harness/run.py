@@ -80,11 +80,7 @@ def run_scenario(
         _write_preflight(scenario, placement, run, on_preflight)
     else:
         placement = _master_placement(scenario, placement, master)
-    kernel: dict[str, Any] | None = None  # in a lab, the collector reads the lab's kernel
-    if placement.on_host and master is None:  # a master's kernel is not the workers'
-        kernel = read_kernel()
-        for note in kernel_differences(scenario, kernel):
-            logger.warning("%s", note)
+    kernel = _host_kernel(scenario, placement, master)
     workers = master.workers if master is not None else None
     write_state(run.path, Phase.STARTING, started_at=time.time(), expected_workers=workers)
     with Interrupt() as interrupt, noting_errors(run.path):
@@ -114,6 +110,19 @@ def run_scenario(
             " summary and report; free some space (or lower EPH_MIN_FREE_MB) and run again."
         )
     return RunResult(run.path, summary)
+
+
+def _host_kernel(
+    scenario: Scenario, placement: Placement, master: Master | None
+) -> dict[str, Any] | None:
+    """This host's kernel, its differences from the scenario's warned about; None in a lab
+    (the collector reads the lab's) or for a master (its kernel is not the workers')."""
+    if not placement.on_host or master is not None:
+        return None
+    kernel = read_kernel()
+    for note in kernel_differences(scenario, kernel):
+        logger.warning("%s", note)
+    return kernel
 
 
 @dataclass
