@@ -193,7 +193,8 @@ def _witness(run: RunDir, trace: TraceResult | str) -> KernelWitness:
     records = run.path / "connections.parquet"
     if isinstance(trace, str):
         return kernel_witness(records, None, reason=trace)
-    return kernel_witness(records, run.path / trace.table, lost_events=trace.lost_events)
+    lost = trace.lost_events + trace.missed_events
+    return kernel_witness(records, run.path / trace.table, lost_events=lost)
 
 
 def _log_exits(

@@ -58,6 +58,7 @@ __all__ = [
     "drain_command",
     "key_rows",
     "lost_events",
+    "missed_events",
     "program",
     "read_trace",
     "recorder_command",
@@ -361,6 +362,22 @@ def convert(text: Path, drained: Path, out: Path, host: str) -> TraceRead:
     pq.write_table(table, tmp, compression="zstd")
     os.replace(tmp, out)
     return read
+
+
+def missed_events(pid: int) -> int:
+    """Events the kernel skipped instead of running process ``pid``'s BPF programs: the
+    sum of their ``recursion_misses`` (``/proc/PID/fdinfo``). A tracepoint's program
+    does not run while a map syscall (the drainer's) or another program holds the CPU."""
+    missed = 0
+    for entry in Path(f"/proc/{pid}/fdinfo").glob("*"):
+        try:
+            text = entry.read_text()
+        except OSError:
+            continue
+        for line in text.splitlines():
+            if line.startswith("recursion_misses:"):
+                missed += int(line.split()[1])
+    return missed
 
 
 def drain_command(pid: int, out: Path, host: str) -> list[str]:

@@ -41,6 +41,7 @@ class TraceResult:
     connections: int
     skipped_lines: int
     lost_events: int  # bpftrace's lost events and rows its reader cleared unprinted
+    missed_events: int  # state changes the kernel skipped: at most this many rows missing
     netns: int
     table: str
     # time.time_ns() - time.monotonic_ns() at the end: the rows' CLOCK_MONOTONIC
@@ -100,8 +101,11 @@ class KernelTrace:
         if self.child is not None and self.child.poll() is None:
             self.settle()
         # the drainer's last drain first, then bpftrace prints what closed since, at exit
+        missed = 0
         for child in (self.drainer, self.child):
             if child is not None:
+                if child is self.child and child.poll() is None:
+                    missed = bpf.missed_events(child.pid)
                 self._children.stop(child)
         if self.drainer is not None and self.drainer.returncode not in (0, None):
             logger.warning(
@@ -113,6 +117,7 @@ class KernelTrace:
             connections=read.connections,
             skipped_lines=read.skipped_lines,
             lost_events=bpf.lost_events(_read(self.stderr)) + read.lost,
+            missed_events=missed,
             netns=self.netns,
             table=table,
             wall_minus_monotonic_ns=time.time_ns() - time.monotonic_ns(),
@@ -120,6 +125,12 @@ class KernelTrace:
         (self.directory / "kernel.json").write_text(json.dumps(asdict(result), indent=2) + "\n")
         if result.lost_events:
             logger.warning("bpftrace lost %d events: connections are missing", result.lost_events)
+        if result.missed_events:
+            logger.warning(
+                "the kernel skipped %d of the recorder's events (a busy CPU): up to as many"
+                " connections have no row",
+                result.missed_events,
+            )
         return result
 
 
