@@ -23,6 +23,7 @@ class ResolvedEndpoint:
     family: socket.AddressFamily
     address: str
     port: int
+    host: str = ""  # the name as written (TLS's SNI, HTTP's Host); the address if none
 
     @property
     def sockaddr(self) -> tuple[Any, ...]:
@@ -78,7 +79,9 @@ class Endpoint:
         except socket.gaierror as exc:
             raise EndpointError(str(self), f"cannot resolve {self.host!r}: {exc}") from None
         family, _, _, _, sockaddr = infos[0]
-        return ResolvedEndpoint(socket.AddressFamily(family), str(sockaddr[0]), self.port)
+        return ResolvedEndpoint(
+            socket.AddressFamily(family), str(sockaddr[0]), self.port, self.host
+        )
 
     def with_port(self, port: int) -> Endpoint:
         return Endpoint(self.host, port)

@@ -33,10 +33,12 @@ __all__ = [
     "ClosePolicy",
     "Emulation",
     "Engine",
+    "HttpConfig",
     "ListenerClose",
     "Protocol",
     "Reply",
     "Scenario",
+    "TlsConfig",
     "Topology",
 ]
 
@@ -132,13 +134,88 @@ class TargetConfig(_Section):
 
 
 class ListenerConfig(_Section):
-    response: str = ""
+    response: str = ""  # the bytes sent; with http, the body of each response
     close: ListenerClose = ListenerClose.AUTO
     read_request: StrictBool | None = None  # None: read the request when load.send is set
     # answer every request read on a connection, not only the first: a keep-alive
     # server for clients that pool (with close = "wait" and read_request)
     keep_alive: StrictBool = False
     backlog: Annotated[StrictInt, Field(ge=1, le=1 << 20)] = 4096
+    # serve HTTP/1.1 (200 and ``response`` as the body, keep-alive as asked) and TLS
+    # (a throwaway self-signed certificate made at start); None: as [load] asks
+    http: StrictBool | None = None
+    tls: StrictBool | None = None
+
+
+_STATUS_CLASS = re.compile(r"^[1-5]xx$")
+
+
+def _status(value: object) -> object:
+    """``expect_status``: one code or class, or a list of them (``200``, ``"2xx"``)."""
+    return value if isinstance(value, list) else [value]
+
+
+def _table_or_flag(value: object) -> object:
+    """``tls = true`` reads as an empty table (every default), ``false`` as none."""
+    if value is True:
+        return {}
+    if value is False:
+        return None
+    return value
+
+
+class HttpConfig(_Section):
+    """``[load.http]``: each connection carries HTTP/1.1 requests, and each record gets
+    the status and the response size (``harness.load.http``)."""
+
+    method: Annotated[str, Field(pattern=r"^[A-Z]{1,16}$")] = "GET"
+    path: Annotated[str, Field(pattern=r"^/\S*$")] = "/"
+    headers: dict[str, str] = Field(default_factory=dict)  # Host defaults to the endpoint's
+    body: str = ""
+    # the statuses that count as success: codes (200) or classes ("2xx"); Locust's
+    # HttpUser counts everything under 400 as success, and so does this default
+    expect_status: Annotated[list[StrictInt | str], BeforeValidator(_status)] = Field(
+        default_factory=lambda: list[int | str](["2xx", "3xx"]), min_length=1
+    )
+
+    @model_validator(mode="after")
+    def _check(self) -> Self:
+        for index, item in enumerate(self.expect_status):
+            if isinstance(item, int) and not 100 <= item <= 599:
+                raise ValueError(f"expect_status[{index}] = {item} is not an HTTP status")
+            if isinstance(item, str) and not _STATUS_CLASS.match(item):
+                raise ValueError(
+                    f"expect_status[{index}] = {item!r} is neither a status code nor a"
+                    ' class such as "2xx"'
+                )
+        for name, value in self.headers.items():
+            if not re.fullmatch(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+", name) or "\n" in value:
+                raise ValueError(f"headers: {name!r} = {value!r} is not a valid header")
+        return self
+
+    def accepts(self, status: int) -> bool:
+        """Whether ``status`` is one of the expected ones."""
+        return any(
+            status == item if isinstance(item, int) else status // 100 == int(item[0])
+            for item in self.expect_status
+        )
+
+
+class TlsConfig(_Section):
+    """``load.tls = true`` or ``[load.tls]``: every connection does a TLS handshake after
+    connect(), timed apart from it. Verification is on unless ``insecure = true``."""
+
+    server_name: str | None = None  # SNI and the name verified; default: the endpoint's host
+    ca_file: str | None = None  # PEM bundle to verify with; default: the system's
+    cert_file: str | None = None  # a client certificate (PEM), with key_file
+    key_file: str | None = None
+    insecure: StrictBool = False  # no verification at all: only when asked
+
+    @model_validator(mode="after")
+    def _check(self) -> Self:
+        if (self.cert_file is None) != (self.key_file is None):
+            raise ValueError("cert_file and key_file go together: set both or neither")
+        return self
 
 
 class LoadConfig(_Section):
@@ -163,6 +240,11 @@ class LoadConfig(_Section):
     processes: Annotated[StrictInt, Field(ge=0, le=1024)] = 1
     # stop the run once this many attempts were made (0: only the duration bounds it)
     max_connections: Annotated[StrictInt, Field(ge=0)] = 0
+    http: Annotated[HttpConfig | None, BeforeValidator(_table_or_flag)] = None
+    tls: Annotated[TlsConfig | None, BeforeValidator(_table_or_flag)] = None
+    # HTTP requests over each connection before it closes (keep-alive): the pooling
+    # lever, measured. load.rate then counts requests, not connections
+    requests_per_connection: Annotated[StrictInt, Field(ge=1, le=65535)] = 1
 
     @property
     def process_count(self) -> int:
@@ -187,6 +269,18 @@ class LoadConfig(_Section):
             raise ValueError(
                 'protocol = "udp" has no end of stream: reply "eof" and close "server"'
                 ' need TCP (use reply = "data" to wait for an answer)'
+            )
+        if self.protocol is Protocol.UDP and (self.http is not None or self.tls is not None):
+            raise ValueError('protocol = "udp" carries neither HTTP nor TLS: use "tcp"')
+        if self.http is not None and (self.send or self.reply is not Reply.NONE):
+            raise ValueError(
+                "[load.http] builds the request and reads the response itself:"
+                " leave send and reply unset (the request's body is load.http.body)"
+            )
+        if self.requests_per_connection > 1 and self.http is None:
+            raise ValueError(
+                f"requests_per_connection = {self.requests_per_connection} needs [load.http]:"
+                " only HTTP has requests to count"
             )
         if (
             self.socket_port_range is not None
@@ -326,10 +420,22 @@ class Scenario(_Section):
         return ListenerClose.WAIT
 
     @property
+    def listener_http(self) -> bool:
+        if self.listener is not None and self.listener.http is not None:
+            return self.listener.http
+        return self.load.http is not None
+
+    @property
+    def listener_tls(self) -> bool:
+        if self.listener is not None and self.listener.tls is not None:
+            return self.listener.tls
+        return self.load.tls is not None
+
+    @property
     def listener_reads_request(self) -> bool:
         if self.listener is not None and self.listener.read_request is not None:
             return self.listener.read_request
-        return bool(self.load.send)
+        return bool(self.load.send) or self.listener_http
 
     def advisories(self) -> list[str]:
         """Things worth a warning that are not errors."""
