@@ -330,7 +330,7 @@ def synthetic_table(n: int) -> Any:
     import numpy as np
     import pyarrow as pa
 
-    from harness.records import CONNECTIONS_SCHEMA
+    from harness.records import CONNECTIONS_SCHEMA, application_zeros
 
     rng = np.random.default_rng(3)
     ports = 32768 + (np.arange(n) * 2 + (np.arange(n) // 14116) % 2) % 28232
@@ -354,6 +354,7 @@ def synthetic_table(n: int) -> Any:
             "engine": const("locust"),
             "pid": pa.array(np.ones(n, np.uint32)),
             "host": const("localhost"),
+            **application_zeros(n),
         },
         schema=CONNECTIONS_SCHEMA,
     )

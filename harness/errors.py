@@ -22,6 +22,10 @@ import errno as _errno
 from pathlib import Path
 
 __all__ = [
+    "HTTP_MALFORMED",
+    "HTTP_STATUS",
+    "TLS_ERROR",
+    "TLS_VERIFY",
     "EndpointError",
     "EphError",
     "ListenerError",
@@ -33,8 +37,22 @@ __all__ = [
 ]
 
 
+# Failures of the application's protocols, kept in the records' io_errno column beside
+# the kernel's errnos (all below 200 on Linux): a failed connection keeps its kind.
+TLS_ERROR = 1000  # the TLS handshake failed (alert, protocol, version)
+TLS_VERIFY = 1001  # the server's certificate did not verify
+HTTP_MALFORMED = 1002  # the reply was not an HTTP/1.x response
+HTTP_STATUS = 1100  # + the status: a response with a status that was not expected
+_APPLICATION = {TLS_ERROR: "TLS_ERROR", TLS_VERIFY: "TLS_VERIFY", HTTP_MALFORMED: "HTTP_MALFORMED"}
+
+
 def errno_name(number: int) -> str:
-    """``99`` -> ``"EADDRNOTAVAIL"``; unknown numbers stay readable."""
+    """``99`` -> ``"EADDRNOTAVAIL"``, ``1503`` -> ``"HTTP_503"``; unknown numbers stay
+    readable."""
+    if number >= TLS_ERROR:
+        if HTTP_STATUS + 100 <= number < HTTP_STATUS + 600:
+            return f"HTTP_{number - HTTP_STATUS}"
+        return _APPLICATION.get(number, f"ERRNO{number}")
     return _errno.errorcode.get(number, f"ERRNO{number}")
 
 

@@ -24,6 +24,7 @@ from harness.report.analysis import analyze
 from harness.report.cpu import cpu_section
 from harness.report.hosts import HostSamples
 from harness.report.html import render_report
+from harness.report.http import http_section
 from harness.report.model import (
     Kernel,
     Listener,
@@ -227,9 +228,11 @@ def _summarize(run: RunDir, table: pa.Table, setup: Scenario, facts: _RunFacts) 
     if is_on_disk(table):
         cols = scan = scan_records(table)
         span_s = scan.span_s
+        http = scan.http.section()
     else:
         cols = columns = Columns.from_table(table)
         span_s = float(columns.seconds().max()) if len(columns.start_ns) else 0.0
+        http = http_section([table]).section()
     duration_s = span_s if facts.duration_s is None else facts.duration_s
     started = dt.datetime.fromtimestamp(facts.started_at, dt.UTC)
     return summarize(
@@ -243,6 +246,7 @@ def _summarize(run: RunDir, table: pa.Table, setup: Scenario, facts: _RunFacts) 
         locust_requests=facts.locust_requests,
         lossy_link=bool(setup.lab.loss) and (run.path / "lab.json").exists(),
         datagrams=setup.load.protocol is Protocol.UDP,
+        http=http,
     )
 
 

@@ -28,13 +28,17 @@ from harness.endpoints import ResolvedEndpoint
 from harness.files import read_stream
 
 __all__ = [
+    "APPLICATION_COLUMNS",
     "CONNECTIONS_SCHEMA",
+    "CORE_SCHEMA",
     "FLUSH_INTERVAL",
+    "NO_APPLICATION",
     "ROW_DTYPE",
     "STAGE_DTYPE",
     "Part",
     "PartReadResult",
     "RecordWriter",
+    "application_zeros",
     "expand_rows",
     "host_name",
     "merge_parts",
@@ -56,8 +60,13 @@ STAGE_DTYPE = np.dtype(
         ("endpoint", "u1"),
         ("errno", "<u2"),
         ("io_errno", "<u2"),
+        ("tls_ns", "<i8"),  # when the TLS handshake finished (0: no TLS)
+        ("requests", "<u2"),  # HTTP responses read whole (0: not HTTP)
+        ("status", "<u2"),  # the last HTTP status, or the first unexpected one (0: none)
+        ("rx_bytes", "<u4"),  # HTTP response bytes, headers included
     ]
 )
+NO_APPLICATION = (0, 0, 0, 0)  # the last four staged fields of a connection without HTTP/TLS
 
 # One flushed row: what part files, frames and summaries hold.
 ROW_DTYPE = np.dtype(
@@ -70,8 +79,13 @@ ROW_DTYPE = np.dtype(
         ("endpoint", "u1"),  # index into the run's target endpoints
         ("errno", "<u2"),  # of connect(); 0 = connected
         ("io_errno", "<u2"),  # of send/receive/close after connecting; 0 = clean
+        ("tls_us", "<u4"),  # until the TLS handshake finished, from start (0: no TLS)
+        ("requests", "<u2"),  # HTTP responses read whole over the connection
+        ("status", "<u2"),  # the last HTTP status, or the first unexpected one (0: none)
+        ("rx_bytes", "<u4"),  # HTTP response bytes, headers included
     ]
 )
+APPLICATION_COLUMNS = ("tls_us", "requests", "status", "rx_bytes")
 
 _PART_SCHEMA = pa.schema(
     [
@@ -83,6 +97,10 @@ _PART_SCHEMA = pa.schema(
         ("endpoint", pa.uint8()),
         ("errno", pa.uint16()),
         ("io_errno", pa.uint16()),
+        ("tls_us", pa.uint32()),
+        ("requests", pa.uint16()),
+        ("status", pa.uint16()),
+        ("rx_bytes", pa.uint32()),
     ]
 )
 
@@ -104,6 +122,27 @@ CONNECTIONS_SCHEMA = pa.schema(
         ("host", _DICT),  # the load generator: this host, or a distributed run's worker
     ]
 )
+# what the kernel's recorder shares with the records (harness.kernel.bpf); the
+# application's columns follow: HTTP and TLS, zero for plain connections
+CORE_SCHEMA = CONNECTIONS_SCHEMA
+CONNECTIONS_SCHEMA = pa.schema(
+    [
+        *CORE_SCHEMA,
+        ("tls_us", pa.uint32()),
+        ("requests", pa.uint16()),
+        ("status", pa.uint16()),
+        ("rx_bytes", pa.uint32()),
+    ]
+)
+
+
+def application_zeros(n: int) -> dict[str, pa.Array]:
+    """The application's columns of ``n`` plain connections (no HTTP, no TLS)."""
+    return {
+        field.name: pa.array(np.zeros(n, field.type.to_pandas_dtype()))
+        for field in CONNECTIONS_SCHEMA
+        if field.name in APPLICATION_COLUMNS
+    }
 
 
 def host_name() -> str:
@@ -120,6 +159,10 @@ def to_rows(staged: np.ndarray) -> np.ndarray:
     rows["connect_us"] = (staged["connected_ns"] - start) // 1000
     rows["close_us"] = (staged["closed_ns"] - start) // 1000
     for name in ("local_addr", "local_port", "endpoint", "errno", "io_errno"):
+        rows[name] = staged[name]
+    tls = staged["tls_ns"]
+    rows["tls_us"] = np.where(tls != 0, (tls - start) // 1000, 0)
+    for name in ("requests", "status", "rx_bytes"):
         rows[name] = staged[name]
     return rows
 
@@ -296,6 +339,7 @@ def _expand(
         "engine": encode("engine", zeros, [meta.get("engine", "")]),
         "pid": pa.array(np.full(n, int(meta.get("pid", 0)), dtype=np.uint32)),
         "host": encode("host", zeros, [part.host or meta.get("host", "")]),
+        **{name: table.column(name) for name in APPLICATION_COLUMNS},
     }
     return pa.table(columns, schema=CONNECTIONS_SCHEMA)
 

@@ -27,6 +27,7 @@ from harness.endpoints import Endpoint
 from harness.errors import RunError
 from harness.finalize import finalize
 from harness.kernel.sysctls import read_kernel
+from harness.load.http import client_context
 from harness.load.progress import Progress, read_progress
 from harness.observe.trace import KernelTrace, TraceResult, start_trace
 from harness.placement import (
@@ -75,6 +76,8 @@ def run_scenario(
     """Run ``scenario``: its children, the load for ``duration``, then the summary and
     report. ``web``: Locust's web UI there (the test starts at once) instead of headless.
     ``trace``: the kernel recorder witnesses every connection (``kernel_witness``)."""
+    if scenario.load.tls is not None and scenario.listener is None:
+        client_context(scenario.load.tls)  # a missing or bad PEM file: said before any load
     run = RunDir.open(out, create=True) if out else RunDir.create(Path("reports"), scenario.name)
     if master is None:  # a master makes no connections: its workers' hosts matter
         _write_preflight(scenario, placement, run, on_preflight)

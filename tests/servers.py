@@ -31,7 +31,9 @@ http {{
     keepalive_requests 100000;
     server {{
         listen {listen};
+        {tls}
         location / {{ return 200 "ok\\n"; }}
+        location = /unavailable {{ return 503 "down\\n"; }}
     }}
 }}
 """
@@ -49,19 +51,30 @@ def nginx_binary() -> str:
 
 
 @contextlib.contextmanager
-def nginx(ns: Namespace, prefix: Path, listen: str, access_log: bool = False) -> Iterator[Path]:
-    """nginx serving ``200 ok`` on ``listen`` inside ``ns``; yields its prefix directory."""
+def nginx(
+    ns: Namespace,
+    prefix: Path,
+    listen: str,
+    access_log: bool = False,
+    tls: tuple[Path, Path] | None = None,
+) -> Iterator[Path]:
+    """nginx serving ``200 ok`` (and ``503`` at ``/unavailable``) on ``listen`` inside
+    ``ns``, over TLS with ``tls`` = (certificate, key) PEM files; yields its prefix."""
     prefix.mkdir(parents=True, exist_ok=True)
     access = f"{prefix}/access.log" if access_log else "off"
     conf = prefix / "nginx.conf"
-    conf.write_text(NGINX_CONF.format(prefix=prefix, listen=listen, access=access))
+    directives = ""
+    if tls is not None:
+        listen += " ssl"
+        directives = f"ssl_certificate {tls[0]}; ssl_certificate_key {tls[1]};"
+    conf.write_text(NGINX_CONF.format(prefix=prefix, listen=listen, access=access, tls=directives))
     proc = subprocess.Popen(
         ns.command([nginx_binary(), "-c", str(conf), "-p", str(prefix)]),
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
     try:
-        port = listen.rsplit(":", 1)[-1]
+        port = listen.split()[0].rsplit(":", 1)[-1]
         deadline = time.monotonic() + 10
         while True:
             out = subprocess.run(
@@ -80,3 +93,23 @@ def nginx(ns: Namespace, prefix: Path, listen: str, access_log: bool = False) ->
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait(timeout=10)
+
+
+def certificate(directory: Path, *names: str) -> tuple[Path, Path, Path]:
+    """A throwaway CA and a server certificate for ``names`` (trustme): (ca, cert, key)."""
+    import trustme
+
+    ca = trustme.CA()
+    server = ca.issue_cert(*names)
+    directory.mkdir(parents=True, exist_ok=True)
+    paths = directory / "ca.pem", directory / "server.pem", directory / "server.key"
+    ca.cert_pem.write_to_path(str(paths[0]))
+    server.cert_chain_pems[0].write_to_path(str(paths[1]))
+    server.private_key_pem.write_to_path(str(paths[2]))
+    return paths
+
+
+def access_count(prefix: Path) -> int:
+    """Requests in an nginx access log (``nginx(..., access_log=True)``)."""
+    path = prefix / "access.log"
+    return len(path.read_text().splitlines()) if path.exists() else 0

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pyarrow as pa
 
-from harness.records import CONNECTIONS_SCHEMA
+from harness.records import CONNECTIONS_SCHEMA, application_zeros
 from harness.report.model import (
     Capacity,
     Connections,
@@ -41,6 +41,7 @@ def connections_table(
             "engine": const("locust"),
             "pid": pa.array([1] * n, pa.uint32()),
             "host": const(host),
+            **application_zeros(n),
         },
         schema=CONNECTIONS_SCHEMA,
     )

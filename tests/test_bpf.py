@@ -56,11 +56,11 @@ def _key(line: str) -> np.ndarray:
 def test_kernel_rows_have_every_column_of_the_records_first() -> None:
     """kernel/ imports nothing of eph, so its schema repeats the records': it must not drift
     (the analysis reads either table)."""
-    from harness.records import CONNECTIONS_SCHEMA
+    from harness.records import CORE_SCHEMA
 
     ours = bpf.KERNEL_CONNECTIONS_SCHEMA
-    assert ours.names[: len(CONNECTIONS_SCHEMA)] == CONNECTIONS_SCHEMA.names
-    for field in CONNECTIONS_SCHEMA:
+    assert ours.names[: len(CORE_SCHEMA)] == CORE_SCHEMA.names
+    for field in CORE_SCHEMA:
         assert ours.field(field.name).type == field.type, field.name
 
 

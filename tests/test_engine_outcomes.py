@@ -46,7 +46,7 @@ plan = ChurnPlan.from_scenario(parse_scenario(sys.argv[1]))
 writer = RecordWriter(Path(sys.argv[2]), endpoints=plan.endpoints, close="x", engine="locust")
 seen = []
 churn = GeventChurn(
-    plan, writer, lambda t, e, i, ms, rx: seen.append(str(failure(e, i)) if e or i else "")
+    plan, writer, lambda t, e, i, ms, rx, n: seen.append(str(failure(e, i)) if e or i else "")
 )
 for target in [plan.targets[0]] * int(sys.argv[3]):
     churn.attempt(target)

@@ -17,7 +17,7 @@ import pytest
 from harness.errors import RunDirError
 from harness.finalize import finalize, load_run
 from harness.observe.collector import SAMPLES_SCHEMA, STATES
-from harness.records import CONNECTIONS_SCHEMA
+from harness.records import CONNECTIONS_SCHEMA, application_zeros
 from harness.report import ondisk, sweep
 from harness.report.analysis import analyze
 from harness.report.figures.connections import allocation
@@ -69,6 +69,7 @@ def varied_table(n: int, seed: int) -> pa.Table:
             "engine": const("locust"),
             "pid": pa.array(np.ones(n, np.uint32)),
             "host": const("localhost"),
+            **application_zeros(n),
         },
         schema=CONNECTIONS_SCHEMA,
     )

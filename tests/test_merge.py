@@ -31,7 +31,7 @@ def _part(path: Path, seed: int, engine: str, batches: int = 6) -> None:
         for i, start in enumerate(starts):
             errno = 99 if i % 7 == 0 else 0
             row = (int(start), int(start) + 5000, int(start) + 9000, address, 40000 + i, i % 2)
-            writer.add((*row, errno, 0))
+            writer.add((*row, errno, 0, 0, 0, 0, 0))
         writer.flush()
     writer.close()
 

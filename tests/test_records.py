@@ -11,7 +11,14 @@ import pyarrow.parquet as pq
 import pytest
 
 from harness.endpoints import ResolvedEndpoint
-from harness.records import CONNECTIONS_SCHEMA, ROW_DTYPE, RecordWriter, merge_parts, read_part
+from harness.records import (
+    CONNECTIONS_SCHEMA,
+    NO_APPLICATION,
+    ROW_DTYPE,
+    RecordWriter,
+    merge_parts,
+    read_part,
+)
 
 ENDPOINTS = [
     ResolvedEndpoint(socket.AF_INET, "127.0.0.1", 9000),
@@ -27,8 +34,33 @@ def _add(writer: RecordWriter, n: int, start: int = 0, errno: int = 0) -> None:
     address = writer.address_id("127.0.0.1")
     for i in range(n):
         writer.add(
-            (start + i, start + i + 10_000, start + i + 20_000, address, 40000 + i, i % 2, errno, 0)
+            (
+                start + i,
+                start + i + 10000,
+                start + i + 20000,
+                address,
+                40000 + i,
+                i % 2,
+                errno,
+                0,
+                *NO_APPLICATION,
+            )
         )
+
+
+def test_http_and_tls_fields_reach_the_merged_file(tmp_path: Path) -> None:
+    """The handshake's stamp becomes µs from the start (0 stays 0: no TLS); requests,
+    status and bytes pass through to connections.parquet."""
+    writer = _writer(tmp_path / "p.arrows", engine="uvloop")
+    writer.add((1_000_000, 1_050_000, 1_900_000, 0, 40000, 0, 0, 0, 1_300_000, 3, 200, 420))
+    writer.add((2_000_000, 2_050_000, 2_100_000, 0, 40001, 0, 0, 1603, 0, 1, 503, 90))
+    writer.close()
+    merge_parts([tmp_path / "p.arrows"], tmp_path / "c.parquet")
+    table = pq.read_table(tmp_path / "c.parquet")
+    assert table.column("tls_us").to_pylist() == [300, 0]
+    assert table.column("requests").to_pylist() == [3, 1]
+    assert table.column("status").to_pylist() == [200, 503]
+    assert table.column("rx_bytes").to_pylist() == [420, 90]
 
 
 def test_row_is_small() -> None:
@@ -61,8 +93,8 @@ def test_flush_writes_batches_and_merge_expands(tmp_path: Path) -> None:
 def test_merge_sorts_by_start_across_processes(tmp_path: Path) -> None:
     for name, start in (("a", 1), ("b", 0)):
         writer = _writer(tmp_path / f"{name}.arrows")
-        writer.add((start, start, start, 0, 0, 0, 0, 0))
-        writer.add((start + 10, start + 10, start + 10, 0, 0, 0, 0, 0))
+        writer.add((start, start, start, 0, 0, 0, 0, 0, 0, 0, 0, 0))
+        writer.add((start + 10, start + 10, start + 10, 0, 0, 0, 0, 0, 0, 0, 0, 0))
         writer.close()
     merge_parts(sorted(tmp_path.glob("*.arrows")), tmp_path / "c.parquet")
     starts = pq.read_table(tmp_path / "c.parquet").column("start_ns").to_pylist()
@@ -107,13 +139,13 @@ def test_new_addresses_after_a_flush_still_map(tmp_path: Path) -> None:
     _add(writer, 1)
     writer.flush()
     second = writer.address_id("127.0.0.2")
-    writer.add((5, 5, 5, second, 1, 0, 0, 0))
+    writer.add((5, 5, 5, second, 1, 0, 0, 0, 0, 0, 0, 0))
     writer.close()
     table = read_part(tmp_path / "a.arrows").table
     assert table.column("local_addr").to_pylist() == ["127.0.0.1", "127.0.0.2"]
 
 
 def test_bulk_conversion_matches_rows() -> None:
-    rows = [(i, i, i, 0, i % 65536, 0, 0, 0) for i in range(1000)]
+    rows = [(i, i, i, 0, i % 65536, 0, 0, 0, 0, 0, 0, 0) for i in range(1000)]
     array = np.array(rows, dtype=ROW_DTYPE)
     assert array["local_port"].tolist() == [i % 65536 for i in range(1000)]

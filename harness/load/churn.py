@@ -11,6 +11,7 @@ import ipaddress
 import itertools
 import random
 import socket
+import ssl
 import struct
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -18,6 +19,7 @@ from dataclasses import dataclass
 from harness.endpoints import ResolvedEndpoint
 from harness.errors import ScenarioError
 from harness.kernel.sysctls import read_kernel
+from harness.load.http import HttpPlan, TlsPlan
 from harness.scenario import ClosePolicy, Protocol, Reply, Scenario
 
 __all__ = ["LINGER_RESET", "ChurnPlan", "PortWindow", "Target", "make_socket"]
@@ -79,11 +81,19 @@ class ChurnPlan:
     connect_timeout: float
     io_timeout: float
     backoff: float
-    rate: float  # new connections per second for this process; 0 = no cap
+    rate: float  # new connections (HTTP: requests) per second for this process; 0 = no cap
     protocol: Protocol = Protocol.TCP
+    http: HttpPlan | None = None  # [load.http]: requests and their responses
+    tls: TlsPlan | None = None  # load.tls: a handshake after connect()
 
     @classmethod
-    def from_scenario(cls, scenario: Scenario, *, rate_share: float = 1.0) -> ChurnPlan:
+    def from_scenario(
+        cls,
+        scenario: Scenario,
+        *,
+        rate_share: float = 1.0,
+        ssl_context_class: type[ssl.SSLContext] = ssl.SSLContext,
+    ) -> ChurnPlan:
         load = scenario.load
         endpoints = tuple(e.resolve() for e in scenario.target.endpoints)
         packed = 0
@@ -104,12 +114,29 @@ class ChurnPlan:
             backoff=load.backoff,
             rate=load.rate * rate_share,
             protocol=load.protocol,
+            http=HttpPlan.from_scenario(scenario, endpoints),
+            tls=TlsPlan.from_scenario(scenario, endpoints, ssl_context_class),
         )
 
     @property
     def close_label(self) -> str:
         """The records' ``close`` column: the policy, or ``udp`` (no TIME_WAIT at all)."""
         return "udp" if self.protocol is Protocol.UDP else self.close.value
+
+    @property
+    def names(self) -> list[str]:
+        """Locust's name for each endpoint: its address, or for HTTP the path (as an
+        HttpUser names it), prefixed by the endpoint when there are several."""
+        if self.http is None:
+            return [str(e) for e in self.endpoints]
+        if len(self.endpoints) == 1:
+            return [self.http.path]
+        return [f"{e}{self.http.path}" for e in self.endpoints]
+
+    @property
+    def request_type(self) -> str:
+        """Locust's request type: ``TCP``/``UDP``, or the HTTP method."""
+        return self.http.method if self.http is not None else "TCP"
 
     def cycle(self) -> Iterator[Target]:
         """Round-robin over every (endpoint, source) pairing."""

@@ -37,7 +37,7 @@ from harness.load.pacing import Pacer
 from harness.records import RecordWriter
 from harness.scenario import ClosePolicy, Protocol, Reply
 
-__all__ = ["FRAME_HEADER", "CallbackChurn", "flush_frame", "write_frame"]
+__all__ = ["FRAME_HEADER", "CallbackChurn", "CallbackUsers", "flush_frame", "write_frame"]
 
 _INLINE = 64  # attempts one user makes in a row before letting the loop run others
 _SWEEP_EVERY = 0.05  # seconds between timeout sweeps over connects in flight
@@ -62,8 +62,12 @@ def flush_frame(writer: RecordWriter, meter: CpuMeter | None, out: BinaryIO) -> 
     write_frame(out, rows, meter.tick(rows) if meter is not None else None)
 
 
-class CallbackChurn:
-    """N users, each a chain of non-blocking connect/close attempts, every one recorded."""
+class CallbackUsers:
+    """N users, each a chain of callbacks on the loop: what both callback paths share.
+
+    A subclass's ``_start(slot)`` makes one attempt and returns its errno when it
+    ended at once, or ``None`` while it waits (its callback then calls ``_next``).
+    """
 
     def __init__(
         self,
@@ -78,46 +82,30 @@ class CallbackChurn:
         self._out = out
         self._pacer = Pacer(plan.rate) if plan.rate > 0 else None
         self._targets: Iterator[Target] = plan.cycle()
-        self._linger = plan.close is ClosePolicy.RESET
-        self._timeout_ns = int(plan.connect_timeout * 1e9)
         self._users = 0
         self._active: set[int] = set()  # user slots with an attempt or a wait pending
-        self._inflight: dict[int, _InFlight] = {}  # fd -> connect in progress
         self._sweeper: asyncio.TimerHandle | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
 
-    @staticmethod
-    def applies(plan: ChurnPlan) -> bool:
-        """Whether the scenario is plain churn this path serves (else the Protocol path)."""
-        return (
-            plan.protocol is Protocol.TCP
-            and not plan.send
-            and plan.reply is Reply.NONE
-            and not plan.hold
-            and plan.close in (ClosePolicy.CLIENT, ClosePolicy.RESET)
-        )
-
     def set_users(self, count: int) -> None:
         loop = self._loop = asyncio.get_running_loop()
+        if self._sweeper is None:
+            self._started(loop)
         self._users = max(0, count)
         for slot in range(self._users):
             if slot not in self._active:
                 self._active.add(slot)
                 loop.call_soon(self._next, slot)
-        if self._sweeper is None:
-            self._sweeper = loop.call_later(_SWEEP_EVERY, self._sweep)
 
-    async def stop(self) -> None:
-        """No new attempts; wait (bounded) for connects in flight, then record the rest."""
-        self._users = 0
-        deadline = time.monotonic() + self.plan.connect_timeout + 1.0
-        while (self._active or self._inflight) and time.monotonic() < deadline:
-            await asyncio.sleep(0.01)
-        for fd in list(self._inflight):
-            self._finish_inflight(fd, INTERRUPTED, resume=False)
-        if self._sweeper is not None:
-            self._sweeper.cancel()
-            self._sweeper = None
+    def _started(self, loop: asyncio.AbstractEventLoop) -> None:
+        """The first users: start the sweeper (``self._sweep`` every _SWEEP_EVERY)."""
+        self._sweeper = loop.call_later(_SWEEP_EVERY, self._sweep)
+
+    def _sweep(self) -> None:
+        raise NotImplementedError
+
+    def _start(self, slot: int) -> int | None:
+        raise NotImplementedError
 
     def flush(self) -> None:
         flush_frame(self.writer, self.meter, self._out)
@@ -138,11 +126,52 @@ class CallbackChurn:
             paced = False
             err = self._start(slot)
             if err is None:
-                return  # in flight: _on_writable or the sweeper carries on
+                return  # in flight: a callback or the sweeper carries on
             if err and self.plan.backoff:
                 loop.call_later(self.plan.backoff, self._next, slot)
                 return
         loop.call_soon(self._next, slot)
+
+
+class CallbackChurn(CallbackUsers):
+    """N users, each a chain of non-blocking connect/close attempts, every one recorded."""
+
+    def __init__(
+        self,
+        plan: ChurnPlan,
+        writer: RecordWriter,
+        out: BinaryIO,
+        meter: CpuMeter | None = None,
+    ) -> None:
+        super().__init__(plan, writer, out, meter)
+        self._linger = plan.close is ClosePolicy.RESET
+        self._timeout_ns = int(plan.connect_timeout * 1e9)
+        self._inflight: dict[int, _InFlight] = {}  # fd -> connect in progress
+
+    @staticmethod
+    def applies(plan: ChurnPlan) -> bool:
+        """Whether the scenario is plain churn this path serves (else the Protocol path)."""
+        return (
+            plan.protocol is Protocol.TCP
+            and plan.http is None
+            and plan.tls is None
+            and not plan.send
+            and plan.reply is Reply.NONE
+            and not plan.hold
+            and plan.close in (ClosePolicy.CLIENT, ClosePolicy.RESET)
+        )
+
+    async def stop(self) -> None:
+        """No new attempts; wait (bounded) for connects in flight, then record the rest."""
+        self._users = 0
+        deadline = time.monotonic() + self.plan.connect_timeout + 1.0
+        while (self._active or self._inflight) and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+        for fd in list(self._inflight):
+            self._finish_inflight(fd, INTERRUPTED, resume=False)
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            self._sweeper = None
 
     def _start(self, slot: int) -> int | None:
         """One attempt; its errno when it ended at once, ``None`` while it connects."""
@@ -159,7 +188,7 @@ class CallbackChurn:
         except OSError as exc:  # no socket (EMFILE), or the source address cannot bind
             code = errno_of(exc)
             t1 = time.monotonic_ns()
-            self.writer.add((t0, t1, t1, 0, 0, target.index, code, 0))
+            self.writer.add((t0, t1, t1, 0, 0, target.index, code, 0, 0, 0, 0, 0))
             return code
         err = sock.connect_ex(target.endpoint.sockaddr)
         if err == errno.EINPROGRESS:
@@ -202,7 +231,9 @@ class CallbackChurn:
             except OSError:  # reset before we looked: still a connection that was made
                 pass
         sock.close()  # with SO_LINGER 0 set: a reset
-        self.writer.add((t0, t1, time.monotonic_ns(), address_id, port, target.index, err, 0))
+        self.writer.add(
+            (t0, t1, time.monotonic_ns(), address_id, port, target.index, err, 0, 0, 0, 0, 0)
+        )
         return err
 
     def _sweep(self) -> None:

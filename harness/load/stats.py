@@ -35,20 +35,34 @@ from harness.load.outcome import (
     classify_rows,
     failure,
     failure_counts,
+    request_events,
 )
 
-__all__ = ["CPU_REQUEST_TYPE", "REQUEST_TYPE", "SYSTEM_CPU", "USER_CPU", "feed_cpu", "feed_rows"]
+__all__ = [
+    "CPU_REQUEST_TYPE",
+    "REQUEST_TYPE",
+    "SYSTEM_CPU",
+    "USER_CPU",
+    "feed_cpu",
+    "feed_rows",
+]
 
 REQUEST_TYPE = "TCP"
 SYSTEM_CPU = "system µs per connection"
 USER_CPU = "user µs per connection"
 
 
-def feed_rows(stats: locust_stats.RequestStats, rows: np.ndarray, names: Sequence[str]) -> None:
+def feed_rows(
+    stats: locust_stats.RequestStats,
+    rows: np.ndarray,
+    names: Sequence[str],
+    request_type: str = REQUEST_TYPE,
+) -> None:
     """Add ``rows`` (``records.ROW_DTYPE``) to ``stats`` as if each were one request.
 
     ``names[i]`` is the request name of endpoint ``i``. Request times are spread
-    over wall-clock seconds from each row's monotonic start.
+    over wall-clock seconds from each row's monotonic start. For HTTP (a
+    ``request_type`` other than ``TCP``) a row counts as :func:`request_events`.
     """
     if not len(rows):
         return
@@ -56,36 +70,51 @@ def feed_rows(stats: locust_stats.RequestStats, rows: np.ndarray, names: Sequenc
     wall = wall_now - (mono_now - rows["start_ns"]) / 1e9
     for index in np.unique(rows["endpoint"]):
         mask = rows["endpoint"] == index
-        _feed_endpoint(stats, names[int(index)], rows[mask], wall[mask])
+        _feed_endpoint(stats, names[int(index)], rows[mask], wall[mask], request_type)
+
+
+def _response_us(rows: np.ndarray, request_type: str) -> tuple[np.ndarray, np.ndarray]:
+    """Each request's time in µs and the requests of each row: TCP's is the connect; an
+    HTTP request's is its connection's whole time over its requests (with one request, the
+    connect, handshake, request and response an HttpUser's new connection takes)."""
+    if request_type == REQUEST_TYPE:
+        return rows["connect_us"], np.ones(len(rows), np.int64)
+    events = request_events(rows)
+    return np.repeat(rows["close_us"] // events, events), events
 
 
 def _feed_endpoint(
-    stats: locust_stats.RequestStats, name: str, rows: np.ndarray, wall: np.ndarray
+    stats: locust_stats.RequestStats,
+    name: str,
+    rows: np.ndarray,
+    wall: np.ndarray,
+    request_type: str,
 ) -> None:
-    batch = locust_stats.StatsEntry(stats, name, REQUEST_TYPE)
-    response_ms = rows["connect_us"].astype(np.float64) / 1000.0
-    batch.num_requests = len(rows)
+    batch = locust_stats.StatsEntry(stats, name, request_type)
+    response_us, events = _response_us(rows, request_type)
+    response_ms = response_us.astype(np.float64) / 1000.0
+    batch.num_requests = int(events.sum())
     # Locust annotates these int, but sums float times as given (as events.request does)
     batch.total_response_time = float(response_ms.sum())  # type: ignore[assignment]
     batch.min_response_time = float(response_ms.min())  # type: ignore[assignment]
     batch.max_response_time = float(response_ms.max())  # type: ignore[assignment]
     batch.start_time = float(wall.min())
     batch.last_request_timestamp = float(wall.max())
-    values, counts = np.unique(rows["connect_us"], return_counts=True)
+    values, counts = np.unique(response_us, return_counts=True)
     bucket = locust_stats.bucket_response_time  # replaceable at runtime, so looked up here
     for value, count in zip(values.tolist(), counts.tolist(), strict=True):
         key = bucket(value / 1000.0)
         batch.response_times[key] = batch.response_times.get(key, 0) + count
-    _per_second(batch.num_reqs_per_sec, wall)
+    _per_second(batch.num_reqs_per_sec, np.repeat(wall, events))
 
     failed = classify_rows(rows) != Outcome.CONNECTED
     if failed.any():
         batch.num_failures = int(failed.sum())
         _per_second(batch.num_fail_per_sec, wall[failed])
         for errno, io_errno, count in failure_counts(rows):
-            _log_errors(stats, name, failure(errno, io_errno), count)
+            _log_errors(stats, name, request_type, failure(errno, io_errno), count)
 
-    stats.get(name, REQUEST_TYPE).extend(batch)
+    stats.get(name, request_type).extend(batch)
     stats.total.extend(batch)
 
 
@@ -96,12 +125,16 @@ def _per_second(target: dict[int, int], wall: np.ndarray) -> None:
 
 
 def _log_errors(
-    stats: locust_stats.RequestStats, name: str, error: ConnectionFailed, count: int
+    stats: locust_stats.RequestStats,
+    name: str,
+    request_type: str,
+    error: ConnectionFailed,
+    count: int,
 ) -> None:
-    key = locust_stats.StatsError.create_key(REQUEST_TYPE, name, error)
+    key = locust_stats.StatsError.create_key(request_type, name, error)
     entry = stats.errors.get(key)
     if entry is None:
-        entry = stats.errors[key] = locust_stats.StatsError(REQUEST_TYPE, name, error)
+        entry = stats.errors[key] = locust_stats.StatsError(request_type, name, error)
     entry.occurred()
     entry.occurrences += count - 1
 

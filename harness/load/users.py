@@ -42,11 +42,11 @@ from harness.endpoints import Endpoint
 from harness.load.churn import ChurnPlan, Target
 from harness.load.cpu import CpuMeter, cpu_part_path
 from harness.load.distributed import CollectorChild, worker_run_dir
-from harness.load.gevent_engine import GeventChurn
-from harness.load.outcome import failure
+from harness.load.gevent_engine import ORIGINAL_SSL_CONTEXT, GeventChurn
+from harness.load.outcome import failure, is_status_failure
 from harness.load.pacing import Pacer
 from harness.load.progress import ProgressCounter
-from harness.load.stats import REQUEST_TYPE, feed_cpu, feed_rows
+from harness.load.stats import feed_cpu, feed_rows
 from harness.load.uvloop_engine import read_frame_cpu
 from harness.records import FLUSH_INTERVAL, RecordWriter
 from harness.rundir import RunDir
@@ -100,8 +100,11 @@ class _Session:
         share = (
             rate_share if rate_share is not None else float(os.environ.get("EPH_RATE_SHARE", "1"))
         )
-        self.plan = ChurnPlan.from_scenario(scenario, rate_share=share)
-        self.names = [str(e) for e in self.plan.endpoints]
+        self.plan = ChurnPlan.from_scenario(
+            scenario, rate_share=share, ssl_context_class=ORIGINAL_SSL_CONTEXT
+        )
+        self.names = self.plan.names
+        self.request_type = self.plan.request_type
         self.engine = scenario.load.engine
         self.targets = self.plan.cycle()
         self.pacer = Pacer(self.plan.rate) if self.plan.rate > 0 else None
@@ -132,15 +135,33 @@ class _Session:
             self.bridge = _UvloopBridge(self, self.run_dir.parts / f"uvloop-{tag}.arrows", share)
         return meter
 
-    def _on_result(self, target: Target, err: int, io_err: int, connect_ms: float, rx: int) -> None:
-        self._fire(
-            request_type=REQUEST_TYPE,
-            name=self.names[target.index],
-            response_time=connect_ms,
-            response_length=rx,
-            exception=failure(err, io_err) if err or io_err else None,
-            context={},
-        )
+    def _on_result(
+        self, target: Target, err: int, io_err: int, elapsed_ms: float, rx: int, requests: int
+    ) -> None:
+        """One connection to Locust: one request, or for HTTP its responses and its
+        failure (``harness.load.outcome.request_events``), each its share of the time."""
+        name, fire, kind = self.names[target.index], self._fire, self.request_type
+        failed = bool(err or io_err)
+        succeeded = requests - is_status_failure(io_err)  # that response is the failure
+        share = elapsed_ms / max(succeeded + failed, 1)
+        for _ in range(succeeded):
+            fire(
+                request_type=kind,
+                name=name,
+                response_time=share,
+                response_length=rx // requests,
+                exception=None,
+                context={},
+            )
+        if failed or not requests:
+            fire(
+                request_type=kind,
+                name=name,
+                response_time=share,
+                response_length=0 if requests else rx,
+                exception=failure(err, io_err) if failed else None,
+                context={},
+            )
 
     def _flush_loop(self) -> None:
         while True:
@@ -221,7 +242,7 @@ class _UvloopBridge:
         session = self._session
         stats = session.environment.stats
         while (frame := read_frame_cpu(self._proc.stdout)) is not None:
-            feed_rows(stats, frame.rows, session.names)
+            feed_rows(stats, frame.rows, session.names, session.request_type)
             feed_cpu(stats, frame.cpu)  # the child's CPU; it writes its own CPU part
             session.progress.update(frame.rows)
 

@@ -37,6 +37,7 @@ import numpy as np
 from harness.load.churn import LINGER_RESET, UDP_PAYLOAD, ChurnPlan, Target, make_socket
 from harness.load.cpu import CpuInterval, CpuMeter, cpu_part_path
 from harness.load.fastpath import FRAME_HEADER, CallbackChurn, flush_frame, write_frame
+from harness.load.httppath import HttpChurn
 from harness.load.outcome import INTERRUPTED, NO_REPLY, TIMED_OUT, columns, errno_of
 from harness.load.pacing import Pacer
 from harness.records import FLUSH_INTERVAL, ROW_DTYPE, RecordWriter
@@ -171,7 +172,7 @@ class UvloopChurn:
             if client is not None and client.transport is not None:
                 _close(client.transport, plan.close if io_err == 0 else ClosePolicy.CLIENT)
             t2 = time.monotonic_ns()
-            self.writer.add((t0, t1, t2, address_id, port, target.index, err, io_err))
+            self.writer.add((t0, t1, t2, address_id, port, target.index, err, io_err, 0, 0, 0, 0))
         return err
 
     async def _attempt_udp(self, target: Target) -> int:
@@ -203,7 +204,7 @@ class UvloopChurn:
             if sock is not None:
                 sock.close()
             t2 = time.monotonic_ns()
-            self.writer.add((t0, t1, t2, address_id, port, target.index, err, io_err))
+            self.writer.add((t0, t1, t2, address_id, port, target.index, err, io_err, 0, 0, 0, 0))
         return err
 
     async def _connect(self, loop: asyncio.AbstractEventLoop, target: Target) -> _Client:
@@ -279,7 +280,7 @@ def read_frame(stream: BinaryIO) -> np.ndarray | None:
     return frame.rows if frame is not None else None
 
 
-async def _serve(churn: UvloopChurn | CallbackChurn) -> None:
+async def _serve(churn: UvloopChurn | CallbackChurn | HttpChurn) -> None:
     loop = asyncio.get_running_loop()
     reader = asyncio.StreamReader()
     await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin)
@@ -323,7 +324,11 @@ def main(argv: list[str] | None = None) -> int:
         pid=os.getpid(),
     )
     meter = CpuMeter(cpu_part_path(args.part.parent, f"uvloop-{os.getpid()}"), engine="uvloop")
-    engine = CallbackChurn if CallbackChurn.applies(plan) else UvloopChurn
+    engine: type[UvloopChurn | CallbackChurn | HttpChurn] = UvloopChurn
+    if HttpChurn.applies(plan):
+        engine = HttpChurn
+    elif CallbackChurn.applies(plan):
+        engine = CallbackChurn
     churn = engine(plan, writer, sys.stdout.buffer, meter)
     # Ctrl-C reaches the whole process group; this process stops when its Locust
     # process says so (stdin), after finishing and recording its attempts.

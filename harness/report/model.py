@@ -19,6 +19,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 
 from harness.errors import SummaryError
 from harness.report.cpu import Cpu
+from harness.report.http import Http
 from harness.report.sections import (
     BindAttempt,
     Capacity,
@@ -144,6 +145,7 @@ class Summary(Section):
     occupancy: Occupancy | None = None
     latency_cliff: LatencyCliff | None = None
     cpu: Cpu | None = None
+    http: Http | None = None
     kernel_witness: KernelWitness | None = None
     crash: Crash | None = None
 

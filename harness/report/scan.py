@@ -14,6 +14,7 @@ import pyarrow as pa
 
 from harness.errors import errno_name
 from harness.report.counts import ValueCounts
+from harness.report.http import HTTP_COLUMNS, HttpTally
 from harness.report.model import Connections, Exhaustion, Kernel, Latency, Outage, Ports
 from harness.report.ondisk import OnDisk
 from harness.report.summary import EXHAUSTION_ERRNOS, MAX_OUTAGES, MIN_OUTAGE_FAILURES
@@ -21,6 +22,7 @@ from harness.report.summary import EXHAUSTION_ERRNOS, MAX_OUTAGES, MIN_OUTAGE_FA
 __all__ = ["SCAN_COLUMNS", "RecordScan", "scan_records"]
 
 SCAN_COLUMNS = ("start_ns", "connect_us", "close_us", "local_port", "errno", "io_errno")
+_WITH_HTTP = (*SCAN_COLUMNS, *(c for c in HTTP_COLUMNS if c not in SCAN_COLUMNS))
 
 
 def _names(counts: np.ndarray) -> dict[str, int]:
@@ -110,8 +112,10 @@ class RecordScan:
         self._ok_before = 0  # successes in the batches read so far
         self._ok_at_last = 0  # of which started at the last start read
         self._outages = _Outages()
+        self.http = HttpTally()
 
     def add(self, batch: pa.RecordBatch) -> None:
+        self.http.add(batch)
         start = batch.column("start_ns").to_numpy()
         if not len(start):
             return
@@ -209,7 +213,8 @@ def scan_records(records: OnDisk) -> RecordScan:
     found = records.cache.get("scan")
     if not isinstance(found, RecordScan):
         found = RecordScan()
-        for batch in records.batches(SCAN_COLUMNS):
+        columns = _WITH_HTTP if "requests" in records.column_names else SCAN_COLUMNS
+        for batch in records.batches(columns):
             found.add(batch)
         records.cache["scan"] = found
     return found

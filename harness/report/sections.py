@@ -181,7 +181,14 @@ class Conservation(Section):
 
     records: int
     locust_requests: int | None = None
+    records_as_locust_requests: int | None = None
+    """What Locust should have counted for the records, when it is not one per record
+    (HTTP: each connection's responses, one more if it failed)."""
     records_match_locust: bool | None = None
+    listener_requests: int | None = None
+    """HTTP requests the embedded listener answered."""
+    requests_match_listener: bool | None = None
+    """The records' whole responses equal the listener's answers."""
     listener_accepted: int | None = None
     succeeded_match_listener: bool | None = None
     listener_check: str | None = None

@@ -10,6 +10,7 @@ import numpy as np
 import pyarrow as pa
 
 from harness.errors import errno_name
+from harness.report.http import Http
 from harness.report.model import (
     SCHEMA_VERSION,
     Connections,
@@ -110,6 +111,7 @@ def summarize(
     locust_requests: int | None = None,
     lossy_link: bool = False,
     datagrams: bool = False,
+    http: Http | None = None,
 ) -> Summary:
     """The summary's first sections, from the records alone; analysis adds the rest."""
     connections = cols.connections(duration_s)
@@ -130,10 +132,13 @@ def summarize(
             locust_requests,
             lossy_link,
             datagrams,
+            http,
         ),
     )
     if listener is not None:
         summary.listener = listener
+    if http is not None:
+        summary.http = http
     return summary
 
 
@@ -243,6 +248,7 @@ def _conservation(
     locust_requests: int | None,
     lossy_link: bool = False,
     datagrams: bool = False,
+    http: Http | None = None,
 ) -> Conservation:
     """Every attempt recorded, counted by Locust, and (if connected) accepted by our listener.
 
@@ -254,8 +260,17 @@ def _conservation(
     checks = []
     if locust_requests is not None:
         result.locust_requests = locust_requests
-        result.records_match_locust = locust_requests == attempted
+        expected = attempted
+        if http is not None and http.locust_requests != attempted:
+            expected = result.records_as_locust_requests = http.locust_requests
+        result.records_match_locust = locust_requests == expected
         checks.append(result.records_match_locust)
+    served = getattr(listener, "requests", None) if listener is not None else None
+    if http is not None and isinstance(served, int):
+        result.listener_requests = served
+        result.requests_match_listener = served == http.requests
+        if not lossy_link:
+            checks.append(result.requests_match_listener)
     if listener is not None:
         result.listener_accepted = listener.accepted
         result.succeeded_match_listener = listener.accepted == succeeded

@@ -76,12 +76,19 @@ def parse_scenario(
     if targets:
         raw.pop("listener", None)
         raw.setdefault("target", {})["endpoints"] = list(targets)
+        load = raw.setdefault("load", {})
+        if isinstance(load, dict) and "tls" not in load and _all_https(targets):
+            load["tls"] = True  # TARGET=staging:443 speaks TLS unless the scenario says
     for item in overrides:
         apply_override(raw, item)
     try:
         return Scenario.model_validate(raw)
     except ValidationError as exc:
         raise _scenario_error(exc, text, source) from None
+
+
+def _all_https(targets: Sequence[str]) -> bool:
+    return all(target.strip().rsplit(":", 1)[-1] == "443" for target in targets)
 
 
 def apply_override(raw: dict[str, Any], item: str) -> None:

@@ -188,6 +188,11 @@ class HttpConfig(_Section):
                     f"expect_status[{index}] = {item!r} is neither a status code nor a"
                     ' class such as "2xx"'
                 )
+        if self.method == "HEAD":
+            raise ValueError(
+                'method = "HEAD": a response to HEAD has a length but no body, which'
+                " eph's response reader cannot tell; use GET"
+            )
         for name, value in self.headers.items():
             if not re.fullmatch(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+", name) or "\n" in value:
                 raise ValueError(f"headers: {name!r} = {value!r} is not a valid header")
@@ -276,6 +281,11 @@ class LoadConfig(_Section):
             raise ValueError(
                 "[load.http] builds the request and reads the response itself:"
                 " leave send and reply unset (the request's body is load.http.body)"
+            )
+        if self.engine is Engine.UVLOOP and self.tls is not None and self.send:
+            raise ValueError(
+                'engine = "uvloop" speaks TLS for [load.http] or a bare handshake; TLS with'
+                ' raw send bytes needs engine = "locust"'
             )
         if self.requests_per_connection > 1 and self.http is None:
             raise ValueError(

@@ -1,0 +1,109 @@
+"""The summary's ``http`` section: requests, statuses and TLS handshakes, in bulk.
+
+A run with ``[load.http]`` or ``load.tls`` records per connection the responses
+read whole (``requests``), the last status (or the first unexpected one), the
+response bytes and when the TLS handshake finished. :class:`HttpTally` adds
+them up batch by batch, so a large run's scan and a small run's table give the
+same section. Records without these columns (older runs, the kernel's) give none.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import numpy as np
+import pyarrow as pa
+
+from harness.load.outcome import request_events
+from harness.report.counts import ValueCounts
+from harness.report.sections import Latency, Section
+
+__all__ = ["HTTP_COLUMNS", "Http", "HttpTally", "http_section"]
+
+HTTP_COLUMNS = ("errno", "io_errno", "connect_us", "tls_us", "requests", "status", "rx_bytes")
+
+
+class Http(Section):
+    """HTTP requests and TLS handshakes, when the run made them."""
+
+    requests: int
+    """Responses read whole, over every connection."""
+    connections_with_requests: int
+    """Connections that read at least one response."""
+    requests_per_connection: float | None
+    """Responses per connection that read any: load.requests_per_connection when all went well."""
+    statuses: dict[str, int]
+    """The status each connection ended with (its last, or its first unexpected): count."""
+    response_bytes: int
+    """Response bytes read, headers included."""
+    tls_handshakes: int
+    """Connections whose TLS handshake finished."""
+    tls_handshake_ms: Latency | None = None
+    """From connect() answering to the handshake's end, in milliseconds."""
+    locust_requests: int
+    """What Locust counts for these records: each connection's responses, one more if it
+    failed, and at least one (``harness.load.outcome.request_events``)."""
+
+
+class HttpTally:
+    """The section's sums, one batch at a time."""
+
+    def __init__(self) -> None:
+        self.seen = False  # any row with a request or a handshake
+        self.requests = self.with_requests = self.rx = self.events = 0
+        self.statuses = np.zeros(1000, np.int64)
+        self.handshake_us = ValueCounts()
+
+    def add(self, batch: pa.RecordBatch | pa.Table) -> None:
+        if "requests" not in batch.schema.names:
+            self.events += batch.num_rows  # records without HTTP: one request each
+            return
+        rows = {name: batch.column(name).to_numpy() for name in HTTP_COLUMNS}
+        requests = rows["requests"]
+        self.events += int(request_events(rows).sum())  # type: ignore[arg-type]
+        tls = rows["tls_us"] != 0
+        if not (requests.any() or tls.any()):
+            return
+        self.seen = True
+        self.requests += int(requests.sum(dtype=np.int64))
+        self.with_requests += int(np.count_nonzero(requests))
+        self.rx += int(rows["rx_bytes"].sum(dtype=np.int64))
+        status = rows["status"]
+        self.statuses += np.bincount(status[status < 1000], minlength=1000)[:1000]
+        self.handshake_us.add(
+            rows["tls_us"][tls].astype(np.int64) - rows["connect_us"][tls].astype(np.int64)
+        )
+
+    def section(self) -> Http | None:
+        if not self.seen:
+            return None
+        codes = np.flatnonzero(self.statuses)
+        codes = codes[codes != 0]
+        return Http(
+            requests=self.requests,
+            connections_with_requests=self.with_requests,
+            requests_per_connection=(
+                round(self.requests / self.with_requests, 3) if self.with_requests else None
+            ),
+            statuses={str(int(c)): int(self.statuses[c]) for c in codes},
+            response_bytes=self.rx,
+            tls_handshakes=self.handshake_us.total,
+            tls_handshake_ms=self._handshake(),
+            locust_requests=self.events,
+        )
+
+    def _handshake(self) -> Latency | None:
+        counts = self.handshake_us
+        if not counts.total:
+            return None
+        p50, p90, p99 = (max(counts.percentile(q), 0.0) / 1000.0 for q in (50, 90, 99))
+        top = float(counts.values[-1]) / 1000.0
+        return Latency(p50=round(p50, 3), p90=round(p90, 3), p99=round(p99, 3), max=round(top, 3))
+
+
+def http_section(batches: Iterable[pa.RecordBatch | pa.Table]) -> HttpTally:
+    """The tally over ``batches`` (a table in memory is one)."""
+    tally = HttpTally()
+    for batch in batches:
+        tally.add(batch)
+    return tally

@@ -1,0 +1,180 @@
+"""HTTP and TLS load against nginx from Debian, in a namespace: what each connection
+recorded (status, responses, handshake), and conservation counted three ways:
+eph's records, Locust's requests and nginx's own access log."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pyarrow.parquet as pq
+import pytest
+
+from harness.kernel.netns import Namespace
+from tests.conftest import eph, run_dir_summary, write_scenario
+from tests.servers import access_count, certificate, nginx
+
+pytestmark = pytest.mark.netns
+
+ENGINES = ["locust", "uvloop"]
+
+
+def _scenario(
+    tmp_path: Path, endpoint: str, load: str, http: str = "", seconds: float = 1.5
+) -> Path:
+    return write_scenario(
+        tmp_path / "http.toml",
+        f"""
+name = "http"
+duration = "{seconds}s"
+[target]
+endpoints = ["{endpoint}"]
+[load]
+users = 8
+rate = 300
+connect_timeout = "1s"
+io_timeout = "2s"
+{load}
+[load.http]
+{http}
+""",
+    )
+
+
+def _run(tmp_path: Path, ns: Namespace, scenario: Path) -> tuple[Path, dict[str, Any], str]:
+    out = tmp_path / "run"
+    result = eph(["run", str(scenario), "--out", str(out)], cwd=tmp_path, prefix=ns.command([]))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "Traceback" not in result.stderr
+    return out, run_dir_summary(out), result.stderr
+
+
+def _locust_entries(out: Path) -> list[dict[str, Any]]:
+    entries = json.loads((out / "locust.json").read_text())
+    return [e for e in entries if e["method"] != "CPU"]
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_http_statuses_are_recorded_and_records_locust_and_nginx_agree(
+    tmp_path: Path, netns: Namespace, engine: str
+) -> None:
+    with nginx(netns, tmp_path / "nginx", "127.0.0.1:8080", access_log=True) as prefix:
+        scenario = _scenario(tmp_path, "127.0.0.1:8080", f'engine = "{engine}"')
+        out, summary, _ = _run(tmp_path, netns, scenario)
+    served = access_count(prefix)
+    conns = summary["connections"]
+    assert conns["attempted"] > 100 and conns["failed"] == 0
+    http = summary["http"]
+    assert http["statuses"] == {"200": conns["attempted"]}
+    assert http["requests"] == conns["attempted"] == served
+    assert http["response_bytes"] > served * len("ok\n")  # headers included
+    cons = summary["conservation"]
+    assert cons["ok"] and cons["records_match_locust"] and cons["locust_requests"] == served
+    # Locust reads like an HttpUser's: method and path
+    (entry,) = _locust_entries(out)
+    assert (entry["method"], entry["name"]) == ("GET", "/")
+    table = pq.read_table(out / "connections.parquet")
+    assert set(table.column("status").to_pylist()) == {200}
+    assert set(table.column("requests").to_pylist()) == {1}
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_an_unexpected_status_is_a_failure_of_its_own_kind(
+    tmp_path: Path, netns: Namespace, engine: str
+) -> None:
+    with nginx(netns, tmp_path / "nginx", "127.0.0.1:8080", access_log=True) as prefix:
+        scenario = _scenario(
+            tmp_path, "127.0.0.1:8080", f'engine = "{engine}"', 'path = "/unavailable"', 1.0
+        )
+        out, summary, _ = _run(tmp_path, netns, scenario)
+    conns = summary["connections"]
+    n = conns["attempted"]
+    assert n > 50
+    assert conns["io_errors"] == {"HTTP_503": n}  # connected, then the status failed
+    assert summary["http"]["statuses"] == {"503": n}
+    assert access_count(prefix) == n
+    (entry,) = _locust_entries(out)
+    assert entry["num_failures"] == n == entry["num_requests"]
+
+
+def test_keep_alive_serves_n_requests_per_connection_over_one_port(
+    tmp_path: Path, netns: Namespace
+) -> None:
+    """requests_per_connection = 5: five requests in nginx's log per connection, one local
+    port each; Locust counts requests, eph's records count connections."""
+    with nginx(netns, tmp_path / "nginx", "127.0.0.1:8080", access_log=True) as prefix:
+        scenario = _scenario(
+            tmp_path,
+            "127.0.0.1:8080",
+            'engine = "uvloop"\nrequests_per_connection = 5\nmax_connections = 200',
+            seconds=5,
+        )
+        out, summary, _ = _run(tmp_path, netns, scenario)
+    table = pq.read_table(out / "connections.parquet")
+    connections = table.num_rows
+    assert connections >= 100  # max_connections stops the run (checked between flushes)
+    assert set(table.column("requests").to_pylist()) == {5}
+    ports = set(zip(table.column("local_port").to_pylist(), strict=True))
+    assert len(ports) == connections  # one port per connection, however many requests
+    assert access_count(prefix) == 5 * connections == summary["http"]["requests"]
+    assert summary["http"]["requests_per_connection"] == 5.0
+    cons = summary["conservation"]
+    assert cons["locust_requests"] == cons["records_as_locust_requests"] == 5 * connections
+    assert cons["ok"]
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_tls_with_the_servers_ca_verifies_and_times_the_handshake(
+    tmp_path: Path, netns: Namespace, engine: str
+) -> None:
+    ca, cert, key = certificate(tmp_path / "pki", "staging.test", "127.0.0.1")
+    with nginx(
+        netns, tmp_path / "nginx", "127.0.0.1:8443", access_log=True, tls=(cert, key)
+    ) as prefix:
+        scenario = _scenario(
+            tmp_path,
+            "127.0.0.1:8443",
+            f'engine = "{engine}"\n[load.tls]\nserver_name = "staging.test"\nca_file = "{ca}"',
+        )
+        out, summary, _ = _run(tmp_path, netns, scenario)
+    conns = summary["connections"]
+    http = summary["http"]
+    assert conns["failed"] == 0 and conns["io_errors"] == {}
+    assert http["tls_handshakes"] == conns["attempted"] == http["requests"] == access_count(prefix)
+    assert 0 < http["tls_handshake_ms"]["p50"] < 1000
+    table = pq.read_table(out / "connections.parquet")
+    connect, tls = table.column("connect_us").to_numpy(), table.column("tls_us").to_numpy()
+    assert (tls > connect).all()  # the handshake ends after connect() answered
+    assert summary["conservation"]["ok"]
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_tls_verification_fails_clearly_without_the_ca(
+    tmp_path: Path, netns: Namespace, engine: str
+) -> None:
+    _, cert, key = certificate(tmp_path / "pki", "staging.test")
+    with nginx(netns, tmp_path / "nginx", "127.0.0.1:8443", access_log=True, tls=(cert, key)):
+        scenario = _scenario(
+            tmp_path,
+            "127.0.0.1:8443",
+            f'engine = "{engine}"\n[load.tls]\nserver_name = "staging.test"',
+            seconds=1.0,
+        )
+        out, summary, _ = _run(tmp_path, netns, scenario)
+    conns = summary["connections"]
+    assert conns["attempted"] > 20
+    assert conns["io_errors"] == {"TLS_VERIFY": conns["attempted"]}
+    logs = "".join(p.read_text() for p in (out / "logs").iterdir())
+    assert "TLS certificate verification failed for staging.test" in logs
+    assert "self-signed" in logs or "unable to get local issuer" in logs
+
+
+def test_a_missing_ca_file_is_an_error_before_any_load(tmp_path: Path) -> None:
+    missing = tmp_path / "nowhere" / "ca.pem"
+    scenario = _scenario(tmp_path, "127.0.0.1:8443", f'[load.tls]\nca_file = "{missing}"')
+    result = eph(["run", str(scenario), "--out", str(tmp_path / "run")], cwd=tmp_path)
+    assert result.returncode != 0
+    assert "load.tls.ca_file" in result.stderr and str(missing) in result.stderr
+    assert "Traceback" not in result.stderr
+    assert not (tmp_path / "run").exists()
