@@ -89,6 +89,7 @@ class Sample:
     non_2xx: int = 0
     failed: int = 0
     problem: str = ""
+    window_s: float | None = None  # eph only: Locust's first-to-last request window
 
 
 def _int(pattern: str, text: str) -> int:
@@ -205,11 +206,18 @@ def run_eph(bench: BenchLike, engine: str, seconds: int) -> Sample:
     window = max(e["last_request_timestamp"] for e in entries) - min(
         e["start_time"] for e in entries
     )
-    return Sample(
+    sample = Sample(
         per_s=requests / window if window > 0 else None,
         requests=requests,
         failed=sum(e["num_failures"] for e in entries),
+        window_s=round(window, 3),
     )
+    # a connection or two per user, or a blink of a window, is no steady rate: e.g. an
+    # engine that never got its answer and recorded only the users' first connections
+    if requests <= CONNECTIONS or window < 0.5:
+        sample.problem = f"{requests} requests in {window:.3f} s: too few for a rate"
+        sample.per_s = None
+    return sample
 
 
 def nginx_binary() -> str | None:
@@ -297,8 +305,12 @@ def summarize(samples: dict[str, list[Sample]]) -> dict[str, Any]:
             "requests": sum(s.requests for s in runs),
             "non_2xx": sum(s.non_2xx for s in runs),
             "failed": sum(s.failed for s in runs),
+            "problems": sorted({s.problem for s in runs if s.problem}),
             "all_rounds": [asdict(s) for s in runs],
         }
+        windows = [s.window_s for s in runs if s.window_s is not None]
+        if windows:
+            clients[name]["window_s_median"] = round(statistics.median(windows), 2)
     ratios: dict[str, Any] = {}
     for (eph, peer), goal in GOALS.items():
         ours = clients.get(eph, {}).get("per_s")
@@ -316,7 +328,9 @@ def table(result: dict[str, Any]) -> str:
     for name, row in result["clients"].items():
         rate = f"{row['per_s']:,.0f}" if row["per_s"] is not None else "-"
         counts = f"{row['requests']:>10,} {row['non_2xx']:>8,} {row['failed']:>8,}"
-        lines.append(f"{name:<12} {rate:>13} {counts}")
+        window = f"  (over {row['window_s_median']} s)" if "window_s_median" in row else ""
+        lines.append(f"{name:<12} {rate:>13} {counts}{window}")
+        lines += [f"  {name}: {problem}" for problem in row["problems"]]
     for name, ratio in result["ratios"].items():
         eph, peer = name.split("_vs_")
         goal = "" if ratio["goal"] is None else f"  (goal >= {ratio['goal']}: "
@@ -356,6 +370,7 @@ def measure(args: argparse.Namespace, make_bench: Callable[..., BenchLike]) -> d
         "server": f"nginx, 1 worker, return 200, {URL}",
         "connections": CONNECTIONS,
         "new_connection_per_request": True,
+        "eph_per_s": "requests over Locust's first-to-last request window (window_s)",
         "seconds_per_round": args.seconds,
         "rounds": args.rounds,
         "missing": [name for name in PEERS if name not in clients],
