@@ -43,16 +43,19 @@ $(STAMP): pyproject.toml
 
 setup: $(STAMP) ## Create .venv and install eph with its dev tools (idempotent)
 
-# Debian tools the tests use: ip/ss (iproute2), a headless browser for report.html and
-# Locust's web UI, clients and servers eph did not write (nginx, curl, ab), and bpftrace
-# for the kernel's record of every connection (eph observe --trace)
-system-deps: ## Install iproute2, chromium, nginx, curl, ab and bpftrace with apt-get when missing (root)
+# Debian tools the tests and benches use: ip/ss (iproute2), a headless browser for
+# report.html and Locust's web UI, clients and servers eph did not write (nginx, curl,
+# and ab, wrk and hey, the peers `make bench` measures eph against), and bpftrace for the
+# kernel's record of every connection (eph observe --trace)
+system-deps: ## Install iproute2, chromium, nginx, curl, ab, wrk, hey and bpftrace with apt-get when missing (root)
 	@missing=""; \
 	command -v ip >/dev/null && command -v ss >/dev/null || missing="$$missing iproute2"; \
 	command -v chromium >/dev/null || missing="$$missing chromium"; \
 	command -v nginx >/dev/null || missing="$$missing nginx-light"; \
 	command -v curl >/dev/null || missing="$$missing curl"; \
 	command -v ab >/dev/null || missing="$$missing apache2-utils"; \
+	command -v wrk >/dev/null || missing="$$missing wrk"; \
+	command -v hey >/dev/null || missing="$$missing hey"; \
 	command -v bpftrace >/dev/null || missing="$$missing bpftrace"; \
 	if [ -n "$$missing" ]; then \
 	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \

@@ -31,6 +31,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+import peers  # noqa: E402
 from growth import growth  # noqa: E402  (bench/ is the script's directory)
 
 from harness.kernel.netns import Namespace, netns_available  # noqa: E402
@@ -60,6 +61,16 @@ class Bench:
         self, locustfile: Path, env: dict[str, str], extra: tuple[str, ...] = ()
     ) -> float:
         """Requests/s as Locust counted them, over its own first-to-last request window."""
+        entries = self.locust_entries(locustfile, env, extra)
+        requests = sum(e["num_requests"] for e in entries)
+        start = min(e["start_time"] for e in entries)
+        last = max(e["last_request_timestamp"] for e in entries)
+        return requests / (last - start)
+
+    def locust_entries(
+        self, locustfile: Path, env: dict[str, str], extra: tuple[str, ...] = ()
+    ) -> list[dict[str, Any]]:
+        """One headless Locust run; its stats entries, eph's CPU rows left out."""
         stats = Path(tempfile.mkdtemp(dir=self.workdir)) / "stats"
         cmd = [
             sys.executable,
@@ -91,13 +102,9 @@ class Bench:
             check=True,
         )
         # connections only: eph's CPU rows (method "CPU") count attempts a second time
-        entries = [
+        return [
             e for e in json.loads(stats.with_suffix(".json").read_text()) if e["method"] != "CPU"
         ]
-        requests = sum(e["num_requests"] for e in entries)
-        start = min(e["start_time"] for e in entries)
-        last = max(e["last_request_timestamp"] for e in entries)
-        return requests / (last - start)
 
     def eph_env(self, endpoint: str, engine: str, load: str = "") -> dict[str, str]:
         scenario = self.workdir / f"bench-{engine}.toml"
@@ -451,12 +458,13 @@ def main() -> int:
     parser.add_argument("--analysis-connections", type=int, default=1_000_000)
     parser.add_argument(
         "--only",
-        choices=["all", "report", "memory", "scaling", "paths", "trace"],
+        choices=["all", "report", "memory", "scaling", "paths", "trace", "peers"],
         default="all",
         help="report: only the merge and report of synthetic runs (--rows);"
         " memory: only the engine's bytes per connection;"
         " scaling: only 1 against 2 processes; paths: only eph observe's sample against ss;"
-        " trace: only churn with the kernel recorder against without",
+        " trace: only churn with the kernel recorder against without;"
+        " peers: only wrk, ab and hey against eph's engines, one nginx (bench/peers.py)",
     )
     parser.add_argument("--destinations", type=int, default=1000)
     parser.add_argument(
@@ -479,6 +487,9 @@ def main() -> int:
             ns.set_sysctl("net.ipv4.ip_local_port_range", (1024, 65000))
             scaling = Bench(args, Path(tmp), ns).scaling()
         print(json.dumps({"machine": machine(), "scaling": scaling}, indent=2))
+        return 0
+    if args.only == "peers":
+        print(json.dumps({"machine": machine(), "peers": peers.measure(args, Bench)}, indent=2))
         return 0
     if args.only == "trace":
         print(json.dumps({"machine": machine(), "trace": trace_overhead(args)}, indent=2))
@@ -572,6 +583,7 @@ def main() -> int:
         "paths_at_time_wait": (paths_vs_ss(args.tw_sockets, args.destinations) if use_ns else None),
         "analysis": analysis_time(args.analysis_connections),
         "trace": trace_overhead(args),
+        "peers": peers.measure(args, Bench),
     }
     report["growth"] = report_growth(args.rows)
     print(json.dumps(report, indent=2))
