@@ -19,7 +19,8 @@ ifeq ($(strip $(TARGET)),)
 LOADTEST_SCENARIO := $(call scenario_path,$(or $(SCENARIO),default))
 LOADTEST_FLAGS    :=
 else
-LOADTEST_SCENARIO := $(call scenario_path,$(or $(SCENARIO),staging))
+# port 443 speaks HTTPS (staging-https.toml); any other port churns raw TCP (staging.toml)
+LOADTEST_SCENARIO := $(call scenario_path,$(or $(SCENARIO),$(if $(filter %:443,$(TARGET)),staging-https,staging)))
 LOADTEST_FLAGS    := --target $(TARGET)
 endif
 LOADTEST_FLAGS += $(if $(USERS),--set load.users=$(USERS)) $(if $(RATE),--set load.rate=$(RATE)) \

@@ -458,7 +458,11 @@ class Scenario(_Section):
                     " the kernel docs advise different parity (connect() splits the range"
                     " by parity)"
                 )
-        if self.load.close is ClosePolicy.SERVER and self.listener_close is ListenerClose.WAIT:
+        if (
+            self.listener is not None
+            and self.load.close is ClosePolicy.SERVER
+            and self.listener_close is ListenerClose.WAIT
+        ):
             notes.append(
                 "load.close = server but listener.close = wait: each connection lasts"
                 " until load.io_timeout"
