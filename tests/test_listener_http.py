@@ -1,4 +1,4 @@
-"""The target listener's HTTP/1.1 mode, over real sockets on 127.0.0.1."""
+"""The target listener's HTTP/1.1 and TLS modes, over real sockets on 127.0.0.1."""
 
 from __future__ import annotations
 
@@ -13,6 +13,11 @@ import pytest
 
 from harness.scenario import ListenerClose
 from harness.target.listener import Listener, ListenerStats
+from harness.target.tls import (
+    ThrowawayCert,
+    make_throwaway_certificate,
+    server_context,
+)
 
 from . import test_listener
 from .conftest import tcp_states
@@ -262,3 +267,47 @@ def test_close_policies_end_after_the_first_answer(
         assert local >= 1
     else:
         assert local == 0
+
+
+# TLS
+
+
+@pytest.fixture(scope="module")
+def cert(tmp_path_factory: pytest.TempPathFactory) -> ThrowawayCert:
+    return make_throwaway_certificate(tmp_path_factory.mktemp("tls"), ["127.0.0.1", "localhost"])
+
+
+@pytest.mark.parametrize("http", [True, False], ids=["http", "tcp"])
+def test_tls_client_with_the_ca_verifies_and_gets_the_answer(
+    run_loop: Callable[..., Any], cert: ThrowawayCert, http: bool
+) -> None:
+    client_context = ssl.create_default_context(cafile=str(cert.ca_file))
+
+    async def talk(port: int) -> bytes:
+        client = await _Client.connect(port, tls=client_context)
+        if http:
+            [(status, _, body)] = await client.ask(GET_CLOSE)
+            assert status == 200
+        else:  # raw TCP: the response bytes, then the listener closes (first)
+            body = await asyncio.wait_for(client.reader.read(100), READ_TIMEOUT)
+        await client.close()
+        return body
+
+    tls = server_context(cert.cert_file, cert.key_file)
+    close = ListenerClose.WAIT if http else ListenerClose.FIRST
+    listener = Listener([LOCAL], http=http, tls=tls, close=close, response=b"secret\n")
+    body, stats, _ = run_loop(_serve(listener, talk))
+    assert body == b"secret\n"
+    assert stats.total == 1
+
+
+def test_tls_client_without_the_ca_fails_verification(
+    run_loop: Callable[..., Any], cert: ThrowawayCert
+) -> None:
+    async def talk(port: int) -> None:
+        with pytest.raises(ssl.SSLCertVerificationError):
+            await _Client.connect(port, tls=ssl.create_default_context())
+
+    tls = server_context(cert.cert_file, cert.key_file)
+    _, stats, _ = run_loop(_serve(Listener([LOCAL], http=True, tls=tls), talk))
+    assert stats.total == 1 and sum(stats.requests.values()) == 0

@@ -4,9 +4,10 @@ Protocol-based on purpose: the streams API accepted about half as fast when
 measured here (``make bench`` prints this listener's accept rate). This module
 never imports locust, so its process is never monkey-patched by gevent.
 
-It speaks raw TCP (bytes in, ``response`` out) or HTTP/1.1 (``http``: each request
+It speaks raw TCP (bytes in, ``response`` out), HTTP/1.1 (``http``: each request
 parsed in C by httptools, one parser per connection, answered with a 200 built
-once).
+once), or either over TLS (``tls``: an ``ssl.SSLContext``, see
+:mod:`harness.target.tls`).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import functools
 import json
 import logging
 import signal
+import ssl
 import sys
 import time
 import typing
@@ -124,7 +126,7 @@ class Listener:
 
     ``http``: HTTP/1.1 instead of raw bytes (``response`` is the body; read_request
     and keep_alive do not apply: every request is read, keep-alive is the client's
-    to ask).
+    to ask). ``tls``: serve over TLS with this server context (TCP and HTTP alike).
     """
 
     def __init__(
@@ -138,11 +140,12 @@ class Listener:
         backlog: int = 4096,
         udp: bool = False,
         http: bool = False,
+        tls: ssl.SSLContext | None = None,
     ) -> None:
         if close is ListenerClose.AUTO:
             raise ValueError("resolve ListenerClose.AUTO before starting a listener")
-        if udp and http:
-            raise ValueError("UDP carries no HTTP")
+        if udp and (http or tls is not None):
+            raise ValueError("UDP carries neither HTTP nor TLS")
         self._endpoints = list(endpoints)
         self._close = close
         self._response = response
@@ -151,6 +154,7 @@ class Listener:
         self._backlog = backlog
         self._udp = udp  # datagram endpoints: each datagram counts as one accept
         self._replies = http_replies(response) if http else None
+        self._tls = tls
         self._servers: list[tuple[str, Any, _Counter]] = []  # asyncio.Server or transport
         self._bound: list[Endpoint] = []
         self.loop_errors = 0
@@ -193,6 +197,7 @@ class Listener:
                         endpoint.port,
                         backlog=self._backlog,
                         reuse_address=True,
+                        ssl=self._tls,
                     )
                     host, port = server.sockets[0].getsockname()[:2]
             except OSError as exc:
