@@ -15,8 +15,9 @@ import uvloop
 from cryptography import x509
 
 from harness.endpoints import Endpoint
-from harness.errors import ListenerError
-from harness.scenario import ListenerClose
+from harness.errors import ListenerError, RunError
+from harness.placement import _listen_command
+from harness.scenario import ListenerClose, parse_scenario
 from harness.target.listener import Listener
 from harness.target.tls import listener_certificate, make_throwaway_certificate, server_context
 
@@ -188,3 +189,30 @@ def test_missing_or_wrong_certificate_files_are_clear_errors(tmp_path: Path) -> 
     other = make_throwaway_certificate(tmp_path / "other", ["127.0.0.1"])
     with pytest.raises(ListenerError, match="does not go with certificate file"):
         server_context(cert.cert_file, other.key_file)
+
+
+SCENARIO = """\
+name = "t"
+duration = "1s"
+
+[target]
+endpoints = ["127.0.0.1:9000"]
+
+[listener]
+
+[load]
+{load}
+"""
+
+
+def test_listen_command_serves_what_the_scenario_asks(tmp_path: Path) -> None:
+    cert = make_throwaway_certificate(tmp_path, ["127.0.0.1"])
+    plain = _listen_command(parse_scenario(SCENARIO.format(load="")))
+    assert "--http" not in plain and "--tls-cert" not in plain
+    http = parse_scenario(SCENARIO.format(load="tls = true\n[load.http]"))
+    args = _listen_command(http, cert)
+    assert "--http" in args and "--read-request" in args
+    assert args[args.index("--tls-cert") + 1] == str(cert.cert_file)
+    assert args[args.index("--tls-key") + 1] == str(cert.key_file)
+    with pytest.raises(RunError, match="listener_certificate"):
+        _listen_command(http)  # TLS asked, no certificate given

@@ -4,8 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
+import os
+import signal
 import ssl
+import subprocess
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import httptools
@@ -20,7 +25,7 @@ from harness.target.tls import (
 )
 
 from . import test_listener
-from .conftest import tcp_states
+from .conftest import EPH, ROOT, tcp_states
 from .test_listener import LOCAL
 
 run_loop = test_listener.run_loop  # the same fixture: each test on uvloop and on asyncio
@@ -311,3 +316,72 @@ def test_tls_client_without_the_ca_fails_verification(
     tls = server_context(cert.cert_file, cert.key_file)
     _, stats, _ = run_loop(_serve(Listener([LOCAL], http=True, tls=tls), talk))
     assert stats.total == 1 and sum(stats.requests.values()) == 0
+
+
+def _start_cli(args: list[str]) -> tuple[subprocess.Popen[str], int]:
+    proc = subprocess.Popen(
+        [*EPH, "listen", "--endpoint", "127.0.0.1:0", *args],
+        cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    assert proc.stdout is not None
+    line = proc.stdout.readline()
+    if not line:
+        proc.wait(10)
+        raise AssertionError(f"eph listen failed: {proc.stderr.read() if proc.stderr else ''}")
+    endpoint = json.loads(line)["endpoints"][0]
+    return proc, int(endpoint.rsplit(":", 1)[1])
+
+
+def test_cli_serves_http_over_tls_to_curl(cert: ThrowawayCert) -> None:
+    tls = ["--tls-cert", str(cert.cert_file), "--tls-key", str(cert.key_file)]
+    proc, port = _start_cli(["--http", *tls])
+    try:
+        url = f"https://127.0.0.1:{port}/"
+        curl = subprocess.run(
+            ["/usr/bin/curl", "-sS", "--cacert", str(cert.ca_file), url, url],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=False,
+        )
+        assert curl.returncode == 0, curl.stderr
+        assert curl.stdout == "ok\n" * 2  # two requests, over one kept-alive connection
+        refused = subprocess.run(
+            ["/usr/bin/curl", "-sS", url], capture_output=True, timeout=30, check=False
+        )
+        assert refused.returncode == 60  # curl: the peer's certificate did not verify
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=15)
+    stopped = json.loads(out.strip().splitlines()[-1])
+    assert stopped["event"] == "stopped"
+    assert stopped["accepted"] == 2 and stopped["requests"] == 2
+
+
+def test_cli_names_a_missing_certificate(tmp_path: Path, cert: ThrowawayCert) -> None:
+    missing = tmp_path / "missing.pem"
+    result = subprocess.run(
+        [*EPH, "listen", "--http", "--tls-cert", str(missing), "--tls-key", str(cert.key_file)],
+        cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": str(ROOT), "COLUMNS": "300"},
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+    assert result.returncode == 2
+    assert f"certificate file {missing} does not exist" in result.stderr
+    half = subprocess.run(
+        [*EPH, "listen", "--tls-cert", str(cert.cert_file)],
+        cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+    assert half.returncode == 2 and "--tls-key" in half.stderr
