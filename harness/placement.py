@@ -22,7 +22,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from harness.endpoints import Endpoint
 from harness.errors import RunError
@@ -32,6 +32,9 @@ from harness.rundir import RunDir
 from harness.scenario import Protocol, Scenario
 from harness.supervisor import Child, Stage, Supervisor
 from harness.units import format_duration
+
+if TYPE_CHECKING:
+    from harness.target.tls import ThrowawayCert
 
 __all__ = [
     "LISTENER_START_TIMEOUT",
@@ -130,17 +133,23 @@ def preflight_where(scenario: Scenario, placement: Placement) -> dict[str, Any] 
 
 
 class ListenerChild:
-    """``eph listen`` in a child process, speaking JSON lines on stdout."""
+    """``eph listen`` in a child process, speaking JSON lines on stdout; over TLS with
+    ``tls`` (from :func:`harness.target.tls.listener_certificate`)."""
 
     def __init__(
-        self, supervisor: Supervisor, scenario: Scenario, run: RunDir, prefix: Sequence[str] = ()
+        self,
+        supervisor: Supervisor,
+        scenario: Scenario,
+        run: RunDir,
+        prefix: Sequence[str] = (),
+        tls: ThrowawayCert | None = None,
     ) -> None:
         self._supervisor = supervisor
         self._log = run.logs / "listener.log"
         with open(self._log, "ab") as log:
             self.child = supervisor.start(
                 "listener",
-                [*prefix, *_listen_command(scenario)],
+                [*prefix, *_listen_command(scenario, tls)],
                 stage=Stage.TARGET,
                 grace=LISTENER_STOP_GRACE,
                 stdout=subprocess.PIPE,
@@ -180,10 +189,17 @@ class ListenerChild:
         return stats
 
 
-def _listen_command(scenario: Scenario) -> list[str]:
+def _listen_command(scenario: Scenario, tls: ThrowawayCert | None = None) -> list[str]:
+    """``eph listen`` as the scenario's [listener] asks; ``tls``: the certificate it
+    serves (needed when ``scenario.listener_tls``)."""
     listener = scenario.listener
     if listener is None:
         raise ValueError("the scenario has no [listener]")
+    if scenario.listener_tls and tls is None:
+        raise RunError(
+            "the scenario's listener serves TLS but was given no certificate: make one"
+            " with harness.target.tls.listener_certificate and pass it (tls=)"
+        )
     args = [
         sys.executable,
         "-m",
@@ -204,6 +220,10 @@ def _listen_command(scenario: Scenario) -> list[str]:
             args.append("--keep-alive")
     if scenario.load.protocol is Protocol.UDP:
         args.append("--udp")
+    if scenario.listener_http:
+        args.append("--http")
+    if tls is not None:
+        args += ["--tls-cert", str(tls.cert_file), "--tls-key", str(tls.key_file)]
     return args
 
 

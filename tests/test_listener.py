@@ -7,15 +7,19 @@ import contextlib
 import errno
 import socket
 from collections.abc import Callable, Coroutine
+from pathlib import Path
 from typing import Any
 
 import pytest
 import uvloop
+from cryptography import x509
 
 from harness.endpoints import Endpoint
-from harness.errors import ListenerError
-from harness.scenario import ListenerClose
+from harness.errors import ListenerError, RunError
+from harness.placement import _listen_command
+from harness.scenario import ListenerClose, parse_scenario
 from harness.target.listener import Listener
+from harness.target.tls import listener_certificate, make_throwaway_certificate, server_context
 
 from .conftest import tcp_states
 
@@ -156,3 +160,59 @@ def test_auto_must_be_resolved() -> None:
 def test_errno_constants_are_linux() -> None:
     # the records and the model speak Linux errnos; fail loudly elsewhere
     assert errno.EADDRNOTAVAIL == 99
+
+
+def test_throwaway_certificate_files(tmp_path: Path) -> None:
+    made = listener_certificate(tmp_path, [Endpoint("10.1.2.3", 443)], names=["staging.test"])
+    assert made.cert_file.parent == tmp_path / "tls"
+    assert (made.key_file.stat().st_mode & 0o777) == 0o600
+    assert made.ca_file.read_bytes().startswith(b"-----BEGIN CERTIFICATE-----")
+    server_context(made.cert_file, made.key_file)  # a pair that loads
+    leaf = x509.load_pem_x509_certificate(made.cert_file.read_bytes())
+    names = leaf.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert set(names.get_values_for_type(x509.DNSName)) == {"staging.test", "localhost"}
+    addresses = {str(a) for a in names.get_values_for_type(x509.IPAddress)}
+    assert addresses == {"10.1.2.3", "127.0.0.1", "::1"}
+
+
+def test_missing_or_wrong_certificate_files_are_clear_errors(tmp_path: Path) -> None:
+    cert = make_throwaway_certificate(tmp_path / "cert", ["127.0.0.1"])
+    missing = tmp_path / "nope.pem"
+    with pytest.raises(ListenerError, match=f"certificate file {missing} does not exist"):
+        server_context(missing, cert.key_file)
+    with pytest.raises(ListenerError, match=f"private key file {missing} does not exist"):
+        server_context(cert.cert_file, missing)
+    with pytest.raises(ListenerError, match=f"private key file {cert.cert_file} holds no PEM"):
+        server_context(cert.cert_file, cert.cert_file)
+    with pytest.raises(ListenerError, match=f"certificate file {tmp_path} is a directory"):
+        server_context(tmp_path, cert.key_file)
+    other = make_throwaway_certificate(tmp_path / "other", ["127.0.0.1"])
+    with pytest.raises(ListenerError, match="does not go with certificate file"):
+        server_context(cert.cert_file, other.key_file)
+
+
+SCENARIO = """\
+name = "t"
+duration = "1s"
+
+[target]
+endpoints = ["127.0.0.1:9000"]
+
+[listener]
+
+[load]
+{load}
+"""
+
+
+def test_listen_command_serves_what_the_scenario_asks(tmp_path: Path) -> None:
+    cert = make_throwaway_certificate(tmp_path, ["127.0.0.1"])
+    plain = _listen_command(parse_scenario(SCENARIO.format(load="")))
+    assert "--http" not in plain and "--tls-cert" not in plain
+    http = parse_scenario(SCENARIO.format(load="tls = true\n[load.http]"))
+    args = _listen_command(http, cert)
+    assert "--http" in args and "--read-request" in args
+    assert args[args.index("--tls-cert") + 1] == str(cert.cert_file)
+    assert args[args.index("--tls-key") + 1] == str(cert.key_file)
+    with pytest.raises(RunError, match="listener_certificate"):
+        _listen_command(http)  # TLS asked, no certificate given

@@ -47,6 +47,24 @@ from harness.scenario import ListenerClose
 @click.option("--backlog", default=4096, show_default=True, help="listen() backlog.")
 @click.option("--udp", is_flag=True, help="Serve UDP instead: count and answer each datagram.")
 @click.option(
+    "--http",
+    is_flag=True,
+    help="Serve HTTP/1.1: a 200 with --response as its body (ok if empty) to every"
+    " request; keep-alive as the client asks, under --close wait.",
+)
+@click.option(
+    "--tls-cert",
+    type=click.Path(path_type=Path),
+    metavar="FILE",
+    help="Serve over TLS with this certificate (chain, PEM); with --tls-key.",
+)
+@click.option(
+    "--tls-key",
+    type=click.Path(path_type=Path),
+    metavar="FILE",
+    help="The private key (PEM, unencrypted) of --tls-cert.",
+)
+@click.option(
     "--loop",
     "loop_kind",
     type=click.Choice(["uvloop", "asyncio"]),
@@ -62,15 +80,25 @@ def listen(
     backlog: int,
     loop_kind: str,
     udp: bool,
+    http: bool,
+    tls_cert: Path | None,
+    tls_key: Path | None,
 ) -> None:
     """Serve the target endpoints until SIGINT/SIGTERM; print counts as JSON at exit.
 
     With --udp, UDP endpoints instead: each datagram is counted and answered with
-    --response, or echoed.
+    --response, or echoed. With --http, HTTP/1.1 (requests counted too); with
+    --tls-cert and --tls-key, over TLS (raw TCP or HTTP alike).
     """
     from harness.target.listener import Listener, run_listener
+    from harness.target.tls import server_context
 
+    if (tls_cert is None) != (tls_key is None):
+        raise click.UsageError("--tls-cert and --tls-key go together: give both or neither")
+    if udp and (http or tls_cert is not None):
+        raise click.UsageError("--udp carries neither HTTP nor TLS")
     parsed = [Endpoint.parse(e) for e in endpoints]
+    tls = server_context(tls_cert, tls_key) if tls_cert and tls_key else None
     listener = Listener(
         parsed,
         close=ListenerClose(close),
@@ -79,6 +107,8 @@ def listen(
         keep_alive=keep_alive,
         backlog=backlog,
         udp=udp,
+        http=http,
+        tls=tls,
     )
     run_listener(listener, loop_kind=loop_kind)
 

@@ -3,6 +3,11 @@
 Protocol-based on purpose: the streams API accepted about half as fast when
 measured here (``make bench`` prints this listener's accept rate). This module
 never imports locust, so its process is never monkey-patched by gevent.
+
+It speaks raw TCP (bytes in, ``response`` out), HTTP/1.1 (``http``: each request
+parsed in C by httptools, one parser per connection, answered with a 200 built
+once), or either over TLS (``tls``: an ``ssl.SSLContext``, see
+:mod:`harness.target.tls`).
 """
 
 from __future__ import annotations
@@ -12,8 +17,7 @@ import functools
 import json
 import logging
 import signal
-import socket
-import struct
+import ssl
 import sys
 import time
 import typing
@@ -24,12 +28,12 @@ from typing import Any
 from harness.endpoints import Endpoint
 from harness.errors import ListenerError
 from harness.scenario import ListenerClose
+from harness.target.http import HttpConnection, close_with_reset, http_replies
 
 __all__ = ["Listener", "ListenerStats", "serve_forever"]
 
 logger = logging.getLogger(__name__)
 
-_LINGER_RESET = struct.pack("ii", 1, 0)
 DRAIN_QUIET = 0.1  # seconds with no new accept before a stopping listener closes
 DRAIN_LIMIT = 2.0  # at most this long
 LOGGED_ERRORS = 5
@@ -38,6 +42,7 @@ LOGGED_ERRORS = 5
 @dataclass
 class _Counter:
     accepted: int = 0
+    requests: int = 0  # HTTP requests answered with a 200
 
 
 @dataclass
@@ -46,6 +51,7 @@ class ListenerStats:
 
     accepted: dict[str, int] = field(default_factory=dict)
     loop_errors: int = 0  # unhandled exceptions in callbacks: should stay 0
+    requests: dict[str, int] = field(default_factory=dict)  # HTTP requests answered (200)
 
     @property
     def total(self) -> int:
@@ -56,6 +62,7 @@ class ListenerStats:
             "accepted": self.total,
             "endpoints": dict(self.accepted),
             "loop_errors": self.loop_errors,
+            "requests": sum(self.requests.values()),
         }
 
 
@@ -93,10 +100,7 @@ class _Connection(asyncio.Protocol):
         if self._close is ListenerClose.FIRST:
             transport.close()
         elif self._close is ListenerClose.RESET:
-            sock = transport.get_extra_info("socket")
-            if sock is not None:
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
-            transport.abort()
+            close_with_reset(transport)
 
 
 class _Datagrams(asyncio.DatagramProtocol):
@@ -118,7 +122,12 @@ class _Datagrams(asyncio.DatagramProtocol):
 
 class Listener:
     """Serves ``endpoints`` with one close behaviour; counts accepted connections
-    (TCP), or datagrams (``udp``: each is answered with ``response`` or echoed)."""
+    (TCP), or datagrams (``udp``: each is answered with ``response`` or echoed).
+
+    ``http``: HTTP/1.1 instead of raw bytes (``response`` is the body; read_request
+    and keep_alive do not apply: every request is read, keep-alive is the client's
+    to ask). ``tls``: serve over TLS with this server context (TCP and HTTP alike).
+    """
 
     def __init__(
         self,
@@ -130,9 +139,13 @@ class Listener:
         keep_alive: bool = False,
         backlog: int = 4096,
         udp: bool = False,
+        http: bool = False,
+        tls: ssl.SSLContext | None = None,
     ) -> None:
         if close is ListenerClose.AUTO:
             raise ValueError("resolve ListenerClose.AUTO before starting a listener")
+        if udp and (http or tls is not None):
+            raise ValueError("UDP carries neither HTTP nor TLS")
         self._endpoints = list(endpoints)
         self._close = close
         self._response = response
@@ -140,6 +153,8 @@ class Listener:
         self._keep_alive = keep_alive and read_request and close is ListenerClose.WAIT
         self._backlog = backlog
         self._udp = udp  # datagram endpoints: each datagram counts as one accept
+        self._replies = http_replies(response) if http else None
+        self._tls = tls
         self._servers: list[tuple[str, Any, _Counter]] = []  # asyncio.Server or transport
         self._bound: list[Endpoint] = []
         self.loop_errors = 0
@@ -151,7 +166,8 @@ class Listener:
 
     def stats(self) -> ListenerStats:
         accepted = {name: counter.accepted for name, _, counter in self._servers}
-        return ListenerStats(accepted, self.loop_errors)
+        requests = {name: counter.requests for name, _, counter in self._servers}
+        return ListenerStats(accepted, self.loop_errors, requests)
 
     def _on_loop_error(self, loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
         """Count every unhandled callback error; log only the first few (not one per connection)."""
@@ -181,6 +197,7 @@ class Listener:
                         endpoint.port,
                         backlog=self._backlog,
                         reuse_address=True,
+                        ssl=self._tls,
                     )
                     host, port = server.sockets[0].getsockname()[:2]
             except OSError as exc:
@@ -192,8 +209,11 @@ class Listener:
             self._bound.append(Endpoint(host, port))
             self._servers.append((str(Endpoint(host, port)), server, counter))
 
-    def _factory(self, counter: _Counter) -> Callable[[], _Connection]:
+    def _factory(self, counter: _Counter) -> Callable[[], asyncio.Protocol]:
         close, response, read, again = self._close, self._response, self._read, self._keep_alive
+        replies = self._replies
+        if replies is not None:
+            return lambda: HttpConnection(counter, close, replies)
         return lambda: _Connection(counter, close, response, read, again)
 
     async def drain(self, quiet: float = DRAIN_QUIET, limit: float = DRAIN_LIMIT) -> None:
