@@ -189,6 +189,29 @@ class ListenerChild:
         return stats
 
 
+def start_listener(
+    supervisor: Supervisor, scenario: Scenario, run: RunDir, prefix: Sequence[str] = ()
+) -> tuple[ListenerChild, Scenario]:
+    """The scenario's ``[listener]`` in a child; over TLS with a throwaway certificate made
+    in the run directory (``tls/``). Returns the child and the scenario as the load sees
+    it: the endpoints the listener bound, and, when the clients verify TLS without a CA
+    of their own, the throwaway CA to verify with."""
+    from harness.target.tls import listener_certificate
+
+    cert = None
+    if scenario.listener_tls:
+        cert = listener_certificate(run.path, scenario.target.endpoints)
+    listener = ListenerChild(supervisor, scenario, run, prefix, cert)
+    scenario = scenario.with_endpoints(listener.endpoints)
+    tls = scenario.load.tls
+    if cert is not None and tls is not None and tls.ca_file is None and not tls.insecure:
+        load = scenario.load.model_copy(
+            update={"tls": tls.model_copy(update={"ca_file": str(cert.ca_file)})}
+        )
+        scenario = scenario.model_copy(update={"load": load})
+    return listener, scenario
+
+
 def _listen_command(scenario: Scenario, tls: ThrowawayCert | None = None) -> list[str]:
     """``eph listen`` as the scenario's [listener] asks; ``tls``: the certificate it
     serves (needed when ``scenario.listener_tls``)."""

@@ -37,6 +37,7 @@ from harness.placement import (
     Placement,
     preflight_where,
     start_collectors,
+    start_listener,
     start_locust,
 )
 from harness.report.model import Summary
@@ -160,8 +161,7 @@ def _run_children(
     with Supervisor() as supervisor:
         listener: ListenerChild | None = None
         if scenario.listener is not None:
-            listener = ListenerChild(supervisor, scenario, run, placement.listener)
-            scenario = scenario.with_endpoints(listener.endpoints)
+            listener, scenario = start_listener(supervisor, scenario, run, placement.listener)
         run.write_scenario(scenario)
         collectors = start_collectors(supervisor, scenario, run, placement)
         tracing = start_trace(supervisor, run.path, placement.load_netns) if trace else None

@@ -4,6 +4,7 @@ eph's records, Locust's requests and nginx's own access log."""
 
 from __future__ import annotations
 
+import csv
 import json
 from pathlib import Path
 from typing import Any
@@ -12,10 +13,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from harness.kernel.netns import Namespace
-from tests.conftest import eph, run_dir_summary, write_scenario
+from tests.conftest import ROOT, eph, run_dir_summary, write_scenario
 from tests.servers import access_count, certificate, nginx
-
-pytestmark = pytest.mark.netns
 
 ENGINES = ["locust", "uvloop"]
 
@@ -178,3 +177,38 @@ def test_a_missing_ca_file_is_an_error_before_any_load(tmp_path: Path) -> None:
     assert "load.tls.ca_file" in result.stderr and str(missing) in result.stderr
     assert "Traceback" not in result.stderr
     assert not (tmp_path / "run").exists()
+
+
+def test_the_keepalive_lever_sweep_exhausts_at_one_request_per_connection_not_at_five(
+    tmp_path: Path,
+) -> None:
+    """scenarios/keepalive-lever.toml: the same 600 requests/s over 1,000 ports; one
+    request per connection runs out when the model says, five never do."""
+    out = tmp_path / "sweep"
+    result = eph(
+        [
+            "sweep",
+            str(ROOT / "scenarios" / "keepalive-lever.toml"),
+            "--vary",
+            "load.requests_per_connection=1,5",
+            "--set",
+            "duration=2500ms",
+            "--out",
+            str(out),
+        ],
+        cwd=tmp_path,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    with (out / "comparison.csv").open() as table:
+        one, five = list(csv.DictReader(table))
+    assert one["exhausted"] == "true" and five["exhausted"] == "false"
+    assert int(one["distinct_tuples"]) == 1000  # every port, once
+    assert float(one["model_time_to_exhaustion_s"]) == pytest.approx(1000 / 600, rel=0.01)
+    assert float(one["measured_time_to_exhaustion_s"]) == pytest.approx(1000 / 600, rel=0.05)
+    # five requests a connection: a fifth of the connections, each its own port
+    points = sorted(p for p in out.iterdir() if p.is_dir())
+    summary = run_dir_summary(points[1])
+    connections = summary["connections"]["attempted"]
+    assert connections == int(five["distinct_tuples"]) < 1000
+    assert summary["http"]["requests"] == 5 * connections == summary["listener"]["requests"]
+    assert summary["conservation"]["ok"]

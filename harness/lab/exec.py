@@ -38,7 +38,7 @@ from pathlib import Path
 from harness.errors import RunError, ScenarioError
 from harness.kernel.netns import netns_available
 from harness.lab.topology import build_lab
-from harness.placement import ListenerChild
+from harness.placement import start_listener
 from harness.rundir import RunDir
 from harness.scenario import Scenario
 from harness.supervisor import Child, Stage, Supervisor
@@ -179,7 +179,7 @@ def failure(run: RunDir, result: ExecResult) -> RunError | None:
 def _target(children: Supervisor, scenario: Scenario, run: RunDir, prefix: Sequence[str]) -> str:
     """Start eph's listener (when the scenario has one); the endpoints, comma-separated."""
     if scenario.listener is not None:
-        listener = ListenerChild(children, scenario, run, prefix)
+        listener, _ = start_listener(children, scenario, run, prefix)
         return ",".join(str(e) for e in listener.endpoints)
     if scenario.lab.service_port is not None:
         return f"127.0.0.1:{scenario.lab.service_port}"

@@ -37,7 +37,7 @@ from harness.report.summary import EXHAUSTION_ERRNOS
 from harness.report.tuples import TupleAudit, audit_tuples, port_allocation, sustained_rate
 from harness.scenario import ClosePolicy, Protocol, Scenario
 
-__all__ = ["analyze", "capacity_model", "latency_cliff"]
+__all__ = ["analyze", "capacity_model", "connection_rate", "latency_cliff"]
 
 
 def analyze(
@@ -66,7 +66,7 @@ def analyze(
     result.tuples = audit.section()
     if hosts:
         result.hosts = host_sections(table, hosts, model)
-    result.capacity = _capacity(model, summary, scenario.load.rate)
+    result.capacity = _capacity(model, summary, connection_rate(scenario))
     result.capacity.measured_sustained_rate_per_s = sustained_rate(table, audit)
     result.ports = port_allocation(table, summary.ports)
     if found is not None and model is not None and samples is not None:
@@ -153,6 +153,12 @@ def capacity_model(
         tw_buckets=kernel.tcp_max_tw_buckets,
         window=scenario.load.socket_port_window,
     )
+
+
+def connection_rate(scenario: Scenario) -> float:
+    """The scenario's pace in new connections/s: ``load.rate`` counts HTTP requests, and
+    ``requests_per_connection`` of them share a connection (0: not paced)."""
+    return scenario.load.rate / scenario.load.requests_per_connection
 
 
 def _capacity(model: CapacityModel | None, summary: Summary, paced_rate: float = 0.0) -> Capacity:

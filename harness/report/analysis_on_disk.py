@@ -71,7 +71,12 @@ def analyze_on_disk(
     server_samples: pa.Table | None,
     hosts: Sequence[HostSamples],
 ) -> Summary:
-    from harness.report.analysis import _capacity, _time_wait, capacity_model  # it calls this
+    from harness.report.analysis import (
+        _capacity,
+        _time_wait,
+        capacity_model,
+        connection_rate,
+    )  # it calls this
 
     scan = scan_records(records)
     lifetime = scan.close_us.percentile(50) / 1e6 if scan.close_us.total else 0.0
@@ -88,7 +93,7 @@ def analyze_on_disk(
     result.tuples = audit.section()
     if hosts:
         result.hosts = sections_of(found.hosts, hosts, model, scan.first_ns or 0)
-    result.capacity = _capacity(model, summary, scenario.load.rate)
+    result.capacity = _capacity(model, summary, connection_rate(scenario))
     if scan.exhausted_ns is not None:
         window = (scan.last_ns - scan.exhausted_ns) / 1e9
         result.capacity.measured_sustained_rate_per_s = sustained(

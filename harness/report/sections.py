@@ -173,6 +173,8 @@ class Listener(_Reported):
     accepted: int = 0
     endpoints: dict[str, int] | None = None
     loop_errors: int | None = None
+    requests: int | None = None
+    """HTTP requests answered (an HTTP listener)."""
 
 
 class Conservation(Section):

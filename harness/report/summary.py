@@ -265,8 +265,8 @@ def _conservation(
             expected = result.records_as_locust_requests = http.locust_requests
         result.records_match_locust = locust_requests == expected
         checks.append(result.records_match_locust)
-    served = getattr(listener, "requests", None) if listener is not None else None
-    if http is not None and isinstance(served, int):
+    served = listener.requests if listener is not None else None
+    if http is not None and served is not None:
         result.listener_requests = served
         result.requests_match_listener = served == http.requests
         if not lossy_link:
