@@ -43,6 +43,14 @@ GOALS = {
     ("eph_uvloop", "ab"): None,
     ("eph_locust", "ab"): None,
     ("eph_locust", "wrk"): None,
+    ("eph_uvloop_x2", "wrk"): None,
+}
+# eph's variants: (engine, Locust processes). x2: load.processes = 2 (Locust's --processes),
+# each a uvloop child: the second core nginx leaves idle, as wrk -t2 would use it
+VARIANTS = {
+    "eph_uvloop": ("uvloop", 1),
+    "eph_locust": ("locust", 1),
+    "eph_uvloop_x2": ("uvloop", 2),
 }
 INSTALL = "`make system-deps` installs it (Debian package {package})"
 
@@ -188,13 +196,15 @@ def eph_env(workdir: Path, engine: str, seconds: int) -> dict[str, str]:
     }
 
 
-def run_eph(bench: BenchLike, engine: str, seconds: int) -> Sample:
-    """eph's Locust process with ``engine``: the rate as Locust counted it (its first to
-    last request), and its failures (an unexpected status is one)."""
+def run_eph(bench: BenchLike, variant: str, seconds: int) -> Sample:
+    """eph's Locust process(es) of ``variant`` (``VARIANTS``): the rate as Locust counted it
+    (its first to last request), and its failures (an unexpected status is one)."""
+    engine, processes = VARIANTS[variant]
     env = eph_env(bench.workdir, engine, seconds)
     locustfile = ROOT / "harness" / "locustfile.py"
+    extra = ("--exit-code-on-error", "0", "--processes", str(processes))
     try:
-        entries = bench.locust_entries(locustfile, env, ("--exit-code-on-error", "0"))
+        entries = bench.locust_entries(locustfile, env, extra)
     except subprocess.CalledProcessError as exc:
         tail = (exc.stderr or "").strip().splitlines()[-3:]
         return Sample(per_s=None, problem=f"exit {exc.returncode}: {' | '.join(tail)}")
@@ -286,7 +296,7 @@ def rounds(
         print(f"peers: round {round_ + 1}/{args.rounds}", file=sys.stderr, flush=True)
         for name in clients:
             if name.startswith("eph_"):
-                sample = run_eph(bench, name.removeprefix("eph_"), args.seconds)
+                sample = run_eph(bench, name, args.seconds)
             else:
                 sample = run_peer(bench, name, args.seconds)
             if sample.problem:
@@ -350,7 +360,7 @@ def measure(args: argparse.Namespace, make_bench: Callable[..., BenchLike]) -> d
             file=sys.stderr,
         )
         return {"skipped": "nginx is missing (make system-deps)"}
-    clients = [*available_peers(), "eph_uvloop", "eph_locust"]
+    clients = [*available_peers(), *VARIANTS]
     args = argparse.Namespace(**{**vars(args), "users": CONNECTIONS})
     previous = signal.signal(signal.SIGTERM, _terminate)  # so that `finally` runs
     try:

@@ -298,6 +298,11 @@ def _http(
 
 def _wait_connect(sock: socket.socket, timeout: float) -> int:
     try:
+        sock.getpeername()  # loopback: the handshake finished inside connect()
+        return 0
+    except OSError:
+        pass  # ENOTCONN: a real round trip; wait for it on the hub
+    try:
         wait_write(sock.fileno(), timeout=timeout, timeout_exc=_TIMEOUT)
     except _Timeout:
         return TIMED_OUT
