@@ -57,6 +57,7 @@ def nginx(
     listen: str,
     access_log: bool = False,
     tls: tuple[Path, Path] | None = None,
+    extra: str = "",
 ) -> Iterator[Path]:
     """nginx serving ``200 ok`` (and ``503`` at ``/unavailable``) on ``listen`` inside
     ``ns``, over TLS with ``tls`` = (certificate, key) PEM files; yields its prefix."""
@@ -66,7 +67,7 @@ def nginx(
     directives = ""
     if tls is not None:
         listen += " ssl"
-        directives = f"ssl_certificate {tls[0]}; ssl_certificate_key {tls[1]};"
+        directives = f"ssl_certificate {tls[0]}; ssl_certificate_key {tls[1]}; {extra}"
     conf.write_text(NGINX_CONF.format(prefix=prefix, listen=listen, access=access, tls=directives))
     proc = subprocess.Popen(
         ns.command([nginx_binary(), "-c", str(conf), "-p", str(prefix)]),

@@ -212,3 +212,81 @@ def test_the_keepalive_lever_sweep_exhausts_at_one_request_per_connection_not_at
     assert connections == int(five["distinct_tuples"]) < 1000
     assert summary["http"]["requests"] == 5 * connections == summary["listener"]["requests"]
     assert summary["conservation"]["ok"]
+
+
+def test_a_client_certificate_is_presented_and_insecure_skips_verification(
+    tmp_path: Path, netns: Namespace
+) -> None:
+    """nginx asks for a client certificate signed by the CA: with cert_file/key_file the
+    requests pass; without, nginx answers 400 (HTTP_400). insecure = true needs no CA."""
+    import trustme
+
+    ca = trustme.CA()
+    server = ca.issue_cert("127.0.0.1")
+    client = ca.issue_cert("eph-client")
+    pki = tmp_path / "pki"
+    pki.mkdir()
+    files = {
+        "ca": ca.cert_pem,
+        "server": server.cert_chain_pems[0],
+        "server.key": server.private_key_pem,
+        "client": client.cert_chain_pems[0],
+        "client.key": client.private_key_pem,
+    }
+    for name, blob in files.items():
+        blob.write_to_path(str(pki / name))
+    prefix = tmp_path / "nginx"
+    verify = f"ssl_client_certificate {pki / 'ca'}; ssl_verify_client on;"
+    with nginx(netns, prefix, "127.0.0.1:8443", tls=(pki / "server", pki / "server.key"),
+               extra=verify):  # fmt: skip
+        ca_file = f'[load.tls]\nca_file = "{pki / "ca"}"'
+        client_cert = f'cert_file = "{pki / "client"}"\nkey_file = "{pki / "client.key"}"'
+        tables = {
+            "mutual": f"{ca_file}\n{client_cert}",
+            "anonymous": ca_file,
+            "insecure": f"[load.tls]\ninsecure = true\n{client_cert}",
+        }
+        results = {}
+        for label, table in tables.items():
+            run = tmp_path / label
+            run.mkdir()
+            scenario = _scenario(run, "127.0.0.1:8443", f'engine = "uvloop"\n{table}', seconds=1)
+            results[label] = _run(run, netns, scenario)[1]["connections"]
+    assert results["mutual"]["failed"] == 0 and results["mutual"]["io_errors"] == {}
+    assert results["insecure"]["io_errors"] == {} and results["insecure"]["attempted"] > 20
+    anonymous = results["anonymous"]
+    assert anonymous["io_errors"] == {"HTTP_400": anonymous["attempted"]}
+
+
+def test_the_embedded_listener_serves_tls_the_clients_verify(tmp_path: Path) -> None:
+    """[listener] with load.tls: a throwaway certificate in the run directory, its CA
+    handed to the clients; every connection verified, every request answered."""
+    scenario = write_scenario(
+        tmp_path / "s.toml",
+        """
+name = "tls-lab"
+duration = "1500ms"
+[target]
+endpoints = ["127.0.0.1:0"]
+[listener]
+[load]
+engine = "locust"
+users = 4
+rate = 200
+requests_per_connection = 2
+tls = true
+[load.http]
+""",
+    )
+    out = tmp_path / "run"
+    result = eph(["run", str(scenario), "--out", str(out)], cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = run_dir_summary(out)
+    conns, http = summary["connections"], summary["http"]
+    assert conns["attempted"] > 50 and conns["failed"] == 0 and conns["io_errors"] == {}
+    assert http["tls_handshakes"] == conns["attempted"]
+    assert http["requests"] == 2 * conns["attempted"] == summary["listener"]["requests"]
+    assert (out / "tls" / "ca.pem").exists()
+    resolved = json.loads((out / "scenario.json").read_text())
+    assert resolved["load"]["tls"]["ca_file"] == str(out / "tls" / "ca.pem")
+    assert summary["conservation"]["ok"]

@@ -236,3 +236,11 @@ somaxconn = 128
         "net.ipv4.tcp_fin_timeout": "30",
         "net.core.somaxconn": "128",
     }
+
+
+def test_a_target_on_port_443_speaks_tls_unless_the_scenario_says() -> None:
+    text = 'name = "s"\n[target]\nendpoints = ["127.0.0.1:9000"]\n'
+    assert parse_scenario(text, targets=["staging.internal:443"]).load.tls is not None
+    assert parse_scenario(text, targets=["staging.internal:8443"]).load.tls is None
+    plain = text + "[load]\ntls = false\n"
+    assert parse_scenario(plain, targets=["staging.internal:443"]).load.tls is None

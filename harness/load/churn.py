@@ -11,7 +11,6 @@ import ipaddress
 import itertools
 import random
 import socket
-import ssl
 import struct
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -92,7 +91,6 @@ class ChurnPlan:
         scenario: Scenario,
         *,
         rate_share: float = 1.0,
-        ssl_context_class: type[ssl.SSLContext] = ssl.SSLContext,
     ) -> ChurnPlan:
         load = scenario.load
         endpoints = tuple(e.resolve() for e in scenario.target.endpoints)
@@ -115,7 +113,7 @@ class ChurnPlan:
             rate=load.rate * rate_share,
             protocol=load.protocol,
             http=HttpPlan.from_scenario(scenario, endpoints),
-            tls=TlsPlan.from_scenario(scenario, endpoints, ssl_context_class),
+            tls=TlsPlan.from_scenario(scenario, endpoints),
         )
 
     @property

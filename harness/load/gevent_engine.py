@@ -28,11 +28,9 @@ from harness.load.outcome import INTERRUPTED, NO_REPLY, TIMED_OUT, columns, errn
 from harness.records import RecordWriter
 from harness.scenario import ClosePolicy, Protocol, Reply
 
-__all__ = ["ORIGINAL_SSL_CONTEXT", "GeventChurn"]
+__all__ = ["GeventChurn"]
 
 _RealSocket: type[socket.socket] = monkey.get_original("socket", "socket")
-# gevent patches ssl too; its contexts wrap gevent sockets, ours are the real ones
-ORIGINAL_SSL_CONTEXT: type[ssl.SSLContext] = monkey.get_original("ssl", "SSLContext")
 _IN_PROGRESS = (errno.EINPROGRESS, errno.EAGAIN, errno.EWOULDBLOCK)
 
 
@@ -187,9 +185,11 @@ class _Done:
 class _TlsSocket:
     """TLS over the real socket through memory BIOs, waiting on gevent's hub.
 
-    ``SSLContext.wrap_socket`` cannot serve here: gevent replaces ``ssl.SSLSocket``,
-    and the original context's sockets then fail to build. ``send`` and ``recv`` wait
-    (up to ``timeout``) like blocking calls, so the plain exchange code reads the same.
+    ``SSLContext.wrap_socket`` cannot serve here: gevent replaces ``ssl.SSLSocket``
+    and ``ssl.SSLContext``, and the original classes then fail (their ``super()``
+    calls name the patched ones). A memory BIO's ``SSLObject`` is the same either way.
+    ``send`` and ``recv`` wait (up to ``timeout``) like blocking calls, so the plain
+    exchange code reads the same.
     """
 
     __slots__ = ("_in", "_obj", "_out", "_timeout", "sock")

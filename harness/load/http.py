@@ -11,7 +11,7 @@ and two callbacks per response. A failed connection keeps its kind in the
 record's ``io_errno``: ``TLS_ERROR``, ``TLS_VERIFY``, ``HTTP_MALFORMED``, or
 ``HTTP_STATUS + status`` for a status not expected (``harness.errors``).
 
-Never imports locust: the gevent engine hands in the unpatched ``SSLContext``.
+Never imports locust.
 """
 
 from __future__ import annotations
@@ -157,22 +157,23 @@ class TlsPlan:
         cls,
         scenario: Scenario,
         endpoints: tuple[ResolvedEndpoint, ...],
-        context_class: type[ssl.SSLContext] = ssl.SSLContext,
     ) -> TlsPlan | None:
         tls = scenario.load.tls
         if tls is None:
             return None
-        context = client_context(tls, context_class)
+        context = client_context(tls)
         names = tuple(tls.server_name or e.host or e.address for e in endpoints)
         return cls(context, names)
 
 
-def client_context(
-    tls: TlsConfig, context_class: type[ssl.SSLContext] = ssl.SSLContext
-) -> ssl.SSLContext:
+def client_context(tls: TlsConfig) -> ssl.SSLContext:
     """An ``SSLContext`` for the scenario's ``[load.tls]``; a file that is missing or not
-    PEM is a :class:`ScenarioError` naming the key and the file."""
-    context = context_class(ssl.PROTOCOL_TLS_CLIENT)
+    PEM is a :class:`ScenarioError` naming the key and the file.
+
+    The class is looked up here, not bound at import: in a Locust process it is gevent's
+    (its own ``super()`` calls need that), elsewhere the standard one.
+    """
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
     if tls.insecure:
         context.check_hostname = False
         context.verify_mode = ssl.CERT_NONE

@@ -42,7 +42,7 @@ from harness.endpoints import Endpoint
 from harness.load.churn import ChurnPlan, Target
 from harness.load.cpu import CpuMeter, cpu_part_path
 from harness.load.distributed import CollectorChild, worker_run_dir
-from harness.load.gevent_engine import ORIGINAL_SSL_CONTEXT, GeventChurn
+from harness.load.gevent_engine import GeventChurn
 from harness.load.outcome import failure, is_status_failure
 from harness.load.pacing import Pacer
 from harness.load.progress import ProgressCounter
@@ -100,9 +100,7 @@ class _Session:
         share = (
             rate_share if rate_share is not None else float(os.environ.get("EPH_RATE_SHARE", "1"))
         )
-        self.plan = ChurnPlan.from_scenario(
-            scenario, rate_share=share, ssl_context_class=ORIGINAL_SSL_CONTEXT
-        )
+        self.plan = ChurnPlan.from_scenario(scenario, rate_share=share)
         self.names = self.plan.names
         self.request_type = self.plan.request_type
         self.engine = scenario.load.engine
