@@ -268,7 +268,7 @@ def test_a_full_disk_stops_the_writer_not_the_process(tmp_path: Path) -> None:
     with _tmpfs(tmp_path / "small", "64k") as small:
         part = small / "a.arrows"
         writer = RecordWriter(part, endpoints=[], close="client", engine="locust")
-        row = (1, 2, 3, 0, 40000, 0, 0, 0)
+        row = (1, 2, 3, 0, 40000, 0, 0, 0, 0, 0, 0, 0)
         for _ in range(200):  # 200 batches of 500 rows: far more than 64 KiB
             for _ in range(500):
                 writer.add(row)

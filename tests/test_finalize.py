@@ -34,9 +34,8 @@ def _run_dir(tmp_path: Path, n: int = 120) -> Path:
     for i in range(n):
         start = 1_000_000_000 + i * 1_000_000
         err = 99 if i >= 100 else 0
-        writer.add(
-            (start, start + 50_000, start + 80_000, address, 40000 + i if not err else 0, 0, err, 0)
-        )
+        port = 40000 + i if not err else 0
+        writer.add((start, start + 50_000, start + 80_000, address, port, 0, err, 0, 0, 0, 0, 0))
     writer.close()
     run.write_json("listener.json", {"accepted": 100})
     finalize(

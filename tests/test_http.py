@@ -16,6 +16,8 @@ from harness.kernel.netns import Namespace
 from tests.conftest import ROOT, eph, run_dir_summary, write_scenario
 from tests.servers import access_count, certificate, nginx
 
+pytestmark = [pytest.mark.netns, pytest.mark.e2e]
+
 ENGINES = ["locust", "uvloop"]
 
 

@@ -103,3 +103,25 @@ def test_a_command_still_running_at_duration_is_stopped_and_said(tmp_path: Path)
     recorded = json.loads((out / "exec.json").read_text())
     assert recorded["stopped_at_duration"] is True and recorded["exit_code"] is None
     assert 1.9 < recorded["ran_s"] < 10
+
+
+def test_a_tls_listener_hands_its_ca_to_the_command(tmp_path: Path) -> None:
+    """listener.tls: the command gets EPH_CA_FILE and curl verifies the listener with it
+    (over HTTP/1.1, keep-alive: one connection for three requests)."""
+    text = SCENARIO.format(duration="20s").replace(
+        'response = "HTTP/1.1 200 OK\\r\\nContent-Length: 2\\r\\n\\r\\nok"\n'
+        "read_request = true\nkeep_alive = true\n",
+        "http = true\ntls = true\n",
+    )
+    assert "tls = true" in text
+    scenario = write_scenario(tmp_path / "tls.toml", text)
+    command = (
+        'curl -s -o /dev/null --max-time 10 --cacert "$EPH_CA_FILE"'
+        " -w '%{http_code} %{num_connects}\\n'"
+        ' "https://${EPH_TARGET}/[1-3]"'
+    )
+    out = tmp_path / "run"
+    result = eph(["lab", str(scenario), "--exec", command, "--out", str(out)], cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    lines = (out / "exec.stdout").read_text().splitlines()
+    assert lines == ["200 1", "200 0", "200 0"], lines

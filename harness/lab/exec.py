@@ -8,7 +8,9 @@ namespace with the target handed over in the environment:
 
 - ``EPH_TARGET``: the first endpoint, ``host:port``;
 - ``EPH_TARGETS``: every endpoint, comma-separated;
-- ``EPH_RUN_DIR``: the run directory, for a client that wants to leave files.
+- ``EPH_RUN_DIR``: the run directory, for a client that wants to leave files;
+- ``EPH_CA_FILE``: when the listener serves TLS (``listener.tls``), the CA of its
+  throwaway certificate, e.g. ``curl --cacert "$EPH_CA_FILE" https://$EPH_TARGET/``.
 
 ``eph observe`` samples the client namespace's paths all along (every
 ``collector.interval``), so the run directory is an observation: ``eph report``
@@ -243,6 +245,9 @@ def _run_command(
         "EPH_TARGETS": target,
         "EPH_RUN_DIR": str(run.path),
     }
+    ca_file = run.path / "tls" / "ca.pem"  # the listener's throwaway CA (listener.tls)
+    if ca_file.exists():
+        env["EPH_CA_FILE"] = str(ca_file)
     began = time.monotonic()
     with open(run.path / "exec.stdout", "wb") as out, open(run.path / "exec.stderr", "wb") as err:
         child = children.start(

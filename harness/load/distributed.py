@@ -150,21 +150,23 @@ class Receiver:
         with open(target, "wb" if data.get("first") else "ab") as sink:
             sink.write(data.get("data", b""))
 
-    def on_worker(self, msg: Any, **_: Any) -> None:
-        """A worker's test started: where its records are, should it never ship them."""
-        data = dict(msg.data)
-        name = self._directory(msg.node_id, str(data.get("name", ""))).name
-        data["clock_shift_ns"] = int(data.get("clock_offset_ns", 0)) - clock_offset_ns()
-        data["client_id"] = msg.node_id
-        remember(self.run_path, name, data)
-
-    def on_host(self, msg: Any, **_: Any) -> None:
+    def _worker_message(self, msg: Any) -> tuple[Path, dict[str, Any]]:
+        """A worker's message: its directory here, and its data with the clock shift
+        (the worker's stamps plus it are on this host's CLOCK_MONOTONIC) and its id."""
         data = dict(msg.data)
         directory = self._directory(msg.node_id, str(data.get("name", "")))
-        directory.mkdir(mode=0o750, parents=True, exist_ok=True)
-        # the worker's stamps plus this shift are on this host's CLOCK_MONOTONIC
         data["clock_shift_ns"] = int(data.get("clock_offset_ns", 0)) - clock_offset_ns()
         data["client_id"] = msg.node_id
+        return directory, data
+
+    def on_worker(self, msg: Any, **_: Any) -> None:
+        """A worker's test started: where its records are, should it never ship them."""
+        directory, data = self._worker_message(msg)
+        remember(self.run_path, directory.name, data)
+
+    def on_host(self, msg: Any, **_: Any) -> None:
+        directory, data = self._worker_message(msg)
+        directory.mkdir(mode=0o750, parents=True, exist_ok=True)
         data["received_at"] = time.time()
         (directory / "host.json").write_text(json.dumps(data, indent=2) + "\n")
         logger.info(
