@@ -256,3 +256,25 @@ def test_report_and_capacity_never_import_locust() -> None:
         [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True
     ).stdout
     assert out.strip() == "[]"
+
+
+def test_http_and_tls_findings_say_the_statuses_handshakes_and_failures_after_connect() -> None:
+    from harness.report.http import Http, http_findings
+    from harness.report.sections import Latency
+
+    http = Http(
+        requests=900,
+        connections_with_requests=300,
+        requests_per_connection=3.0,
+        statuses={"200": 290, "503": 10},
+        response_bytes=90_000,
+        tls_handshakes=300,
+        tls_handshake_ms=Latency(p50=1.2, p90=2.0, p99=3.5, max=9.0),
+        locust_requests=910,
+    )
+    text = " ".join(http_findings(http, {"HTTP_503": 10, "TLS_VERIFY": 4}))
+    assert "900 responses over 300 connections (3 each)" in text
+    assert "final statuses 200 290, 503 10" in text
+    assert "300 handshakes, 1.2 ms median, 3.5 ms p99" in text
+    assert "HTTP_503 10" in text and "TLS_VERIFY 4 (the server's certificate" in text
+    assert http_findings(None, {}) == []

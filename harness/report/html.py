@@ -22,6 +22,7 @@ from harness.report.figures import (
     compare_occupancy,
     compare_successes,
 )
+from harness.report.http import http_findings
 from harness.report.model import Capacity, Service, Summary
 from harness.scenario import Scenario
 
@@ -91,6 +92,7 @@ def findings(summary: Summary) -> list[str]:
     return [
         *cliff_findings(summary),
         *_outcome_findings(summary),
+        *http_findings(summary.http, summary.connections.io_errors),
         *_outage_findings(summary),
         *_service_findings(summary.service),
         *_kernel_findings(summary),

@@ -18,7 +18,7 @@ from harness.load.outcome import request_events
 from harness.report.counts import ValueCounts
 from harness.report.sections import Latency, Section
 
-__all__ = ["HTTP_COLUMNS", "Http", "HttpTally", "http_section"]
+__all__ = ["HTTP_COLUMNS", "Http", "HttpTally", "http_findings", "http_section"]
 
 HTTP_COLUMNS = ("errno", "io_errno", "connect_us", "tls_us", "requests", "status", "rx_bytes")
 
@@ -107,3 +107,33 @@ def http_section(batches: Iterable[pa.RecordBatch | pa.Table]) -> HttpTally:
     for batch in batches:
         tally.add(batch)
     return tally
+
+
+_MEANINGS = {
+    "TLS_VERIFY": "the server's certificate did not verify (load.tls.ca_file, server_name)",
+    "TLS_ERROR": "the TLS handshake failed",
+    "HTTP_MALFORMED": "the reply was not HTTP",
+}
+
+
+def http_findings(http: Http | None, io_errors: dict[str, int]) -> list[str]:
+    """The HTTP and TLS section in plain words, and what failed after connecting."""
+    out = []
+    if http is not None:
+        statuses = ", ".join(f"{code} {n:,}" for code, n in sorted(http.statuses.items()))
+        text = f"HTTP: {http.requests:,} responses over {http.connections_with_requests:,}"
+        text += f" connections ({http.requests_per_connection or 0:g} each)"
+        out.append(text + (f"; final statuses {statuses}." if statuses else "."))
+        shake = http.tls_handshake_ms
+        if shake is not None:
+            out.append(
+                f"TLS: {http.tls_handshakes:,} handshakes, {shake.p50:g} ms median,"
+                f" {shake.p99:g} ms p99 after connect() answered."
+            )
+    if io_errors:
+        kinds = ", ".join(
+            f"{name} {n:,}" + (f" ({_MEANINGS[name]})" if name in _MEANINGS else "")
+            for name, n in sorted(io_errors.items())
+        )
+        out.append(f"Failed after connecting: {kinds}.")
+    return out
