@@ -292,3 +292,39 @@ tls = true
     resolved = json.loads((out / "scenario.json").read_text())
     assert resolved["load"]["tls"]["ca_file"] == str(out / "tls" / "ca.pem")
     assert summary["conservation"]["ok"]
+
+
+def test_connections_waiting_for_their_next_request_at_the_stop_are_recorded(
+    tmp_path: Path,
+) -> None:
+    """A slow pace with keep-alive leaves most connections waiting for their next
+    request's slot when the run stops, past the engine's bound: each is still recorded
+    (ECANCELED after connect), so records and the listener's accepts agree."""
+    scenario = write_scenario(
+        tmp_path / "slow.toml",
+        """
+name = "slow"
+duration = "1500ms"
+[target]
+endpoints = ["127.0.0.1:0"]
+[listener]
+[load]
+engine = "uvloop"
+users = 10
+rate = 4
+requests_per_connection = 3
+connect_timeout = "500ms"
+io_timeout = "500ms"
+[load.http]
+""",
+    )
+    out = tmp_path / "run"
+    result = eph(["run", str(scenario), "--out", str(out)], cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = run_dir_summary(out)
+    conns = summary["connections"]
+    assert conns["attempted"] >= 3  # 4 requests/s: a connection starts every 0.75 s or so
+    assert conns["io_errors"].get("ECANCELED", 0) > 0  # stopped while waiting
+    assert summary["listener"]["accepted"] == conns["succeeded"] == conns["attempted"]
+    assert summary["http"]["requests"] == summary["listener"]["requests"]
+    assert summary["conservation"]["ok"]

@@ -102,6 +102,7 @@ class HttpChurn(CallbackUsers):
         self._connect_ns = int(plan.connect_timeout * 1e9)
         self._io_ns = int(plan.io_timeout * 1e9)
         self._conns: dict[int, _Conn] = {}  # fd -> connection waiting on the epoll
+        self._held: dict[_Conn, int] = {}  # waiting on a timer -> its io_errno at a stop
         self._epoll = select.epoll()
         # plain HTTP needs no more than the C socket type: its Python subclass's
         # __init__ cost 12 µs a connection in the profile (README, "HTTP and TLS")
@@ -129,6 +130,9 @@ class HttpChurn(CallbackUsers):
             await asyncio.sleep(0.01)
         for conn in list(self._conns.values()):
             self._end(conn, INTERRUPTED, resume=False)
+        for conn, code in list(self._held.items()):
+            del self._held[conn]
+            self._end(conn, code, resume=False)
         if self._sweeper is not None:
             self._sweeper.cancel()
             self._sweeper = None
@@ -213,10 +217,8 @@ class HttpChurn(CallbackUsers):
         if not conn.pending:
             if conn.sent and self._pacer is not None:
                 delay = self._pacer.delay()
-                if delay > 0:
-                    conn.phase = _HOLD  # not on the epoll: the timer carries on
-                    assert self._loop is not None
-                    self._loop.call_later(delay, self._write, conn, True)
+                if delay > 0:  # the next request waits for its slot
+                    self._hold(conn, delay, INTERRUPTED, self._write, True)
                     return
             self._write(conn, True)
             return
@@ -304,13 +306,25 @@ class HttpChurn(CallbackUsers):
             self._wait(conn, _IN)
             return
         if self.plan.hold:
-            conn.phase = _HOLD
-            assert self._loop is not None
-            self._loop.call_later(self.plan.hold, self._end, conn, 0)
+            self._hold(conn, self.plan.hold, 0, self._end, 0)
             return
         self._end(conn, 0)
 
     # ------------------------------------------------------------ waiting
+
+    def _hold(
+        self, conn: _Conn, delay: float, at_stop: int, then: Callable[..., None], arg: object
+    ) -> None:
+        """Off the epoll for ``delay``, then ``then(conn, arg)``; a stop that comes first
+        ends it with ``at_stop`` (0: the exchange was done), so it is still recorded."""
+        conn.phase = _HOLD
+        self._held[conn] = at_stop
+        assert self._loop is not None
+        self._loop.call_later(delay, self._release, conn, then, arg)
+
+    def _release(self, conn: _Conn, then: Callable[..., None], arg: object) -> None:
+        if self._held.pop(conn, None) is not None:
+            then(conn, arg)
 
     def _wait(self, conn: _Conn, events: int) -> None:
         fd = conn.sock.fileno()
@@ -378,19 +392,5 @@ class HttpChurn(CallbackUsers):
             (response.done, response.status, response.rx) if response is not None else (0, 0, 0)
         )
         t1 = conn.t1 or t2
-        self.writer.add(
-            (
-                conn.t0,
-                t1,
-                t2,
-                conn.address,
-                conn.port,
-                conn.target.index,
-                err,
-                io_err,
-                conn.tls_ns,
-                requests,
-                status,
-                rx,
-            )
-        )
+        row = (conn.t0, t1, t2, conn.address, conn.port, conn.target.index, err, io_err)
+        self.writer.add((*row, conn.tls_ns, requests, status, rx))
