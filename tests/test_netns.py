@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -62,11 +63,28 @@ def test_stale_namespaces_of_dead_processes_are_swept() -> None:
 
 
 def test_processes_left_inside_are_stopped() -> None:
-    with Namespace(prefix="ephtest") as ns:
-        sleeper = subprocess.Popen(ns.command(["sleep", "60"]))
-        name = ns.name
-    assert sleeper.wait(timeout=5) != 0  # killed, not left holding the namespace
-    assert not _exists(name)
+    sleeper = None
+    try:
+        with Namespace(prefix="ephtest") as ns:
+            sleeper = subprocess.Popen(ns.command(["sleep", "60"]))
+            name = ns.name
+            # inside before the namespace goes: `ip netns exec` enters it after Popen
+            # returns, and a busy machine once left the sweep nothing to find
+            deadline = time.monotonic() + 10
+            while not _pids(name) and time.monotonic() < deadline:
+                time.sleep(0.01)
+            assert _pids(name), "the sleeper never entered the namespace"
+        assert sleeper.wait(timeout=5) != 0  # killed, not left holding the namespace
+        assert not _exists(name)
+    finally:
+        if sleeper is not None and sleeper.poll() is None:
+            sleeper.kill()
+            sleeper.wait()
+
+
+def _pids(name: str) -> list[str]:
+    out = subprocess.run(["ip", "netns", "pids", name], capture_output=True, text=True)
+    return out.stdout.split()
 
 
 def test_the_startup_sweep_takes_every_eph_prefix_and_spares_the_living() -> None:
