@@ -123,7 +123,10 @@ def test_server_first_or_reset_close_never_exhausts(tmp_path: Path, close: str) 
     capacity = summary["capacity"]
     # no TIME_WAIT on the client: only each connection's ~1 ms lifetime holds a port
     assert capacity["model_hold_s"] is None
-    assert capacity["model_max_rate_per_s"] > 10 * capacity["measured_rate_per_s"]
+    # far above what was measured, or None: a lifetime-only bound above a million
+    # connects/s is no limit (the Locust engine's ~86 µs lifetime over 100 ports is one)
+    limit = capacity["model_max_rate_per_s"]
+    assert limit is None or limit > 10 * capacity["measured_rate_per_s"]
 
 
 def test_with_reuse_the_rate_sits_at_range_over_delay(tmp_path: Path) -> None:
