@@ -7,6 +7,7 @@ is ``harness.scenario.loading``'s part.
 from __future__ import annotations
 
 import enum
+import ipaddress
 import os
 import re
 from collections.abc import Sequence
@@ -35,6 +36,7 @@ __all__ = [
     "Engine",
     "HttpConfig",
     "ListenerClose",
+    "NatConfig",
     "Protocol",
     "Reply",
     "Scenario",
@@ -351,6 +353,7 @@ class KernelConfig(_Section):
 class Topology(enum.StrEnum):
     SINGLE = "single"  # listener, load and collector in one namespace, over loopback
     PAIR = "pair"  # client and server namespaces joined by a veth pair
+    NAT = "nat"  # client, router and server namespaces: the router SNATs to [lab.nat]
 
 
 class Emulation(enum.StrEnum):
@@ -359,6 +362,94 @@ class Emulation(enum.StrEnum):
     AUTO = "auto"  # netem when the kernel has it, else the relay
     NETEM = "netem"  # a veth pair with the netem qdisc on each end
     RELAY = "relay"  # a TUN device in each namespace and eph's userspace relay
+
+
+# conntrack's TCP timeouts a [lab.nat] may set: key tcp_timeout_<name> is the router
+# namespace's net.netfilter.nf_conntrack_tcp_timeout_<name> (whole seconds)
+CONNTRACK_TIMEOUTS = (
+    "syn_sent",
+    "syn_recv",
+    "established",
+    "fin_wait",
+    "close_wait",
+    "last_ack",
+    "time_wait",
+    "close",
+    "max_retrans",
+    "unacknowledged",
+)
+_Seconds = Annotated[Duration, Field(ge=1)]
+
+
+def _ipv4(value: object) -> object:
+    if not isinstance(value, str):
+        raise ValueError(f"{value!r} is not an IPv4 address string")
+    try:
+        address = ipaddress.IPv4Address(value)
+    except ValueError:
+        raise ValueError(f"{value!r} is not an IPv4 address") from None
+    if address.is_loopback or address.is_unspecified or address.is_multicast:
+        raise ValueError(f"{value} cannot be a NAT address (loopback, 0.0.0.0 or multicast)")
+    return str(address)
+
+
+class NatConfig(_Section):
+    """``[lab.nat]``: the router's SNAT pool and conntrack, in the router namespace only
+    (``harness.lab.nat``). The defaults are a Linux MASQUERADE's: the whole port range
+    on one address, conntrack's own timeouts."""
+
+    # the router's outside addresses; each gives the pool another ``ports`` per destination
+    addresses: Annotated[list[Annotated[str, BeforeValidator(_ipv4)]], Field(min_length=1)] = Field(
+        default_factory=lambda: ["198.51.100.1"]
+    )  # TEST-NET-2
+    ports: PortRange = (1024, 65535)
+    random_fully: StrictBool = False  # NF_NAT_RANGE_PROTO_RANDOM_FULLY, as kube-proxy sets
+    # a cloud NAT's rule: a port stays taken toward its destination for
+    # tcp_timeout_time_wait after the flow closes. Linux 6.5+ instead hands a TIME_WAIT
+    # entry to a new SYN whose sequence number has advanced (docs/kernel.md)
+    hold_time_wait: StrictBool = False
+    # the router's conntrack table size, as an nftables ``ct count`` limit: the host's
+    # nf_conntrack_max is not writable from a namespace
+    conntrack_max: Annotated[StrictInt, Field(ge=1, le=1 << 24)] | None = None
+    tcp_timeout_syn_sent: _Seconds | None = None
+    tcp_timeout_syn_recv: _Seconds | None = None
+    tcp_timeout_established: _Seconds | None = None
+    tcp_timeout_fin_wait: _Seconds | None = None
+    tcp_timeout_close_wait: _Seconds | None = None
+    tcp_timeout_last_ack: _Seconds | None = None
+    tcp_timeout_time_wait: _Seconds | None = None
+    tcp_timeout_close: _Seconds | None = None
+    tcp_timeout_max_retrans: _Seconds | None = None
+    tcp_timeout_unacknowledged: _Seconds | None = None
+
+    @property
+    def pool_ports(self) -> int:
+        """Ports per NAT address."""
+        return self.ports[1] - self.ports[0] + 1
+
+    def timeouts(self) -> dict[str, int]:
+        """The timeouts set, as sysctl name -> whole seconds."""
+        out = {}
+        for name in CONNTRACK_TIMEOUTS:
+            value = getattr(self, f"tcp_timeout_{name}")
+            if value is not None:
+                out[f"net.netfilter.nf_conntrack_tcp_timeout_{name}"] = round(value)
+        return out
+
+    @model_validator(mode="after")
+    def _check(self) -> Self:
+        lo, hi = self.ports
+        if lo > hi:
+            raise ValueError(f"ports low end {lo} is above high end {hi}")
+        if len(set(self.addresses)) != len(self.addresses):
+            raise ValueError(f"addresses {self.addresses} repeat an address")
+        for name in CONNTRACK_TIMEOUTS:
+            value = getattr(self, f"tcp_timeout_{name}")
+            if value is not None and value != round(value):
+                raise ValueError(
+                    f"tcp_timeout_{name} = {value:g} s: conntrack counts whole seconds"
+                )
+        return self
 
 
 class LabConfig(_Section):
@@ -377,6 +468,12 @@ class LabConfig(_Section):
     # the user's own client instead of Locust (eph lab --exec): a command line, run in
     # the client namespace with EPH_TARGET=host:port, observed (harness.lab.exec)
     exec: str | None = None
+    nat: NatConfig | None = None  # topology = "nat": the router's pool (defaults when absent)
+
+    @property
+    def nat_pool(self) -> NatConfig:
+        """``[lab.nat]``, or its defaults."""
+        return self.nat if self.nat is not None else NatConfig()
 
     @property
     def impaired(self) -> bool:
@@ -389,6 +486,8 @@ class LabConfig(_Section):
                 "delay, jitter and loss act on the link between two namespaces:"
                 ' they need topology = "pair"'
             )
+        if self.nat is not None and self.topology is not Topology.NAT:
+            raise ValueError('[lab.nat] configures the router of topology = "nat" only')
         return self
 
 
