@@ -18,6 +18,7 @@ from harness.cli._base import (
     report_observation,
     set_option,
 )
+from harness.cli._nat import CLIENT_ONLY, nat_options, run_nat_plan
 from harness.scenario import ClosePolicy, Scenario, load_scenario
 
 if TYPE_CHECKING:
@@ -134,6 +135,7 @@ def report(
     type=click.Path(path_type=Path),
     help="Take the inputs from a run directory; compare model and measured.",
 )
+@nat_options
 @click.option("--json", "as_json", is_flag=True, help="Print JSON for tools instead of text.")
 def plan(
     rate: float | None,
@@ -150,15 +152,25 @@ def plan(
     keep_ports: Sequence[int],
     run_dir: Path | None,
     as_json: bool,
+    nat: bool,
+    **nat_given: Any,
 ) -> None:
     """What rate a setup sustains, and what reaches the rate you need (sends no load).
 
     Unset settings come from this host's kernel (read, never written), or with
     --from from the run. The sysctl.d snippet is printed for you to apply by hand.
+    With --nat (or --scenario), the same for a source NAT's pool instead.
     """
     from dataclasses import replace
 
     from harness.capacity.plan import make_plan, render_text
+
+    if nat or nat_given["nat_scenario"] is not None:
+        _refuse_client_options(locals())
+        run_nat_plan({**nat_given, "destinations": destinations}, rate, lifetime, as_json)
+        return
+    if any(value is not None for value in nat_given.values()):
+        raise click.UsageError("the --nat-* and --requests-per-connection options need --nat")
 
     given: dict[str, Any] = {
         "lifetime_s": lifetime,
@@ -184,6 +196,16 @@ def plan(
         click.echo(json.dumps(data, indent=2))
     else:
         click.echo(render_text(result, measured), nl=False)
+
+
+def _refuse_client_options(given: dict[str, Any]) -> None:
+    """--nat plans the NAT's pool: the client host's options would be silently ignored."""
+    named = [flag for name, flag in CLIENT_ONLY.items() if given[name] not in (None, False, ())]
+    if named:
+        raise click.UsageError(
+            f"{', '.join(named)}: the client host's setup, which --nat does not read"
+            " (plan the client without --nat)"
+        )
 
 
 def _plan_inputs(
