@@ -208,7 +208,7 @@ def test_cli_refuses_a_scenario_without_the_nat_topology(tmp_path: Path) -> None
 def test_cli_end_to_end_says_what_is_wrong(tmp_path: Path) -> None:
     ok = eph([*SMALL_ARGS, "--lifetime", "10ms", "--rate", "100"], cwd=tmp_path)
     assert ok.returncode == 0, ok.stderr
-    assert "more NAT addresses: 149.2/s" in ok.stdout
+    assert "more NAT addresses: 149.3/s" in ok.stdout
     bad = eph(["plan", "--nat", "--nat-ports", "70000", "--rate", "5"], cwd=tmp_path)
     assert bad.returncode == 2 and "'70000' is neither a port count" in bad.stderr
     missing = eph(["plan", "--nat"], cwd=tmp_path)

@@ -141,7 +141,7 @@ def fmt_nat_rate(rate: float | None) -> str:
     return f"{rate:,.0f}/s" if rate >= 1000 else f"{rate:.4g}/s"
 
 
-def _round(value: float | None, digits: int = 2) -> float | None:
+def _round(value: float | None, digits: int = 4) -> float | None:
     return None if value is None else round(value, digits)
 
 
@@ -326,7 +326,7 @@ class NatPlan:
             "connection_rate_per_s": _round(model.connection_rate(self.rate)),
             "max_connection_rate_per_s": _round(model.max_rate_per_s),
             "max_rate_per_s": _round(self.max_rate_per_s),
-            "time_to_exhaustion_s": _round(self.time_to_exhaustion_s, 4),
+            "time_to_exhaustion_s": _round(self.time_to_exhaustion_s),
             "headroom": self.headroom,
             "meets_goal": self.meets_goal,
             "levers": [asdict(lever) for lever in self.levers],
