@@ -24,7 +24,9 @@ that is less than ``busy``). A full pool drops the SYN: the client gets no
 EADDRNOTAVAIL, its connect() times out after SYN retransmits (1 s, 3 s, ...).
 With keep-alive or a pool of connections each carrying ``requests_per_connection``
 requests, an offered rate of requests/s is ``rate / requests_per_connection``
-new connections/s.
+new connections/s. ``eph plan --nat`` tries each lever alone (more NAT addresses or
+ports, a shorter or no held TIME_WAIT, more destinations, pooling, and a server-first
+close, which does not help a NAT) and says the rate it reaches.
 """
 
 from __future__ import annotations
