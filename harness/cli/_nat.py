@@ -22,7 +22,7 @@ if TYPE_CHECKING:
     from harness.capacity.nat import NatCapacityModel
     from harness.scenario import Scenario
 
-__all__ = ["CLIENT_ONLY", "nat_options", "nat_ports_value", "run_nat_plan"]
+__all__ = ["CLIENT_ONLY", "nat_options", "nat_ports_value", "plan_nat", "run_nat_plan"]
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -39,6 +39,15 @@ CLIENT_ONLY = {
     "keep_ports": "--keep-port",
     "run_dir": "--from",
 }
+
+# the options that describe only the NAT
+_NAT_ONLY = (
+    "nat_ports",
+    "nat_addresses",
+    "nat_time_wait",
+    "nat_holds",
+    "requests_per_connection",
+)
 
 
 def nat_ports_value(_ctx: click.Context, param: click.Parameter, value: str | None) -> int | None:
@@ -114,6 +123,24 @@ def nat_options(command: F) -> F:
     for option in reversed(_OPTIONS):
         command = option(command)
     return command
+
+
+def plan_nat(params: dict[str, Any]) -> bool:
+    """``eph plan``'s NAT half: with --nat or --scenario, plan the NAT and say True."""
+    nat_only = [name for name in _NAT_ONLY if params[name] is not None]
+    if not (params["nat"] or params["nat_scenario"] is not None):
+        if nat_only:
+            raise click.UsageError("the --nat-* and --requests-per-connection options need --nat")
+        return False
+    client = [flag for name, flag in CLIENT_ONLY.items() if params[name] not in (None, False, ())]
+    if client:
+        raise click.UsageError(
+            f"{', '.join(client)}: the client host's setup, which --nat does not read"
+            " (plan the client without --nat)"
+        )
+    given = {name: params[name] for name in ("nat_scenario", "destinations", *_NAT_ONLY)}
+    run_nat_plan(given, params["rate"], params["lifetime"], params["as_json"])
+    return True
 
 
 def run_nat_plan(

@@ -18,7 +18,7 @@ from harness.cli._base import (
     report_observation,
     set_option,
 )
-from harness.cli._nat import CLIENT_ONLY, nat_options, run_nat_plan
+from harness.cli._nat import nat_options, plan_nat
 from harness.scenario import ClosePolicy, Scenario, load_scenario
 
 if TYPE_CHECKING:
@@ -152,8 +152,7 @@ def plan(
     keep_ports: Sequence[int],
     run_dir: Path | None,
     as_json: bool,
-    nat: bool,
-    **nat_given: Any,
+    **_nat: Any,  # --nat and its options: plan_nat reads them from the context
 ) -> None:
     """What rate a setup sustains, and what reaches the rate you need (sends no load).
 
@@ -165,13 +164,8 @@ def plan(
 
     from harness.capacity.plan import make_plan, render_text
 
-    if nat or nat_given["nat_scenario"] is not None:
-        _refuse_client_options(locals())
-        run_nat_plan({**nat_given, "destinations": destinations}, rate, lifetime, as_json)
+    if plan_nat(click.get_current_context().params):
         return
-    if any(value is not None for value in nat_given.values()):
-        raise click.UsageError("the --nat-* and --requests-per-connection options need --nat")
-
     given: dict[str, Any] = {
         "lifetime_s": lifetime,
         "close": ClosePolicy(close) if close else None,
@@ -196,16 +190,6 @@ def plan(
         click.echo(json.dumps(data, indent=2))
     else:
         click.echo(render_text(result, measured), nl=False)
-
-
-def _refuse_client_options(given: dict[str, Any]) -> None:
-    """--nat plans the NAT's pool: the client host's options would be silently ignored."""
-    named = [flag for name, flag in CLIENT_ONLY.items() if given[name] not in (None, False, ())]
-    if named:
-        raise click.UsageError(
-            f"{', '.join(named)}: the client host's setup, which --nat does not read"
-            " (plan the client without --nat)"
-        )
 
 
 def _plan_inputs(
