@@ -15,13 +15,11 @@ from collections.abc import Iterator
 import numpy as np
 import pytest
 
+from harness.kernel.netlink import NLMSG_DONE, NLMSG_ERROR, datagrams
 from harness.kernel.sockdiag import (
     DIAG_DTYPE,
-    NLMSG_DONE,
-    NLMSG_ERROR,
     SOCK_DIAG_BY_FAMILY,
     TcpState,
-    _datagrams,
     dump_tcp,
     parse_dump,
 )
@@ -204,13 +202,13 @@ class _FakeNetlink:
 
 def test_datagrams_read_from_a_socket_parse() -> None:
     fake = _FakeNetlink([TIME_WAITS, MIXED + done()])
-    assert len(parse_dump(_datagrams(fake))) == 8  # type: ignore[arg-type]
+    assert len(parse_dump(datagrams(fake, "sock_diag"))) == 8  # type: ignore[arg-type]
 
 
 def test_a_datagram_larger_than_the_buffer_raises() -> None:
     fake = _FakeNetlink([bytes(2 << 20)])
     with pytest.raises(OSError, match="did not fit") as caught:
-        parse_dump(_datagrams(fake))  # type: ignore[arg-type]
+        parse_dump(datagrams(fake, "sock_diag"))  # type: ignore[arg-type]
     assert caught.value.errno == errno.EMSGSIZE
 
 

@@ -30,26 +30,22 @@ from __future__ import annotations
 
 import enum
 import errno
-import os
 import socket
 import struct
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 
 import numpy as np
+
+from harness.kernel import netlink
+from harness.kernel.netlink import NLM_F_DUMP, NLM_F_REQUEST, NLMSGHDR
 
 __all__ = ["DIAG_DTYPE", "TcpState", "dump_sockets", "dump_tcp", "parse_dump"]
 
 NETLINK_SOCK_DIAG = 4
 SOCK_DIAG_BY_FAMILY = 20
-NLMSG_ERROR = 2
-NLMSG_DONE = 3
-NLM_F_REQUEST = 0x1
-NLM_F_DUMP = 0x300  # NLM_F_ROOT | NLM_F_MATCH
-
-_NLMSGHDR = struct.Struct("=IHHII")  # len, type, flags, seq, pid: 16 bytes, host byte order
+_SOURCE = "sock_diag"
 # inet_diag_req_v2: family, protocol, ext, pad, states; then an empty inet_diag_sockid (48 bytes)
 _REQUEST = struct.Struct("=BBBBI48x")
-_RECV_BUFFER = 1 << 20
 
 
 class TcpState(enum.IntEnum):
@@ -90,7 +86,8 @@ DIAG_DTYPE = np.dtype(
         ("inode", "=u4"),
     ]
 )
-_MESSAGE = _NLMSGHDR.size + DIAG_DTYPE.itemsize  # the shortest diag message: 88 bytes
+_MESSAGE = NLMSGHDR.size + DIAG_DTYPE.itemsize  # the shortest diag message: 88 bytes
+_DIAG = (SOCK_DIAG_BY_FAMILY, "diag", _MESSAGE)
 
 
 def dump_tcp(
@@ -116,34 +113,19 @@ def dump_sockets(
         mask |= 1 << int(state)
     parts = []
     with socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_SOCK_DIAG) as sock:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, _RECV_BUFFER)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, netlink.RECV_BUFFER)
         for sequence, family in enumerate(families, start=1):
             request = _REQUEST.pack(family, protocol, 0, 0, mask)
-            header = _NLMSGHDR.pack(
-                _NLMSGHDR.size + len(request),
+            header = NLMSGHDR.pack(
+                NLMSGHDR.size + len(request),
                 SOCK_DIAG_BY_FAMILY,
                 NLM_F_REQUEST | NLM_F_DUMP,
                 sequence,
                 0,
             )
             sock.send(header + request)
-            parts.append(parse_dump(_datagrams(sock)))
+            parts.append(parse_dump(netlink.datagrams(sock, _SOURCE)))
     return _joined(parts)
-
-
-def _datagrams(sock: socket.socket) -> Iterator[memoryview]:
-    """The datagrams of one dump as they arrive (one buffer, reused: parse each at once)."""
-    buffer = bytearray(_RECV_BUFFER)
-    while True:
-        size = sock.recv_into(buffer, 0, socket.MSG_TRUNC)  # the datagram's real size
-        if size > len(buffer):
-            raise OSError(
-                errno.EMSGSIZE,
-                f"sock_diag: a {size}-byte datagram did not fit the {len(buffer)}-byte buffer",
-            )
-        if size == 0:
-            return
-        yield memoryview(buffer)[:size]
 
 
 def parse_dump(datagrams: Iterable[bytes | bytearray | memoryview]) -> np.ndarray:
@@ -170,21 +152,8 @@ def _joined(parts: list[np.ndarray]) -> np.ndarray:
 
 def _parse(chunk: memoryview, number: int = 0) -> tuple[np.ndarray, bool]:
     """The diag rows of one datagram and whether it ends the dump."""
-    offsets, lengths = _offsets(chunk, number)
-    types = np.frombuffer(chunk, dtype="=u2", count=len(chunk) // 2)[offsets // 2 + 2]
-    ends = np.flatnonzero((types == NLMSG_DONE) | (types == NLMSG_ERROR))
-    for index in ends:
-        _raise_if_failed(chunk, number, int(offsets[index]), int(lengths[index]), int(types[index]))
-    done = bool((types[ends] == NLMSG_DONE).any())
-    diag = types == SOCK_DIAG_BY_FAMILY
-    if done:  # nothing after NLMSG_DONE belongs to this dump
-        diag[int(ends[np.argmax(types[ends] == NLMSG_DONE)]) :] = False
-    short = diag & (lengths < _MESSAGE)
-    if short.any():
-        at = int(np.argmax(short))
-        what = f"a diag message of {lengths[at]} bytes, less than header + inet_diag_msg"
-        raise _malformed(number, int(offsets[at]), f"{what} ({_MESSAGE})")
-    data = offsets[diag] + _NLMSGHDR.size
+    diag, _, done = netlink.messages(chunk, number, _SOURCE, _DIAG)
+    data = diag + NLMSGHDR.size
     if not len(data):
         return np.zeros(0, dtype=DIAG_DTYPE), done
     raw = np.frombuffer(chunk, dtype=np.uint8)
@@ -196,57 +165,3 @@ def _parse(chunk: memoryview, number: int = 0) -> tuple[np.ndarray, bool]:
         return view.copy(), done
     gathered = raw[data[:, None] + np.arange(DIAG_DTYPE.itemsize)]
     return gathered.view(DIAG_DTYPE).reshape(-1), done
-
-
-def _raise_if_failed(chunk: memoryview, number: int, offset: int, length: int, kind: int) -> None:
-    """NLMSG_ERROR and NLMSG_DONE carry an int: 0, or minus the errno that ended the dump."""
-    if length < _NLMSGHDR.size + 4:
-        if kind == NLMSG_DONE:
-            return  # a bare NLMSG_DONE: nothing to report
-        raise _malformed(number, offset, f"an NLMSG_ERROR of {length} bytes, with no error code")
-    (code,) = struct.unpack_from("=i", chunk, offset + _NLMSGHDR.size)
-    if code < 0:
-        name = errno.errorcode.get(-code, f"errno {-code}")
-        what = "failed" if kind == NLMSG_ERROR else "was aborted"
-        raise OSError(-code, f"sock_diag dump {what}: {name} ({os.strerror(-code)})")
-
-
-def _malformed(number: int, offset: int, what: str) -> OSError:
-    return OSError(errno.EBADMSG, f"sock_diag: datagram {number}, byte {offset}: {what}")
-
-
-def _offsets(chunk: memoryview, number: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    """Where each netlink message of a datagram starts, and its length field.
-
-    Raises when the messages do not tile the datagram exactly (up to the
-    alignment padding of the last one).
-    """
-    size = len(chunk)
-    if size < _NLMSGHDR.size:
-        raise _malformed(number, 0, f"{size} bytes, less than a netlink header")
-    (first,) = struct.unpack_from("=I", chunk, 0)
-    step = (first + 3) & ~3
-    if first >= _NLMSGHDR.size and size % step == 0:
-        lengths = np.frombuffer(chunk, dtype="=u4", count=size // 4)[:: step // 4]
-        if (lengths == first).all():  # the usual case: one message size throughout
-            return np.arange(0, size, step, dtype=np.int64), lengths.astype(np.int64)
-    starts: list[int] = []
-    offset = 0
-    unpack = struct.Struct("=I").unpack_from
-    while offset + _NLMSGHDR.size <= size:  # messages of several sizes: walk the lengths
-        starts.append(offset)
-        (length,) = unpack(chunk, offset)
-        if length < _NLMSGHDR.size:
-            raise _malformed(number, offset, f"a length field of {length}, less than a header")
-        offset += (length + 3) & ~3
-    offsets = np.array(starts, dtype=np.int64)
-    words = np.frombuffer(chunk, dtype="=u4", count=size // 4)
-    lengths = words[offsets // 4].astype(np.int64)  # messages start 4-aligned
-    if len(offsets) and offsets[-1] + lengths[-1] > size:
-        left = size - int(offsets[-1])
-        raise _malformed(
-            number, int(offsets[-1]), f"a {lengths[-1]}-byte message cut off after {left} bytes"
-        )
-    if offset < size:
-        raise _malformed(number, offset, f"a header cut off after {size - offset} bytes")
-    return offsets, lengths

@@ -35,7 +35,7 @@ import numpy as np
 from harness.kernel.counters import ipv6_sockets_unseen
 from harness.kernel.sockdiag import DIAG_DTYPE, TcpState, dump_sockets
 
-__all__ = ["STATES", "PathSampler", "PathSnapshot", "group_paths", "usable_ports"]
+__all__ = ["STATES", "PathSampler", "PathSnapshot", "group_paths", "text_addresses", "usable_ports"]
 
 # the states a client socket can hold a port in, in the order of PathSnapshot.states' columns
 STATES = (
@@ -180,7 +180,7 @@ def group_paths(rows: np.ndarray, protocol: np.ndarray) -> _Columns:
     )
 
 
-def _addresses(families: np.ndarray, raws: np.ndarray) -> list[str]:
+def text_addresses(families: np.ndarray, raws: np.ndarray) -> list[str]:
     """Text addresses, for the few rows shown (never per socket)."""
     out = []
     for family, raw in zip(families.tolist(), raws.tolist(), strict=True):
@@ -255,8 +255,8 @@ class PathSampler:
         snap = PathSnapshot(
             time=0.0,
             protocol=c.protocol[first],
-            local=_addresses(c.family[first], c.src[first]),
-            remote=_addresses(c.family[first], c.dst[first]),
+            local=text_addresses(c.family[first], c.src[first]),
+            remote=text_addresses(c.family[first], c.dst[first]),
             remote_port=c.dport[first].astype(np.uint16),
             states=states[keep],
             ports=ports[keep],

@@ -26,6 +26,7 @@ from harness.files import atomic_write_json
 from harness.kernel.counters import read_counters
 from harness.kernel.listening import read_conntrack
 from harness.kernel.sysctls import read_kernel
+from harness.observe.nat import NatSampler, NatSnapshot
 from harness.observe.outlook import Outlook, outlook
 from harness.observe.paths import PathSampler, PathSnapshot
 from harness.observe.store import ObserveStore, host_batch, paths_batch
@@ -83,6 +84,7 @@ class HostView:
     counters: dict[str, int | None]
     rates: dict[str, float]  # per second, for the cumulative counters
     sample_ms: float
+    nat: NatSnapshot | None = None  # on a NAT router: its pools (harness.observe.nat)
 
 
 class ObserveView(Protocol):
@@ -110,6 +112,7 @@ class Observation:
     trace_reason: str | None = None  # why --trace could not trace
     samples: int = 0
     stop_reason: str | None = None
+    nat: NatSampler = field(default_factory=NatSampler, repr=False)
     _stop: bool = field(default=False, repr=False)
 
     def stop(self, reason: str) -> None:
@@ -184,7 +187,8 @@ class Observation:
             reuse_delay_ms=self.settings.reuse_delay_ms,
         )
         counters = read_counters()
-        host = HostView(self.settings, counters, _rates(last, snap.time, counters), sample_ms)
+        rates = _rates(last, snap.time, counters)
+        host = HostView(self.settings, counters, rates, sample_ms, self.nat.sample())
         for view in self.views:
             view.show(snap, look, host)
         if store is not None:

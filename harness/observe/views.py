@@ -12,6 +12,7 @@ from rich.live import Live
 from rich.table import Table
 from rich.text import Text
 
+from harness.observe.nat import nat_lines
 from harness.observe.outlook import Outlook, Verdict
 from harness.observe.paths import STATES, PathSnapshot
 from harness.observe.session import HostView
@@ -83,6 +84,7 @@ class PlainView:
         self._last = now
         stamp = time.strftime("%H:%M:%S", time.localtime(snap.time))
         lines = [f"{stamp} {host_line(host, snap)}"]
+        lines += [f"  {line}" for line in (nat_lines(host.nat, self.rows) if host.nat else [])]
         lines += [f"  {path_line(snap, look, i)}" for i in range(min(self.rows, len(snap)))]
         self.stream.write("\n".join(lines) + "\n")
         self.stream.flush()
@@ -133,7 +135,9 @@ class TerminalView:
                 _eta(float(look.time_to_exhaustion_s[i])),
                 Text(str(verdict), style=style),
             )
-        self._live.update(Group(Text(host_line(host, snap), style="dim"), table), refresh=True)
+        nat = [Text(line) for line in (nat_lines(host.nat, self.rows) if host.nat else [])]
+        head = Text(host_line(host, snap), style="dim")
+        self._live.update(Group(head, *nat, table), refresh=True)
 
     def close(self) -> None:
         self._live.stop()
