@@ -18,6 +18,7 @@ from harness.kernel.sysctls import read_kernel
 from harness.leftovers import account_for_workers, collect
 from harness.load.cpu import CPU_FILE, is_cpu_part, merge_cpu_parts
 from harness.observe.collector import finish_samples
+from harness.observe.natpool import finish_nat
 from harness.readings import collector_kernel, locust_request_count, read_samples, worker_hosts
 from harness.records import Part, merge_parts
 from harness.report.analysis import analyze
@@ -33,6 +34,7 @@ from harness.report.model import (
     Summary,
     validated,
 )
+from harness.report.nat import nat_section, with_nat_model
 from harness.report.occupancy import kernel_conservation
 from harness.report.ondisk import is_on_disk, open_records
 from harness.report.rundata import RunData
@@ -85,6 +87,9 @@ def finalize(
     samples = read_samples(run.path / "samples.parquet")
     server_samples = read_samples(run.path / "server" / "samples.parquet")
     summary = analyze(table, samples, setup, summary, server_samples, hosts)
+    nat = nat_section(run.path, table) if not is_on_disk(table) else None
+    if nat is not None:
+        summary.nat = with_nat_model(nat, summary, setup, table)
     if crash is not None:
         summary.crash = crash_section(crash, table, samples)
     cpu = cpu_section(_read_cpu(run.path), samples, summary.capacity.model_ports)
@@ -144,6 +149,9 @@ def _finish_samples(run: RunDir) -> None:
         if (directory / "samples.arrows").exists():
             kept = finish_samples(directory)
             logger.warning("%s: the collector did not finish; kept %d samples", directory, kept)
+    if (run.path / "router" / "nat.arrows").exists():
+        kept = finish_nat(run.path / "router")
+        logger.warning("the NAT collector did not finish; kept %d rows", kept)
 
 
 def _parts(run: RunDir, hosts: list[HostSamples], *, cpu: bool) -> list[Part]:

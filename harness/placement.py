@@ -70,6 +70,9 @@ class Placement:
     load: tuple[str, ...] = ()
     listener: tuple[str, ...] = ()
     collectors: tuple[tuple[str, tuple[str, ...]], ...] = (("", ()),)
+    # the nat topology's router: the NAT collector runs there with these pool arguments
+    router: tuple[str, ...] = ()
+    router_args: tuple[str, ...] = ()
 
     @property
     def on_host(self) -> bool:
@@ -277,7 +280,34 @@ def start_collectors(
                     stderr=log,
                 )
             )
+    if placement.router:
+        children.append(_start_nat_collector(supervisor, scenario, run, placement, bound))
     return children
+
+
+def _start_nat_collector(
+    supervisor: Supervisor, scenario: Scenario, run: RunDir, placement: Placement, bound: float
+) -> Child:
+    """The router's NAT collector, into ``router/`` of the run directory."""
+    from harness.observe.natpool import nat_command
+
+    args = nat_command(
+        run.path / "router",
+        scenario.collector.interval,
+        bound,
+        scenario.target.endpoints,
+        placement.router_args,
+    )
+    with open(run.logs / "collector-router.log", "ab") as log:
+        return supervisor.start(
+            "NAT collector",
+            [*placement.router, *args],
+            stage=Stage.OBSERVE,
+            grace=COLLECTOR_STOP_GRACE,
+            death_signal=signal.SIGTERM,  # it writes its last sample, then exits
+            stdout=log,
+            stderr=log,
+        )
 
 
 def start_locust(

@@ -32,6 +32,7 @@ __all__ = [
     "link_kind",
     "netem_args",
     "route_pair",
+    "targets_at",
 ]
 
 logger = logging.getLogger(__name__)
@@ -164,13 +165,20 @@ def route_pair(client: Namespace, server: Namespace, scenario: Scenario) -> Scen
             f"{CLIENT_ADDRESS}/24", strict=False
         ):
             _ip("-n", server.name, "route", "add", f"{source}/32", "via", CLIENT_ADDRESS)
+    return targets_at(scenario, SERVER_ADDRESS, "pair")
+
+
+def targets_at(scenario: Scenario, address: str, topology: str) -> Scenario:
+    """The scenario with every target endpoint moved to ``address``, ports kept."""
     endpoints = []
     for endpoint in scenario.target.endpoints:
         if endpoint.is_ipv6:
             raise ScenarioError(
-                "the pair topology is IPv4 only", key="target.endpoints", value=str(endpoint)
+                f"the {topology} topology is IPv4 only",
+                key="target.endpoints",
+                value=str(endpoint),
             )
-        endpoints.append(Endpoint(SERVER_ADDRESS, endpoint.port))
+        endpoints.append(Endpoint(address, endpoint.port))
     return scenario.with_endpoints(endpoints)
 
 

@@ -12,6 +12,9 @@ Topologies:
   (``harness.lab.link``: a veth pair, netem on it when impaired, or TUN devices
   and eph's userspace relay), a collector on each side, so client-side and
   server-side TIME_WAIT are seen apart.
+- ``nat``: a client, a router and a server namespace; the router SNATs the clients'
+  flows to ``[lab.nat]``'s pool (``harness.lab.nat``) and a NAT collector there
+  records the pool's occupancy and conntrack's drops beside the two sides' own.
 
 The orchestrator (``harness.run``) stays on the host; each child runs inside
 its namespace through ``ip netns exec``, started by a supervisor so that it dies
@@ -45,6 +48,15 @@ from harness.lab.link import (
     add_sources,
     build_pair_link,
     netem_args,
+)
+from harness.lab.nat import (
+    NAT_CLIENT_ADDRESS,
+    NAT_SERVER_ADDRESS,
+    build_nat,
+    describe_pool,
+    nat_ruleset,
+    pool_arguments,
+    router_sysctls,
 )
 from harness.placement import START_TIMEOUT, STOP_GRACE, Placement
 from harness.report.model import Summary
@@ -135,11 +147,26 @@ def build_lab(
     and service (stopped before that); ``lab.json`` says what was built."""
     client = stack.enter_context(Namespace("eph"))
     namespaces = [client]
-    if scenario.lab.topology is Topology.PAIR:
+    topology = scenario.lab.topology
+    if topology is not Topology.SINGLE:
+        namespaces.append(stack.enter_context(Namespace("eph")))
+    if topology is Topology.NAT:
         namespaces.append(stack.enter_context(Namespace("eph")))
     children = stack.enter_context(Supervisor())
     inside_client = tuple(client.command([]))
-    if len(namespaces) == 2:
+    if topology is Topology.NAT:
+        server, router = namespaces[1], namespaces[2]
+        scenario = build_nat(client, router, server, scenario)
+        link = "nat"
+        inside_server = tuple(server.command([]))
+        placement = Placement(
+            load=inside_client,
+            listener=inside_server,
+            collectors=(("", inside_client), ("server", inside_server)),
+            router=tuple(router.command([])),
+            router_args=tuple(pool_arguments(scenario.lab.nat_pool)),
+        )
+    elif len(namespaces) == 2:
         server = namespaces[1]
         scenario, link = build_pair_link(children, client, server, scenario, run)
         inside_server = tuple(server.command([]))
@@ -152,7 +179,7 @@ def build_lab(
         add_sources(client, scenario.load.source_addresses, "lo")
         link = "loopback"
         placement = Placement(inside_client, inside_client, (("", inside_client),))
-    for ns in namespaces:
+    for ns in namespaces[:2]:  # the client and the server: the router has its own
         for name, value in lab_sysctls(scenario).items():
             ns.set_sysctl(name, value)
     _write_lab_json(run, scenario, [ns.name for ns in namespaces], link)
@@ -162,18 +189,28 @@ def build_lab(
 
 
 def _write_lab_json(run: RunDir, scenario: Scenario, namespaces: list[str], link: str) -> None:
-    pair = scenario.lab.topology is Topology.PAIR
-    run.write_json(
-        "lab.json",
-        {
-            "topology": scenario.lab.topology.value,
-            "namespaces": namespaces,
-            "sysctls": lab_sysctls(scenario),
-            "addresses": {"client": CLIENT_ADDRESS, "server": SERVER_ADDRESS} if pair else {},
-            "emulation": link,
-            "netem": netem_args(scenario) if link == "netem" else [],
-        },
-    )
+    topology = scenario.lab.topology
+    addresses: dict[str, Any] = {}
+    if topology is Topology.PAIR:
+        addresses = {"client": CLIENT_ADDRESS, "server": SERVER_ADDRESS}
+    elif topology is Topology.NAT:
+        addresses = {"client": NAT_CLIENT_ADDRESS, "server": NAT_SERVER_ADDRESS}
+    lab: dict[str, Any] = {
+        "topology": topology.value,
+        "namespaces": namespaces,
+        "sysctls": lab_sysctls(scenario),
+        "addresses": addresses,
+        "emulation": link,
+        "netem": netem_args(scenario) if link == "netem" else [],
+    }
+    if topology is Topology.NAT:
+        nat = scenario.lab.nat_pool
+        lab["nat"] = {
+            "ruleset": nat_ruleset(nat),
+            "router_sysctls": router_sysctls(nat),
+            "pool": describe_pool(nat),
+        }
+    run.write_json("lab.json", lab)
 
 
 def _userns() -> bool:

@@ -24,6 +24,7 @@ from harness.report.figures import (
 )
 from harness.report.http import http_findings
 from harness.report.model import Capacity, Service, Summary
+from harness.report.nat import nat_findings
 from harness.scenario import Scenario
 
 __all__ = ["findings", "recommendations", "render_comparison", "render_report"]
@@ -93,6 +94,7 @@ def findings(summary: Summary) -> list[str]:
         *cliff_findings(summary),
         *_outcome_findings(summary),
         *http_findings(summary.http, summary.connections.io_errors),
+        *nat_findings(summary.nat),
         *_outage_findings(summary),
         *_service_findings(summary.service),
         *_kernel_findings(summary),
@@ -135,7 +137,10 @@ def _outcome_findings(summary: Summary) -> list[str]:
 def _outage_findings(summary: Summary) -> list[str]:
     """Spans in which the target was down, and samples that stop early."""
     out = []
+    nat = summary.nat
     for outage in summary.outages:
+        if nat is not None and nat.exhausted:
+            continue  # the NAT dropped those SYNs: nat_findings says so
         errors = ", ".join(f"{k} {v}" for k, v in sorted(outage.errors.items()))
         out.append(
             f"The target was unreachable from {outage.from_s:.3g} s to {outage.to_s:.3g} s"

@@ -20,6 +20,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 from harness.errors import SummaryError
 from harness.report.cpu import Cpu
 from harness.report.http import Http
+from harness.report.nat import Nat
 from harness.report.sections import (
     BindAttempt,
     Capacity,
@@ -146,6 +147,7 @@ class Summary(Section):
     latency_cliff: LatencyCliff | None = None
     cpu: Cpu | None = None
     http: Http | None = None
+    nat: Nat | None = None
     kernel_witness: KernelWitness | None = None
     crash: Crash | None = None
 
