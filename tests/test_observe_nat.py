@@ -61,7 +61,8 @@ def test_the_sampler_reports_growth_and_says_once_when_there_is_nothing(
     tables = [TABLE, TABLE[-1:], TABLE[-1:], TABLE]
     counts = iter([{"insert_failed": 5, "drop": 9}, *[{"insert_failed": 8, "drop": 20}] * 3])
     sampler = NatSampler(lambda: None, lambda: tables.pop(0), lambda proc: next(counts))
-    with caplog.at_level(logging.INFO, logger="harness.observe.nat"):
+    sampler.recheck_s = 0.0
+    with caplog.at_level(logging.DEBUG, logger="harness.observe.nat"):
         first = sampler.sample()
         assert first is not None and first.insert_failed is None
         assert sampler.sample() is None and sampler.sample() is None
@@ -81,10 +82,27 @@ def test_without_conntrack_the_sampler_looks_once(caplog: pytest.LogCaptureFixtu
         return TABLE
 
     sampler = NatSampler(lambda: "conntrack is not loaded", dump, lambda proc: {})
-    with caplog.at_level(logging.INFO, logger="harness.observe.nat"):
+    with caplog.at_level(logging.DEBUG, logger="harness.observe.nat"):
         assert [sampler.sample() for _ in range(3)] == [None] * 3
     assert calls == []
     assert sum("not loaded" in r.message for r in caplog.records) == 1
+
+
+def test_without_snat_flows_the_table_is_read_again_only_after_recheck_s() -> None:
+    now = [0.0]
+    dumps: list[float] = []
+
+    def dump() -> np.ndarray:
+        dumps.append(now[0])
+        return TABLE[-1:] if now[0] < 25 else TABLE
+
+    sampler = NatSampler(lambda: None, dump, lambda proc: {}, clock=lambda: now[0])
+    seen = []
+    for step in range(31):
+        now[0] = float(step)
+        seen.append(sampler.sample() is not None)
+    assert dumps[:3] == [0.0, 10.0, 20.0] and dumps[3] == 30.0
+    assert seen.index(True) == 30
 
 
 @pytest.mark.netns
