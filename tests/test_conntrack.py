@@ -79,7 +79,7 @@ def entry(
         tuple_attr(2, dst, nat[0], dport, nat[1], proto),
         *middle,
         *([attr(8, struct.pack(">I", 7))] if mark else []),
-        *([nest(4, nest(1, attr(1, bytes([state]))))] if proto == socket.IPPROTO_TCP else []),
+        *([nest(4, nest(1, attr(1, bytes([state]))))] if proto != socket.IPPROTO_UDP else []),
         attr(11, struct.pack(">I", 1)),  # CTA_USE
         attr(12, struct.pack(">I", 12345)),  # CTA_ID
     ]
@@ -118,8 +118,10 @@ def test_ipv6_entries_carry_16_byte_addresses() -> None:
     assert rows["reply_dport"][0] == 20001
 
 
-def test_other_protocols_are_skipped() -> None:
-    rows = parse_dump([entry(proto=socket.IPPROTO_UDP) + entry(sport=1) + done()])
+def test_other_protocols_are_skipped_even_in_the_same_layout() -> None:
+    udp = entry(proto=socket.IPPROTO_UDP)
+    sctp = entry(proto=socket.IPPROTO_SCTP)  # laid out as TCP here: only the number differs
+    rows = parse_dump([udp + sctp + entry(sport=1) + sctp + done()])
     assert list(rows["orig_sport"]) == [1]
 
 
@@ -240,6 +242,18 @@ DUMP = (
     "     'reply_dst': socket.inet_ntoa(bytes(r['reply_dst'])[:4]),\n"
     "     'reply_dport': int(r['reply_dport'])} for r in rows]}))\n"
 )
+# the FIN exchanges take a round trip or two: wait for them, bounded in time
+WAIT_FOR_TIME_WAIT = (
+    "import json, time\n"
+    "from harness.kernel.conntrack import CtState, dump_conntrack\n"
+    "deadline = time.monotonic() + 15\n"
+    "while True:\n"
+    "    states = dump_conntrack()['state'].tolist()\n"
+    "    if states.count(CtState.TIME_WAIT) >= %d or time.monotonic() > deadline:\n"
+    "        break\n"
+    "    time.sleep(0.05)\n"
+    "print(json.dumps(states))\n"
+)
 STATS = (
     "import json\n"
     "from harness.kernel.conntrack import read_conntrack_stats\n"
@@ -262,12 +276,8 @@ def test_the_router_sees_each_held_connection_through_its_nat_pool() -> None:
         ports = [r["reply_dport"] for r in rows]
         assert len(set(ports)) == count and all(20000 <= p <= 20099 for p in ports)
         close_held(holder)
-        states: list[int] = []
-        for _ in range(50):  # the FIN exchange takes a round trip or two: bounded wait
-            states = [r["state"] for r in lab.in_router(DUMP)["rows"]]
-            if states.count(CtState.TIME_WAIT) == count:
-                break
-        assert states.count(CtState.TIME_WAIT) == count
+        states = lab.in_router(WAIT_FOR_TIME_WAIT % count)
+        assert states.count(CtState.TIME_WAIT) == count, sorted(states)
 
 
 @pytest.mark.netns

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import io
 import ipaddress
 import logging
 import os
@@ -10,12 +12,16 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from rich.console import Console
 
 from harness.kernel.conntrack import CT_DTYPE, IPS_SRC_NAT, CtState
-from harness.observe.nat import NatPoolRow, NatSampler, nat_lines, nat_pools
+from harness.observe.nat import NatPoolRow, NatSampler, NatSnapshot, nat_lines, nat_pools
+from harness.observe.outlook import outlook
+from harness.observe.views import PlainView, TerminalView
 
 from .conftest import EPH, ROOT
 from .natlab import NAT_ADDRESS, SERVER, hold, nat_lab
+from .test_outlook import _host, _snapshot
 
 
 def _table(rows: list[tuple[str, int, str, int, CtState, int]]) -> np.ndarray:
@@ -61,7 +67,8 @@ def test_the_sampler_reports_growth_and_says_once_when_there_is_nothing(
     tables = [TABLE, TABLE[-1:], TABLE[-1:], TABLE]
     counts = iter([{"insert_failed": 5, "drop": 9}, *[{"insert_failed": 8, "drop": 20}] * 3])
     sampler = NatSampler(lambda: None, lambda: tables.pop(0), lambda proc: next(counts))
-    with caplog.at_level(logging.INFO, logger="harness.observe.nat"):
+    sampler.recheck_s = 0.0
+    with caplog.at_level(logging.DEBUG, logger="harness.observe.nat"):
         first = sampler.sample()
         assert first is not None and first.insert_failed is None
         assert sampler.sample() is None and sampler.sample() is None
@@ -81,10 +88,43 @@ def test_without_conntrack_the_sampler_looks_once(caplog: pytest.LogCaptureFixtu
         return TABLE
 
     sampler = NatSampler(lambda: "conntrack is not loaded", dump, lambda proc: {})
-    with caplog.at_level(logging.INFO, logger="harness.observe.nat"):
+    with caplog.at_level(logging.DEBUG, logger="harness.observe.nat"):
         assert [sampler.sample() for _ in range(3)] == [None] * 3
     assert calls == []
     assert sum("not loaded" in r.message for r in caplog.records) == 1
+
+
+def test_without_snat_flows_the_table_is_read_again_only_after_recheck_s() -> None:
+    now = [0.0]
+    dumps: list[float] = []
+
+    def dump() -> np.ndarray:
+        dumps.append(now[0])
+        return TABLE[-1:] if now[0] < 25 else TABLE
+
+    sampler = NatSampler(lambda: None, dump, lambda proc: {}, clock=lambda: now[0])
+    seen = []
+    for step in range(31):
+        now[0] = float(step)
+        seen.append(sampler.sample() is not None)
+    assert dumps[:3] == [0.0, 10.0, 20.0] and dumps[3] == 30.0
+    assert seen.index(True) == 30
+
+
+def test_both_views_show_the_pools_under_the_host_line() -> None:
+    snap = _snapshot("10.0.0.9", ports=4, time_wait=0, established=4, new=1)
+    look = outlook(snap, tw_reuse=0, timestamps=1, reuse_delay_ms=None)
+    pools = NatSnapshot(nat_pools(TABLE), 10, 12, 4.2)
+    host = dataclasses.replace(_host(), nat=pools)
+    plain = io.StringIO()
+    PlainView(stream=plain, every_s=0).show(snap, look, host)
+    console = Console(file=io.StringIO(), width=160, record=True, force_terminal=True)
+    view = TerminalView(console=console)
+    view.show(snap, look, host)
+    view.close()
+    for text in (plain.getvalue(), console.export_text()):
+        assert "NAT pool (conntrack): insert_failed +10, drop +12; sample 4.2 ms" in text
+        assert "10.0.0.1:443 via 198.51.100.1: 0 ports in use, 1 in TIME_WAIT" in text
 
 
 @pytest.mark.netns

@@ -265,9 +265,10 @@ def _template(
     headers = [(_NFGENMSG_AT, _word(buffer, start + _NFGENMSG_AT))]  # the family, too
     _walk(buffer, start, start + _BODY, start + length, (), found, headers, where)
     proto = found.get(_PROTO_NUM)
+    if proto is not None:  # the protocol, checked per message like the headers
+        headers.append((proto[0], _word(buffer, start + proto[0])))
     if proto is None or buffer[start + proto[0]] != socket.IPPROTO_TCP:
         return headers, None
-    headers.append((proto[0], _word(buffer, start + proto[0])))  # TCP, checked per message
     fields = {"family": (_NFGENMSG_AT, 1)}
     for name, paths in _COLUMNS.items():
         for path in paths:

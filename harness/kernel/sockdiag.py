@@ -152,8 +152,8 @@ def _joined(parts: list[np.ndarray]) -> np.ndarray:
 
 def _parse(chunk: memoryview, number: int = 0) -> tuple[np.ndarray, bool]:
     """The diag rows of one datagram and whether it ends the dump."""
-    diag, _, done = netlink.messages(chunk, number, _SOURCE, _DIAG)
-    data = diag + NLMSGHDR.size
+    starts, _, done = netlink.messages(chunk, number, _SOURCE, _DIAG)
+    data = starts + NLMSGHDR.size
     if not len(data):
         return np.zeros(0, dtype=DIAG_DTYPE), done
     raw = np.frombuffer(chunk, dtype=np.uint8)

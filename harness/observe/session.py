@@ -1,6 +1,7 @@
 """``eph observe``: sample every path of this host's network namespace, with no load of its own.
 
-Read-only: it dumps sockets with sock_diag and reads /proc, nothing else. Each
+Read-only: it dumps sockets with sock_diag and reads /proc, nothing else (on a
+NAT router, conntrack too: :mod:`harness.observe.nat`). Each
 interval it takes one :class:`~harness.observe.paths.PathSnapshot`, judges it
 with the capacity model (:mod:`harness.observe.outlook`), hands both to the
 views (terminal, plain lines, Prometheus) and, with ``--out``, writes them
