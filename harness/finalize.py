@@ -34,7 +34,7 @@ from harness.report.model import (
     Summary,
     validated,
 )
-from harness.report.nat import nat_section, with_nat_model
+from harness.report.nat import nat_hold_s, nat_section, with_nat_model
 from harness.report.occupancy import kernel_conservation
 from harness.report.ondisk import is_on_disk, open_records
 from harness.report.rundata import RunData
@@ -87,7 +87,7 @@ def finalize(
     samples = read_samples(run.path / "samples.parquet")
     server_samples = read_samples(run.path / "server" / "samples.parquet")
     summary = analyze(table, samples, setup, summary, server_samples, hosts)
-    nat = nat_section(run.path, table) if not is_on_disk(table) else None
+    nat = nat_section(run.path, table, nat_hold_s(setup)) if not is_on_disk(table) else None
     if nat is not None:
         summary.nat = with_nat_model(nat, summary, setup, table)
     if crash is not None:

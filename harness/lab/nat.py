@@ -19,10 +19,14 @@ The nftables table ``eph_nat`` (one per router namespace):
 - ``hold_time_wait``: Linux 6.5+ lets a new SYN take over a NAT port whose
   conntrack entry is in TIME_WAIT once its sequence number has advanced
   (docs/kernel.md, "NAT and conntrack"), where a cloud NAT keeps the port for its
-  TIME_WAIT timeout. The ``held`` set keeps (NAT address, NAT port, destination,
-  port) for ``tcp_timeout_time_wait`` after each FIN or RST, and a new flow's SYN
-  that took a held port is dropped (counter ``held_drops``): the client retransmits
-  and times out, as behind a cloud NAT;
+  TIME_WAIT timeout. So eph picks the ports itself: the ``busy`` set holds
+  (destination, port) while a flow lives and for ``tcp_timeout_time_wait`` after its
+  first FIN or RST; a new flow takes the first port not busy, filling one address
+  before the next (as Azure does), and a SYN that finds none is dropped (counter
+  ``held_drops``): the client retransmits and times out, as behind a cloud NAT.
+  Letting the kernel pick and dropping the SYNs that landed on a held port drops
+  them early instead: the kernel's last 32 tries evict a TIME_WAIT entry before they
+  look further for a free port;
 - ``conntrack_max``: a ``ct count`` limit on new flows, since the host's
   ``nf_conntrack_max`` cannot be written from a namespace.
 """
@@ -58,6 +62,9 @@ _PREFIX_LENGTH = 24
 _INSIDE, _OUTSIDE = "eph0", "eph1"  # the router's devices; each other side's is eph0
 NAT_TABLE = "eph_nat"
 CONNTRACK_TIME_WAIT_S = 120  # nf_conntrack_tcp_timeout_time_wait's default
+_TIME_WAIT_SYSCTL = "net.netfilter.nf_conntrack_tcp_timeout_time_wait"
+_LIVE_S = 86400  # how long a live flow keeps its busy entry at most (runs are shorter)
+_SYN_S = 5  # a SYN's port until the server answers: a SYN dropped further on lets it go
 
 
 def build_nat(
@@ -96,8 +103,13 @@ def describe_pool(nat: NatConfig) -> str:
 
 
 def router_sysctls(nat: NatConfig) -> dict[str, str]:
-    """The router's conntrack settings: [lab.nat]'s timeouts, in whole seconds."""
-    return {name: str(value) for name, value in nat.timeouts().items()}
+    """The router's conntrack settings: [lab.nat]'s timeouts, in whole seconds. With
+    ``hold_time_wait`` the ``busy`` set holds the port, and conntrack's own TIME_WAIT
+    is cut to 1 s so that it never keeps a port the set has let go."""
+    out = {name: str(value) for name, value in nat.timeouts().items()}
+    if nat.hold_time_wait:
+        out[_TIME_WAIT_SYSCTL] = "1"
+    return out
 
 
 def hold_seconds(nat: NatConfig) -> int:
@@ -108,23 +120,11 @@ def hold_seconds(nat: NatConfig) -> int:
 
 def nat_ruleset(nat: NatConfig) -> str:
     """The router's nftables table, as ``nft -f`` reads it."""
-    lo, hi = nat.ports
-    if len(nat.addresses) == 1:
-        to = nat.addresses[0]
-    else:
-        pairs = ", ".join(f"{i} : {a}" for i, a in enumerate(nat.addresses))
-        to = f"numgen inc mod {len(nat.addresses)} map {{ {pairs} }}"
-    flags = " fully-random" if nat.random_fully else ""
-    lines = [
-        f"table ip {NAT_TABLE} {{",
-        "  chain postrouting {",
-        "    type nat hook postrouting priority srcnat; policy accept;",
-        f'    oifname "{_OUTSIDE}" meta l4proto {{ tcp, udp }} counter'
-        f" snat ip to {to}:{lo}-{hi}{flags}",
-        "  }",
-    ]
+    lines = [f"table ip {NAT_TABLE} {{"]
     if nat.hold_time_wait:
-        lines += _hold_rules(hold_seconds(nat))
+        lines += _hold_rules(nat)
+    else:
+        lines += _kernel_rules(nat)
     if nat.conntrack_max is not None:
         lines += [
             "  chain forward {",
@@ -136,24 +136,72 @@ def nat_ruleset(nat: NatConfig) -> str:
     return "\n".join([*lines, "}", ""])
 
 
-def _hold_rules(seconds: int) -> list[str]:
-    key = "ip saddr . tcp sport . ip daddr . tcp dport"
-    closing = (
-        "ct reply ip daddr . ct reply proto-dst . ct original ip daddr . ct original proto-dst"
-    )
+def _kernel_rules(nat: NatConfig) -> list[str]:
+    """The kernel picks each flow's port in the range: Linux's own SNAT."""
+    lo, hi = nat.ports
+    if len(nat.addresses) == 1:
+        to = nat.addresses[0]
+    else:
+        pairs = ", ".join(f"{i} : {a}" for i, a in enumerate(nat.addresses))
+        to = f"numgen inc mod {len(nat.addresses)} map {{ {pairs} }}"
+    flags = " fully-random" if nat.random_fully else ""
     return [
-        "  set held {",
-        "    type ipv4_addr . inet_service . ipv4_addr . inet_service",
-        f"    flags timeout; timeout {seconds}s; size 1048576;",
+        "  chain postrouting {",
+        "    type nat hook postrouting priority srcnat; policy accept;",
+        f'    oifname "{_OUTSIDE}" meta l4proto {{ tcp, udp }} counter'
+        f" snat ip to {to}:{lo}-{hi}{flags}",
+        "  }",
+    ]
+
+
+def _hold_rules(nat: NatConfig) -> list[str]:
+    """A cloud NAT's pool: each TCP flow takes the first (address, port) not ``busy``
+    toward its destination, and keeps it busy while it lives (from the server's
+    SYN-ACK; a SYN unanswered gives it back after ``_SYN_S``) and for the hold after
+    its first FIN or RST; with none left, its SYN is dropped (``held_drops``).
+
+    One rule per pool port, since nftables can look a constant up in a set only
+    through a packet field: the port's mark (address index << 16 | port) goes into
+    ``ct mark``, and the set is keyed by destination . port . mark.
+    """
+    key = "ip daddr . tcp dport . ct mark"
+    closed = "ct original ip daddr . ct original proto-dst . ct mark"
+    lines = [
+        "  set busy {",
+        "    type ipv4_addr . inet_service . mark",
+        f"    flags timeout; timeout {_LIVE_S}s; size {1 << 20};",
         "  }",
         "  counter held_drops { }",
+        "  chain postrouting {",
+        "    type nat hook postrouting priority srcnat; policy accept;",
+    ]
+    lo, hi = nat.ports
+    for index, address in enumerate(nat.addresses):
+        for port in range(lo, hi + 1):
+            lines.append(
+                f'    oifname "{_OUTSIDE}" meta l4proto tcp ct mark set {pool_mark(index, port)}'
+                f" {key} != @busy snat ip to {address}:{port}"
+            )
+    lines += [
+        f'    oifname "{_OUTSIDE}" meta l4proto tcp counter name "held_drops" drop',
+        f'    oifname "{_OUTSIDE}" meta l4proto udp snat ip to {nat.addresses[0]}:{lo}-{hi}',
+        "  }",
         "  chain hold {",
         "    type filter hook postrouting priority srcnat + 1; policy accept;",
         f'    oifname "{_OUTSIDE}" tcp flags & (syn | ack) == syn ct state new'
-        f' {key} @held counter name "held_drops" drop',
-        f"    tcp flags & (fin | rst) != 0 update @held {{ {closing} }}",
+        f" add @busy {{ {key} timeout {_SYN_S}s }}",
+        "    ct direction reply tcp flags & (syn | ack) == syn | ack"
+        f" update @busy {{ {closed} timeout {_LIVE_S}s }}",
+        f"    tcp flags & (fin | rst) != 0 update @busy {{ {closed} timeout"
+        f" {hold_seconds(nat)}s }}",
         "  }",
     ]
+    return lines
+
+
+def pool_mark(index: int, port: int) -> int:
+    """The ``ct mark`` of NAT address ``index``'s ``port`` (``hold_time_wait``)."""
+    return index << 16 | port
 
 
 def _nft(ns: Namespace, ruleset: str) -> None:

@@ -109,10 +109,9 @@ class PoolSampler:
         return NatSample(t_ns, (time.perf_counter() - started) * 1000, pools, stats)
 
     def _held(self) -> tuple[dict[tuple[str, str], np.ndarray], int | None]:
-        """The ``held`` set's ports per (NAT address, destination), and the drop counter.
-
-        One ``nft -j list table`` a sample (about 5 ms with a few hundred elements).
-        """
+        """The ``busy`` set's ports per (NAT address, destination), and the drop counter
+        (``harness.lab.nat``: each element is destination . port . mark, the mark
+        being the address's index << 16 | the port). One ``nft -j list table`` a sample."""
         result = subprocess.run(
             ["nft", "-j", "list", "table", "ip", str(self.hold_table)],
             capture_output=True,
@@ -125,12 +124,13 @@ class PoolSampler:
         ports: dict[tuple[str, str], list[int]] = {}
         drops = None
         for item in json.loads(result.stdout).get("nftables", []):
-            if "counter" in item and item["counter"].get("name") == "held_drops":
+            if item.get("counter", {}).get("name") == "held_drops":
                 drops = int(item["counter"]["packets"])
-            for element in item.get("set", {}).get("elem", []) if "set" in item else []:
-                value = element.get("elem", {}).get("val", element)
-                nat, port, dest, dport = value["concat"]
-                ports.setdefault((nat, f"{dest}:{dport}"), []).append(int(port))
+            for element in item.get("set", {}).get("elem", []):
+                value = element["elem"]["val"] if isinstance(element, dict) else element
+                dest, dport, mark = value["concat"]
+                address = self.addresses[int(mark) >> 16]
+                ports.setdefault((address, f"{dest}:{dport}"), []).append(int(mark) & 0xFFFF)
         return {k: np.unique(np.array(v, np.int64)) for k, v in ports.items()}, drops
 
     def record(

@@ -20,7 +20,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from harness.capacity.nat import NatCapacityModel
+from harness.capacity.nat import CONNTRACK_TIME_WAIT_S, NatCapacityModel
 from harness.report.sections import Section
 from harness.scenario import Scenario
 
@@ -32,6 +32,7 @@ __all__ = [
     "Nat",
     "NatDestination",
     "nat_findings",
+    "nat_hold_s",
     "nat_section",
     "with_nat_model",
 ]
@@ -88,8 +89,9 @@ class Nat(Section):
     """The client's own range at its fullest, for contrast (the summary's occupancy)."""
 
 
-def nat_section(run: Path, table: pa.Table) -> Nat | None:
-    """The section from ``run/router``; None when the run had no NAT collector."""
+def nat_section(run: Path, table: pa.Table, hold_s: float = 0.0) -> Nat | None:
+    """The section from ``run/router``; None when the run had no NAT collector.
+    ``hold_s``: how long the NAT keeps a closed flow's port (its held TIME_WAIT)."""
     path = run / "router" / "nat.parquet"
     if not path.exists():
         return None
@@ -115,7 +117,7 @@ def nat_section(run: Path, table: pa.Table) -> Nat | None:
         connect_timeouts=timeouts,
         exhausted=exhausted,
         exhausted_at_s=at if exhausted else None,
-        sustained_rate_per_s=_sustained(table, at) if exhausted and at is not None else None,
+        sustained_rate_per_s=_sustained(table, at, hold_s) if exhausted and at else None,
     )
 
 
@@ -129,6 +131,16 @@ def with_nat_model(nat: Nat, summary: Summary, scenario: Scenario, table: pa.Tab
     if scenario.load.rate > 0:
         out.model_exhausted_at_s = _round(model.time_to_exhaustion_s(scenario.load.rate))
     return out
+
+
+def nat_hold_s(scenario: Scenario) -> float:
+    """How long the lab's NAT keeps a closed flow's port: its TIME_WAIT when it holds
+    it (the clouds' rule), else nothing (Linux hands it to the next flow)."""
+    nat = scenario.lab.nat_pool
+    if not nat.hold_time_wait:
+        return 0.0
+    timeout = nat.tcp_timeout_time_wait
+    return float(CONNTRACK_TIME_WAIT_S if timeout is None else timeout)
 
 
 def _lifetime_s(table: pa.Table, scenario: Scenario) -> float:
@@ -210,11 +222,11 @@ def _connect_signature(table: pa.Table, start: int | None) -> tuple[int, int, fl
     return int(slow.sum()), int(timeout.sum()), at
 
 
-def _sustained(table: pa.Table, at_s: float) -> float | None:
+def _sustained(table: pa.Table, at_s: float, hold_s: float) -> float | None:
     """Ports taken per second once exhausted: the connects that got their answer in
-    whole lifetimes from the moment the first flow gave its port back (one lifetime
-    after the first connect; flows that start together end together, so ports come
-    back in waves one lifetime apart), over that span."""
+    whole busy times (lifetime + ``hold_s``) from the moment the first flow gave its
+    port back (one busy time after the first connect; flows that start together end
+    together, so ports come back in waves one busy time apart), over that span."""
     ok = table.column("errno").to_numpy() == 0
     begun = table.column("start_ns").to_numpy().astype(np.int64)
     connect = table.column("connect_us").to_numpy()[ok].astype(np.int64) * 1000
@@ -222,7 +234,7 @@ def _sustained(table: pa.Table, at_s: float) -> float | None:
     if not ok.any():
         return 0.0
     taken = begun[ok] + connect
-    busy = int(np.median(close - connect))
+    busy = int(np.median(close - connect)) + int(hold_s * 1e9)
     since = int(begun.min()) + max(busy, int(at_s * 1e9))
     span = int(begun.max()) - since
     waves = span // busy if busy > 0 else 0

@@ -379,6 +379,7 @@ CONNTRACK_TIMEOUTS = (
     "unacknowledged",
 )
 _Seconds = Annotated[Duration, Field(ge=1)]
+HOLD_POOL_MAX = 4096  # ports in a hold_time_wait pool: one nftables rule each
 
 
 def _ipv4(value: object) -> object:
@@ -443,6 +444,17 @@ class NatConfig(_Section):
             raise ValueError(f"ports low end {lo} is above high end {hi}")
         if len(set(self.addresses)) != len(self.addresses):
             raise ValueError(f"addresses {self.addresses} repeat an address")
+        if self.hold_time_wait and self.random_fully:
+            raise ValueError(
+                "random_fully and hold_time_wait exclude each other: with hold_time_wait"
+                " the lab picks each port itself (the first free one), not the kernel"
+            )
+        pool = self.pool_ports * len(self.addresses)
+        if self.hold_time_wait and pool > HOLD_POOL_MAX:
+            raise ValueError(
+                f"hold_time_wait with a pool of {pool} ports: at most {HOLD_POOL_MAX}"
+                " (one nftables rule a port); narrow ports or use fewer addresses"
+            )
         for name in CONNTRACK_TIMEOUTS:
             value = getattr(self, f"tcp_timeout_{name}")
             if value is not None and value != round(value):
