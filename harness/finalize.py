@@ -98,8 +98,10 @@ def finalize(
     if setup.load.protocol is Protocol.TCP:  # ActiveOpens counts TCP
         _judge_kernel(summary, table, samples, judged=_kernel_is_ours(run.path, setup, hosts))
     run.write_json("summary.json", summary.to_json())
+    nat_samples = read_samples(run.path / "router" / "nat.parquet")
     render_report(
-        run.report, RunData(table, samples, summary, scenario, server_samples, tuple(hosts))
+        run.report,
+        RunData(table, samples, summary, scenario, server_samples, tuple(hosts), nat_samples),
     )
     return summary
 

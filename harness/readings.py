@@ -55,7 +55,7 @@ def read_samples(path: Path) -> pa.Table | None:
         names = pq.read_schema(path).names
         return pq.read_table(path, columns=[name for name in names if name != "ports"])
     except (OSError, ValueError) as exc:
-        logger.warning("samples.parquet is unreadable (%s); analysing without samples", exc)
+        logger.warning("%s is unreadable (%s); analysing without it", path, exc)
         return None
 
 

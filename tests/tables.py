@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import numpy as np
 import pyarrow as pa
+import pyarrow.parquet as pq
 
+from harness.observe.natpool import NAT_SCHEMA
 from harness.records import CONNECTIONS_SCHEMA, application_zeros
 from harness.report.model import (
     Capacity,
@@ -15,6 +20,8 @@ from harness.report.model import (
     Ports,
     Summary,
 )
+
+NAT = "198.51.100.1"
 
 
 def connections_table(
@@ -75,3 +82,23 @@ def exhausted_summary(**capacity: object) -> Summary:
         conservation=Conservation(records=200, ok=True),
         capacity=Capacity.model_validate(capacity),
     )
+
+
+def write_nat(
+    run: Path, t_ns: list[int], in_use: list[int], dropped: list[int], pool: int = 4
+) -> pa.Table:
+    """A NAT collector's ``router/nat.parquet`` and ``nat.json`` in ``run``: a pool of
+    ``pool`` ports at one address toward 127.0.0.1:9000, ``in_use[k]`` of them held by
+    open flows at sample ``k``, and conntrack's drop counters at ``dropped[k]``."""
+    rows: list[dict[str, object]] = []
+    for t, used, drops in zip(t_ns, in_use, dropped, strict=True):
+        rows.append({"t_ns": t, "destination": "all", "nat_address": "", "drop": drops})
+        rows[-1].update(insert_failed=drops, entries=used)
+        counts = {"live": used, "time_wait": 0, "held": 0, "in_use": used}
+        rows.append({"t_ns": t, "destination": "127.0.0.1:9000", "nat_address": NAT, **counts})
+    table = pa.Table.from_pylist(rows, schema=NAT_SCHEMA)
+    (run / "router").mkdir(parents=True, exist_ok=True)
+    pq.write_table(table, run / "router" / "nat.parquet")
+    meta = {"addresses": [NAT], "ports": [20000, 20000 + pool - 1], "hold": False}
+    (run / "router" / "nat.json").write_text(json.dumps(meta))
+    return table

@@ -18,6 +18,8 @@ from harness.report.model import SCHEMA_VERSION, Summary
 from harness.rundir import RunDir
 from harness.scenario import parse_scenario
 
+from .tables import write_nat
+
 SCENARIO = 'name = "r"\n[target]\nendpoints = ["127.0.0.1:9000"]\n[listener]\n'
 
 
@@ -59,6 +61,22 @@ def test_rerender_keeps_what_only_the_run_knew(tmp_path: Path) -> None:
     assert again.conservation.succeeded_match_listener is True
     assert (path / "report.html").exists()
     assert Summary.load(path / "summary.json") == again
+
+
+def test_a_run_with_nat_samples_has_the_nat_figure_and_one_without_has_none(
+    tmp_path: Path,
+) -> None:
+    path = _run_dir(tmp_path)
+    assert "NAT pool" not in (path / "report.html").read_text()
+    pngs = (path / "report.html").read_text().count("data:image/png;base64,")
+    start = 1_000_000_000
+    t_ns = [start + k * 20_000_000 for k in range(7)]
+    write_nat(path, t_ns, [0, 40, 80, 100, 100, 100, 0], [0, 0, 0, 0, 0, 0, 0], pool=100)
+    rerender(path)
+    html = (path / "report.html").read_text()
+    assert "NAT pool against the client" in html
+    assert html.count("data:image/png;base64,") == pngs + 1
+    assert Summary.load(path / "summary.json").nat is not None
 
 
 def test_missing_directory(tmp_path: Path) -> None:

@@ -7,9 +7,12 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 
-from harness.report.figures import FIGURES, RunData, time_bins
+from harness.observe.collector import SAMPLES_SCHEMA, STATES
+from harness.report.figures import FIGURES, NAT_FIGURE, RunData, time_bins
+from harness.report.figures.nat import nat_pool
 from harness.report.html import findings, recommendations, render_comparison, render_report
 from harness.report.model import (
     Capacity,
@@ -21,11 +24,12 @@ from harness.report.model import (
     TimeWait,
     Tuples,
 )
+from harness.report.nat import nat_section
 from harness.report.occupancy import IN_USE
 from harness.report.summary import Columns, summarize
 from harness.scenario import Scenario
 
-from .tables import connections_table
+from .tables import connections_table, write_nat
 
 MS = 1_000_000
 
@@ -83,6 +87,7 @@ def test_renders_every_figure_self_contained(
     assert "d &lt;b&gt;escaped&lt;/b&gt;" in html
     for title, _, _ in FIGURES:
         assert title in html
+    assert "NAT pool" not in html  # no NAT collector in this run: no NAT figure
     if n:
         assert "Exhausted after" in html
         assert "Recommendations" in html and "keep-alive or pooling" in html
@@ -230,6 +235,51 @@ def test_the_latency_figure_marks_the_onset() -> None:
     fig = latency_vs_occupancy(data)
     labels = fig.axes[0].get_legend_handles_labels()[1]
     assert "cliff at 50% (101x p50)" in labels
+
+
+def _nat_run(tmp_path: Path) -> RunData:
+    """300 attempts 1 ms apart, from the 100th on timing out (a NAT dropping their SYNs),
+    a 4-port NAT pool full from 60 ms and the client's range at 4 of 90 ports."""
+    rows = [
+        (i * MS, 200, 40000 + i % 4 if i < 100 else 0, 0 if i < 100 else 110) for i in range(300)
+    ]
+    table = connections_table(rows)
+    t_ns = [k * 30 * MS for k in range(11)]
+    write_nat(tmp_path, t_ns, [0, 2, 4, *[4] * 8], [0, 0, 0, *range(5, 45, 5)])
+    base = _run(300, 300)
+    base.summary.nat = nat_section(tmp_path, table)
+    sockets = {state: 4 if state == "established" else 0 for state in STATES}
+    rows = [
+        row
+        for t in t_ns
+        for row in (
+            {"t_ns": t, "scope": "all", **dict.fromkeys(STATES, 0), "sockstat_tw": 0},
+            {"t_ns": t, "scope": "to 127.0.0.1:9000", **sockets},
+        )
+    ]
+    samples = pa.Table.from_pylist(rows, schema=SAMPLES_SCHEMA)
+    nat = pq.read_table(tmp_path / "router" / "nat.parquet")
+    return RunData(table, samples, base.summary, base.scenario, nat_samples=nat)
+
+
+def test_a_nat_run_draws_its_pool_beside_the_client_range(tmp_path: Path) -> None:
+    data = _nat_run(tmp_path)
+    fig = nat_pool(data)
+    labels = [label for ax in fig.axes for label in ax.get_legend_handles_labels()[1]]
+    assert "pool per destination (4 ports)" in labels
+    assert "insert_failed = drop (40 SYNs dropped)" in labels  # one line for both counters
+    assert "usable ports (90)" in labels
+    assert "connects timed out (200)" in labels
+    assert "NAT exhausted at 0.1 s" in labels
+    assert len(fig.axes) == 4  # pool and client, each with a twin axis
+    path = tmp_path / "report.html"
+    render_report(path, data)
+    html = path.read_text()
+    assert html.count("data:image/png;base64,") == len(FIGURES) + 1
+    titles = [title for title, _, _ in FIGURES]
+    order = [html.index(t) for t in (titles[0], "NAT pool against the client", titles[1])]
+    assert order == sorted(order)  # right after the client's occupancy
+    assert NAT_FIGURE[2].split("'")[-1] in html  # its caption
 
 
 def test_time_bins_have_no_partial_tail() -> None:

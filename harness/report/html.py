@@ -15,12 +15,11 @@ from harness.capacity.plan import from_run, make_plan
 from harness.files import atomic_write
 from harness.report.cliff import cliff_findings, slowed
 from harness.report.figures import (
-    FIGURES,
-    HOSTS_FIGURE,
     RunData,
     compare_capacity,
     compare_occupancy,
     compare_successes,
+    figures_for,
 )
 from harness.report.http import http_findings
 from harness.report.model import Capacity, Service, Summary
@@ -37,10 +36,9 @@ _ENV = jinja2.Environment(
 
 
 def render_report(path: Path, data: RunData) -> None:
-    """Every figure of :data:`harness.report.figures.FIGURES`, the findings and the
-    recommendations, in one HTML file that needs nothing else to open."""
-    makers = [*FIGURES, HOSTS_FIGURE] if data.hosts else FIGURES
-    figures = [(title, _png(make(data)), note) for title, make, note in makers]
+    """Every figure the run draws (:func:`harness.report.figures.figures_for`), the
+    findings and the recommendations, in one HTML file that needs nothing else to open."""
+    figures = [(title, _png(make(data)), note) for title, make, note in figures_for(data)]
     html = _ENV.get_template("report.html.j2").render(
         summary=data.summary,
         kernel=data.summary.kernel.model_dump(mode="json", exclude_unset=True),

@@ -31,6 +31,7 @@ class RunData:
     scenario: dict[str, Any]  # scenario.json as stored (the report shows it verbatim)
     server_samples: pa.Table | None = None
     hosts: tuple[HostSamples, ...] = ()  # a distributed run's workers
+    nat_samples: pa.Table | None = None  # router/nat.parquet: the NAT lab's pool
     _audit: TupleAudit | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:

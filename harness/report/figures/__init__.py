@@ -4,7 +4,9 @@ Each function takes a :class:`RunData` and returns one titled figure with labell
 axes, units, a legend, and the exhaustion moment and limits marked. They work
 from columns in bulk; large runs switch scatter plots to 2-D histograms. By
 family: ``occupancy`` (ports in use), ``connections`` (outcomes and the ports
-they got), ``kernel`` (TIME_WAIT reuse, counters), ``capacity``, ``compare``.
+they got), ``kernel`` (TIME_WAIT reuse, counters), ``capacity``, ``compare``, and
+``nat`` (a NAT router's pool beside the client's range). :func:`figures_for` says which
+a run draws.
 """
 
 from __future__ import annotations
@@ -19,17 +21,20 @@ from harness.report.figures.compare import compare_capacity, compare_occupancy, 
 from harness.report.figures.connections import allocation, outcomes, port_use
 from harness.report.figures.cpu import cpu_vs_occupancy
 from harness.report.figures.kernel import counters, reuse_age
+from harness.report.figures.nat import nat_pool
 from harness.report.figures.occupancy import hosts, latency_vs_occupancy, occupancy
 from harness.report.rundata import RunData
 
 __all__ = [
     "FIGURES",
     "HOSTS_FIGURE",
+    "NAT_FIGURE",
     "FigureMaker",
     "RunData",
     "compare_capacity",
     "compare_occupancy",
     "compare_successes",
+    "figures_for",
     "time_bins",
 ]
 
@@ -110,3 +115,29 @@ HOSTS_FIGURE: tuple[str, FigureMaker, str] = (
     " targets over time (its own collector, on the run's clock) and how often each of its"
     " source ports carried a connection.",
 )
+
+# only with a NAT collector's samples (eph lab's nat topology), after the occupancy
+NAT_FIGURE: tuple[str, FigureMaker, str] = (
+    "NAT pool against the client's ports",
+    nat_pool,
+    "Above, the router's SNAT pool: the ports a new flow to each destination cannot take"
+    " (open flows, conntrack's TIME_WAIT and CLOSE entries, ports held after close)"
+    " against the pool per destination (ports x NAT addresses), and on the right axis the"
+    " SYNs conntrack dropped per second. Below, on the same time axis, the client's own"
+    " sockets toward the targets against its usable ports, and the connects that took a"
+    " SYN retransmission (over 0.9 s) or timed out. A NAT pool exhausted: the upper stack"
+    " at its line, drops rising and connects slowed or timed out while the lower stack"
+    " stays far under its line, with no EADDRNOTAVAIL: the NAT ran out, not the client"
+    " and not the server. The lower stack at its line instead: the client's range ran out.",
+)
+
+
+def figures_for(data: RunData) -> list[tuple[str, FigureMaker, str]]:
+    """The figures a run draws: :data:`FIGURES`, the NAT pool's after the occupancy when
+    a NAT collector ran, and the hosts' in a distributed run."""
+    out = list(FIGURES)
+    if data.nat_samples is not None:
+        out.insert(1, NAT_FIGURE)
+    if data.hosts:
+        out.append(HOSTS_FIGURE)
+    return out

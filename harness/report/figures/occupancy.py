@@ -14,7 +14,7 @@ from harness.report.hosts import host_mask
 from harness.report.occupancy import IN_USE, occupancy_at_start, scope_series
 from harness.report.rundata import RunData
 
-__all__ = ["hosts", "latency_vs_occupancy", "occupancy"]
+__all__ = ["Panel", "hosts", "latency_vs_occupancy", "occupancy", "occupancy_panel"]
 
 Panel = tuple[str, pa.Table, str, float | None]  # title, samples, scope, usable ports
 
@@ -44,7 +44,9 @@ def _occupancy_panels(data: RunData) -> list[Panel]:
     return [(scope, samples, scope, per_destination) for scope in scopes]
 
 
-def _occupancy_panel(ax: Axes, data: RunData, panel: Panel) -> None:
+def occupancy_panel(ax: Axes, data: RunData, panel: Panel) -> None:
+    """One panel: the sockets of the panel's scope (``"to "``: every destination's) by
+    state, stacked, against its usable ports."""
     title, samples, scope, limit = panel
     mask = scope_mask(samples, scope) if scope != "to " else scope_prefix_mask(samples, "to ")
     times, index = np.unique(data.sample_seconds(samples)[mask], return_inverse=True)
@@ -84,7 +86,7 @@ def occupancy(data: RunData) -> Figure:
         return fig
     axes = fig.subplots(1, len(panels), sharey=True, squeeze=False)[0]
     for ax, panel in zip(axes, panels, strict=True):
-        _occupancy_panel(ax, data, panel)
+        occupancy_panel(ax, data, panel)
     axes[0].set_ylabel("client sockets toward the target")
     axes[0].legend(loc="lower right", fontsize="small")
     side = "each load-generator host" if data.hosts else "client side"
