@@ -48,9 +48,11 @@ setup: $(STAMP) ## Create .venv and install eph with its dev tools (idempotent)
 # report.html and Locust's web UI, clients and servers eph did not write (nginx, curl,
 # and ab, wrk and hey, the peers `make bench` measures eph against), and bpftrace for the
 # kernel's record of every connection (eph observe --trace)
-system-deps: ## Install iproute2, chromium, nginx, curl, ab, wrk, hey and bpftrace with apt-get when missing (root)
+system-deps: ## Install iproute2, nftables, conntrack, chromium, nginx, curl, ab, wrk, hey and bpftrace with apt-get when missing (root)
 	@missing=""; \
 	command -v ip >/dev/null && command -v ss >/dev/null || missing="$$missing iproute2"; \
+	command -v nft >/dev/null || missing="$$missing nftables"; \
+	command -v conntrack >/dev/null || missing="$$missing conntrack"; \
 	command -v chromium >/dev/null || missing="$$missing chromium"; \
 	command -v nginx >/dev/null || missing="$$missing nginx-light"; \
 	command -v curl >/dev/null || missing="$$missing curl"; \

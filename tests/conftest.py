@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -64,6 +65,23 @@ def eph(
         timeout=timeout,
         check=False,
     )
+
+
+def lab_under_way(scenario: Path, out: Path) -> subprocess.Popen[str]:
+    """``eph lab SCENARIO --out OUT`` in the background, returned once its load reports
+    progress (at most 60 s) and one more second has passed."""
+    proc = subprocess.Popen(
+        [*EPH, "lab", str(scenario), "--out", str(out)],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and not list((out / "progress").glob("*.json")):
+        time.sleep(0.1)
+    time.sleep(1.0)
+    return proc
 
 
 def run_dir_summary(run_dir: Path) -> dict[str, Any]:

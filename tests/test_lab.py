@@ -6,12 +6,11 @@ import json
 import os
 import signal
 import subprocess
-import time
 from pathlib import Path
 
 import pytest
 
-from .conftest import EPH, ROOT, eph, run_dir_summary, write_scenario
+from .conftest import EPH, ROOT, eph, lab_under_way, run_dir_summary, write_scenario
 from .unprivileged import eph_as_nobody
 
 pytestmark = [pytest.mark.netns, pytest.mark.e2e]
@@ -268,17 +267,7 @@ rate = 200
 """,
     )
     out = tmp_path / "run"
-    proc = subprocess.Popen(
-        [*EPH, "lab", str(scenario), "--out", str(out)],
-        cwd=ROOT,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline and not list((out / "progress").glob("*.json")):
-        time.sleep(0.1)
-    time.sleep(1.0)
+    proc = lab_under_way(scenario, out)
     namespaces = json.loads((out / "lab.json").read_text())["namespaces"]
     assert set(namespaces) <= set(_eph_namespaces())
     proc.send_signal(signal.SIGINT)

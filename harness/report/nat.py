@@ -19,6 +19,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
+from pydantic import Field
 
 from harness.capacity.nat import CONNTRACK_TIME_WAIT_S, NatCapacityModel
 from harness.report.sections import Section
@@ -72,6 +73,10 @@ class Nat(Section):
     lab's ``held_drops``: SYNs the NAT dropped."""
     slow_connects: int
     """Connects that succeeded only after a SYN retransmission (over 0.9 s)."""
+    retransmission_steps: dict[str, int] = Field(default_factory=dict)
+    """The slow connects by their step: SYN retransmissions come 1 s, 3 s, 7 s after
+    the first SYN (the RTO doubling from 1 s), so a dropped SYN shows as a connect
+    of ~1 s ("1"), ~3 s ("2") or more ("3+")."""
     connect_timeouts: int
     """Connects that timed out (ETIMEDOUT)."""
     exhausted: bool
@@ -104,6 +109,7 @@ def nat_section(run: Path, table: pa.Table, hold_s: float = 0.0) -> Nat | None:
     destinations = _destinations(samples, per_destination, start)
     drops = _drops(samples)
     slow, timeouts, at = _connect_signature(table, start)
+    steps = _steps(table)
     full = any(d.full_at_s is not None for d in destinations)
     dropped = sum(drops.values()) > 0
     exhausted = full and dropped and at is not None
@@ -114,6 +120,7 @@ def nat_section(run: Path, table: pa.Table, hold_s: float = 0.0) -> Nat | None:
         destinations=destinations,
         drops=drops,
         slow_connects=slow,
+        retransmission_steps=steps,
         connect_timeouts=timeouts,
         exhausted=exhausted,
         exhausted_at_s=at if exhausted else None,
@@ -222,6 +229,16 @@ def _connect_signature(table: pa.Table, start: int | None) -> tuple[int, int, fl
     return int(slow.sum()), int(timeout.sum()), at
 
 
+def _steps(table: pa.Table) -> dict[str, int]:
+    """Successful connects by how many SYN retransmissions their time implies."""
+    if not table.num_rows:
+        return {}
+    ok = table.column("errno").to_numpy() == 0
+    seconds = table.column("connect_us").to_numpy()[ok] / 1e6
+    counts = np.histogram(seconds, bins=[0.9, 2.9, 6.9, np.inf])[0]
+    return {k: int(v) for k, v in zip(("1", "2", "3+"), counts, strict=True) if v}
+
+
 def _sustained(table: pa.Table, at_s: float, hold_s: float) -> float | None:
     """Ports taken per second once exhausted: the connects that got their answer in
     whole busy times (lifetime + ``hold_s``) from the moment the first flow gave its
@@ -244,6 +261,14 @@ def _sustained(table: pa.Table, at_s: float, hold_s: float) -> float | None:
     return round(float(((taken >= since) & (taken < since + window)).sum()) / (window / 1e9), 1)
 
 
+def _step_text(nat: Nat) -> str:
+    steps = nat.retransmission_steps
+    if not steps:
+        return ""
+    at = {"1": "~1 s", "2": "~3 s", "3+": "7 s or more"}
+    return " (" + ", ".join(f"{n:,} at {at[k]}" for k, n in steps.items()) + ")"
+
+
 def nat_findings(nat: Nat | None) -> list[str]:
     """The NAT in plain words: exhausted (named, not an outage), or dropping SYNs."""
     if nat is None:
@@ -260,7 +285,8 @@ def nat_findings(nat: Nat | None) -> list[str]:
         return [
             f"NAT pool exhausted: {nat.pool}, {where}. From {nat.exhausted_at_s:g} s the NAT"
             f" dropped SYNs ({drops}): {nat.slow_connects:,} connects took a SYN"
-            f" retransmission and {nat.connect_timeouts:,} timed out.{client} this is the"
+            f" retransmission{_step_text(nat)} and {nat.connect_timeouts:,} timed out.{client}"
+            " this is the"
             " NAT's port pool, not the client's ports and not a server outage."
         ]
     if drops:
