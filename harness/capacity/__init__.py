@@ -1,1 +1,1 @@
-"""The capacity model, ``eph plan`` and ``eph preflight``."""
+"""The capacity models (a client host's ports, a NAT's pool), eph plan and preflight."""

@@ -37,18 +37,22 @@ import logging
 import subprocess
 from collections.abc import Sequence
 
+from harness.capacity.nat import CONNTRACK_TIME_WAIT_S
 from harness.errors import RunError
 from harness.kernel.netns import Namespace, run_checked
 from harness.lab.link import targets_at
 from harness.scenario import NatConfig, Scenario
 
 __all__ = [
-    "CONNTRACK_TIME_WAIT_S",
     "NAT_CLIENT_ADDRESS",
     "NAT_SERVER_ADDRESS",
     "NAT_TABLE",
     "build_nat",
+    "describe_pool",
+    "hold_seconds",
     "nat_ruleset",
+    "pool_arguments",
+    "pool_mark",
     "router_sysctls",
 ]
 
@@ -61,7 +65,6 @@ _ROUTER_OUTSIDE = "198.19.0.254"
 _PREFIX_LENGTH = 24
 _INSIDE, _OUTSIDE = "eph0", "eph1"  # the router's devices; each other side's is eph0
 NAT_TABLE = "eph_nat"
-CONNTRACK_TIME_WAIT_S = 120  # nf_conntrack_tcp_timeout_time_wait's default
 _TIME_WAIT_SYSCTL = "net.netfilter.nf_conntrack_tcp_timeout_time_wait"
 _LIVE_S = 86400  # how long a live flow keeps its busy entry at most (runs are shorter)
 _SYN_S = 5  # a SYN's port until the server answers: a SYN dropped further on lets it go
@@ -115,7 +118,7 @@ def router_sysctls(nat: NatConfig) -> dict[str, str]:
 def hold_seconds(nat: NatConfig) -> int:
     """How long a closed flow keeps its port with ``hold_time_wait``."""
     value = nat.tcp_timeout_time_wait
-    return round(value) if value is not None else CONNTRACK_TIME_WAIT_S
+    return round(value if value is not None else CONNTRACK_TIME_WAIT_S)
 
 
 def nat_ruleset(nat: NatConfig) -> str:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import ipaddress
 import json
+import logging
 import signal
 import subprocess
 import time
@@ -38,6 +39,8 @@ from harness.kernel.conntrack import IPS_SRC_NAT, CtState, dump_conntrack, read_
 from harness.kernel.parent_death import die_with_parent
 
 __all__ = ["NAT_SCHEMA", "STAT_NAMES", "PoolSampler", "finish_nat", "nat_command"]
+
+logger = logging.getLogger(__name__)
 
 STAT_NAMES = ["insert_failed", "drop", "early_drop", "search_restart", "clash_resolve"]
 _CLOSED = [CtState.TIME_WAIT, CtState.CLOSE]
@@ -85,6 +88,7 @@ class PoolSampler:
         self.destinations = list(destinations)
         self.addresses = list(addresses)
         self.hold_table = hold_table
+        self._warned = False
 
     def sample(self) -> NatSample:
         started = time.perf_counter()
@@ -111,23 +115,33 @@ class PoolSampler:
     def _held(self) -> tuple[dict[tuple[str, str], np.ndarray], int | None]:
         """The ``busy`` set's ports per (NAT address, destination), and the drop counter
         (``harness.lab.nat``: each element is destination . port . mark, the mark
-        being the address's index << 16 | the port). One ``nft -j list table`` a sample."""
+        being the address's index << 16 | the port). One ``nft`` run a sample that lists
+        the set and the counter only: the table's one rule a pool port would make
+        ``list table`` grow with the pool. The commands go on the command line: nft
+        1.0.6 prints no JSON for commands read from stdin."""
+        table = self.hold_table
+        commands = f"list set ip {table} busy; list counter ip {table} held_drops"
         result = subprocess.run(
-            ["nft", "-j", "list", "table", "ip", str(self.hold_table)],
-            capture_output=True,
-            text=True,
-            timeout=10,
-            check=False,
+            ["nft", "-j", commands], capture_output=True, text=True, timeout=10, check=False
         )
-        if result.returncode != 0:
+        items = [
+            item
+            for line in result.stdout.splitlines()
+            if line.strip()
+            for item in json.loads(line).get("nftables", [])
+        ]
+        if result.returncode != 0 or not any("set" in item for item in items):
+            if not self._warned:
+                logger.warning("cannot read the busy set of %s: %s", table, result.stderr.strip())
+                self._warned = True
             return {}, None
         ports: dict[tuple[str, str], list[int]] = {}
         drops = None
-        for item in json.loads(result.stdout).get("nftables", []):
+        for item in items:
             if item.get("counter", {}).get("name") == "held_drops":
                 drops = int(item["counter"]["packets"])
             for element in item.get("set", {}).get("elem", []):
-                value = element["elem"]["val"] if isinstance(element, dict) else element
+                value = element.get("elem", {}).get("val", element)
                 dest, dport, mark = value["concat"]
                 address = self.addresses[int(mark) >> 16]
                 ports.setdefault((address, f"{dest}:{dport}"), []).append(int(mark) & 0xFFFF)
