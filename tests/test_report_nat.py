@@ -70,3 +70,16 @@ def test_time_wait_entries_that_held_nothing_are_said_so(tmp_path: Path) -> None
 def test_no_collector_no_section(tmp_path: Path) -> None:
     assert nat_section(tmp_path, _records([100], [0])) is None
     assert nat_findings(None) == []
+
+
+def test_a_pool_full_from_the_first_connect_still_gets_its_sustained_rate(
+    tmp_path: Path,
+) -> None:
+    """Exhausted at 0 s (the first connect was already slowed) is a time, not a none."""
+    t = [i * S // 2 for i in range(8)]
+    write_nat(tmp_path, t, in_use=[4] * 8, dropped=[0, 2, 4, 6, 8, 8, 8, 8])
+    connects = [1_000_100] + [100] * 29
+    nat = nat_section(tmp_path, _records(connects, [0] * 30))
+    assert nat is not None and nat.exhausted is True
+    assert nat.exhausted_at_s == 0.0
+    assert nat.sustained_rate_per_s is not None

@@ -113,9 +113,10 @@ def nat_section(run: Path, table: pa.Table, hold_s: float = 0.0) -> Nat | None:
     full = any(d.full_at_s is not None for d in destinations)
     dropped = sum(drops.values()) > 0
     exhausted = full and dropped and at is not None
-    lo_text = ",".join(meta["addresses"])
+    addresses = ",".join(meta["addresses"])
+    sustained = _sustained(table, at, hold_s) if exhausted and at is not None else None
     return Nat(
-        pool=f"{lo_text}:{lo}-{hi} ({per_destination} ports per destination)",
+        pool=f"{addresses}:{lo}-{hi} ({per_destination} ports per destination)",
         hold_time_wait=bool(meta.get("hold")),
         destinations=destinations,
         drops=drops,
@@ -124,7 +125,7 @@ def nat_section(run: Path, table: pa.Table, hold_s: float = 0.0) -> Nat | None:
         connect_timeouts=timeouts,
         exhausted=exhausted,
         exhausted_at_s=at if exhausted else None,
-        sustained_rate_per_s=_sustained(table, at, hold_s) if exhausted and at else None,
+        sustained_rate_per_s=sustained,
     )
 
 
