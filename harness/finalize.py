@@ -12,6 +12,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from harness.capacity.nat import NatCapacityModel
 from harness.crash import crash_section, crashed_state
 from harness.errors import RunDirError, SummaryError
 from harness.kernel.sysctls import read_kernel
@@ -34,7 +35,7 @@ from harness.report.model import (
     Summary,
     validated,
 )
-from harness.report.nat import nat_hold_s, nat_section, with_nat_model
+from harness.report.nat import nat_section, with_nat_model
 from harness.report.occupancy import kernel_conservation
 from harness.report.ondisk import is_on_disk, open_records
 from harness.report.rundata import RunData
@@ -87,7 +88,9 @@ def finalize(
     samples = read_samples(run.path / "samples.parquet")
     server_samples = read_samples(run.path / "server" / "samples.parquet")
     summary = analyze(table, samples, setup, summary, server_samples, hosts)
-    nat = nat_section(run.path, table, nat_hold_s(setup)) if not is_on_disk(table) else None
+    # the NAT's hold after close, as the model has it: the lab's held TIME_WAIT or none
+    hold_s = NatCapacityModel.from_scenario(setup, lifetime_s=0.0).hold_s
+    nat = nat_section(run.path, table, hold_s) if not is_on_disk(table) else None
     if nat is not None:
         summary.nat = with_nat_model(nat, summary, setup, table)
     if crash is not None:

@@ -28,6 +28,7 @@ from harness.endpoints import Endpoint
 from harness.errors import RunError
 from harness.kernel.parent_death import death_signal_preexec
 from harness.observe.collector import collect_command
+from harness.observe.natpool import nat_command
 from harness.rundir import RunDir
 from harness.scenario import Protocol, Scenario
 from harness.supervisor import Child, Stage, Supervisor
@@ -289,8 +290,6 @@ def _start_nat_collector(
     supervisor: Supervisor, scenario: Scenario, run: RunDir, placement: Placement, bound: float
 ) -> Child:
     """The router's NAT collector, into ``router/`` of the run directory."""
-    from harness.observe.natpool import nat_command
-
     args = nat_command(
         run.path / "router",
         scenario.collector.interval,

@@ -21,7 +21,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from pydantic import Field
 
-from harness.capacity.nat import CONNTRACK_TIME_WAIT_S, NatCapacityModel
+from harness.capacity.nat import NatCapacityModel
 from harness.report.sections import Section
 from harness.scenario import Scenario
 
@@ -33,7 +33,6 @@ __all__ = [
     "Nat",
     "NatDestination",
     "nat_findings",
-    "nat_hold_s",
     "nat_section",
     "with_nat_model",
 ]
@@ -139,16 +138,6 @@ def with_nat_model(nat: Nat, summary: Summary, scenario: Scenario, table: pa.Tab
     if scenario.load.rate > 0:
         out.model_exhausted_at_s = _round(model.time_to_exhaustion_s(scenario.load.rate))
     return out
-
-
-def nat_hold_s(scenario: Scenario) -> float:
-    """How long the lab's NAT keeps a closed flow's port: its TIME_WAIT when it holds
-    it (the clouds' rule), else nothing (Linux hands it to the next flow)."""
-    nat = scenario.lab.nat_pool
-    if not nat.hold_time_wait:
-        return 0.0
-    timeout = nat.tcp_timeout_time_wait
-    return float(CONNTRACK_TIME_WAIT_S if timeout is None else timeout)
 
 
 def _lifetime_s(table: pa.Table, scenario: Scenario) -> float:
