@@ -77,6 +77,7 @@ class ScenarioError(EphError):
         expected: str | None = None,
         line: int | None = None,
     ) -> None:
+        self.message = message
         self.source = source
         self.key = key
         self.value = value

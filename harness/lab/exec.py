@@ -28,7 +28,6 @@ import json
 import logging
 import os
 import shlex
-import shutil
 import signal
 import subprocess
 import sys
@@ -43,6 +42,7 @@ from harness.lab.topology import build_lab
 from harness.placement import start_listener
 from harness.rundir import RunDir
 from harness.scenario import Scenario
+from harness.scenario.inputs import check_command
 from harness.supervisor import Child, Stage, Supervisor
 
 __all__ = ["AT_ONCE_S", "ExecResult", "failure", "parse_command", "run_exec"]
@@ -82,56 +82,11 @@ class ExecResult:
         return f"`{what}` exited with code {self.exit_code} after {self.ran_s:.1f} s"
 
 
-# words a shell runs itself: a command line starting with one is not looked up on PATH
-_SHELL_WORDS = frozenset(
-    [
-        "!",
-        "{",
-        "(",
-        "[",
-        "[[",
-        ".",
-        ":",
-        "case",
-        "cd",
-        "command",
-        "eval",
-        "exec",
-        "export",
-        "for",
-        "if",
-        "read",
-        "set",
-        "test",
-        "time",
-        "ulimit",
-        "until",
-        "while",
-    ]
-)
-
-
 def parse_command(text: str | Sequence[str]) -> list[str]:
-    """The argv to run: a command line runs through ``/bin/sh -c`` (so ``$EPH_TARGET``
-    expands), a list as it is. Its program must exist: checked here, before any lab."""
-    if isinstance(text, str):
-        words = shlex.split(text)
-        argv = ["/bin/sh", "-c", text]
-    else:
-        words = argv = list(text)
-    if not words:
-        raise ScenarioError("the command is empty", key="lab.exec", expected="a command line")
-    first = words[0]
-    if "=" in first or first in _SHELL_WORDS:
-        return argv
-    if shutil.which(first) is None:
-        raise ScenarioError(
-            f"command not found: {first!r} (not a path and not on PATH)",
-            key="lab.exec",
-            value=first,
-            expected="a program that exists here",
-        )
-    return argv
+    """The argv to run (a command line runs through ``/bin/sh -c``, so ``$EPH_TARGET``
+    expands); its program must exist. The CLI checks it before any lab; this checks
+    again for callers of :func:`run_exec`."""
+    return check_command(text)
 
 
 def run_exec(
@@ -148,13 +103,9 @@ def run_exec(
     problem = netns_available()
     if problem:
         raise RunError(f"eph lab --exec needs named network namespaces (root): {problem}")
+    argv = parse_command(command)  # before any directory or namespace is made
     run = RunDir.open(out, create=True) if out else RunDir.create(Path("reports"), scenario.name)
-    run.write_scenario(scenario)
-    try:
-        argv = parse_command(command)
-    except ScenarioError as exc:
-        run.write_json("exec.json", {"command": command, "error": exc.args[0].split(": ", 1)[-1]})
-        raise
+    run.write_scenario(scenario, replace=True)
     with contextlib.ExitStack() as stack:
         scenario, placement = build_lab(stack, scenario, run)
         children = stack.enter_context(Supervisor())  # closes before the namespaces go
@@ -198,6 +149,7 @@ def _start_observer(
     interval = max(MIN_INTERVAL_S, scenario.collector.interval)
     bound = scenario.duration + OBSERVER_START_S + STOP_GRACE_S + 30
     args = [*prefix, sys.executable, "-m", "harness", "observe", "--plain", "--no-report"]
+    args += ["--in-run"]  # the lab's own run directory, made for it
     args += ["--duration", f"{bound:g}s", "--interval", f"{interval:g}s", "--out", str(run.path)]
     args += ["--trace"] if trace else []
     with open(run.logs / "observe.log", "ab") as log:

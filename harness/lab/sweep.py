@@ -31,7 +31,7 @@ from harness.report.model import Summary
 from harness.rundir import RunDir
 from harness.scenario import Scenario, load_scenario
 
-__all__ = ["Vary", "run_sweep"]
+__all__ = ["Vary", "check_points", "run_sweep", "sweep_points"]
 
 logger = logging.getLogger(__name__)
 
@@ -71,6 +71,24 @@ def _split(text: str) -> list[str]:
     return parts
 
 
+def sweep_points(
+    path: Path, varies: Sequence[Vary], overrides: Sequence[str] = ()
+) -> list[tuple[str, Scenario]]:
+    """Every point of the grid as (label, scenario), each loaded and checked: a bad
+    value is an error naming its ``--vary`` before any lab starts."""
+    keys = [v.key for v in varies]
+    points: list[tuple[str, Scenario]] = []
+    for combo in itertools.product(*(v.values for v in varies)):
+        sets = [f"{k}={value}" for k, value in zip(keys, combo, strict=True)]
+        points.append((" ".join(sets), load_scenario(path, overrides, varies=sets)))
+    return points
+
+
+def check_points(path: Path, varies: Sequence[Vary], overrides: Sequence[str] = ()) -> int:
+    """How many points the grid has, once every one of them has loaded."""
+    return len(sweep_points(path, varies, overrides))
+
+
 def run_sweep(
     path: Path,
     varies: Sequence[Vary],
@@ -80,11 +98,7 @@ def run_sweep(
     on_point: PointSink | None = None,
 ) -> Path:
     keys = [v.key for v in varies]
-    points: list[tuple[str, Scenario]] = []
-    for combo in itertools.product(*(v.values for v in varies)):
-        sets = [f"{k}={value}" for k, value in zip(keys, combo, strict=True)]
-        scenario = load_scenario(path, [*overrides, *sets])  # every point checked up front
-        points.append((" ".join(sets), scenario))
+    points = sweep_points(path, varies, overrides)
     base = points[0][1].name if points else "sweep"
     sweep = (
         RunDir.create(Path("reports"), f"sweep-{base}")

@@ -23,6 +23,7 @@ from pydantic import (
     StrictBool,
     StrictInt,
     WithJsonSchema,
+    field_validator,
     model_validator,
 )
 
@@ -505,6 +506,13 @@ class LabConfig(_Section):
 
 class CollectorConfig(_Section):
     interval: Duration = 0.1
+
+    @field_validator("interval")
+    @classmethod
+    def _above_zero(cls, value: float) -> float:
+        if value <= 0:
+            raise ValueError("the interval must be above 0")
+        return value
 
 
 class Scenario(_Section):
