@@ -19,6 +19,7 @@ Layout::
 from __future__ import annotations
 
 import json
+import logging
 import os
 import time
 from dataclasses import dataclass
@@ -29,10 +30,22 @@ from harness.errors import RunDirError, RunError
 from harness.files import atomic_write_json
 from harness.scenario import Scenario
 
-__all__ = ["HOSTS_DIR", "RunDir"]
+__all__ = ["HOSTS_DIR", "RunDir", "claim_out", "describe_contents"]
+
+logger = logging.getLogger(__name__)
 
 HOSTS_DIR = "hosts"  # a distributed run's workers, one directory each
 _MODE = 0o750  # run directories are never world-writable (nor readable)
+# what marks a directory as eph's, and what it then holds (first match names it)
+_KINDS = (
+    ("comparison.csv", "a sweep"),
+    ("observe.json", "an observation"),
+    ("scenario.json", "a run"),
+    ("state.json", "a run"),
+    ("summary.json", "a run"),
+    ("connections.parquet", "a run"),
+    ("samples.parquet", "a collector's samples"),
+)
 
 
 @dataclass(frozen=True)
@@ -119,8 +132,11 @@ class RunDir:
     def scenario(self) -> Path:
         return self.path / "scenario.json"
 
-    def write_scenario(self, scenario: Scenario) -> None:
-        if not self.scenario.exists():
+    def write_scenario(self, scenario: Scenario, *, replace: bool = False) -> None:
+        """``scenario.json``: what this run runs. The run's own process writes it with
+        ``replace`` (its scenario is the one that runs, whatever the directory held);
+        Locust's processes only fill it in when it is absent (``locust -f`` alone)."""
+        if replace or not self.scenario.exists():
             self.write_json("scenario.json", scenario.to_json())
 
     def read_scenario(self) -> Scenario:
@@ -137,6 +153,80 @@ class RunDir:
             raise RunDirError(self.path, f"{name} is missing") from None
         except ValueError as exc:
             raise RunDirError(self.path, f"{name} is not valid JSON ({exc})") from None
+
+
+def describe_contents(path: Path) -> str | None:
+    """What an existing directory holds, in words (``"a run (scenario.json, ...)"``);
+    None when it is empty."""
+    try:
+        names = sorted(child.name for child in path.iterdir())
+    except OSError as exc:
+        raise RunDirError(path, f"cannot be read ({exc.strerror or exc})") from None
+    if not names:
+        return None
+    kind = next((what for marker, what in _KINDS if marker in names), None)
+    shown = ", ".join(names[:6]) + (f" and {len(names) - 6} more" if len(names) > 6 else "")
+    if kind is None:
+        return f"{len(names)} entries eph did not write ({shown})"
+    return f"{kind} ({shown})"
+
+
+def claim_out(path: Path, *, force: bool = False, flag: str = "--out") -> Path:
+    """Make ``path`` the new, empty directory of one command's output, or say why not.
+
+    A run directory is written by one command, once: a directory that already holds
+    anything is refused (``RunDirError``, exit 2), so nothing recorded is ever written
+    over. With ``force`` the old one is moved aside, beside it, never deleted; the
+    new name is logged and returned in the error's stead. A path that is a file, or
+    where no directory can be made, is an error naming it.
+    """
+    if path.is_symlink() or path.exists():
+        if not path.is_dir():
+            raise RunDirError(
+                path,
+                f"{flag} names a file, not a directory: give a directory that does not exist yet",
+            )
+        held = describe_contents(path)
+        if held is not None and not force:
+            raise RunDirError(
+                path,
+                f"already holds {held}. eph never writes over a run: give {flag} a new"
+                f" directory such as {_fresh(path)}, or add --force to move this one aside"
+                f" to {_aside(path).name} (nothing is deleted)",
+            )
+        if held is not None:
+            moved = _aside(path)
+            try:
+                path.rename(moved)
+            except OSError as exc:
+                raise RunDirError(path, f"cannot be moved aside: {exc.strerror or exc}") from None
+            logger.warning("--force: %s held %s; moved it aside to %s", path, held, moved)
+    try:
+        path.mkdir(mode=_MODE, parents=True, exist_ok=True)
+    except OSError as exc:
+        raise RunDirError(path, f"{flag}: cannot create it ({exc.strerror or exc})") from None
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise RunDirError(path, f"{flag}: not writable by this user")
+    return path
+
+
+def _fresh(path: Path) -> Path:
+    """The first of ``path-2``, ``path-3``, ... that does not exist."""
+    for n in range(2, 10_000):
+        candidate = path.with_name(f"{path.name}-{n}")
+        if not (candidate.exists() or candidate.is_symlink()):
+            return candidate
+    return path.with_name(f"{path.name}-{time.strftime('%Y%m%d-%H%M%S')}")
+
+
+def _aside(path: Path) -> Path:
+    """Where ``--force`` moves an old directory: beside it, named for when it moved."""
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    for suffix in ["", *(f"-{n}" for n in range(2, 1000))]:
+        candidate = path.with_name(f"{path.name}.replaced-{stamp}{suffix}")
+        if not (candidate.exists() or candidate.is_symlink()):
+            return candidate
+    raise RunDirError(path, "no free name to move it aside to")
 
 
 def min_free_bytes() -> int:

@@ -34,6 +34,12 @@ def main(argv: Sequence[str] | None = None) -> None:
         sys.exit(2)
     except click.exceptions.Abort:
         sys.exit(130)
+    except click.UsageError as exc:
+        # one paragraph, like eph's own errors: what was typed, where, and where help is
+        hint = f" (see '{exc.ctx.command_path} --help')" if exc.ctx is not None else ""
+        text = Text.assemble(("error: ", "bold red"), exc.format_message() + hint)
+        console.print(text, soft_wrap=True)
+        sys.exit(exc.exit_code)
     except click.ClickException as exc:
         exc.show()
         sys.exit(exc.exit_code)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -26,8 +27,28 @@ def _setup_logging(verbose: int) -> None:
 out_option = click.option(
     "--out",
     type=click.Path(path_type=Path),
-    help="Output directory (default reports/<time>-<name>).",
+    help="Output directory, new or empty (default reports/<time>-<name>).",
 )
+force_option = click.option(
+    "--force",
+    is_flag=True,
+    help="--out may hold an earlier run: move it aside to OUT.replaced-<time> (never"
+    " deleted) and start afresh.",
+)
+# a directory eph made for this run already (eph lab's own children): not claimed again
+in_run_option = click.option("--in-run", is_flag=True, hidden=True)
+
+
+def claim(out: Path | None, force: bool) -> Path | None:
+    """``--out`` as a new, empty directory, or an error before anything starts: a run
+    directory is written by one command, once (:func:`harness.rundir.claim_out`)."""
+    if out is None:
+        return None
+    from harness.rundir import claim_out
+
+    return claim_out(out, force=force)
+
+
 set_option = click.option(
     "--set",
     "overrides",
@@ -45,7 +66,33 @@ def duration_value(_ctx: click.Context, param: click.Parameter, value: str | Non
     try:
         return parse_duration(value)
     except ValueError as exc:
-        raise click.BadParameter(str(exc), param=param) from None
+        raise click.BadParameter(f"{value!r}: {exc}", param=param) from None
+
+
+def positive_duration(
+    ctx: click.Context, param: click.Parameter, value: str | None
+) -> float | None:
+    """A duration that must be above zero: an interval, a bound on time."""
+    seconds = duration_value(ctx, param, value)
+    if seconds is not None and seconds <= 0:
+        raise click.BadParameter(f"{value!r} is not above zero (e.g. 1s, 100ms)", param=param)
+    return seconds
+
+
+def endpoint_value(_ctx: click.Context, param: click.Parameter, value: Any) -> Any:
+    """HOST:PORT checked where it was typed, so that the error names the flag."""
+    from harness.endpoints import Endpoint
+    from harness.errors import EndpointError
+
+    texts = value if isinstance(value, tuple) else (value,)
+    for text in texts:
+        if text is None:
+            continue
+        try:
+            Endpoint.parse(text, allow_port_zero=param.name in ("prometheus", "endpoints"))
+        except EndpointError as exc:
+            raise click.BadParameter(f"{text!r}: {exc.reason}", param=param) from None
+    return value
 
 
 def port_range_value(_ctx: click.Context, param: click.Parameter, value: str | None) -> Any:
@@ -62,6 +109,9 @@ def port_range_value(_ctx: click.Context, param: click.Parameter, value: str | N
 def cli(verbose: int) -> None:
     """eph: find out when a client runs out of ephemeral ports, before production does."""
     _setup_logging(verbose)
+    # whatever the umask, nothing eph makes is group- or world-writable (the run
+    # directory itself is 0750; TLS keys 0600); its children inherit this
+    os.umask(os.umask(0o022) | 0o022)
     from harness.kernel.netns import sweep_stale
 
     sweep_stale()  # namespaces of an eph killed with SIGKILL: cheap, silent if none

@@ -25,6 +25,10 @@ if TYPE_CHECKING:
     from harness.capacity.plan import Measured, PlanInputs
 
 
+# eph report rewrites only what is derived from the records, and says so
+_DERIVED_ONLY = "wrote {files} again from the run's records; no record was changed"
+
+
 @cli.command()
 @click.argument("run_dirs", nargs=-1, required=True, type=click.Path(path_type=Path))
 @click.option("--compare", is_flag=True, help="Put the runs side by side in one page.")
@@ -62,8 +66,10 @@ def report(
             raise click.UsageError("give one RUN_DIR, or --compare A B [...]")
         if is_observation(run_dirs[0]):  # eph observe --out DIR or eph lab --exec
             report_observation(run_dirs[0])
+            click.echo(_DERIVED_ONLY.format(files="summary.json and report.html"), err=True)
             return
         print_result(run_dirs[0], rerender(run_dirs[0], collect_from))
+        click.echo(_DERIVED_ONLY.format(files="summary.json and report.html"), err=True)
         return
     import time
 

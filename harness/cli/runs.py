@@ -14,10 +14,14 @@ import click
 from rich.console import Console
 
 from harness.cli._base import (
+    claim,
     cli,
     console,
-    duration_value,
+    endpoint_value,
+    force_option,
+    in_run_option,
     out_option,
+    positive_duration,
     print_preflight,
     print_result,
     report_observation,
@@ -26,6 +30,7 @@ from harness.cli._base import (
 from harness.endpoints import Endpoint
 from harness.load.progress import Progress
 from harness.scenario import Scenario, load_scenario
+from harness.scenario.inputs import check_command
 
 if TYPE_CHECKING:
     from harness.report.model import Summary
@@ -44,12 +49,14 @@ trace_option = click.option(
 @cli.command(context_settings={"ignore_unknown_options": True})
 @click.argument("scenario", type=click.Path(path_type=Path))
 @out_option
+@force_option
 @set_option
 @click.option(
     "--target",
     "targets",
     multiple=True,
     metavar="HOST:PORT",
+    callback=endpoint_value,
     help="Send load to this server instead (repeatable); drops [listener].",
 )
 @click.option(
@@ -82,7 +89,7 @@ trace_option = click.option(
     "--wait-workers",
     default="120s",
     show_default=True,
-    callback=duration_value,
+    callback=positive_duration,
     help="With --master: how long to wait for the workers.",
 )
 @click.option(
@@ -92,6 +99,7 @@ trace_option = click.option(
     flag_value="127.0.0.1:8089",
     default=None,
     metavar="[HOST:PORT]",
+    callback=endpoint_value,
     help="Locust's web UI during the run, with the Ports tab (127.0.0.1:8089 if no value).",
 )
 @trace_option
@@ -99,6 +107,7 @@ trace_option = click.option(
 def run(
     scenario: Path,
     out: Path | None,
+    force: bool,
     overrides: Sequence[str],
     targets: Sequence[str],
     as_master: bool,
@@ -123,10 +132,12 @@ def run(
         if as_master
         else None
     )
+    loaded = load_scenario(scenario, overrides, targets=targets)  # and the files it names
+    out = claim(out, force)
     _launch(
         "run",
         functools.partial(run_scenario, master=master, web=_web_endpoint(web), trace=trace),
-        load_scenario(scenario, overrides, targets=targets),
+        loaded,
         out,
         locust_args,
     )
@@ -160,7 +171,7 @@ def _web_endpoint(web: str | None) -> Endpoint | None:
     "--max-time",
     default="2h",
     show_default=True,
-    callback=duration_value,
+    callback=positive_duration,
     help="Stop after this long even if the master never says so.",
 )
 def worker(
@@ -191,6 +202,8 @@ def worker(
 @cli.command(context_settings={"ignore_unknown_options": True})
 @click.argument("scenario", type=click.Path(path_type=Path), required=False)
 @out_option
+@force_option
+@in_run_option
 @set_option
 @click.option(
     "--cleanup",
@@ -209,6 +222,8 @@ def worker(
 def lab(
     scenario: Path | None,
     out: Path | None,
+    force: bool,
+    in_run: bool,
     overrides: Sequence[str],
     cleanup: bool,
     command: str | None,
@@ -231,15 +246,18 @@ def lab(
         return
     if scenario is None:
         raise click.UsageError("Missing argument 'SCENARIO'.")
-    loaded = load_scenario(scenario, overrides)
-    command = command or loaded.lab.exec
+    loaded = load_scenario(scenario, overrides)  # lab.exec's program, when it has one
+    if command is not None:  # an empty one is refused, never taken for "not given"
+        check_command(command, source=f"--exec {command!r}", key=None)
+    command = command if command is not None else loaded.lab.exec
+    if command is not None and locust_args:
+        raise click.UsageError("--exec runs your client, not Locust: no Locust arguments")
+    if command is None and trace:
+        raise click.UsageError("--trace in a lab goes with --exec (or eph run --trace)")
+    out = out if in_run else claim(out, force)
     if command is not None:
-        if locust_args:
-            raise click.UsageError("--exec runs your client, not Locust: no Locust arguments")
         _lab_exec(loaded, command, out, trace)
         return
-    if trace:
-        raise click.UsageError("--trace in a lab goes with --exec (or eph run --trace)")
     _launch("lab", run_lab, loaded, out, locust_args)
 
 
@@ -280,20 +298,24 @@ def _cleanup_namespaces() -> None:
 )
 @set_option
 @out_option
+@force_option
 def sweep(
-    scenario: Path, varies: Sequence[str], overrides: Sequence[str], out: Path | None
+    scenario: Path,
+    varies: Sequence[str],
+    overrides: Sequence[str],
+    out: Path | None,
+    force: bool,
 ) -> None:
     """Run SCENARIO in a lab at every point of a grid and compare with the model.
 
     Example: --vary kernel.ip_local_port_range=40000-40099,40000-40999
     --vary kernel.tcp_tw_reuse=0,1 (four labs).
     """
-    from harness.lab.sweep import Vary, run_sweep
+    from harness.lab.sweep import Vary, check_points, run_sweep
 
     axes = [Vary.parse(v) for v in varies]
-    total = 1
-    for axis in axes:
-        total *= len(axis.values)
+    total = check_points(scenario, axes, overrides)  # every point, before any lab
+    out = claim(out, force)
     console.print(f"[bold]eph sweep[/] {scenario}: {total} points")
 
     def on_point(index: int, count: int, label: str, summary: Summary | None) -> None:

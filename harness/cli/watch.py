@@ -11,8 +11,12 @@ from typing import Any
 import click
 
 from harness.cli._base import (
+    claim,
     cli,
-    duration_value,
+    endpoint_value,
+    force_option,
+    in_run_option,
+    positive_duration,
     report_observation,
 )
 from harness.endpoints import Endpoint
@@ -27,6 +31,7 @@ from harness.scenario import ListenerClose
     default=["127.0.0.1:9000"],
     show_default=True,
     metavar="HOST:PORT",
+    callback=endpoint_value,
     help="Address to serve (repeatable); port 0 picks a free port.",
 )
 @click.option(
@@ -115,19 +120,23 @@ def listen(
 
 @cli.command()
 @click.option("--once", is_flag=True, help="Print one sample as JSON and exit.")
-@click.option("--out", type=click.Path(path_type=Path), help="Directory for samples.parquet.")
+@click.option(
+    "--out", type=click.Path(path_type=Path), help="Directory for samples.parquet (new or empty)."
+)
+@force_option
+@in_run_option
 @click.option(
     "--duration",
     default="10m",
     show_default=True,
-    callback=duration_value,
+    callback=positive_duration,
     help="Stop after this long.",
 )
 @click.option(
     "--interval",
     default="100ms",
     show_default=True,
-    callback=duration_value,
+    callback=positive_duration,
     help="Time between samples.",
 )
 @click.option(
@@ -135,12 +144,15 @@ def listen(
     "targets",
     multiple=True,
     metavar="HOST:PORT",
+    callback=endpoint_value,
     help="Count sockets to and at this endpoint too (repeatable).",
 )
 @click.option("--udp", is_flag=True, help="Count connected UDP sockets toward the targets.")
 def collect(
     once: bool,
     out: Path | None,
+    force: bool,
+    in_run: bool,
     duration: float,
     interval: float,
     targets: Sequence[str],
@@ -160,6 +172,8 @@ def collect(
         return
     if out is None:
         raise click.UsageError("give --out DIR (or --once)")
+    out = out if in_run else claim(out, force)
+    assert out is not None
     count = run_collector(out, resolved, interval=interval, duration=duration, udp=udp)
     click.echo(f"{count} samples in {out / 'samples.parquet'}")
 
@@ -167,13 +181,17 @@ def collect(
 @cli.command()
 @click.option(
     "--duration",
-    callback=duration_value,
+    callback=positive_duration,
     default="10m",
     show_default=True,
     help="Stop after this long (Ctrl-C stops sooner; what was seen is kept).",
 )
 @click.option(
-    "--interval", callback=duration_value, default="1s", show_default=True, help="One sample per."
+    "--interval",
+    callback=positive_duration,
+    default="1s",
+    show_default=True,
+    help="One sample per.",
 )
 @click.option(
     "--top",
@@ -182,10 +200,15 @@ def collect(
     show_default=True,
     help="Paths kept a sample.",
 )
-@click.option("--out", type=click.Path(path_type=Path), help="Write samples here (a directory).")
+@click.option(
+    "--out", type=click.Path(path_type=Path), help="Write samples here (a new or empty directory)."
+)
+@force_option
+@in_run_option
 @click.option(
     "--prometheus",
     metavar="HOST:PORT",
+    callback=endpoint_value,
     help="Serve Prometheus gauges here, e.g. 127.0.0.1:9465 (port 0: any free port).",
 )
 @click.option("--plain", is_flag=True, help="Plain lines even on a terminal.")
@@ -201,6 +224,8 @@ def observe(
     interval: float,
     top: int,
     out: Path | None,
+    force: bool,
+    in_run: bool,
     prometheus: str | None,
     plain: bool,
     no_report: bool,
@@ -216,6 +241,8 @@ def observe(
     from harness.observe.session import Observation
     from harness.observe.views import PlainView, TerminalView
 
+    if trace and out is None:
+        raise click.UsageError("--trace writes connections.parquet: give --out DIR")
     views: list[Any] = []
     if prometheus is not None:
         from harness.observe.prometheus import PrometheusView
@@ -230,8 +257,7 @@ def observe(
         views.append(server)
     terminal = sys.stdout.isatty() and not plain
     views.append(TerminalView(rows=top) if terminal else PlainView())
-    if trace and out is None:
-        raise click.UsageError("--trace writes connections.parquet: give --out DIR")
+    out = out if in_run else claim(out, force)
     observation = Observation(
         duration_s=duration, interval_s=interval, top=top, out=out, views=views, trace=trace
     )

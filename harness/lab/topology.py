@@ -234,7 +234,7 @@ def _run_in_user_namespace(
     resolved = run.path / "lab-scenario.json"
     resolved.write_text(json.dumps(scenario.to_json()))
     args = ["unshare", "--user", "--map-root-user", "--net", "--", sys.executable, "-m"]
-    args += ["harness", "lab", str(resolved), "--out", str(run.path)]
+    args += ["harness", "lab", str(resolved), "--out", str(run.path), "--in-run"]
     if locust_args:
         args += ["--", *locust_args]
     logger.info("not root: running the lab in an unprivileged user namespace")

@@ -237,6 +237,7 @@ def collect_command(
         "collect",
         "--out",
         str(out),
+        "--in-run",  # a directory the run made for it
         "--interval",
         interval,
         "--duration",
