@@ -42,7 +42,7 @@ from harness.report.rundata import RunData
 from harness.report.scan import scan_records
 from harness.report.summary import Columns, RecordSections, summarize
 from harness.rundir import HOSTS_DIR, RunDir
-from harness.runstate import RunState
+from harness.runstate import RunState, read_state
 from harness.scenario import Protocol, Scenario
 
 __all__ = ["finalize", "load_run", "rerender"]
@@ -329,6 +329,9 @@ def rerender(path: Path, collect_from: Sequence[Path] = ()) -> Summary:
     listener = run.read_json("listener.json") if (run.path / "listener.json").exists() else None
     started = previous.started_at
     expected = previous.distributed.expected_workers if previous.distributed else None
+    state = read_state(run.path)
+    if expected is None and state is not None:
+        expected = state.expected_workers
     return finalize(
         path,
         interrupted=previous.interrupted,
@@ -338,27 +341,56 @@ def rerender(path: Path, collect_from: Sequence[Path] = ()) -> Summary:
         listener=listener,
         stop_reason=previous.stop_reason,
         crash=crash,
-        expected_workers=expected if crash is None else expected or crash.expected_workers,
+        expected_workers=expected,
     )
 
 
 def _prior_run(run: RunDir, crash: RunState | None) -> PriorRun:
-    """What only the run knew, from its ``summary.json``; a crashed run's from its state."""
-    previous = PriorRun()
+    """What only the run knew: from its ``summary.json``; when that is missing or
+    unreadable, from ``state.json`` (start, load window, stop reason), and the log says
+    which; a crashed run's marked so."""
+    previous: PriorRun | None = None
     if run.summary.exists():
         try:
             previous = PriorRun.load(run.summary)
         except RunDirError as exc:
-            logger.warning("%s; recomputing without it", exc)
+            logger.warning("%s", exc)
+    if previous is None:
+        state = crash or read_state(run.path)
+        previous = _from_state(state) if state is not None else PriorRun()
+        logger.warning(
+            "%s: the run's start, load window and stop reason come from %s; every"
+            " figure from the records",
+            run.summary,
+            "state.json" if state is not None else "nowhere (no state.json): the records' span",
+        )
     if crash is None:
         return previous
     started = previous.started_at
     wall = crash.load_started_at or crash.started_at
     if started is None and wall is not None:
-        started = dt.datetime.fromtimestamp(wall, dt.UTC).isoformat(timespec="seconds")
+        started = _iso(wall)
     return previous.model_copy(
         update={"interrupted": True, "stop_reason": "crashed", "started_at": started}
     )
+
+
+def _from_state(state: RunState) -> PriorRun:
+    """The facts ``state.json`` keeps of a run, as ``summary.json`` would have held them."""
+    started = state.load_started_at or state.started_at
+    window = None
+    if state.load_started_at is not None and state.load_ended_at is not None:
+        window = state.load_ended_at - state.load_started_at
+    return PriorRun(
+        interrupted=state.stop_reason == "interrupted",
+        started_at=_iso(started) if started is not None else None,
+        duration_s=window,
+        stop_reason=state.stop_reason,
+    )
+
+
+def _iso(wall: float) -> str:
+    return dt.datetime.fromtimestamp(wall, dt.UTC).isoformat(timespec="seconds")
 
 
 def load_run(path: Path) -> RunData:

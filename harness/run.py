@@ -43,7 +43,7 @@ from harness.placement import (
 from harness.report.model import Summary
 from harness.report.witness import KernelWitness, kernel_witness
 from harness.rundir import RunDir, free_bytes, min_free_bytes
-from harness.runstate import Phase, clock_offset_ns, noting_errors, write_state
+from harness.runstate import Phase, clock_offset_ns, noting_errors, startup_error, write_state
 from harness.scenario import Scenario
 from harness.supervisor import Child, Interrupt, Stage, Supervisor
 
@@ -77,7 +77,7 @@ def run_scenario(
     """Run ``scenario``: its children, the load for ``duration``, then the summary and
     report. ``web``: Locust's web UI there (the test starts at once) instead of headless.
     ``trace``: the kernel recorder witnesses every connection (``kernel_witness``)."""
-    if scenario.load.tls is not None and scenario.listener is None:
+    if scenario.load.tls is not None:
         client_context(scenario.load.tls)  # a missing or bad PEM file: said before any load
     run = RunDir.open(out, create=True) if out else RunDir.create(Path("reports"), scenario.name)
     if master is None:  # a master makes no connections: its workers' hosts matter
@@ -162,7 +162,7 @@ def _run_children(
         listener: ListenerChild | None = None
         if scenario.listener is not None:
             listener, scenario = start_listener(supervisor, scenario, run, placement.listener)
-        run.write_scenario(scenario)
+        run.write_scenario(scenario, replace=True)
         collectors = start_collectors(supervisor, scenario, run, placement)
         tracing = start_trace(supervisor, run.path, placement.load_netns) if trace else None
         locust = start_locust(supervisor, scenario, run, placement, locust_args, master, web)
@@ -175,8 +175,10 @@ def _run_children(
         outcome.stop_reason = _wait_for_end(
             locust, run, scenario, outcome.load_started, interrupt, progress, collectors
         )
-        write_state(run.path, Phase.STOPPING, stop_reason=outcome.stop_reason)
         outcome.load_ended = time.monotonic()
+        write_state(
+            run.path, Phase.STOPPING, stop_reason=outcome.stop_reason, load_ended_at=time.time()
+        )
         if isinstance(tracing, KernelTrace):  # the load's last sockets close before it stops
             supervisor.stop(*[c for c in supervisor.running if c.stage is Stage.LOAD])
             tracing.settle()
@@ -265,20 +267,52 @@ def kernel_differences(scenario: Scenario, kernel: dict[str, Any]) -> list[str]:
 
 
 def _wait_for_start(locust: Child, run: RunDir, interrupt: Interrupt, timeout: float) -> float:
+    """When the load started; a Locust that could not start is a :class:`RunError` with
+    its own reason (``logs/locust.error``), said at once."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline and not interrupt.set:
+        reason = startup_error(run.path)
+        if reason is not None:
+            raise RunError(f"the load could not start: {reason}")
         if any(run.progress.glob("*.json")):
             return time.monotonic()
         code = locust.poll()
         if code is not None:
-            raise RunError(
-                f"Locust exited (code {code}) before starting: "
-                f"see {run.logs / 'locust.log'} and {run.logs / 'locust.out'}"
-            )
+            raise RunError(_why_not_started(run, code))
         time.sleep(0.05)
     if interrupt.set:
         return time.monotonic()
     raise RunError(f"Locust did not start within {timeout:.0f} s: see {run.logs}")
+
+
+def _why_not_started(run: RunDir, code: int) -> str:
+    """Locust's own reason for exiting before its load, in one paragraph: eph's note
+    (``logs/locust.error``), else the error line Locust printed (a bad argument)."""
+    reason = startup_error(run.path)
+    if reason is not None:
+        return f"the load could not start: {reason}"
+    said = _error_line(run.logs / "locust.out") or _error_line(run.logs / "locust.log")
+    if said is not None:
+        return (
+            f"Locust could not start (exit {code}): {said}. Arguments after the scenario that"
+            " eph does not know go to Locust as they are"
+        )
+    return (
+        f"Locust exited (code {code}) before starting: "
+        f"see {run.logs / 'locust.log'} and {run.logs / 'locust.out'}"
+    )
+
+
+def _error_line(path: Path) -> str | None:
+    """The last line of a log that says error, without the program's name."""
+    try:
+        lines = path.read_text(errors="replace").splitlines()
+    except OSError:
+        return None
+    for line in reversed(lines):
+        if "error" in line.lower():
+            return line.split(": error: ", 1)[-1].strip()
+    return None
 
 
 def _wait_for_end(

@@ -25,19 +25,22 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict
 
 from harness.errors import RunDirError
-from harness.files import atomic_write_json
+from harness.files import atomic_write, atomic_write_json
 
 __all__ = [
     "STATE_FILE",
     "Phase",
     "RunState",
     "clock_offset_ns",
+    "note_startup_error",
     "noting_errors",
     "read_state",
+    "startup_error",
     "write_state",
 ]
 
 STATE_FILE = "state.json"
+STARTUP_ERROR = "{child}.error"  # in logs/: a child's one-paragraph reason it could not start
 
 
 class Phase(StrEnum):
@@ -66,6 +69,8 @@ class RunState(BaseModel):
     """When the run started (wall clock)."""
     load_started_at: float | None = None
     """When the load started (wall clock)."""
+    load_ended_at: float | None = None
+    """When the load ended (wall clock): with ``load_started_at``, the load's window."""
     clock_offset_ns: int | None = None
     """Wall clock minus CLOCK_MONOTONIC on the run's host: maps record stamps to wall time."""
     expected_workers: int | None = None
@@ -118,6 +123,27 @@ def noting_errors(run_path: Path) -> Iterator[None]:
         if state is not None:
             write_state(run_path, state.phase, error=f"{type(exc).__name__}: {exc}")
         raise
+
+
+def note_startup_error(run_path: Path, child: str, message: str) -> None:
+    """A child (Locust, a worker) could not start its load: ``message``, one paragraph,
+    goes to ``logs/<child>.error``, where :func:`startup_error` finds it for the
+    parent, who says it on the user's terminal instead of "exited before starting"."""
+    logs = run_path / "logs"
+    logs.mkdir(mode=0o750, exist_ok=True)
+    atomic_write(logs / STARTUP_ERROR.format(child=child), message.strip() + "\n")
+
+
+def startup_error(run_path: Path) -> str | None:
+    """The first reason a child left in ``logs/`` for not starting; None if none did."""
+    for path in sorted((run_path / "logs").glob(STARTUP_ERROR.format(child="*"))):
+        try:
+            text = path.read_text(errors="replace").strip()
+        except OSError:
+            continue
+        if text:
+            return text
+    return None
 
 
 def read_state(run_path: Path) -> RunState | None:

@@ -29,12 +29,14 @@ from locust import events
 from locust.env import Environment
 from locust.runners import STATE_RUNNING, STATE_SPAWNING, MasterRunner, WorkerRunner
 
+from harness.errors import EphError
 from harness.kernel.parent_death import die_with_parent_after_fork
 from harness.leftovers import announce
 from harness.load import locust_compat
 from harness.load.distributed import MasterSession, Receiver, master_run_dir, ship
 from harness.load.users import current_session, end_sessions, start_session
 from harness.records import host_name
+from harness.runstate import note_startup_error
 from harness.scenario import Scenario
 
 __all__ = ["LOOPBACK", "LocustHooks", "install"]
@@ -93,7 +95,13 @@ class LocustHooks:
         else:
             if self.scenario is None:
                 raise RuntimeError("no scenario: set EPH_SCENARIO")
-            start_session(environment, self.scenario, next(self._sequence))
+            try:
+                start_session(environment, self.scenario, next(self._sequence))
+            except EphError as exc:  # eph's parent says it on the user's terminal
+                run_dir = os.environ.get("EPH_RUN_DIR")
+                if run_dir:
+                    note_startup_error(Path(run_dir), "locust", str(exc))
+                raise
 
     def _start_master(self, environment: Environment) -> None:
         if self.scenario is None:
