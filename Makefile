@@ -27,7 +27,7 @@ LOADTEST_FLAGS += $(if $(USERS),--set load.users=$(USERS)) $(if $(RATE),--set lo
                   $(if $(DURATION),--set duration=$(DURATION))
 
 .DEFAULT_GOAL := help
-.PHONY: help setup system-deps test lint typecheck pytest loadtest bench soak clean
+.PHONY: help setup system-deps test check lint typecheck pytest docs loadtest bench soak clean
 
 help: ## Show this help
 	@echo "eph: ephemeral-port exhaustion harness"
@@ -79,7 +79,15 @@ pytest: setup ## Only the test suite (ARGS= passes pytest flags)
 	$(BIN)/pytest $(ARGS)
 
 test: export EPH_REQUIRE_BROWSER = 1
+test: export EPH_REQUIRE_TOOLS = 1
 test: system-deps lint typecheck pytest ## Lint, type-check and run the whole test suite
+
+# the edit loop: no namespace, no subprocess of eph, no server or browser
+check: lint typecheck ## Fast tier: lint, types, and every test that needs no namespace, server or browser
+	$(BIN)/pytest -m "not netns and not e2e and not docs" $(ARGS)
+
+docs: setup ## Build the manual (docs/) into build/site with mkdocs --strict
+	$(BIN)/mkdocs build --strict --site-dir build/site
 
 loadtest: setup ## Default scenario in a lab (or on loopback), or TARGET=host:port with staging.toml
 ifeq ($(strip $(TARGET)),)
@@ -100,6 +108,6 @@ bench: setup ## Benchmarks on loopback: prints JSON figures
 soak: setup system-deps ## A lab run with faults on a schedule (root; SOAK=60m, default 3m; ARGS='--every 2m')
 	@$(BIN)/python bench/soak.py $(if $(SOAK),--duration $(SOAK)) $(ARGS)
 
-clean: ## Remove .venv, caches and every run under reports/
-	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache *.egg-info
+clean: ## Remove .venv, caches, the built manual and every run under reports/
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache *.egg-info build
 	find reports -mindepth 1 -not -name .gitkeep -exec rm -rf {} +

@@ -7,7 +7,6 @@ chromium and websocket-client; nothing downloads a browser of its own.
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
 import subprocess
@@ -16,17 +15,16 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
-import pytest
 import websocket
+
+from .conftest import require
 
 
 def chromium() -> str:
     """The browser's path; a missing one fails under ``make test``, skips elsewhere."""
     found = shutil.which("chromium") or shutil.which("chromium-browser")
-    if found is None:
-        if os.environ.get("EPH_REQUIRE_BROWSER") == "1":
-            pytest.fail("chromium is missing: `make system-deps` installs it")
-        pytest.skip("chromium is not installed (make system-deps)")
+    require(None if found else "missing: chromium")
+    assert found is not None
     return found
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -19,6 +20,25 @@ from harness.kernel.netns import Namespace, netns_available
 ROOT = Path(__file__).resolve().parent.parent
 EPH = [sys.executable, "-m", "harness"]
 E2E_TIMEOUT = 120  # seconds for one eph subprocess, far above what any test needs
+# make test (and CI) sets these: there, what make system-deps installs must be here,
+# and a test that would skip for want of it fails instead
+REQUIRED = "1" in (os.environ.get("EPH_REQUIRE_TOOLS"), os.environ.get("EPH_REQUIRE_BROWSER"))
+
+
+def require(missing: str | None, install: str = "make system-deps") -> None:
+    """The one capability check: ``missing`` says what this machine lacks (None: all is
+    here). Under ``make test`` that fails the test; elsewhere it skips, naming the tool
+    and how to install it."""
+    if missing is None:
+        return
+    if REQUIRED:
+        pytest.fail(f"{missing}; under make test nothing is skipped for it ({install})")
+    pytest.skip(f"{missing} ({install})")
+
+
+def require_tools(*tools: str, install: str = "make system-deps") -> None:
+    absent = [tool for tool in tools if shutil.which(tool) is None]
+    require(f"missing: {', '.join(absent)}" if absent else None, install)
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -33,10 +53,14 @@ def pytest_configure(config: pytest.Config) -> None:
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     problem = netns_available()
     if problem:
-        skip = pytest.mark.skip(reason=problem)
         for item in items:
             if "netns" in item.keywords:
-                item.add_marker(skip)
+                item.add_marker(pytest.mark.usefixtures("_netns_required"))
+
+
+@pytest.fixture
+def _netns_required() -> None:
+    require(netns_available(), "run as root with iproute2: make system-deps")
 
 
 @pytest.fixture

@@ -11,18 +11,15 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import shutil
 import subprocess
 import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
-import pytest
-
 from harness.kernel.netns import Namespace, run_checked
 
-from .conftest import ROOT
+from .conftest import ROOT, require_tools
 
 CLIENT = "10.77.0.2"
 SERVER = "10.78.0.2"
@@ -127,10 +124,8 @@ class NatLab:
 
 
 def nat_lab_available() -> None:
-    """Skip the test unless the lab can be built here."""
-    for tool in ("nft", "ip"):
-        if shutil.which(tool) is None:
-            pytest.skip(f"the {tool!r} command is missing")
+    """The tools the lab is built with: missing, they fail the test under make test."""
+    require_tools("nft", "ip", "conntrack")
 
 
 @contextlib.contextmanager

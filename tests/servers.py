@@ -11,9 +11,9 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-import pytest
-
 from harness.kernel.netns import Namespace
+
+from .conftest import require
 
 NGINX_CONF = """
 worker_processes 1;
@@ -43,10 +43,8 @@ def nginx_binary() -> str:
     found = shutil.which("nginx") or (
         "/usr/sbin/nginx" if os.path.exists("/usr/sbin/nginx") else None
     )
-    if found is None:
-        if os.environ.get("EPH_REQUIRE_BROWSER") == "1":  # make test: system-deps installs it
-            pytest.fail("nginx is missing: `make system-deps` installs it")
-        pytest.skip("nginx is not installed (make system-deps)")
+    require(None if found else "missing: nginx")
+    assert found is not None
     return found
 
 

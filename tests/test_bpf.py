@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import socket
 import subprocess
 import sys
@@ -24,7 +23,7 @@ from harness.report.tuples import audit_tuples
 from harness.report.witness import kernel_witness
 from harness.supervisor import Stage, Supervisor
 
-from .conftest import EPH, ROOT, eph, run_dir_summary, write_scenario
+from .conftest import EPH, ROOT, eph, require, run_dir_summary, write_scenario
 
 LO = socket.htonl(0x7F000001)  # 127.0.0.1 as the kernel holds it, read as a host u32
 
@@ -136,12 +135,9 @@ def test_the_witness_matches_tuples_by_turn_and_failures_by_count(tmp_path: Path
 
 
 def _require_bpftrace() -> None:
-    reason = bpf.unavailable()
-    if reason is None:
-        return
-    if os.environ.get("EPH_REQUIRE_BROWSER") == "1" and shutil.which("bpftrace") is None:
-        pytest.fail("bpftrace is missing: `make system-deps` installs it")
-    pytest.skip(reason)
+    """Root, BTF, bpftrace and tracefs (mounted here when it is not): under make test a
+    missing one fails, whichever it is."""
+    require(bpf.unavailable())
 
 
 CLIENT = """

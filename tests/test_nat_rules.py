@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 
 import pytest
@@ -11,6 +10,8 @@ import pytest
 from harness.errors import ScenarioError
 from harness.lab.nat import nat_ruleset, pool_mark, router_sysctls
 from harness.scenario import NatConfig, parse_scenario
+
+from .conftest import require, require_tools
 
 _BASE = """
 name = "n"
@@ -32,8 +33,8 @@ def _nat(nat: str, topology: str = "nat") -> NatConfig:
 def _nft_accepts(ruleset: str) -> None:
     """``nft --check`` in a throwaway network namespace: the syntax and the kernel's
     acceptance, nothing applied anywhere."""
-    if shutil.which("nft") is None or shutil.which("unshare") is None or os.geteuid() != 0:
-        pytest.skip("needs root, nft and unshare")
+    require(None if os.geteuid() == 0 else "nft --check in a namespace needs root")
+    require_tools("nft", "unshare")
     result = subprocess.run(
         ["unshare", "--net", "nft", "--check", "-f", "-"],
         input=ruleset,
