@@ -44,7 +44,7 @@ PORT = 9000
 ENV = {**os.environ, "PYTHONPATH": str(ROOT)}
 SAMPLE_EVERY = 5.0  # seconds between memory samples while the load runs
 FINALIZE_SAMPLE_EVERY = 0.2  # ... while the run merges and renders its report
-REPORT_MEMORY_BOUND = 1.5 * 2**30  # the report's target (README, Benchmarks): <= 1.5 GB
+REPORT_MEMORY_BOUND = 1.5 * 2**30  # the report's target (docs/performance.md): <= 1.5 GB
 FINISH_GRACE = 600.0  # seconds the run may take after its duration to stop and finalize
 
 

@@ -1,5 +1,6 @@
-"""README's "Querying a run": its snippets, as written there, against a real run directory,
-their answers checked against the same questions put to pyarrow and numpy here."""
+"""The manual's "Querying a run" (docs/guides/querying.md): its snippets, as written
+there, against a real run directory, their answers checked against the same questions
+put to pyarrow and numpy here."""
 
 from __future__ import annotations
 
@@ -65,14 +66,14 @@ def _targets() -> Iterator[list[str]]:
 
 
 def readme_snippets() -> list[str]:
-    text = (ROOT / "README.md").read_text()
-    section = text.split("\n## Querying a run\n", 1)[1].split("\n## ", 1)[0]
-    return re.findall(r"```python\n(.*?)```", section, re.S)
+    """The manual's query snippets (docs/guides/querying.md), as a reader copies them."""
+    text = (ROOT / "docs" / "guides" / "querying.md").read_text()
+    return re.findall(r"```python\n(.*?)```", text, re.S)
 
 
 @pytest.fixture(scope="module")
 def answers(tmp_path_factory: pytest.TempPathFactory) -> tuple[pa.Table, dict[str, Any]]:
-    """A short loopback run, and what every README snippet found in it."""
+    """A short loopback run, and what every snippet of the manual found in it."""
     tmp = tmp_path_factory.mktemp("query")
     run = tmp / "run"
     with _targets() as endpoints:
@@ -81,7 +82,9 @@ def answers(tmp_path_factory: pytest.TempPathFactory) -> tuple[pa.Table, dict[st
     assert done.returncode == 0, done.stderr[-2000:]
     found: dict[str, Any] = {}
     snippets = readme_snippets()
-    assert len(snippets) == 4, "README's query snippets moved: this test reads them"
+    assert len(snippets) == 4, (
+        "the query snippets in docs/guides/querying.md moved: this test reads them"
+    )
     assert PLACEHOLDER in snippets[0]  # the first sets `run`, the others use it
     for snippet in snippets:
         exec(snippet.replace(PLACEHOLDER, str(run)), found)

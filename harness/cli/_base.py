@@ -32,7 +32,7 @@ out_option = click.option(
 force_option = click.option(
     "--force",
     is_flag=True,
-    help="--out may hold an earlier run: move it aside to OUT.replaced-<time> (never"
+    help="--out may hold an earlier run: move it aside to OUT.replaced-TIME (never"
     " deleted) and start afresh.",
 )
 # a directory eph made for this run already (eph lab's own children): not claimed again

@@ -105,7 +105,7 @@ class HttpChurn(CallbackUsers):
         self._held: dict[_Conn, int] = {}  # waiting on a timer -> its io_errno at a stop
         self._epoll = select.epoll()
         # plain HTTP needs no more than the C socket type: its Python subclass's
-        # __init__ cost 12 µs a connection in the profile (README, "HTTP and TLS")
+        # __init__ cost 12 µs a connection in the profile (docs/guides/staging.md, "HTTP and TLS")
         self._socket: Callable[[int, int], Any] = (
             socket.socket if plan.tls is not None else _socket.socket
         )
