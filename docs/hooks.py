@@ -145,7 +145,7 @@ def _cell(text: str) -> str:
 
 
 def summary_keys() -> str:
-    from harness.report.model import summary_schema
+    from harness.summary import summary_schema
 
     schema = summary_schema()
     rows = ["| key | type | what it is |", "| --- | --- | --- |"]

@@ -15,9 +15,9 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from harness.errors import RunDirError
-from harness.report.model import Crash
 from harness.rundir import RunDir
 from harness.runstate import Phase, RunState, read_state
+from harness.summary import Crash
 
 __all__ = ["crash_section", "crashed_state"]
 

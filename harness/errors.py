@@ -8,8 +8,10 @@ The hierarchy::
     ├── ListenerError             the target listener could not serve an endpoint
     ├── RunError                  a run could not start or a child process failed
     └── RunDirError               a run directory is missing, truncated or corrupt
-        └── SummaryError          its summary.json (or a file feeding it) is of another
-                                  version or holds a wrong value
+
+    SummaryError (a ValueError, from the contract, harness.summary): a summary.json
+                                  (or a file feeding it) is of another version or
+                                  holds a wrong value; the CLI reports it as its own
 
 A failed *connection* is never an exception here: it is data, recorded with its
 errno (see ``harness.records``); :func:`errno_name` is how every part of eph
@@ -20,6 +22,8 @@ from __future__ import annotations
 
 import errno as _errno
 from pathlib import Path
+
+from harness.summary.errors import SummaryError
 
 __all__ = [
     "HTTP_MALFORMED",
@@ -123,36 +127,3 @@ class RunDirError(EphError):
         self.path = path
         self.reason = reason
         super().__init__(f"run directory {path}: {reason}")
-
-
-class SummaryError(RunDirError):
-    """A ``summary.json`` is of another schema version, or a value in it (or in a file
-    that feeds it, such as ``listener.json``) is wrong.
-
-    ``source`` is the file, ``key`` the dotted key path, ``value`` what it held
-    and ``expected`` what would have been accepted.
-    """
-
-    _NOTHING = object()
-
-    def __init__(
-        self,
-        source: Path | str,
-        message: str,
-        *,
-        key: str | None = None,
-        value: object = _NOTHING,
-        expected: str | None = None,
-    ) -> None:
-        self.source = source
-        self.key = key
-        self.value = None if value is self._NOTHING else value
-        self.expected = expected
-        text = str(source) + (f", key '{key}'" if key else "") + f": {message}"
-        if value is not self._NOTHING:
-            text += f" (got {value!r}" + (f", expected {expected})" if expected else ")")
-        elif expected:
-            text += f" (expected {expected})"
-        self.path = Path(source)
-        self.reason = text
-        EphError.__init__(self, text)

@@ -27,14 +27,6 @@ from harness.report.cpu import cpu_section
 from harness.report.hosts import HostSamples
 from harness.report.html import render_report
 from harness.report.http import http_section
-from harness.report.model import (
-    Kernel,
-    Listener,
-    PriorRun,
-    Service,
-    Summary,
-    validated,
-)
 from harness.report.nat import nat_section, with_nat_model
 from harness.report.occupancy import kernel_conservation
 from harness.report.ondisk import is_on_disk, open_records
@@ -44,6 +36,7 @@ from harness.report.summary import Columns, RecordSections, summarize
 from harness.rundir import HOSTS_DIR, RunDir
 from harness.runstate import RunState, read_state
 from harness.scenario import Protocol, Scenario
+from harness.summary import Kernel, Listener, PriorRun, Service, Summary, validated
 
 __all__ = ["finalize", "load_run", "rerender"]
 
@@ -353,7 +346,7 @@ def _prior_run(run: RunDir, crash: RunState | None) -> PriorRun:
     if run.summary.exists():
         try:
             previous = PriorRun.load(run.summary)
-        except RunDirError as exc:
+        except (RunDirError, SummaryError) as exc:
             logger.warning("%s", exc)
     if previous is None:
         state = crash or read_state(run.path)

@@ -31,10 +31,9 @@ from harness.files import atomic_path, atomic_write_json
 from harness.load.cpu import CPU_FILE, is_cpu_part, merge_cpu_parts
 from harness.records import Part, merge_parts
 from harness.report.hosts import HostSamples
-from harness.report.model import Summary
-from harness.report.sections import Distributed, MissingWorker
 from harness.rundir import HOSTS_DIR
 from harness.runstate import clock_offset_ns
+from harness.summary import Distributed, MissingWorker, Summary
 
 __all__ = [
     "SHIPPED",

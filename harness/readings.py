@@ -12,8 +12,8 @@ import pyarrow.parquet as pq
 
 from harness.load.cpu import CPU_REQUEST_TYPE
 from harness.report.hosts import HostSamples
-from harness.report.model import Kernel
 from harness.rundir import HOSTS_DIR
+from harness.summary import Kernel
 
 __all__ = ["collector_kernel", "locust_request_count", "read_samples", "worker_hosts"]
 

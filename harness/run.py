@@ -40,11 +40,11 @@ from harness.placement import (
     start_listener,
     start_locust,
 )
-from harness.report.model import Summary
-from harness.report.witness import KernelWitness, kernel_witness
+from harness.report.witness import kernel_witness
 from harness.rundir import RunDir, free_bytes, min_free_bytes
 from harness.runstate import Phase, clock_offset_ns, noting_errors, startup_error, write_state
 from harness.scenario import Scenario
+from harness.summary import KernelWitness, Summary
 from harness.supervisor import Child, Interrupt, Stage, Supervisor
 
 __all__ = ["Master", "Placement", "RunResult", "kernel_differences", "run_scenario"]

@@ -11,15 +11,7 @@ import pyarrow.parquet as pq
 
 from harness.observe.natpool import NAT_SCHEMA
 from harness.records import CONNECTIONS_SCHEMA, application_zeros
-from harness.report.model import (
-    Capacity,
-    Connections,
-    Conservation,
-    Exhaustion,
-    Kernel,
-    Ports,
-    Summary,
-)
+from harness.summary import Capacity, Connections, Conservation, Exhaustion, Kernel, Ports, Summary
 
 NAT = "198.51.100.1"
 

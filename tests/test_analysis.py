@@ -8,9 +8,9 @@ import pytest
 
 from harness.capacity.model import CapacityModel, reserved_in_range
 from harness.report.hosts import HostSamples, host_sections
-from harness.report.model import Kernel, Ports, TupleExample
 from harness.report.tuples import audit_tuples, port_allocation
 from harness.scenario import ClosePolicy
+from harness.summary import Kernel, Ports, TupleExample
 
 from .tables import connections_table as _table
 

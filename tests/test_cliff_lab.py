@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from harness.report.model import Summary
+from harness.summary import Summary
 
 from .conftest import eph, write_scenario
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import socket
 from collections.abc import Callable
 from pathlib import Path
@@ -10,13 +11,14 @@ from typing import Any
 
 import pytest
 
+from harness.cli import main
 from harness.endpoints import ResolvedEndpoint
 from harness.errors import RunDirError, SummaryError
 from harness.finalize import finalize, load_run, rerender
 from harness.records import RecordWriter
-from harness.report.model import SCHEMA_VERSION, Summary
 from harness.rundir import RunDir
 from harness.scenario import parse_scenario
+from harness.summary import SCHEMA_VERSION, Summary
 
 from .tables import write_nat
 
@@ -154,7 +156,10 @@ def test_compare_writes_an_old_summary_again(tmp_path: Path) -> None:
     ],
 )
 def test_a_malformed_summary_names_file_key_value_and_expected(
-    tmp_path: Path, change: Callable[[dict[str, Any]], object], message: str
+    tmp_path: Path,
+    change: Callable[[dict[str, Any]], object],
+    message: str,
+    capsys: pytest.CaptureFixture[str],
 ) -> None:
     path = _run_dir(tmp_path)
     data = json.loads((path / "summary.json").read_text())
@@ -163,7 +168,11 @@ def test_a_malformed_summary_names_file_key_value_and_expected(
     with pytest.raises(SummaryError, match=message) as caught:
         Summary.load(path / "summary.json")
     assert caught.value.source == path / "summary.json"
-    assert isinstance(caught.value, RunDirError)  # eph's CLI reports it as such
+    # the contract's own error (it imports nothing of eph's); the CLI reports it as its own
+    with pytest.raises(SystemExit) as exited:
+        main(["plan", "--from", str(path)])
+    assert exited.value.code == 2
+    assert re.search(message, capsys.readouterr().err.replace("\n", " "))
 
 
 def test_plan_from_a_run_directory_reads_its_summary(

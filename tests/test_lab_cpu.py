@@ -9,7 +9,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from harness.report.model import Summary
+from harness.summary import Summary
 
 from .conftest import eph, run_dir_summary, write_scenario
 

@@ -22,7 +22,6 @@ from harness.report import ondisk, sweep
 from harness.report.analysis import analyze
 from harness.report.figures.connections import allocation
 from harness.report.hosts import HostSamples
-from harness.report.model import Kernel
 from harness.report.occupancy import kernel_conservation
 from harness.report.ondisk import OnDisk
 from harness.report.scan import SCAN_COLUMNS, RecordScan, scan_records
@@ -31,6 +30,7 @@ from harness.report.tuples import audit_tuples
 from harness.report.tuples_on_disk import CycleCount, audit_on_disk
 from harness.rundir import RunDir
 from harness.scenario import parse_scenario
+from harness.summary import Kernel
 
 KERNEL = Kernel(ip_local_port_range=[40000, 40999], tcp_tw_reuse=1, tcp_timestamps=1)
 SCENARIO = 'name = "t"\n[target]\nendpoints = ["127.0.0.1:9000"]\n'

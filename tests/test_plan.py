@@ -195,7 +195,7 @@ def test_a_lifetime_only_bound_past_any_connect_rate_is_no_client_side_port_limi
 
 
 def test_from_run_sets_the_runs_cliff_beside_the_model() -> None:
-    from harness.report.model import LatencyCliff
+    from harness.summary import LatencyCliff
 
     scenario = parse_scenario('name = "r"\n[target]\nendpoints = ["127.0.0.1:9000"]\n')
     summary = exhausted_summary(offered_rate_per_s=200.0)

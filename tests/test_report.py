@@ -14,7 +14,11 @@ from harness.observe.collector import SAMPLES_SCHEMA, STATES
 from harness.report.figures import FIGURES, NAT_FIGURE, RunData, time_bins
 from harness.report.figures.nat import nat_pool
 from harness.report.html import findings, recommendations, render_comparison, render_report
-from harness.report.model import (
+from harness.report.nat import nat_section
+from harness.report.occupancy import IN_USE
+from harness.report.summary import Columns, summarize
+from harness.scenario import Scenario
+from harness.summary import (
     Capacity,
     Kernel,
     LatencyCliff,
@@ -24,10 +28,6 @@ from harness.report.model import (
     TimeWait,
     Tuples,
 )
-from harness.report.nat import nat_section
-from harness.report.occupancy import IN_USE
-from harness.report.summary import Columns, summarize
-from harness.scenario import Scenario
 
 from .tables import connections_table, write_nat
 
@@ -309,8 +309,8 @@ def test_report_and_capacity_never_import_locust() -> None:
 
 
 def test_http_and_tls_findings_say_the_statuses_handshakes_and_failures_after_connect() -> None:
-    from harness.report.http import Http, http_findings
-    from harness.report.sections import Latency
+    from harness.report.http import http_findings
+    from harness.summary import Http, Latency
 
     http = Http(
         requests=900,

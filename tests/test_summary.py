@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from harness.report.model import SCHEMA_VERSION, Kernel, Listener, Outage, Summary
 from harness.report.summary import Columns, summarize
+from harness.summary import SCHEMA_VERSION, Kernel, Listener, Outage, Summary
 
 KERNEL = Kernel(ip_local_port_range=[40000, 40099])
 

@@ -12,7 +12,7 @@ import jsonschema
 import pytest
 
 from harness.cli import main
-from harness.report.model import SCHEMA_VERSION, Summary, summary_schema
+from harness.summary import SCHEMA_VERSION, Summary, summary_schema
 
 from .conftest import ROOT, eph, write_scenario
 

@@ -20,8 +20,7 @@ from harness.capacity.model import CapacityModel, merge_reserved, unreserved_in_
 from harness.scenario import ClosePolicy, Protocol, Scenario
 
 if TYPE_CHECKING:  # only its attributes are read: capacity/ needs nothing of report/ to run
-    from harness.report.model import Summary
-    from harness.report.observation import ObserveSummary
+    from harness.summary import ObserveSummary, Summary
 
 __all__ = ["Lever", "Plan", "PlanInputs", "from_kernel", "from_run", "make_plan", "render_text"]
 

@@ -16,7 +16,7 @@ from rich.text import Text
 
 from harness.cli import reports, runs, watch
 from harness.cli._base import cli, console
-from harness.errors import EphError
+from harness.errors import EphError, SummaryError
 
 __all__ = ["cli", "main"]
 
@@ -28,7 +28,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         cli.main(
             args=list(argv) if argv is not None else None, prog_name="eph", standalone_mode=False
         )
-    except EphError as exc:
+    except (EphError, SummaryError) as exc:
         # verbatim: no markup (messages quote "[listener]"), no hard wrap (copy-pastable)
         console.print(Text.assemble(("error: ", "bold red"), str(exc)), soft_wrap=True)
         sys.exit(2)

@@ -12,7 +12,7 @@ from rich.console import Console
 from rich.text import Text
 
 if TYPE_CHECKING:
-    from harness.report.model import Summary
+    from harness.summary import Summary
 
 logger = logging.getLogger("harness")
 console = Console(stderr=True)

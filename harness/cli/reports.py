@@ -206,9 +206,9 @@ def _plan_inputs(
 
     from harness.capacity.plan import from_kernel, from_observation, from_run
     from harness.kernel.sysctls import read_kernel
-    from harness.report.model import Summary
-    from harness.report.observation import ObserveSummary, is_observation
+    from harness.report.observation import is_observation
     from harness.rundir import RunDir
+    from harness.summary import ObserveSummary, Summary
 
     if run_dir is not None and is_observation(run_dir):
         try:
@@ -276,6 +276,6 @@ def preflight_command(scenario: Path | None, overrides: Sequence[str], as_json: 
 @click.argument("name", type=click.Choice(["summary"]))
 def schema_command(name: str) -> None:
     """Print the JSON Schema of a run directory's file: summary (summary.json)."""
-    from harness.report.model import summary_schema
+    from harness.summary import summary_schema
 
     click.echo(json.dumps(summary_schema(), indent=2))

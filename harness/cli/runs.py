@@ -33,8 +33,8 @@ from harness.scenario import Scenario, load_scenario
 from harness.scenario.inputs import check_command
 
 if TYPE_CHECKING:
-    from harness.report.model import Summary
     from harness.run import RunResult
+    from harness.summary import Summary
 
 logger = logging.getLogger("harness")
 

@@ -27,9 +27,9 @@ from matplotlib.figure import Figure
 
 from harness.errors import ScenarioError
 from harness.lab.topology import run_lab
-from harness.report.model import Summary
 from harness.rundir import RunDir
 from harness.scenario import Scenario, load_scenario
+from harness.summary import Summary
 
 __all__ = ["Vary", "check_points", "run_sweep", "sweep_points"]
 

@@ -59,10 +59,10 @@ from harness.lab.nat import (
     router_sysctls,
 )
 from harness.placement import START_TIMEOUT, STOP_GRACE, Placement
-from harness.report.model import Summary
 from harness.run import ProgressSink, RunResult, run_scenario
 from harness.rundir import RunDir
 from harness.scenario import Scenario, Topology
+from harness.summary import Summary
 from harness.supervisor import Stage, Supervisor
 
 __all__ = ["CLIENT_ADDRESS", "SERVER_ADDRESS", "build_lab", "lab_sysctls", "run_lab"]

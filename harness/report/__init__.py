@@ -5,6 +5,6 @@ The way through: ``summary`` (the first sections, from the records) and
 (``model``, its sections in ``sections``), which ``figures`` and ``html`` render.
 """
 
-from harness.report.model import SCHEMA_VERSION, Summary, summary_schema
+from harness.summary import SCHEMA_VERSION, Summary, summary_schema
 
 __all__ = ["SCHEMA_VERSION", "Summary", "summary_schema"]

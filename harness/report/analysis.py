@@ -15,14 +15,6 @@ import pyarrow as pa
 from harness.capacity.model import CapacityModel
 from harness.report.cliff import CliffInput, detect_cliff
 from harness.report.hosts import HostSamples, host_sections
-from harness.report.model import (
-    Capacity,
-    Kernel,
-    LatencyCliff,
-    Occupancy,
-    Summary,
-    TimeWait,
-)
 from harness.report.occupancy import (
     Peaks,
     counter_delta,
@@ -36,6 +28,7 @@ from harness.report.ondisk import is_on_disk
 from harness.report.summary import EXHAUSTION_ERRNOS
 from harness.report.tuples import TupleAudit, audit_tuples, port_allocation, sustained_rate
 from harness.scenario import ClosePolicy, Protocol, Scenario
+from harness.summary import Capacity, Kernel, LatencyCliff, Occupancy, Summary, TimeWait
 
 __all__ = ["analyze", "capacity_model", "connection_rate", "latency_cliff"]
 

@@ -18,14 +18,6 @@ import pyarrow as pa
 from harness.report.cliff import CliffSpans, cliff_section, onset_bin
 from harness.report.counts import ValueCounts
 from harness.report.hosts import HostSamples, sections_of
-from harness.report.model import (
-    LatencyCliff,
-    Occupancy,
-    OccupancyBand,
-    ParityQuantiles,
-    Ports,
-    Summary,
-)
 from harness.report.occupancy import (
     IN_USE,
     OCCUPANCY_BINS,
@@ -41,6 +33,7 @@ from harness.report.sweep import Sweep, sweep
 from harness.report.tuples import TupleAudit, sustained
 from harness.report.tuples_on_disk import CycleCount, audit_on_disk
 from harness.scenario import Scenario
+from harness.summary import LatencyCliff, Occupancy, OccupancyBand, ParityQuantiles, Ports, Summary
 
 __all__ = ["analyze_on_disk", "audit_of", "in_use"]
 

@@ -29,10 +29,10 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from harness.report.sections import LatencyCliff
+from harness.summary import LatencyCliff
 
 if TYPE_CHECKING:  # attributes only: model imports sections, not this
-    from harness.report.model import Summary
+    from harness.summary import Summary
 
 __all__ = [
     "BIN_WIDTH",

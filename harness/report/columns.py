@@ -6,7 +6,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from harness.report.model import Quantiles
+from harness.summary import Quantiles
 
 __all__ = [
     "ALL_SCOPE",

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from harness.report.sections import Quantiles
+from harness.summary import Quantiles
 
 __all__ = ["ValueCounts"]
 

@@ -19,44 +19,12 @@ import itertools
 
 import numpy as np
 import pyarrow as pa
-from pydantic import Field
 
-from harness.report.sections import Section
+from harness.summary import Cpu, CpuBand
 
-__all__ = ["CPU_BINS", "Cpu", "CpuBand", "cpu_section"]
+__all__ = ["CPU_BINS", "cpu_section"]
 
 CPU_BINS = (*(round(0.1 * n, 1) for n in range(10)), 1.01)  # tenths of the range
-
-
-class CpuBand(Section):
-    """The load processes' CPU in the intervals spent in one band of occupancy."""
-
-    occupancy: list[float]
-    """The band: [low, high) share of the usable ports in use."""
-    intervals: int
-    """Process intervals (one per load process per records flush) in the band."""
-    attempts: int
-    system_us_per_attempt: float | None
-    """System CPU (µs) per attempt: the band's system CPU over its attempts."""
-    user_us_per_attempt: float | None
-
-
-class Cpu(Section):
-    """CPU time of the load processes per attempt, from ``cpu.parquet``."""
-
-    processes: int
-    """Load processes that recorded CPU (engine processes and their drivers)."""
-    intervals: int
-    attempts: int
-    """Attempts the engine processes counted in their intervals (equals the records)."""
-    succeeded: int
-    system_s: float
-    user_s: float
-    system_us_per_attempt: float | None
-    """System CPU over the run (µs) per attempt; None without attempts."""
-    user_us_per_attempt: float | None
-    by_occupancy: list[CpuBand] = Field(default_factory=list)
-    """The same per band of occupancy (needs the collector's samples)."""
 
 
 def _per_attempt(spent_us: float, attempts: int) -> float | None:

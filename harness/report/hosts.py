@@ -12,9 +12,9 @@ import pyarrow.compute as pc
 
 from harness.capacity.model import CapacityModel
 from harness.report.columns import equals
-from harness.report.model import HostSection, Kernel
 from harness.report.occupancy import peaks
 from harness.report.summary import EXHAUSTION_ERRNOS
+from harness.summary import HostSection, Kernel
 
 __all__ = ["HostCounts", "HostSamples", "host_mask", "host_sections", "sections_of"]
 

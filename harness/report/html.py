@@ -22,9 +22,9 @@ from harness.report.figures import (
     figures_for,
 )
 from harness.report.http import http_findings
-from harness.report.model import Capacity, Service, Summary
 from harness.report.nat import nat_findings
 from harness.scenario import Scenario
+from harness.summary import Capacity, Service, Summary
 
 __all__ = ["findings", "recommendations", "render_comparison", "render_report"]
 

@@ -16,33 +16,11 @@ import pyarrow as pa
 
 from harness.load.outcome import request_events
 from harness.report.counts import ValueCounts
-from harness.report.sections import Latency, Section
+from harness.summary import Http, Latency
 
-__all__ = ["HTTP_COLUMNS", "Http", "HttpTally", "http_findings", "http_section"]
+__all__ = ["HTTP_COLUMNS", "HttpTally", "http_findings", "http_section"]
 
 HTTP_COLUMNS = ("errno", "io_errno", "connect_us", "tls_us", "requests", "status", "rx_bytes")
-
-
-class Http(Section):
-    """HTTP requests and TLS handshakes, when the run made them."""
-
-    requests: int
-    """Responses read whole, over every connection."""
-    connections_with_requests: int
-    """Connections that read at least one response."""
-    requests_per_connection: float | None
-    """Responses per connection that read any: load.requests_per_connection when all went well."""
-    statuses: dict[str, int]
-    """The status each connection ended with (its last, or its first unexpected): count."""
-    response_bytes: int
-    """Response bytes read, headers included."""
-    tls_handshakes: int
-    """Connections whose TLS handshake finished."""
-    tls_handshake_ms: Latency | None = None
-    """From connect() answering to the handshake's end, in milliseconds."""
-    locust_requests: int
-    """What Locust counts for these records: each connection's responses, one more if it
-    failed, and at least one (``harness.load.outcome.request_events``)."""
 
 
 class HttpTally:

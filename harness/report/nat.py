@@ -19,19 +19,16 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
-from pydantic import Field
 
 from harness.capacity.nat import NatCapacityModel
-from harness.report.sections import Section
 from harness.scenario import Scenario
+from harness.summary import Nat, NatDestination
 
 if TYPE_CHECKING:
-    from harness.report.model import Summary
+    from harness.summary import Summary
 
 __all__ = [
     "SYN_RETRANSMIT_US",
-    "Nat",
-    "NatDestination",
     "nat_findings",
     "nat_section",
     "with_nat_model",
@@ -39,58 +36,6 @@ __all__ = [
 
 SYN_RETRANSMIT_US = 900_000  # a connect this slow had its SYN sent again (the first RTO: 1 s)
 _STATS = ("insert_failed", "drop", "early_drop", "search_restart", "clash_resolve", "held_drops")
-
-
-class NatDestination(Section):
-    """The pool toward one destination."""
-
-    destination: str
-    pool_ports: int
-    """Ports the pool has for this destination: ports per address x addresses."""
-    peak_in_use: int
-    """Most ports a new flow could not take at one sample: open, TIME_WAIT or held."""
-    peak_live: int
-    """Most flows still open at one sample."""
-    peak_time_wait: int
-    """Most conntrack entries in TIME_WAIT (or CLOSE) at one sample."""
-    peak_held: int
-    """Most ports held after their flow closed (``hold_time_wait``)."""
-    full_at_s: float | None
-    """When a sample first saw every port in use, from the first attempt; None: never."""
-
-
-class Nat(Section):
-    """What the router's NAT collector saw (the lab's nat topology)."""
-
-    pool: str
-    """The pool as ``[lab.nat]`` built it: addresses, ports, size per destination."""
-    hold_time_wait: bool
-    """Whether closed flows kept their port for the NAT's TIME_WAIT (a cloud NAT's rule)."""
-    destinations: list[NatDestination]
-    drops: dict[str, int]
-    """conntrack's statistics over the run (``insert_failed``, ``drop``, ...) and the
-    lab's ``held_drops``: SYNs the NAT dropped."""
-    slow_connects: int
-    """Connects that succeeded only after a SYN retransmission (over 0.9 s)."""
-    retransmission_steps: dict[str, int] = Field(default_factory=dict)
-    """The slow connects by their step: SYN retransmissions come 1 s, 3 s, 7 s after
-    the first SYN (the RTO doubling from 1 s), so a dropped SYN shows as a connect
-    of ~1 s ("1"), ~3 s ("2") or more ("3+")."""
-    connect_timeouts: int
-    """Connects that timed out (ETIMEDOUT)."""
-    exhausted: bool
-    """The pool was full and the NAT dropped SYNs: the run met the NAT's limit."""
-    exhausted_at_s: float | None
-    """The first connect that was slowed or timed out by a dropped SYN, from the first
-    attempt."""
-    sustained_rate_per_s: float | None
-    """Connects that completed per second once exhausted: what the pool sustains."""
-    model_max_rate_per_s: float | None = None
-    """The NAT model's sustained rate for this setup (harness.capacity.nat)."""
-    model_exhausted_at_s: float | None = None
-    """The NAT model's time to exhaustion at the offered rate; None: never."""
-    client_peak_fraction: float | None = None
-    """The client's own range at its fullest, for contrast (the summary's occupancy)."""
 
 
 def nat_section(run: Path, table: pa.Table, hold_s: float = 0.0) -> Nat | None:

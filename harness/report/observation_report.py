@@ -25,7 +25,7 @@ from matplotlib.figure import Figure
 from harness.capacity.model import TIME_WAIT_S
 from harness.files import atomic_write
 from harness.observe.store import STATE_COLUMNS
-from harness.report.observation import ObserveSummary
+from harness.summary import ObserveSummary
 from harness.units import human_duration
 
 __all__ = ["observation_findings", "observation_recommendations", "render_observation"]

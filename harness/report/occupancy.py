@@ -10,10 +10,10 @@ import numpy as np
 import pyarrow as pa
 
 from harness.report.columns import quantiles, scope_mask, scope_prefix_mask
-from harness.report.model import OccupancyBand, SamplesInfo
 from harness.report.ondisk import is_on_disk
 from harness.report.scan import scan_records
 from harness.report.summary import EXHAUSTION_ERRNOS
+from harness.summary import OccupancyBand, SamplesInfo
 
 __all__ = [
     "IN_USE",

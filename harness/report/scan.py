@@ -15,9 +15,9 @@ import pyarrow as pa
 from harness.errors import errno_name
 from harness.report.counts import ValueCounts
 from harness.report.http import HTTP_COLUMNS, HttpTally
-from harness.report.model import Connections, Exhaustion, Kernel, Latency, Outage, Ports
 from harness.report.ondisk import OnDisk
 from harness.report.summary import EXHAUSTION_ERRNOS, MAX_OUTAGES, MIN_OUTAGE_FAILURES
+from harness.summary import Connections, Exhaustion, Kernel, Latency, Outage, Ports
 
 __all__ = ["SCAN_COLUMNS", "RecordScan", "scan_records"]
 

@@ -10,12 +10,12 @@ import numpy as np
 import pyarrow as pa
 
 from harness.errors import errno_name
-from harness.report.http import Http
-from harness.report.model import (
+from harness.summary import (
     SCHEMA_VERSION,
     Connections,
     Conservation,
     Exhaustion,
+    Http,
     Kernel,
     Latency,
     Listener,

@@ -14,9 +14,9 @@ import pyarrow as pa
 from harness.capacity.model import TIME_WAIT_S
 from harness.report.columns import codes, quantiles
 from harness.report.counts import ValueCounts
-from harness.report.model import ParityQuantiles, Ports, Quantiles, TupleExample, Tuples
 from harness.report.summary import EXHAUSTION_ERRNOS
 from harness.scenario import ClosePolicy
+from harness.summary import ParityQuantiles, Ports, Quantiles, TupleExample, Tuples
 
 __all__ = [
     "TupleAudit",

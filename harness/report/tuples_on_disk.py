@@ -22,10 +22,10 @@ import pyarrow.ipc as ipc
 
 from harness.errors import RunDirError
 from harness.report.counts import ValueCounts
-from harness.report.model import TupleExample
 from harness.report.ondisk import OnDisk, StableCodes
 from harness.report.tuples import EXAMPLES, TupleAudit, Uses, audit_uses
 from harness.scenario import ClosePolicy
+from harness.summary import TupleExample
 
 __all__ = ["PARTITIONS", "CycleCount", "audit_on_disk"]
 

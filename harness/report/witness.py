@@ -23,34 +23,13 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from harness.report.sections import Section
+from harness.summary import KernelWitness
 
-__all__ = ["MATCH_WINDOW_NS", "KernelWitness", "kernel_witness"]
+__all__ = ["MATCH_WINDOW_NS", "kernel_witness"]
 
 MATCH_WINDOW_NS = 1_000_000_000  # a record and the kernel's row of it start this close
 
 _COLUMNS = ["start_ns", "local_addr", "local_port", "remote_addr", "remote_port", "errno"]
-
-
-class KernelWitness(Section):
-    """eph's records against the kernel's account of the same connections (eBPF)."""
-
-    available: bool
-    """Whether the kernel recorder ran."""
-    reason: str | None = None
-    """Why it did not, in one line."""
-    kernel_connections: int = 0
-    """Client connections the kernel saw toward the run's endpoints."""
-    records: int = 0
-    """Connection attempts eph recorded."""
-    matched: int = 0
-    """Attempts found in both."""
-    only_in_records: int = 0
-    """Attempts eph recorded that the kernel did not see (or saw more than a second apart)."""
-    only_in_kernel: int = 0
-    """Connections the kernel saw that eph did not record."""
-    lost_events: int = 0
-    """Events bpftrace said it lost (its buffer was full): a cause of only_in_records."""
 
 
 def kernel_witness(

@@ -8,8 +8,8 @@ from matplotlib.figure import Figure
 
 from harness.capacity.model import TIME_WAIT_S
 from harness.report.figures._axes import empty, figure, legend, range_size, reuse_delay_s
-from harness.report.model import Capacity
 from harness.report.rundata import RunData
+from harness.summary import Capacity
 
 __all__ = ["capacity"]
 

@@ -1,4 +1,4 @@
-"""The sections of ``summary.json``, one model each (the whole: ``model.Summary``).
+"""The sections of ``summary.json``, one model each (the whole: ``harness.summary.Summary``).
 
 Field names are the JSON keys. Attribute docstrings become the published JSON
 Schema's descriptions.
@@ -8,20 +8,26 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 
 __all__ = [
     "BindAttempt",
     "Capacity",
     "Connections",
     "Conservation",
+    "Cpu",
+    "CpuBand",
     "Distributed",
     "Exhaustion",
     "HostSection",
+    "Http",
     "Kernel",
+    "KernelWitness",
     "Latency",
     "LatencyCliff",
     "Listener",
+    "Nat",
+    "NatDestination",
     "Occupancy",
     "OccupancyBand",
     "Outage",
@@ -391,3 +397,129 @@ class LatencyCliff(Section):
     rate_after_per_s: float | None = None
     """Successful connections per second from the onset to the first failure for want of a
     port (or the end)."""
+
+
+class CpuBand(Section):
+    """The load processes' CPU in the intervals spent in one band of occupancy."""
+
+    occupancy: list[float]
+    """The band: [low, high) share of the usable ports in use."""
+    intervals: int
+    """Process intervals (one per load process per records flush) in the band."""
+    attempts: int
+    system_us_per_attempt: float | None
+    """System CPU (µs) per attempt: the band's system CPU over its attempts."""
+    user_us_per_attempt: float | None
+
+
+class Cpu(Section):
+    """CPU time of the load processes per attempt, from ``cpu.parquet``."""
+
+    processes: int
+    """Load processes that recorded CPU (engine processes and their drivers)."""
+    intervals: int
+    attempts: int
+    """Attempts the engine processes counted in their intervals (equals the records)."""
+    succeeded: int
+    system_s: float
+    user_s: float
+    system_us_per_attempt: float | None
+    """System CPU over the run (µs) per attempt; None without attempts."""
+    user_us_per_attempt: float | None
+    by_occupancy: list[CpuBand] = Field(default_factory=list)
+    """The same per band of occupancy (needs the collector's samples)."""
+
+
+class Http(Section):
+    """HTTP requests and TLS handshakes, when the run made them."""
+
+    requests: int
+    """Responses read whole, over every connection."""
+    connections_with_requests: int
+    """Connections that read at least one response."""
+    requests_per_connection: float | None
+    """Responses per connection that read any: load.requests_per_connection when all went well."""
+    statuses: dict[str, int]
+    """The status each connection ended with (its last, or its first unexpected): count."""
+    response_bytes: int
+    """Response bytes read, headers included."""
+    tls_handshakes: int
+    """Connections whose TLS handshake finished."""
+    tls_handshake_ms: Latency | None = None
+    """From connect() answering to the handshake's end, in milliseconds."""
+    locust_requests: int
+    """What Locust counts for these records: each connection's responses, one more if it
+    failed, and at least one (``harness.load.outcome.request_events``)."""
+
+
+class NatDestination(Section):
+    """The pool toward one destination."""
+
+    destination: str
+    pool_ports: int
+    """Ports the pool has for this destination: ports per address x addresses."""
+    peak_in_use: int
+    """Most ports a new flow could not take at one sample: open, TIME_WAIT or held."""
+    peak_live: int
+    """Most flows still open at one sample."""
+    peak_time_wait: int
+    """Most conntrack entries in TIME_WAIT (or CLOSE) at one sample."""
+    peak_held: int
+    """Most ports held after their flow closed (``hold_time_wait``)."""
+    full_at_s: float | None
+    """When a sample first saw every port in use, from the first attempt; None: never."""
+
+
+class Nat(Section):
+    """What the router's NAT collector saw (the lab's nat topology)."""
+
+    pool: str
+    """The pool as ``[lab.nat]`` built it: addresses, ports, size per destination."""
+    hold_time_wait: bool
+    """Whether closed flows kept their port for the NAT's TIME_WAIT (a cloud NAT's rule)."""
+    destinations: list[NatDestination]
+    drops: dict[str, int]
+    """conntrack's statistics over the run (``insert_failed``, ``drop``, ...) and the
+    lab's ``held_drops``: SYNs the NAT dropped."""
+    slow_connects: int
+    """Connects that succeeded only after a SYN retransmission (over 0.9 s)."""
+    retransmission_steps: dict[str, int] = Field(default_factory=dict)
+    """The slow connects by their step: SYN retransmissions come 1 s, 3 s, 7 s after
+    the first SYN (the RTO doubling from 1 s), so a dropped SYN shows as a connect
+    of ~1 s ("1"), ~3 s ("2") or more ("3+")."""
+    connect_timeouts: int
+    """Connects that timed out (ETIMEDOUT)."""
+    exhausted: bool
+    """The pool was full and the NAT dropped SYNs: the run met the NAT's limit."""
+    exhausted_at_s: float | None
+    """The first connect that was slowed or timed out by a dropped SYN, from the first
+    attempt."""
+    sustained_rate_per_s: float | None
+    """Connects that completed per second once exhausted: what the pool sustains."""
+    model_max_rate_per_s: float | None = None
+    """The NAT model's sustained rate for this setup (harness.capacity.nat)."""
+    model_exhausted_at_s: float | None = None
+    """The NAT model's time to exhaustion at the offered rate; None: never."""
+    client_peak_fraction: float | None = None
+    """The client's own range at its fullest, for contrast (the summary's occupancy)."""
+
+
+class KernelWitness(Section):
+    """eph's records against the kernel's account of the same connections (eBPF)."""
+
+    available: bool
+    """Whether the kernel recorder ran."""
+    reason: str | None = None
+    """Why it did not, in one line."""
+    kernel_connections: int = 0
+    """Client connections the kernel saw toward the run's endpoints."""
+    records: int = 0
+    """Connection attempts eph recorded."""
+    matched: int = 0
+    """Attempts found in both."""
+    only_in_records: int = 0
+    """Attempts eph recorded that the kernel did not see (or saw more than a second apart)."""
+    only_in_kernel: int = 0
+    """Connections the kernel saw that eph did not record."""
+    lost_events: int = 0
+    """Events bpftrace said it lost (its buffer was full): a cause of only_in_records."""

@@ -17,22 +17,23 @@ from typing import Any, Final, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-from harness.errors import SummaryError
-from harness.report.cpu import Cpu
-from harness.report.http import Http
-from harness.report.nat import Nat
-from harness.report.sections import (
+from harness.summary.errors import SummaryError
+from harness.summary.sections import (
     BindAttempt,
     Capacity,
     Connections,
     Conservation,
+    Cpu,
     Distributed,
     Exhaustion,
     HostSection,
+    Http,
     Kernel,
+    KernelWitness,
     Latency,
     LatencyCliff,
     Listener,
+    Nat,
     Occupancy,
     OccupancyBand,
     Outage,
@@ -46,7 +47,6 @@ from harness.report.sections import (
     TupleExample,
     Tuples,
 )
-from harness.report.witness import KernelWitness
 
 __all__ = [
     "SCHEMA_VERSION",

@@ -1,0 +1,107 @@
+"""The contract: ``summary.json`` of a run (:class:`Summary`) and of an observation
+(:class:`ObserveSummary`), their sections, and the published JSON Schema.
+
+Pydantic models and the standard library only: importing the contract loads none of
+eph's machinery (no numpy, no pyarrow, no analysis), so that any reader of a run
+directory (the report, ``eph plan --from``, a sweep, a user's own script) can hold
+a summary, and a test checks that it stays so. The analysis builds these models;
+the report renders them.
+"""
+
+from harness.summary.errors import SummaryError
+from harness.summary.model import (
+    SCHEMA_VERSION,
+    Crash,
+    PriorRun,
+    Summary,
+    summary_schema,
+    validated,
+)
+from harness.summary.observed import (
+    OBSERVE_SCHEMA_VERSION,
+    ExecRecord,
+    HostCounters,
+    ObservedPath,
+    ObserveSummary,
+    PathExhaustion,
+    Traced,
+)
+from harness.summary.sections import (
+    BindAttempt,
+    Capacity,
+    Connections,
+    Conservation,
+    Cpu,
+    CpuBand,
+    Distributed,
+    Exhaustion,
+    HostSection,
+    Http,
+    Kernel,
+    KernelWitness,
+    Latency,
+    LatencyCliff,
+    Listener,
+    MissingWorker,
+    Nat,
+    NatDestination,
+    Occupancy,
+    OccupancyBand,
+    Outage,
+    ParityQuantiles,
+    Ports,
+    Quantiles,
+    SamplesInfo,
+    Section,
+    Service,
+    TimeWait,
+    TupleExample,
+    Tuples,
+)
+
+__all__ = [
+    "OBSERVE_SCHEMA_VERSION",
+    "SCHEMA_VERSION",
+    "BindAttempt",
+    "Capacity",
+    "Connections",
+    "Conservation",
+    "Cpu",
+    "CpuBand",
+    "Crash",
+    "Distributed",
+    "ExecRecord",
+    "Exhaustion",
+    "HostCounters",
+    "HostSection",
+    "Http",
+    "Kernel",
+    "KernelWitness",
+    "Latency",
+    "LatencyCliff",
+    "Listener",
+    "MissingWorker",
+    "Nat",
+    "NatDestination",
+    "ObserveSummary",
+    "ObservedPath",
+    "Occupancy",
+    "OccupancyBand",
+    "Outage",
+    "ParityQuantiles",
+    "PathExhaustion",
+    "Ports",
+    "PriorRun",
+    "Quantiles",
+    "SamplesInfo",
+    "Section",
+    "Service",
+    "Summary",
+    "SummaryError",
+    "TimeWait",
+    "Traced",
+    "TupleExample",
+    "Tuples",
+    "summary_schema",
+    "validated",
+]
