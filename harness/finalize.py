@@ -18,10 +18,11 @@ from harness.errors import RunDirError, SummaryError
 from harness.kernel.sysctls import read_kernel
 from harness.leftovers import account_for_workers, collect
 from harness.load.cpu import CPU_FILE, is_cpu_part, merge_cpu_parts
+from harness.merge import merge_parts
 from harness.observe.collector import finish_samples
 from harness.observe.natpool import finish_nat
 from harness.readings import collector_kernel, locust_request_count, read_samples, worker_hosts
-from harness.records import Part, merge_parts
+from harness.records import Part
 from harness.report.analysis import analyze
 from harness.report.cpu import cpu_section
 from harness.report.hosts import HostSamples

@@ -2,7 +2,7 @@
 ``eph report --collect-from`` brings them in.
 
 Each worker announces itself as its test starts (``eph_worker``, see
-:mod:`harness.load.distributed`): its name, its host, its own run directory
+:mod:`harness.load.shipping`): its name, its host, its own run directory
 (under ``eph worker --out``) and its clock; it writes the same to
 ``worker.json`` in that directory. The master keeps the announcements in
 ``workers.json`` of its run directory. A worker that dies keeps its record
@@ -15,9 +15,7 @@ and the report is made again with them.
 from __future__ import annotations
 
 import json
-import re
 import shutil
-import socket
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -29,61 +27,16 @@ import pyarrow.parquet as pq
 from harness.errors import RunDirError
 from harness.files import atomic_path, atomic_write_json
 from harness.load.cpu import CPU_FILE, is_cpu_part, merge_cpu_parts
-from harness.records import Part, merge_parts
+from harness.load.shipping import SHIPPED, WORKER_FILE, WORKERS_FILE, announced
+from harness.merge import merge_parts
+from harness.records import Part
 from harness.report.hosts import HostSamples
 from harness.rundir import HOSTS_DIR
-from harness.runstate import clock_offset_ns
 from harness.summary import Distributed, MissingWorker, Summary
 
-__all__ = [
-    "SHIPPED",
-    "SHIPPED_PATH",
-    "account_for_workers",
-    "announce",
-    "collect",
-    "missing_workers",
-    "remember",
-]
+__all__ = ["account_for_workers", "collect", "missing_workers"]
 
 _Merge = Callable[[Sequence[Part], Path], object]  # parts into one Parquet file
-WORKER_FILE = "worker.json"  # in a worker's own run directory
-WORKERS_FILE = "workers.json"  # in the master's: every worker that announced itself
-# what a worker ships (or --collect-from copies): its records, samples (a stream
-# when its collector died with it), the collector's kernel reading, its logs
-SHIPPED = ("parts/*.arrows", "samples.parquet", "samples.arrows", "collector.json", "logs/*.log")
-SHIPPED_PATH = re.compile(
-    r"(parts/[\w.-]+\.arrows|samples\.(parquet|arrows)|collector\.json|logs/[\w.-]+\.log)"
-)
-
-
-def announce(run_path: Path, name: str) -> dict[str, Any]:
-    """What a worker tells its master at the start (and keeps in ``worker.json``)."""
-    data = {
-        "name": name,
-        "hostname": socket.gethostname(),
-        "run_dir": str(run_path.resolve()),
-        "clock_offset_ns": clock_offset_ns(),
-        "announced_at": time.time(),
-    }
-    atomic_write_json(run_path / WORKER_FILE, data)
-    return data
-
-
-def remember(run_path: Path, name: str, data: dict[str, Any]) -> None:
-    """The master's side: ``name`` (its directory under ``hosts/``) announced ``data``."""
-    found = _announced(run_path)
-    found[name] = {**data, "name": name}
-    atomic_write_json(run_path / WORKERS_FILE, found)
-
-
-def _announced(run_path: Path) -> dict[str, dict[str, Any]]:
-    try:
-        data = json.loads((run_path / WORKERS_FILE).read_text())
-    except FileNotFoundError:
-        return {}
-    except (OSError, ValueError) as exc:
-        raise RunDirError(run_path, f"{WORKERS_FILE} is unreadable ({exc})") from None
-    return dict(data) if isinstance(data, dict) else {}
 
 
 def account_for_workers(
@@ -115,7 +68,7 @@ def missing_workers(run_path: Path, shipped: list[str]) -> list[MissingWorker]:
             hostname=str(data.get("hostname", "")),
             run_dir=str(data.get("run_dir", "")),
         )
-        for name, data in sorted(_announced(run_path).items())
+        for name, data in sorted(announced(run_path).items())
         if name not in shipped
     ]
 
@@ -181,7 +134,7 @@ def _fold(merged: Path, parts: list[Part], merge: _Merge, key: str) -> None:
 def _name_in_run(run_path: Path, worker: dict[str, Any], worker_dir: Path) -> tuple[str, int]:
     """The worker's directory name in the run, and its clock shift, as the master saw it
     announce itself; a worker the master never heard of is refused."""
-    for name, data in _announced(run_path).items():
+    for name, data in announced(run_path).items():
         if data.get("run_dir") == worker.get("run_dir"):
             return name, int(data.get("clock_shift_ns", 0))
     raise RunDirError(

@@ -37,7 +37,7 @@ import pyarrow.parquet as pq
 from harness.files import atomic_path
 from harness.records import CONNECTIONS_SCHEMA, Part, expand_rows
 
-__all__ = ["ROW_GROUP_ROWS", "WINDOW_ROWS", "merge_sorted"]
+__all__ = ["ROW_GROUP_ROWS", "WINDOW_ROWS", "merge_parts", "merge_sorted"]
 
 WINDOW_ROWS = 2_000_000  # rows sorted in memory at once; two windows at most in memory
 ROW_GROUP_ROWS = 1_000_000  # later readers stream the file a row group at a time
@@ -206,3 +206,13 @@ def merge_sorted(parts: Sequence[Part], out: Path) -> tuple[int, list[Path]]:
         if not written:
             writer.write_table(CONNECTIONS_SCHEMA.empty_table())
     return written, [found.part.path for found in indexed if found.truncated]
+
+
+def merge_parts(parts: Sequence[Path | Part], out: Path) -> tuple[int, list[Path]]:
+    """Merge part files into one Parquet file sorted by start time, in bounded memory
+    (:func:`merge_sorted`).
+
+    Returns the row count and the parts that were truncated (their whole
+    batches are kept; a truncated part is worth a finding, not a failure).
+    """
+    return merge_sorted([p if isinstance(p, Part) else Part(p) for p in parts], out)

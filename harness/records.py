@@ -6,7 +6,7 @@ the staged rows become one numpy array (24 bytes a row) and
 one Arrow record batch appended to this process's part file, an Arrow IPC
 *stream*: a crash loses at most the rows of one interval, and a truncated part
 still reads up to its last whole batch. At the end of a run the parts of every
-process merge into ``connections.parquet``.
+process merge into ``connections.parquet`` (``harness.merge.merge_parts``).
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ import pyarrow as pa
 import pyarrow.ipc as ipc
 
 from harness.endpoints import ResolvedEndpoint
+from harness.errors import HTTP_STATUS
 from harness.files import read_stream
 
 __all__ = [
@@ -41,8 +42,8 @@ __all__ = [
     "application_zeros",
     "expand_rows",
     "host_name",
-    "merge_parts",
     "read_part",
+    "request_events",
 ]
 
 logger = logging.getLogger(__name__)
@@ -352,13 +353,12 @@ def expand_rows(
     return _expand(table, meta, addresses, part, encode)
 
 
-def merge_parts(parts: Sequence[Path | Part], out: Path) -> tuple[int, list[Path]]:
-    """Merge part files into one Parquet file sorted by start time, in bounded memory
-    (``harness.merge``).
-
-    Returns the row count and the parts that were truncated (their whole
-    batches are kept; a truncated part is worth a finding, not a failure).
-    """
-    from harness.merge import merge_sorted  # it reads this module's schema and parts
-
-    return merge_sorted([p if isinstance(p, Part) else Part(p) for p in parts], out)
+def request_events(rows: np.ndarray) -> np.ndarray:
+    """How many of Locust's requests each HTTP row stands for: its whole responses, one
+    more if it failed for another reason than a response's status (that response is the
+    failure), and at least one. A plain row is one."""
+    io_errno = rows["io_errno"]
+    status_failed = (io_errno >= HTTP_STATUS) & (io_errno < HTTP_STATUS + 1000)
+    failed = ((rows["errno"] != 0) | (io_errno != 0)) & ~status_failed
+    events: np.ndarray = np.maximum(rows["requests"].astype(np.int64) + failed, 1)
+    return events

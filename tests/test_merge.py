@@ -13,7 +13,8 @@ import pytest
 
 from harness import merge
 from harness.endpoints import ResolvedEndpoint
-from harness.records import CONNECTIONS_SCHEMA, Part, RecordWriter, merge_parts, read_part
+from harness.merge import merge_parts
+from harness.records import CONNECTIONS_SCHEMA, Part, RecordWriter, read_part
 
 ENDPOINTS = [
     ResolvedEndpoint(socket.AF_INET, "127.0.0.1", 9000),

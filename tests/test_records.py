@@ -11,12 +11,12 @@ import pyarrow.parquet as pq
 import pytest
 
 from harness.endpoints import ResolvedEndpoint
+from harness.merge import merge_parts
 from harness.records import (
     CONNECTIONS_SCHEMA,
     NO_APPLICATION,
     ROW_DTYPE,
     RecordWriter,
-    merge_parts,
     read_part,
 )
 

@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field, replace
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
+from harness.capacity.inputs import PlanInputs
 from harness.capacity.model import (
     DEFAULT_REUSE_DELAY_S,
     CapacityModel,
@@ -19,9 +20,6 @@ from harness.capacity.model import (
     unreserved_in_range,
 )
 from harness.scenario import ClosePolicy
-
-if TYPE_CHECKING:
-    from harness.capacity.plan import PlanInputs
 
 __all__ = ["FULL_RANGE", "Lever", "fmt_rate", "levers", "ports_text"]
 

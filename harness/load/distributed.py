@@ -39,7 +39,7 @@ from typing import TYPE_CHECKING, Any
 import gevent
 
 from harness.files import atomic_write_json
-from harness.leftovers import SHIPPED, SHIPPED_PATH, remember
+from harness.load.shipping import SHIPPED, SHIPPED_PATH, remember
 from harness.observe.collector import collect_command
 from harness.records import FLUSH_INTERVAL, host_name
 from harness.rundir import HOSTS_DIR, RunDir

@@ -22,6 +22,7 @@ import itertools
 import logging
 import os
 import signal
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -31,9 +32,9 @@ from locust.runners import STATE_RUNNING, STATE_SPAWNING, MasterRunner, WorkerRu
 
 from harness.errors import EphError
 from harness.kernel.parent_death import die_with_parent_after_fork
-from harness.leftovers import announce
 from harness.load import locust_compat
 from harness.load.distributed import MasterSession, Receiver, master_run_dir, ship
+from harness.load.shipping import announce
 from harness.load.users import current_session, end_sessions, start_session
 from harness.records import host_name
 from harness.runstate import note_startup_error
@@ -53,8 +54,11 @@ class LocustHooks:
     sends it ahead of the test.
     """
 
-    def __init__(self, scenario: Scenario | None) -> None:
+    def __init__(
+        self, scenario: Scenario | None, finish: Callable[[Path, int], object] | None = None
+    ) -> None:
         self.scenario = scenario
+        self._finish = finish  # plain ``locust -f``: merges, summarizes and reports
         self._sequence = itertools.count()  # one session (and part file) per test
         self._received: dict[str, Any] = {}  # a worker's eph_scenario message
         self._masters: dict[int, MasterSession] = {}
@@ -160,12 +164,18 @@ class LocustHooks:
         for session in end_sessions():
             if os.environ.get("EPH_MANAGED") != "1" and session.collector is None:
                 requests = session.environment.stats.total.num_requests
-                _finalize_standalone(session.run_dir.path, requests)
+                if self._finish is not None:
+                    self._finish(session.run_dir.path, requests)
+                    logger.info("eph run directory: %s (report.html)", session.run_dir.path)
 
 
-def install(scenario: Scenario | None) -> LocustHooks:
-    """Hook eph into Locust's events (call once, from the locustfile)."""
-    hooks = LocustHooks(scenario)
+def install(
+    scenario: Scenario | None, finish: Callable[[Path, int], object] | None = None
+) -> LocustHooks:
+    """Hook eph into Locust's events (call once, from the locustfile). ``finish`` ends
+    a plain ``locust -f``'s run directory, which no eph process will (the locustfile
+    hands it ``harness.finalize``: this package stays below the run's)."""
+    hooks = LocustHooks(scenario, finish)
     hooks.install()
     return hooks
 
@@ -174,11 +184,3 @@ def _loopback_defaults(parser: Any, **_: Any) -> None:
     """Locust's web UI and master listen on every interface by default; eph's bind
     127.0.0.1 unless told otherwise (``--web-host``, ``--master-bind-host``)."""
     parser.set_defaults(web_host=LOOPBACK, master_bind_host=LOOPBACK)
-
-
-def _finalize_standalone(path: Path, locust_requests: int) -> None:
-    """Plain ``locust -f``: nobody else will merge the records and write the report."""
-    from harness.finalize import finalize
-
-    finalize(path, locust_requests=locust_requests)
-    logger.info("eph run directory: %s (report.html)", path)

@@ -43,7 +43,6 @@ __all__ = [
     "failure_counts",
     "is_status_failure",
     "label",
-    "request_events",
 ]
 
 TIMED_OUT = _errno.ETIMEDOUT  # connect_timeout or io_timeout ran out
@@ -135,17 +134,6 @@ def failure_counts(rows: np.ndarray) -> list[tuple[int, int, int]]:
         (int(kind[0]), int(kind[1]), int(count))
         for kind, count in zip(kinds.tolist(), counts.tolist(), strict=True)
     ]
-
-
-def request_events(rows: np.ndarray) -> np.ndarray:
-    """How many of Locust's requests each HTTP row stands for: its whole responses, one
-    more if it failed for another reason than a response's status (that response is the
-    failure), and at least one. A plain row is one."""
-    io_errno = rows["io_errno"]
-    status_failed = (io_errno >= HTTP_STATUS) & (io_errno < HTTP_STATUS + 1000)
-    failed = ((rows["errno"] != 0) | (io_errno != 0)) & ~status_failed
-    events: np.ndarray = np.maximum(rows["requests"].astype(np.int64) + failed, 1)
-    return events
 
 
 def is_status_failure(io_errno: int) -> bool:

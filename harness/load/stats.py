@@ -35,8 +35,8 @@ from harness.load.outcome import (
     classify_rows,
     failure,
     failure_counts,
-    request_events,
 )
+from harness.records import request_events
 
 __all__ = [
     "CPU_REQUEST_TYPE",

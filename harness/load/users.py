@@ -137,7 +137,7 @@ class _Session:
         self, target: Target, err: int, io_err: int, elapsed_ms: float, rx: int, requests: int
     ) -> None:
         """One connection to Locust: one request, or for HTTP its responses and its
-        failure (``harness.load.outcome.request_events``), each its share of the time."""
+        failure (``harness.records.request_events``), each its share of the time."""
         name, fire, kind = self.names[target.index], self._fire, self.request_type
         failed = bool(err or io_err)
         succeeded = requests - is_status_failure(io_err)  # that response is the failure

@@ -18,6 +18,12 @@ import pyarrow as pa
 from harness.report.cliff import CliffSpans, cliff_section, onset_bin
 from harness.report.counts import ValueCounts
 from harness.report.hosts import HostSamples, sections_of
+from harness.report.model_sections import (
+    capacity_model,
+    capacity_section,
+    connection_rate,
+    time_wait_section,
+)
 from harness.report.occupancy import (
     IN_USE,
     OCCUPANCY_BINS,
@@ -64,13 +70,6 @@ def analyze_on_disk(
     server_samples: pa.Table | None,
     hosts: Sequence[HostSamples],
 ) -> Summary:
-    from harness.report.analysis import (
-        _capacity,
-        _time_wait,
-        capacity_model,
-        connection_rate,
-    )  # it calls this
-
     scan = scan_records(records)
     lifetime = scan.close_us.percentile(50) / 1e6 if scan.close_us.total else 0.0
     model = capacity_model(scenario, summary.kernel, lifetime, hosts=max(1, len(hosts)))
@@ -82,11 +81,13 @@ def analyze_on_disk(
     result = summary.model_copy()
     if have_samples:
         result.samples = samples_info(records, samples, scenario.collector.interval)
-    result.time_wait = _time_wait(audit, peaks(samples) if have_samples else None, server_samples)
+    result.time_wait = time_wait_section(
+        audit, peaks(samples) if have_samples else None, server_samples
+    )
     result.tuples = audit.section()
     if hosts:
         result.hosts = sections_of(found.hosts, hosts, model, scan.first_ns or 0)
-    result.capacity = _capacity(model, summary, connection_rate(scenario))
+    result.capacity = capacity_section(model, summary, connection_rate(scenario))
     if scan.exhausted_ns is not None:
         window = (scan.last_ns - scan.exhausted_ns) / 1e9
         result.capacity.measured_sustained_rate_per_s = sustained(

@@ -14,7 +14,7 @@ from collections.abc import Iterable
 import numpy as np
 import pyarrow as pa
 
-from harness.load.outcome import request_events
+from harness.records import request_events
 from harness.report.counts import ValueCounts
 from harness.summary import Http, Latency
 

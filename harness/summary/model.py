@@ -19,7 +19,6 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 
 from harness.summary.errors import SummaryError
 from harness.summary.sections import (
-    BindAttempt,
     Capacity,
     Connections,
     Conservation,
@@ -30,54 +29,20 @@ from harness.summary.sections import (
     Http,
     Kernel,
     KernelWitness,
-    Latency,
     LatencyCliff,
     Listener,
     Nat,
     Occupancy,
-    OccupancyBand,
     Outage,
-    ParityQuantiles,
     Ports,
-    Quantiles,
     SamplesInfo,
     Section,
     Service,
     TimeWait,
-    TupleExample,
     Tuples,
 )
 
-__all__ = [
-    "SCHEMA_VERSION",
-    "BindAttempt",
-    "Capacity",
-    "Connections",
-    "Conservation",
-    "Crash",
-    "Distributed",
-    "Exhaustion",
-    "HostSection",
-    "Kernel",
-    "Latency",
-    "LatencyCliff",
-    "Listener",
-    "Occupancy",
-    "OccupancyBand",
-    "Outage",
-    "ParityQuantiles",
-    "Ports",
-    "PriorRun",
-    "Quantiles",
-    "SamplesInfo",
-    "Service",
-    "Summary",
-    "TimeWait",
-    "TupleExample",
-    "Tuples",
-    "summary_schema",
-    "validated",
-]
+__all__ = ["SCHEMA_VERSION", "Crash", "PriorRun", "Summary", "summary_schema", "validated"]
 
 SCHEMA_VERSION: Final = 3
 

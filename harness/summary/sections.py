@@ -449,7 +449,7 @@ class Http(Section):
     """From connect() answering to the handshake's end, in milliseconds."""
     locust_requests: int
     """What Locust counts for these records: each connection's responses, one more if it
-    failed, and at least one (``harness.load.outcome.request_events``)."""
+    failed, and at least one (``harness.records.request_events``)."""
 
 
 class NatDestination(Section):

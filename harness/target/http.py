@@ -18,12 +18,17 @@ import httptools
 
 from harness.scenario import ListenerClose
 
-if typing.TYPE_CHECKING:
-    from harness.target.listener import _Counter
-
-__all__ = ["HttpConnection", "Replies", "close_with_reset", "http_replies"]
+__all__ = ["EndpointCounter", "HttpConnection", "Replies", "close_with_reset", "http_replies"]
 
 _LINGER_RESET = struct.pack("ii", 1, 0)
+
+
+@dataclass
+class EndpointCounter:
+    """What one served endpoint has seen: connections accepted, requests answered."""
+
+    accepted: int = 0
+    requests: int = 0  # HTTP requests answered with a 200
 
 
 def close_with_reset(transport: asyncio.Transport) -> None:
@@ -67,7 +72,7 @@ class HttpConnection(asyncio.Protocol):
 
     __slots__ = ("_close", "_counter", "_ended", "_parser", "_replies", "_transport")
 
-    def __init__(self, counter: _Counter, close: ListenerClose, replies: Replies) -> None:
+    def __init__(self, counter: EndpointCounter, close: ListenerClose, replies: Replies) -> None:
         counter.accepted += 1
         self._counter = counter
         self._close = close

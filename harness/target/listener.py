@@ -28,7 +28,7 @@ from typing import Any
 from harness.endpoints import Endpoint
 from harness.errors import ListenerError
 from harness.scenario import ListenerClose
-from harness.target.http import HttpConnection, close_with_reset, http_replies
+from harness.target.http import EndpointCounter, HttpConnection, close_with_reset, http_replies
 
 __all__ = ["Listener", "ListenerStats", "serve_forever"]
 
@@ -37,12 +37,6 @@ logger = logging.getLogger(__name__)
 DRAIN_QUIET = 0.1  # seconds with no new accept before a stopping listener closes
 DRAIN_LIMIT = 2.0  # at most this long
 LOGGED_ERRORS = 5
-
-
-@dataclass
-class _Counter:
-    accepted: int = 0
-    requests: int = 0  # HTTP requests answered with a 200
 
 
 @dataclass
@@ -70,7 +64,12 @@ class _Connection(asyncio.Protocol):
     __slots__ = ("_again", "_close", "_read", "_response", "_transport")
 
     def __init__(
-        self, counter: _Counter, close: ListenerClose, response: bytes, read: bool, again: bool
+        self,
+        counter: EndpointCounter,
+        close: ListenerClose,
+        response: bytes,
+        read: bool,
+        again: bool,
     ) -> None:
         counter.accepted += 1
         self._close = close
@@ -106,7 +105,7 @@ class _Connection(asyncio.Protocol):
 class _Datagrams(asyncio.DatagramProtocol):
     """A UDP endpoint: counts each datagram, answers it with ``response`` or its echo."""
 
-    def __init__(self, counter: _Counter, response: bytes) -> None:
+    def __init__(self, counter: EndpointCounter, response: bytes) -> None:
         self._counter = counter
         self._response = response
         self._transport: asyncio.DatagramTransport | None = None
@@ -155,7 +154,7 @@ class Listener:
         self._udp = udp  # datagram endpoints: each datagram counts as one accept
         self._replies = http_replies(response) if http else None
         self._tls = tls
-        self._servers: list[tuple[str, Any, _Counter]] = []  # asyncio.Server or transport
+        self._servers: list[tuple[str, Any, EndpointCounter]] = []  # asyncio.Server or transport
         self._bound: list[Endpoint] = []
         self.loop_errors = 0
 
@@ -181,7 +180,7 @@ class Listener:
         loop = asyncio.get_running_loop()
         loop.set_exception_handler(self._on_loop_error)
         for endpoint in self._endpoints:
-            counter = _Counter()
+            counter = EndpointCounter()
             try:
                 server: Any
                 if self._udp:
@@ -209,7 +208,7 @@ class Listener:
             self._bound.append(Endpoint(host, port))
             self._servers.append((str(Endpoint(host, port)), server, counter))
 
-    def _factory(self, counter: _Counter) -> Callable[[], asyncio.Protocol]:
+    def _factory(self, counter: EndpointCounter) -> Callable[[], asyncio.Protocol]:
         close, response, read, again = self._close, self._response, self._read, self._keep_alive
         replies = self._replies
         if replies is not None:
