@@ -69,8 +69,9 @@ system-deps: ## Install iproute2, nftables, conntrack, chromium, nginx, curl, ab
 	  fi; \
 	fi
 
-lint: setup ## ruff on the code
+lint: setup ## ruff on the code, and the import rules between packages (pyproject.toml)
 	$(BIN)/ruff check harness tests bench
+	$(BIN)/lint-imports --no-cache
 
 typecheck: setup ## mypy --strict on harness/
 	$(BIN)/mypy harness

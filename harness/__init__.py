@@ -1,8 +1,9 @@
 """eph: an ephemeral-port exhaustion harness.
 
-The data's way through the package: ``scenario`` -> ``listener`` and the churn
-clients (``churn``, ``client_gevent`` under Locust ``users``, ``client_uvloop``)
--> ``records`` -> ``summary`` -> ``report``, orchestrated by ``run``.
+The data's way through the package: ``scenario`` -> ``target`` (the listener) and
+``load`` (the clients, under Locust) -> ``records`` and ``observe`` (the kernel's
+view) -> ``run`` (merge, finalize) -> the analysis in ``report`` -> ``summary`` (the
+contract) -> ``report.html``. docs/development/architecture.md draws the floors.
 
 Importing ``harness`` imports neither locust nor matplotlib, nor anything else
 heavy: the names below load on first use, so that ``eph`` can take over Ctrl-C

@@ -16,7 +16,7 @@ from harness.load import users as _users
 
 def _finish(path: Path, locust_requests: int) -> None:
     """Plain ``locust -f``: nobody else will merge the records and write the report."""
-    from harness.finalize import finalize  # heavy (the report): only at the end
+    from harness.run.finalize import finalize  # heavy (the report): only at the end
 
     finalize(path, locust_requests=locust_requests)
 

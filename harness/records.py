@@ -6,7 +6,7 @@ the staged rows become one numpy array (24 bytes a row) and
 one Arrow record batch appended to this process's part file, an Arrow IPC
 *stream*: a crash loses at most the rows of one interval, and a truncated part
 still reads up to its last whole batch. At the end of a run the parts of every
-process merge into ``connections.parquet`` (``harness.merge.merge_parts``).
+process merge into ``connections.parquet`` (``harness.run.merge.merge_parts``).
 """
 
 from __future__ import annotations

@@ -4,7 +4,7 @@ A run that ends normally leaves ``finished``. A run whose ``eph`` process was
 killed (SIGKILL, the OOM killer, a power cut) leaves the phase it was in, with
 the pid and host of that process: ``eph report`` then knows that the run did
 not end, that nobody is still writing the directory (the pid is gone), and
-that the summary it writes is of a crashed run (:mod:`harness.crash`).
+that the summary it writes is of a crashed run (:mod:`harness.run.crash`).
 
 Each write replaces the file atomically: a reader sees one whole state or the
 one before it, never half of one.

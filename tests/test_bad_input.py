@@ -411,7 +411,7 @@ def test_a_child_that_cannot_start_says_why_on_the_terminal(
 
     import trustme
 
-    import harness.run
+    import harness.run.lifecycle
     from harness.errors import RunError
     from harness.scenario import parse_scenario
 
@@ -419,16 +419,16 @@ def test_a_child_that_cannot_start_says_why_on_the_terminal(
     trustme.CA().cert_pem.write_to_path(str(ca))
     scenario = parse_scenario(GOOD + f'[load.tls]\nca_file = "{ca}"\n', source="good.toml")
     ca.unlink()  # gone between the check and the load
-    monkeypatch.setattr(harness.run, "client_context", lambda tls: None)
+    monkeypatch.setattr(harness.run.lifecycle, "client_context", lambda tls: None)
     began = time.monotonic()
     with pytest.raises(RunError) as caught:
-        harness.run.run_scenario(scenario, out=tmp_path / "run")
+        harness.run.lifecycle.run_scenario(scenario, out=tmp_path / "run")
     said = str(caught.value)
     assert "the load could not start" in said and "load.tls.ca_file" in said, said
     assert "no such file" in said and str(ca) in said
     # said once Locust's first session failed: well under the 30 s start timeout that
     # used to pass first (a Locust start here takes 1-3 s)
-    assert time.monotonic() - began < harness.run.START_TIMEOUT
+    assert time.monotonic() - began < harness.run.lifecycle.START_TIMEOUT
     assert (tmp_path / "run" / "logs" / "locust.error").exists()
 
 

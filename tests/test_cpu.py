@@ -17,10 +17,10 @@ import pytest
 from harness.load.cpu import CpuInterval, CpuMeter, cpu_part_path, is_cpu_part, merge_cpu_parts
 from harness.load.fastpath import write_frame
 from harness.load.uvloop_engine import read_frame, read_frame_cpu
-from harness.readings import locust_request_count
 from harness.records import ROW_DTYPE, Part
 from harness.report.cpu import cpu_section
 from harness.report.occupancy import IN_USE
+from harness.run.readings import locust_request_count
 
 from .conftest import ROOT
 

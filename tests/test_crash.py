@@ -16,9 +16,9 @@ from pathlib import Path
 import pyarrow as pa
 import pytest
 
-from harness.crash import crashed_state
 from harness.errors import RunDirError
 from harness.records import FLUSH_INTERVAL
+from harness.run.crash import crashed_state
 from harness.rundir import RunDir
 from harness.runstate import STATE_FILE, Phase, noting_errors, read_state, write_state
 

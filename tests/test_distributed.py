@@ -26,9 +26,9 @@ import pytest
 
 from harness.errors import RunDirError
 from harness.kernel.netns import Namespace, run_checked
-from harness.leftovers import collect, missing_workers
 from harness.load.distributed import Receiver, ship
 from harness.load.shipping import announce
+from harness.run.leftovers import collect, missing_workers
 
 from .conftest import EPH, ROOT, eph, run_dir_summary, write_scenario
 from .test_crash import _part_rows

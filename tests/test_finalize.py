@@ -14,8 +14,8 @@ import pytest
 from harness.cli import main
 from harness.endpoints import ResolvedEndpoint
 from harness.errors import RunDirError, SummaryError
-from harness.finalize import finalize, load_run, rerender
 from harness.records import RecordWriter
+from harness.run.finalize import finalize, load_run, rerender
 from harness.rundir import RunDir
 from harness.scenario import parse_scenario
 from harness.summary import SCHEMA_VERSION, Summary

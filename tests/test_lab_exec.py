@@ -83,7 +83,8 @@ def test_a_command_that_is_not_there_is_a_clear_error(tmp_path: Path) -> None:
     code, stderr, out = _lab(tmp_path, "no-such-client --flag")
     assert code == 2
     assert "command not found: 'no-such-client'" in stderr and "Traceback" not in stderr
-    assert json.loads((out / "exec.json").read_text())["error"].startswith("command not found")
+    assert "--exec 'no-such-client --flag'" in stderr  # what was typed, and where
+    assert not out.exists()  # said before any directory, namespace or process was made
 
 
 def test_a_command_that_fails_at_once_says_so_and_keeps_the_run(tmp_path: Path) -> None:

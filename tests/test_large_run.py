@@ -15,7 +15,6 @@ import pyarrow.parquet as pq
 import pytest
 
 from harness.errors import RunDirError
-from harness.finalize import finalize, load_run
 from harness.observe.collector import SAMPLES_SCHEMA, STATES
 from harness.records import CONNECTIONS_SCHEMA, application_zeros
 from harness.report import ondisk, sweep
@@ -28,6 +27,7 @@ from harness.report.scan import SCAN_COLUMNS, RecordScan, scan_records
 from harness.report.summary import Columns, summarize
 from harness.report.tuples import audit_tuples
 from harness.report.tuples_on_disk import CycleCount, audit_on_disk
+from harness.run.finalize import finalize, load_run
 from harness.rundir import RunDir
 from harness.scenario import parse_scenario
 from harness.summary import Kernel

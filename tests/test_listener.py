@@ -16,7 +16,7 @@ from cryptography import x509
 
 from harness.endpoints import Endpoint
 from harness.errors import ListenerError, RunError
-from harness.placement import _listen_command
+from harness.run.placement import _listen_command
 from harness.scenario import ListenerClose, parse_scenario
 from harness.target.listener import Listener
 from harness.target.tls import listener_certificate, make_throwaway_certificate, server_context

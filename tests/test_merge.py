@@ -11,10 +11,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from harness import merge
 from harness.endpoints import ResolvedEndpoint
-from harness.merge import merge_parts
 from harness.records import CONNECTIONS_SCHEMA, Part, RecordWriter, read_part
+from harness.run import merge
+from harness.run.merge import merge_parts
 
 ENDPOINTS = [
     ResolvedEndpoint(socket.AF_INET, "127.0.0.1", 9000),

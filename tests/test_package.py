@@ -22,7 +22,7 @@ def test_all_names_exist_and_are_public() -> None:
 def test_import_has_no_heavy_side_effects() -> None:
     """The listener's and collector's processes import harness: never locust or gevent."""
     code = (
-        "import sys, harness, harness.target.listener, harness.records, harness.run; "
+        "import sys, harness, harness.target.listener, harness.records, harness.run.lifecycle; "
         "print(sorted(m for m in ('locust', 'gevent', 'matplotlib.pyplot') "
         "if m in sys.modules))"
     )
@@ -63,6 +63,29 @@ def test_nothing_outside_load_imports_locust_or_gevent() -> None:
     assert result["culprits"] == {}, f"imported by: {result['culprits']}"
     # the walk found the package's rooms, not an empty list
     checked = set(result["checked"])
-    for module in ("harness.cli", "harness.run", "harness.records", "harness.target.listener"):
+    for module in (
+        "harness.cli",
+        "harness.run.lifecycle",
+        "harness.records",
+        "harness.target.listener",
+    ):
         assert module in checked, module
     assert not any(name.startswith("harness.load") for name in checked)
+
+
+def test_the_contract_loads_nothing_of_the_machinery() -> None:
+    """``harness.summary`` in a fresh interpreter: pydantic and the standard library,
+    and of eph only the package root and its error tree."""
+    code = (
+        "import sys, json, harness.summary; "
+        "print(json.dumps(sorted(m for m in sys.modules if m.split('.')[0] in "
+        "('harness', 'numpy', 'pyarrow', 'matplotlib', 'locust', 'gevent'))))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True
+    ).stdout
+    loaded = set(json.loads(out))
+    assert {m for m in loaded if not m.startswith("harness.summary")} <= {
+        "harness",
+        "harness.errors",
+    }, loaded

@@ -11,7 +11,6 @@ import pyarrow.parquet as pq
 import pytest
 
 from harness.endpoints import ResolvedEndpoint
-from harness.merge import merge_parts
 from harness.records import (
     CONNECTIONS_SCHEMA,
     NO_APPLICATION,
@@ -19,6 +18,7 @@ from harness.records import (
     RecordWriter,
     read_part,
 )
+from harness.run.merge import merge_parts
 
 ENDPOINTS = [
     ResolvedEndpoint(socket.AF_INET, "127.0.0.1", 9000),

@@ -193,7 +193,7 @@ def test_missing_file() -> None:
 
 
 def test_kernel_differences_are_named() -> None:
-    from harness.run import kernel_differences
+    from harness.run.lifecycle import kernel_differences
 
     scenario = load_scenario(
         ROOT / "scenarios" / "exhaust-small-range.toml", ["kernel.tcp_tw_reuse_delay=1000ms"]

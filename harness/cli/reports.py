@@ -56,8 +56,8 @@ def report(
     side by side, e.g. before and after tuning (each run is labelled by its
     directory name).
     """
-    from harness.finalize import load_run, rerender
     from harness.report.observation import is_observation
+    from harness.run.finalize import load_run, rerender
 
     if collect_from and compare:
         raise click.UsageError("--collect-from folds workers into one RUN_DIR, not --compare")

@@ -33,7 +33,7 @@ from harness.scenario import Scenario, load_scenario
 from harness.scenario.inputs import check_command
 
 if TYPE_CHECKING:
-    from harness.run import RunResult
+    from harness.run.lifecycle import RunResult
     from harness.summary import Summary
 
 logger = logging.getLogger("harness")
@@ -125,7 +125,7 @@ def run(
     own connections and sockets and ships them here, into one run directory.
     Arguments after `--` go to Locust as they are, e.g. `-- --processes 2`.
     """
-    from harness.run import Master, run_scenario
+    from harness.run.lifecycle import Master, run_scenario
 
     master = (
         Master(expect_workers, master_bind_host, master_bind_port, wait_workers)
@@ -183,7 +183,7 @@ def worker(
     own sockets, and ships records and samples to the master at the end. Exits
     when the master quits.
     """
-    from harness.worker import run_worker
+    from harness.run.worker import run_worker
 
     console.print(
         f"[bold]eph worker[/] {name or socket.gethostname()}: master {master_host}:{master_port}"

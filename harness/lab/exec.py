@@ -39,7 +39,7 @@ from pathlib import Path
 from harness.errors import RunError, ScenarioError
 from harness.kernel.netns import netns_available
 from harness.lab.topology import build_lab
-from harness.placement import start_listener
+from harness.run.placement import start_listener
 from harness.rundir import RunDir
 from harness.scenario import Scenario
 from harness.scenario.inputs import check_command

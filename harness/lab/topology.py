@@ -16,7 +16,7 @@ Topologies:
   flows to ``[lab.nat]``'s pool (``harness.lab.nat``) and a NAT collector there
   records the pool's occupancy and conntrack's drops beside the two sides' own.
 
-The orchestrator (``harness.run``) stays on the host; each child runs inside
+The orchestrator (``harness.run.lifecycle``) stays on the host; each child runs inside
 its namespace through ``ip netns exec``, started by a supervisor so that it dies
 with eph even on SIGKILL. Namespaces go on every exit path: success, error,
 SIGINT/SIGTERM (the run stops, finalizes, then the ``with`` blocks delete them),
@@ -58,8 +58,8 @@ from harness.lab.nat import (
     pool_arguments,
     router_sysctls,
 )
-from harness.placement import START_TIMEOUT, STOP_GRACE, Placement
-from harness.run import ProgressSink, RunResult, run_scenario
+from harness.run.lifecycle import ProgressSink, RunResult, run_scenario
+from harness.run.placement import START_TIMEOUT, STOP_GRACE, Placement
 from harness.rundir import RunDir
 from harness.scenario import Scenario, Topology
 from harness.summary import Summary

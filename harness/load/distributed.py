@@ -11,7 +11,7 @@ Three custom Locust messages, over Locust's own master/worker connection:
     ``{"name", "hostname", "clock_offset_ns", "files", "bytes"}``.
 ``eph_worker`` (worker to master, as its test starts)
     ``{"name", "hostname", "run_dir", "clock_offset_ns"}``: where its records are
-    while it runs, and stay if it dies (:mod:`harness.leftovers`).
+    while it runs, and stay if it dies (:mod:`harness.run.leftovers`).
 
 Locust's connection delivers messages in order, and a worker sends all of this
 from its test_stop handler, before its own ``client_stopped``; so once the

@@ -174,7 +174,7 @@ def install(
 ) -> LocustHooks:
     """Hook eph into Locust's events (call once, from the locustfile). ``finish`` ends
     a plain ``locust -f``'s run directory, which no eph process will (the locustfile
-    hands it ``harness.finalize``: this package stays below the run's)."""
+    hands it ``harness.run.finalize``: this package stays below the run's)."""
     hooks = LocustHooks(scenario, finish)
     hooks.install()
     return hooks

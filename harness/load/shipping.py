@@ -3,7 +3,7 @@
 A worker tells its master, as its test starts, its name, host, run directory and
 clock (``announce``, kept in ``worker.json`` too); the master keeps every
 announcement in ``workers.json`` (``remember``). At the end a worker ships the
-files ``SHIPPED`` names. When one never ships, ``harness.leftovers`` finds its
+files ``SHIPPED`` names. When one never ships, ``harness.run.leftovers`` finds its
 files from these announcements (``eph report --collect-from``).
 """
 

@@ -68,7 +68,7 @@ def listener_certificate(
 ) -> ThrowawayCert:
     """The embedded listener's certificate for one run, under ``run_path / "tls"``:
     valid for each endpoint's host, for ``names`` (e.g. ``load.tls.server_name``) and
-    for loopback. Pass it to :class:`harness.placement.ListenerChild` (``tls=``);
+    for loopback. Pass it to :class:`harness.run.placement.ListenerChild` (``tls=``);
     clients verify with its ``ca_file``."""
     hosts = [*names, *(endpoint.host for endpoint in endpoints), *LOOPBACK_HOSTS]
     return make_throwaway_certificate(run_path / "tls", hosts)

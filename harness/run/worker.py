@@ -10,7 +10,7 @@ import sys
 import time
 from pathlib import Path
 
-from harness.placement import LOCUSTFILE, STOP_GRACE
+from harness.run.placement import LOCUSTFILE, STOP_GRACE
 from harness.supervisor import Interrupt, Stage, Supervisor
 
 __all__ = ["run_worker"]

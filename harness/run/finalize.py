@@ -13,15 +13,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from harness.capacity.nat import NatCapacityModel
-from harness.crash import crash_section, crashed_state
 from harness.errors import RunDirError, SummaryError
 from harness.kernel.sysctls import read_kernel
-from harness.leftovers import account_for_workers, collect
 from harness.load.cpu import CPU_FILE, is_cpu_part, merge_cpu_parts
-from harness.merge import merge_parts
 from harness.observe.collector import finish_samples
 from harness.observe.natpool import finish_nat
-from harness.readings import collector_kernel, locust_request_count, read_samples, worker_hosts
 from harness.records import Part
 from harness.report.analysis import analyze
 from harness.report.cpu import cpu_section
@@ -34,6 +30,10 @@ from harness.report.ondisk import is_on_disk, open_records
 from harness.report.rundata import RunData
 from harness.report.scan import scan_records
 from harness.report.summary import Columns, RecordSections, summarize
+from harness.run.crash import crash_section, crashed_state
+from harness.run.leftovers import account_for_workers, collect
+from harness.run.merge import merge_parts
+from harness.run.readings import collector_kernel, locust_request_count, read_samples, worker_hosts
 from harness.rundir import HOSTS_DIR, RunDir
 from harness.runstate import RunState, read_state
 from harness.scenario import Protocol, Scenario

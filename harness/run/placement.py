@@ -1,6 +1,6 @@
 """Where each child of a run lives and how it starts: listener, collectors, Locust.
 
-``harness.run`` drives a run from start to finalize; this module makes its
+``harness.run.lifecycle`` drives a run from start to finalize; this module makes its
 children, each through the run's :class:`~harness.supervisor.Supervisor` (so each
 dies with eph and stops in the supervisor's order). A :class:`Placement` puts
 each in a namespace (``eph lab``); a :class:`Master` makes Locust a master whose

@@ -2,14 +2,14 @@
 
 This process never imports locust. Through a :class:`~harness.supervisor.Supervisor`
 it starts the embedded listener when the scenario has ``[listener]``, the
-collector, then Locust headless on ``harness/locustfile.py`` (``harness.placement``
+collector, then Locust headless on ``harness/locustfile.py`` (``harness.run.placement``
 makes them, in a namespace when a :class:`Placement` says so: ``eph lab``). It
 shows progress until the scenario's duration (or a limit: ``max_connections``,
 free disk), stops the children in the supervisor's order (Locust with SIGTERM,
 handled by Locust in a gevent handler; the collector; the listener, which drains
 and reports), and finalizes the run directory. SIGINT/SIGTERM to ``eph run`` takes
 the same path, marked ``interrupted``; a SIGKILL takes every child with it.
-``eph worker`` (:mod:`harness.worker`) is a Locust worker under the same supervisor.
+``eph worker`` (:mod:`harness.run.worker`) is a Locust worker under the same supervisor.
 """
 
 from __future__ import annotations
@@ -25,12 +25,13 @@ from typing import Any
 
 from harness.endpoints import Endpoint
 from harness.errors import RunError
-from harness.finalize import finalize
 from harness.kernel.sysctls import read_kernel
 from harness.load.http import client_context
 from harness.load.progress import Progress, read_progress
 from harness.observe.trace import KernelTrace, TraceResult, start_trace
-from harness.placement import (
+from harness.report.witness import kernel_witness
+from harness.run.finalize import finalize
+from harness.run.placement import (
     START_TIMEOUT,
     ListenerChild,
     Master,
@@ -40,7 +41,6 @@ from harness.placement import (
     start_listener,
     start_locust,
 )
-from harness.report.witness import kernel_witness
 from harness.rundir import RunDir, free_bytes, min_free_bytes
 from harness.runstate import Phase, clock_offset_ns, noting_errors, startup_error, write_state
 from harness.scenario import Scenario

@@ -28,9 +28,9 @@ from harness.errors import RunDirError
 from harness.files import atomic_path, atomic_write_json
 from harness.load.cpu import CPU_FILE, is_cpu_part, merge_cpu_parts
 from harness.load.shipping import SHIPPED, WORKER_FILE, WORKERS_FILE, announced
-from harness.merge import merge_parts
 from harness.records import Part
 from harness.report.hosts import HostSamples
+from harness.run.merge import merge_parts
 from harness.rundir import HOSTS_DIR
 from harness.summary import Distributed, MissingWorker, Summary
 
