@@ -61,11 +61,17 @@ class Bench:
         self, locustfile: Path, env: dict[str, str], extra: tuple[str, ...] = ()
     ) -> float:
         """Requests/s as Locust counted them, over its own first-to-last request window."""
+        return self.locust_run(locustfile, env, extra)[0]
+
+    def locust_run(
+        self, locustfile: Path, env: dict[str, str], extra: tuple[str, ...] = ()
+    ) -> tuple[float, int]:
+        """(requests/s, requests) of one headless Locust run, as Locust counted them."""
         entries = self.locust_entries(locustfile, env, extra)
         requests = sum(e["num_requests"] for e in entries)
         start = min(e["start_time"] for e in entries)
         last = max(e["last_request_timestamp"] for e in entries)
-        return requests / (last - start)
+        return requests / (last - start), requests
 
     def locust_entries(
         self, locustfile: Path, env: dict[str, str], extra: tuple[str, ...] = ()
@@ -229,24 +235,38 @@ class Bench:
         netns = bpf.netns_inode(Path("/run/netns") / self.ns.name)
         locustfile = ROOT / "harness" / "locustfile.py"
         rates: dict[str, list[float]] = {"untraced": [], "traced": []}
-        traced_rows = 0
+        traced_rows = made = 0
         for _ in range(self.args.rounds):
             rates["untraced"].append(self.locust_rate(locustfile, self.eph_env(endpoint, "uvloop")))
             with Supervisor() as children:
                 trace = KernelTrace(children, Path(tempfile.mkdtemp(dir=self.workdir)), netns)
                 trace.start()
                 env = self.eph_env(endpoint, "uvloop")
-                rates["traced"].append(self.locust_rate(locustfile, env))
+                rate, requests = self.locust_run(locustfile, env)
+                rates["traced"].append(rate)
+                trace.settle()  # the load's last sockets close before the recorder stops
                 result = trace.finish()
             traced_rows += result.connections
-            if result.lost_events:
-                rates.setdefault("lost_events", []).append(float(result.lost_events))
+            made += requests
+            if result.lost_events or result.missed_events:
+                rates.setdefault("lost_or_missed", []).append(
+                    float(result.lost_events + result.missed_events)
+                )
+        # A recorder watching the wrong namespace, or missing rows, would cost nothing
+        # and score 1.0: the ratio means something only when it saw every connection.
+        if traced_rows != made:
+            return {
+                "error": f"the recorder traced {traced_rows:,} connections of {made:,} made:"
+                " no overhead reported",
+                "all_rounds": rates,
+            }
         untraced, traced = median(rates["untraced"]), median(rates["traced"])
         return {
             "untraced_per_s": round(untraced),
             "traced_per_s": round(traced),
             "ratio": round(traced / untraced, 3),
             "kernel_rows": traced_rows,
+            "connections_made": made,
             "all_rounds": rates,
         }
 
@@ -276,7 +296,15 @@ def start_listener(prefix: list[str], endpoint: str) -> tuple[subprocess.Popen[s
 
 
 def collector_vs_ss(binary: Path, sockets: int) -> dict[str, Any]:
-    """Sample time with ``sockets`` TIME_WAIT sockets, eph's collector against ``ss``."""
+    """Sample time with ``sockets`` TIME_WAIT sockets, eph's collector against ``ss``,
+    timed the same way twice over, rounds interleaved:
+
+    - as a sample: eph's in-process sample against ``ss``'s run less its own start
+      (``ss -V``: fork, exec and the dynamic loader, which a sample inside ``ss``
+      does not pay either);
+    - as a command: ``eph collect --once`` against ``ss -tanH state all``, each a
+      whole process (eph pays Python's start there).
+    """
     with Namespace(prefix="ephbench") as ns:
         ns.set_sysctl("net.ipv4.ip_local_port_range", (1024, 65000))
         listener, _ = start_listener(ns.command([]), "127.0.0.1:9000")
@@ -286,18 +314,28 @@ def collector_vs_ss(binary: Path, sockets: int) -> dict[str, Any]:
             check=True,
         )
         code = (
-            "import json, time, subprocess, statistics\n"
+            "import json, sys, time, subprocess, statistics\n"
             "from harness.observe.collector import Collector\n"
             "from harness.endpoints import Endpoint\n"
             "c = Collector([Endpoint('127.0.0.1', 9000).resolve()])\n"
-            "eph, ss = [], []\n"
+            "def timed(args):\n"
+            "    t = time.perf_counter()\n"
+            "    subprocess.run(args, capture_output=True, check=True)\n"
+            "    return (time.perf_counter() - t) * 1000\n"
+            "eph, ss, ss_start, eph_cmd, ss_cmd = [], [], [], [], []\n"
+            "once = [sys.executable, '-m', 'harness', 'collect', '--once',"
+            " '--target', '127.0.0.1:9000']\n"
             "for _ in range(15):\n"
             "    s = c.sample(); eph.append(s.sample_ms)\n"
-            "    t = time.perf_counter()\n"
-            "    subprocess.run(['ss', '-tanH', 'state', 'all'], capture_output=True, check=True)\n"
-            "    ss.append((time.perf_counter() - t) * 1000)\n"
+            "    ss.append(timed(['ss', '-tanH', 'state', 'all']))\n"
+            "    ss_start.append(timed(['ss', '-V']))\n"
+            "for _ in range(5):\n"
+            "    eph_cmd.append(timed(once))\n"
+            "    ss_cmd.append(timed(['ss', '-tanH', 'state', 'all']))\n"
+            "m = statistics.median\n"
             "print(json.dumps({'time_wait': s.states['all']['time_wait'],"
-            " 'collector_ms': statistics.median(eph), 'ss_ms': statistics.median(ss)}))\n"
+            " 'collector_ms': m(eph), 'ss_ms': m(ss) - m(ss_start), 'ss_start_ms': m(ss_start),"
+            " 'collect_once_command_ms': m(eph_cmd), 'ss_command_ms': m(ss_cmd)}))\n"
         )
         out = subprocess.run(
             ns.command([sys.executable, "-c", code]),
@@ -305,13 +343,15 @@ def collector_vs_ss(binary: Path, sockets: int) -> dict[str, Any]:
             capture_output=True,
             text=True,
             check=True,
+            env={**os.environ, "PYTHONPATH": str(ROOT)},
         ).stdout
         listener.terminate()
         listener.communicate(timeout=10)
-    result = json.loads(out)
-    result["collector_ms"] = round(result["collector_ms"], 1)
-    result["ss_ms"] = round(result["ss_ms"], 1)
+    result = {k: round(v, 1) if isinstance(v, float) else v for k, v in json.loads(out).items()}
     result["ss_over_collector"] = round(result["ss_ms"] / result["collector_ms"], 2)
+    result["ss_over_collector_as_commands"] = round(
+        result["ss_command_ms"] / result["collect_once_command_ms"], 2
+    )
     return result
 
 

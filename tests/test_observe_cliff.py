@@ -63,10 +63,13 @@ def test_observe_trace_finds_the_parity_cliff_of_a_plain_client(tmp_path: Path) 
     traced = summary["traced"]
     # Every connection has its row but those whose state change the kernel skipped (it
     # does, while the drainer's map syscall holds a CPU, and counts it) and any still
-    # closing when the trace stopped
+    # closing when the trace stopped. The bound is the client's own count less 1%, not
+    # less what the recorder says it missed: a recorder that missed everything, and
+    # counted it, must fail. Measured here: 1 to 5 rows short, 2 to 10 events missed.
     kernel = json.loads((out / "kernel.json").read_text())
     assert kernel["lost_events"] == 0
-    assert 7000 - kernel["missed_events"] - 5 <= traced["connections"] <= 7000
+    assert kernel["missed_events"] <= 70
+    assert 7000 - 70 <= traced["connections"] <= 7000
     assert traced["failed"] == 0
     rows = pq.read_table(out / "connections.parquet", columns=["local_port", "remote_port"])
     assert set(rows.column("remote_port").to_pylist()) == {9000}  # no server socket

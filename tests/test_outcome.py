@@ -63,13 +63,14 @@ def test_errno_of(exc: BaseException, expected: int) -> None:
     assert errno_of(exc) == expected
 
 
-def test_constants_are_the_kernel_numbers() -> None:
-    assert (TIMED_OUT, INTERRUPTED, NO_REPLY, UNKNOWN) == (
-        errno.ETIMEDOUT,
-        errno.ECANCELED,
-        errno.ENODATA,
-        errno.EIO,
-    )
+def test_eph_s_own_causes_are_distinct_errnos_a_report_can_name() -> None:
+    """A record keeps a cause eph found (a timeout, a stop, no reply, something else)
+    as an errno: each must be a failure (not 0), unlike the others, and one the
+    kernel names, so that the report, Locust and DuckDB all print a word for it."""
+    causes = (TIMED_OUT, INTERRUPTED, NO_REPLY, UNKNOWN)
+    assert 0 not in causes and len(set(causes)) == len(causes)
+    assert all(errno.errorcode.get(cause) for cause in causes), causes
+    assert TIMED_OUT == errno.ETIMEDOUT  # what the kernel itself reports for a connect timeout
 
 
 def test_columns_put_the_cause_in_its_phase() -> None:

@@ -55,7 +55,7 @@ LISTENER_START_TIMEOUT = 15.0
 LISTENER_STOP_GRACE = 15.0  # seconds for the listener to drain its accept queue and report
 COLLECTOR_STOP_GRACE = 10.0
 STOP_GRACE = 30.0  # seconds past the close timeouts for Locust to write its stats
-LOCUSTFILE = Path(__file__).with_name("locustfile.py")
+LOCUSTFILE = Path(__file__).resolve().parent.parent / "locustfile.py"  # harness/locustfile.py
 
 logger = logging.getLogger(__name__)
 
