@@ -262,3 +262,75 @@ def test_a_full_disk_during_the_audit_says_how_much_it_needed(
         assert not list(small.glob(".eph-tuples-*")), "its partial files are removed"
     finally:
         subprocess.run(["umount", "-l", str(small)], check=False)
+
+
+def test_a_crashed_run_on_disk_reaches_as_far_as_held(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The crash section of a run past 2 million records failed with a TypeError: it
+    took a table and got the on-disk handle. One implementation reads both."""
+    import socket
+    import time
+
+    from harness.run.crash import crash_section
+    from harness.runstate import Phase, RunState
+
+    monkeypatch.setattr(ondisk, "BATCH_ROWS", 37)
+    table = varied_table(2_000, seed=11)
+    state = RunState(
+        phase=Phase.LOADING,
+        pid=2**22 + 1,  # no such process
+        host=socket.gethostname(),
+        updated_at=time.time(),
+        clock_offset_ns=1_700_000_000 * 10**9,
+    )
+    held = crash_section(state, table, None)
+    scanned = crash_section(state, on_disk(table, tmp_path / "c.parquet"), None)
+    assert scanned == held
+    assert held.last_record_s is not None and held.last_record_s > 0
+
+
+def test_a_crashed_nat_run_past_the_limit_reports_like_a_small_one(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The issue's two cases end to end, through eph report: a crashed run scanned from
+    disk reports as crashed with every record, and a NAT run keeps its nat section,
+    both as the same run held in memory does."""
+    import socket
+    import time
+
+    from harness.run.finalize import rerender
+    from harness.runstate import STATE_FILE, Phase, RunState
+
+    from .tables import write_nat
+
+    table = varied_table(3000, seed=5)
+    t0 = int(table.column("start_ns")[0].as_py())
+    crashed = RunState(
+        phase=Phase.LOADING,
+        pid=2**22 + 3,  # no such process: the run's eph is gone
+        host=socket.gethostname(),
+        updated_at=time.time(),
+        started_at=1_700_000_000.0,
+        load_started_at=1_700_000_001.0,
+        clock_offset_ns=10**18,
+    )
+
+    def crashed_run(path: Path) -> dict[str, object]:
+        run = RunDir.open(path, create=True)
+        run.write_scenario(parse_scenario(SCENARIO))
+        pq.write_table(table, run.connections)
+        (run.path / STATE_FILE).write_text(crashed.model_dump_json())
+        t = [t0 + i * 500_000_000 for i in range(8)]
+        write_nat(run.path, t, in_use=[1, 2, 4, 4, 4, 4, 4, 4], dropped=[0, 0, 0, 2, 4, 6, 8, 8])
+        return rerender(run.path).to_json()
+
+    small = crashed_run(tmp_path / "small")
+    monkeypatch.setattr(ondisk, "IN_MEMORY_ROWS", 1000)
+    monkeypatch.setattr(ondisk, "BATCH_ROWS", 300)
+    monkeypatch.setattr(sweep, "FIGURE_ROWS", 500)
+    large = crashed_run(tmp_path / "large")
+    assert large["crash"] == small["crash"] and large["crash"] is not None
+    assert large["nat"] == small["nat"] and large["nat"] is not None
+    assert large["connections"] == small["connections"]
+    assert large["connections"]["attempted"] == 3000  # every record  # type: ignore[index]

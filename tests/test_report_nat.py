@@ -8,8 +8,10 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
+import pytest
 
-from harness.report.nat import nat_findings, nat_section
+from harness.report import ondisk
+from harness.report.nat import nat_findings, nat_section, scan_for_nat
 
 from .tables import connections_table, write_nat
 
@@ -83,3 +85,25 @@ def test_a_pool_full_from_the_first_connect_still_gets_its_sustained_rate(
     assert nat is not None and nat.exhausted is True
     assert nat.exhausted_at_s == 0.0
     assert nat.sustained_rate_per_s is not None
+
+
+@pytest.mark.parametrize("batch_rows", [1, 3, 7])
+def test_the_section_is_the_same_for_a_run_held_or_scanned_in_batches(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, batch_rows: int
+) -> None:
+    """One implementation for every size: the records held in memory, or read from
+    Parquet a few rows at a time (as a run past 2 million rows is), give one section,
+    sustained rate included. The bug it guards: runs on disk had no nat section."""
+    t = [i * S // 2 for i in range(8)]
+    write_nat(tmp_path, t, in_use=[1, 2, 4, 4, 4, 4, 4, 4], dropped=[0, 0, 0, 2, 4, 6, 8, 8])
+    connects = [100, 100, 100, 100, 1_000_500, 3_001_000] + [100] * 22 + [0, 0]
+    errnos = [0] * 28 + [errno.ETIMEDOUT] * 2
+    table = _records(connects, errnos)
+    held = nat_section(tmp_path, table, hold_s=0.5)
+    path = tmp_path / "connections.parquet"
+    pq.write_table(table, path, row_group_size=batch_rows)
+    monkeypatch.setattr(ondisk, "BATCH_ROWS", batch_rows)
+    scanned = nat_section(tmp_path, ondisk.OnDisk(path, table.num_rows), hold_s=0.5)
+    assert held is not None and held.exhausted and held.sustained_rate_per_s is not None
+    assert scanned == held
+    assert scan_for_nat(table).lifetime_s(0.0) == pytest.approx(0.01)  # 10 ms past connect

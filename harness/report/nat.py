@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import errno
 import json
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -21,6 +22,8 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from harness.capacity.nat import NatCapacityModel
+from harness.report.counts import ValueCounts
+from harness.report.ondisk import Records, record_batches
 from harness.scenario import Scenario
 from harness.summary import Nat, NatDestination
 
@@ -31,6 +34,7 @@ __all__ = [
     "SYN_RETRANSMIT_US",
     "nat_findings",
     "nat_section",
+    "scan_for_nat",
     "with_nat_model",
 ]
 
@@ -38,9 +42,67 @@ SYN_RETRANSMIT_US = 900_000  # a connect this slow had its SYN sent again (the f
 _STATS = ("insert_failed", "drop", "early_drop", "search_restart", "clash_resolve", "held_drops")
 
 
-def nat_section(run: Path, table: pa.Table, hold_s: float = 0.0) -> Nat | None:
+_SCAN = ("start_ns", "connect_us", "close_us", "errno")
+
+
+@dataclass
+class NatRecordScan:
+    """What the section needs of the records, gathered a batch at a time."""
+
+    first_ns: int | None = None
+    last_ns: int | None = None
+    slow: int = 0  # connects a dropped SYN slowed (over SYN_RETRANSMIT_US)
+    timeouts: int = 0  # connects that timed out
+    first_hit_ns: int | None = None  # the start of the first of either
+    steps: np.ndarray = field(default_factory=lambda: np.zeros(3, np.int64))
+    held_us: ValueCounts = field(default_factory=ValueCounts)  # connect's answer to close
+
+    def add(self, batch: pa.RecordBatch) -> None:
+        if not batch.num_rows:
+            return
+        begun = batch.column("start_ns").to_numpy().astype(np.int64)
+        err = batch.column("errno").to_numpy()
+        connect_us = batch.column("connect_us").to_numpy().astype(np.int64)
+        close_us = batch.column("close_us").to_numpy().astype(np.int64)
+        self.first_ns = _lowest(self.first_ns, int(begun.min()))
+        self.last_ns = max(self.last_ns or 0, int(begun.max()))
+        ok = err == 0
+        slow = ok & (connect_us >= SYN_RETRANSMIT_US)
+        timeout = err == errno.ETIMEDOUT
+        self.slow += int(slow.sum())
+        self.timeouts += int(timeout.sum())
+        hit = slow | timeout
+        if hit.any():
+            self.first_hit_ns = _lowest(self.first_hit_ns, int(begun[hit].min()))
+        self.steps += np.histogram(connect_us[ok] / 1e6, bins=[0.9, 2.9, 6.9, np.inf])[0]
+        self.held_us.add(close_us[ok] - connect_us[ok])
+
+    def lifetime_s(self, otherwise: float) -> float:
+        """How long a successful connection held its NAT port, median: from the
+        connect's answer to the close (a connect slowed by a dropped SYN had no port
+        until its last try); ``otherwise`` when none succeeded."""
+        return self.held_us.percentile(50) / 1e6 if self.held_us.total else otherwise
+
+
+def _lowest(current: int | None, value: int) -> int:
+    return value if current is None else min(current, value)
+
+
+def scan_for_nat(records: Records) -> NatRecordScan:
+    """One pass over the records, of any size, a batch at a time."""
+    scan = NatRecordScan()
+    for batch in record_batches(records, _SCAN):
+        scan.add(batch)
+    return scan
+
+
+def nat_section(
+    run: Path, records: Records, hold_s: float = 0.0, scan: NatRecordScan | None = None
+) -> Nat | None:
     """The section from ``run/router``; None when the run had no NAT collector.
-    ``hold_s``: how long the NAT keeps a closed flow's port (its held TIME_WAIT)."""
+    ``records``: the run's, held or on disk (``scan``: their :func:`scan_for_nat`, when
+    the caller has it). ``hold_s``: how long the NAT keeps a closed flow's port (its
+    held TIME_WAIT)."""
     path = run / "router" / "nat.parquet"
     if not path.exists():
         return None
@@ -48,53 +110,46 @@ def nat_section(run: Path, table: pa.Table, hold_s: float = 0.0) -> Nat | None:
     samples = pq.read_table(path)
     lo, hi = meta["ports"]
     per_destination = (hi - lo + 1) * len(meta["addresses"])
-    begun = table.column("start_ns").to_numpy() if table.num_rows else None
-    start = int(begun.min()) if begun is not None else _first(samples)
+    scan = scan if scan is not None else scan_for_nat(records)
+    start = scan.first_ns if scan.first_ns is not None else _first(samples)
     destinations = _destinations(samples, per_destination, start)
     drops = _drops(samples)
-    slow, timeouts, at = _connect_signature(table, start)
-    steps = _steps(table)
+    at = None
+    if scan.first_hit_ns is not None:
+        at = round(float(scan.first_hit_ns - start) / 1e9, 3)
     full = any(d.full_at_s is not None for d in destinations)
     dropped = sum(drops.values()) > 0
     exhausted = full and dropped and at is not None
     addresses = ",".join(meta["addresses"])
-    sustained = _sustained(table, at, hold_s) if exhausted and at is not None else None
+    sustained = None
+    if exhausted and at is not None:
+        sustained = _sustained(records, scan, at, hold_s)
+    steps = {k: int(v) for k, v in zip(("1", "2", "3+"), scan.steps, strict=True) if v}
     return Nat(
         pool=f"{addresses}:{lo}-{hi} ({per_destination} ports per destination)",
         hold_time_wait=bool(meta.get("hold")),
         destinations=destinations,
         drops=drops,
-        slow_connects=slow,
+        slow_connects=scan.slow,
         retransmission_steps=steps,
-        connect_timeouts=timeouts,
+        connect_timeouts=scan.timeouts,
         exhausted=exhausted,
         exhausted_at_s=at if exhausted else None,
         sustained_rate_per_s=sustained,
     )
 
 
-def with_nat_model(nat: Nat, summary: Summary, scenario: Scenario, table: pa.Table) -> Nat:
-    """``nat`` with the client's peak occupancy beside it and the NAT model's answers."""
+def with_nat_model(nat: Nat, summary: Summary, scenario: Scenario, lifetime_s: float) -> Nat:
+    """``nat`` with the client's peak occupancy beside it and the NAT model's answers;
+    ``lifetime_s``: how long a flow held its port (:meth:`NatRecordScan.lifetime_s`)."""
     out = nat.model_copy()
     if summary.occupancy is not None:
         out.client_peak_fraction = summary.occupancy.peak_fraction
-    model = NatCapacityModel.from_scenario(scenario, _lifetime_s(table, scenario))
+    model = NatCapacityModel.from_scenario(scenario, lifetime_s)
     out.model_max_rate_per_s = _round(model.max_rate_per_s)
     if scenario.load.rate > 0:
         out.model_exhausted_at_s = _round(model.time_to_exhaustion_s(scenario.load.rate))
     return out
-
-
-def _lifetime_s(table: pa.Table, scenario: Scenario) -> float:
-    """How long a successful connection held its NAT port, median: from the connect's
-    answer to the close (a connect slowed by a dropped SYN had no port until its last
-    try), else load.hold."""
-    ok = table.column("errno").to_numpy() == 0 if table.num_rows else np.zeros(0, bool)
-    if not ok.any():
-        return scenario.load.hold
-    close = table.column("close_us").to_numpy()[ok].astype(np.int64)
-    connect = table.column("connect_us").to_numpy()[ok].astype(np.int64)
-    return float(np.median(close - connect)) / 1e6
 
 
 def _round(value: float | None) -> float | None:
@@ -150,50 +205,28 @@ def _drops(samples: pa.Table) -> dict[str, int]:
     return out
 
 
-def _connect_signature(table: pa.Table, start: int | None) -> tuple[int, int, float | None]:
-    """Slowed connects, timed-out connects, and when the first of either started."""
-    if not table.num_rows or start is None:
-        return 0, 0, None
-    err = table.column("errno").to_numpy()
-    connect_us = table.column("connect_us").to_numpy()
-    begun = table.column("start_ns").to_numpy()
-    slow = (err == 0) & (connect_us >= SYN_RETRANSMIT_US)
-    timeout = err == errno.ETIMEDOUT
-    hit = slow | timeout
-    at = round(float(begun[hit].min() - start) / 1e9, 3) if hit.any() else None
-    return int(slow.sum()), int(timeout.sum()), at
-
-
-def _steps(table: pa.Table) -> dict[str, int]:
-    """Successful connects by how many SYN retransmissions their time implies."""
-    if not table.num_rows:
-        return {}
-    ok = table.column("errno").to_numpy() == 0
-    seconds = table.column("connect_us").to_numpy()[ok] / 1e6
-    counts = np.histogram(seconds, bins=[0.9, 2.9, 6.9, np.inf])[0]
-    return {k: int(v) for k, v in zip(("1", "2", "3+"), counts, strict=True) if v}
-
-
-def _sustained(table: pa.Table, at_s: float, hold_s: float) -> float | None:
+def _sustained(records: Records, scan: NatRecordScan, at_s: float, hold_s: float) -> float | None:
     """Ports taken per second once exhausted: the connects that got their answer in
     whole busy times (lifetime + ``hold_s``) from the moment the first flow gave its
     port back (one busy time after the first connect; flows that start together end
-    together, so ports come back in waves one busy time apart), over that span."""
-    ok = table.column("errno").to_numpy() == 0
-    begun = table.column("start_ns").to_numpy().astype(np.int64)
-    connect = table.column("connect_us").to_numpy()[ok].astype(np.int64) * 1000
-    close = table.column("close_us").to_numpy()[ok].astype(np.int64) * 1000
-    if not ok.any():
+    together, so ports come back in waves one busy time apart), over that span. A
+    second pass over the records, a batch at a time."""
+    if not scan.held_us.total or scan.first_ns is None or scan.last_ns is None:
         return 0.0
-    taken = begun[ok] + connect
-    busy = int(np.median(close - connect)) + int(hold_s * 1e9)
-    since = int(begun.min()) + max(busy, int(at_s * 1e9))
-    span = int(begun.max()) - since
+    busy = int(scan.held_us.percentile(50) * 1000) + int(hold_s * 1e9)
+    since = scan.first_ns + max(busy, int(at_s * 1e9))
+    span = scan.last_ns - since
     waves = span // busy if busy > 0 else 0
     if waves < 1:
         return None  # under one lifetime after exhaustion: too short to say
     window = waves * busy
-    return round(float(((taken >= since) & (taken < since + window)).sum()) / (window / 1e9), 1)
+    taken = 0
+    for batch in record_batches(records, ("start_ns", "connect_us", "errno")):
+        ok = batch.column("errno").to_numpy() == 0
+        begun = batch.column("start_ns").to_numpy().astype(np.int64)[ok]
+        answered = begun + batch.column("connect_us").to_numpy()[ok].astype(np.int64) * 1000
+        taken += int(((answered >= since) & (answered < since + window)).sum())
+    return round(float(taken) / (window / 1e9), 1)
 
 
 def _step_text(nat: Nat) -> str:

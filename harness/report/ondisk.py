@@ -15,7 +15,7 @@ from __future__ import annotations
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeAlias
 
 import numpy as np
 import pyarrow as pa
@@ -25,9 +25,12 @@ __all__ = [
     "BATCH_ROWS",
     "IN_MEMORY_ROWS",
     "OnDisk",
+    "Records",
     "StableCodes",
     "is_on_disk",
     "open_records",
+    "record_batches",
+    "start_span",
 ]
 
 IN_MEMORY_ROWS = 2_000_000  # above this a run's records are scanned, not held
@@ -84,6 +87,35 @@ class StableCodes:
 
 def is_on_disk(table: object) -> bool:
     return isinstance(table, OnDisk)
+
+
+Records: TypeAlias = "pa.Table | OnDisk"
+"""A run's records: held (a small run) or on disk (a large one); read both alike with
+:func:`record_batches`."""
+
+
+def record_batches(records: Records, columns: Sequence[str]) -> Iterator[pa.RecordBatch]:
+    """The rows in start order, only ``columns``, a batch at a time: the one way a
+    section that reads records for any size of run reads them. A run held in memory
+    is a batch or a few (its chunks); one on disk ``BATCH_ROWS`` at a time."""
+    if isinstance(records, OnDisk):
+        yield from records.batches(columns)
+        return
+    yield from records.select(list(columns)).to_batches(max_chunksize=BATCH_ROWS)
+
+
+def start_span(records: Records) -> tuple[int | None, int | None]:
+    """The first and last ``start_ns`` (None, None without rows)."""
+    first: int | None = None
+    last: int | None = None
+    for batch in record_batches(records, ["start_ns"]):
+        if not batch.num_rows:
+            continue
+        starts = batch.column(0).to_numpy()
+        low, high = int(starts.min()), int(starts.max())
+        first = low if first is None else min(first, low)
+        last = high if last is None else max(last, high)
+    return first, last
 
 
 def open_records(path: Path) -> pa.Table | OnDisk:

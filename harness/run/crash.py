@@ -15,6 +15,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from harness.errors import RunDirError
+from harness.report.ondisk import Records, start_span
 from harness.rundir import RunDir
 from harness.runstate import Phase, RunState, read_state
 from harness.summary import Crash
@@ -49,10 +50,10 @@ def crashed_state(run: RunDir) -> RunState | None:
     return state
 
 
-def crash_section(state: RunState, records: pa.Table, samples: pa.Table | None) -> Crash:
-    """How far the records and samples of a crashed run reach."""
-    first = _min(records, "start_ns")
-    last = _max(records, "start_ns")
+def crash_section(state: RunState, records: Records, samples: pa.Table | None) -> Crash:
+    """How far the records (of any size: held or on disk) and samples of a crashed run
+    reach."""
+    first, last = start_span(records)
     last_sample = _max(samples, "t_ns") if samples is not None else None
     origin = first if first is not None else (_min(samples, "t_ns") if samples else None)
     last_at = None

@@ -24,7 +24,7 @@ from harness.report.cpu import cpu_section
 from harness.report.hosts import HostSamples
 from harness.report.html import render_report
 from harness.report.http import http_section
-from harness.report.nat import nat_section, with_nat_model
+from harness.report.nat import nat_section, scan_for_nat, with_nat_model
 from harness.report.occupancy import kernel_conservation
 from harness.report.ondisk import is_on_disk, open_records
 from harness.report.rundata import RunData
@@ -84,9 +84,11 @@ def finalize(
     summary = analyze(table, samples, setup, summary, server_samples, hosts)
     # the NAT's hold after close, as the model has it: the lab's held TIME_WAIT or none
     hold_s = NatCapacityModel.from_scenario(setup, lifetime_s=0.0).hold_s
-    nat = nat_section(run.path, table, hold_s) if not is_on_disk(table) else None
-    if nat is not None:
-        summary.nat = with_nat_model(nat, summary, setup, table)
+    if (run.path / "router" / "nat.parquet").exists():  # the nat lab's router, any size
+        scan = scan_for_nat(table)
+        nat = nat_section(run.path, table, hold_s, scan)
+        if nat is not None:
+            summary.nat = with_nat_model(nat, summary, setup, scan.lifetime_s(setup.load.hold))
     if crash is not None:
         summary.crash = crash_section(crash, table, samples)
     cpu = cpu_section(_read_cpu(run.path), samples, summary.capacity.model_ports)
