@@ -414,14 +414,15 @@ _SCENARIO = 'name = "b"\n[target]\nendpoints = ["127.0.0.1:9000"]\n'
 def analysis_time(connections: int) -> dict[str, Any]:
     """finalize()'s analysis over ``connections`` synthetic records (no load needed)."""
     from harness.report.analysis import analyze
-    from harness.report.summary import Columns, summarize
+    from harness.report.scan import scan_records
+    from harness.report.summarize import summarize
     from harness.scenario import parse_scenario
     from harness.summary import Kernel
 
     table = synthetic_table(connections)
     scenario = parse_scenario(_SCENARIO)
     started = time.perf_counter()
-    cols = Columns.from_table(table)
+    cols = scan_records(table)
     summary = summarize(
         cols,
         scenario="b",

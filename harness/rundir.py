@@ -5,7 +5,7 @@ Layout::
     reports/<YYYYmmdd-HHMMSS>-<name>/
         scenario.json         the resolved scenario (what actually ran)
         connections.parquet   one row per connection attempt
-        summary.json          the figures, see harness.report.summary
+        summary.json          the figures, see harness.summary (the contract)
         report.html           self-contained report
         locust_*.csv, locust.json   Locust's own statistics (no --html by default)
         listener.json         the embedded listener's counts

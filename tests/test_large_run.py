@@ -23,8 +23,8 @@ from harness.report.figures.connections import allocation
 from harness.report.hosts import HostSamples
 from harness.report.occupancy import kernel_conservation
 from harness.report.ondisk import OnDisk
-from harness.report.scan import SCAN_COLUMNS, RecordScan, scan_records
-from harness.report.summary import Columns, summarize
+from harness.report.scan import scan_records
+from harness.report.summarize import summarize
 from harness.report.tuples import audit_tuples
 from harness.report.tuples_on_disk import CycleCount, audit_on_disk
 from harness.run.finalize import finalize, load_run
@@ -78,22 +78,6 @@ def varied_table(n: int, seed: int) -> pa.Table:
 def on_disk(table: pa.Table, path: Path) -> OnDisk:
     pq.write_table(table, path, row_group_size=100)
     return OnDisk(path, table.num_rows)
-
-
-@pytest.mark.parametrize("seed", [1, 2, 3])
-def test_a_scan_summarizes_like_the_table(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, seed: int
-) -> None:
-    monkeypatch.setattr(ondisk, "BATCH_ROWS", 37)
-    table = varied_table(3000, seed)
-    scan = RecordScan()
-    for batch in on_disk(table, tmp_path / "c.parquet").batches(SCAN_COLUMNS):
-        scan.add(batch)
-    args = {"scenario": "t", "started_at": "x", "interrupted": False, "kernel": KERNEL}
-    expected = summarize(Columns.from_table(table), duration_s=3.0, **args)  # type: ignore[arg-type]
-    got = summarize(scan, duration_s=3.0, **args)  # type: ignore[arg-type]
-    assert expected.outages and expected.exhaustion.exhausted  # the cases are there
-    assert got.model_dump() == expected.model_dump()
 
 
 def reuse_table(n: int, seed: int) -> pa.Table:
@@ -169,7 +153,7 @@ def test_a_large_runs_analysis_is_the_in_memory_one(
     scenario = parse_scenario(SCENARIO)
     args = {"scenario": "t", "started_at": "x", "interrupted": False, "kernel": KERNEL}
     records = on_disk(table, tmp_path / "c.parquet")
-    expected = summarize(Columns.from_table(table), duration_s=3.0, **args)  # type: ignore[arg-type]
+    expected = summarize(scan_records(table), duration_s=3.0, **args)  # type: ignore[arg-type]
     expected = analyze(table, samples, scenario, expected)
     got = summarize(scan_records(records), duration_s=3.0, **args)  # type: ignore[arg-type]
     got = analyze(records, samples, scenario, got)
@@ -234,7 +218,7 @@ def test_each_hosts_share_of_a_large_run_is_the_in_memory_one(
     scenario = parse_scenario(SCENARIO)
     args = {"scenario": "t", "started_at": "x", "interrupted": False, "kernel": KERNEL}
     records = on_disk(table, tmp_path / "c.parquet")
-    expected = summarize(Columns.from_table(table), duration_s=3.0, **args)  # type: ignore[arg-type]
+    expected = summarize(scan_records(table), duration_s=3.0, **args)  # type: ignore[arg-type]
     expected = analyze(table, None, scenario, expected, hosts=hosts)
     got = summarize(scan_records(records), duration_s=3.0, **args)  # type: ignore[arg-type]
     got = analyze(records, None, scenario, got, hosts=hosts)

@@ -16,7 +16,8 @@ from harness.report.figures.nat import nat_pool
 from harness.report.html import findings, recommendations, render_comparison, render_report
 from harness.report.nat import nat_section
 from harness.report.occupancy import IN_USE
-from harness.report.summary import Columns, summarize
+from harness.report.scan import scan_records
+from harness.report.summarize import summarize
 from harness.scenario import Scenario
 from harness.summary import (
     Capacity,
@@ -42,7 +43,7 @@ def _run(n: int, fail_from: int, listener: Listener | None = None) -> RunData:
     ]
     table = connections_table(rows)
     summary = summarize(
-        Columns.from_table(table),
+        scan_records(table),
         scenario="r",
         started_at="t",
         duration_s=max(n, 1) / 1000,
@@ -115,7 +116,7 @@ def test_comparison_puts_runs_side_by_side(tmp_path: Path) -> None:
 
 
 def test_findings_name_the_mismatch() -> None:
-    cols = Columns.from_table(connections_table([(i * MS, 10, 40000 + i, 0) for i in range(10)]))
+    cols = scan_records(connections_table([(i * MS, 10, 40000 + i, 0) for i in range(10)]))
     summary = summarize(
         cols,
         scenario="r",
@@ -175,7 +176,7 @@ CLIFF = LatencyCliff(
 
 
 def _no_failures(n: int = 10) -> Summary:
-    cols = Columns.from_table(connections_table([(i * MS, 10, 40000 + i, 0) for i in range(n)]))
+    cols = scan_records(connections_table([(i * MS, 10, 40000 + i, 0) for i in range(n)]))
     return summarize(
         cols, scenario="r", started_at="t", duration_s=1.0, interrupted=False, kernel=Kernel()
     )

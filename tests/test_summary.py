@@ -1,27 +1,33 @@
-"""summary.json figures from synthetic columns whose answers are known."""
+"""summary.json figures from synthetic records whose answers are known."""
 
 from __future__ import annotations
 
 import numpy as np
+import pyarrow as pa
 
-from harness.report.summary import Columns, summarize
+from harness.records import CONNECTIONS_SCHEMA
+from harness.report.scan import RecordScan, scan_records
+from harness.report.summarize import summarize
 from harness.summary import SCHEMA_VERSION, Kernel, Listener, Outage, Summary
 
 KERNEL = Kernel(ip_local_port_range=[40000, 40099])
 
 
-def _cols(errnos: list[int], ports: list[int], step_ns: int = 1_000_000) -> Columns:
+def _cols(errnos: list[int], ports: list[int], step_ns: int = 1_000_000) -> RecordScan:
     n = len(errnos)
-    return Columns(
-        start_ns=np.arange(n, dtype=np.int64) * step_ns + 5_000_000_000,
-        connect_us=np.full(n, 100, dtype=np.uint32),
-        local_port=np.array(ports, dtype=np.uint16),
-        errno=np.array(errnos, dtype=np.uint16),
-        io_errno=np.zeros(n, dtype=np.uint16),
-    )
+    columns = {
+        "start_ns": pa.array(np.arange(n, dtype=np.int64) * step_ns + 5_000_000_000),
+        "connect_us": pa.array(np.full(n, 100, dtype=np.uint32)),
+        "close_us": pa.array(np.full(n, 1000, dtype=np.uint32)),
+        "local_port": pa.array(np.array(ports, dtype=np.uint16)),
+        "errno": pa.array(np.array(errnos, dtype=np.uint16)),
+        "io_errno": pa.array(np.zeros(n, dtype=np.uint16)),
+    }
+    schema = pa.schema([CONNECTIONS_SCHEMA.field(name) for name in columns])
+    return scan_records(pa.table(columns, schema=schema))
 
 
-def _summary(cols: Columns, **kw: object) -> Summary:
+def _summary(cols: RecordScan, **kw: object) -> Summary:
     args = {
         "scenario": "t",
         "started_at": "x",

@@ -29,7 +29,7 @@ from harness.report.occupancy import (
     samples_info,
 )
 from harness.report.ondisk import is_on_disk
-from harness.report.summary import EXHAUSTION_ERRNOS
+from harness.report.scan import EXHAUSTION_ERRNOS
 from harness.report.tuples import audit_tuples, port_allocation, sustained_rate
 from harness.scenario import Scenario
 from harness.summary import LatencyCliff, Occupancy, Summary

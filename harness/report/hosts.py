@@ -13,7 +13,7 @@ import pyarrow.compute as pc
 from harness.capacity.model import CapacityModel
 from harness.report.columns import equals
 from harness.report.occupancy import peaks
-from harness.report.summary import EXHAUSTION_ERRNOS
+from harness.report.scan import EXHAUSTION_ERRNOS
 from harness.summary import HostSection, Kernel
 
 __all__ = ["HostCounts", "HostSamples", "host_mask", "host_sections", "sections_of"]

@@ -11,8 +11,7 @@ import pyarrow as pa
 
 from harness.report.columns import quantiles, scope_mask, scope_prefix_mask
 from harness.report.ondisk import is_on_disk
-from harness.report.scan import scan_records
-from harness.report.summary import EXHAUSTION_ERRNOS
+from harness.report.scan import EXHAUSTION_ERRNOS, scan_records
 from harness.summary import OccupancyBand, SamplesInfo
 
 __all__ = [

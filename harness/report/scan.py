@@ -1,12 +1,20 @@
-"""The summary's first sections from a scan of a large run's records, batch by batch
-(``harness.report.ondisk``): the same numbers :func:`summary.summarize` finds in memory.
+"""The summary's first sections (connections, ports, exhaustion, outages, HTTP) from
+one scan of a run's records, batch by batch, whatever its size: a small run is a
+batch or a few, a large one is read from Parquet a million rows at a time
+(``harness.report.ondisk``). There is no second, in-memory copy of these formulas.
 
 Counts are counts; connect latency comes from a count per microsecond value, so
 its quantiles are exact; outages carry an open span from one batch to the next.
+An outage is a span in which every attempt failed at the target (refused, reset,
+timed out, unreachable): the target was down, which is not the range running out.
+Attempts that failed locally for want of a port are left out, so an outage during
+exhaustion is still found. Each span runs from its first failure to the next
+success (``recovered``) or to its last failure.
 """
 
 from __future__ import annotations
 
+import errno as errno_module
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -15,11 +23,23 @@ import pyarrow as pa
 from harness.errors import errno_name
 from harness.report.counts import ValueCounts
 from harness.report.http import HTTP_COLUMNS, HttpTally
-from harness.report.ondisk import OnDisk
-from harness.report.summary import EXHAUSTION_ERRNOS, MAX_OUTAGES, MIN_OUTAGE_FAILURES
+from harness.report.ondisk import OnDisk, Records, record_batches
 from harness.summary import Connections, Exhaustion, Kernel, Latency, Outage, Ports
 
-__all__ = ["SCAN_COLUMNS", "RecordScan", "scan_records"]
+__all__ = [
+    "EXHAUSTION_ERRNOS",
+    "MAX_OUTAGES",
+    "MIN_OUTAGE_FAILURES",
+    "SCAN_COLUMNS",
+    "RecordScan",
+    "scan_records",
+]
+
+# local errors that mean "no ephemeral port left": connect() toward a destination
+# (EADDRNOTAVAIL), bind(ip, 0) (EADDRINUSE), connected UDP (EAGAIN)
+EXHAUSTION_ERRNOS = (errno_module.EADDRNOTAVAIL, errno_module.EADDRINUSE, errno_module.EAGAIN)
+MIN_OUTAGE_FAILURES = 5  # fewer failures in a row is a blip, not an outage
+MAX_OUTAGES = 20
 
 SCAN_COLUMNS = ("start_ns", "connect_us", "close_us", "local_port", "errno", "io_errno")
 _WITH_HTTP = (*SCAN_COLUMNS, *(c for c in HTTP_COLUMNS if c not in SCAN_COLUMNS))
@@ -208,13 +228,15 @@ class RecordScan:
         return (self.last_ns - (self.first_ns or 0)) / 1e9 if self.attempted > 1 else 0.0
 
 
-def scan_records(records: OnDisk) -> RecordScan:
-    """A large run's records scanned once (kept with them for the analyses after)."""
-    found = records.cache.get("scan")
+def scan_records(records: Records) -> RecordScan:
+    """A run's records, of any size, scanned once (a large run keeps the scan with its
+    handle, for the analyses after)."""
+    found = records.cache.get("scan") if isinstance(records, OnDisk) else None
     if not isinstance(found, RecordScan):
         found = RecordScan()
         columns = _WITH_HTTP if "requests" in records.column_names else SCAN_COLUMNS
-        for batch in records.batches(columns):
+        for batch in record_batches(records, columns):
             found.add(batch)
-        records.cache["scan"] = found
+        if isinstance(records, OnDisk):
+            records.cache["scan"] = found
     return found

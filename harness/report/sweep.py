@@ -21,8 +21,7 @@ from harness.report.counts import ValueCounts
 from harness.report.hosts import HostCounts
 from harness.report.occupancy import OCCUPANCY_BINS
 from harness.report.ondisk import OnDisk, StableCodes
-from harness.report.scan import RecordScan
-from harness.report.summary import EXHAUSTION_ERRNOS
+from harness.report.scan import EXHAUSTION_ERRNOS, RecordScan
 
 __all__ = ["FIGURE_ROWS", "Occupancy", "Sweep", "sweep"]
 

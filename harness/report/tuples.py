@@ -14,7 +14,7 @@ import pyarrow as pa
 from harness.capacity.model import TIME_WAIT_S
 from harness.report.columns import codes, quantiles
 from harness.report.counts import ValueCounts
-from harness.report.summary import EXHAUSTION_ERRNOS
+from harness.report.scan import EXHAUSTION_ERRNOS
 from harness.scenario import ClosePolicy
 from harness.summary import ParityQuantiles, Ports, Quantiles, TupleExample, Tuples
 

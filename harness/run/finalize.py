@@ -23,13 +23,12 @@ from harness.report.analysis import analyze
 from harness.report.cpu import cpu_section
 from harness.report.hosts import HostSamples
 from harness.report.html import render_report
-from harness.report.http import http_section
 from harness.report.nat import nat_section, scan_for_nat, with_nat_model
 from harness.report.occupancy import kernel_conservation
-from harness.report.ondisk import is_on_disk, open_records
+from harness.report.ondisk import Records, open_records
 from harness.report.rundata import RunData
 from harness.report.scan import scan_records
-from harness.report.summary import Columns, RecordSections, summarize
+from harness.report.summarize import summarize
 from harness.run.crash import crash_section, crashed_state
 from harness.run.leftovers import account_for_workers, collect
 from harness.run.merge import merge_parts
@@ -231,21 +230,15 @@ def _kernel(
     return found if found is not None else Kernel.model_validate(read_kernel())
 
 
-def _summarize(run: RunDir, table: pa.Table, setup: Scenario, facts: _RunFacts) -> Summary:
-    """The sections that come from the records alone."""
-    cols: RecordSections
-    if is_on_disk(table):
-        cols = scan = scan_records(table)
-        span_s = scan.span_s
-        http = scan.http.section()
-    else:
-        cols = columns = Columns.from_table(table)
-        span_s = float(columns.seconds().max()) if len(columns.start_ns) else 0.0
-        http = http_section([table]).section()
+def _summarize(run: RunDir, table: Records, setup: Scenario, facts: _RunFacts) -> Summary:
+    """The sections that come from the records alone: one scan, for every size."""
+    scan = scan_records(table)
+    span_s = scan.span_s
+    http = scan.http.section()
     duration_s = span_s if facts.duration_s is None else facts.duration_s
     started = dt.datetime.fromtimestamp(facts.started_at, dt.UTC)
     return summarize(
-        cols,
+        scan,
         scenario=setup.name,
         started_at=started.isoformat(timespec="seconds"),
         duration_s=duration_s,
