@@ -4,7 +4,7 @@ A page holds a marker such as ``<!-- generated: scenario-keys -->``; the build p
 the table in its place, so that the manual can never be older than the code:
 
 - ``scenario-keys``: every key a scenario may hold, from the pydantic model, with
-  its type, default, and the comment beside it in ``harness/scenario/model.py``;
+  its type, default, and the comment beside it in ``harness/scenario/definition.py``;
 - ``summary-keys``: every key of ``summary.json``, from its JSON Schema.
 
 The command line's reference comes from the click parser itself (mkdocs-click).

@@ -23,7 +23,7 @@ from __future__ import annotations
 import errno as _errno
 from pathlib import Path
 
-from harness.summary.errors import SummaryError
+from harness.summary.summary_error import SummaryError
 
 __all__ = [
     "HTTP_MALFORMED",

@@ -9,7 +9,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from harness.observe.natpool import NAT_SCHEMA
+from harness.observe.nat_collector import NAT_SCHEMA
 from harness.records import CONNECTIONS_SCHEMA, application_zeros
 from harness.summary import Capacity, Connections, Conservation, Exhaustion, Kernel, Ports, Summary
 

@@ -6,7 +6,7 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from harness.capacity.model import CapacityModel, reserved_in_range
+from harness.capacity.port_model import CapacityModel, reserved_in_range
 from harness.report.hosts import HostSamples, host_sections
 from harness.report.tuples import audit_tuples, port_allocation
 from harness.scenario import ClosePolicy
@@ -180,7 +180,7 @@ def test_host_sections_count_each_worker_on_its_own() -> None:
 
 def test_peaks_read_the_targets_scopes_and_the_kernels_counter() -> None:
     """Occupancy sums the ``to`` scopes per sample; TWRecycled comes from ``all``."""
-    from harness.report.occupancy import IN_USE, peaks, scope_series
+    from harness.report.port_occupancy import IN_USE, peaks, scope_series
 
     times = [0, 0, 0, 1, 1, 1]
     scopes = ["all", "to a:1", "to b:1", "all", "to a:1", "to b:1"]
@@ -207,7 +207,7 @@ def test_the_latency_cliff_reads_occupancy_from_the_samples() -> None:
     """2,000 client-closed connections 1 ms apart over 2,000 ports: even ports first at
     10 us, then odd ones at 900 us; the collector sees one more port held per ms."""
     from harness.report.analysis import latency_cliff
-    from harness.report.occupancy import IN_USE
+    from harness.report.port_occupancy import IN_USE
 
     n, ms = 2000, 1_000_000
     ports = [40000 + 2 * i for i in range(n // 2)] + [40001 + 2 * i for i in range(n // 2)]

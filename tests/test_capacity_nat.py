@@ -10,7 +10,7 @@ import pytest
 from click.testing import CliRunner
 
 from harness.capacity.levers import Lever
-from harness.capacity.nat import (
+from harness.capacity.nat_model import (
     CONNTRACK_TIME_WAIT_S,
     NatCapacityModel,
     make_nat_plan,

@@ -14,12 +14,18 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from harness.load.cpu import CpuInterval, CpuMeter, cpu_part_path, is_cpu_part, merge_cpu_parts
+from harness.load.cpu_meter import (
+    CpuInterval,
+    CpuMeter,
+    cpu_part_path,
+    is_cpu_part,
+    merge_cpu_parts,
+)
 from harness.load.fastpath import write_frame
 from harness.load.uvloop_engine import read_frame, read_frame_cpu
 from harness.records import ROW_DTYPE, Part
-from harness.report.cpu import cpu_section
-from harness.report.occupancy import IN_USE
+from harness.report.cpu_section import cpu_section
+from harness.report.port_occupancy import IN_USE
 from harness.run.readings import locust_request_count
 
 from .conftest import ROOT
@@ -32,7 +38,7 @@ BURN = r"""
 import json, os, sys, time
 from pathlib import Path
 import numpy as np
-from harness.load.cpu import CpuMeter
+from harness.load.cpu_meter import CpuMeter
 from harness.records import ROW_DTYPE
 
 BURN_S = float(sys.argv[2])
@@ -149,7 +155,7 @@ def test_a_uvloop_frame_carries_the_childs_cpu() -> None:
 LOCUST_FEED = r"""
 import json
 from locust.stats import RequestStats
-from harness.load.cpu import CpuInterval
+from harness.load.cpu_meter import CpuInterval
 from harness.load.stats import CPU_REQUEST_TYPE, SYSTEM_CPU, USER_CPU, feed_cpu
 import time
 

@@ -17,12 +17,12 @@ import pytest
 from harness.errors import RunDirError
 from harness.observe.collector import SAMPLES_SCHEMA, STATES
 from harness.records import CONNECTIONS_SCHEMA, application_zeros
-from harness.report import ondisk, sweep
+from harness.report import disk_sweep, ondisk
 from harness.report.analysis import analyze
 from harness.report.figures.connections import allocation
 from harness.report.hosts import HostSamples
-from harness.report.occupancy import kernel_conservation
 from harness.report.ondisk import OnDisk
+from harness.report.port_occupancy import kernel_conservation
 from harness.report.scan import scan_records
 from harness.report.summarize import summarize
 from harness.report.tuples import audit_tuples
@@ -186,7 +186,7 @@ def test_a_large_run_reports_what_a_small_one_does(
     held = load_run(small)
     monkeypatch.setattr(ondisk, "IN_MEMORY_ROWS", 1000)
     monkeypatch.setattr(ondisk, "BATCH_ROWS", 300)
-    monkeypatch.setattr(sweep, "FIGURE_ROWS", 500)
+    monkeypatch.setattr(disk_sweep, "FIGURE_ROWS", 500)
     large = _run(tmp_path / "large", table, samples)
     exact, scanned = (json.loads((p / "summary.json").read_text()) for p in (small, large))
     exact["time_wait"].pop("reuse_age_s"), scanned["time_wait"].pop("reuse_age_s")
@@ -312,7 +312,7 @@ def test_a_crashed_nat_run_past_the_limit_reports_like_a_small_one(
     small = crashed_run(tmp_path / "small")
     monkeypatch.setattr(ondisk, "IN_MEMORY_ROWS", 1000)
     monkeypatch.setattr(ondisk, "BATCH_ROWS", 300)
-    monkeypatch.setattr(sweep, "FIGURE_ROWS", 500)
+    monkeypatch.setattr(disk_sweep, "FIGURE_ROWS", 500)
     large = crashed_run(tmp_path / "large")
     assert large["crash"] == small["crash"] and large["crash"] is not None
     assert large["nat"] == small["nat"] and large["nat"] is not None

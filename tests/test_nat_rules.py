@@ -8,7 +8,7 @@ import subprocess
 import pytest
 
 from harness.errors import ScenarioError
-from harness.lab.nat import nat_ruleset, pool_mark, router_sysctls
+from harness.lab.nat_router import nat_ruleset, pool_mark, router_sysctls
 from harness.scenario import NatConfig, parse_scenario
 
 from .conftest import require, require_tools

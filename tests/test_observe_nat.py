@@ -15,7 +15,7 @@ import pytest
 from rich.console import Console
 
 from harness.kernel.conntrack import CT_DTYPE, IPS_SRC_NAT, CtState
-from harness.observe.nat import NatPoolRow, NatSampler, NatSnapshot, nat_lines, nat_pools
+from harness.observe.nat_pools import NatPoolRow, NatSampler, NatSnapshot, nat_lines, nat_pools
 from harness.observe.outlook import outlook
 from harness.observe.views import PlainView, TerminalView
 
@@ -68,7 +68,7 @@ def test_the_sampler_reports_growth_and_says_once_when_there_is_nothing(
     counts = iter([{"insert_failed": 5, "drop": 9}, *[{"insert_failed": 8, "drop": 20}] * 3])
     sampler = NatSampler(lambda: None, lambda: tables.pop(0), lambda proc: next(counts))
     sampler.recheck_s = 0.0
-    with caplog.at_level(logging.DEBUG, logger="harness.observe.nat"):
+    with caplog.at_level(logging.DEBUG, logger="harness.observe.nat_pools"):
         first = sampler.sample()
         assert first is not None and first.insert_failed is None
         assert sampler.sample() is None and sampler.sample() is None
@@ -88,7 +88,7 @@ def test_without_conntrack_the_sampler_looks_once(caplog: pytest.LogCaptureFixtu
         return TABLE
 
     sampler = NatSampler(lambda: "conntrack is not loaded", dump, lambda proc: {})
-    with caplog.at_level(logging.DEBUG, logger="harness.observe.nat"):
+    with caplog.at_level(logging.DEBUG, logger="harness.observe.nat_pools"):
         assert [sampler.sample() for _ in range(3)] == [None] * 3
     assert calls == []
     assert sum("not loaded" in r.message for r in caplog.records) == 1

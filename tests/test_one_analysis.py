@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 
 from harness.records import CONNECTIONS_SCHEMA, application_zeros
 from harness.report import ondisk
-from harness.report.nat import scan_for_nat
+from harness.report.nat_section import scan_for_nat
 from harness.report.ondisk import OnDisk, start_span
 from harness.report.scan import scan_records
 from harness.report.summarize import summarize

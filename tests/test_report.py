@@ -12,10 +12,10 @@ import pytest
 
 from harness.observe.collector import SAMPLES_SCHEMA, STATES
 from harness.report.figures import FIGURES, NAT_FIGURE, RunData, time_bins
-from harness.report.figures.nat import nat_pool
+from harness.report.figures.nat_figure import nat_pool
 from harness.report.html import findings, recommendations, render_comparison, render_report
-from harness.report.nat import nat_section
-from harness.report.occupancy import IN_USE
+from harness.report.nat_section import nat_section
+from harness.report.port_occupancy import IN_USE
 from harness.report.scan import scan_records
 from harness.report.summarize import summarize
 from harness.scenario import Scenario
@@ -220,7 +220,7 @@ def test_a_time_wait_overflow_is_a_finding() -> None:
 
 
 def test_the_latency_figure_marks_the_onset() -> None:
-    from harness.report.figures.occupancy import latency_vs_occupancy
+    from harness.report.figures.occupancy_figure import latency_vs_occupancy
 
     data = _run(300, 300)
     data.summary.latency_cliff = CLIFF
@@ -310,7 +310,7 @@ def test_report_and_capacity_never_import_locust() -> None:
 
 
 def test_http_and_tls_findings_say_the_statuses_handshakes_and_failures_after_connect() -> None:
-    from harness.report.http import http_findings
+    from harness.report.http_section import http_findings
     from harness.summary import Http, Latency
 
     http = Http(

@@ -11,7 +11,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from harness.report import ondisk
-from harness.report.nat import nat_findings, nat_section, scan_for_nat
+from harness.report.nat_section import nat_findings, nat_section, scan_for_nat
 
 from .tables import connections_table, write_nat
 

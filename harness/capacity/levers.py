@@ -11,8 +11,8 @@ import math
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from harness.capacity.inputs import PlanInputs
-from harness.capacity.model import (
+from harness.capacity.plan_inputs import PlanInputs
+from harness.capacity.port_model import (
     DEFAULT_REUSE_DELAY_S,
     CapacityModel,
     merge_reserved,

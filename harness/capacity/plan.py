@@ -2,7 +2,7 @@
 
 From a rate and a setup (port range, reserved ports, close side, tcp_tw_reuse and
 its delay, source addresses, destinations, load-generator hosts) the capacity
-model (``harness.capacity.model``) gives the sustainable rate, the time to exhaustion at
+model (``harness.capacity.port_model``) gives the sustainable rate, the time to exhaustion at
 the asked rate and the headroom; then each lever is tried alone to say how far it
 goes: the kernel's (a sysctl.d snippet to apply by hand, never applied here) and
 the code's (IP_BIND_ADDRESS_NO_PORT with more source addresses, more destination
@@ -15,9 +15,9 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass, replace
 from typing import TYPE_CHECKING, Any
 
-from harness.capacity.inputs import PlanInputs
 from harness.capacity.levers import Lever, fmt_rate, levers, ports_text
-from harness.capacity.model import CapacityModel, merge_reserved, unreserved_in_range
+from harness.capacity.plan_inputs import PlanInputs
+from harness.capacity.port_model import CapacityModel, merge_reserved, unreserved_in_range
 from harness.scenario import ClosePolicy, Protocol, Scenario
 
 if TYPE_CHECKING:  # only its attributes are read: capacity/ needs nothing of report/ to run

@@ -24,7 +24,7 @@ from collections.abc import Iterable
 from dataclasses import asdict
 from typing import Any
 
-from harness.capacity.model import reserved_in_range, reserved_spans
+from harness.capacity.port_model import reserved_in_range, reserved_spans
 from harness.kernel.listening import Listening, listening_sockets, read_conntrack
 from harness.kernel.sysctls import read_kernel
 from harness.scenario import Scenario

@@ -19,7 +19,7 @@ import click
 from harness.cli._base import duration_value
 
 if TYPE_CHECKING:
-    from harness.capacity.nat import NatCapacityModel
+    from harness.capacity.nat_model import NatCapacityModel
     from harness.scenario import Scenario
 
 __all__ = ["CLIENT_ONLY", "nat_options", "nat_ports_value", "plan_nat", "run_nat_plan"]
@@ -147,7 +147,7 @@ def run_nat_plan(
     given: dict[str, Any], rate: float | None, lifetime: float | None, as_json: bool
 ) -> None:
     """``eph plan --nat``: ``given`` holds ``destinations`` and the NAT options."""
-    from harness.capacity.nat import make_nat_plan, render_nat_text
+    from harness.capacity.nat_model import make_nat_plan, render_nat_text
 
     scenario = _scenario(given.get("nat_scenario"))
     if rate is None and scenario is not None and scenario.load.rate > 0:
@@ -182,7 +182,7 @@ def _scenario(path: Path | None) -> Scenario | None:
 
 def _model(scenario: Scenario | None, lifetime: float, given: dict[str, Any]) -> NatCapacityModel:
     """The scenario's NAT (else [lab.nat]'s defaults, holding TIME_WAIT), under ``given``."""
-    from harness.capacity.nat import NatCapacityModel
+    from harness.capacity.nat_model import NatCapacityModel
     from harness.scenario import NatConfig
 
     if scenario is not None:

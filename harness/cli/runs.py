@@ -30,7 +30,7 @@ from harness.cli._base import (
 from harness.endpoints import Endpoint
 from harness.load.progress import Progress
 from harness.scenario import Scenario, load_scenario
-from harness.scenario.inputs import check_command
+from harness.scenario.named_inputs import check_command
 
 if TYPE_CHECKING:
     from harness.run.lifecycle import RunResult

@@ -42,7 +42,7 @@ from harness.lab.topology import build_lab
 from harness.run.placement import start_listener
 from harness.rundir import RunDir
 from harness.scenario import Scenario
-from harness.scenario.inputs import check_command
+from harness.scenario.named_inputs import check_command
 from harness.supervisor import Child, Stage, Supervisor
 
 __all__ = ["AT_ONCE_S", "ExecResult", "failure", "parse_command", "run_exec"]

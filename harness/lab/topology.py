@@ -13,7 +13,7 @@ Topologies:
   and eph's userspace relay), a collector on each side, so client-side and
   server-side TIME_WAIT are seen apart.
 - ``nat``: a client, a router and a server namespace; the router SNATs the clients'
-  flows to ``[lab.nat]``'s pool (``harness.lab.nat``) and a NAT collector there
+  flows to ``[lab.nat]``'s pool (``harness.lab.nat_router``) and a NAT collector there
   records the pool's occupancy and conntrack's drops beside the two sides' own.
 
 The orchestrator (``harness.run.lifecycle``) stays on the host; each child runs inside
@@ -49,7 +49,7 @@ from harness.lab.link import (
     build_pair_link,
     netem_args,
 )
-from harness.lab.nat import (
+from harness.lab.nat_router import (
     NAT_CLIENT_ADDRESS,
     NAT_SERVER_ADDRESS,
     build_nat,

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from harness.endpoints import ResolvedEndpoint
 from harness.errors import ScenarioError
 from harness.kernel.sysctls import read_kernel
-from harness.load.http import HttpPlan, TlsPlan
+from harness.load.http_client import HttpPlan, TlsPlan
 from harness.scenario import ClosePolicy, Protocol, Reply, Scenario
 
 __all__ = ["LINGER_RESET", "ChurnPlan", "PortWindow", "Target", "make_socket"]

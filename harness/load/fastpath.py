@@ -31,7 +31,7 @@ from typing import BinaryIO
 import numpy as np
 
 from harness.load.churn import LINGER_RESET, ChurnPlan, Target, make_socket
-from harness.load.cpu import CpuInterval, CpuMeter
+from harness.load.cpu_meter import CpuInterval, CpuMeter
 from harness.load.outcome import INTERRUPTED, TIMED_OUT, errno_of
 from harness.load.pacing import Pacer
 from harness.records import RecordWriter
@@ -57,7 +57,7 @@ def write_frame(out: BinaryIO, rows: np.ndarray, cpu: CpuInterval | None = None)
 
 def flush_frame(writer: RecordWriter, meter: CpuMeter | None, out: BinaryIO) -> None:
     """One interval: the staged rows to the part file and the Locust process, with the
-    CPU this process spent meanwhile (``harness.load.cpu``)."""
+    CPU this process spent meanwhile (``harness.load.cpu_meter``)."""
     rows = writer.flush()
     write_frame(out, rows, meter.tick(rows) if meter is not None else None)
 

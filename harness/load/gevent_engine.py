@@ -23,7 +23,7 @@ from gevent import monkey
 from gevent.socket import wait_read, wait_write
 
 from harness.load.churn import LINGER_RESET, UDP_PAYLOAD, ChurnPlan, Target, make_socket
-from harness.load.http import HttpPlan, Response, TlsPlan, tls_errno
+from harness.load.http_client import HttpPlan, Response, TlsPlan, tls_errno
 from harness.load.outcome import INTERRUPTED, NO_REPLY, TIMED_OUT, columns, errno_of
 from harness.records import RecordWriter
 from harness.scenario import ClosePolicy, Protocol, Reply

@@ -30,9 +30,9 @@ from collections.abc import Callable
 from typing import Any, BinaryIO
 
 from harness.load.churn import LINGER_RESET, ChurnPlan, Target, make_socket
-from harness.load.cpu import CpuMeter
+from harness.load.cpu_meter import CpuMeter
 from harness.load.fastpath import CallbackUsers
-from harness.load.http import HttpPlan, Response, tls_errno
+from harness.load.http_client import HttpPlan, Response, tls_errno
 from harness.load.outcome import INTERRUPTED, NO_REPLY, TIMED_OUT, errno_of
 from harness.records import RecordWriter
 from harness.scenario import ClosePolicy, Protocol

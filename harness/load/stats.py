@@ -9,7 +9,7 @@ logging each request.
 
 CPU per connection goes to Locust's table too, as two entries of request type
 ``CPU`` (:func:`feed_cpu`): each interval of an engine process (see
-``harness.load.cpu``) counts as its attempts, each with a "response time" of the
+``harness.load.cpu_meter``) counts as its attempts, each with a "response time" of the
 interval's CPU *microseconds* per attempt. So the entry's average is exactly the
 CPU spent over the attempts made, its percentiles weigh the intervals by their
 attempts, and its request count repeats the connections'. They stay out of the
@@ -28,7 +28,7 @@ from collections.abc import Sequence
 import numpy as np
 from locust import stats as locust_stats
 
-from harness.load.cpu import CPU_REQUEST_TYPE, CpuInterval
+from harness.load.cpu_meter import CPU_REQUEST_TYPE, CpuInterval
 from harness.load.outcome import (
     ConnectionFailed,
     Outcome,

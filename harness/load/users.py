@@ -40,7 +40,7 @@ from locust.env import Environment
 
 from harness.endpoints import Endpoint
 from harness.load.churn import ChurnPlan, Target
-from harness.load.cpu import CpuMeter, cpu_part_path
+from harness.load.cpu_meter import CpuMeter, cpu_part_path
 from harness.load.distributed import CollectorChild, worker_run_dir
 from harness.load.gevent_engine import GeventChurn
 from harness.load.outcome import failure, is_status_failure

@@ -13,7 +13,7 @@ close) runs one Task per user over Protocols: of the asyncio styles, uvloop
 
 Wire format: stdin carries JSON lines (``{"users": N}``, ``{"stop": true}``);
 stdout carries one frame per flush: a ``<I`` row count and this process's CPU
-over the interval (``harness.load.cpu.CpuInterval``), then that many
+over the interval (``harness.load.cpu_meter.CpuInterval``), then that many
 ``ROW_DTYPE`` rows; it ends with EOF after the last flush.
 """
 
@@ -35,7 +35,7 @@ from typing import BinaryIO, NamedTuple
 import numpy as np
 
 from harness.load.churn import LINGER_RESET, UDP_PAYLOAD, ChurnPlan, Target, make_socket
-from harness.load.cpu import CpuInterval, CpuMeter, cpu_part_path
+from harness.load.cpu_meter import CpuInterval, CpuMeter, cpu_part_path
 from harness.load.fastpath import FRAME_HEADER, CallbackChurn, flush_frame, write_frame
 from harness.load.httppath import HttpChurn
 from harness.load.outcome import INTERRUPTED, NO_REPLY, TIMED_OUT, columns, errno_of

@@ -12,7 +12,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from harness.capacity.model import reserved_spans
+from harness.capacity.port_model import reserved_spans
 from harness.observe.outlook import outlook
 from harness.observe.paths import STATES, PathSampler
 from harness.observe.session import Settings

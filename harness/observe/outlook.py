@@ -6,7 +6,7 @@ Per path the model needs a rate, a hold and a lifetime; observation gives them:
 - hold: TIME_WAIT sits on the client only when the client closes first, which
   shows as TIME_WAIT sockets on the path. It lasts 60 s, or the reuse delay
   when ``tcp_tw_reuse`` applies to the path (1, or 2 toward loopback, with
-  timestamps on: ``harness.capacity.model.reuse_applies``);
+  timestamps on: ``harness.capacity.port_model.reuse_applies``);
 - lifetime: sockets open on the path / rate (Little's law).
 
 A path fills when ``rate x (lifetime + hold)`` exceeds its usable ports. The time
@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from harness.capacity.model import DEFAULT_REUSE_DELAY_S, TIME_WAIT_S, reuse_applies
+from harness.capacity.port_model import DEFAULT_REUSE_DELAY_S, TIME_WAIT_S, reuse_applies
 from harness.kernel.sockdiag import TcpState
 from harness.observe.paths import STATES, PathSnapshot
 

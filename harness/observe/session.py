@@ -1,7 +1,7 @@
 """``eph observe``: sample every path of this host's network namespace, with no load of its own.
 
 Read-only: it dumps sockets with sock_diag and reads /proc, nothing else (on a
-NAT router, conntrack too: :mod:`harness.observe.nat`). Each
+NAT router, conntrack too: :mod:`harness.observe.nat_pools`). Each
 interval it takes one :class:`~harness.observe.paths.PathSnapshot`, judges it
 with the capacity model (:mod:`harness.observe.outlook`), hands both to the
 views (terminal, plain lines, Prometheus) and, with ``--out``, writes them
@@ -22,12 +22,12 @@ from pathlib import Path
 from types import FrameType
 from typing import Any, Protocol
 
-from harness.capacity.model import reserved_spans
+from harness.capacity.port_model import reserved_spans
 from harness.files import atomic_write_json
 from harness.kernel.counters import read_counters
 from harness.kernel.listening import read_conntrack
 from harness.kernel.sysctls import read_kernel
-from harness.observe.nat import NatSampler, NatSnapshot
+from harness.observe.nat_pools import NatSampler, NatSnapshot
 from harness.observe.outlook import Outlook, outlook
 from harness.observe.paths import PathSampler, PathSnapshot
 from harness.observe.store import ObserveStore, host_batch, paths_batch
@@ -85,7 +85,7 @@ class HostView:
     counters: dict[str, int | None]
     rates: dict[str, float]  # per second, for the cumulative counters
     sample_ms: float
-    nat: NatSnapshot | None = None  # on a NAT router: its pools (harness.observe.nat)
+    nat: NatSnapshot | None = None  # on a NAT router: its pools (harness.observe.nat_pools)
 
 
 class ObserveView(Protocol):

@@ -12,7 +12,7 @@ from rich.live import Live
 from rich.table import Table
 from rich.text import Text
 
-from harness.observe.nat import nat_lines
+from harness.observe.nat_pools import nat_lines
 from harness.observe.outlook import Outlook, Verdict
 from harness.observe.paths import STATES, PathSnapshot
 from harness.observe.session import HostView

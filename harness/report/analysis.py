@@ -21,14 +21,14 @@ from harness.report.model_sections import (
     connection_rate,
     time_wait_section,
 )
-from harness.report.occupancy import (
+from harness.report.ondisk import is_on_disk
+from harness.report.port_occupancy import (
     counter_delta,
     latency_by_occupancy,
     occupancy_at_start,
     peaks,
     samples_info,
 )
-from harness.report.ondisk import is_on_disk
 from harness.report.scan import EXHAUSTION_ERRNOS
 from harness.report.tuples import audit_tuples, port_allocation, sustained_rate
 from harness.scenario import Scenario

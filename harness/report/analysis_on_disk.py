@@ -17,6 +17,7 @@ import pyarrow as pa
 
 from harness.report.cliff import CliffSpans, cliff_section, onset_bin
 from harness.report.counts import ValueCounts
+from harness.report.disk_sweep import InUse, Sweep, sweep
 from harness.report.hosts import HostSamples, sections_of
 from harness.report.model_sections import (
     capacity_model,
@@ -24,7 +25,8 @@ from harness.report.model_sections import (
     connection_rate,
     time_wait_section,
 )
-from harness.report.occupancy import (
+from harness.report.ondisk import OnDisk
+from harness.report.port_occupancy import (
     IN_USE,
     OCCUPANCY_BINS,
     counter_delta,
@@ -32,10 +34,7 @@ from harness.report.occupancy import (
     samples_info,
     scope_series,
 )
-from harness.report.ondisk import OnDisk
 from harness.report.scan import RecordScan, scan_records
-from harness.report.sweep import Occupancy as InUse
-from harness.report.sweep import Sweep, sweep
 from harness.report.tuples import TupleAudit, sustained
 from harness.report.tuples_on_disk import CycleCount, audit_on_disk
 from harness.scenario import Scenario

@@ -10,9 +10,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from harness.capacity.model import CapacityModel
+from harness.capacity.port_model import CapacityModel
 from harness.report.columns import equals
-from harness.report.occupancy import peaks
+from harness.report.port_occupancy import peaks
 from harness.report.scan import EXHAUSTION_ERRNOS
 from harness.summary import HostSection, Kernel
 

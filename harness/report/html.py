@@ -21,8 +21,8 @@ from harness.report.figures import (
     compare_successes,
     figures_for,
 )
-from harness.report.http import http_findings
-from harness.report.nat import nat_findings
+from harness.report.http_section import http_findings
+from harness.report.nat_section import nat_findings
 from harness.scenario import Scenario
 from harness.summary import Capacity, Service, Summary
 

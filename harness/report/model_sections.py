@@ -6,8 +6,8 @@ from __future__ import annotations
 
 import pyarrow as pa
 
-from harness.capacity.model import CapacityModel
-from harness.report.occupancy import Peaks, scope_series
+from harness.capacity.port_model import CapacityModel
+from harness.report.port_occupancy import Peaks, scope_series
 from harness.report.tuples import TupleAudit
 from harness.scenario import ClosePolicy, Protocol, Scenario
 from harness.summary import Capacity, Kernel, Summary, TimeWait

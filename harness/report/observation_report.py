@@ -4,7 +4,7 @@ Four figures, each from ``paths.parquet`` / ``host.parquet`` as sampled (one
 point a sample, nothing binned): occupancy per path against its usable ports,
 new connections/s per path, time to exhaustion, and the kernel's counters.
 Findings and recommendations come from the capacity model
-(``harness.capacity.model``) with the measured rate, hold and lifetime.
+(``harness.capacity.port_model``) with the measured rate, hold and lifetime.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from matplotlib.figure import Figure
 
-from harness.capacity.model import TIME_WAIT_S
+from harness.capacity.port_model import TIME_WAIT_S
 from harness.files import atomic_write
 from harness.observe.store import STATE_COLUMNS
 from harness.summary import ObserveSummary

@@ -10,10 +10,10 @@ import numpy as np
 import pyarrow as pa
 
 from harness.report.columns import time_bins
+from harness.report.disk_sweep import sweep
 from harness.report.hosts import HostSamples
 from harness.report.ondisk import OnDisk, is_on_disk
 from harness.report.scan import scan_records
-from harness.report.sweep import sweep
 from harness.report.tuples import TupleAudit, audit_tuples
 from harness.scenario import Scenario
 from harness.summary import Summary

@@ -22,7 +22,7 @@ import pyarrow as pa
 
 from harness.errors import errno_name
 from harness.report.counts import ValueCounts
-from harness.report.http import HTTP_COLUMNS, HttpTally
+from harness.report.http_section import HTTP_COLUMNS, HttpTally
 from harness.report.ondisk import OnDisk, Records, record_batches
 from harness.summary import Connections, Exhaustion, Kernel, Latency, Outage, Ports
 

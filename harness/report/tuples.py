@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import pyarrow as pa
 
-from harness.capacity.model import TIME_WAIT_S
+from harness.capacity.port_model import TIME_WAIT_S
 from harness.report.columns import codes, quantiles
 from harness.report.counts import ValueCounts
 from harness.report.scan import EXHAUSTION_ERRNOS

@@ -12,20 +12,20 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from harness.capacity.nat import NatCapacityModel
+from harness.capacity.nat_model import NatCapacityModel
 from harness.errors import RunDirError, SummaryError
 from harness.kernel.sysctls import read_kernel
-from harness.load.cpu import CPU_FILE, is_cpu_part, merge_cpu_parts
+from harness.load.cpu_meter import CPU_FILE, is_cpu_part, merge_cpu_parts
 from harness.observe.collector import finish_samples
-from harness.observe.natpool import finish_nat
+from harness.observe.nat_collector import finish_nat
 from harness.records import Part
 from harness.report.analysis import analyze
-from harness.report.cpu import cpu_section
+from harness.report.cpu_section import cpu_section
 from harness.report.hosts import HostSamples
 from harness.report.html import render_report
-from harness.report.nat import nat_section, scan_for_nat, with_nat_model
-from harness.report.occupancy import kernel_conservation
+from harness.report.nat_section import nat_section, scan_for_nat, with_nat_model
 from harness.report.ondisk import Records, open_records
+from harness.report.port_occupancy import kernel_conservation
 from harness.report.rundata import RunData
 from harness.report.scan import scan_records
 from harness.report.summarize import summarize

@@ -26,7 +26,7 @@ import pyarrow.parquet as pq
 
 from harness.errors import RunDirError
 from harness.files import atomic_path, atomic_write_json
-from harness.load.cpu import CPU_FILE, is_cpu_part, merge_cpu_parts
+from harness.load.cpu_meter import CPU_FILE, is_cpu_part, merge_cpu_parts
 from harness.load.shipping import SHIPPED, WORKER_FILE, WORKERS_FILE, announced
 from harness.records import Part
 from harness.report.hosts import HostSamples

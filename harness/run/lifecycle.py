@@ -26,7 +26,7 @@ from typing import Any
 from harness.endpoints import Endpoint
 from harness.errors import RunError
 from harness.kernel.sysctls import read_kernel
-from harness.load.http import client_context
+from harness.load.http_client import client_context
 from harness.load.progress import Progress, read_progress
 from harness.observe.trace import KernelTrace, TraceResult, start_trace
 from harness.report.witness import kernel_witness

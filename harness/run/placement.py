@@ -28,7 +28,7 @@ from harness.endpoints import Endpoint
 from harness.errors import RunError
 from harness.kernel.parent_death import death_signal_preexec
 from harness.observe.collector import collect_command
-from harness.observe.natpool import nat_command
+from harness.observe.nat_collector import nat_command
 from harness.rundir import RunDir
 from harness.scenario import Protocol, Scenario
 from harness.supervisor import Child, Stage, Supervisor

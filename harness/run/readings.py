@@ -10,7 +10,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from harness.load.cpu import CPU_REQUEST_TYPE
+from harness.load.cpu_meter import CPU_REQUEST_TYPE
 from harness.report.hosts import HostSamples
 from harness.rundir import HOSTS_DIR
 from harness.summary import Kernel

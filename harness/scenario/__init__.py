@@ -4,8 +4,7 @@
 directory's resolved copy into it, applying ``--set`` overrides.
 """
 
-from harness.scenario.loading import apply_override, load_scenario, parse_scenario
-from harness.scenario.model import (
+from harness.scenario.definition import (
     ClosePolicy,
     Emulation,
     Engine,
@@ -18,6 +17,7 @@ from harness.scenario.model import (
     TlsConfig,
     Topology,
 )
+from harness.scenario.loading import apply_override, load_scenario, parse_scenario
 
 __all__ = [
     "ClosePolicy",

@@ -5,7 +5,7 @@ Precedence, highest first: command line (``--set key.path=value``, a sweep's
 keys are errors, with the closest valid key suggested; every error names where
 the value was typed (the file and line, or the flag as given), the key path, the
 value and what was expected. Files and programs the scenario names are checked
-too (:mod:`harness.scenario.inputs`).
+too (:mod:`harness.scenario.named_inputs`).
 """
 
 from __future__ import annotations
@@ -24,8 +24,8 @@ from typing import Any
 from pydantic import BaseModel, ValidationError
 
 from harness.errors import ScenarioError
-from harness.scenario.inputs import check_inputs
-from harness.scenario.model import Scenario
+from harness.scenario.definition import Scenario
+from harness.scenario.named_inputs import check_inputs
 
 __all__ = ["apply_override", "load_scenario", "parse_scenario"]
 

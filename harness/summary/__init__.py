@@ -8,15 +8,6 @@ a summary, and a test checks that it stays so. The analysis builds these models;
 the report renders them.
 """
 
-from harness.summary.errors import SummaryError
-from harness.summary.model import (
-    SCHEMA_VERSION,
-    Crash,
-    PriorRun,
-    Summary,
-    summary_schema,
-    validated,
-)
 from harness.summary.observed import (
     OBSERVE_SCHEMA_VERSION,
     ExecRecord,
@@ -25,6 +16,14 @@ from harness.summary.observed import (
     ObserveSummary,
     PathExhaustion,
     Traced,
+)
+from harness.summary.run_summary import (
+    SCHEMA_VERSION,
+    Crash,
+    PriorRun,
+    Summary,
+    summary_schema,
+    validated,
 )
 from harness.summary.sections import (
     BindAttempt,
@@ -58,6 +57,7 @@ from harness.summary.sections import (
     TupleExample,
     Tuples,
 )
+from harness.summary.summary_error import SummaryError
 
 __all__ = [
     "OBSERVE_SCHEMA_VERSION",

@@ -8,8 +8,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict
 
-from harness.summary.errors import SummaryError
 from harness.summary.sections import LatencyCliff, Tuples
+from harness.summary.summary_error import SummaryError
 
 __all__ = [
     "OBSERVE_SCHEMA_VERSION",

@@ -497,7 +497,7 @@ class Nat(Section):
     sustained_rate_per_s: float | None
     """Connects that completed per second once exhausted: what the pool sustains."""
     model_max_rate_per_s: float | None = None
-    """The NAT model's sustained rate for this setup (harness.capacity.nat)."""
+    """The NAT model's sustained rate for this setup (harness.capacity.nat_model)."""
     model_exhausted_at_s: float | None = None
     """The NAT model's time to exhaustion at the offered rate; None: never."""
     client_peak_fraction: float | None = None

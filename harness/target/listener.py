@@ -28,7 +28,12 @@ from typing import Any
 from harness.endpoints import Endpoint
 from harness.errors import ListenerError
 from harness.scenario import ListenerClose
-from harness.target.http import EndpointCounter, HttpConnection, close_with_reset, http_replies
+from harness.target.http_server import (
+    EndpointCounter,
+    HttpConnection,
+    close_with_reset,
+    http_replies,
+)
 
 __all__ = ["Listener", "ListenerStats", "serve_forever"]
 

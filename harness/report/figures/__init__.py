@@ -19,10 +19,10 @@ from harness.report.figures._axes import time_bins
 from harness.report.figures.capacity import capacity
 from harness.report.figures.compare import compare_capacity, compare_occupancy, compare_successes
 from harness.report.figures.connections import allocation, outcomes, port_use
-from harness.report.figures.cpu import cpu_vs_occupancy
+from harness.report.figures.cpu_figure import cpu_vs_occupancy
 from harness.report.figures.kernel import counters, reuse_age
-from harness.report.figures.nat import nat_pool
-from harness.report.figures.occupancy import hosts, latency_vs_occupancy, occupancy
+from harness.report.figures.nat_figure import nat_pool
+from harness.report.figures.occupancy_figure import hosts, latency_vs_occupancy, occupancy
 from harness.report.rundata import RunData
 
 __all__ = [

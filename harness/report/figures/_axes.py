@@ -7,7 +7,7 @@ from typing import Any
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 
-from harness.capacity.model import DEFAULT_REUSE_DELAY_S
+from harness.capacity.port_model import DEFAULT_REUSE_DELAY_S
 from harness.report.columns import time_bins
 from harness.report.rundata import RunData
 

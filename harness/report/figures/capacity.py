@@ -6,7 +6,7 @@ import numpy as np
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 
-from harness.capacity.model import TIME_WAIT_S
+from harness.capacity.port_model import TIME_WAIT_S
 from harness.report.figures._axes import empty, figure, legend, range_size, reuse_delay_s
 from harness.report.rundata import RunData
 from harness.summary import Capacity

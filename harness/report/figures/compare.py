@@ -6,7 +6,7 @@ import numpy as np
 from matplotlib.figure import Figure
 
 from harness.report.figures._axes import figure, finish, range_size
-from harness.report.occupancy import IN_USE, scope_series
+from harness.report.port_occupancy import IN_USE, scope_series
 from harness.report.rundata import RunData
 
 __all__ = ["compare_capacity", "compare_occupancy", "compare_successes"]

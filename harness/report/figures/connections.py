@@ -6,7 +6,7 @@ import numpy as np
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 
-from harness.capacity.model import reserved_spans
+from harness.capacity.port_model import reserved_spans
 from harness.errors import errno_name
 from harness.report.figures._axes import (
     EVEN,

@@ -7,7 +7,7 @@ import pyarrow as pa
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 
-from harness.capacity.model import TIME_WAIT_S
+from harness.capacity.port_model import TIME_WAIT_S
 from harness.report.columns import scope_mask
 from harness.report.figures._axes import (
     empty,

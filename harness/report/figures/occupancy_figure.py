@@ -11,7 +11,7 @@ from matplotlib.figure import Figure
 from harness.report.columns import scope_mask, scope_prefix_mask
 from harness.report.figures._axes import EVEN, ODD, empty, figure, legend, mark_exhaustion
 from harness.report.hosts import host_mask
-from harness.report.occupancy import IN_USE, occupancy_at_start, scope_series
+from harness.report.port_occupancy import IN_USE, occupancy_at_start, scope_series
 from harness.report.rundata import RunData
 
 __all__ = ["Panel", "hosts", "latency_vs_occupancy", "occupancy", "occupancy_panel"]

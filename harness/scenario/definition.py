@@ -169,7 +169,7 @@ def _table_or_flag(value: object) -> object:
 
 class HttpConfig(_Section):
     """``[load.http]``: each connection carries HTTP/1.1 requests, and each record gets
-    the status and the response size (``harness.load.http``)."""
+    the status and the response size (``harness.load.http_client``)."""
 
     method: Annotated[str, Field(pattern=r"^[A-Z]{1,16}$")] = "GET"
     path: Annotated[str, Field(pattern=r"^/\S*$")] = "/"
@@ -397,7 +397,7 @@ def _ipv4(value: object) -> object:
 
 class NatConfig(_Section):
     """``[lab.nat]``: the router's SNAT pool and conntrack, in the router namespace only
-    (``harness.lab.nat``). The defaults are a Linux MASQUERADE's: the whole port range
+    (``harness.lab.nat_router``). The defaults are a Linux MASQUERADE's: the whole port range
     on one address, conntrack's own timeouts."""
 
     # the router's outside addresses; each gives the pool another ``ports`` per destination

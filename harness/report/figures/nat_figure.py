@@ -18,8 +18,8 @@ from matplotlib.figure import Figure
 
 from harness.report.columns import scope_prefix_mask
 from harness.report.figures._axes import empty, figure, time_bins
-from harness.report.figures.occupancy import occupancy_panel
-from harness.report.nat import SYN_RETRANSMIT_US
+from harness.report.figures.occupancy_figure import occupancy_panel
+from harness.report.nat_section import SYN_RETRANSMIT_US
 from harness.report.rundata import RunData
 
 __all__ = ["nat_pool"]

@@ -21,7 +21,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from harness.capacity.nat import NatCapacityModel
+from harness.capacity.nat_model import NatCapacityModel
 from harness.report.counts import ValueCounts
 from harness.report.ondisk import Records, record_batches
 from harness.scenario import Scenario

@@ -3,7 +3,7 @@
 Exhaustion shows first as system CPU: with most of the range in use, connect()
 walks many candidate ports (``__inet_check_established``) before it finds a free
 one, or fails having walked them all. ``cpu.parquet`` holds one row per load
-process per records flush (``harness.load.cpu``): the CPU it spent and the
+process per records flush (``harness.load.cpu_meter``): the CPU it spent and the
 attempts it recorded. Joined with the collector's occupancy at each interval's
 middle, the rows answer how much system CPU an attempt costs as the range fills.
 
@@ -62,7 +62,7 @@ def interval_occupancy(cpu: pa.Table, samples: pa.Table, usable: int) -> np.ndar
     """Each interval's share of the usable ports in use toward the targets, at its
     middle (interpolated between samples); None without two samples."""
     # imported here: the occupancy module reads the summary model, which holds Cpu
-    from harness.report.occupancy import IN_USE, scope_series
+    from harness.report.port_occupancy import IN_USE, scope_series
 
     times, in_use = scope_series(samples, IN_USE)
     if len(times) < 2:

@@ -19,11 +19,11 @@ from harness.report.cliff import BIN_COUNT, occupancy_bins
 from harness.report.columns import time_bins
 from harness.report.counts import ValueCounts
 from harness.report.hosts import HostCounts
-from harness.report.occupancy import OCCUPANCY_BINS
 from harness.report.ondisk import OnDisk, StableCodes
+from harness.report.port_occupancy import OCCUPANCY_BINS
 from harness.report.scan import EXHAUSTION_ERRNOS, RecordScan
 
-__all__ = ["FIGURE_ROWS", "Occupancy", "Sweep", "sweep"]
+__all__ = ["FIGURE_ROWS", "InUse", "Sweep", "sweep"]
 
 FIGURE_ROWS = 1_000_000  # rows the figures of a large run draw from: 1 in k of the run
 # what the sweep reads, and the sample keeps for the figures (not pid, engine, close)
@@ -42,7 +42,7 @@ _COLUMNS = (
 
 
 @dataclass(frozen=True)
-class Occupancy:
+class InUse:
     """Ports in use toward the targets over time (the samples), against the usable."""
 
     times: np.ndarray
@@ -76,7 +76,7 @@ class Sweep:
 
 
 class _Pass:
-    def __init__(self, scan: RecordScan, occupancy: Occupancy | None, every: int) -> None:
+    def __init__(self, scan: RecordScan, occupancy: InUse | None, every: int) -> None:
         self.scan, self.occupancy = scan, occupancy
         self.t0 = scan.first_ns or 0
         self.found = Sweep(every=every)
@@ -166,7 +166,7 @@ class _Pass:
             rates[value] = rates.get(value, np.zeros(bins, np.int64)) + counts
 
 
-def sweep(records: OnDisk, scan: RecordScan, occupancy: Occupancy | None) -> Sweep:
+def sweep(records: OnDisk, scan: RecordScan, occupancy: InUse | None) -> Sweep:
     """The pass, once per run (kept with the records for the report after the summary)."""
     found = records.cache.get("sweep")
     if isinstance(found, Sweep):

@@ -37,7 +37,7 @@ import logging
 import subprocess
 from collections.abc import Sequence
 
-from harness.capacity.nat import CONNTRACK_TIME_WAIT_S
+from harness.capacity.nat_model import CONNTRACK_TIME_WAIT_S
 from harness.errors import RunError
 from harness.kernel.netns import Namespace, run_checked
 from harness.lab.link import targets_at

@@ -17,7 +17,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from harness.errors import ScenarioError
-from harness.scenario.model import Scenario
+from harness.scenario.definition import Scenario
 
 __all__ = ["SHELL_WORDS", "check_command", "check_inputs", "command_argv"]
 

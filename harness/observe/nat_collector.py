@@ -114,7 +114,7 @@ class PoolSampler:
 
     def _held(self) -> tuple[dict[tuple[str, str], np.ndarray], int | None]:
         """The ``busy`` set's ports per (NAT address, destination), and the drop counter
-        (``harness.lab.nat``: each element is destination . port . mark, the mark
+        (``harness.lab.nat_router``: each element is destination . port . mark, the mark
         being the address's index << 16 | the port). One ``nft`` run a sample that lists
         the set and the counter only: the table's one rule a pool port would make
         ``list table`` grow with the pool. The commands go on the command line: nft
@@ -218,10 +218,10 @@ def nat_command(
     pool: Sequence[str],
 ) -> list[str]:
     """The NAT collector as a child process: its command line (``pool`` from
-    :func:`harness.lab.nat.pool_arguments`)."""
+    :func:`harness.lab.nat_router.pool_arguments`)."""
     import sys
 
-    args = [sys.executable, "-m", "harness.observe.natpool", "--out", str(out)]
+    args = [sys.executable, "-m", "harness.observe.nat_collector", "--out", str(out)]
     args += ["--interval", f"{interval:g}", "--duration", f"{bound_s:g}"]
     for target in targets:
         args += ["--target", str(target)]

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from harness.capacity.model import CapacityModel
+from harness.capacity.port_model import CapacityModel
 from harness.scenario import ClosePolicy
 
 __all__ = ["PlanInputs"]

@@ -17,7 +17,6 @@ from typing import Any, Final, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-from harness.summary.errors import SummaryError
 from harness.summary.sections import (
     Capacity,
     Connections,
@@ -41,6 +40,7 @@ from harness.summary.sections import (
     TimeWait,
     Tuples,
 )
+from harness.summary.summary_error import SummaryError
 
 __all__ = ["SCHEMA_VERSION", "Crash", "PriorRun", "Summary", "summary_schema", "validated"]
 
