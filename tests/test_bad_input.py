@@ -439,3 +439,16 @@ def test_an_argument_locust_refuses_is_said_on_the_terminal(home: Path) -> None:
     last = result.stderr.strip().splitlines()[-1]
     assert last.startswith("error: Locust could not start"), result.stderr
     assert "unrecognized arguments: --no-such-flag" in last
+
+
+@pytest.mark.parametrize(("interval", "duration"), [(0.0, 2.0), (1.0, 0.0), (-1.0, 2.0)])
+def test_an_observation_that_would_never_end_is_refused(interval: float, duration: float) -> None:
+    """Below the CLI too: 0 s between samples never reached the end (19,046 samples)."""
+    from harness.observe.session import Observation, Settings
+
+    settings = Settings(port_range=(40000, 40099), reserved="", tw_reuse=1, timestamps=1,
+                        reuse_delay_ms=None, conntrack_max=None)  # fmt: skip
+    observation = Observation(duration_s=duration, interval_s=interval, settings=settings)
+    with pytest.raises(ValueError, match="above zero"):
+        observation.run()
+    assert observation.samples == 0

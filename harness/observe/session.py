@@ -121,6 +121,11 @@ class Observation:
 
     def run(self, clock: Callable[[], float] = time.monotonic) -> None:
         """Sample until ``duration_s`` or a stop signal; close the files and views."""
+        if not (self.interval_s > 0 and self.duration_s > 0):  # 0 s would never end
+            raise ValueError(
+                f"interval ({self.interval_s} s) and duration ({self.duration_s} s) must be"
+                " above zero"
+            )
         sampler = PathSampler(
             self.settings.port_range,
             reserved_spans(self.settings.reserved),
