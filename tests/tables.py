@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -11,6 +12,14 @@ import pyarrow.parquet as pq
 
 from harness.observe.nat_collector import NAT_SCHEMA
 from harness.records import CONNECTIONS_SCHEMA, application_zeros
+from harness.report.analysis import analyze
+from harness.report.hosts import HostSamples
+from harness.report.ondisk import Held
+from harness.report.scan import scan_records
+from harness.report.summarize import summarize
+from harness.report.tuples import TupleAudit
+from harness.report.tuples_on_disk import CycleCount, audit_on_disk
+from harness.scenario import parse_scenario
 from harness.summary import Capacity, Connections, Conservation, Exhaustion, Kernel, Ports, Summary
 
 NAT = "198.51.100.1"
@@ -94,3 +103,22 @@ def write_nat(
     meta = {"addresses": [NAT], "ports": [20000, 20000 + pool - 1], "hold": False}
     (run / "router" / "nat.json").write_text(json.dumps(meta))
     return table
+
+
+def audit(table: pa.Table) -> TupleAudit:
+    """The run's tuple audit of ``table``, as the analysis makes it (one partition)."""
+    return audit_on_disk(Held(table), CycleCount(after_ns=None))
+
+
+def analyzed(table: pa.Table, kernel: Kernel, hosts: Sequence[HostSamples] = ()) -> Summary:
+    """``table``'s summary through the one analysis: summarize, then analyze."""
+    first = summarize(
+        scan_records(table),
+        scenario="t",
+        started_at="-",
+        duration_s=1.0,
+        interrupted=False,
+        kernel=kernel,
+    )
+    scenario = parse_scenario('name = "t"\n[target]\nendpoints = ["127.0.0.1:9000"]\n')
+    return analyze(table, None, scenario, first, hosts=hosts)

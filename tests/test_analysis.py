@@ -7,11 +7,12 @@ import pyarrow as pa
 import pytest
 
 from harness.capacity.port_model import CapacityModel, reserved_in_range
-from harness.report.hosts import HostSamples, host_sections
-from harness.report.tuples import audit_tuples, port_allocation
+from harness.report.hosts import HostSamples
 from harness.scenario import ClosePolicy
 from harness.summary import Kernel, Ports, TupleExample
 
+from .tables import analyzed
+from .tables import audit as audit_tuples
 from .tables import connections_table as _table
 
 S = 1_000_000_000
@@ -30,7 +31,8 @@ def test_clean_run_has_no_duplicates_and_counts_reuse() -> None:
     assert audit.max_uses == 2
     assert audit.concurrent_duplicates == 0
     assert audit.reused_out_of_time_wait == 1
-    assert audit.reuse_ages_s.tolist() == pytest.approx([2.0 - 100e-6])
+    ages, counts = audit.reuse_age_weights()  # in whole microseconds
+    assert ages.tolist() == pytest.approx([2.0 - 100e-6]) and counts.tolist() == [1]
 
 
 def test_planted_overlap_is_found_with_an_example() -> None:
@@ -149,8 +151,8 @@ def test_port_allocation_parity_and_offsets() -> None:
     rows = [(i * S // 10, 100, 40000 + 2 * i, 0) for i in range(50)]
     rows += [(5 * S + i * S // 10, 100, 40001 + 2 * i, 0) for i in range(50)]
     rows += [(11 * S, 100, 40000, 0)]
-    ports = Ports(range=[40000, 40099], distinct_used=100, even_fraction=0.5)
-    result = port_allocation(_table(rows), ports)
+    kernel = Kernel(ip_local_port_range=[40000, 40099])
+    result = analyzed(_table(rows), kernel).ports
     assert result.distinct_used == 100  # what summarize found is kept
     assert result.first_odd_s == pytest.approx(5.0)
     assert result.max_uses_per_port == 2
@@ -159,7 +161,8 @@ def test_port_allocation_parity_and_offsets() -> None:
     assert result.connect_ms_by_parity is not None
     assert result.connect_ms_by_parity.even is not None
     assert result.connect_ms_by_parity.even.p50 == pytest.approx(0.01)
-    assert port_allocation(_table([(0, 100, 0, 99)]), ports) == ports  # nothing succeeded
+    failed = analyzed(_table([(0, 100, 0, 99)]), kernel)  # nothing succeeded: nothing added
+    assert failed.ports == Ports(range=[40000, 40099], distinct_used=0, even_fraction=None)
 
 
 def test_host_sections_count_each_worker_on_its_own() -> None:
@@ -170,7 +173,9 @@ def test_host_sections_count_each_worker_on_its_own() -> None:
     table = pa.concat_tables([a, b], promote_options="permissive").unify_dictionaries()
     kernel = Kernel(ip_local_port_range=[40000, 40099])
     hosts = [HostSamples(name, None, kernel) for name in ("w1", "w2")]
-    w1, w2 = host_sections(table.sort_by("start_ns"), hosts, None)
+    summary = analyzed(table.sort_by("start_ns"), kernel, hosts)
+    assert summary.hosts is not None
+    w1, w2 = summary.hosts
     assert (w1.attempted, w1.succeeded, w1.distinct_ports) == (5, 5, 5)
     assert w1.first_exhaustion_s is None and w1.port_span == [40000, 40004]
     assert w1.port_range == [40000, 40099]
@@ -206,8 +211,11 @@ def test_peaks_read_the_targets_scopes_and_the_kernels_counter() -> None:
 def test_the_latency_cliff_reads_occupancy_from_the_samples() -> None:
     """2,000 client-closed connections 1 ms apart over 2,000 ports: even ports first at
     10 us, then odd ones at 900 us; the collector sees one more port held per ms."""
-    from harness.report.analysis import latency_cliff
+    from harness.report.analysis import analyze
     from harness.report.port_occupancy import IN_USE
+    from harness.report.scan import scan_records
+    from harness.report.summarize import summarize
+    from harness.scenario import parse_scenario
 
     n, ms = 2000, 1_000_000
     ports = [40000 + 2 * i for i in range(n // 2)] + [40001 + 2 * i for i in range(n // 2)]
@@ -218,11 +226,23 @@ def test_the_latency_cliff_reads_occupancy_from_the_samples() -> None:
     columns: dict[str, pa.Array] = {
         "t_ns": pa.array(times, pa.int64()),
         "scope": pa.array(["to 127.0.0.1:9000"] * len(times), pa.string()),
+        "sample_ms": pa.array(np.ones(len(times))),
+        "tw_recycled": pa.array(np.zeros(len(times))),
     }
     for state in IN_USE:
         held = times // ms if state == "time_wait" else np.zeros(len(times), np.int64)
         columns[state] = pa.array(held, pa.int64())
-    cliff = latency_cliff(table, pa.table(columns), usable=n)
+    kernel = Kernel(ip_local_port_range=[40000, 40000 + n - 1], tcp_tw_reuse=0)
+    first = summarize(
+        scan_records(table),
+        scenario="cliff",
+        started_at="-",
+        duration_s=2.0,
+        interrupted=False,
+        kernel=kernel,
+    )
+    scenario = parse_scenario('name = "cliff"\n[target]\nendpoints = ["127.0.0.1:9000"]\n')
+    cliff = analyze(table, pa.table(columns), scenario, first).latency_cliff
     assert cliff is not None and cliff.detected
     assert cliff.onset_occupancy == pytest.approx(0.5, abs=0.01)
     assert (cliff.before_p50_ms, cliff.after_p50_ms, cliff.ratio) == (0.01, 0.9, 90.0)

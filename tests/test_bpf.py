@@ -19,11 +19,11 @@ import pytest
 from harness.kernel import bpf
 from harness.kernel.netns import Namespace
 from harness.observe.trace import KernelTrace, start_trace
-from harness.report.tuples import audit_tuples
 from harness.report.witness import kernel_witness
 from harness.supervisor import Stage, Supervisor
 
 from .conftest import EPH, ROOT, eph, require, run_dir_summary, write_scenario
+from .tables import audit as audit_tuples
 
 LO = socket.htonl(0x7F000001)  # 127.0.0.1 as the kernel holds it, read as a host u32
 

@@ -1,44 +1,71 @@
 """From records and samples to answers: the summary's TIME_WAIT, tuples, occupancy,
-capacity, samples and hosts sections, on top of :func:`summarize`'s.
+capacity, samples, latency cliff and hosts sections, on top of :func:`summarize`'s.
 
-The pieces live by concept: ``tuples`` (4-tuples, reuse, port allocation),
-``occupancy`` (what the samples say), ``hosts`` (a distributed run's workers).
+One analysis for every size of run. The records come as a handle
+(``harness.report.ondisk``): a small run held, a large one on disk, read the same
+way, a batch at a time. The sections come from the summary's scan, one sweep
+(``disk_sweep``) and the tuple audit (``tuples_on_disk``, partitioned only for a run
+on disk). Quantiles are exact (counts per microsecond value), except the reuse
+ages': of ages binned to 1 microsecond.
 """
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
 
-from harness.report.analysis_on_disk import analyze_on_disk
-from harness.report.cliff import CliffInput, detect_cliff
-from harness.report.hosts import HostSamples, host_sections
+from harness.report.cliff import CliffSpans, cliff_section, onset_bin
+from harness.report.counts import ValueCounts
+from harness.report.disk_sweep import InUse, Sweep, sweep
+from harness.report.hosts import HostSamples, sections_of
 from harness.report.model_sections import (
     capacity_model,
     capacity_section,
     connection_rate,
     time_wait_section,
 )
-from harness.report.ondisk import is_on_disk
+from harness.report.ondisk import RecordHandle, Records, as_handle
 from harness.report.port_occupancy import (
+    IN_USE,
+    OCCUPANCY_BINS,
     counter_delta,
-    latency_by_occupancy,
-    occupancy_at_start,
     peaks,
     samples_info,
+    scope_series,
 )
-from harness.report.scan import EXHAUSTION_ERRNOS
-from harness.report.tuples import audit_tuples, port_allocation, sustained_rate
+from harness.report.scan import RecordScan, scan_records
+from harness.report.tuples import TupleAudit, sustained
+from harness.report.tuples_on_disk import CycleCount, audit_on_disk
 from harness.scenario import Scenario
-from harness.summary import LatencyCliff, Occupancy, Summary
+from harness.summary import LatencyCliff, Occupancy, OccupancyBand, ParityQuantiles, Ports, Summary
 
-__all__ = ["analyze", "capacity_model", "connection_rate", "latency_cliff"]
+__all__ = ["analyze", "audit_of", "in_use"]
+
+
+def in_use(samples: pa.Table | None, usable: int | None) -> InUse | None:
+    """Ports in use over time against the usable range, when both are known."""
+    if samples is None or not samples.num_rows or not usable:
+        return None
+    times, counts = scope_series(samples, IN_USE)
+    return InUse(times, counts, usable) if len(times) >= 2 else None
+
+
+def audit_of(records: RecordHandle) -> tuple[TupleAudit, CycleCount]:
+    """The tuple audit, once per run."""
+    found: Any = records.cache.get("audit")
+    if found is None:
+        cycles = CycleCount(after_ns=scan_records(records).exhausted_ns)
+        found = records.cache["audit"] = (audit_on_disk(records, cycles), cycles)
+    audit, cycles = found
+    return audit, cycles
 
 
 def analyze(
-    table: pa.Table,
+    run_records: Records,
     samples: pa.Table | None,
     scenario: Scenario,
     summary: Summary,
@@ -46,59 +73,121 @@ def analyze(
     hosts: Sequence[HostSamples] = (),
 ) -> Summary:
     """``summary`` with the sections this module owns: time_wait, tuples, occupancy,
-    capacity, samples, and in a distributed run (``hosts``) one entry per host.
-
-    ``table`` may stand for a run too large to hold (``harness.report.ondisk``)."""
-    if is_on_disk(table):
-        return analyze_on_disk(table, samples, scenario, summary, server_samples, hosts)
-    audit = audit_tuples(table)
-    found = peaks(samples) if samples is not None and samples.num_rows else None
-    model = capacity_model(scenario, summary.kernel, _lifetime_s(table), hosts=max(1, len(hosts)))
+    latency_cliff, capacity, samples, and in a distributed run (``hosts``) one entry
+    per host. ``run_records``: a table, or a handle (held or on disk)."""
+    records = as_handle(run_records)
+    scan = scan_records(records)
+    lifetime = scan.close_us.percentile(50) / 1e6 if scan.close_us.total else 0.0
+    model = capacity_model(scenario, summary.kernel, lifetime, hosts=max(1, len(hosts)))
+    usable = model.ports if model is not None else None
+    occupancy = in_use(samples, usable) if scan.succeeded else None
+    found = sweep(records, scan, occupancy)
+    audit, cycles = audit_of(records)
+    have_samples = samples is not None and samples.num_rows
     result = summary.model_copy()
-    if samples is not None and samples.num_rows:
-        result.samples = samples_info(table, samples, scenario.collector.interval)
-    result.time_wait = time_wait_section(audit, found, server_samples)
+    if have_samples:
+        result.samples = samples_info(records, samples, scenario.collector.interval)
+    result.time_wait = time_wait_section(
+        audit, peaks(samples) if have_samples else None, server_samples
+    )
     result.tuples = audit.section()
     if hosts:
-        result.hosts = host_sections(table, hosts, model)
+        result.hosts = sections_of(found.hosts, hosts, model, scan.first_ns or 0)
     result.capacity = capacity_section(model, summary, connection_rate(scenario))
-    result.capacity.measured_sustained_rate_per_s = sustained_rate(table, audit)
-    result.ports = port_allocation(table, summary.ports)
-    if found is not None and model is not None and samples is not None:
-        result.occupancy = Occupancy(
-            peak_ports=found.in_use,
-            usable_ports=model.ports,
-            peak_fraction=round(found.in_use / model.ports, 4) if model.ports else None,
-            connect_ms_by_occupancy=latency_by_occupancy(table, samples, model.ports),
+    if scan.exhausted_ns is not None:
+        window = (scan.last_ns - scan.exhausted_ns) / 1e9
+        result.capacity.measured_sustained_rate_per_s = sustained(
+            audit.distinct, cycles.count, cycles.total_s, found.returns, window
         )
-        result.latency_cliff = latency_cliff(table, samples, model.ports)
-    if samples is not None and samples.num_rows and "timewait_overflow" in samples.column_names:
+    result.ports = _ports(scan, found, summary.ports)
+    if have_samples and model is not None and occupancy is not None:
+        top = peaks(samples)
+        result.occupancy = Occupancy(
+            peak_ports=top.in_use,
+            usable_ports=model.ports,
+            peak_fraction=round(top.in_use / model.ports, 4) if model.ports else None,
+            connect_ms_by_occupancy=_bands(found),
+        )
+        result.latency_cliff = _cliff(records, scan, found)
+    if samples is not None and have_samples and "timewait_overflow" in samples.column_names:
         result.time_wait.kernel_timewait_overflow = counter_delta(samples, "timewait_overflow")
     return result
 
 
-def latency_cliff(table: pa.Table, samples: pa.Table, usable: int) -> LatencyCliff | None:
-    """Connect latency against occupancy: where it steps up (``harness.report.cliff``)."""
-    occupancy = occupancy_at_start(table, samples, usable)
-    if occupancy is None:
-        return None
-    ok = table.column("errno").to_numpy() == 0
-    start = table.column("start_ns").to_numpy()
-    start_s = (start - start.min()) / 1e9
-    out_of_ports = np.isin(table.column("errno").to_numpy(), EXHAUSTION_ERRNOS)
-    return detect_cliff(
-        CliffInput(
-            occupancy=occupancy,
-            connect_ms=table.column("connect_us").to_numpy()[ok] / 1000.0,
-            start_s=start_s[ok],
-            failures_s=np.sort(start_s[out_of_ports]),
+def _ports(scan: RecordScan, found: Sweep, ports: Ports) -> Ports:
+    """:func:`tuples.port_allocation` from the counts."""
+    result = ports.model_copy()
+    if not scan.succeeded:
+        return result
+    used = scan.port_uses[scan.port_uses > 0]
+    even, odd = found.parity
+    result.max_uses_per_port = int(used.max())
+    result.mean_uses_per_port = round(float(used.mean()), 3)
+    if found.first_odd_ns is not None and odd.total < scan.succeeded:
+        result.first_odd_s = round((found.first_odd_ns - (scan.first_ok_ns or 0)) / 1e9, 4)
+    first = {f"{name}:{port}": local for (name, port), local in list(found.first_port.items())[:64]}
+    result.first_port_by_destination = first
+    result.connect_ms_by_parity = ParityQuantiles(
+        even=even.quantiles(scale=1000), odd=odd.quantiles(scale=1000)
+    )
+    if ports.span is not None:
+        low = ports.span[0]
+        result.first_offset_by_destination = {name: port - low for name, port in first.items()}
+    return result
+
+
+def _bands(found: Sweep) -> list[OccupancyBand]:
+    bands = []
+    for band, (low, high) in enumerate(itertools.pairwise(OCCUPANCY_BINS)):
+        even, odd = found.bands[2 * band], found.bands[2 * band + 1]
+        if even.total + odd.total:
+            bands.append(
+                OccupancyBand(
+                    occupancy=[low, min(high, 1.0)],
+                    connections=even.total + odd.total,
+                    even=even.quantiles(scale=1000),
+                    odd=odd.quantiles(scale=1000),
+                )
+            )
+    return bands
+
+
+def _merged(parts: Sequence[ValueCounts]) -> ValueCounts:
+    merged = ValueCounts()
+    for part in parts:
+        merged.merge(part.values, part.counts)
+    return merged
+
+
+def _ms(counts: ValueCounts) -> tuple[float, float]:
+    return tuple(round(counts.percentile(q) / 1000, 4) for q in (50, 99))  # type: ignore[return-value]
+
+
+def _cliff(records: RecordHandle, scan: RecordScan, found: Sweep) -> LatencyCliff:
+    """:func:`cliff.detect_cliff` from each bin's counts, and a pass for the rates."""
+    counts = np.array([b.total for b in found.bins])
+    medians = np.array([b.percentile(50) / 1000 if b.total else np.nan for b in found.bins])
+    onset = onset_bin(medians, counts)
+    if onset is None:
+        return LatencyCliff(detected=False)
+    t0 = scan.first_ns or 0
+    onset_ns = int(found.bin_first_ns[onset:].min())
+    failed = scan.exhausted_ns
+    end_ns = failed if failed is not None and failed >= onset_ns else scan.last_ok_ns or 0
+    in_before = in_after = 0
+    for batch in records.batches(["start_ns", "errno"]):
+        start = batch.column("start_ns").to_numpy()[batch.column("errno").to_numpy() == 0]
+        in_before += int((start < onset_ns).sum())
+        in_after += int(((start >= onset_ns) & (start < end_ns)).sum())
+    return cliff_section(
+        CliffSpans(
+            onset=onset,
+            before_ms=_ms(_merged(found.bins[:onset])),
+            after_ms=_ms(_merged(found.bins[onset:])),
+            first_s=((scan.first_ok_ns or 0) - t0) / 1e9,
+            onset_s=(onset_ns - t0) / 1e9,
+            end_s=(end_ns - t0) / 1e9,
+            in_before=in_before,
+            in_after=in_after,
         )
     )
-
-
-def _lifetime_s(table: pa.Table) -> float:
-    """The median successful connection's life, connect() to close, in seconds."""
-    ok = table.column("errno").to_numpy() == 0
-    if not ok.any():
-        return 0.0
-    return float(np.median(table.column("close_us").to_numpy()[ok])) / 1e6

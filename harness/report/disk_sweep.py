@@ -1,6 +1,7 @@
-"""One pass over a large run's records for what :func:`analysis.analyze` finds in
-memory: ports by parity, latency by occupancy, the cliff's bins, each
-host's share, attempts per second, and a sample of rows for the figures.
+"""One pass over a run's records (held or on disk) for the analysis: ports by
+parity, latency by occupancy, the cliff's bins, each host's share, attempts per
+second, and a sample of rows for the figures (every row, for a run of up to
+:data:`FIGURE_ROWS`).
 
 Latency is counted per microsecond value in each band or bin, so every quantile
 is the exact one. What a figure draws from the sample says so in its title.
@@ -19,7 +20,7 @@ from harness.report.cliff import BIN_COUNT, occupancy_bins
 from harness.report.columns import time_bins
 from harness.report.counts import ValueCounts
 from harness.report.hosts import HostCounts
-from harness.report.ondisk import OnDisk, StableCodes
+from harness.report.ondisk import RecordHandle, StableCodes
 from harness.report.port_occupancy import OCCUPANCY_BINS
 from harness.report.scan import EXHAUSTION_ERRNOS, RecordScan
 
@@ -166,7 +167,7 @@ class _Pass:
             rates[value] = rates.get(value, np.zeros(bins, np.int64)) + counts
 
 
-def sweep(records: OnDisk, scan: RecordScan, occupancy: InUse | None) -> Sweep:
+def sweep(records: RecordHandle, scan: RecordScan, occupancy: InUse | None) -> Sweep:
     """The pass, once per run (kept with the records for the report after the summary)."""
     found = records.cache.get("sweep")
     if isinstance(found, Sweep):

@@ -8,15 +8,13 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 
 from harness.capacity.port_model import CapacityModel
 from harness.report.columns import equals
 from harness.report.port_occupancy import peaks
-from harness.report.scan import EXHAUSTION_ERRNOS
 from harness.summary import HostSection, Kernel
 
-__all__ = ["HostCounts", "HostSamples", "host_mask", "host_sections", "sections_of"]
+__all__ = ["HostCounts", "HostSamples", "host_mask", "sections_of"]
 
 
 @dataclass(frozen=True)
@@ -44,31 +42,6 @@ class HostCounts:
     first_exhaustion_ns: int | None = None
     addresses: set[str] = field(default_factory=set)  # of its successful connections
     ports: np.ndarray = field(default_factory=lambda: np.zeros(65536, np.int64))  # uses
-
-
-def host_sections(
-    table: pa.Table, hosts: Sequence[HostSamples], model: CapacityModel | None
-) -> list[HostSection]:
-    """Per load-generator host: its connections, ports, first failure and peak occupancy."""
-    start = table.column("start_ns").to_numpy()
-    t0 = int(start.min()) if len(start) else 0
-    errno = table.column("errno").to_numpy()
-    ports = table.column("local_port").to_numpy()
-    counts = {}
-    addresses = table.column("local_addr")
-    for host in hosts:
-        mine = host_mask(table, host.name)
-        ok = mine & (errno == 0)
-        failed = mine & np.isin(errno, list(EXHAUSTION_ERRNOS))
-        counts[host.name] = HostCounts(
-            attempted=int(mine.sum()),
-            succeeded=int(ok.sum()),
-            failed=int((mine & (errno != 0)).sum()),
-            first_exhaustion_ns=int(start[failed].min()) if failed.any() else None,
-            addresses={str(a) for a in pc.unique(addresses.filter(ok)).to_pylist()},
-            ports=np.bincount(ports[ok], minlength=65536),
-        )
-    return sections_of(counts, hosts, model, t0)
 
 
 def sections_of(

@@ -18,8 +18,9 @@ import pyarrow.parquet as pq
 
 from harness.errors import RunDirError
 from harness.observe.store import STATE_COLUMNS
+from harness.report.analysis import audit_of
 from harness.report.cliff import CliffInput, detect_cliff
-from harness.report.tuples import audit_tuples
+from harness.report.ondisk import Held
 from harness.summary import (
     ExecRecord,
     HostCounters,
@@ -92,7 +93,7 @@ def _traced(directory: Path, paths: pa.Table) -> Traced | None:
         connections=table.num_rows,
         failed=int((errno != 0).sum()),
         path=label,
-        tuples=audit_tuples(table).section(),
+        tuples=audit_of(Held(table))[0].section(),  # the run's audit, one partition
         latency_cliff=cliff,
     )
 

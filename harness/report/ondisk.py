@@ -1,4 +1,8 @@
-"""A run too large to hold: its ``connections.parquet`` read a batch at a time.
+"""A run's records as every analysis reads them: a batch at a time.
+
+A small run is held (:class:`Held`), a large one stays on disk (:class:`OnDisk`);
+both give the same batches, keep what a pass found for the next one (``cache``),
+and so run through the same code: there is no second analysis for large runs.
 
 Holding a run's records costs ~375 bytes a connection by the time the report is
 drawn (the table, numpy copies, the tuple audit's sort, the figures' masks):
@@ -24,10 +28,12 @@ import pyarrow.parquet as pq
 __all__ = [
     "BATCH_ROWS",
     "IN_MEMORY_ROWS",
+    "Held",
     "OnDisk",
+    "RecordHandle",
     "Records",
     "StableCodes",
-    "is_on_disk",
+    "as_handle",
     "open_records",
     "record_batches",
     "start_span",
@@ -39,8 +45,7 @@ BATCH_ROWS = 1_000_000  # rows read at once (the merge's row groups)
 
 @dataclass(frozen=True)
 class OnDisk:
-    """Where a large run's records are, and how many: passed where a small run's
-    ``pa.Table`` goes, and recognised there by :func:`is_on_disk`."""
+    """Where a large run's records are, and how many: read a batch at a time."""
 
     path: Path
     num_rows: int
@@ -85,11 +90,38 @@ class StableCodes:
         return np.asarray(table[indices], dtype=np.int64)
 
 
-def is_on_disk(table: object) -> bool:
-    return isinstance(table, OnDisk)
+@dataclass(frozen=True)
+class Held:
+    """A run small enough to hold: its table, read as :class:`OnDisk` reads a file."""
+
+    table: pa.Table
+    cache: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
+    path: Path | None = None  # where it came from, when a file: the audit's scratch goes beside
+
+    @property
+    def num_rows(self) -> int:
+        return int(self.table.num_rows)
+
+    @property
+    def column_names(self) -> list[str]:
+        return list(self.table.column_names)
+
+    def batches(self, columns: Sequence[str]) -> Iterator[pa.RecordBatch]:
+        yield from self.table.select(list(columns)).to_batches(max_chunksize=BATCH_ROWS)
 
 
-Records: TypeAlias = "pa.Table | OnDisk"
+RecordHandle: TypeAlias = "Held | OnDisk"
+"""A run's records, held or on disk: what every analysis takes."""
+
+
+def as_handle(records: pa.Table | OnDisk | Held) -> Held | OnDisk:
+    """``records`` as a handle (a table is held)."""
+    if isinstance(records, OnDisk | Held):
+        return records
+    return Held(records)
+
+
+Records: TypeAlias = "pa.Table | OnDisk | Held"
 """A run's records: held (a small run) or on disk (a large one); read both alike with
 :func:`record_batches`."""
 
@@ -98,7 +130,7 @@ def record_batches(records: Records, columns: Sequence[str]) -> Iterator[pa.Reco
     """The rows in start order, only ``columns``, a batch at a time: the one way a
     section that reads records for any size of run reads them. A run held in memory
     is a batch or a few (its chunks); one on disk ``BATCH_ROWS`` at a time."""
-    if isinstance(records, OnDisk):
+    if isinstance(records, OnDisk | Held):
         yield from records.batches(columns)
         return
     yield from records.select(list(columns)).to_batches(max_chunksize=BATCH_ROWS)

@@ -3,16 +3,15 @@ the kernel's own counters, and whether the samples cover the run."""
 
 from __future__ import annotations
 
-import itertools
 from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
 
-from harness.report.columns import quantiles, scope_mask, scope_prefix_mask
-from harness.report.ondisk import is_on_disk
+from harness.report.columns import scope_mask, scope_prefix_mask
+from harness.report.ondisk import Records
 from harness.report.scan import EXHAUSTION_ERRNOS, scan_records
-from harness.summary import OccupancyBand, SamplesInfo
+from harness.summary import SamplesInfo
 
 __all__ = [
     "IN_USE",
@@ -21,7 +20,6 @@ __all__ = [
     "Peaks",
     "counter_delta",
     "kernel_conservation",
-    "latency_by_occupancy",
     "occupancy_at_start",
     "peaks",
     "samples_info",
@@ -85,7 +83,7 @@ def peaks(samples: pa.Table) -> Peaks:
     )
 
 
-def samples_info(table: pa.Table, samples: pa.Table, interval_s: float) -> SamplesInfo:
+def samples_info(table: Records, samples: pa.Table, interval_s: float) -> SamplesInfo:
     """How many samples, how long one took, and whether they cover the run."""
     sample_ms = samples.column("sample_ms").to_numpy(zero_copy_only=False)
     sample_ms = sample_ms[~np.isnan(sample_ms)]
@@ -98,19 +96,13 @@ def samples_info(table: pa.Table, samples: pa.Table, interval_s: float) -> Sampl
     )
 
 
-def samples_missing_after(table: pa.Table, samples: pa.Table, interval_s: float) -> float | None:
+def samples_missing_after(table: Records, samples: pa.Table, interval_s: float) -> float | None:
     """When the collector's samples stop well before the load did (it died): the last
     sample, in seconds from the first attempt; None when they cover the run."""
-    if is_on_disk(table):
-        scan = scan_records(table)
-        if scan.first_ns is None:
-            return None
-        first, last = scan.first_ns, scan.last_ns
-    else:
-        start = table.column("start_ns").to_numpy()
-        if not len(start):
-            return None
-        first, last = int(start.min()), int(start.max())
+    scan = scan_records(table)
+    if scan.first_ns is None:
+        return None
+    first, last = scan.first_ns, scan.last_ns
     last_sample = int(samples.column("t_ns").to_numpy().max())
     if last_sample >= last - 3 * interval_s * 1e9 - 0.5e9:
         return None
@@ -126,17 +118,14 @@ class KernelCount:
     attempts_sending_syn: int
 
 
-def kernel_conservation(table: pa.Table, samples: pa.Table | None) -> KernelCount | None:
+def kernel_conservation(table: Records, samples: pa.Table | None) -> KernelCount | None:
     """The kernel's own count of connects against the records: Tcp ActiveOpens counts
     each SYN a connect() sent, so over the run it must equal the attempts that did not
     fail locally for want of a port. None without counters in the samples."""
     if samples is None or not samples.num_rows or "active_opens" not in samples.column_names:
         return None
-    if is_on_disk(table):
-        scan = scan_records(table)
-        sending = scan.attempted - int(scan.errors[list(EXHAUSTION_ERRNOS)].sum())
-    else:
-        sending = int((~np.isin(table.column("errno").to_numpy(), EXHAUSTION_ERRNOS)).sum())
+    scan = scan_records(table)
+    sending = scan.attempted - int(scan.errors[list(EXHAUSTION_ERRNOS)].sum())
     return KernelCount(
         kernel_active_opens=counter_delta(samples, "active_opens"),
         kernel_attempt_fails=counter_delta(samples, "attempt_fails"),
@@ -152,26 +141,3 @@ def occupancy_at_start(table: pa.Table, samples: pa.Table, usable: int) -> np.nd
     if len(times) < 2 or not ok.any() or not usable:
         return None
     return np.asarray(np.interp(table.column("start_ns").to_numpy()[ok], times, in_use) / usable)
-
-
-def latency_by_occupancy(table: pa.Table, samples: pa.Table, usable: int) -> list[OccupancyBand]:
-    """Connect latency (p50/p99, even and odd ports) in bands of range occupancy."""
-    fraction = occupancy_at_start(table, samples, usable)
-    if fraction is None:
-        return []
-    ok = table.column("errno").to_numpy() == 0
-    connect_ms = table.column("connect_us").to_numpy()[ok] / 1000.0
-    odd = table.column("local_port").to_numpy()[ok] % 2 == 1
-    bands = []
-    for low, high in itertools.pairwise(OCCUPANCY_BINS):
-        band = (fraction >= low) & (fraction < high)
-        if band.any():
-            bands.append(
-                OccupancyBand(
-                    occupancy=[low, min(high, 1.0)],
-                    connections=int(band.sum()),
-                    even=quantiles(connect_ms[band & ~odd]),
-                    odd=quantiles(connect_ms[band & odd]),
-                )
-            )
-    return bands

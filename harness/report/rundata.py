@@ -9,12 +9,12 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from harness.report.columns import time_bins
+from harness.report.analysis import audit_of, in_use
 from harness.report.disk_sweep import sweep
 from harness.report.hosts import HostSamples
-from harness.report.ondisk import OnDisk, is_on_disk
+from harness.report.ondisk import OnDisk, RecordHandle, as_handle
 from harness.report.scan import scan_records
-from harness.report.tuples import TupleAudit, audit_tuples
+from harness.report.tuples import TupleAudit
 from harness.scenario import Scenario
 from harness.summary import Summary
 
@@ -35,10 +35,15 @@ class RunData:
     _audit: TupleAudit | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
-        self.records: OnDisk | None = None
-        self.every = 1  # the figures draw 1 in every connections (a large run's sample)
-        if is_on_disk(self.table):
-            self._on_disk(self.table)
+        # one pass of the analysis's own (kept with the records): the counts the
+        # figures draw from, and for a large run the sample of rows they plot
+        self.records: RecordHandle = as_handle(self.table)
+        found = sweep(
+            self.records, scan_records(self.records), in_use(self.samples, self.usable_ports)
+        )
+        self.every = found.every  # the figures draw 1 in every connections
+        if isinstance(self.records, OnDisk):
+            self.table = pa.Table.from_batches(found.sample)
         start = self.table.column("start_ns").to_numpy()
         self.t0 = int(start.min()) if len(start) else 0
         self.seconds = (start - self.t0) / 1e9
@@ -47,22 +52,11 @@ class RunData:
         self.port = self.table.column("local_port").to_numpy()
         self.connect_ms = self.table.column("connect_us").to_numpy() / 1000.0
 
-    def _on_disk(self, records: OnDisk) -> None:
-        """A large run: the figures draw from a sample of its rows, and from its counts."""
-        from harness.report.analysis_on_disk import in_use  # it imports this module
-
-        found = sweep(records, scan_records(records), in_use(self.samples, self.usable_ports))
-        self.records, self.every = records, found.every
-        self.table = pa.Table.from_batches(found.sample)
-
     @property
     def audit(self) -> TupleAudit:
-        if self._audit is None and self.records is not None:
-            from harness.report.analysis_on_disk import audit_of
-
-            self._audit = audit_of(self.records)[0]
+        """The run's tuple audit: the analysis's, kept with the records."""
         if self._audit is None:
-            self._audit = audit_tuples(self.table)
+            self._audit = audit_of(self.records)[0]
         return self._audit
 
     @property
@@ -72,20 +66,12 @@ class RunData:
 
     def per_second(self) -> tuple[np.ndarray, float, dict[int, np.ndarray]]:
         """Time bins (edges, width) and attempts per bin: all (-1) and by errno (0: ok)."""
-        if self.records is not None:
-            found = sweep(self.records, scan_records(self.records), None)
-            return found.edges, float(found.edges[1] - found.edges[0]), found.per_second
-        edges, width = time_bins(self.seconds)
-        counts = {-1: np.histogram(self.seconds, edges)[0]}
-        for value in np.unique(self.errno):
-            counts[int(value)] = np.histogram(self.seconds[self.errno == value], edges)[0]
-        return edges, width, counts
+        found = sweep(self.records, scan_records(self.records), None)
+        return found.edges, float(found.edges[1] - found.edges[0]), found.per_second
 
     def port_uses(self) -> np.ndarray:
         """Successful connections per local port (65,536 counts): all of them."""
-        if self.records is not None:
-            return scan_records(self.records).port_uses
-        return np.bincount(self.port[self.ok], minlength=65536)
+        return scan_records(self.records).port_uses
 
     @cached_property
     def setup(self) -> Scenario:

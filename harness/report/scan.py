@@ -23,7 +23,7 @@ import pyarrow as pa
 from harness.errors import errno_name
 from harness.report.counts import ValueCounts
 from harness.report.http_section import HTTP_COLUMNS, HttpTally
-from harness.report.ondisk import OnDisk, Records, record_batches
+from harness.report.ondisk import Held, OnDisk, Records, record_batches
 from harness.summary import Connections, Exhaustion, Kernel, Latency, Outage, Ports
 
 __all__ = [
@@ -231,12 +231,13 @@ class RecordScan:
 def scan_records(records: Records) -> RecordScan:
     """A run's records, of any size, scanned once (a large run keeps the scan with its
     handle, for the analyses after)."""
-    found = records.cache.get("scan") if isinstance(records, OnDisk) else None
+    handle = records if isinstance(records, OnDisk | Held) else None
+    found = handle.cache.get("scan") if handle is not None else None
     if not isinstance(found, RecordScan):
         found = RecordScan()
         columns = _WITH_HTTP if "requests" in records.column_names else SCAN_COLUMNS
         for batch in record_batches(records, columns):
             found.add(batch)
-        if isinstance(records, OnDisk):
-            records.cache["scan"] = found
+        if handle is not None:
+            handle.cache["scan"] = found
     return found

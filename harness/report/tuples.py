@@ -9,23 +9,17 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import numpy as np
-import pyarrow as pa
 
 from harness.capacity.port_model import TIME_WAIT_S
-from harness.report.columns import codes, quantiles
+from harness.report.columns import quantiles
 from harness.report.counts import ValueCounts
-from harness.report.scan import EXHAUSTION_ERRNOS
-from harness.scenario import ClosePolicy
-from harness.summary import ParityQuantiles, Ports, Quantiles, TupleExample, Tuples
+from harness.summary import Quantiles, TupleExample, Tuples
 
 __all__ = [
     "TupleAudit",
     "Uses",
-    "audit_tuples",
     "audit_uses",
-    "port_allocation",
     "sustained",
-    "sustained_rate",
 ]
 
 EXAMPLES = 5
@@ -82,28 +76,6 @@ class Uses:
     rank: np.ndarray  # the row among all attempts (rows are sorted by start time)
 
 
-def _uses(table: pa.Table, ok: np.ndarray) -> Uses:
-    start = table.column("start_ns").to_numpy()[ok]
-    end = start + table.column("close_us").to_numpy()[ok].astype(np.int64) * 1000
-    key = (
-        (codes(table, "local_addr")[ok] << 48)
-        | (table.column("local_port").to_numpy()[ok].astype(np.int64) << 32)
-        | (codes(table, "remote_addr")[ok] << 16)
-        | table.column("remote_port").to_numpy()[ok].astype(np.int64)
-    )
-    client_closed = codes(table, "close")[ok] == _client_code(table)
-    order = np.lexsort((start, key))
-    return Uses(key[order], start[order], end[order], client_closed[order], ok[order])
-
-
-def audit_tuples(table: pa.Table) -> TupleAudit:
-    """Every successful connection's 4-tuple against the previous use of the same tuple."""
-    ok = np.flatnonzero(table.column("errno").to_numpy() == 0)
-    if not len(ok):
-        return TupleAudit()
-    return audit_uses(_uses(table, ok))
-
-
 def audit_uses(uses: Uses) -> TupleAudit:
     """The audit of uses sorted by (4-tuple, start): all of a run's, or all of a share
     of its tuples (``harness.report.tuples_on_disk``)."""
@@ -136,83 +108,6 @@ def _example(uses: Uses, i: int) -> TupleExample:
         first_close_ns=int(uses.end[i]),
         second_start_ns=int(uses.start[i + 1]),
     )
-
-
-def _client_code(table: pa.Table) -> int:
-    column = table.column("close").combine_chunks()
-    if not pa.types.is_dictionary(column.type):
-        return -1
-    values = column.dictionary.to_pylist()
-    return values.index(ClosePolicy.CLIENT.value) if ClosePolicy.CLIENT.value in values else -1
-
-
-def port_allocation(table: pa.Table, ports: Ports) -> Ports:
-    """``ports`` with how the kernel handed them out: uses per port, parity over time,
-    starting offsets (unchanged when no connection succeeded)."""
-    ok = table.column("errno").to_numpy() == 0
-    local = table.column("local_port").to_numpy()[ok].astype(np.int64)
-    result = ports.model_copy()
-    if not len(local):
-        return result
-    start = table.column("start_ns").to_numpy()[ok]
-    seconds = (start - start[0]) / 1e9
-    used = np.bincount(local)
-    used = used[used > 0]
-    odd = local % 2 == 1
-    connect_ms = table.column("connect_us").to_numpy()[ok] / 1000.0
-    first_port = _first_port_by_destination(table, ok, local)
-    result.max_uses_per_port = int(used.max())
-    result.mean_uses_per_port = round(float(used.mean()), 3)
-    result.first_odd_s = round(float(seconds[odd][0]), 4) if odd.any() and not odd.all() else None
-    result.first_port_by_destination = first_port
-    result.connect_ms_by_parity = ParityQuantiles(
-        even=quantiles(connect_ms[~odd]), odd=quantiles(connect_ms[odd])
-    )
-    if ports.span is not None:
-        result.first_offset_by_destination = {
-            name: port - ports.span[0] for name, port in first_port.items()
-        }
-    return result
-
-
-def _first_port_by_destination(
-    table: pa.Table, ok: np.ndarray, local: np.ndarray
-) -> dict[str, int]:
-    """The port each destination (address:port) got first, for the first 64 of them."""
-    remote = table.column("remote_addr").combine_chunks()
-    remote_codes = codes(table, "remote_addr")[ok]
-    remote_ports = table.column("remote_port").to_numpy()[ok].astype(np.int64)
-    # rows are in start order: np.unique's first index is each destination's first use
-    _, first = np.unique((remote_codes << 16) | remote_ports, return_index=True)
-    names = remote.dictionary.to_pylist() if pa.types.is_dictionary(remote.type) else None
-    return {
-        f"{names[remote_codes[i]] if names else remote_codes[i]}:{remote_ports[i]}": int(local[i])
-        for i in first[:64]
-    }
-
-
-def sustained_rate(table: pa.Table, audit: TupleAudit) -> float | None:
-    """Successes per second after the range first ran out: the steady state the model's
-    ceiling describes (None when the run never ran out, so never met the ceiling).
-
-    Once every tuple cycles (each port used, held, handed out again), the rate is
-    tuples / their mean cycle, start to start. Counting successes over a window
-    instead is biased by where the window cuts the sawtooth: ports filled in a burst
-    come back in a burst, so a window opened at the first failure reads low and one
-    closed mid-burst reads high. When fewer cycles than tuples follow the first
-    failure (TIME_WAIT without reuse), it is the returns counted over the rest of
-    the run.
-    """
-    errno = table.column("errno").to_numpy()
-    exhausted = np.isin(errno, EXHAUSTION_ERRNOS)
-    if not exhausted.any():
-        return None
-    start = table.column("start_ns").to_numpy()
-    first = start[np.argmax(exhausted)]
-    cycles = audit.cycle_s[audit.cycle_end_ns > first]
-    returns = int(((errno == 0) & (start > first)).sum())
-    window = (start.max() - first) / 1e9
-    return sustained(audit.distinct, len(cycles), float(cycles.sum()), returns, window)
 
 
 def sustained(

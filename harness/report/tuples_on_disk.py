@@ -1,5 +1,7 @@
-"""The tuple audit of a large run, out of core: its successful connections spread over
-:data:`PARTITIONS` files by a hash of their 4-tuple, each file audited alone.
+"""The tuple audit of a run, partitioned only when it must be: a run held in memory
+is audited as one partition; a large one goes out of core, its successful
+connections spread over :data:`PARTITIONS` files by a hash of their 4-tuple, each
+file audited alone.
 
 Every use of a tuple lands in the same partition, so each partition's sort by
 (4-tuple, start) sees whole histories: counts, overlaps and reuses add up to
@@ -22,7 +24,7 @@ import pyarrow.ipc as ipc
 
 from harness.errors import RunDirError
 from harness.report.counts import ValueCounts
-from harness.report.ondisk import OnDisk, StableCodes
+from harness.report.ondisk import Held, RecordHandle, StableCodes
 from harness.report.tuples import EXAMPLES, TupleAudit, Uses, audit_uses
 from harness.scenario import ClosePolicy
 from harness.summary import TupleExample
@@ -60,34 +62,48 @@ class _Totals:
     distances: ValueCounts = field(default_factory=ValueCounts)
 
 
-def _spread(records: OnDisk, directory: Path) -> None:
+class _UseMaker:
+    """Each batch's successful connections as uses (key, start, end, rank, who closed),
+    with address codes that stay the same from one batch to the next."""
+
+    def __init__(self) -> None:
+        self.codes = {name: StableCodes() for name in ("local_addr", "remote_addr", "close")}
+        self.rank = 0
+
+    def uses(self, batch: pa.RecordBatch) -> pa.RecordBatch:
+        codes = self.codes
+        ok = np.flatnonzero(batch.column("errno").to_numpy() == 0)
+        start = batch.column("start_ns").to_numpy()[ok]
+        key = (
+            (codes["local_addr"].of(batch.column("local_addr"))[ok] << 48)
+            | (batch.column("local_port").to_numpy()[ok].astype(np.int64) << 32)
+            | (codes["remote_addr"].of(batch.column("remote_addr"))[ok] << 16)
+            | batch.column("remote_port").to_numpy()[ok].astype(np.int64)
+        )
+        close = codes["close"].of(batch.column("close"))[ok]
+        uses = pa.record_batch(
+            [
+                key,
+                start,
+                start + batch.column("close_us").to_numpy()[ok].astype(np.int64) * 1000,
+                ok + self.rank,
+                close == codes["close"].code(ClosePolicy.CLIENT.value),
+            ],
+            schema=_USE_SCHEMA,
+        )
+        self.rank += batch.num_rows
+        return uses
+
+
+def _spread(records: RecordHandle, directory: Path) -> None:
     """The successful connections' uses into the partition files."""
-    codes = {name: StableCodes() for name in ("local_addr", "remote_addr", "close")}
+    maker = _UseMaker()
     paths = [directory / f"{n}.arrows" for n in range(PARTITIONS)]
     writers = [ipc.new_file(str(p), _USE_SCHEMA) for p in paths]
-    rank = 0
     try:
         for batch in records.batches([*_COLUMNS, "errno", "close"]):
-            ok = np.flatnonzero(batch.column("errno").to_numpy() == 0)
-            start = batch.column("start_ns").to_numpy()[ok]
-            key = (
-                (codes["local_addr"].of(batch.column("local_addr"))[ok] << 48)
-                | (batch.column("local_port").to_numpy()[ok].astype(np.int64) << 32)
-                | (codes["remote_addr"].of(batch.column("remote_addr"))[ok] << 16)
-                | batch.column("remote_port").to_numpy()[ok].astype(np.int64)
-            )
-            close = codes["close"].of(batch.column("close"))[ok]
-            uses = pa.record_batch(
-                [
-                    key,
-                    start,
-                    start + batch.column("close_us").to_numpy()[ok].astype(np.int64) * 1000,
-                    ok + rank,
-                    close == codes["close"].code(ClosePolicy.CLIENT.value),
-                ],
-                schema=_USE_SCHEMA,
-            )
-            rank += batch.num_rows
+            uses = maker.uses(batch)
+            key = uses.column("key").to_numpy()
             part = ((key.astype(np.uint64) * _MIX) >> np.uint64(58)).astype(np.uint8)
             order = np.argsort(part, kind="stable")  # a radix sort for 8-bit keys
             bounds = np.searchsorted(part[order], np.arange(PARTITIONS + 1))
@@ -102,7 +118,11 @@ def _spread(records: OnDisk, directory: Path) -> None:
 
 def _audit_partition(path: Path, cycles: CycleCount) -> TupleAudit:
     with pa.memory_map(str(path)) as source:
-        uses = ipc.open_file(source).read_all()
+        return _audit_uses(ipc.open_file(source).read_all(), cycles)
+
+
+def _audit_uses(uses: pa.Table, cycles: CycleCount) -> TupleAudit:
+    """One partition's audit: every use of each of its tuples, whole."""
     if not uses.num_rows:
         return TupleAudit()
     key, start = uses.column("key").to_numpy(), uses.column("start").to_numpy()
@@ -140,10 +160,17 @@ def _add(totals: _Totals, part: TupleAudit) -> None:
     ]
 
 
-def audit_on_disk(records: OnDisk, cycles: CycleCount) -> TupleAudit:
+def audit_on_disk(records: RecordHandle, cycles: CycleCount) -> TupleAudit:
     """The run's tuple audit (its cycles after ``cycles.after_ns`` counted into
-    ``cycles``), partition by partition in a directory beside the records."""
+    ``cycles``): a run held in memory as one partition, a large one partition by
+    partition in a directory beside its records."""
     totals = _Totals()
+    if isinstance(records, Held):
+        maker = _UseMaker()
+        batches = [maker.uses(b) for b in records.batches([*_COLUMNS, "errno", "close"])]
+        uses = pa.Table.from_batches(batches, schema=_USE_SCHEMA)
+        _add(totals, _audit_uses(uses, cycles))
+        return _finish(totals)
     with tempfile.TemporaryDirectory(prefix=".eph-tuples-", dir=records.path.parent) as tmp:
         try:
             _spread(records, Path(tmp))
@@ -158,6 +185,10 @@ def audit_on_disk(records: OnDisk, cycles: CycleCount) -> TupleAudit:
             ) from None
         for n in range(PARTITIONS):
             _add(totals, _audit_partition(Path(tmp) / f"{n}.arrows", cycles))
+    return _finish(totals)
+
+
+def _finish(totals: _Totals) -> TupleAudit:
     audit = totals.audit
     audit.examples = [e for _, _, e in sorted(totals.examples, key=lambda x: x[:2])][:EXAMPLES]
     if totals.distances.total:

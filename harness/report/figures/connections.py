@@ -29,7 +29,7 @@ def outcomes(data: RunData) -> Figure:
     edges, width, counts = data.per_second()  # every connection, on a large run too
     centers = edges[:-1]
     zero = np.zeros(len(centers))
-    ax.plot(centers, counts[-1] / width, label="attempts", color="black", lw=1.2)
+    ax.plot(centers, counts.get(-1, zero) / width, label="attempts", color="black", lw=1.2)
     ax.plot(centers, counts.get(0, zero) / width, label="succeeded", color="tab:green")
     for value in sorted(v for v in counts if v > 0):
         ax.plot(centers, counts[value] / width, label=errno_name(value))
