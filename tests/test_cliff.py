@@ -1,11 +1,67 @@
-"""The latency-cliff detector (``harness.report.cliff``) on synthetic arrays."""
+"""The latency-cliff detector (``harness.report.cliff``) on synthetic records: the
+run's own analysis (``latency_cliff``), fed connections whose occupancy, latency
+and timing are known."""
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import numpy as np
+import pyarrow as pa
 import pytest
 
-from harness.report.cliff import CliffInput, detect_cliff
+from harness.records import CONNECTIONS_SCHEMA, application_zeros
+from harness.report.analysis import latency_cliff
+from harness.report.disk_sweep import InUse
+from harness.report.ondisk import Held
+from harness.summary import LatencyCliff
+
+USABLE = 10_000
+
+
+class CliffInput(NamedTuple):
+    occupancy: np.ndarray  # share of the usable ports in use as each success began
+    connect_ms: np.ndarray
+    start_s: np.ndarray
+    failures_s: np.ndarray  # attempts that failed for want of a port
+
+
+def detect_cliff(data: CliffInput) -> LatencyCliff:
+    """The records and the samples that say ``data``, through the run's analysis."""
+    ok_ns = np.round(data.start_s * 1e9).astype(np.int64)
+    failed_ns = np.round(data.failures_s * 1e9).astype(np.int64)
+    start = np.concatenate([ok_ns, failed_ns])
+    order = np.argsort(start, kind="stable")
+    n = len(start)
+    ok = np.concatenate([np.ones(len(ok_ns), bool), np.zeros(len(failed_ns), bool)])[order]
+    connect_us = np.concatenate([np.round(data.connect_ms * 1000), np.zeros(len(failed_ns))])
+
+    def const(value: str) -> pa.DictionaryArray:
+        return pa.DictionaryArray.from_arrays(pa.array(np.zeros(n, np.int32)), pa.array([value]))
+
+    table = pa.table(
+        {
+            "start_ns": pa.array(start[order]),
+            "connect_us": pa.array(np.maximum(1, connect_us[order]).astype(np.uint32)),
+            "close_us": pa.array(np.full(n, 5000, np.uint32)),
+            "local_addr": const("127.0.0.1"),
+            "local_port": pa.array(np.where(ok, 40000 + np.arange(n) % 20000, 0).astype(np.uint16)),
+            "remote_addr": const("127.0.0.1"),
+            "remote_port": pa.array(np.full(n, 9000, np.uint16)),
+            "errno": pa.array(np.where(ok, 0, 99).astype(np.uint16)),
+            "io_errno": pa.array(np.zeros(n, np.uint16)),
+            "close": const("client"),
+            "engine": const("locust"),
+            "pid": pa.array(np.ones(n, np.uint32)),
+            "host": const("localhost"),
+            **application_zeros(n),
+        },
+        schema=CONNECTIONS_SCHEMA,
+    )
+    if len(ok_ns) < 2:
+        return LatencyCliff(detected=False)
+    occupancy = InUse(ok_ns.astype(float), data.occupancy * USABLE, USABLE)
+    return latency_cliff(Held(table), occupancy)
 
 
 def _fill(

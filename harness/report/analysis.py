@@ -43,7 +43,7 @@ from harness.report.tuples_on_disk import CycleCount, audit_on_disk
 from harness.scenario import Scenario
 from harness.summary import LatencyCliff, Occupancy, OccupancyBand, ParityQuantiles, Ports, Summary
 
-__all__ = ["analyze", "audit_of", "in_use"]
+__all__ = ["analyze", "audit_of", "in_use", "latency_cliff"]
 
 
 def in_use(samples: pa.Table | None, usable: int | None) -> InUse | None:
@@ -164,7 +164,7 @@ def _ms(counts: ValueCounts) -> tuple[float, float]:
 
 
 def _cliff(records: RecordHandle, scan: RecordScan, found: Sweep) -> LatencyCliff:
-    """:func:`cliff.detect_cliff` from each bin's counts, and a pass for the rates."""
+    """The cliff (``harness.report.cliff``) from each bin's counts, and a pass for the rates."""
     counts = np.array([b.total for b in found.bins])
     medians = np.array([b.percentile(50) / 1000 if b.total else np.nan for b in found.bins])
     onset = onset_bin(medians, counts)
@@ -191,3 +191,10 @@ def _cliff(records: RecordHandle, scan: RecordScan, found: Sweep) -> LatencyClif
             in_after=in_after,
         )
     )
+
+
+def latency_cliff(records: RecordHandle, occupancy: InUse) -> LatencyCliff:
+    """The cliff of ``records`` against ``occupancy``: what a run's summary says, for any
+    records with their ports in use over time (an observation's traced path too)."""
+    scan = scan_records(records)
+    return _cliff(records, scan, sweep(records, scan, occupancy))

@@ -19,20 +19,19 @@ latency against the share of usable ports in use when each began:
    failure for want of a port (or to the last record, when there is none or
    connects were failing already before the onset).
 
-Everything is vectorised: one sort, one bincount; only the ~100 bins are looped.
+The bins are filled in the analysis's one pass over the records (a count per
+microsecond value in each, so every median is exact), for a run of any size and
+for an observation's traced path alike (``harness.report.analysis.latency_cliff``);
+only the ~100 bins are looped here.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import numpy as np
 
-from harness.summary import LatencyCliff
-
-if TYPE_CHECKING:  # attributes only: model imports sections, not this
-    from harness.summary import Summary
+from harness.summary import LatencyCliff, Summary
 
 __all__ = [
     "BIN_WIDTH",
@@ -41,10 +40,8 @@ __all__ = [
     "MIN_BIN_CONNECTIONS",
     "STEP_RATIO",
     "SUSTAINED_SHARE",
-    "CliffInput",
     "CliffSpans",
     "cliff_section",
-    "detect_cliff",
     "occupancy_bins",
     "onset_bin",
 ]
@@ -56,29 +53,6 @@ SUSTAINED_SHARE = 0.8  # of the bins past the onset that must stay above the ste
 MIN_BEFORE = 200  # connections below the onset
 MIN_AFTER = 100  # connections from it on
 BIN_COUNT = round(1 / BIN_WIDTH) + 1
-
-
-@dataclass(frozen=True)
-class CliffInput:
-    """The successful connections, in start order, as the detector reads them."""
-
-    occupancy: np.ndarray  # share of the usable ports in use when each began
-    connect_ms: np.ndarray
-    start_s: np.ndarray  # seconds from the first attempt
-    failures_s: np.ndarray  # starts of the attempts that failed for want of a port, sorted
-
-
-def _bin_medians(bins: np.ndarray, values: np.ndarray, count: int) -> tuple[np.ndarray, np.ndarray]:
-    """(median, count) of ``values`` per bin, from one sort."""
-    order = np.lexsort((values, bins))
-    ordered = values[order]
-    counts = np.bincount(bins, minlength=count)
-    starts = np.concatenate(([0], np.cumsum(counts)[:-1]))
-    low = starts + np.maximum(counts - 1, 0) // 2
-    high = starts + counts // 2
-    safe = np.minimum(len(ordered) - 1, np.maximum(0, np.stack([low, high])))
-    medians = (ordered[safe[0]] + ordered[safe[1]]) / 2 if len(ordered) else np.zeros(count)
-    return np.where(counts > 0, medians, np.nan), counts
 
 
 def onset_bin(medians: np.ndarray, counts: np.ndarray) -> int | None:
@@ -95,10 +69,6 @@ def onset_bin(medians: np.ndarray, counts: np.ndarray) -> int | None:
         if np.mean(after >= STEP_RATIO * baseline) >= SUSTAINED_SHARE:
             return int(b)
     return None
-
-
-def _ms(values: np.ndarray, q: float) -> float:
-    return round(float(np.percentile(values, q)), 4)
 
 
 def _rate(count: int, span_s: float) -> float | None:
@@ -140,35 +110,6 @@ def occupancy_bins(occupancy: np.ndarray) -> np.ndarray:
     """Each connection's bin of :data:`BIN_WIDTH`."""
     occupancy = np.clip(np.nan_to_num(occupancy), 0.0, 1.0)
     return np.minimum((occupancy / BIN_WIDTH).astype(np.int64), BIN_COUNT - 1)
-
-
-def detect_cliff(data: CliffInput) -> LatencyCliff:
-    """The latency cliff, if the run has one (see the module's docstring)."""
-    bins = occupancy_bins(data.occupancy)
-    medians, counts = _bin_medians(bins, np.asarray(data.connect_ms, dtype=float), BIN_COUNT)
-    onset = onset_bin(medians, counts)
-    if onset is None:
-        return LatencyCliff(detected=False)
-    after = bins >= onset
-    before_ms, after_ms = data.connect_ms[~after], data.connect_ms[after]
-    onset_s = float(data.start_s[after].min())
-    # after: to the first failure for want of a port, or the last start when there is
-    # none or connects were failing already (then the rate is the failing range's)
-    failures = data.failures_s
-    ahead = len(failures) and failures[0] >= onset_s
-    end_s = float(failures[0]) if ahead else float(data.start_s.max())
-    return cliff_section(
-        CliffSpans(
-            onset=onset,
-            before_ms=(_ms(before_ms, 50), _ms(before_ms, 99)),
-            after_ms=(_ms(after_ms, 50), _ms(after_ms, 99)),
-            first_s=float(data.start_s.min()),
-            onset_s=onset_s,
-            end_s=end_s,
-            in_before=int((data.start_s < onset_s).sum()),
-            in_after=int(((data.start_s >= onset_s) & (data.start_s < end_s)).sum()),
-        )
-    )
 
 
 def slowed(summary: Summary) -> bool:

@@ -18,8 +18,8 @@ import pyarrow.parquet as pq
 
 from harness.errors import RunDirError
 from harness.observe.store import STATE_COLUMNS
-from harness.report.analysis import audit_of
-from harness.report.cliff import CliffInput, detect_cliff
+from harness.report.analysis import audit_of, latency_cliff
+from harness.report.disk_sweep import InUse
 from harness.report.ondisk import Held
 from harness.summary import (
     ExecRecord,
@@ -120,28 +120,15 @@ def _path_cliff(
     label = str(top.as_py())
     rows = table.filter(pc.equal(keys, top))
     series = paths.filter(pc.equal(paths.column("label"), label))
-    start = rows.column("start_ns").to_numpy().astype(np.int64)
-    errno = rows.column("errno").to_numpy(zero_copy_only=False)
-    ok = errno == 0
-    wall_s = (start + offset_ns) / 1e9
-    occupancy = (
-        np.interp(
-            wall_s,
-            series.column("time").to_numpy(),
-            series.column("occupancy").to_numpy(zero_copy_only=False).astype(float),
-        )
-        if series.num_rows
-        else np.zeros(len(start))
-    )
-    first = float(start.min()) / 1e9
-    cliff = detect_cliff(
-        CliffInput(
-            occupancy=occupancy[ok],
-            connect_ms=rows.column("connect_us").to_numpy(zero_copy_only=False)[ok] / 1000.0,
-            start_s=start[ok] / 1e9 - first,
-            failures_s=np.sort(start[errno == 99] / 1e9 - first),
-        )
-    )
+    if not series.num_rows:
+        return label, LatencyCliff(detected=False)
+    # the path's ports in use over time, on the records' clock (monotonic ns)
+    usable = int(series.column("usable").to_numpy().max())
+    times_ns = series.column("time").to_numpy().astype(float) * 1e9 - offset_ns
+    held = series.column("occupancy").to_numpy(zero_copy_only=False).astype(float) * usable
+    if len(times_ns) < 2 or not usable:
+        return label, LatencyCliff(detected=False)
+    cliff = latency_cliff(Held(rows), InUse(times_ns, held, usable))  # the run's own
     return label, cliff
 
 
