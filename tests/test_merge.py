@@ -85,3 +85,30 @@ def test_a_truncated_part_keeps_its_whole_batches(
     os.truncate(path, path.stat().st_size - 100)  # inside the last batch
     count, truncated = merge_parts([path], tmp_path / "c.parquet")
     assert truncated == [path] and count == 2 * 40 == read_part(path).table.num_rows
+
+
+@pytest.mark.parametrize("window", [1, 3, 10, 1000])
+def test_two_sorted_files_merge_in_bounded_windows(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, window: int
+) -> None:
+    """eph report --collect-from folds a worker's records into the run's file: the two
+    sorted files are merged a batch of each at a time (it used to read both whole and
+    sort them), and the result is the one sort of both."""
+    rng = np.random.default_rng(window)
+    a = pa.table({"start_ns": np.sort(rng.integers(0, 50, 40)), "who": ["a"] * 40})
+    b = pa.table({"start_ns": np.sort(rng.integers(0, 50, 25)), "who": ["b"] * 25})
+    pq.write_table(a, tmp_path / "a.parquet")
+    pq.write_table(b, tmp_path / "b.parquet")
+    monkeypatch.setattr(merge, "WINDOW_ROWS", window)
+    out = tmp_path / "a.parquet"  # written over one of its sources, as the fold does
+    rows = merge.merge_sorted_files(
+        [tmp_path / "a.parquet", tmp_path / "b.parquet"], out, "start_ns"
+    )
+    got = pq.read_table(out)
+    assert rows == got.num_rows == 65
+    keys = got.column("start_ns").to_numpy()
+    assert (np.diff(keys) >= 0).all()
+    expected = sorted(
+        zip(*[np.concatenate([a[c], b[c]]).tolist() for c in ("start_ns", "who")], strict=True)
+    )
+    assert sorted(zip(keys.tolist(), got.column("who").to_pylist(), strict=True)) == expected

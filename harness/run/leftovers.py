@@ -21,16 +21,13 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-import pyarrow as pa
-import pyarrow.parquet as pq
-
 from harness.errors import RunDirError
-from harness.files import atomic_path, atomic_write_json
+from harness.files import atomic_write_json
 from harness.load.cpu_meter import CPU_FILE, is_cpu_part, merge_cpu_parts
 from harness.load.shipping import SHIPPED, WORKER_FILE, WORKERS_FILE, announced
 from harness.records import Part
 from harness.report.hosts import HostSamples
-from harness.run.merge import merge_parts
+from harness.run.merge import merge_parts, merge_sorted_files
 from harness.rundir import HOSTS_DIR
 from harness.summary import Distributed, MissingWorker, Summary
 
@@ -115,17 +112,14 @@ def _fold_into_run(run_path: Path, parts: Path, host: str, shift_ns: int) -> Non
 
 def _fold(merged: Path, parts: list[Part], merge: _Merge, key: str) -> None:
     """``merged`` and ``parts``, sorted by ``key``, into ``merged``; the parts removed.
-    Without ``merged`` yet (a crashed run's), finalize merges the parts with the rest."""
+    Without ``merged`` yet (a crashed run's), finalize merges the parts with the rest.
+    The parts are merged as the run's own were (in windows), then the two sorted files
+    into one, a batch of each at a time: bounded memory at any size."""
     if not parts or not merged.exists():
         return
     new = merged.with_name(f".collected-{merged.name}")
     merge(parts, new)
-    table = pa.concat_tables(
-        [pq.read_table(merged), pq.read_table(new)], promote_options="permissive"
-    )
-    table = table.unify_dictionaries().combine_chunks().unify_dictionaries().sort_by(key)
-    with atomic_path(merged) as tmp:
-        pq.write_table(table, tmp, compression="zstd")
+    merge_sorted_files([merged, new], merged, key)
     new.unlink()
     for part in parts:
         part.path.unlink()
