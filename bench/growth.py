@@ -138,7 +138,7 @@ def growth(connections: int, workdir: Path) -> dict[str, Any]:
     made = time.perf_counter() - started
     parts = sum(p.stat().st_size for p in (run / "parts").iterdir())
     merge = (
-        "import sys; from pathlib import Path; from harness.records import merge_parts;"
+        "import sys; from pathlib import Path; from harness.run.merge import merge_parts;"
         " merge_parts(sorted(Path(sys.argv[1]).glob('*.arrows')), Path(sys.argv[2]))"
     )
     merge_s, merge_mib = measured(

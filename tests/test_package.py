@@ -78,6 +78,8 @@ def test_the_contract_loads_nothing_of_the_machinery() -> None:
     and of eph only the package root and its error tree."""
     code = (
         "import sys, json, harness.summary; "
+        "harness.summary.Summary, harness.summary.ObserveSummary; "
+        "harness.summary.summary_schema(); "
         "print(json.dumps(sorted(m for m in sys.modules if m.split('.')[0] in "
         "('harness', 'numpy', 'pyarrow', 'matplotlib', 'locust', 'gevent'))))"
     )

@@ -20,7 +20,7 @@ from harness.report.cliff import BIN_COUNT, occupancy_bins
 from harness.report.columns import time_bins
 from harness.report.counts import ValueCounts
 from harness.report.hosts import HostCounts
-from harness.report.ondisk import RecordHandle, StableCodes
+from harness.report.ondisk import Held, RecordHandle, StableCodes
 from harness.report.port_occupancy import OCCUPANCY_BINS
 from harness.report.scan import EXHAUSTION_ERRNOS, RecordScan
 
@@ -77,8 +77,11 @@ class Sweep:
 
 
 class _Pass:
-    def __init__(self, scan: RecordScan, occupancy: InUse | None, every: int) -> None:
+    def __init__(
+        self, scan: RecordScan, occupancy: InUse | None, every: int, keep_sample: bool
+    ) -> None:
         self.scan, self.occupancy = scan, occupancy
+        self.keep_sample = keep_sample
         self.t0 = scan.first_ns or 0
         self.found = Sweep(every=every)
         self.found.edges, _ = time_bins(np.array([scan.span_s]))
@@ -103,8 +106,9 @@ class _Pass:
             self._occupancy(self.occupancy.at(start[ok]), start[ok], connect[ok], odd[ok])
         self._hosts(batch, ok, errno, port)
         self._per_second(start, errno)
-        pick = np.flatnonzero((np.arange(self.row, self.row + len(start)) % found.every) == 0)
-        found.sample.append(batch.take(pa.array(pick)))
+        if self.keep_sample:
+            pick = np.flatnonzero((np.arange(self.row, self.row + len(start)) % found.every) == 0)
+            found.sample.append(batch.take(pa.array(pick)))
         self.row += len(start)
 
     def _first_ports(self, batch: pa.RecordBatch, ok: np.ndarray, port: np.ndarray) -> None:
@@ -173,7 +177,8 @@ def sweep(records: RecordHandle, scan: RecordScan, occupancy: InUse | None) -> S
     if isinstance(found, Sweep):
         return found
     every = max(1, -(-records.num_rows // FIGURE_ROWS))
-    run = _Pass(scan, occupancy, every)
+    # a held run's figures draw from its own table: no second copy of its rows
+    run = _Pass(scan, occupancy, every, keep_sample=not isinstance(records, Held))
     for batch in records.batches(_COLUMNS):
         run.add(batch)
     records.cache["sweep"] = run.found
