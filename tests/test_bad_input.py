@@ -190,6 +190,7 @@ CASES = [
     case("plan --nat --nat-ports 0 --rate 10", "--nat-ports"),
     case("report NEW-MISSING", "NEW-MISSING"),
     case("report OBS RUN", "--compare"),
+    case("report --compare RUN RUN --out OBS", "--out", "'OBS' is a directory"),
     case("report --collect-from NEW-MISSING RUN", "--collect-from", "NEW-MISSING"),
     case("preflight no-such.toml", "no-such.toml", "no such file"),
     case("schema scenario", "'scenario'", "summary"),

@@ -77,11 +77,20 @@ def report(
 
     if len(run_dirs) < 2:
         raise click.UsageError("--compare needs two run directories or more")
+    if out is not None and out.is_dir():
+        raise click.BadParameter(
+            f"{str(out)!r} is a directory: give the comparison page's file name", param_hint="--out"
+        )
     runs = [(path.resolve().name, load_run(path)) for path in run_dirs]
     if out is None:
         out = Path("reports") / f"compare-{time.strftime('%Y%m%d-%H%M%S')}.html"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    render_comparison(out, runs)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        render_comparison(out, runs)
+    except OSError as exc:
+        raise click.BadParameter(
+            f"{str(out)!r}: cannot write it ({exc.strerror or exc})", param_hint="--out"
+        ) from None
     click.echo(f"comparison: {out}")
 
 
