@@ -74,7 +74,9 @@ class RunDir:
         if create:
             path.mkdir(mode=_MODE, parents=True, exist_ok=True)
         elif not path.is_dir():
-            raise RunDirError(path, "no such directory")
+            raise RunDirError(
+                path, "is a file, not a run directory" if path.exists() else "no such directory"
+            )
         run = cls(path)
         if create:
             run._make_children()

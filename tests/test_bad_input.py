@@ -191,6 +191,8 @@ CASES = [
     case("report NEW-MISSING", "NEW-MISSING"),
     case("report OBS RUN", "--compare"),
     case("report --compare RUN RUN --out OBS", "--out", "'OBS' is a directory"),
+    case("report FILE", "FILE", "is a file, not a run directory"),
+    case("plan --from FILE", "FILE", "is a file, not a run directory"),
     case("report --collect-from NEW-MISSING RUN", "--collect-from", "NEW-MISSING"),
     case("preflight no-such.toml", "no-such.toml", "no such file"),
     case("schema scenario", "'scenario'", "summary"),
