@@ -190,7 +190,10 @@ def test_curl_against_nginx_exhausts_a_small_range_and_the_report_names_the_path
     assert top["remote"] == "127.0.0.1:8080" and top["local_addr"] == "127.0.0.1"
     assert top["peak_ports"] == top["usable_ports"] == 200
     assert top["peak_fraction"] == 1.0
-    assert top["states_at_peak"] == {"time_wait": 200}
+    # every port held, by TIME_WAIT: curl runs one request at a time, so a sample can
+    # catch at most one connection still open (199 + 1 established was seen once)
+    states = top["states_at_peak"]
+    assert sum(states.values()) == 200 and states["time_wait"] >= 199, states
     assert summary["exhaustion"]["first_full_s"] > 0
     page = (out / "report.html").read_text()
     assert "Ports exhausted on 127.0.0.1 -&gt; 127.0.0.1:8080" in page
