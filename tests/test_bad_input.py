@@ -24,7 +24,7 @@ import pytest
 
 from harness.cli import main
 
-from .conftest import ROOT, eph
+from .conftest import ROOT, eph, require, require_tools
 
 GOOD = """name = "good"
 duration = "2s"
@@ -274,8 +274,8 @@ def test_an_empty_existing_directory_is_taken(home: Path) -> None:
 def test_a_read_only_directory_is_refused_naming_it(home: Path) -> None:
     """Root may write anywhere but on a read-only filesystem: a read-only tmpfs over a
     directory, in a mount namespace of its own that goes when the command exits."""
-    if os.geteuid() != 0 or shutil.which("unshare") is None:
-        pytest.skip("needs root and unshare (util-linux) for a private read-only mount")
+    require(None if os.geteuid() == 0 else "a private read-only mount needs root")
+    require_tools("unshare", "mount")
     locked = home / "locked"
     locked.mkdir()
     script = (
