@@ -14,6 +14,7 @@ from harness.records import CONNECTIONS_SCHEMA, application_zeros
 from harness.report.analysis import latency_cliff
 from harness.report.disk_sweep import InUse
 from harness.report.ondisk import Held
+from harness.report.scan import StartCurve, scan_records
 from harness.summary import LatencyCliff
 
 USABLE = 10_000
@@ -26,8 +27,8 @@ class CliffInput(NamedTuple):
     failures_s: np.ndarray  # attempts that failed for want of a port
 
 
-def detect_cliff(data: CliffInput) -> LatencyCliff:
-    """The records and the samples that say ``data``, through the run's analysis."""
+def records_of(data: CliffInput) -> pa.Table:
+    """The connection records that say ``data``."""
     ok_ns = np.round(data.start_s * 1e9).astype(np.int64)
     failed_ns = np.round(data.failures_s * 1e9).astype(np.int64)
     start = np.concatenate([ok_ns, failed_ns])
@@ -58,10 +59,17 @@ def detect_cliff(data: CliffInput) -> LatencyCliff:
         },
         schema=CONNECTIONS_SCHEMA,
     )
-    if len(ok_ns) < 2:
+    return table
+
+
+def detect_cliff(data: CliffInput) -> LatencyCliff:
+    """The records and the samples that say ``data``, through the run's analysis: a
+    sample of the ports in use at every successful connect."""
+    if len(data.start_s) < 2:
         return LatencyCliff(detected=False)
-    occupancy = InUse(ok_ns.astype(float), data.occupancy * USABLE, USABLE)
-    return latency_cliff(Held(table), occupancy)
+    ok_ns = np.round(data.start_s * 1e9)
+    occupancy = InUse(ok_ns, data.occupancy * USABLE, USABLE)
+    return latency_cliff(Held(records_of(data)), occupancy)
 
 
 def _fill(
@@ -97,6 +105,41 @@ def test_a_sharp_step_at_the_even_half_is_found_with_its_ratio_and_rates() -> No
     assert cliff.rate_before_per_s == pytest.approx(50_000, rel=0.01)
     assert cliff.rate_after_per_s == pytest.approx(1_000, rel=0.01)
     assert cliff.onset_s == pytest.approx(10_000 / 50_000, rel=0.01)
+
+
+def test_a_collector_gap_across_the_step_leaves_the_onset_where_it_is() -> None:
+    """The collector samples every 20 ms but misses 0.40 to 0.53 of the range (starved,
+    as it is on a busy machine just when connects turn slow). In time, the gap's
+    slow tail is spread back over its fast part; by the connects made, it is not."""
+    data = _fill(slow_rate=1_000.0)
+    records = records_of(data)
+    every_20ms = np.searchsorted(data.start_s, np.arange(0, data.start_s[-1], 0.02))
+    kept = every_20ms[(data.occupancy[every_20ms] < 0.40) | (data.occupancy[every_20ms] > 0.53)]
+    times, held = np.round(data.start_s[kept] * 1e9), data.occupancy[kept] * USABLE
+    gap = np.diff(times).max() / 1e6
+    assert gap > 100, gap  # the samples do miss the step
+
+    in_time = latency_cliff(Held(records), InUse(times, held, USABLE))
+    assert in_time.onset_occupancy is not None and in_time.onset_occupancy < 0.45, in_time
+    by_count = InUse(times, held, USABLE, scan_records(Held(records)).made)
+    cliff = latency_cliff(Held(records), by_count)
+    assert cliff.onset_occupancy == pytest.approx(0.5, abs=0.01), cliff
+
+
+def test_the_start_curve_is_the_same_however_the_records_are_batched() -> None:
+    """It doubles its bins as a run grows; the bins a start lands in depend on the start
+    alone, so one batch and many give the same curve."""
+    rng = np.random.default_rng(3)
+    start = np.sort(rng.integers(0, 400 * 10**9, 50_000))  # 400 s: past 2^20 bins of 100 µs
+    whole, parts = StartCurve(), StartCurve()
+    whole.add(int(start[0]), start)
+    for part in np.array_split(start, 37):
+        parts.add(int(start[0]), part)
+    assert whole.width_ns == parts.width_ns == 4 * StartCurve.FIRST_WIDTH_NS
+    np.testing.assert_array_equal(whole.counts, parts.counts)
+    at = np.array([start[0], start[1000], start[-1] + whole.width_ns])
+    assert whole.made_by(at)[[0, 2]].tolist() == [0, len(start)]
+    assert abs(whole.made_by(at)[1] - 1000) <= whole.counts.max()  # within one bin
 
 
 def test_flat_latency_has_no_cliff() -> None:

@@ -84,14 +84,16 @@ def test_the_even_half_held_makes_connects_slow(tmp_path: Path) -> None:
     summary = _cliff_lab(tmp_path)
     cliff = summary.latency_cliff
     assert cliff is not None and cliff.detected, cliff
-    # Occupancy at each connect is read between the collector's samples, one every
-    # interval plus the time a sample takes (23-49 ms here when the machine is busy):
-    # between two samples the range fills by up to rate x (interval + sample time).
-    # That is the margin, measured by this run itself (5% when it is less).
+    # Occupancy at each connect is placed between the collector's samples by the
+    # connects made in between, so a gap in the samples costs nothing (before, in time,
+    # one across the step put it at 0.39). What is left: a sample reads the sockets
+    # over its dump (23-49 ms here when the machine is busy) and is stamped with its
+    # middle, so its count is off by up to rate x dump time; plus a bin's width. That is
+    # the margin, measured by this run itself (2.5% when it is less).
     assert summary.samples is not None and summary.samples.max_sample_ms is not None
     assert cliff.rate_before_per_s is not None and cliff.onset_occupancy is not None
-    between_samples = summary.samples.interval_s + summary.samples.max_sample_ms / 1000
-    margin = max(0.025, cliff.rate_before_per_s * between_samples / 16_000)
+    dump_s = summary.samples.max_sample_ms / 1000
+    margin = max(0.025, cliff.rate_before_per_s * dump_s / 16_000 + 0.01)
     assert abs(cliff.onset_occupancy - 0.5) <= margin, (cliff, margin)
     assert cliff.ratio is not None and cliff.ratio > 10, cliff
     assert cliff.rate_before_per_s and cliff.rate_after_per_s, cliff

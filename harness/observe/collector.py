@@ -103,6 +103,8 @@ class Collector:
         started = time.perf_counter()
         t_ns = time.monotonic_ns()
         rows = dump_tcp(families=[socket.AF_INET])
+        # the dump reads each socket as it walks the table: it is stamped with its middle
+        t_ns = (t_ns + time.monotonic_ns()) // 2
         counters = read_counters()
         if self._needs_ipv6(rows, counters):
             rows = np.concatenate([rows, dump_tcp(families=[socket.AF_INET6])])

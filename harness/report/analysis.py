@@ -46,12 +46,16 @@ from harness.summary import LatencyCliff, Occupancy, OccupancyBand, ParityQuanti
 __all__ = ["analyze", "audit_of", "in_use", "latency_cliff"]
 
 
-def in_use(samples: pa.Table | None, usable: int | None) -> InUse | None:
-    """Ports in use over time against the usable range, when both are known."""
+def in_use(
+    samples: pa.Table | None, usable: int | None, scan: RecordScan | None = None
+) -> InUse | None:
+    """Ports in use over time against the usable range, when both are known; with the
+    records' ``scan``, placed between samples by the connects made (``InUse.at``)."""
     if samples is None or not samples.num_rows or not usable:
         return None
     times, counts = scope_series(samples, IN_USE)
-    return InUse(times, counts, usable) if len(times) >= 2 else None
+    made = scan.made if scan is not None else None
+    return InUse(times, counts, usable, made) if len(times) >= 2 else None
 
 
 def audit_of(records: RecordHandle) -> tuple[TupleAudit, CycleCount]:
@@ -80,7 +84,7 @@ def analyze(
     lifetime = scan.close_us.percentile(50) / 1e6 if scan.close_us.total else 0.0
     model = capacity_model(scenario, summary.kernel, lifetime, hosts=max(1, len(hosts)))
     usable = model.ports if model is not None else None
-    occupancy = in_use(samples, usable) if scan.succeeded else None
+    occupancy = in_use(samples, usable, scan) if scan.succeeded else None
     found = sweep(records, scan, occupancy)
     audit, cycles = audit_of(records)
     have_samples = samples is not None and samples.num_rows

@@ -22,7 +22,7 @@ from harness.report.counts import ValueCounts
 from harness.report.hosts import HostCounts
 from harness.report.ondisk import Held, RecordHandle, StableCodes
 from harness.report.port_occupancy import OCCUPANCY_BINS
-from harness.report.scan import EXHAUSTION_ERRNOS, RecordScan
+from harness.report.scan import EXHAUSTION_ERRNOS, RecordScan, StartCurve
 
 __all__ = ["FIGURE_ROWS", "InUse", "Sweep", "sweep"]
 
@@ -44,14 +44,30 @@ _COLUMNS = (
 
 @dataclass(frozen=True)
 class InUse:
-    """Ports in use toward the targets over time (the samples), against the usable."""
+    """Ports in use toward the targets over time (the samples), against the usable;
+    with ``made``, the run's successful connects over time (``RecordScan.made``)."""
 
     times: np.ndarray
     in_use: np.ndarray
     usable: int
+    made: StartCurve | None = None
 
     def at(self, start_ns: np.ndarray) -> np.ndarray:
-        return np.asarray(np.interp(start_ns, self.times, self.in_use) / self.usable)
+        """The share of usable ports in use when each connect began. Between two samples
+        the ports in use move in step with the connects made (``StartCurve``), or in
+        time where none was made; before the first sample and after the last, the
+        nearest sample's."""
+        if self.made is None:
+            return np.asarray(np.interp(start_ns, self.times, self.in_use) / self.usable)
+        times, held = self.times, self.in_use
+        gap = np.clip(np.searchsorted(times, start_ns, side="right") - 1, 0, len(times) - 2)
+        at_samples = self.made.made_by(times)
+        made = at_samples[gap + 1] - at_samples[gap]
+        span = times[gap + 1] - times[gap]
+        by_count = (self.made.made_by(start_ns) - at_samples[gap]) / np.where(made > 0, made, 1)
+        by_time = (start_ns - times[gap]) / np.where(span > 0, span, 1)
+        share = np.clip(np.where(made > 0, by_count, by_time), 0.0, 1.0)
+        return np.asarray((held[gap] + share * (held[gap + 1] - held[gap])) / self.usable)
 
 
 def _value_counts(n: int) -> list[ValueCounts]:

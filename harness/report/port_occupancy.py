@@ -20,7 +20,6 @@ __all__ = [
     "Peaks",
     "counter_delta",
     "kernel_conservation",
-    "occupancy_at_start",
     "peaks",
     "samples_info",
     "samples_missing_after",
@@ -131,13 +130,3 @@ def kernel_conservation(table: Records, samples: pa.Table | None) -> KernelCount
         kernel_attempt_fails=counter_delta(samples, "attempt_fails"),
         attempts_sending_syn=sending,
     )
-
-
-def occupancy_at_start(table: pa.Table, samples: pa.Table, usable: int) -> np.ndarray | None:
-    """For each successful connection, the share of the usable ports in use toward the
-    targets when it began (interpolated between samples); None without enough data."""
-    times, in_use = scope_series(samples, IN_USE)
-    ok = table.column("errno").to_numpy() == 0
-    if len(times) < 2 or not ok.any() or not usable:
-        return None
-    return np.asarray(np.interp(table.column("start_ns").to_numpy()[ok], times, in_use) / usable)

@@ -10,7 +10,7 @@ import numpy as np
 import pyarrow as pa
 
 from harness.report.analysis import audit_of, in_use
-from harness.report.disk_sweep import sweep
+from harness.report.disk_sweep import InUse, sweep
 from harness.report.hosts import HostSamples
 from harness.report.ondisk import OnDisk, RecordHandle, as_handle
 from harness.report.scan import scan_records
@@ -38,9 +38,7 @@ class RunData:
         # one pass of the analysis's own (kept with the records): the counts the
         # figures draw from, and for a large run the sample of rows they plot
         self.records: RecordHandle = as_handle(self.table)
-        found = sweep(
-            self.records, scan_records(self.records), in_use(self.samples, self.usable_ports)
-        )
+        found = sweep(self.records, scan_records(self.records), self.in_use)
         self.every = found.every  # the figures draw 1 in every connections
         if isinstance(self.records, OnDisk):
             self.table = pa.Table.from_batches(found.sample)
@@ -85,6 +83,11 @@ class RunData:
     @property
     def port_range(self) -> tuple[int, int] | None:
         return self.summary.ports.span
+
+    @property
+    def in_use(self) -> InUse | None:
+        """The ports in use over time, as the summary's bands place each connect."""
+        return in_use(self.samples, self.usable_ports, scan_records(self.records))
 
     @property
     def usable_ports(self) -> int | None:

@@ -11,7 +11,7 @@ from matplotlib.figure import Figure
 from harness.report.columns import scope_mask, scope_prefix_mask
 from harness.report.figures._axes import EVEN, ODD, empty, figure, legend, mark_exhaustion
 from harness.report.hosts import host_mask
-from harness.report.port_occupancy import IN_USE, occupancy_at_start, scope_series
+from harness.report.port_occupancy import IN_USE, scope_series
 from harness.report.rundata import RunData
 
 __all__ = ["Panel", "hosts", "latency_vs_occupancy", "occupancy", "occupancy_panel"]
@@ -145,11 +145,9 @@ def _mark_cliff(ax: Axes, data: RunData) -> None:
 def latency_vs_occupancy(data: RunData) -> Figure:
     fig = figure()
     ax = fig.subplots()
-    usable = data.usable_ports
-    samples = data.samples
     share = None
-    if samples is not None and samples.num_rows and usable:
-        share = occupancy_at_start(data.table, samples, int(usable))
+    if data.in_use is not None and data.ok.any():  # as the summary's bands place them
+        share = data.in_use.at(data.table.column("start_ns").to_numpy()[data.ok])
     if share is None:
         empty(ax, "needs socket samples and a known port range")
         ax.set_title("Connect latency against range occupancy")
