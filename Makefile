@@ -4,6 +4,7 @@
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
+WORKERS ?= 3
 STAMP  := $(VENV)/.installed
 
 # make loadtest [TARGET=host:port] [SCENARIO=name|path] [USERS=n] [RATE=n] [DURATION=30s] [ARGS=...]
@@ -76,8 +77,13 @@ lint: setup ## ruff on the code, and the import rules between packages (pyprojec
 typecheck: setup ## mypy --strict on harness/
 	$(BIN)/mypy harness
 
-pytest: setup ## Only the test suite (ARGS= passes pytest flags)
-	$(BIN)/pytest $(ARGS)
+# the isolated tests side by side (each lab's namespaces carry its pid), then the ones
+# marked serial (rates, CPU, timing against the machine's speed) alone; both always run
+pytest: setup ## Only the test suite (ARGS= passes pytest flags, WORKERS= the side-by-side processes)
+	@status=0; \
+	$(BIN)/pytest -n $(WORKERS) -m "not serial" $(ARGS) || [ $$? -eq 5 ] || status=1; \
+	$(BIN)/pytest -m serial $(ARGS) || [ $$? -eq 5 ] || status=1; \
+	exit $$status
 
 test: export EPH_REQUIRE_BROWSER = 1
 test: export EPH_REQUIRE_TOOLS = 1

@@ -76,10 +76,22 @@ def write_scenario(path: Path, text: str) -> Path:
 
 
 def eph(
-    args: Sequence[str], *, cwd: Path, prefix: Sequence[str] = (), timeout: float = E2E_TIMEOUT
+    args: Sequence[str],
+    *,
+    cwd: Path,
+    prefix: Sequence[str] = (),
+    timeout: float = E2E_TIMEOUT,
+    report: bool = False,
 ) -> subprocess.CompletedProcess[str]:
-    """Run ``eph`` in a subprocess (optionally inside a namespace) and capture it."""
+    """Run ``eph`` in a subprocess (optionally inside a namespace) and capture it.
+
+    ``eph run`` and ``eph lab`` get ``--no-report`` unless ``report``: rendering the
+    figures takes ~3 s of each run, and only the tests that read report.html ask."""
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    args = list(args)
+    plain = "--" not in args and "--exec" not in args and "--cleanup" not in args
+    if not report and args[:1] in (["run"], ["lab"], ["sweep"]) and plain:
+        args.insert(1, "--no-report")
     return subprocess.run(
         [*prefix, *EPH, *args],
         cwd=cwd,

@@ -184,6 +184,7 @@ CASES = [
     case("listen --endpoint 127.0.0.1:70000", "--endpoint", "70000"),
     case("collect --target 10.0.0.1 --once", "--target", "'10.0.0.1'"),
     case("lab good.toml --trace", "--trace", "--exec"),
+    case("lab good.toml --exec true --no-report", "--no-report", "--exec"),
     case("plan --rate -5", "--rate", "-5"),
     case("plan --rate 10 --port-range 5000-10", "--port-range", "5000-10"),
     case("plan --rate 10 --lifetime forever", "--lifetime", "'forever'"),

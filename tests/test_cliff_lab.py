@@ -17,7 +17,7 @@ from harness.summary import Summary
 
 from .conftest import eph, write_scenario
 
-pytestmark = [pytest.mark.netns, pytest.mark.e2e]
+pytestmark = [pytest.mark.netns, pytest.mark.e2e, pytest.mark.serial]
 
 # How much slower connects may get past the even half (``_slowdown``). Measured here:
 # the cliff 37x (0.017 ms below the half, 0.64 ms past it); the random window 0.8x

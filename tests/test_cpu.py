@@ -80,6 +80,7 @@ def _read(path: Path) -> pa.Table:
     return pq.read_table(merged)
 
 
+@pytest.mark.serial  # CPU time against wall time: another test's load would share the cores
 def test_cpu_burned_in_a_child_is_counted_per_interval(tmp_path: Path) -> None:
     part = cpu_part_path(tmp_path / "parts", "test-1")
     out = subprocess.run(

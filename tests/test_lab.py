@@ -138,6 +138,7 @@ def test_server_first_or_reset_close_never_exhausts(tmp_path: Path, close: str) 
     assert limit is None or limit > 10 * capacity["measured_rate_per_s"]
 
 
+@pytest.mark.serial  # the rate the machine reaches
 def test_with_reuse_the_rate_sits_at_range_over_delay(tmp_path: Path) -> None:
     summary = _lab_with(tmp_path, RANGE_100 + '\ntcp_tw_reuse_delay = "200ms"', tw_reuse=1)
     capacity = summary["capacity"]

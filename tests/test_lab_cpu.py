@@ -13,7 +13,7 @@ from harness.summary import Summary
 
 from .conftest import eph, run_dir_summary, write_scenario
 
-pytestmark = [pytest.mark.netns, pytest.mark.e2e]
+pytestmark = [pytest.mark.netns, pytest.mark.e2e, pytest.mark.serial]
 
 
 @pytest.mark.parametrize(("engine", "processes"), [("locust", 2), ("uvloop", 1)])

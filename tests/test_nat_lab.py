@@ -12,6 +12,9 @@ from typing import Any
 
 import pytest
 
+from harness.report.html import findings
+from harness.summary import Summary
+
 from .conftest import eph, lab_under_way, run_dir_summary, write_scenario
 
 pytestmark = [
@@ -55,7 +58,7 @@ topology = "nat"
     assert result.returncode == 0, result.stderr[-3000:]
     summary = run_dir_summary(out)
     assert summary["conservation"]["ok"] is True, summary["conservation"]
-    summary["findings"] = (out / "report.html").read_text()
+    summary["findings"] = "\n".join(findings(Summary.load(out / "summary.json")))  # the report's
     return summary
 
 
@@ -132,6 +135,7 @@ def test_time_wait_holds_the_pool_only_where_the_nat_keeps_it(tmp_path: Path, ho
     ],
     ids=["live-flows-2s", "live-flows-1s", "held-time-wait-2s"],
 )
+@pytest.mark.serial  # the sustained rate, against the model's
 def test_the_model_predicts_exhaustion_and_the_sustained_rate(
     tmp_path: Path, rate: int, hold: str, nat: str, busy_s: float
 ) -> None:

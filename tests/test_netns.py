@@ -50,6 +50,7 @@ def test_names_are_unique() -> None:
         assert a.name != b.name
 
 
+@pytest.mark.serial  # leaves a stale namespace on purpose: any eph starting beside it sweeps it
 def test_stale_namespaces_of_dead_processes_are_swept() -> None:
     dead = subprocess.Popen(["true"])
     dead.wait()
@@ -87,6 +88,7 @@ def _pids(name: str) -> list[str]:
     return out.stdout.split()
 
 
+@pytest.mark.serial  # leaves a stale namespace on purpose: any eph starting beside it sweeps it
 def test_the_startup_sweep_takes_every_eph_prefix_and_spares_the_living() -> None:
     dead = subprocess.Popen(["true"])
     dead.wait()

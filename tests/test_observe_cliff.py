@@ -12,7 +12,7 @@ import pytest
 from .conftest import eph, write_scenario
 from .test_bpf import _require_bpftrace
 
-pytestmark = [pytest.mark.netns, pytest.mark.e2e]
+pytestmark = [pytest.mark.netns, pytest.mark.e2e, pytest.mark.serial]
 
 # 8,192 ports, no reuse: the client closes first, so every port it used sits in TIME_WAIT
 LAB = """

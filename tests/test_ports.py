@@ -163,7 +163,7 @@ def test_port_conflict_lab_breaks_the_service_and_the_reservation_fixes_it(
     args = ["lab", str(ROOT / "scenarios" / "port-conflict.toml"), "--out", str(out)]
     if reserved:
         args += ["--set", 'kernel.ip_local_reserved_ports="40050"']
-    result = eph(args, cwd=tmp_path)
+    result = eph(args, cwd=tmp_path, report=True)
     assert result.returncode == 0, result.stderr[-3000:]
     summary = json.loads((out / "summary.json").read_text())
     service = summary["service"]

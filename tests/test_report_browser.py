@@ -44,6 +44,7 @@ def test_every_figure_loads_and_the_page_is_not_blank(tmp_path: Path) -> None:
             str(out),
         ],
         cwd=tmp_path,
+        report=True,  # the page is the subject
     )
     assert result.returncode == 0, result.stderr[-2000:]
     url = (out / "report.html").as_uri()

@@ -57,12 +57,26 @@ io_timeout = "1s"
     )
 
 
-def _run(tmp_path: Path, scenario: Path, prefix: list[str] | None = None) -> tuple[Path, dict]:  # type: ignore[type-arg]
+def _run(
+    tmp_path: Path, scenario: Path, prefix: list[str] | None = None, *, report: bool = False
+) -> tuple[Path, dict]:  # type: ignore[type-arg]
     out = tmp_path / "run"
-    result = eph(["run", str(scenario), "--out", str(out)], cwd=tmp_path, prefix=prefix or [])
+    args = ["run", str(scenario), "--out", str(out)]
+    result = eph(args, cwd=tmp_path, prefix=prefix or [], report=report)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "Traceback" not in result.stderr
     return out, run_dir_summary(out)
+
+
+def test_no_report_writes_the_summary_and_eph_report_renders_it_later(tmp_path: Path) -> None:
+    out, summary = _run(tmp_path, _scenario(tmp_path, engine="uvloop", close="client"))
+    assert not (out / "report.html").exists()  # the conftest's eph passes --no-report
+    done = eph(["report", str(out)], cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert (out / "report.html").read_text().count("data:image/png;base64,") >= 2
+    again = run_dir_summary(out)
+    assert again["connections"] == summary["connections"]
+    assert again["started_at"] == summary["started_at"]
 
 
 def _listener_port(out: Path) -> int:
@@ -78,7 +92,7 @@ def _listener_port(out: Path) -> int:
 def test_run_conserves_and_time_wait_lands_by_policy(
     tmp_path: Path, engine: str, close: str, client_tw: bool, server_tw: bool
 ) -> None:
-    out, summary = _run(tmp_path, _scenario(tmp_path, engine=engine, close=close))
+    out, summary = _run(tmp_path, _scenario(tmp_path, engine=engine, close=close), report=True)
     conns = summary["connections"]
     assert conns["succeeded"] > 100 and conns["failed"] == 0, conns
     assert not conns["io_errors"], conns
@@ -116,6 +130,7 @@ def test_run_conserves_and_time_wait_lands_by_policy(
     assert not list((out / "parts").iterdir()), "parts are merged and removed"
 
 
+@pytest.mark.serial  # the paced rate, shared by two processes
 @pytest.mark.parametrize("engine", ENGINES)
 def test_two_locust_processes_share_the_rate_and_every_row_is_counted(
     tmp_path: Path, engine: str

@@ -384,6 +384,7 @@ def _lab_busy(out: Path) -> bool:
 
 @pytest.mark.netns
 @pytest.mark.e2e
+@pytest.mark.serial  # leaves a stale namespace on purpose: any eph starting beside it sweeps it
 @pytest.mark.parametrize("lab", ["single", "pair-relay", "user-namespace"])
 def test_kill_9_of_eph_lab_stops_everything_and_the_next_eph_removes_the_namespace(
     tmp_path: Path, lab: str
@@ -440,6 +441,7 @@ ip_local_port_range = [40000, 40999]
 
 @pytest.mark.netns
 @pytest.mark.e2e
+@pytest.mark.serial  # leaves a stale namespace on purpose: any eph starting beside it sweeps it
 def test_lab_cleanup_removes_namespaces_of_dead_ephs_and_says_which(tmp_path: Path) -> None:
     dead = subprocess.Popen(["true"])
     dead.wait()

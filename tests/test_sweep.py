@@ -24,6 +24,7 @@ def test_vary_parses_values_and_keeps_brackets_whole() -> None:
 
 @pytest.mark.netns
 @pytest.mark.e2e
+@pytest.mark.serial  # each point's rate against the model's
 def test_a_3_by_2_sweep_compares_every_point_with_the_model(tmp_path: Path) -> None:
     out = tmp_path / "sweep"
     result = eph(

@@ -123,7 +123,7 @@ def print_preflight(report: dict[str, Any]) -> None:
     console.print(Text(render_text(report).rstrip(), style="dim"), soft_wrap=True, highlight=False)
 
 
-def print_result(run_dir: Path, summary: Summary) -> None:
+def print_result(run_dir: Path, summary: Summary, *, report: bool = True) -> None:
     conns, exhaustion = summary.connections, summary.exhaustion
     console.print(
         f"connections: {conns.attempted} attempted, {conns.succeeded} succeeded,"
@@ -142,7 +142,12 @@ def print_result(run_dir: Path, summary: Summary) -> None:
     if not conservation.ok:
         shown = conservation.model_dump(mode="json", exclude_unset=True)
         console.print(f"[yellow]conservation check failed[/]: {shown}")
-    console.print(f"report: {run_dir / 'report.html'}")
+    if report:
+        console.print(f"report: {run_dir / 'report.html'}")
+    else:
+        console.print(
+            f"summary: {run_dir / 'summary.json'} (eph report {run_dir} renders the report)"
+        )
 
 
 def report_observation(directory: Path) -> None:

@@ -39,6 +39,12 @@ if TYPE_CHECKING:
 logger = logging.getLogger("harness")
 
 
+no_report_option = click.option(
+    "--no-report",
+    is_flag=True,
+    help="Write summary.json but not report.html (eph report RUN renders it later).",
+)
+
 trace_option = click.option(
     "--trace",
     is_flag=True,
@@ -103,6 +109,7 @@ trace_option = click.option(
     help="Locust's web UI during the run, with the Ports tab (127.0.0.1:8089 if no value).",
 )
 @trace_option
+@no_report_option
 @click.argument("locust_args", nargs=-1, type=click.UNPROCESSED)
 def run(
     scenario: Path,
@@ -117,6 +124,7 @@ def run(
     wait_workers: float,
     web: str | None,
     trace: bool,
+    no_report: bool,
     locust_args: Sequence[str],
 ) -> None:
     """Run SCENARIO on this host: listener, Locust load, collector, summary and report.
@@ -140,6 +148,7 @@ def run(
         loaded,
         out,
         locust_args,
+        report=not no_report,
     )
 
 
@@ -218,6 +227,7 @@ def worker(
     " (also lab.exec in the scenario).",
 )
 @trace_option
+@no_report_option
 @click.argument("locust_args", nargs=-1, type=click.UNPROCESSED)
 def lab(
     scenario: Path | None,
@@ -228,6 +238,7 @@ def lab(
     cleanup: bool,
     command: str | None,
     trace: bool,
+    no_report: bool,
     locust_args: Sequence[str],
 ) -> None:
     """Run SCENARIO in throwaway network namespaces with its [kernel] settings.
@@ -252,13 +263,18 @@ def lab(
     command = command if command is not None else loaded.lab.exec
     if command is not None and locust_args:
         raise click.UsageError("--exec runs your client, not Locust: no Locust arguments")
+    if command is not None and no_report:
+        raise click.UsageError(
+            "--no-report goes with Locust's load: a lab with --exec writes its observation's"
+            " summary and report together"
+        )
     if command is None and trace:
         raise click.UsageError("--trace in a lab goes with --exec (or eph run --trace)")
     out = out if in_run else claim(out, force)
     if command is not None:
         _lab_exec(loaded, command, out, trace)
         return
-    _launch("lab", run_lab, loaded, out, locust_args)
+    _launch("lab", run_lab, loaded, out, locust_args, report=not no_report)
 
 
 def _lab_exec(scenario: Scenario, command: str, out: Path | None, trace: bool) -> None:
@@ -299,12 +315,14 @@ def _cleanup_namespaces() -> None:
 @set_option
 @out_option
 @force_option
+@no_report_option
 def sweep(
     scenario: Path,
     varies: Sequence[str],
     overrides: Sequence[str],
     out: Path | None,
     force: bool,
+    no_report: bool,
 ) -> None:
     """Run SCENARIO in a lab at every point of a grid and compare with the model.
 
@@ -331,7 +349,9 @@ def sweep(
             markup=False,
         )
 
-    path = run_sweep(scenario, axes, overrides=overrides, out=out, on_point=on_point)
+    path = run_sweep(
+        scenario, axes, overrides=overrides, out=out, on_point=on_point, report=not no_report
+    )
     console.print(f"comparison: {path / 'comparison.csv'} and {path / 'comparison.png'}")
 
 
@@ -341,6 +361,8 @@ def _launch(
     scenario: Scenario,
     out: Path | None,
     locust_args: Sequence[str],
+    *,
+    report: bool = True,
 ) -> None:
     for note in scenario.advisories():
         logger.warning("%s", note)
@@ -357,8 +379,9 @@ def _launch(
             progress=view.update,
             locust_args=locust_args,
             on_preflight=print_preflight,
+            report=report,
         )
-    print_result(result.run_dir, result.summary)
+    print_result(result.run_dir, result.summary, report=report)
 
 
 class _ProgressView:

@@ -96,7 +96,11 @@ def run_sweep(
     overrides: Sequence[str] = (),
     out: Path | None = None,
     on_point: PointSink | None = None,
+    report: bool = True,
 ) -> Path:
+    """One lab per point of the grid, each in its own directory under the sweep's, and
+    the comparison of every point with the model. ``report``: False leaves each point's
+    report.html to ``eph report`` (the sweep's own comparison is always written)."""
     keys = [v.key for v in varies]
     points = sweep_points(path, varies, overrides)
     base = points[0][1].name if points else "sweep"
@@ -110,7 +114,7 @@ def run_sweep(
         if on_point is not None:
             on_point(index, len(points), label, None)
         name = re.sub(r"[^A-Za-z0-9.=_-]+", "_", label)[:80]
-        result = run_lab(scenario, out=sweep.path / f"{index:02d}-{name}")
+        result = run_lab(scenario, out=sweep.path / f"{index:02d}-{name}", report=report)
         rows.append(
             _row(index, label, dict(zip(keys, label.split(" "), strict=True)), result.summary)
         )

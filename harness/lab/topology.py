@@ -91,6 +91,7 @@ def run_lab(
     progress: ProgressSink | None = None,
     locust_args: Sequence[str] = (),
     on_preflight: Callable[[dict[str, Any]], None] | None = None,
+    report: bool = True,
 ) -> RunResult:
     if scenario.listener is None:
         raise ScenarioError(
@@ -102,9 +103,11 @@ def run_lab(
     unprivileged = False if inside else _needs_user_namespace(scenario)
     run = RunDir.open(out, create=True) if out else RunDir.create(Path("reports"), scenario.name)
     if unprivileged:
-        return _run_in_user_namespace(scenario, run, locust_args)
+        return _run_in_user_namespace(scenario, run, locust_args, report)
     if inside:
-        return _run_here(scenario, run, lab_sysctls(scenario), progress, locust_args, on_preflight)
+        return _run_here(
+            scenario, run, lab_sysctls(scenario), progress, locust_args, on_preflight, report
+        )
     with contextlib.ExitStack() as stack:
         # the supervisor closes before the namespaces go: their processes stop first
         scenario, placement = build_lab(stack, scenario, run)
@@ -115,6 +118,7 @@ def run_lab(
             locust_args=locust_args,
             placement=placement,
             on_preflight=on_preflight,
+            report=report,
         )
 
 
@@ -222,7 +226,7 @@ def _userns() -> bool:
 
 
 def _run_in_user_namespace(
-    scenario: Scenario, run: RunDir, locust_args: Sequence[str]
+    scenario: Scenario, run: RunDir, locust_args: Sequence[str], report: bool = True
 ) -> RunResult:
     """Without root: the same lab again, inside ``unshare --user --map-root-user --net``.
 
@@ -235,6 +239,7 @@ def _run_in_user_namespace(
     resolved.write_text(json.dumps(scenario.to_json()))
     args = ["unshare", "--user", "--map-root-user", "--net", "--", sys.executable, "-m"]
     args += ["harness", "lab", str(resolved), "--out", str(run.path), "--in-run"]
+    args += [] if report else ["--no-report"]
     if locust_args:
         args += ["--", *locust_args]
     logger.info("not root: running the lab in an unprivileged user namespace")
@@ -281,6 +286,7 @@ def _run_here(
     progress: ProgressSink | None,
     locust_args: Sequence[str],
     on_preflight: Callable[[dict[str, Any]], None] | None = None,
+    report: bool = True,
 ) -> RunResult:
     """Inside a fresh (user) network namespace already: set it up in place and run."""
     run_checked(["ip", "link", "set", "lo", "up"])
@@ -308,6 +314,7 @@ def _run_here(
             out=run.path,
             progress=progress,
             locust_args=locust_args,
+            report=report,
             on_preflight=on_preflight,
         )
 

@@ -33,11 +33,12 @@ class RunData:
     hosts: tuple[HostSamples, ...] = ()  # a distributed run's workers
     nat_samples: pa.Table | None = None  # router/nat.parquet: the NAT lab's pool
     _audit: TupleAudit | None = field(default=None, repr=False)
+    handle: RecordHandle | None = field(default=None, repr=False)  # the analysis's, if any
 
     def __post_init__(self) -> None:
         # one pass of the analysis's own (kept with the records): the counts the
         # figures draw from, and for a large run the sample of rows they plot
-        self.records: RecordHandle = as_handle(self.table)
+        self.records: RecordHandle = self.handle or as_handle(self.table)
         found = sweep(self.records, scan_records(self.records), self.in_use)
         self.every = found.every  # the figures draw 1 in every connections
         if isinstance(self.records, OnDisk):

@@ -24,7 +24,7 @@ from harness.report.cpu_section import cpu_section
 from harness.report.hosts import HostSamples
 from harness.report.html import render_report
 from harness.report.nat_section import nat_section, scan_for_nat, with_nat_model
-from harness.report.ondisk import Records, open_records
+from harness.report.ondisk import Held, OnDisk, Records, as_handle, open_records
 from harness.report.port_occupancy import kernel_conservation
 from harness.report.rundata import RunData
 from harness.report.scan import scan_records
@@ -55,15 +55,18 @@ def finalize(
     stop_reason: str | None = None,
     expected_workers: int | None = None,
     crash: RunState | None = None,
+    report: bool = True,
 ) -> Summary:
     """Merge part files into ``connections.parquet``, then write summary and report.
-    ``crash``: the state of a run whose eph process died, as ``state.json`` left it."""
+    ``crash``: the state of a run whose eph process died, as ``state.json`` left it.
+    ``report``: False writes the summary only (``--no-report``; ``eph report`` renders
+    it later from the same records)."""
     run = RunDir.open(path)
     _finish_samples(run)
     hosts = worker_hosts(run.path)
     _merge_cpu(run, hosts)
     _merge_records(run, hosts)
-    table = _read_connections(run)
+    records = as_handle(_read_connections(run))  # one handle: its scan is kept with it
     scenario = run.read_json("scenario.json")
     setup = Scenario.model_validate(scenario)
     facts = _facts(
@@ -76,30 +79,42 @@ def finalize(
         listener=listener,
         locust_requests=locust_requests,
     )
-    summary = _summarize(run, table, setup, facts)
+    summary = _summarize(run, records, setup, facts)
     _add_run_notes(run, summary, stop_reason, expected_workers, hosts)
     samples = read_samples(run.path / "samples.parquet")
     server_samples = read_samples(run.path / "server" / "samples.parquet")
-    summary = analyze(table, samples, setup, summary, server_samples, hosts)
+    summary = analyze(records, samples, setup, summary, server_samples, hosts)
     # the NAT's hold after close, as the model has it: the lab's held TIME_WAIT or none
     hold_s = NatCapacityModel.from_scenario(setup, lifetime_s=0.0).hold_s
     if (run.path / "router" / "nat.parquet").exists():  # the nat lab's router, any size
-        scan = scan_for_nat(table)
-        nat = nat_section(run.path, table, hold_s, scan)
+        scan = scan_for_nat(records)
+        nat = nat_section(run.path, records, hold_s, scan)
         if nat is not None:
             summary.nat = with_nat_model(nat, summary, setup, scan.lifetime_s(setup.load.hold))
     if crash is not None:
-        summary.crash = crash_section(crash, table, samples)
+        summary.crash = crash_section(crash, records, samples)
     cpu = cpu_section(_read_cpu(run.path), samples, summary.capacity.model_ports)
     if cpu is not None:
         summary.cpu = cpu
     if setup.load.protocol is Protocol.TCP:  # ActiveOpens counts TCP
-        _judge_kernel(summary, table, samples, judged=_kernel_is_ours(run.path, setup, hosts))
+        _judge_kernel(summary, records, samples, judged=_kernel_is_ours(run.path, setup, hosts))
     run.write_json("summary.json", summary.to_json())
+    if not report:
+        logger.info("report.html not rendered (--no-report): eph report %s renders it", run.path)
+        return summary
     nat_samples = read_samples(run.path / "router" / "nat.parquet")
     render_report(
         run.report,
-        RunData(table, samples, summary, scenario, server_samples, tuple(hosts), nat_samples),
+        RunData(
+            records.table if isinstance(records, Held) else records,
+            samples,
+            summary,
+            scenario,
+            server_samples,
+            tuple(hosts),
+            nat_samples,
+            handle=records,
+        ),
     )
     return summary
 
@@ -209,7 +224,7 @@ def _merge_records(run: RunDir, hosts: list[HostSamples]) -> None:
     logger.debug("merged %d rows from %d parts", rows, len(parts))
 
 
-def _read_connections(run: RunDir) -> pa.Table:
+def _read_connections(run: RunDir) -> pa.Table | OnDisk:
     """The records in memory, or for a large run a handle the analyses scan
     (``harness.report.ondisk``): either goes wherever a table of them goes."""
     try:
@@ -276,9 +291,9 @@ def _kernel_is_ours(path: Path, setup: Scenario, hosts: list[HostSamples]) -> bo
 
 
 def _judge_kernel(
-    summary: Summary, table: pa.Table, samples: pa.Table | None, *, judged: bool
+    summary: Summary, records: Records, samples: pa.Table | None, *, judged: bool
 ) -> None:
-    found = kernel_conservation(table, samples)
+    found = kernel_conservation(records, samples)
     if found is None or found.kernel_active_opens is None:
         return
     cons = summary.conservation

@@ -73,10 +73,12 @@ def run_scenario(
     on_preflight: Callable[[dict[str, Any]], None] | None = None,
     web: Endpoint | None = None,
     trace: bool = False,
+    report: bool = True,
 ) -> RunResult:
     """Run ``scenario``: its children, the load for ``duration``, then the summary and
     report. ``web``: Locust's web UI there (the test starts at once) instead of headless.
-    ``trace``: the kernel recorder witnesses every connection (``kernel_witness``)."""
+    ``trace``: the kernel recorder witnesses every connection (``kernel_witness``).
+    ``report``: False leaves report.html to ``eph report`` (``--no-report``)."""
     if scenario.load.tls is not None:
         client_context(scenario.load.tls)  # a missing or bad PEM file: said before any load
     run = RunDir.open(out, create=True) if out else RunDir.create(Path("reports"), scenario.name)
@@ -102,6 +104,7 @@ def run_scenario(
             listener=outcome.listener,
             stop_reason=stop_reason,
             expected_workers=workers,
+            report=report,
         )
         if trace:
             summary.kernel_witness = _witness(run, outcome.trace)
