@@ -77,11 +77,13 @@ lint: setup ## ruff on the code, and the import rules between packages (pyprojec
 typecheck: setup ## mypy --strict on harness/
 	$(BIN)/mypy harness
 
-# the isolated tests side by side (each lab's namespaces carry its pid), then the ones
-# marked serial (rates, CPU, timing against the machine's speed) alone; both always run
+# the isolated tests side by side (each lab's namespaces carry its pid); then those
+# marked paced (a modest paced rate against a model) two at a time; then those marked
+# serial (CPU, timing, the fastest rate; stale namespaces) alone. All three always run.
 pytest: setup ## Only the test suite (ARGS= passes pytest flags, WORKERS= the side-by-side processes)
 	@status=0; \
-	$(BIN)/pytest -n $(WORKERS) -m "not serial" $(ARGS) || [ $$? -eq 5 ] || status=1; \
+	$(BIN)/pytest -n $(WORKERS) -m "not serial and not paced" $(ARGS) || [ $$? -eq 5 ] || status=1; \
+	$(BIN)/pytest -n 2 -m paced $(ARGS) || [ $$? -eq 5 ] || status=1; \
 	$(BIN)/pytest -m serial $(ARGS) || [ $$? -eq 5 ] || status=1; \
 	exit $$status
 

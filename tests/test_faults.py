@@ -149,7 +149,7 @@ def _silent_target() -> Iterator[str]:
                 filler.close()
 
 
-@pytest.mark.serial  # attempts per timeout, against the time each attempt took
+@pytest.mark.paced  # attempts per timeout, against the time each attempt took
 @pytest.mark.parametrize("engine", ["locust", "uvloop"])
 def test_unresponsive_target_times_out_within_bounds(tmp_path: Path, engine: str) -> None:
     with _silent_target() as target:

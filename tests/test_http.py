@@ -181,7 +181,7 @@ def test_a_missing_ca_file_is_an_error_before_any_load(tmp_path: Path) -> None:
     assert not (tmp_path / "run").exists()
 
 
-@pytest.mark.serial  # a paced rate that must be reached
+@pytest.mark.paced  # a paced rate that must be reached
 def test_the_keepalive_lever_sweep_exhausts_at_one_request_per_connection_not_at_five(
     tmp_path: Path,
 ) -> None:

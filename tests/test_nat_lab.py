@@ -135,7 +135,7 @@ def test_time_wait_holds_the_pool_only_where_the_nat_keeps_it(tmp_path: Path, ho
     ],
     ids=["live-flows-2s", "live-flows-1s", "held-time-wait-2s"],
 )
-@pytest.mark.serial  # the sustained rate, against the model's
+@pytest.mark.paced  # the sustained rate, against the model's
 def test_the_model_predicts_exhaustion_and_the_sustained_rate(
     tmp_path: Path, rate: int, hold: str, nat: str, busy_s: float
 ) -> None:

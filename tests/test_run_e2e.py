@@ -130,7 +130,7 @@ def test_run_conserves_and_time_wait_lands_by_policy(
     assert not list((out / "parts").iterdir()), "parts are merged and removed"
 
 
-@pytest.mark.serial  # the paced rate, shared by two processes
+@pytest.mark.paced  # the paced rate, shared by two processes
 @pytest.mark.parametrize("engine", ENGINES)
 def test_two_locust_processes_share_the_rate_and_every_row_is_counted(
     tmp_path: Path, engine: str
@@ -371,6 +371,7 @@ def test_locustfile_runs_under_plain_locust(tmp_path: Path) -> None:
     finally:
         listener.send_signal(signal.SIGTERM)
         listener.communicate(timeout=10)
+    assert (run_dir / "summary.json").exists(), result.stderr[-3000:]
     summary = run_dir_summary(run_dir)
     assert "listener" not in summary  # eph served nothing here
     assert (run_dir / "report.html").read_text().count("data:image/png") >= 2
