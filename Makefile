@@ -49,7 +49,8 @@ setup: $(STAMP) ## Create .venv and install eph with its dev tools (idempotent)
 # report.html and Locust's web UI, clients and servers eph did not write (nginx, curl,
 # and ab, wrk and hey, the peers `make bench` measures eph against), and bpftrace for the
 # kernel's record of every connection (eph observe --trace)
-system-deps: ## Install iproute2, nftables, conntrack, chromium, nginx, curl, ab, wrk, hey and bpftrace with apt-get when missing (root)
+# and promtool, which lints what eph observe --prometheus serves and tests the alert rules
+system-deps: ## Install iproute2, nftables, conntrack, chromium, nginx, curl, ab, wrk, hey, bpftrace and prometheus (for promtool) with apt-get when missing (root; no service is started)
 	@missing=""; \
 	command -v ip >/dev/null && command -v ss >/dev/null || missing="$$missing iproute2"; \
 	command -v nft >/dev/null || missing="$$missing nftables"; \
@@ -61,10 +62,14 @@ system-deps: ## Install iproute2, nftables, conntrack, chromium, nginx, curl, ab
 	command -v wrk >/dev/null || missing="$$missing wrk"; \
 	command -v hey >/dev/null || missing="$$missing hey"; \
 	command -v bpftrace >/dev/null || missing="$$missing bpftrace"; \
+	command -v promtool >/dev/null || missing="$$missing prometheus"; \
 	if [ -n "$$missing" ]; then \
 	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
 	    echo "installing:$$missing"; \
+	    blocker=/usr/sbin/policy-rc.d; made=""; \
+	    if [ ! -e $$blocker ]; then printf '#!/bin/sh\nexit 101\n' > $$blocker && chmod +x $$blocker && made=1; fi; \
 	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing >/dev/null; \
+	    status=$$?; [ -z "$$made" ] || rm -f $$blocker; [ $$status = 0 ] || exit $$status; \
 	  else \
 	    echo "missing:$$missing (install them, or run make as root on Debian)"; exit 1; \
 	  fi; \

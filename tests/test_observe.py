@@ -15,7 +15,7 @@ import pytest
 
 from harness.kernel.netns import Namespace
 
-from .conftest import EPH, ROOT, out_rsts
+from .conftest import EPH, ROOT, out_rsts, require_tools
 
 pytestmark = [pytest.mark.netns, pytest.mark.e2e]
 
@@ -58,6 +58,15 @@ def _ss_client_paths(ns: Namespace) -> dict[str, int]:
         if state != "LISTEN" and 40000 <= port <= 40599 and peer.endswith((":7000", ":7001")):
             paths[peer] = paths.get(peer, 0) + 1
     return paths
+
+
+def _promtool_accepts(scrape: str) -> None:
+    """Prometheus' own linter: names, units, counters, help texts."""
+    require_tools("promtool")
+    checked = subprocess.run(
+        ["promtool", "check", "metrics"], input=scrape, capture_output=True, text=True, check=False
+    )
+    assert checked.returncode == 0, checked.stdout + checked.stderr
 
 
 def test_observe_sees_each_path_as_ss_does_and_serves_prometheus(
@@ -118,10 +127,16 @@ def test_observe_sees_each_path_as_ss_does_and_serves_prometheus(
     assert set(ss) == set(made)
     assert all(made[k] - resets <= ss[k] <= made[k] for k in made), (ss, resets)
     held = ss["127.0.0.1:7000"]
-    gauge = f'eph_path_ports_in_use{{local="127.0.0.1",remote="127.0.0.1:7000"}} {held}.0'
-    assert gauge in scrape
-    assert 'eph_path_usable_ports{local="127.0.0.1",remote="127.0.0.1:7000"} 600.0' in scrape
-    assert "eph_host_time_wait" in scrape
+    path = 'local="127.0.0.1",protocol="tcp",remote="127.0.0.1:7000"'
+    assert f"eph_path_ports_in_use{{{path}}} {held}.0" in scrape
+    assert f"eph_path_usable_ports{{{path}}} 600.0" in scrape
+    assert f"eph_path_time_wait_sockets{{{path}}} {held}.0" in scrape
+    assert re.search(r"^eph_build_info\{.*version=", scrape, re.M), scrape
+    # the namespace's own counter, as a counter: the client's 600 connects (and the
+    # scrape's own, when a sample fell between its connect and the answer)
+    opens = re.search(r"^eph_host_active_opens_total (\S+)$", scrape, re.M)
+    assert opens and float(opens.group(1)) in (600.0, 601.0), scrape
+    _promtool_accepts(scrape)
     # without a terminal: plain lines naming the busiest path first
     assert "127.0.0.1 -> 127.0.0.1:7000: " in stdout
 
@@ -213,3 +228,34 @@ def test_curl_against_nginx_exhausts_a_small_range_and_the_report_names_the_path
     assert plan["hold_s"] == 60  # the path showed TIME_WAIT: curl closes first
     assert plan["meets_goal"] is False
     assert any("keep-alive" in lever["name"] for lever in plan["levers"])
+
+
+def test_without_duration_it_runs_until_sigterm_and_keeps_what_it_saw(tmp_path: Path) -> None:
+    """The agent's way (deploy/): no --duration, stopped by the service manager."""
+    out = tmp_path / "agent"
+    observer = subprocess.Popen(
+        [*EPH, "observe", "--interval", "100ms", "--plain", "--no-report", "--out", str(out)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=ENV,
+    )
+    try:
+        meta = out / "observe.json"
+        deadline = time.monotonic() + 30  # a bound on the test, not on eph
+        while not (meta.exists() and json.loads(meta.read_text())["stop_reason"] == "running"):
+            assert observer.poll() is None and time.monotonic() < deadline, observer.stderr
+            time.sleep(0.1)
+        time.sleep(3.0)  # ~30 samples: past any duration a default could have hidden
+        assert observer.poll() is None, "stopped by itself"
+        observer.send_signal(signal.SIGTERM)
+        _, stderr = observer.communicate(timeout=30)
+    finally:
+        if observer.poll() is None:
+            observer.kill()
+            observer.communicate()
+    assert observer.returncode == 0, stderr
+    assert "stopped by SIGTERM" in stderr
+    kept = json.loads((out / "observe.json").read_text())
+    assert kept["stop_reason"] == "SIGTERM" and kept["samples"] >= 10, kept
+    assert pq.read_table(out / "host.parquet").num_rows == kept["samples"]

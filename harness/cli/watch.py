@@ -182,9 +182,9 @@ def collect(
 @click.option(
     "--duration",
     callback=positive_duration,
-    default="10m",
-    show_default=True,
-    help="Stop after this long (Ctrl-C stops sooner; what was seen is kept).",
+    default=None,
+    help="Stop after this long. Without it, run until SIGINT or SIGTERM (Ctrl-C,"
+    " systemctl stop): what was seen is kept either way.",
 )
 @click.option(
     "--interval",
@@ -220,7 +220,7 @@ def collect(
     " connections.parquet.",
 )
 def observe(
-    duration: float,
+    duration: float | None,
     interval: float,
     top: int,
     out: Path | None,

@@ -1,29 +1,124 @@
-"""``--prometheus HOST:PORT``: the live per-path view as Prometheus gauges.
+"""``--prometheus HOST:PORT``: the live per-path view, as Prometheus expects it.
 
 Served by ``prometheus_client`` from its own registry (so nothing else of the
-process leaks in), on loopback unless told otherwise. Per-path gauges carry
-``local`` and ``remote`` labels; a path that leaves the top N is removed, so
-the series stay as bounded as the rows.
+process leaks in), on loopback unless told otherwise. Names follow Prometheus'
+conventions, and ``promtool check metrics`` passes them (tests/test_observe.py):
+base units (seconds), ratios from 0 to 1, ``_total`` only on counters.
+
+- ``eph_path_*`` gauges, labelled ``local`` and ``remote``: the top N paths of a
+  sample and one ``remote="other"`` series for the rest, so the series stay as
+  bounded as the rows (a path that leaves the top N is removed).
+- ``eph_host_*``: the namespace's TCP counters as counters (the kernel's own
+  totals, so ``rate()`` works and a restart of eph is no reset), TIME_WAIT and
+  conntrack as gauges.
+- ``eph_nat_*`` on a NAT router: ports per NAT address and destination (the top N
+  as well), and conntrack's insert failures and drops as counters since eph began.
+- ``eph_build_info`` (version, python) and ``eph_sample_duration_seconds``.
+
+docs/operations/observe.md lists every metric with its labels; deploy/prometheus/
+holds the alert rules written against them.
 """
 
 from __future__ import annotations
 
 import math
+import platform
+from collections.abc import Iterator
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Gauge, start_http_server
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
 
+from harness import __version__
+from harness.kernel.sockdiag import TcpState
 from harness.observe.outlook import Outlook
-from harness.observe.paths import PathSnapshot
+from harness.observe.paths import STATES, UDP, PathSnapshot
 from harness.observe.session import HostView
 
-__all__ = ["PrometheusView"]
+__all__ = ["HOST_COUNTERS", "PrometheusView"]
 
-_PATH_LABELS = ("local", "remote")
+_PATH_LABELS = ("protocol", "local", "remote")
+_TIME_WAIT_COLUMN = STATES.index(TcpState.TIME_WAIT)
+_NAT_LABELS = ("nat_address", "destination")
+NAT_TOP = 20  # NAT address and destination pairs kept
+
+# the kernel's cumulative TCP counters (harness.kernel.counters' names): metric, help
+HOST_COUNTERS = {
+    "active_opens": ("eph_host_active_opens", "Connects that sent a SYN (Tcp ActiveOpens)"),
+    "attempt_fails": (
+        "eph_host_attempt_fails",
+        "Connects that failed after sending a SYN (Tcp AttemptFails)",
+    ),
+    "tw_recycled": (
+        "eph_host_tw_recycled",
+        "TIME_WAIT ports reused by connect (TcpExt TWRecycled)",
+    ),
+    "timewait_overflow": (
+        "eph_host_timewait_overflow",
+        "TIME_WAIT sockets not made, the table full (TcpExt TCPTimeWaitOverflow)",
+    ),
+}
+
+
+class _HostMetrics(Collector):
+    """What one sample says of the namespace, built at scrape time from the last one."""
+
+    def __init__(self) -> None:
+        self.host: HostView | None = None
+        self.paths = 0
+        self.samples = 0
+        self.nat_insert_failed = 0
+        self.nat_drop = 0
+
+    def collect(self) -> Iterator[Metric]:
+        info = GaugeMetricFamily("eph_build_info", "eph's version", labels=["version", "python"])
+        info.add_metric([__version__, platform.python_version()], 1)
+        yield info
+        yield CounterMetricFamily("eph_samples", "Samples taken", value=self.samples)
+        host = self.host
+        if host is None:
+            return
+        yield GaugeMetricFamily(
+            "eph_sample_duration_seconds",
+            "How long the last sample took",
+            value=host.sample_ms / 1000,
+        )
+        yield GaugeMetricFamily("eph_host_paths", "Client paths seen", value=self.paths)
+        for key, (name, text) in HOST_COUNTERS.items():
+            value = host.counters.get(key)
+            if value is not None:
+                yield CounterMetricFamily(name, text, value=value)
+        gauges: dict[str, tuple[str, Any]] = {
+            "eph_host_time_wait_sockets": (
+                "TIME_WAIT sockets (sockstat tw)",
+                host.counters.get("sockstat_tw"),
+            ),
+            "eph_host_conntrack_entries": (
+                "Conntrack entries (nf_conntrack_count)",
+                host.counters.get("conntrack_count"),
+            ),
+            "eph_host_conntrack_max": (
+                "Conntrack's limit (nf_conntrack_max)",
+                host.settings.conntrack_max,
+            ),
+        }
+        for name, (text, value) in gauges.items():
+            if value is not None:
+                yield GaugeMetricFamily(name, text, value=value)
+        if host.nat is not None:
+            yield CounterMetricFamily(
+                "eph_nat_conntrack_insert_failed",
+                "Conntrack insert failures since eph began (a SYN that found no NAT port)",
+                value=self.nat_insert_failed,
+            )
+            yield CounterMetricFamily(
+                "eph_nat_conntrack_drops", "Conntrack drops since eph began", value=self.nat_drop
+            )
 
 
 class PrometheusView:
-    """Gauges updated each sample; the HTTP server runs until eph exits."""
+    """The metrics, updated each sample; the HTTP server runs until :meth:`close`."""
 
     def __init__(self, host: str, port: int) -> None:
         self.registry = CollectorRegistry()
@@ -34,24 +129,20 @@ class PrometheusView:
         )
         self.occupancy = g("eph_path_occupancy_ratio", "Ports in use / usable ports", _PATH_LABELS)
         self.new = g("eph_path_new_connections_per_second", "New sockets per second", _PATH_LABELS)
+        self.time_wait = g("eph_path_time_wait_sockets", "Sockets in TIME_WAIT", _PATH_LABELS)
         self.tte = g(
             "eph_path_seconds_to_exhaustion",
             "At the current rate; +Inf when the rate fits the range",
             _PATH_LABELS,
         )
-        self.host_gauges = {
-            name: g(f"eph_host_{name}", help_text, ())
-            for name, help_text in (
-                ("time_wait", "TIME_WAIT sockets (sockstat tw)"),
-                ("tw_recycled_total", "TcpExt TWRecycled"),
-                ("timewait_overflow_total", "TcpExt TCPTimeWaitOverflow"),
-                ("active_opens_total", "Tcp ActiveOpens"),
-                ("conntrack_entries", "nf_conntrack_count"),
-                ("conntrack_max", "nf_conntrack_max"),
-                ("paths", "Client paths seen"),
-            )
-        }
-        self._shown: set[tuple[str, str]] = set()
+        self.nat_ports = g("eph_nat_ports_in_use", "NAT ports held by live flows", _NAT_LABELS)
+        self.nat_time_wait = g(
+            "eph_nat_time_wait_entries", "NAT entries in TIME_WAIT (no flow)", _NAT_LABELS
+        )
+        self.host = _HostMetrics()
+        self.registry.register(self.host)
+        self._shown: set[tuple[str, ...]] = set()
+        self._nat_shown: set[tuple[str, ...]] = set()
         self.server, self._thread = start_http_server(port, addr=host, registry=self.registry)
 
     @property
@@ -63,16 +154,10 @@ class PrometheusView:
         return Gauge(name, doc, labels, registry=self.registry)
 
     def show(self, snap: PathSnapshot, look: Outlook, host: HostView) -> None:
-        shown = set()
+        shown: set[tuple[str, ...]] = set()
+        time_wait = snap.states[:, _TIME_WAIT_COLUMN]
         for i in range(len(snap)):
-            labels = (
-                ("", "other")
-                if snap.other and i == len(snap) - 1
-                else (
-                    snap.local[i],
-                    f"{snap.remote[i]}:{int(snap.remote_port[i])}",
-                )
-            )
+            labels = _path_labels(snap, i)
             shown.add(labels)
             rate = float(snap.new_per_s[i])
             tte = float(look.time_to_exhaustion_s[i])
@@ -80,25 +165,48 @@ class PrometheusView:
             self.usable.labels(*labels).set(snap.usable)
             self.occupancy.labels(*labels).set(float(snap.occupancy[i]))
             self.new.labels(*labels).set(0.0 if math.isnan(rate) else rate)
+            self.time_wait.labels(*labels).set(int(time_wait[i]))
             self.tte.labels(*labels).set(math.inf if math.isnan(tte) else tte)
-        for gone in self._shown - shown:
-            for gauge in (self.ports, self.usable, self.occupancy, self.new, self.tte):
-                gauge.remove(*gone)
+        _forget(
+            self._shown - shown,
+            (self.ports, self.usable, self.occupancy, self.new, self.time_wait, self.tte),
+        )
         self._shown = shown
-        values: dict[str, Any] = {
-            "time_wait": host.counters.get("sockstat_tw"),
-            "tw_recycled_total": host.counters.get("tw_recycled"),
-            "timewait_overflow_total": host.counters.get("timewait_overflow"),
-            "active_opens_total": host.counters.get("active_opens"),
-            "conntrack_entries": host.counters.get("conntrack_count"),
-            "conntrack_max": host.settings.conntrack_max,
-            "paths": snap.paths_total,
-        }
-        for name, value in values.items():
-            if value is not None:
-                self.host_gauges[name].set(value)
+        self._show_nat(host)
+        self.host.host, self.host.paths = host, snap.paths_total
+        self.host.samples += 1
+
+    def _show_nat(self, host: HostView) -> None:
+        nat = host.nat
+        if nat is None:
+            return
+        self.host.nat_insert_failed += nat.insert_failed or 0
+        self.host.nat_drop += nat.drop or 0
+        shown: set[tuple[str, ...]] = set()
+        for row in nat.rows[:NAT_TOP]:
+            labels = (row.nat_address, row.destination)
+            shown.add(labels)
+            self.nat_ports.labels(*labels).set(row.in_use)
+            self.nat_time_wait.labels(*labels).set(row.time_wait)
+        _forget(self._nat_shown - shown, (self.nat_ports, self.nat_time_wait))
+        self._nat_shown = shown
 
     def close(self) -> None:
         self.server.shutdown()
         self.server.server_close()
         self._thread.join(timeout=2)
+
+
+def _path_labels(snap: PathSnapshot, i: int) -> tuple[str, str, str]:
+    if snap.other and i == len(snap) - 1:
+        return ("", "", "other")
+    remote = snap.remote[i]
+    remote = f"[{remote}]" if ":" in remote else remote
+    protocol = "udp" if int(snap.protocol[i]) == UDP else "tcp"
+    return (protocol, snap.local[i], f"{remote}:{int(snap.remote_port[i])}")
+
+
+def _forget(gone: set[tuple[str, ...]], gauges: tuple[Gauge, ...]) -> None:
+    for labels in gone:
+        for gauge in gauges:
+            gauge.remove(*labels)

@@ -101,9 +101,10 @@ RATE_COUNTERS = ("tw_recycled", "timewait_overflow", "active_opens", "attempt_fa
 
 @dataclass
 class Observation:
-    """A bounded observation: ``duration`` seconds, one sample every ``interval``."""
+    """One sample every ``interval``, for ``duration`` seconds, or until stopped (SIGINT,
+    SIGTERM or :meth:`stop`) when ``duration`` is None: the agent's way."""
 
-    duration_s: float
+    duration_s: float | None
     interval_s: float = 1.0
     top: int = 20
     out: Path | None = None
@@ -121,7 +122,8 @@ class Observation:
 
     def run(self, clock: Callable[[], float] = time.monotonic) -> None:
         """Sample until ``duration_s`` or a stop signal; close the files and views."""
-        if not (self.interval_s > 0 and self.duration_s > 0):  # 0 s would never end
+        duration = self.duration_s
+        if not (self.interval_s > 0 and (duration is None or duration > 0)):  # 0 s: no end
             raise ValueError(
                 f"interval ({self.interval_s} s) and duration ({self.duration_s} s) must be"
                 " above zero"
@@ -144,7 +146,7 @@ class Observation:
                 last_counters = self._one(sampler, store, last_counters)
                 self.samples += 1
                 next_at = began + self.samples * self.interval_s
-                if next_at - began > self.duration_s:
+                if duration is not None and next_at - began > duration:
                     self.stop_reason = self.stop_reason or "duration"
                     break
                 _sleep_until(next_at, clock, lambda: self._stop)
