@@ -1,0 +1,74 @@
+"""What deploy/ ships, checked by the tools that will read it: Prometheus' own
+(promtool) for the alert rules and their tests, systemd's for the unit, and the
+Kubernetes API's schemas (kubernetes-validate, offline) for the manifest."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+from .conftest import ROOT, require_tools
+
+DEPLOY = ROOT / "deploy"
+
+
+def _run(args: list[str], cwd: Path = ROOT) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(args, cwd=cwd, capture_output=True, text=True, timeout=60, check=False)
+
+
+def test_the_alert_rules_load_in_prometheus() -> None:
+    require_tools("promtool")
+    done = _run(["promtool", "check", "rules", "eph-rules.yml"], cwd=DEPLOY / "prometheus")
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "SUCCESS: 5 rules found" in done.stdout, done.stdout
+
+
+def test_each_alert_fires_and_stays_quiet_in_promtools_own_tests() -> None:
+    require_tools("promtool")
+    done = _run(["promtool", "test", "rules", "eph-rules.test.yml"], cwd=DEPLOY / "prometheus")
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "SUCCESS" in done.stdout, done.stdout
+
+
+def test_every_alert_has_a_test_of_its_own() -> None:
+    rules = (DEPLOY / "prometheus" / "eph-rules.yml").read_text()
+    tests = (DEPLOY / "prometheus" / "eph-rules.test.yml").read_text()
+    alerts = [line.split(":", 1)[1].strip() for line in rules.splitlines() if "- alert:" in line]
+    assert len(alerts) == 5, alerts
+    for alert in alerts:
+        assert f"alertname: {alert}" in tests, alert
+
+
+def test_the_systemd_unit_verifies(tmp_path: Path) -> None:
+    """systemd-analyze only warns on an unknown key: any word from it fails the test.
+    ExecStart points at this checkout's eph, so that verify can find it."""
+    require_tools("systemd-analyze")
+    unit = (DEPLOY / "systemd" / "eph-observe.service").read_text()
+    eph = Path(sys.executable).with_name("eph")
+    assert "ExecStart=/opt/eph/.venv/bin/eph observe" in unit
+    here = tmp_path / "eph-observe.service"
+    here.write_text(unit.replace("/opt/eph/.venv/bin/eph", str(eph)))
+    done = _run(["systemd-analyze", "verify", str(here)])
+    assert done.returncode == 0 and not done.stderr.strip(), done.stdout + done.stderr
+
+
+def test_the_systemd_units_command_is_one_eph_accepts() -> None:
+    unit = (DEPLOY / "systemd" / "eph-observe.service").read_text()
+    line = next(x for x in unit.splitlines() if x.startswith("ExecStart="))
+    args = line.split()[1:]  # after the program
+    eph = Path(sys.executable).with_name("eph")
+    done = _run([str(eph), *args, "--help"])
+    assert done.returncode == 0, done.stderr
+    assert "--duration" in done.stdout  # no --duration in the unit: it runs until stopped
+    assert "--duration" not in line
+
+
+def test_the_kubernetes_manifest_validates() -> None:
+    validate = shutil.which("kubernetes-validate") or str(
+        Path(sys.executable).with_name("kubernetes-validate")
+    )
+    done = _run([validate, "--strict", str(DEPLOY / "kubernetes" / "eph-observe.yaml")])
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "daemonset/eph-observe" in done.stdout + done.stderr
