@@ -290,10 +290,11 @@ def test_observe_trace_writes_connections_of_any_client(tmp_path: Path, netns: N
     out = tmp_path / "obs"
     args = [*EPH, "observe", "--trace", "--out", str(out), "--duration", "30s", "--plain"]
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    with Supervisor() as children:
+    log = tmp_path / "observe.log"
+    with Supervisor() as children, log.open("wb") as stderr:
         observer = children.start(
             "observe", netns.command([*args, "--no-report"]), stage=Stage.OBSERVE, env=env,
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL, stderr=stderr,
         )  # fmt: skip
         deadline = time.monotonic() + 30
         while not ((out / "host.arrows").exists() and (out / "host.arrows").stat().st_size):
@@ -312,7 +313,7 @@ def test_observe_trace_writes_connections_of_any_client(tmp_path: Path, netns: N
             )  # fmt: skip
         children.stop(server)
         children.stop(observer, grace=60)
-    assert observer.returncode == 0
+    assert observer.returncode == 0, log.read_text(errors="replace")[-3000:]
     rows = pq.read_table(out / "connections.parquet")
     assert rows.column("comm").to_pylist() == ["curl"] * 5
     assert set(rows.column("remote_port").to_pylist()) == {8766}
