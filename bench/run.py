@@ -372,6 +372,21 @@ def paths_vs_ss(sockets: int, destinations: int) -> dict[str, Any]:
     return dict(json.loads(out))
 
 
+def owners_vs_ss(sockets: int) -> dict[str, Any]:
+    """Naming the owners of ports (eph observe's "held by") against ``ss -tanp``."""
+    with Namespace(prefix="ephbench") as ns:
+        ns.set_sysctl("net.ipv4.ip_local_port_range", (1024, 65000))
+        out = subprocess.run(
+            ns.command([sys.executable, str(BENCH / "owners_sample.py"), str(sockets)]),
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            check=True,
+            env={**os.environ, "PYTHONPATH": str(ROOT)},
+        ).stdout
+    return dict(json.loads(out))
+
+
 def synthetic_table(n: int) -> Any:
     """``n`` records at 20,000/s over the default 28,232-port range, 5% EADDRNOTAVAIL."""
     import numpy as np
@@ -499,11 +514,12 @@ def main() -> int:
     parser.add_argument("--analysis-connections", type=int, default=1_000_000)
     parser.add_argument(
         "--only",
-        choices=["all", "report", "memory", "scaling", "paths", "trace", "peers"],
+        choices=["all", "report", "memory", "scaling", "paths", "owners", "trace", "peers"],
         default="all",
         help="report: only the merge and report of synthetic runs (--rows);"
         " memory: only the engine's bytes per connection;"
         " scaling: only 1 against 2 processes; paths: only eph observe's sample against ss;"
+        " owners: only naming the owners of ports (at 30k and 100k sockets) against ss -tanp;"
         " trace: only churn with the kernel recorder against without;"
         " peers: only wrk, ab and hey against eph's engines, one nginx (bench/peers.py)",
     )
@@ -519,6 +535,10 @@ def main() -> int:
     if args.only == "paths":
         paths = paths_vs_ss(args.tw_sockets, args.destinations)
         print(json.dumps({"machine": machine(), "paths_at_time_wait": paths}, indent=2))
+        return 0
+    if args.only == "owners":
+        owners = [owners_vs_ss(n) for n in (30_000, 100_000)]
+        print(json.dumps({"machine": machine(), "owners": owners}, indent=2))
         return 0
     if args.only == "scaling":
         with (

@@ -259,3 +259,124 @@ def test_without_duration_it_runs_until_sigterm_and_keeps_what_it_saw(tmp_path: 
     kept = json.loads((out / "observe.json").read_text())
     assert kept["stop_reason"] == "SIGTERM" and kept["samples"] >= 10, kept
     assert pq.read_table(out / "host.parquet").num_rows == kept["samples"]
+
+
+# Two programs in one namespace: curl churning toward :7000 (each connection left in
+# TIME_WAIT on curl's side: the server answers with keep-alive and waits for curl to
+# close), and a Python client holding 120 connections toward :7001.
+SERVERS = r"""
+import socket, threading
+def listen(port):
+    s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    s.bind(("127.0.0.1", port)); s.listen(512)
+    return s
+def serve(s, answer):
+    while True:
+        a, _ = s.accept()
+        threading.Thread(target=talk, args=(a, answer), daemon=True).start()
+def talk(a, answer):
+    if answer:
+        a.recv(4096)
+        a.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")
+    while a.recv(4096):  # until the client closes first
+        pass
+    a.close()
+web, plain = listen(7000), listen(7001)
+threading.Thread(target=serve, args=(plain, False), daemon=True).start()
+print("ready", flush=True)
+serve(web, True)
+"""
+HOLDER = r"""
+import socket, sys
+held = [socket.create_connection(("127.0.0.1", 7001)) for _ in range(120)]
+print("held", flush=True)
+sys.stdin.readline()
+"""
+
+
+def test_two_programs_each_path_names_who_holds_its_ports(netns: Namespace, tmp_path: Path) -> None:
+    require_tools("curl")
+    subprocess.run(netns.command(["ip", "link", "set", "lo", "up"]), check=True)
+    out = tmp_path / "observed"
+    pipes = {"stdout": subprocess.PIPE, "text": True}
+    servers = subprocess.Popen(netns.command([sys.executable, "-c", SERVERS]), **pipes)
+    holder = subprocess.Popen(
+        netns.command([sys.executable, "-c", HOLDER]), stdin=subprocess.PIPE, **pipes
+    )
+    observer = subprocess.Popen(
+        netns.command(
+            [*EPH, "observe", "--duration", "8s", "--interval", "250ms", "--out", str(out),
+             "--plain", "--prometheus", f"127.0.0.1:{9465}"]
+        ),
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV,
+    )  # fmt: skip
+    try:
+        assert servers.stdout is not None and holder.stdout is not None
+        assert servers.stdout.readline().strip() == "ready"
+        assert holder.stdout.readline().strip() == "held"
+        comm = Path(f"/proc/{holder.pid}/comm").read_text().strip()  # the kernel's name for it
+        churn = "for i in $(seq 150); do curl -s -o /dev/null http://127.0.0.1:7000/; done"
+        subprocess.run(netns.command(["sh", "-c", churn]), check=True, timeout=60)
+        time.sleep(1.0)  # samples of both paths at their height
+        scrape = subprocess.run(
+            netns.command(["curl", "-sf", "http://127.0.0.1:9465/metrics"]),
+            capture_output=True, text=True, timeout=20, check=True,
+        ).stdout  # fmt: skip
+        stdout, stderr = observer.communicate(timeout=30)
+    finally:
+        for proc in (observer, holder, servers):
+            if proc.poll() is None:
+                proc.kill()
+            proc.communicate()
+    assert observer.returncode == 0, stderr
+    paths = {p["remote"]: p for p in json.loads((out / "summary.json").read_text())["paths"]}
+    held, churned = paths["127.0.0.1:7001"], paths["127.0.0.1:7000"]
+    assert held["owners"] == [
+        {"comm": comm, "pid": holder.pid, "cgroup": held["owners"][0]["cgroup"],
+         "container": None, "ports": 120}
+    ], held  # fmt: skip
+    assert held["unattributed_ports"] == 0
+    # curl's are TIME_WAIT (and the curl of the moment, one at a time at most)
+    assert churned["states_at_peak"].get("time_wait", 0) >= 145, churned
+    assert churned["unattributed_ports"] >= 145 and len(churned["owners"]) <= 1, churned
+    assert f"{comm}[{holder.pid}] 120" in stdout
+    assert "unattributed (TIME_WAIT has no owner" in stdout
+    owner = f'eph_path_owner_ports{{comm="{comm}",local="127.0.0.1",pid="{holder.pid}"'
+    assert owner in scrape and 'remote="127.0.0.1:7001"} 120.0' in scrape, scrape
+    page = (out / "report.html").read_text()
+    assert f"{comm} (pid {holder.pid}): 120" in page
+    _promtool_accepts(scrape)
+
+
+def test_keep_rotates_parts_drops_the_oldest_and_sighup_starts_a_new_one(tmp_path: Path) -> None:
+    out = tmp_path / "agent"
+    observer = subprocess.Popen(
+        [*EPH, "-v", "observe", "--interval", "100ms", "--plain", "--no-report",
+         "--keep", "2s", "--rotate", "1s", "--out", str(out)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=ENV,
+    )  # fmt: skip
+    try:
+        parts = out / "parts"
+        deadline = time.monotonic() + 30  # a bound on the test, not on eph
+        while len(list(parts.glob("paths-*.parquet"))) < 2:  # rotated twice
+            assert observer.poll() is None and time.monotonic() < deadline, observer.stderr
+            time.sleep(0.2)
+        time.sleep(2.0)
+        finished = sorted(p.name for p in parts.glob("paths-*.parquet"))
+        assert 1 <= len(finished) <= 3, finished  # 2 s of 1 s parts: the older ones went
+        observer.send_signal(signal.SIGHUP)
+        time.sleep(1.0)
+        assert observer.poll() is None, "SIGHUP stopped it"
+        observer.send_signal(signal.SIGTERM)
+        _, stderr = observer.communicate(timeout=30)
+    finally:
+        if observer.poll() is None:
+            observer.kill()
+            observer.communicate()
+    assert observer.returncode == 0, stderr
+    assert "SIGHUP: new parts in" in stderr
+    kept = json.loads((out / "observe.json").read_text())
+    host = pq.read_table(out / "host.parquet").column("time").to_pylist()
+    assert len(host) < kept["samples"], (len(host), kept)  # the oldest went
+    assert host == sorted(host) and host[-1] - host[0] <= 2.0 + 2 * 1.0 + 0.5, host
+    assert not parts.exists()

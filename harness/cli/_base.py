@@ -79,6 +79,28 @@ def positive_duration(
     return seconds
 
 
+def keep_value(
+    _ctx: click.Context, param: click.Parameter, value: str | None
+) -> tuple[float | None, int | None] | None:
+    """``--keep``: a duration (24h) or a size (500MB), above zero: (seconds, bytes)."""
+    from harness.units import parse_duration, parse_size
+
+    if value is None:
+        return None
+    for parse, which in ((parse_duration, 0), (parse_size, 1)):
+        try:
+            amount = parse(value)
+        except ValueError:
+            continue
+        if amount <= 0:
+            raise click.BadParameter(f"{value!r} is not above zero", param=param)
+        return (float(amount), None) if which == 0 else (None, int(amount))
+    raise click.BadParameter(
+        f"{value!r} is neither a duration (e.g. 24h, 90m) nor a size (e.g. 500MB, 2GiB)",
+        param=param,
+    )
+
+
 def endpoint_value(_ctx: click.Context, param: click.Parameter, value: Any) -> Any:
     """HOST:PORT checked where it was typed, so that the error names the flag."""
     from harness.endpoints import Endpoint

@@ -16,6 +16,8 @@ from harness.cli._base import (
     endpoint_value,
     force_option,
     in_run_option,
+    keep_value,
+    logger,
     positive_duration,
     report_observation,
 )
@@ -211,7 +213,26 @@ def collect(
     callback=endpoint_value,
     help="Serve Prometheus gauges here, e.g. 127.0.0.1:9465 (port 0: any free port).",
 )
+@click.option(
+    "--keep",
+    metavar="DURATION|SIZE",
+    callback=keep_value,
+    help="With --out: write parts (a new one every --rotate, and on SIGHUP) and keep only"
+    " the newest this long or this big, e.g. 24h or 500MB. Without it, --out keeps all.",
+)
+@click.option(
+    "--rotate",
+    default="1h",
+    show_default=True,
+    callback=positive_duration,
+    help="With --keep: how long each part covers.",
+)
 @click.option("--plain", is_flag=True, help="Plain lines even on a terminal.")
+@click.option(
+    "--no-owners",
+    is_flag=True,
+    help="Do not name the processes holding each path's ports (saves reading /proc's fds).",
+)
 @click.option("--no-report", is_flag=True, hidden=True, help="Samples only (eph lab --exec).")
 @click.option(
     "--trace",
@@ -227,7 +248,10 @@ def observe(
     force: bool,
     in_run: bool,
     prometheus: str | None,
+    keep: tuple[float | None, int | None] | None,
+    rotate: float,
     plain: bool,
+    no_owners: bool,
     no_report: bool,
     trace: bool,
 ) -> None:
@@ -239,10 +263,21 @@ def observe(
     a few plain lines every 5 s.
     """
     from harness.observe.session import Observation
+    from harness.observe.store import Retention
     from harness.observe.views import PlainView, TerminalView
 
     if trace and out is None:
         raise click.UsageError("--trace writes connections.parquet: give --out DIR")
+    if keep is not None and out is None:
+        raise click.UsageError("--keep bounds what --out keeps: give --out DIR")
+    retention = None
+    if keep is not None:
+        retention = Retention(rotate_s=rotate, keep_s=keep[0], keep_bytes=keep[1])
+    elif out is not None and duration is None:
+        logger.warning(
+            "--out without --duration or --keep keeps every sample for as long as eph runs:"
+            " add --keep 24h (or a size) to bound the disk"
+        )
     views: list[Any] = []
     if prometheus is not None:
         from harness.observe.prometheus import PrometheusView
@@ -259,7 +294,14 @@ def observe(
     views.append(TerminalView(rows=top) if terminal else PlainView())
     out = out if in_run else claim(out, force)
     observation = Observation(
-        duration_s=duration, interval_s=interval, top=top, out=out, views=views, trace=trace
+        duration_s=duration,
+        interval_s=interval,
+        top=top,
+        out=out,
+        views=views,
+        trace=trace,
+        owners=not no_owners,
+        retention=retention,
     )
     observation.run()
     click.echo(

@@ -34,6 +34,7 @@ import numpy as np
 
 from harness.kernel.counters import ipv6_sockets_unseen
 from harness.kernel.sockdiag import DIAG_DTYPE, TcpState, dump_sockets
+from harness.observe.owners import OwnerIndex, PortOwner
 
 __all__ = ["STATES", "PathSampler", "PathSnapshot", "group_paths", "text_addresses", "usable_ports"]
 
@@ -91,6 +92,11 @@ class PathSnapshot:
     sockets: int  # client-side sockets in all
     other: bool = False
     interval_s: float | None = None  # since the previous sample; None for the first
+    # who holds each row's ports (harness.observe.owners), when the sampler was given
+    # an OwnerIndex: most ports first; and the ports of sockets with no owner known
+    # (TIME_WAIT has none). The ``other`` row has neither: [] and 0.
+    owners: list[list[PortOwner]] | None = None
+    unattributed: np.ndarray | None = None
 
     def __len__(self) -> int:
         return len(self.ports)
@@ -124,6 +130,7 @@ class _Columns:
     sport: np.ndarray
     dport: np.ndarray
     cookie: np.ndarray
+    inode: np.ndarray  # 0: no owner (TIME_WAIT)
     src: np.ndarray  # V16
     dst: np.ndarray  # V16
     path_of_row: np.ndarray  # path index of each row, 0..paths-1
@@ -172,6 +179,7 @@ def group_paths(rows: np.ndarray, protocol: np.ndarray) -> _Columns:
         sport=rows["sport"][order],
         dport=rows["dport"][order],
         cookie=rows["cookie"][order],
+        inode=rows["inode"][order],
         src=rows["src"][order],
         dst=rows["dst"][order],
         path_of_row=np.cumsum(path_change) - 1,
@@ -203,6 +211,7 @@ class PathSampler:
     reserved: Sequence[tuple[int, int]] = ()
     top: int = 20
     udp: bool = True
+    owners: OwnerIndex | None = None  # who holds the ports; None: not looked up
     _cookies: np.ndarray = field(default_factory=lambda: np.zeros(0, np.uint64), repr=False)
     _last: float | None = field(default=None, repr=False)
 
@@ -265,6 +274,13 @@ class PathSampler:
             paths_total=paths,
             sockets=len(c.state),
         )
+        if self.owners is not None:
+            rank = np.full(paths, -1)
+            rank[keep] = np.arange(len(keep))
+            kept = rank[c.path_of_row] >= 0
+            snap.owners, snap.unattributed = self.owners.owners(
+                rank[c.path_of_row[kept]], c.inode[kept], len(keep)
+            )
         rest = np.ones(paths, dtype=bool)
         rest[keep] = False
         if rest.any():
@@ -276,6 +292,9 @@ class PathSampler:
             snap.states = np.vstack([snap.states, states[rest].sum(axis=0)])
             snap.ports = np.append(snap.ports, ports[rest].max())
             snap.new = np.append(snap.new, new[rest].sum())
+            if snap.owners is not None and snap.unattributed is not None:
+                snap.owners.append([])
+                snap.unattributed = np.append(snap.unattributed, 0)
         return snap
 
 

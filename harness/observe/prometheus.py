@@ -21,6 +21,7 @@ holds the alert rules written against them.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import platform
 from collections.abc import Iterator
@@ -135,6 +136,16 @@ class PrometheusView:
             "At the current rate; +Inf when the rate fits the range",
             _PATH_LABELS,
         )
+        self.owner_ports = g(
+            "eph_path_owner_ports",
+            "Ports of the path held by one process (the top owners of each path)",
+            (*_PATH_LABELS, "comm", "pid"),
+        )
+        self.unattributed = g(
+            "eph_path_unattributed_ports",
+            "Ports of the path held by sockets with no owner known (TIME_WAIT has none)",
+            _PATH_LABELS,
+        )
         self.nat_ports = g("eph_nat_ports_in_use", "NAT ports held by live flows", _NAT_LABELS)
         self.nat_time_wait = g(
             "eph_nat_time_wait_entries", "NAT entries in TIME_WAIT (no flow)", _NAT_LABELS
@@ -143,6 +154,7 @@ class PrometheusView:
         self.registry.register(self.host)
         self._shown: set[tuple[str, ...]] = set()
         self._nat_shown: set[tuple[str, ...]] = set()
+        self._owners_shown: set[tuple[str, ...]] = set()
         self.server, self._thread = start_http_server(port, addr=host, registry=self.registry)
 
     @property
@@ -169,12 +181,37 @@ class PrometheusView:
             self.tte.labels(*labels).set(math.inf if math.isnan(tte) else tte)
         _forget(
             self._shown - shown,
-            (self.ports, self.usable, self.occupancy, self.new, self.time_wait, self.tte),
+            (
+                self.ports,
+                self.usable,
+                self.occupancy,
+                self.new,
+                self.time_wait,
+                self.tte,
+                self.unattributed,
+            ),
         )
         self._shown = shown
+        self._show_owners(snap)
         self._show_nat(host)
         self.host.host, self.host.paths = host, snap.paths_total
         self.host.samples += 1
+
+    def _show_owners(self, snap: PathSnapshot) -> None:
+        if snap.owners is None or snap.unattributed is None:
+            return
+        shown: set[tuple[str, ...]] = set()
+        for i, owners in enumerate(snap.owners):
+            path = _path_labels(snap, i)
+            if path[2] == "other":
+                continue
+            self.unattributed.labels(*path).set(int(snap.unattributed[i]))
+            for owner in owners:
+                labels = (*path, owner.comm, str(owner.pid))
+                shown.add(labels)
+                self.owner_ports.labels(*labels).set(owner.ports)
+        _forget(self._owners_shown - shown, (self.owner_ports,))
+        self._owners_shown = shown
 
     def _show_nat(self, host: HostView) -> None:
         nat = host.nat
@@ -209,4 +246,5 @@ def _path_labels(snap: PathSnapshot, i: int) -> tuple[str, str, str]:
 def _forget(gone: set[tuple[str, ...]], gauges: tuple[Gauge, ...]) -> None:
     for labels in gone:
         for gauge in gauges:
-            gauge.remove(*labels)
+            with contextlib.suppress(KeyError):  # a series this gauge never had
+                gauge.remove(*labels)

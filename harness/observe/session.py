@@ -29,8 +29,9 @@ from harness.kernel.listening import read_conntrack
 from harness.kernel.sysctls import read_kernel
 from harness.observe.nat_pools import NatSampler, NatSnapshot
 from harness.observe.outlook import Outlook, outlook
+from harness.observe.owners import OwnerIndex
 from harness.observe.paths import PathSampler, PathSnapshot
-from harness.observe.store import ObserveStore, host_batch, paths_batch
+from harness.observe.store import ObserveStore, Retention, host_batch, paths_batch
 from harness.observe.trace import start_trace
 from harness.supervisor import Supervisor
 
@@ -96,6 +97,7 @@ class ObserveView(Protocol):
     def close(self) -> None: ...
 
 
+OWNERS_REFRESH_S = 5.0  # /proc's fds read again at most this often (harness.observe.owners)
 RATE_COUNTERS = ("tw_recycled", "timewait_overflow", "active_opens", "attempt_fails")
 
 
@@ -112,6 +114,9 @@ class Observation:
     settings: Settings = field(default_factory=Settings.read)
     trace: bool = False  # with out: the kernel's record of every connection (eBPF)
     trace_reason: str | None = None  # why --trace could not trace
+    owners: bool = True  # who holds the ports, through /proc (harness.observe.owners)
+    retention: Retention | None = None  # with out: rotate the files, keep a window
+    reopen: bool = False  # SIGHUP: rotate the files at the next sample
     samples: int = 0
     stop_reason: str | None = None
     nat: NatSampler = field(default_factory=NatSampler, repr=False)
@@ -132,8 +137,11 @@ class Observation:
             self.settings.port_range,
             reserved_spans(self.settings.reserved),
             top=self.top,
+            owners=OwnerIndex(refresh_s=max(OWNERS_REFRESH_S, self.interval_s))
+            if self.owners
+            else None,
         )
-        store = ObserveStore(self.out) if self.out is not None else None
+        store = ObserveStore(self.out, self.retention) if self.out is not None else None
         children = Supervisor()
         tracing = start_trace(children, self.out) if self.trace and self.out else None
         self.trace_reason = tracing if isinstance(tracing, str) else None
@@ -145,6 +153,13 @@ class Observation:
             while not self._stop:
                 last_counters = self._one(sampler, store, last_counters)
                 self.samples += 1
+                if self.reopen:
+                    self.reopen = False
+                    if store is not None and store.retention is not None:
+                        store.rotate()
+                        logger.info("SIGHUP: new parts in %s", store.parts)
+                    else:
+                        logger.info("SIGHUP: no --keep, so no parts to rotate")
                 next_at = began + self.samples * self.interval_s
                 if duration is not None and next_at - began > duration:
                     self.stop_reason = self.stop_reason or "duration"
@@ -234,8 +249,15 @@ def _install_stop(observation: Observation) -> dict[int, _Handler]:
     def handle(signum: int, frame: FrameType | None) -> None:
         observation.stop(signal.Signals(signum).name)
 
+    def reopen(signum: int, frame: FrameType | None) -> None:
+        observation.reopen = True  # the loop rotates the files after this sample
+
     try:
-        return {sig: signal.signal(sig, handle) for sig in (signal.SIGINT, signal.SIGTERM)}
+        handlers: dict[int, _Handler] = {
+            sig: signal.signal(sig, handle) for sig in (signal.SIGINT, signal.SIGTERM)
+        }
+        handlers[signal.SIGHUP] = signal.signal(signal.SIGHUP, reopen)
+        return handlers
     except ValueError:  # not the main thread: the caller stops it with stop()
         return {}
 

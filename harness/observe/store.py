@@ -8,6 +8,10 @@ a stream cut by a crash keeps its whole batches (``harness.files.read_stream``).
 
 from __future__ import annotations
 
+import calendar
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -20,9 +24,18 @@ from harness.files import atomic_path, read_stream
 from harness.observe.outlook import Outlook
 from harness.observe.paths import STATES, PathSnapshot
 
-__all__ = ["HOST_SCHEMA", "PATHS_SCHEMA", "ObserveStore", "finish_stream"]
+__all__ = ["HOST_SCHEMA", "PATHS_SCHEMA", "ObserveStore", "Retention", "finish_stream"]
 
 STATE_COLUMNS = [s.name.lower() for s in STATES]
+OWNER_TYPE = pa.struct(
+    [
+        ("pid", pa.int32()),
+        ("comm", pa.string()),
+        ("cgroup", pa.string()),
+        ("container", pa.string()),
+        ("ports", pa.int32()),
+    ]
+)
 PATHS_SCHEMA = pa.schema(
     [
         ("time", pa.float64()),
@@ -43,6 +56,10 @@ PATHS_SCHEMA = pa.schema(
         ("sustainable_per_s", pa.float32()),
         ("time_to_exhaustion_s", pa.float32()),
         ("verdict", pa.string()),
+        # who held the ports (most first, at most OWNERS_TOP), and the ports of sockets
+        # with no owner known (TIME_WAIT); null where owners were not looked up
+        ("owners", pa.list_(OWNER_TYPE)),
+        ("unattributed", pa.int32()),
     ]
 )
 HOST_SCHEMA = pa.schema(
@@ -86,6 +103,14 @@ def paths_batch(snap: PathSnapshot, look: Outlook) -> pa.RecordBatch:
         "sustainable_per_s": look.sustainable_per_s.astype(np.float32),
         "time_to_exhaustion_s": look.time_to_exhaustion_s.astype(np.float32),
         "verdict": [str(v) for v in look.verdicts],
+        "owners": (
+            [[o._asdict() for o in row] for row in snap.owners]
+            if snap.owners is not None
+            else [None] * n
+        ),
+        "unattributed": (
+            snap.unattributed.astype(np.int32) if snap.unattributed is not None else [None] * n
+        ),
     }
     return pa.RecordBatch.from_pydict(columns, schema=PATHS_SCHEMA)
 
@@ -106,32 +131,145 @@ def host_batch(
     return pa.RecordBatch.from_pydict(row, schema=HOST_SCHEMA)
 
 
-class ObserveStore:
-    """The two streams of one observation, in ``out``."""
+@dataclass(frozen=True)
+class Retention:
+    """How an observation that runs for months keeps its disk bounded: a new part
+    every ``rotate_s``, and finished parts dropped once older than ``keep_s`` or
+    beyond ``keep_bytes`` in all (the newest kept first; the newest finished part
+    always stays, so that the end's summary has the last samples)."""
 
-    def __init__(self, out: Path) -> None:
+    rotate_s: float = 3600.0
+    keep_s: float | None = None
+    keep_bytes: int | None = None
+
+
+class ObserveStore:
+    """The two streams of one observation, in ``out``.
+
+    With a :class:`Retention`, the streams are parts under ``out/parts/``
+    (``paths-<start>.arrows``); each finished part becomes Parquet there, readable
+    while eph runs (``duckdb -c "select * from 'parts/paths-*.parquet'"``), and the
+    oldest go as ``keep`` says. At the end the kept parts become ``paths.parquet``
+    and ``host.parquet``, as without rotation.
+    """
+
+    def __init__(
+        self, out: Path, retention: Retention | None = None, clock: Callable[[], float] = time.time
+    ) -> None:
         out.mkdir(parents=True, exist_ok=True)
         self.out = out
-        self._files = [pa.OSFile(str(out / f"{name}.arrows"), "wb") for name in ("paths", "host")]
+        self.retention = retention
+        self.clock = clock
+        self.rotations = 0
+        self.dropped = 0  # parts dropped by retention
+        self._open(self.clock())
+
+    @property
+    def parts(self) -> Path:
+        return self.out / "parts"
+
+    def _stream(self, name: str) -> Path:
+        if self.retention is None:
+            return self.out / f"{name}.arrows"
+        stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime(self._started))
+        return self.parts / f"{name}-{stamp}-{self.rotations:06d}.arrows"
+
+    def _open(self, now: float) -> None:
+        self._started = now
+        if self.retention is not None:
+            self.parts.mkdir(exist_ok=True)
+        self._files = [pa.OSFile(str(self._stream(name)), "wb") for name in ("paths", "host")]
         self._paths = ipc.new_stream(self._files[0], PATHS_SCHEMA)
         self._host = ipc.new_stream(self._files[1], HOST_SCHEMA)
 
     def write(self, paths: pa.RecordBatch, host: pa.RecordBatch) -> None:
+        now = self.clock()
+        if self.retention is not None and now - self._started >= self.retention.rotate_s:
+            self.rotate(now)
         self._paths.write_batch(paths)
         self._host.write_batch(host)
         for f in self._files:
             f.flush()
 
-    def close(self) -> tuple[int, int]:
-        """Close the streams and turn them into Parquet; returns (path rows, samples)."""
+    def _finish_current(self) -> None:
+        paths, host = self._stream("paths"), self._stream("host")
         for writer in (self._paths, self._host):
             writer.close()
         for f in self._files:
             f.close()
-        return (
-            finish_stream(self.out / "paths.arrows", PATHS_SCHEMA),
-            finish_stream(self.out / "host.arrows", HOST_SCHEMA),
+        finish_stream(paths, PATHS_SCHEMA)
+        finish_stream(host, HOST_SCHEMA)
+
+    def rotate(self, now: float | None = None) -> None:
+        """Finish the current parts and start new ones (on schedule, or on SIGHUP);
+        then drop what retention no longer keeps. Without retention: nothing."""
+        if self.retention is None:
+            return
+        self._finish_current()
+        self.rotations += 1
+        self._open(self.clock() if now is None else now)
+        self._prune()
+
+    def _prune(self) -> None:
+        assert self.retention is not None
+        finished = sorted(self.parts.glob("paths-*.parquet"), reverse=True)  # newest first
+        kept_bytes, now = 0, self.clock()
+        for i, part in enumerate(finished):
+            host = part.with_name("host" + part.name.removeprefix("paths"))
+            size = part.stat().st_size + (host.stat().st_size if host.exists() else 0)
+            kept_bytes += size
+            # a part's data ends where the next (newer) one starts: the current part's
+            # start for the newest
+            ends = self._started if i == 0 else _part_start(finished[i - 1])
+            too_old = self.retention.keep_s is not None and now - ends > self.retention.keep_s
+            too_big = (
+                self.retention.keep_bytes is not None and kept_bytes > self.retention.keep_bytes
+            )
+            if (too_old or too_big) and i > 0:  # the newest part stays, whatever the bound
+                part.unlink()
+                host.unlink(missing_ok=True)
+                self.dropped += 1
+
+    def close(self) -> tuple[int, int]:
+        """Close the streams and turn them into Parquet; returns (path rows, samples)."""
+        self._finish_current()
+        if self.retention is None:
+            return (
+                _rows(self.out / "paths.parquet"),
+                _rows(self.out / "host.parquet"),
+            )
+        self._prune()
+        kept = sorted(self.parts.glob("*.parquet"))
+        paths = [p for p in kept if p.name.startswith("paths-")]
+        hosts = [p for p in kept if p.name.startswith("host-")]
+        rows = (
+            _concat(paths, self.out / "paths.parquet", PATHS_SCHEMA),
+            _concat(hosts, self.out / "host.parquet", HOST_SCHEMA),
         )
+        for part in kept:  # merged: the two files hold them now
+            part.unlink()
+        self.parts.rmdir()
+        return rows
+
+
+def _part_start(part: Path) -> float:
+    stamp = part.name.split("-")[1]
+    return calendar.timegm(time.strptime(stamp, "%Y%m%dT%H%M%S"))
+
+
+def _rows(path: Path) -> int:
+    return int(pq.ParquetFile(path).metadata.num_rows) if path.exists() else 0
+
+
+def _concat(parts: list[Path], out: Path, schema: pa.Schema) -> int:
+    """The kept parts, oldest first, as one Parquet file (a part at a time)."""
+    rows = 0
+    with atomic_path(out) as tmp, pq.ParquetWriter(tmp, schema, compression="zstd") as writer:
+        for part in parts:
+            table = pq.read_table(part, schema=schema)
+            writer.write_table(table)
+            rows += table.num_rows
+    return rows
 
 
 def finish_stream(stream: Path, schema: pa.Schema) -> int:

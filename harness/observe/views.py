@@ -60,13 +60,27 @@ def host_line(host: HostView, snap: PathSnapshot) -> str:
     )
 
 
+def owners_text(snap: PathSnapshot, i: int, *, hint: bool = True) -> str:
+    """Who holds the path's ports, e.g. ``python3[4242] 120, 150 unattributed``."""
+    if snap.owners is None or snap.unattributed is None or (snap.other and i == len(snap) - 1):
+        return ""
+    named = [f"{o.comm}[{o.pid}] {o.ports}" for o in snap.owners[i]]
+    loose = int(snap.unattributed[i])
+    if loose:
+        why = " (TIME_WAIT has no owner: --trace names who opened them)" if hint else ""
+        named.append(f"{loose} unattributed{why}")
+    return ", ".join(named)
+
+
 def path_line(snap: PathSnapshot, look: Outlook, i: int) -> str:
     rate = snap.new_per_s[i]
+    owners = owners_text(snap, i)
     return (
         f"{snap.label(i)}: {int(snap.ports[i])}/{snap.usable} ports"
         f" ({snap.occupancy[i]:.0%}), {_states(snap.states[i].tolist())},"
         f" new {'-' if math.isnan(rate) else f'{rate:.0f}'}/s,"
         f" exhausted in {_eta(float(look.time_to_exhaustion_s[i]))}: {look.verdicts[i]}"
+        + (f"; held by {owners}" if owners else "")
     )
 
 
@@ -120,6 +134,7 @@ class TerminalView:
             ("new/s", "right"),
             ("exhausted in", "right"),
             ("verdict", "left"),
+            ("held by", "left"),
         ):
             table.add_column(name, justify=justify)  # type: ignore[arg-type]
         for i in range(min(self.rows, len(snap))):
@@ -134,6 +149,7 @@ class TerminalView:
                 "-" if math.isnan(rate) else f"{rate:,.0f}",
                 _eta(float(look.time_to_exhaustion_s[i])),
                 Text(str(verdict), style=style),
+                owners_text(snap, i, hint=False),
             )
         nat = [Text(line) for line in (nat_lines(host.nat, self.rows) if host.nat else [])]
         head = Text(host_line(host, snap), style="dim")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -28,6 +29,7 @@ from harness.summary import (
     ObservedPath,
     ObserveSummary,
     PathExhaustion,
+    PathOwner,
     Traced,
 )
 
@@ -176,7 +178,22 @@ def _path(paths: pa.Table, label: str, t0: float) -> ObservedPath:
         lifetime_s=float(np.median(lifetimes)) if len(lifetimes) else 0.0,
         time_to_exhaustion_s=float(tte.min()) if len(tte) else None,
         first_full_s=float(col["time"][full[0]]) - t0 if len(full) else None,
+        **_owners_at(rows, peak),
     )
+
+
+def _owners_at(rows: pa.Table, peak: int) -> dict[str, Any]:
+    """Who held the path's ports at its peak (observations before owners had none)."""
+    if "owners" not in rows.column_names:
+        return {}
+    owners = rows.column("owners")[peak].as_py()
+    unattributed = rows.column("unattributed")[peak].as_py()
+    if owners is None:
+        return {}
+    return {
+        "owners": [PathOwner(**owner) for owner in owners],
+        "unattributed_ports": unattributed,
+    }
 
 
 def _max(host: pa.Table, name: str) -> int | None:

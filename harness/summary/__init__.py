@@ -19,6 +19,7 @@ if _typing.TYPE_CHECKING:  # the names, for type checkers; loaded on first use b
         ObservedPath,
         ObserveSummary,
         PathExhaustion,
+        PathOwner,
         Traced,
     )
     from harness.summary.run_summary import (
@@ -97,6 +98,7 @@ _LAZY = {
     "Outage": "harness.summary.sections",
     "ParityQuantiles": "harness.summary.sections",
     "PathExhaustion": "harness.summary.observed",
+    "PathOwner": "harness.summary.observed",
     "Ports": "harness.summary.sections",
     "PriorRun": "harness.summary.run_summary",
     "Quantiles": "harness.summary.sections",
@@ -153,6 +155,7 @@ __all__ = [
     "Outage",
     "ParityQuantiles",
     "PathExhaustion",
+    "PathOwner",
     "Ports",
     "PriorRun",
     "Quantiles",

@@ -18,6 +18,7 @@ __all__ = [
     "ObserveSummary",
     "ObservedPath",
     "PathExhaustion",
+    "PathOwner",
     "Traced",
 ]
 
@@ -26,6 +27,16 @@ OBSERVE_SCHEMA_VERSION = 1
 
 class _Model(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class PathOwner(_Model):
+    """A process that held ports of a path, at the path's peak."""
+
+    comm: str
+    pid: int
+    cgroup: str
+    container: str | None = None  # the container ID (12 characters) or "pod UID"
+    ports: int
 
 
 class ObservedPath(_Model):
@@ -46,6 +57,10 @@ class ObservedPath(_Model):
     lifetime_s: float  # median estimate, connect to close
     time_to_exhaustion_s: float | None  # shortest estimate seen; None: never heading there
     first_full_s: float | None
+    # at the peak: who held the ports (most first), and ports of sockets with no owner
+    # known (TIME_WAIT has none); None when owners were not looked up (--no-owners)
+    owners: list[PathOwner] = []
+    unattributed_ports: int | None = None
 
 
 class PathExhaustion(_Model):
