@@ -9,13 +9,15 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import pyarrow.parquet as pq
 import pytest
 
+from harness.kernel import bpf
 from harness.kernel.netns import Namespace
 
-from .conftest import EPH, ROOT, out_rsts, require_tools
+from .conftest import EPH, ROOT, out_rsts, require, require_tools
 
 pytestmark = [pytest.mark.netns, pytest.mark.e2e]
 
@@ -294,27 +296,38 @@ sys.stdin.readline()
 """
 
 
-def test_two_programs_each_path_names_who_holds_its_ports(netns: Namespace, tmp_path: Path) -> None:
+@pytest.mark.parametrize("trace", [False, True], ids=["sampled", "traced"])
+def test_two_programs_each_path_names_who_holds_its_ports(
+    netns: Namespace, tmp_path: Path, trace: bool
+) -> None:
     require_tools("curl")
+    if trace:
+        require(bpf.unavailable())
     subprocess.run(netns.command(["ip", "link", "set", "lo", "up"]), check=True)
     out = tmp_path / "observed"
-    pipes = {"stdout": subprocess.PIPE, "text": True}
+    pipes: dict[str, Any] = {"stdout": subprocess.PIPE, "stderr": subprocess.PIPE, "text": True}
     servers = subprocess.Popen(netns.command([sys.executable, "-c", SERVERS]), **pipes)
-    holder = subprocess.Popen(
-        netns.command([sys.executable, "-c", HOLDER]), stdin=subprocess.PIPE, **pipes
-    )
+    holder: subprocess.Popen[str] | None = None
     observer = subprocess.Popen(
         netns.command(
-            [*EPH, "observe", "--duration", "8s", "--interval", "250ms", "--out", str(out),
-             "--plain", "--prometheus", f"127.0.0.1:{9465}"]
+            [*EPH, "observe", "--duration", "12s", "--interval", "250ms", "--out", str(out),
+             "--plain", "--prometheus", "127.0.0.1:9465", *(["--trace"] if trace else [])]
         ),
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV,
+        env=ENV, **pipes,
     )  # fmt: skip
     try:
-        assert servers.stdout is not None and holder.stdout is not None
-        assert servers.stdout.readline().strip() == "ready"
-        assert holder.stdout.readline().strip() == "held"
+        assert servers.stdout is not None and observer.stderr is not None
+        assert servers.stdout.readline().strip() == "ready", servers.communicate()
+        holder = subprocess.Popen(
+            netns.command([sys.executable, "-c", HOLDER]), stdin=subprocess.PIPE, **pipes
+        )
+        assert holder.stdout is not None
+        assert holder.stdout.readline().strip() == "held", holder.communicate()
         comm = Path(f"/proc/{holder.pid}/comm").read_text().strip()  # the kernel's name for it
+        deadline = time.monotonic() + 60  # the first sample: the recorder is attached by then
+        while not ((out / "host.arrows").exists() and (out / "host.arrows").stat().st_size):
+            assert observer.poll() is None and time.monotonic() < deadline
+            time.sleep(0.1)
         churn = "for i in $(seq 150); do curl -s -o /dev/null http://127.0.0.1:7000/; done"
         subprocess.run(netns.command(["sh", "-c", churn]), check=True, timeout=60)
         time.sleep(1.0)  # samples of both paths at their height
@@ -322,12 +335,13 @@ def test_two_programs_each_path_names_who_holds_its_ports(netns: Namespace, tmp_
             netns.command(["curl", "-sf", "http://127.0.0.1:9465/metrics"]),
             capture_output=True, text=True, timeout=20, check=True,
         ).stdout  # fmt: skip
-        stdout, stderr = observer.communicate(timeout=30)
+        stdout, stderr = observer.communicate(timeout=60)
     finally:
         for proc in (observer, holder, servers):
-            if proc.poll() is None:
-                proc.kill()
-            proc.communicate()
+            if proc is not None:
+                if proc.poll() is None:
+                    proc.kill()
+                proc.communicate()
     assert observer.returncode == 0, stderr
     paths = {p["remote"]: p for p in json.loads((out / "summary.json").read_text())["paths"]}
     held, churned = paths["127.0.0.1:7001"], paths["127.0.0.1:7000"]
@@ -341,10 +355,19 @@ def test_two_programs_each_path_names_who_holds_its_ports(netns: Namespace, tmp_
     assert churned["unattributed_ports"] >= 145 and len(churned["owners"]) <= 1, churned
     assert f"{comm}[{holder.pid}] 120" in stdout
     assert "unattributed (TIME_WAIT has no owner" in stdout
-    owner = f'eph_path_owner_ports{{comm="{comm}",local="127.0.0.1",pid="{holder.pid}"'
-    assert owner in scrape and 'remote="127.0.0.1:7001"} 120.0' in scrape, scrape
     page = (out / "report.html").read_text()
     assert f"{comm} (pid {holder.pid}): 120" in page
+    if not trace:
+        assert churned["opened_by"] == []
+        assert f"{churned['unattributed_ports']:,} unattributed" in page
+    else:  # the kernel saw curl open each one: 150 processes, a port each
+        opener = churned["opened_by"][0]
+        assert opener["comm"] == "curl" and 145 <= opener["ports"] <= 150, churned
+        assert opener["processes"] == opener["ports"], opener
+        assert held["opened_by"] == []  # nothing of the holder's is in TIME_WAIT
+        assert f"TIME_WAIT opened by curl ({opener['ports']} ports" in page
+    owner = f'eph_path_owner_ports{{comm="{comm}",local="127.0.0.1",pid="{holder.pid}"'
+    assert owner in scrape and 'remote="127.0.0.1:7001"} 120.0' in scrape, scrape
     _promtool_accepts(scrape)
 
 

@@ -29,6 +29,7 @@ from harness.summary import (
     ObservedPath,
     ObserveSummary,
     PathExhaustion,
+    PathOpener,
     PathOwner,
     Traced,
 )
@@ -59,6 +60,7 @@ def summarize_observation(directory: Path) -> ObserveSummary:
     host = _read(directory, "host.parquet")
     t0 = float(meta["started"])
     observed = [_path(paths, label, t0) for label in _labels(paths)]
+    observed = _with_openers(directory, observed, t0)
     observed.sort(key=lambda p: (-p.peak_fraction, -p.peak_ports, p.label))
     full = [p for p in observed if p.first_full_s is not None]
     first = min(full, key=lambda p: p.first_full_s or 0.0) if full else None
@@ -80,6 +82,53 @@ def summarize_observation(directory: Path) -> ObserveSummary:
         exec=_exec(directory),
         traced=_traced(directory, paths),
     )
+
+
+OPENERS_TOP = 5
+
+
+def _with_openers(directory: Path, observed: list[ObservedPath], t0: float) -> list[ObservedPath]:
+    """With a trace: each path's TIME_WAIT ports at its peak, by the program that opened
+    the connection (a TIME_WAIT socket has no owner left to find in /proc)."""
+    table_path, meta_path = directory / "connections.parquet", directory / "kernel.json"
+    if not (table_path.exists() and meta_path.exists()):
+        return observed
+    offset = int(json.loads(meta_path.read_text(encoding="utf-8"))["wall_minus_monotonic_ns"])
+    columns = ["local_addr", "local_port", "remote_addr", "remote_port", "pid", "comm"]
+    table = pq.read_table(table_path, columns=[*columns, "time_wait_ns", "time_wait_end_ns"])
+    text = {name: table.column(name).cast(pa.string()).to_numpy(zero_copy_only=False)
+            for name in ("local_addr", "remote_addr", "comm")}  # fmt: skip
+    port = table.column("remote_port").to_numpy()
+    entered = table.column("time_wait_ns").fill_null(0).to_numpy()
+    ended = table.column("time_wait_end_ns").fill_null(np.iinfo(np.int64).max).to_numpy()
+    result = []
+    for path in observed:
+        address, _, remote_port = path.remote.rpartition(":")
+        at = int((t0 + path.peak_at_s) * 1e9) - offset  # the peak on the trace's clock
+        held = (text["local_addr"] == path.local_addr) & (text["remote_addr"] == address)
+        held &= (port == int(remote_port)) & (entered > 0) & (entered <= at) & (ended > at)
+        if not held.any():
+            result.append(path)
+            continue
+        rows = (
+            table.filter(pa.array(held))
+            .group_by("comm")
+            .aggregate([("pid", "count_distinct"), ("local_port", "count_distinct")])
+        )
+        openers = sorted(
+            (
+                PathOpener(comm=str(c), processes=int(p), ports=int(n))
+                for c, p, n in zip(
+                    rows.column("comm").to_pylist(),
+                    rows.column("pid_count_distinct").to_pylist(),
+                    rows.column("local_port_count_distinct").to_pylist(),
+                    strict=True,
+                )
+            ),
+            key=lambda o: (-o.ports, o.comm),
+        )
+        result.append(path.model_copy(update={"opened_by": openers[:OPENERS_TOP]}))
+    return result
 
 
 def _traced(directory: Path, paths: pa.Table) -> Traced | None:

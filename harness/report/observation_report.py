@@ -25,7 +25,7 @@ from matplotlib.figure import Figure
 from harness.capacity.port_model import TIME_WAIT_S
 from harness.files import atomic_write
 from harness.observe.store import STATE_COLUMNS
-from harness.summary import ObserveSummary
+from harness.summary import ObservedPath, ObserveSummary
 from harness.units import human_duration
 
 __all__ = ["observation_findings", "observation_recommendations", "render_observation"]
@@ -56,6 +56,7 @@ def observation_findings(summary: ObserveSummary) -> list[str]:
             f"Ports exhausted on {ex.path}: all {path.usable_ports:,} usable ports were held"
             f" {ex.first_full_s:.1f} s into the observation"
             f" ({_states(path.states_at_peak)}); new connections to it fail with EADDRNOTAVAIL."
+            + _holders(path)
         )
     for path in summary.paths:
         if path.label == ex.path:
@@ -65,11 +66,13 @@ def observation_findings(summary: ObserveSummary) -> list[str]:
                 f"{path.label} is heading for exhaustion: at {path.new_per_s_peak:,.0f}"
                 f" new connections/s its {path.usable_ports:,} ports last"
                 f" {human_duration(path.time_to_exhaustion_s)} from the worst moment seen."
+                + _holders(path)
             )
         elif path.peak_fraction >= PARITY_FRACTION:
             found.append(
                 f"{path.label} held {path.peak_fraction:.0%} of its ports: past half,"
                 " connect() searches the used half first and slows down."
+                + _holders(path)
             )
     if not found and summary.paths:
         top = summary.paths[0]
@@ -284,3 +287,21 @@ def render_observation(directory: Path, summary: ObserveSummary) -> Path:
     out = directory / "report.html"
     atomic_write(out, html)
     return out
+
+
+def _holders(path: ObservedPath) -> str:
+    """Who held the path's ports at its peak, as a sentence (empty when nobody is known)."""
+    parts = [f"{o.comm} (pid {o.pid}) {o.ports:,}" for o in path.owners]
+    opened = [
+        f"{o.comm} ({o.ports:,} ports, {o.processes:,} process{'es' if o.processes != 1 else ''})"
+        for o in path.opened_by
+    ]
+    text = f" Held by {', '.join(parts)}." if parts else ""
+    if opened:
+        text += f" Its TIME_WAIT ports were opened by {', '.join(opened)}."
+    elif path.unattributed_ports:
+        text += (
+            f" {path.unattributed_ports:,} ports were held by sockets with no owner left"
+            " (TIME_WAIT): eph observe --trace names who opened them."
+        )
+    return text

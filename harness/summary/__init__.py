@@ -19,6 +19,7 @@ if _typing.TYPE_CHECKING:  # the names, for type checkers; loaded on first use b
         ObservedPath,
         ObserveSummary,
         PathExhaustion,
+        PathOpener,
         PathOwner,
         Traced,
     )
@@ -98,6 +99,7 @@ _LAZY = {
     "Outage": "harness.summary.sections",
     "ParityQuantiles": "harness.summary.sections",
     "PathExhaustion": "harness.summary.observed",
+    "PathOpener": "harness.summary.observed",
     "PathOwner": "harness.summary.observed",
     "Ports": "harness.summary.sections",
     "PriorRun": "harness.summary.run_summary",
@@ -155,6 +157,7 @@ __all__ = [
     "Outage",
     "ParityQuantiles",
     "PathExhaustion",
+    "PathOpener",
     "PathOwner",
     "Ports",
     "PriorRun",

@@ -18,6 +18,7 @@ __all__ = [
     "ObserveSummary",
     "ObservedPath",
     "PathExhaustion",
+    "PathOpener",
     "PathOwner",
     "Traced",
 ]
@@ -36,6 +37,15 @@ class PathOwner(_Model):
     pid: int
     cgroup: str
     container: str | None = None  # the container ID (12 characters) or "pod UID"
+    ports: int
+
+
+class PathOpener(_Model):
+    """A program whose connections held ports of a path in TIME_WAIT at its peak: from
+    the kernel's trace (``--trace``), which saw who opened each one."""
+
+    comm: str
+    processes: int  # distinct pids (a shell loop of curl is one process per request)
     ports: int
 
 
@@ -61,6 +71,8 @@ class ObservedPath(_Model):
     # known (TIME_WAIT has none); None when owners were not looked up (--no-owners)
     owners: list[PathOwner] = []
     unattributed_ports: int | None = None
+    # with --trace: who opened the connections in TIME_WAIT at the peak, most first
+    opened_by: list[PathOpener] = []
 
 
 class PathExhaustion(_Model):
