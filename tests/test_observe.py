@@ -16,6 +16,7 @@ import pytest
 
 from harness.kernel import bpf
 from harness.kernel.netns import Namespace
+from harness.report.observation_report import owner_series
 
 from .conftest import EPH, ROOT, out_rsts, require, require_tools
 
@@ -214,7 +215,7 @@ def test_curl_against_nginx_exhausts_a_small_range_and_the_report_names_the_path
     assert summary["exhaustion"]["first_full_s"] > 0
     page = (out / "report.html").read_text()
     assert "Ports exhausted on 127.0.0.1 -&gt; 127.0.0.1:8080" in page
-    assert page.count("data:image/png") == 4
+    assert page.count("data:image/png") == 5
 
     # the directory alone is enough: re-render it, and plan from it
     from .conftest import eph
@@ -357,6 +358,9 @@ def test_two_programs_each_path_names_who_holds_its_ports(
     assert "unattributed (TIME_WAIT has no owner" in stdout
     page = (out / "report.html").read_text()
     assert f"{comm} (pid {holder.pid}): 120" in page
+    assert "Who held the ports" in page
+    series = owner_series(pq.read_table(out / "paths.parquet"), held["label"], 0.0)
+    assert series is not None and series[1][f"{comm}[{holder.pid}]"].max() == 120
     if not trace:
         assert churned["opened_by"] == []
         assert f"{churned['unattributed_ports']:,} unattributed" in page

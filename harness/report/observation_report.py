@@ -1,8 +1,9 @@
 """``report.html`` of an observation: which path is eating the ports, and what would help.
 
-Four figures, each from ``paths.parquet`` / ``host.parquet`` as sampled (one
+Five figures, each from ``paths.parquet`` / ``host.parquet`` as sampled (one
 point a sample, nothing binned): occupancy per path against its usable ports,
-new connections/s per path, time to exhaustion, and the kernel's counters.
+new connections/s per path, time to exhaustion, the busiest path's ports by who
+held them, and the kernel's counters.
 Findings and recommendations come from the capacity model
 (``harness.capacity.port_model``) with the measured rate, hold and lifetime.
 """
@@ -71,8 +72,7 @@ def observation_findings(summary: ObserveSummary) -> list[str]:
         elif path.peak_fraction >= PARITY_FRACTION:
             found.append(
                 f"{path.label} held {path.peak_fraction:.0%} of its ports: past half,"
-                " connect() searches the used half first and slows down."
-                + _holders(path)
+                " connect() searches the used half first and slows down." + _holders(path)
             )
     if not found and summary.paths:
         top = summary.paths[0]
@@ -246,6 +246,49 @@ def _counters(host: pa.Table, t0: float) -> Figure:
     return fig
 
 
+OWNERS_SHOWN = 5
+
+
+def owner_series(
+    paths: pa.Table, label: str, t0: float
+) -> tuple[np.ndarray, dict[str, np.ndarray], np.ndarray] | None:
+    """Per sample of one path: the ports each owner held (the most holding ones, by
+    ``comm[pid]``), and the unattributed; None where owners were not looked up."""
+    if "owners" not in paths.column_names:
+        return None
+    rows = paths.filter(pc.equal(paths.column("label"), label))
+    unattributed = rows.column("unattributed").to_numpy(zero_copy_only=False)
+    if not len(unattributed) or unattributed.dtype == object:  # nulls: --no-owners
+        return None
+    t = rows.column("time").to_numpy() - t0
+    held: dict[str, np.ndarray] = {}
+    for i, owners in enumerate(rows.column("owners").to_pylist()):
+        for owner in owners or []:
+            name = f"{owner['comm']}[{owner['pid']}]"
+            held.setdefault(name, np.zeros(len(t)))[i] = owner["ports"]
+    top = sorted(held, key=lambda name: -held[name].max())[:OWNERS_SHOWN]
+    return t, {name: held[name] for name in top}, unattributed.astype(float)
+
+
+def _owners(paths: pa.Table, summary: ObserveSummary, t0: float) -> Figure:
+    fig = Figure(figsize=(10, 3.5))
+    ax = fig.subplots()
+    series = owner_series(paths, summary.paths[0].label, t0) if summary.paths else None
+    if series is None:
+        ax.text(0.5, 0.5, "owners were not looked up (--no-owners)", ha="center",
+                transform=ax.transAxes)  # fmt: skip
+        return fig
+    t, held, unattributed = series
+    names = [*held, "unattributed (TIME_WAIT: no owner left)"]
+    ax.stackplot(t, *held.values(), unattributed, labels=names, alpha=0.8)
+    ax.axhline(summary.paths[0].usable_ports, color="black", lw=0.8, label="usable ports")
+    ax.set_title(f"busiest path, {summary.paths[0].label}: ports by who held them", fontsize=9)
+    ax.set_xlabel("seconds")
+    ax.set_ylabel("ports")
+    ax.legend(fontsize=7, loc="upper left")
+    return fig
+
+
 def _png(fig: Figure) -> str:
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=90, bbox_inches="tight")
@@ -260,6 +303,9 @@ FIGURE_NOTES = {
     " seen there only).",
     "exhaustion": "At each sample's rate, how long until the path's free ports are gone;"
     " absent while the rate fits the range.",
+    "owners": "The busiest path's ports by the process whose sockets held them (through"
+    " /proc), and the ports of sockets nobody owns any more (TIME_WAIT): eph observe --trace"
+    " names who opened those in the table above.",
     "counters": "The kernel's own counters: TIME_WAIT sockets, conntrack entries, TIME_WAIT"
     " reuses and overflows.",
 }
@@ -274,6 +320,7 @@ def render_observation(directory: Path, summary: ObserveSummary) -> Path:
         ("Occupancy per path", "occupancy", lambda: _occupancy(paths, summary, t0)),
         ("New connections per second", "rates", lambda: _rates(paths, host, summary, t0)),
         ("Time to exhaustion", "exhaustion", lambda: _exhaustion(paths, summary, t0)),
+        ("Who held the ports", "owners", lambda: _owners(paths, summary, t0)),
         ("Kernel counters", "counters", lambda: _counters(host, t0)),
     ]
     figures = [(title, _png(make()), FIGURE_NOTES[key]) for title, key, make in makers]
