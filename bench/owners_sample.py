@@ -1,8 +1,9 @@
 """Inside a fresh namespace: the cost of naming owners (``eph observe``'s "held by").
 
-Makes ``sockets`` client connections toward 127.0.0.1:9000, half of them held open
-by this process (ESTABLISHED: both ends are fds here, so /proc holds ``sockets``
-socket fds) and half closed by the client first (TIME_WAIT: no owner). Then times
+Makes ``sockets`` client connections toward 127.0.0.x:9000 (a few destinations):
+half closed by the client
+first (TIME_WAIT: no owner), half held open by processes of their own, 8,000 each
+(CLOSE_WAIT once the server closed: owned, one fd each in /proc). Then times
 15 rounds, interleaved: a sample without owners, a sample with owners that reads
 every fd of /proc again (the worst case: a new index each round), ``ss -tan`` and
 ``ss -tanp`` (which also names processes). Prints one JSON object. Run by
@@ -12,33 +13,60 @@ every fd of /proc again (the worst case: a new index each round), ``ss -tan`` an
 from __future__ import annotations
 
 import json
-import resource
 import socket
 import statistics
 import subprocess
 import sys
+import threading
 import time
 
 from harness.observe.owners import OwnerIndex
 from harness.observe.paths import PathSampler
 
+HOLDER = r"""
+import socket, sys
+held = [socket.create_connection((sys.argv[2], 9000)) for _ in range(int(sys.argv[1]))]
+print("held", flush=True)
+sys.stdin.readline()
+"""
+PER_HOLDER = 8_000  # connections a holder keeps: RLIMIT_NOFILE is 20,000 here, fixed
+
+
+def _destination(n: int) -> str:
+    """127.0.0.n+1: a destination's range holds 64,000 ports at most, so 100,000 sockets
+    need several."""
+    return f"127.0.0.{1 + n}"
+
 
 def main() -> None:
     sockets = int(sys.argv[1])
-    resource.setrlimit(resource.RLIMIT_NOFILE, (sockets * 2 + 1000, sockets * 2 + 1000))
     server = socket.socket()
     server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    server.bind(("127.0.0.1", 9000))
+    server.bind(("0.0.0.0", 9000))
     server.listen(4096)
-    held = []
-    for i in range(sockets):
-        client = socket.create_connection(("127.0.0.1", 9000))
+    for i in range(sockets // 2):  # half: TIME_WAIT on the client side, owned by nobody
+        client = socket.create_connection((_destination(i // 20_000), 9000))
         accepted, _ = server.accept()
-        if i % 2:
-            held += [client, accepted]
-        else:
-            client.close()  # the client closes first: TIME_WAIT on the client side
-            accepted.close()
+        client.close()  # the client closes first
+        accepted.close()
+
+    def accept_and_close() -> None:  # the other half's server ends: CLOSE_WAIT for them
+        while True:
+            server.accept()[0].close()
+
+    threading.Thread(target=accept_and_close, daemon=True).start()
+    holders = []
+    left = sockets - sockets // 2  # held open by processes of their own, as a host's are
+    while left > 0:
+        n = min(PER_HOLDER, left)
+        holder = subprocess.Popen(
+            [sys.executable, "-c", HOLDER, str(n), _destination(len(holders))],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+            text=True,
+        )  # fmt: skip
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
+        holders.append(holder)
+        left -= n
     bare = PathSampler((1024, 65000), top=20)
     bare.sample()  # warm: imports and buffers
     times: dict[str, list[float]] = {
@@ -74,7 +102,8 @@ def main() -> None:
             }
         )
     )
-    del held
+    for holder in holders:
+        holder.communicate("\n")
 
 
 if __name__ == "__main__":

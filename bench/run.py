@@ -379,7 +379,7 @@ def owners_vs_ss(sockets: int) -> dict[str, Any]:
         out = subprocess.run(
             ns.command([sys.executable, str(BENCH / "owners_sample.py"), str(sockets)]),
             cwd=ROOT,
-            capture_output=True,
+            stdout=subprocess.PIPE,
             text=True,
             check=True,
             env={**os.environ, "PYTHONPATH": str(ROOT)},
