@@ -4,7 +4,6 @@ and the client sees timeouts, never EADDRNOTAVAIL, while its own range stays emp
 from __future__ import annotations
 
 import json
-import shutil
 import signal
 import subprocess
 from pathlib import Path
@@ -15,12 +14,11 @@ import pytest
 from harness.report.html import findings
 from harness.summary import Summary
 
-from .conftest import eph, lab_under_way, run_dir_summary, write_scenario
+from .conftest import eph, lab_under_way, require_tools, run_dir_summary, write_scenario
 
 pytestmark = [
     pytest.mark.netns,
     pytest.mark.e2e,
-    pytest.mark.skipif(shutil.which("nft") is None, reason="needs nft (Debian nftables)"),
 ]
 
 POOL_100 = "ports = [20000, 20099]"
@@ -34,6 +32,7 @@ def _nat_lab(
     endpoints: str = '["127.0.0.1:9000"]',
     duration: str = "4s",
 ) -> dict[str, Any]:
+    require_tools("nft", "conntrack")  # under make test a missing one fails, never skips
     scenario = write_scenario(
         tmp_path / "nat.toml",
         f"""
@@ -162,6 +161,7 @@ def _eph_namespaces() -> set[str]:
 
 
 def test_sigint_removes_the_router_its_rules_and_every_namespace(tmp_path: Path) -> None:
+    require_tools("nft", "conntrack")
     scenario = write_scenario(
         tmp_path / "long.toml",
         f"""
