@@ -407,3 +407,37 @@ def test_keep_rotates_parts_drops_the_oldest_and_sighup_starts_a_new_one(tmp_pat
     assert len(host) < kept["samples"], (len(host), kept)  # the oldest went
     assert host == sorted(host) and host[-1] - host[0] <= 2.0 + 2 * 1.0 + 0.5, host
     assert not parts.exists()
+
+
+def _agent_for(out: Path, seconds: float) -> str:
+    """``eph observe --keep`` into ``out`` for about ``seconds``, stopped by SIGTERM;
+    its stderr."""
+    observer = subprocess.Popen(
+        [*EPH, "-v", "observe", "--interval", "100ms", "--plain", "--no-report",
+         "--keep", "1m", "--out", str(out)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=ENV,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 30  # a bound on the test, not on eph
+        while not list((out / "parts").glob("host-*.arrows")):
+            assert observer.poll() is None and time.monotonic() < deadline, observer.stderr
+            time.sleep(0.1)
+        time.sleep(seconds)
+        observer.send_signal(signal.SIGTERM)
+        _, stderr = observer.communicate(timeout=30)
+    finally:
+        if observer.poll() is None:
+            observer.kill()
+            observer.communicate()
+    assert observer.returncode == 0, stderr
+    return stderr
+
+
+def test_an_agent_restarted_on_its_directory_goes_on_with_what_it_kept(tmp_path: Path) -> None:
+    out = tmp_path / "agent"
+    _agent_for(out, 1.0)
+    first = pq.read_table(out / "host.parquet").column("time").to_pylist()
+    stderr = _agent_for(out, 1.0)  # no --force: --keep goes on, never claims it anew
+    assert "went on with 2 parts of an earlier eph" in stderr
+    both = pq.read_table(out / "host.parquet").column("time").to_pylist()
+    assert both[: len(first)] == first and len(both) >= len(first) + 5, (len(first), len(both))

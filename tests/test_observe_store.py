@@ -69,3 +69,27 @@ def test_without_retention_the_two_files_are_written_as_before(tmp_path: Path) -
     assert store.close() == (20, 20)
     assert not store.parts.exists()
     assert (tmp_path / "paths.parquet").exists() and (tmp_path / "host.parquet").exists()
+
+
+def test_a_restarted_agent_goes_on_with_what_the_last_one_kept(tmp_path: Path) -> None:
+    """Stopped cleanly (merged files) or killed (streams cut), the earlier samples
+    become parts of the next eph in the same directory, and retention covers them."""
+    first = _observe(tmp_path, Retention(rotate_s=2.0, keep_s=3600.0), seconds=4)
+    assert first.close() == (40, 40)
+    killed = _observe(tmp_path / "killed", Retention(rotate_s=2.0), seconds=3)
+    for writer in (killed._paths, killed._host):  # as SIGKILL leaves them: never finished
+        writer.close()
+    for f in killed._files:
+        f.close()
+
+    later = lambda: START + 100  # noqa: E731
+    again = ObserveStore(tmp_path, Retention(rotate_s=2.0, keep_s=3600.0), later, resume=True)
+    assert again.resumed == 2  # paths.parquet and host.parquet
+    again.write(*_batches(START + 100))
+    rows, samples = again.close()
+    times = pq.read_table(tmp_path / "host.parquet").column("time").to_pylist()
+    assert rows == samples == 41 and times[0] == START and times[-1] == START + 100
+
+    after_kill = ObserveStore(tmp_path / "killed", Retention(rotate_s=2.0), later, resume=True)
+    assert after_kill.resumed == 2  # the two streams of the part being written
+    assert after_kill.close()[1] == 30  # every sample: the finished parts and the cut one

@@ -218,7 +218,8 @@ def collect(
     metavar="DURATION|SIZE",
     callback=keep_value,
     help="With --out: write parts (a new one every --rotate, and on SIGHUP) and keep only"
-    " the newest this long or this big, e.g. 24h or 500MB. Without it, --out keeps all.",
+    " the newest this long or this big, e.g. 24h or 500MB; an agent restarted with the same"
+    " --out goes on with what it kept. Without it, --out keeps all.",
 )
 @click.option(
     "--rotate",
@@ -292,7 +293,11 @@ def observe(
         views.append(server)
     terminal = sys.stdout.isatty() and not plain
     views.append(TerminalView(rows=top) if terminal else PlainView())
-    out = out if in_run else claim(out, force)
+    # a restarted agent (--keep) goes on in its own directory; anything else claims --out
+    resume = (
+        retention is not None and out is not None and not force and (out / "observe.json").exists()
+    )
+    out = out if in_run or resume else claim(out, force)
     observation = Observation(
         duration_s=duration,
         interval_s=interval,
@@ -302,6 +307,7 @@ def observe(
         trace=trace,
         owners=not no_owners,
         retention=retention,
+        resume=resume,
     )
     observation.run()
     click.echo(

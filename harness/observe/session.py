@@ -117,6 +117,7 @@ class Observation:
     owners: bool = True  # who holds the ports, through /proc (harness.observe.owners)
     retention: Retention | None = None  # with out: rotate the files, keep a window
     reopen: bool = False  # SIGHUP: rotate the files at the next sample
+    resume: bool = False  # with retention: go on with an earlier eph's samples in out
     samples: int = 0
     stop_reason: str | None = None
     nat: NatSampler = field(default_factory=NatSampler, repr=False)
@@ -141,7 +142,13 @@ class Observation:
             if self.owners
             else None,
         )
-        store = ObserveStore(self.out, self.retention) if self.out is not None else None
+        store = (
+            ObserveStore(self.out, self.retention, resume=self.resume)
+            if self.out is not None
+            else None
+        )
+        if store is not None and store.resumed:
+            logger.info("went on with %d parts of an earlier eph in %s", store.resumed, self.out)
         children = Supervisor()
         tracing = start_trace(children, self.out) if self.trace and self.out else None
         self.trace_reason = tracing if isinstance(tracing, str) else None

@@ -154,7 +154,12 @@ class ObserveStore:
     """
 
     def __init__(
-        self, out: Path, retention: Retention | None = None, clock: Callable[[], float] = time.time
+        self,
+        out: Path,
+        retention: Retention | None = None,
+        clock: Callable[[], float] = time.time,
+        *,
+        resume: bool = False,
     ) -> None:
         out.mkdir(parents=True, exist_ok=True)
         self.out = out
@@ -162,7 +167,30 @@ class ObserveStore:
         self.clock = clock
         self.rotations = 0
         self.dropped = 0  # parts dropped by retention
+        self.resumed = 0  # parts taken over from an earlier eph in this directory
+        if resume and retention is not None:
+            self._take_over()
         self._open(self.clock())
+
+    def _take_over(self) -> None:
+        """An earlier eph's samples in this directory become finished parts, so that a
+        restarted agent goes on where it stopped and retention covers them too: its
+        merged files (it stopped cleanly) or its parts (it was killed: each stream
+        keeps its whole batches)."""
+        self.parts.mkdir(exist_ok=True)
+        for stream in sorted(self.parts.glob("*.arrows")):
+            schema = PATHS_SCHEMA if stream.name.startswith("paths-") else HOST_SCHEMA
+            finish_stream(stream, schema)
+            self.resumed += 1
+        for name in ("paths", "host"):
+            merged = self.out / f"{name}.parquet"
+            if not merged.exists():
+                continue
+            times = pq.read_table(merged, columns=["time"]).column("time").to_numpy()
+            first = float(times.min()) if len(times) else self.clock()
+            stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime(first))
+            merged.rename(self.parts / f"{name}-{stamp}-resumed.parquet")
+            self.resumed += 1
 
     @property
     def parts(self) -> Path:
