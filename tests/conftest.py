@@ -103,6 +103,18 @@ def eph(
     )
 
 
+def stop_process(proc: subprocess.Popen[Any] | None) -> None:
+    """SIGTERM, 20 s to go, then SIGKILL; whatever it still had to say is read."""
+    if proc is None or proc.poll() is not None:
+        return
+    proc.terminate()
+    try:
+        proc.communicate(timeout=20)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.communicate()
+
+
 def lab_under_way(scenario: Path, out: Path) -> subprocess.Popen[str]:
     """``eph lab SCENARIO --out OUT`` in the background, returned once its load reports
     progress (at most 60 s) and one more second has passed."""

@@ -9,6 +9,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from .conftest import ROOT, require_tools
 
 DEPLOY = ROOT / "deploy"
@@ -54,15 +56,22 @@ def test_the_systemd_unit_verifies(tmp_path: Path) -> None:
     assert done.returncode == 0 and not done.stderr.strip(), done.stdout + done.stderr
 
 
-def test_the_systemd_units_command_is_one_eph_accepts() -> None:
+@pytest.mark.e2e
+def test_the_systemd_units_command_runs_as_eph_observe(tmp_path: Path) -> None:
+    """The unit's own arguments, run for 2 s: its state directory and Prometheus
+    address moved to this test's (any free port), and --duration added, which the unit
+    leaves out so that it runs until stopped. --help would not check the values."""
     unit = (DEPLOY / "systemd" / "eph-observe.service").read_text()
     line = next(x for x in unit.splitlines() if x.startswith("ExecStart="))
-    args = line.split()[1:]  # after the program
-    eph = Path(sys.executable).with_name("eph")
-    done = _run([str(eph), *args, "--help"])
-    assert done.returncode == 0, done.stderr
-    assert "--duration" in done.stdout  # no --duration in the unit: it runs until stopped
     assert "--duration" not in line
+    args = line.split()[1:]  # after the program
+    args = [a.replace("/var/lib/eph", str(tmp_path)).replace("0.0.0.0:9465", "127.0.0.1:0")
+            for a in args]  # fmt: skip
+    eph = Path(sys.executable).with_name("eph")
+    done = _run([str(eph), *args, "--duration", "2s", "--no-report"])
+    assert done.returncode == 0, done.stderr
+    assert "stopped by duration" in done.stderr
+    assert (tmp_path / "observe" / "host.parquet").exists()
 
 
 def test_the_kubernetes_manifest_validates() -> None:

@@ -30,7 +30,7 @@ from harness.load.distributed import Receiver, ship
 from harness.load.shipping import announce
 from harness.run.leftovers import collect, missing_workers
 
-from .conftest import EPH, ROOT, eph, run_dir_summary, write_scenario
+from .conftest import EPH, ROOT, eph, run_dir_summary, stop_process, write_scenario
 from .test_crash import _part_rows
 
 NET = "198.18.0"
@@ -68,16 +68,6 @@ def _spawn(node: Namespace, args: list[str], log: Path) -> subprocess.Popen[byte
         return subprocess.Popen(
             node.command([*EPH, *args]), stdout=sink, stderr=subprocess.STDOUT, env=env
         )
-
-
-def _stop(proc: subprocess.Popen[bytes]) -> None:
-    if proc.poll() is None:
-        proc.terminate()
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
 
 
 def _pids(node: Namespace) -> list[int]:
@@ -181,7 +171,7 @@ connect_timeout = "1s"
             stopped = json.loads(listener.stdout.read().decode().strip().splitlines()[-1])
         finally:
             for proc in procs:
-                _stop(proc)
+                stop_process(proc)
                 if proc.stdout is not None:
                     proc.stdout.close()
         leftovers = {name: _pids(node) for name, node in nodes.items() if _pids(node)}

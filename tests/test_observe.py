@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -233,24 +234,26 @@ def test_curl_against_nginx_exhausts_a_small_range_and_the_report_names_the_path
     assert any("keep-alive" in lever["name"] for lever in plan["levers"])
 
 
-def test_without_duration_it_runs_until_sigterm_and_keeps_what_it_saw(tmp_path: Path) -> None:
-    """The agent's way (deploy/): no --duration, stopped by the service manager."""
-    out = tmp_path / "agent"
+def _agent(
+    out: Path,
+    args: list[str],
+    ready: Callable[[], bool],
+    meanwhile: Callable[[subprocess.Popen[str]], None],
+) -> str:
+    """``eph observe ARGS --out OUT`` with no --duration, as an agent runs: once
+    ``ready()``, ``meanwhile(it)``, then SIGTERM. Its stderr; it must exit 0."""
     observer = subprocess.Popen(
-        [*EPH, "observe", "--interval", "100ms", "--plain", "--no-report", "--out", str(out)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-        env=ENV,
-    )
+        [*EPH, "-v", "observe", "--interval", "100ms", "--plain", "--no-report", *args,
+         "--out", str(out)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=ENV,
+    )  # fmt: skip
     try:
-        meta = out / "observe.json"
         deadline = time.monotonic() + 30  # a bound on the test, not on eph
-        while not (meta.exists() and json.loads(meta.read_text())["stop_reason"] == "running"):
+        while not ready():
             assert observer.poll() is None and time.monotonic() < deadline, observer.stderr
             time.sleep(0.1)
-        time.sleep(3.0)  # ~30 samples: past any duration a default could have hidden
-        assert observer.poll() is None, "stopped by itself"
+        meanwhile(observer)
+        assert observer.poll() is None, "stopped before SIGTERM"
         observer.send_signal(signal.SIGTERM)
         _, stderr = observer.communicate(timeout=30)
     finally:
@@ -258,8 +261,21 @@ def test_without_duration_it_runs_until_sigterm_and_keeps_what_it_saw(tmp_path: 
             observer.kill()
             observer.communicate()
     assert observer.returncode == 0, stderr
+    return stderr
+
+
+def test_without_duration_it_runs_until_sigterm_and_keeps_what_it_saw(tmp_path: Path) -> None:
+    """The agent's way (deploy/): no --duration, stopped by the service manager."""
+    out = tmp_path / "agent"
+    meta = out / "observe.json"
+    stderr = _agent(
+        out,
+        [],
+        lambda: meta.exists() and json.loads(meta.read_text())["stop_reason"] == "running",
+        lambda _: time.sleep(3.0),  # ~30 samples: past any duration a default could hide
+    )
     assert "stopped by SIGTERM" in stderr
-    kept = json.loads((out / "observe.json").read_text())
+    kept = json.loads(meta.read_text())
     assert kept["stop_reason"] == "SIGTERM" and kept["samples"] >= 10, kept
     assert pq.read_table(out / "host.parquet").num_rows == kept["samples"]
 
@@ -377,30 +393,19 @@ def test_two_programs_each_path_names_who_holds_its_ports(
 
 def test_keep_rotates_parts_drops_the_oldest_and_sighup_starts_a_new_one(tmp_path: Path) -> None:
     out = tmp_path / "agent"
-    observer = subprocess.Popen(
-        [*EPH, "-v", "observe", "--interval", "100ms", "--plain", "--no-report",
-         "--keep", "2s", "--rotate", "1s", "--out", str(out)],
-        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=ENV,
-    )  # fmt: skip
-    try:
-        parts = out / "parts"
-        deadline = time.monotonic() + 30  # a bound on the test, not on eph
-        while len(list(parts.glob("paths-*.parquet"))) < 2:  # rotated twice
-            assert observer.poll() is None and time.monotonic() < deadline, observer.stderr
-            time.sleep(0.2)
+    parts = out / "parts"
+
+    def finished() -> list[str]:
+        return sorted(p.name for p in parts.glob("paths-*.parquet"))
+
+    def rotate_then_hup(observer: subprocess.Popen[str]) -> None:
         time.sleep(2.0)
-        finished = sorted(p.name for p in parts.glob("paths-*.parquet"))
-        assert 1 <= len(finished) <= 3, finished  # 2 s of 1 s parts: the older ones went
+        assert 1 <= len(finished()) <= 3, finished()  # 2 s of 1 s parts: the older ones went
         observer.send_signal(signal.SIGHUP)
         time.sleep(1.0)
-        assert observer.poll() is None, "SIGHUP stopped it"
-        observer.send_signal(signal.SIGTERM)
-        _, stderr = observer.communicate(timeout=30)
-    finally:
-        if observer.poll() is None:
-            observer.kill()
-            observer.communicate()
-    assert observer.returncode == 0, stderr
+
+    keep = ["--keep", "2s", "--rotate", "1s"]
+    stderr = _agent(out, keep, lambda: len(finished()) >= 2, rotate_then_hup)
     assert "SIGHUP: new parts in" in stderr
     kept = json.loads((out / "observe.json").read_text())
     host = pq.read_table(out / "host.parquet").column("time").to_pylist()
@@ -409,35 +414,16 @@ def test_keep_rotates_parts_drops_the_oldest_and_sighup_starts_a_new_one(tmp_pat
     assert not parts.exists()
 
 
-def _agent_for(out: Path, seconds: float) -> str:
-    """``eph observe --keep`` into ``out`` for about ``seconds``, stopped by SIGTERM;
-    its stderr."""
-    observer = subprocess.Popen(
-        [*EPH, "-v", "observe", "--interval", "100ms", "--plain", "--no-report",
-         "--keep", "1m", "--out", str(out)],
-        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=ENV,
-    )  # fmt: skip
-    try:
-        deadline = time.monotonic() + 30  # a bound on the test, not on eph
-        while not list((out / "parts").glob("host-*.arrows")):
-            assert observer.poll() is None and time.monotonic() < deadline, observer.stderr
-            time.sleep(0.1)
-        time.sleep(seconds)
-        observer.send_signal(signal.SIGTERM)
-        _, stderr = observer.communicate(timeout=30)
-    finally:
-        if observer.poll() is None:
-            observer.kill()
-            observer.communicate()
-    assert observer.returncode == 0, stderr
-    return stderr
-
-
 def test_an_agent_restarted_on_its_directory_goes_on_with_what_it_kept(tmp_path: Path) -> None:
     out = tmp_path / "agent"
-    _agent_for(out, 1.0)
+
+    def run_for_a_second() -> str:
+        writing = lambda: bool(list((out / "parts").glob("host-*.arrows")))  # noqa: E731
+        return _agent(out, ["--keep", "1m"], writing, lambda _: time.sleep(1.0))
+
+    run_for_a_second()
     first = pq.read_table(out / "host.parquet").column("time").to_pylist()
-    stderr = _agent_for(out, 1.0)  # no --force: --keep goes on, never claims it anew
+    stderr = run_for_a_second()  # no --force: --keep goes on, never claims it anew
     assert "went on with 2 parts of an earlier eph" in stderr
     both = pq.read_table(out / "host.parquet").column("time").to_pylist()
     assert both[: len(first)] == first and len(both) >= len(first) + 5, (len(first), len(both))

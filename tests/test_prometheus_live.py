@@ -18,7 +18,7 @@ import pytest
 
 from harness.kernel.netns import Namespace
 
-from .conftest import EPH, ROOT, require_tools
+from .conftest import EPH, ROOT, require_tools, stop_process
 
 pytestmark = [pytest.mark.netns, pytest.mark.e2e]
 
@@ -199,13 +199,7 @@ def _alert_and_dashboard(netns: Namespace, tmp_path: Path, stack: contextlib.Exi
         empty = [t for t, expr in _panel_queries() if not _has_data(netns, expr, began)]
     finally:
         for proc in (client, observer, prometheus):
-            if proc is not None and proc.poll() is None:
-                proc.terminate()
-                try:
-                    proc.communicate(timeout=20)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
-                    proc.communicate()
+            stop_process(proc)
     assert outcome["refused"] > 0 and outcome["first_refusal"] is not None, outcome
     # about the range's 600: the client did exhaust it (the exact count is test_lab's)
     assert 550 <= outcome["made"] <= 620, outcome

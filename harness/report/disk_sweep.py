@@ -9,6 +9,7 @@ is the exact one. What a figure draws from the sample says so in its title.
 
 from __future__ import annotations
 
+import functools
 import itertools
 from dataclasses import dataclass, field
 
@@ -52,6 +53,11 @@ class InUse:
     usable: int
     made: StartCurve | None = None
 
+    @functools.cached_property
+    def _made_at_samples(self) -> np.ndarray:
+        assert self.made is not None
+        return self.made.made_by(self.times)
+
     def at(self, start_ns: np.ndarray) -> np.ndarray:
         """The share of usable ports in use when each connect began. Between two samples
         the ports in use move in step with the connects made (``StartCurve``), or in
@@ -59,9 +65,8 @@ class InUse:
         nearest sample's."""
         if self.made is None:
             return np.asarray(np.interp(start_ns, self.times, self.in_use) / self.usable)
-        times, held = self.times, self.in_use
+        times, held, at_samples = self.times, self.in_use, self._made_at_samples
         gap = np.clip(np.searchsorted(times, start_ns, side="right") - 1, 0, len(times) - 2)
-        at_samples = self.made.made_by(times)
         made = at_samples[gap + 1] - at_samples[gap]
         span = times[gap + 1] - times[gap]
         by_count = (self.made.made_by(start_ns) - at_samples[gap]) / np.where(made > 0, made, 1)

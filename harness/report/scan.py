@@ -130,6 +130,7 @@ class StartCurve:
         self.origin: int | None = None
         self.width_ns = self.FIRST_WIDTH_NS
         self.counts = np.zeros(0, np.int64)
+        self._curve: tuple[np.ndarray, np.ndarray] | None = None  # edges, made by each
 
     def add(self, origin: int, start_ok: np.ndarray) -> None:
         self.origin = origin if self.origin is None else self.origin
@@ -145,13 +146,16 @@ class StartCurve:
         grown = max(len(self.counts), int(at.max()) + 1)
         self.counts = np.pad(self.counts, (0, grown - len(self.counts)))
         self.counts += np.bincount(at, minlength=grown)
+        self._curve = None
 
     def made_by(self, t_ns: np.ndarray) -> np.ndarray:
         """How many successful connects had begun by each instant (linear within a bin)."""
         if self.origin is None or not len(self.counts):
             return np.zeros(len(t_ns))
-        edges = self.origin + np.arange(len(self.counts) + 1, dtype=np.float64) * self.width_ns
-        made = np.concatenate([[0], np.cumsum(self.counts)])
+        if self._curve is None:  # once per scan, not once per batch the sweep places
+            edges = self.origin + np.arange(len(self.counts) + 1, dtype=np.float64) * self.width_ns
+            self._curve = (edges, np.concatenate([[0], np.cumsum(self.counts)]))
+        edges, made = self._curve
         return np.asarray(np.interp(np.asarray(t_ns, dtype=np.float64), edges, made))
 
 
