@@ -271,14 +271,18 @@ def test_run_trace_witnesses_every_record_and_failure(tmp_path: Path, netns: Nam
     witness = summary["kernel_witness"]
     assert witness["available"] is True, witness
     assert witness["records"] == summary["connections"]["attempted"] > 100
-    assert witness["matched"] == witness["records"] == witness["kernel_connections"], (
-        witness,
-        json.loads((out / "kernel.json").read_text()),
-    )
-    assert witness["only_in_records"] == witness["only_in_kernel"] == 0
+    # the kernel skips the recorder while a map syscall holds the CPU, and counts each
+    # skip (docs/kernel.md): a skip costs at most one row, and none goes uncounted
+    kernel_json = json.loads((out / "kernel.json").read_text())
+    assert kernel_json["exited_early"] is None, kernel_json  # eph stopped it, and read it live
+    assert witness["lost_events"] == kernel_json["lost_events"] + kernel_json["missed_events"]
+    assert witness["matched"] == witness["kernel_connections"], (witness, kernel_json)
+    assert witness["only_in_kernel"] == 0, (witness, kernel_json)
+    assert witness["only_in_records"] <= witness["lost_events"], (witness, kernel_json)
     kernel = pq.read_table(out / "kernel_connections.parquet")
     errno_ = kernel.column("errno").to_numpy()
-    assert np.count_nonzero(errno_ == 0) == summary["connections"]["succeeded"]
+    missing = witness["only_in_records"]
+    assert 0 <= summary["connections"]["succeeded"] - np.count_nonzero(errno_ == 0) <= missing
     assert set(errno_[errno_ != 0]) == {99}
 
 

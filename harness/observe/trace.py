@@ -47,6 +47,9 @@ class TraceResult:
     # time.time_ns() - time.monotonic_ns() at the end: the rows' CLOCK_MONOTONIC
     # stamps on the samples' wall clock
     wall_minus_monotonic_ns: int
+    # bpftrace's exit status when it had ended before eph stopped it (rows after its
+    # end are missing, and its skipped events could not be read); None: eph stopped it
+    exited_early: int | None = None
 
 
 class KernelTrace:
@@ -102,6 +105,7 @@ class KernelTrace:
             self.settle()
         # the drainer's last drain first, then bpftrace prints what closed since, at exit
         missed = 0
+        exited_early = self.child.poll() if self.child is not None else None
         for child in (self.drainer, self.child):
             if child is not None:
                 if child is self.child and child.poll() is None:
@@ -121,8 +125,16 @@ class KernelTrace:
             netns=self.netns,
             table=table,
             wall_minus_monotonic_ns=time.time_ns() - time.monotonic_ns(),
+            exited_early=exited_early,
         )
         (self.directory / "kernel.json").write_text(json.dumps(asdict(result), indent=2) + "\n")
+        if exited_early is not None:
+            logger.warning(
+                "bpftrace had exited (%d) before the trace's end: connections after that have"
+                " no row (%s)",
+                exited_early,
+                _tail(self.stderr),
+            )
         if result.lost_events:
             logger.warning("bpftrace lost %d events: connections are missing", result.lost_events)
         if result.missed_events:

@@ -182,14 +182,14 @@ def _run_children(
         write_state(
             run.path, Phase.STOPPING, stop_reason=outcome.stop_reason, load_ended_at=time.time()
         )
-        if isinstance(tracing, KernelTrace):  # the load's last sockets close before it stops
-            supervisor.stop(*[c for c in supervisor.running if c.stage is Stage.LOAD])
-            tracing.settle()
-        supervisor.close()
         if isinstance(tracing, KernelTrace):
+            # the load's last sockets close before the recorder stops, and the recorder
+            # stops on its own terms (its skipped events are read while it still runs)
+            supervisor.stop(*[c for c in supervisor.running if c.stage is Stage.LOAD])
             outcome.trace = tracing.finish("kernel_connections.parquet")
         elif tracing is not None:
             outcome.trace = tracing
+        supervisor.close()
         if listener is not None:
             outcome.listener = listener.stats()
             run.write_json("listener.json", outcome.listener)
