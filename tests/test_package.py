@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import harness
 
@@ -91,3 +92,26 @@ def test_the_contract_loads_nothing_of_the_machinery() -> None:
         "harness",
         "harness.errors",
     }, loaded
+
+
+def test_mypy_tells_a_table_from_a_handle_on_a_file(tmp_path: Path) -> None:
+    """stubs/pyarrow gives pyarrow's containers classes: a large run's handle handed
+    where a table is declared (the crash section's old bug) is a type error."""
+    snippet = tmp_path / "confusion.py"
+    snippet.write_text(
+        "import pyarrow as pa\n"
+        "from pathlib import Path\n"
+        "from harness.report.ondisk import OnDisk\n"
+        "def rows(table: pa.Table) -> int:\n"
+        "    return len(table)\n"
+        "rows(pa.table({'a': [1]}))\n"
+        "rows(OnDisk(Path('r.parquet'), 3))\n"
+    )
+    checked = subprocess.run(
+        [sys.executable, "-m", "mypy", "--strict", "--cache-dir", str(tmp_path / "cache"),
+         "--config-file", str(ROOT / "pyproject.toml"), str(snippet)],
+        cwd=ROOT, capture_output=True, text=True,
+    )  # fmt: skip
+    errors = [line for line in checked.stdout.splitlines() if ": error:" in line]
+    assert len(errors) == 1, checked.stdout
+    assert "confusion.py:7:" in errors[0] and '"OnDisk"; expected "Table"' in errors[0]

@@ -87,12 +87,12 @@ def analyze(
     occupancy = in_use(samples, usable, scan) if scan.succeeded else None
     found = sweep(records, scan, occupancy)
     audit, cycles = audit_of(records)
-    have_samples = samples is not None and samples.num_rows
+    held = samples if samples is not None and samples.num_rows else None
     result = summary.model_copy()
-    if have_samples:
-        result.samples = samples_info(records, samples, scenario.collector.interval)
+    if held is not None:
+        result.samples = samples_info(records, held, scenario.collector.interval)
     result.time_wait = time_wait_section(
-        audit, peaks(samples) if have_samples else None, server_samples
+        audit, peaks(held) if held is not None else None, server_samples
     )
     result.tuples = audit.section()
     if hosts:
@@ -104,8 +104,8 @@ def analyze(
             audit.distinct, cycles.count, cycles.total_s, found.returns, window
         )
     result.ports = _ports(scan, found, summary.ports)
-    if have_samples and model is not None and occupancy is not None:
-        top = peaks(samples)
+    if held is not None and model is not None and occupancy is not None:
+        top = peaks(held)
         result.occupancy = Occupancy(
             peak_ports=top.in_use,
             usable_ports=model.ports,
@@ -113,8 +113,8 @@ def analyze(
             connect_ms_by_occupancy=_bands(found),
         )
         result.latency_cliff = _cliff(records, scan, found)
-    if samples is not None and have_samples and "timewait_overflow" in samples.column_names:
-        result.time_wait.kernel_timewait_overflow = counter_delta(samples, "timewait_overflow")
+    if held is not None and "timewait_overflow" in held.column_names:
+        result.time_wait.kernel_timewait_overflow = counter_delta(held, "timewait_overflow")
     return result
 
 

@@ -25,7 +25,7 @@ __all__ = ["RunData"]
 class RunData:
     """One run's columns, read once and shared by every figure."""
 
-    table: pa.Table  # or a large run's OnDisk: then a sample of its rows
+    rows: pa.Table | OnDisk  # the records, held or on disk (then figures draw a sample)
     samples: pa.Table | None
     summary: Summary
     scenario: dict[str, Any]  # scenario.json as stored (the report shows it verbatim)
@@ -38,11 +38,15 @@ class RunData:
     def __post_init__(self) -> None:
         # one pass of the analysis's own (kept with the records): the counts the
         # figures draw from, and for a large run the sample of rows they plot
-        self.records: RecordHandle = self.handle or as_handle(self.table)
+        self.records: RecordHandle = self.handle or as_handle(self.rows)
         found = sweep(self.records, scan_records(self.records), self.in_use)
         self.every = found.every  # the figures draw 1 in every connections
-        if isinstance(self.records, OnDisk):
-            self.table = pa.Table.from_batches(found.sample)
+        # the rows the figures draw: all of a held run's, a sample of a large one's
+        self.table: pa.Table = (
+            pa.Table.from_batches(found.sample)
+            if isinstance(self.records, OnDisk)
+            else self.records.table
+        )
         start = self.table.column("start_ns").to_numpy()
         self.t0 = int(start.min()) if len(start) else 0
         self.seconds = (start - self.t0) / 1e9
