@@ -20,7 +20,7 @@ import pytest
 from harness.kernel.netns import run_checked
 from harness.records import RecordWriter, read_part
 
-from .conftest import EPH, ROOT, eph, run_dir_summary, write_scenario
+from .conftest import EPH, ROOT, eph, run_dir_summary, stop_process, write_scenario
 
 pytestmark = pytest.mark.e2e
 ENV = {**os.environ, "PYTHONPATH": str(ROOT)}
@@ -354,3 +354,71 @@ def test_a_signal_before_the_run_directory_exists_exits_quietly(tmp_path: Path) 
         assert run_dir_summary(run)["interrupted"] is True
     time.sleep(0.5)
     assert not _leftovers(run)
+
+
+FROZEN = """
+name = "frozen"
+duration = "4s"
+[target]
+endpoints = ["127.0.0.1:9000"]
+[listener]
+[load]
+engine = "{engine}"
+http = {http}
+users = 40
+spawn_rate = 1000
+connect_timeout = "100ms"
+close = "client"
+[lab]
+topology = "pair"
+delay = "30ms"
+"""
+
+
+@pytest.mark.netns
+@pytest.mark.parametrize(
+    ("engine", "http"), [("uvloop", False), ("uvloop", True), ("locust", False)]
+)
+def test_a_frozen_load_process_records_what_the_kernel_connected_meanwhile(
+    tmp_path: Path, engine: str, http: bool
+) -> None:
+    """The load process stopped (SIGSTOP) while its connects are in flight over a 30 ms
+    link, three times for 0.4 s: the kernel finishes them meanwhile and the server
+    accepts them. On waking, the connect deadline (100 ms) has passed for each; the
+    engine must still record them as connections, or the records and the listener
+    disagree (what a starved CI machine showed). Before the fix: 119 ETIMEDOUT of
+    4,201 accepted."""
+    scenario = write_scenario(
+        tmp_path / "frozen.toml", FROZEN.format(engine=engine, http=str(http).lower())
+    )
+    run = tmp_path / "run"
+    proc = subprocess.Popen(
+        [*EPH, "lab", str(scenario), "--out", str(run), "--no-report"],
+        cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV,
+    )  # fmt: skip
+    try:
+        _started(run, proc)
+        pattern = "harness.load.uvloop_engine" if engine == "uvloop" else "locust -f"
+        found = subprocess.run(["pgrep", "-f", f"{pattern}.*{run}"], capture_output=True, text=True)
+        pids = [int(pid) for pid in found.stdout.split()]
+        assert pids, "no load process found"
+        time.sleep(0.5)
+        for _ in range(3):
+            for pid in pids:
+                os.kill(pid, signal.SIGSTOP)
+            time.sleep(0.4)
+            for pid in pids:
+                os.kill(pid, signal.SIGCONT)
+            time.sleep(0.4)
+        _, stderr = proc.communicate(timeout=120)
+    finally:
+        stop_process(proc)
+    assert proc.returncode == 0, stderr[-3000:]
+    summary = run_dir_summary(run)
+    conservation = summary["conservation"]
+    assert conservation["succeeded_match_listener"] is True, (conservation, summary["connections"])
+    records = pq.read_table(run / "connections.parquet", columns=["errno", "connect_us"])
+    late = (records.column("errno").to_numpy() == 0) & (
+        records.column("connect_us").to_numpy() >= 100_000
+    )
+    assert late.any()  # connects read after their deadline, recorded as made

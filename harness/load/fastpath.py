@@ -32,7 +32,7 @@ import numpy as np
 
 from harness.load.churn import LINGER_RESET, ChurnPlan, Target, make_socket
 from harness.load.cpu_meter import CpuInterval, CpuMeter
-from harness.load.outcome import INTERRUPTED, TIMED_OUT, errno_of
+from harness.load.outcome import INTERRUPTED, TIMED_OUT, connect_result, errno_of
 from harness.load.pacing import Pacer
 from harness.records import RecordWriter
 from harness.scenario import ClosePolicy, Protocol, Reply
@@ -244,5 +244,6 @@ class CallbackChurn(CallbackUsers):
         for fd, entry in list(self._inflight.items()):
             # identity, not the fd: a finished connect's fd may already serve a new one
             if now - entry[2] >= self._timeout_ns and self._inflight.get(fd) is entry:
-                self._finish_inflight(fd, TIMED_OUT, resume=True)
+                answer = connect_result(entry[0])  # done meanwhile, the loop too busy to see
+                self._finish_inflight(fd, TIMED_OUT if answer is None else answer, resume=True)
         self._sweeper = loop.call_later(_SWEEP_EVERY, self._sweep)

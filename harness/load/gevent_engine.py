@@ -24,7 +24,14 @@ from gevent.socket import wait_read, wait_write
 
 from harness.load.churn import LINGER_RESET, UDP_PAYLOAD, ChurnPlan, Target, make_socket
 from harness.load.http_client import HttpPlan, Response, TlsPlan, tls_errno
-from harness.load.outcome import INTERRUPTED, NO_REPLY, TIMED_OUT, columns, errno_of
+from harness.load.outcome import (
+    INTERRUPTED,
+    NO_REPLY,
+    TIMED_OUT,
+    columns,
+    connect_result,
+    errno_of,
+)
 from harness.records import RecordWriter
 from harness.scenario import ClosePolicy, Protocol, Reply
 
@@ -305,7 +312,8 @@ def _wait_connect(sock: socket.socket, timeout: float) -> int:
     try:
         wait_write(sock.fileno(), timeout=timeout, timeout_exc=_TIMEOUT)
     except _Timeout:
-        return TIMED_OUT
+        answer = connect_result(sock)  # done meanwhile, the hub too busy to wake us
+        return TIMED_OUT if answer is None else answer
     return sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
 
 

@@ -33,7 +33,7 @@ from harness.load.churn import LINGER_RESET, ChurnPlan, Target, make_socket
 from harness.load.cpu_meter import CpuMeter
 from harness.load.fastpath import CallbackUsers
 from harness.load.http_client import HttpPlan, Response, tls_errno
-from harness.load.outcome import INTERRUPTED, NO_REPLY, TIMED_OUT, errno_of
+from harness.load.outcome import INTERRUPTED, NO_REPLY, TIMED_OUT, connect_result, errno_of
 from harness.records import RecordWriter
 from harness.scenario import ClosePolicy, Protocol
 
@@ -362,7 +362,12 @@ class HttpChurn(CallbackUsers):
         for fd, conn in list(self._conns.items()):
             if conn.deadline and now >= conn.deadline and self._conns.get(fd) is conn:
                 del self._conns[fd]
-                self._end(conn, TIMED_OUT)
+                # a connect done meanwhile, the loop too busy to see it, goes on as one
+                answer = connect_result(conn.sock) if conn.phase == _CONNECT else None
+                if answer == 0:
+                    self._connected(conn)
+                else:
+                    self._end(conn, TIMED_OUT if answer is None else answer)
         self._sweeper = loop.call_later(_SWEEP_EVERY, self._sweep)
 
     # ------------------------------------------------------------ the end

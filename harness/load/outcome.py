@@ -22,6 +22,7 @@ Never imports locust: ``ConnectionFailed`` is a plain exception Locust records.
 from __future__ import annotations
 
 import errno as _errno
+import socket
 from enum import IntEnum
 
 import numpy as np
@@ -38,6 +39,7 @@ __all__ = [
     "classify",
     "classify_rows",
     "columns",
+    "connect_result",
     "errno_of",
     "failure",
     "failure_counts",
@@ -166,3 +168,22 @@ def failure(errno: int, io_errno: int) -> ConnectionFailed:
     if found is None:
         found = _FAILURES[key] = ConnectionFailed(errno, io_errno)
     return found
+
+
+def connect_result(sock: socket.socket) -> int | None:
+    """What the kernel made of a connect whose wait ended before its answer was read
+    (a deadline, a stop): 0 when the handshake had finished, its errno when it had
+    failed, None while it is still under way.
+
+    A starved event loop runs its timers before it polls, so a connect the kernel
+    finished in time can reach its deadline unread; the server has accepted it, and
+    the record must say what the listener counts (conservation)."""
+    try:
+        sock.getpeername()  # ENOTCONN while the handshake is pending or failed
+        return 0
+    except OSError:
+        pass
+    try:
+        return sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR) or None
+    except OSError as exc:
+        return errno_of(exc)
