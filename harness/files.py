@@ -8,6 +8,9 @@ Two disciplines every writer and reader of a run directory shares:
 - A part file is an Arrow IPC *stream* that a crash can cut anywhere.
   :func:`read_stream` keeps every whole batch before the cut and says what it
   dropped: a truncated stream is worth a finding, never silence.
+
+And one tool both share: Parquet files each sorted by a key, merged into one in
+bounded memory (:func:`merge_sorted_files`).
 """
 
 from __future__ import annotations
@@ -16,15 +19,27 @@ import contextlib
 import json
 import logging
 import os
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.ipc as ipc
+import pyarrow.parquet as pq
 
-__all__ = ["StreamRead", "atomic_path", "atomic_write", "atomic_write_json", "read_stream"]
+__all__ = [
+    "SORTED_MERGE_ROWS",
+    "StreamRead",
+    "atomic_path",
+    "atomic_write",
+    "atomic_write_json",
+    "merge_sorted_files",
+    "read_stream",
+]
+
+SORTED_MERGE_ROWS = 2_000_000  # rows in memory at once when sorted files are merged
 
 logger = logging.getLogger(__name__)
 
@@ -135,3 +150,46 @@ def read_stream(path: Path) -> StreamRead:
     if result.truncated:
         logger.warning("%s", result.describe())
     return result
+
+
+def merge_sorted_files(paths: Sequence[Path], out: Path, key: str) -> int:
+    """Parquet files each sorted by ``key`` into one, sorted, in bounded memory: a batch
+    of each source at a time. Rows up to the smallest last key that a source still
+    reading has shown are safe to write (no row to come can sort before them); the
+    rest wait for the next batches. Returns the rows written. ``out`` may be one of
+    ``paths``: it is replaced only at the end."""
+    files = [pq.ParquetFile(path, pre_buffer=False) for path in paths]
+    schema = pa.unify_schemas([f.schema_arrow for f in files], promote_options="permissive")
+    step = max(1, SORTED_MERGE_ROWS // max(1, len(files)))
+    sources = [f.iter_batches(batch_size=step) for f in files]
+    pending: list[pa.Table] = [schema.empty_table() for _ in files]
+    done = [False] * len(files)
+    written = 0
+    with atomic_path(out) as tmp, pq.ParquetWriter(tmp, schema, compression="zstd") as writer:
+        while True:
+            for n, source in enumerate(sources):
+                if not done[n] and pending[n].num_rows == 0:
+                    batch = next(source, None)
+                    if batch is None:
+                        done[n] = True
+                    else:
+                        pending[n] = pa.Table.from_batches([batch]).cast(schema)
+            if not any(t.num_rows for t in pending):
+                break
+            reading = [pending[n] for n in range(len(files)) if not done[n]]
+            bound = min(int(t.column(key)[-1].as_py()) for t in reading) if reading else None
+            ready, kept = [], []
+            for table in pending:
+                if bound is None:
+                    ready.append(table)
+                    kept.append(schema.empty_table())
+                    continue
+                cut = int(np.searchsorted(table.column(key).to_numpy(), bound, side="right"))
+                ready.append(table.slice(0, cut))
+                kept.append(table.slice(cut))
+            pending = kept
+            window = pa.concat_tables(ready).unify_dictionaries().combine_chunks()
+            order = np.argsort(window.column(key).to_numpy(), kind="stable")
+            writer.write_table(window.take(pa.array(order)), row_group_size=SORTED_MERGE_ROWS)
+            written += window.num_rows
+    return written

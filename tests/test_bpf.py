@@ -8,6 +8,7 @@ import os
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -15,10 +16,13 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from harness.kernel import bpf
 from harness.kernel.netns import Namespace
 from harness.observe.trace import KernelTrace, start_trace
+from harness.report import witness as witness_module
 from harness.report.witness import kernel_witness
 from harness.supervisor import Stage, Supervisor
 
@@ -103,6 +107,88 @@ def test_lines_become_connection_columns(tmp_path: Path) -> None:
     assert (audit.distinct, audit.max_uses, audit.reused_out_of_time_wait) == (3, 2, 1)
 
 
+@settings(max_examples=25, deadline=None)
+@given(
+    st.lists(
+        st.tuples(
+            st.integers(1, 5_000),  # SYN, in ms
+            st.integers(0, 90),  # lifetime, in ms
+            st.sampled_from([0, 40000, 40001, 40002, 40003, 40004]),  # 0: no port
+            st.booleans(),  # this side closed first (TIME_WAIT)
+        ),
+        min_size=1,
+        max_size=60,
+    ),
+    st.integers(0, 60),
+)
+def test_a_large_trace_is_converted_in_partitions_as_a_small_one_is_whole(
+    rows: list[tuple[int, int, int, bool]], drained_share: int
+) -> None:
+    """Above PARTITION_ROWS the rows are spread by local port, each partition sorted
+    and the partitions merged: the same table, TIME_WAIT's ends and all, as one sort."""
+    lines = []
+    for syn_ms, life_ms, port, ours in rows:
+        syn, close = syn_ms * 1_000_000, (syn_ms + life_ms) * 1_000_000 + 1
+        if port == 0:
+            lines.append(_line(syn, 0, syn + 2_000, 2, 0, 99, 0))
+        else:
+            lines.append(
+                _line(syn, syn + 100_000, close, 5 if ours else 9, 1 if ours else 2, 0, port)
+            )
+    cut = min(drained_share, len(lines))
+    with tempfile.TemporaryDirectory() as scratch:
+        tmp = Path(scratch)
+        with bpf.RowWriter(tmp / "k.arrows", "here") as drained:
+            if cut:
+                drained.write(np.concatenate([_key(line) for line in lines[:cut]]))
+        (tmp / "k.tsv").write_text("\n".join(lines[cut:]) + "\n")
+        whole = bpf.convert(tmp / "k.tsv", tmp / "k.arrows", tmp / "whole.parquet", "here")
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(bpf, "PARTITION_ROWS", 4)
+            assert bpf._partitions(tmp / "k.tsv", tmp / "k.arrows") > 1 or len(lines) < 4
+            parted = bpf.convert(tmp / "k.tsv", tmp / "k.arrows", tmp / "parts.parquet", "here")
+        assert parted.connections == whole.connections == len(lines)
+        one, many = pq.read_table(tmp / "whole.parquet"), pq.read_table(tmp / "parts.parquet")
+        assert (np.diff(many.column("start_ns").to_numpy()) >= 0).all()
+        assert sorted(map(_row_key, many.to_pylist())) == sorted(map(_row_key, one.to_pylist()))
+        assert not [p for p in tmp.iterdir() if p.name.startswith(".")]  # no scratch left
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    st.lists(
+        st.tuples(st.integers(0, 20), st.sampled_from([0, 40000, 40001, 40002, 40003])),
+        max_size=40,
+    ),
+    st.sets(st.integers(0, 39)),
+    st.integers(1, 7),
+)
+def test_the_witness_spilled_by_partition_matches_as_held(
+    rows: list[tuple[int, int]], dropped: set[int], partition_rows: int
+) -> None:
+    """A record per (second, local port; 0: EADDRNOTAVAIL), the kernel's account of
+    them with some dropped: the witness held in memory and spilled to partitions agree."""
+    second = 1_000_000_000
+    ours = [(t * second, port, 0 if port else 99) for t, port in rows]
+    seen = [(start + 7, port, e) for n, (start, port, e) in enumerate(ours) if n not in dropped]
+    with tempfile.TemporaryDirectory() as scratch:
+        tmp = Path(scratch)
+        _records(tmp / "ours.parquet", ours)
+        _records(tmp / "seen.parquet", seen)
+        held = kernel_witness(tmp / "ours.parquet", tmp / "seen.parquet")
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(witness_module, "PARTITION_ROWS", partition_rows)
+            spilled = kernel_witness(tmp / "ours.parquet", tmp / "seen.parquet")
+    assert spilled == held
+    assert held.matched <= len(seen)  # a dropped turn on a tuple shifts the later ones
+    if not dropped & set(range(len(ours))):
+        assert held.matched == len(ours) and held.only_in_kernel == held.only_in_records == 0
+
+
+def _row_key(row: dict[str, object]) -> tuple[str, ...]:
+    return tuple(str(row[name]) for name in sorted(row))
+
+
 def _records(path: Path, rows: list[tuple[int, int, int]]) -> None:
     """A records table: (start_ns, local_port, errno) toward 127.0.0.1:80."""
     n = len(rows)
@@ -122,7 +208,11 @@ def _records(path: Path, rows: list[tuple[int, int, int]]) -> None:
     )
 
 
-def test_the_witness_matches_tuples_by_turn_and_failures_by_count(tmp_path: Path) -> None:
+@pytest.mark.parametrize("partition_rows", [2_000_000, 2], ids=["held", "spilled"])
+def test_the_witness_matches_tuples_by_turn_and_failures_by_count(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, partition_rows: int
+) -> None:
+    monkeypatch.setattr(witness_module, "PARTITION_ROWS", partition_rows)
     ours, seen = tmp_path / "ours.parquet", tmp_path / "seen.parquet"
     second = 1_000_000_000
     _records(ours, [(0, 40000, 0), (5 * second, 40000, 0), (1, 0, 99), (2, 0, 99), (3, 41, 0)])
@@ -130,6 +220,7 @@ def test_the_witness_matches_tuples_by_turn_and_failures_by_count(tmp_path: Path
     witness = kernel_witness(ours, seen)
     assert (witness.records, witness.kernel_connections, witness.matched) == (5, 4, 3)
     assert (witness.only_in_records, witness.only_in_kernel) == (2, 1)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ours.parquet", "seen.parquet"]
     missing = kernel_witness(ours, None, reason="kernel tracing needs root (eBPF)")
     assert (missing.available, missing.reason) == (False, "kernel tracing needs root (eBPF)")
 

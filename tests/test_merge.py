@@ -11,6 +11,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from harness import files
 from harness.endpoints import ResolvedEndpoint
 from harness.records import CONNECTIONS_SCHEMA, Part, RecordWriter, read_part
 from harness.run import merge
@@ -99,9 +100,9 @@ def test_two_sorted_files_merge_in_bounded_windows(
     b = pa.table({"start_ns": np.sort(rng.integers(0, 50, 25)), "who": ["b"] * 25})
     pq.write_table(a, tmp_path / "a.parquet")
     pq.write_table(b, tmp_path / "b.parquet")
-    monkeypatch.setattr(merge, "WINDOW_ROWS", window)
+    monkeypatch.setattr(files, "SORTED_MERGE_ROWS", window)
     out = tmp_path / "a.parquet"  # written over one of its sources, as the fold does
-    rows = merge.merge_sorted_files(
+    rows = files.merge_sorted_files(
         [tmp_path / "a.parquet", tmp_path / "b.parquet"], out, "start_ns"
     )
     got = pq.read_table(out)

@@ -17,6 +17,8 @@ import pytest
 
 from harness.kernel import bpf
 from harness.kernel.netns import Namespace
+from harness.report import ondisk
+from harness.report.observation import summarize_observation
 from harness.report.observation_report import owner_series
 
 from .conftest import EPH, ROOT, out_rsts, require, require_tools
@@ -386,6 +388,15 @@ def test_two_programs_each_path_names_who_holds_its_ports(
         assert opener["processes"] == opener["ports"], opener
         assert held["opened_by"] == []  # nothing of the holder's is in TIME_WAIT
         assert f"TIME_WAIT opened by curl ({opener['ports']} ports" in page
+        # a trace too large to hold is read from disk a few rows at a time, the busiest
+        # path's rows apart: the same summary as held
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(ondisk, "IN_MEMORY_ROWS", 10)
+            patch.setattr(ondisk, "BATCH_ROWS", 7)
+            on_disk = summarize_observation(out)
+        assert on_disk.traced is not None and on_disk.traced.connections >= 145  # closed ones
+        assert on_disk == summarize_observation(out)
+        assert not [p for p in out.iterdir() if p.name.startswith(".")]  # no scratch left
     owner = f'eph_path_owner_ports{{comm="{comm}",local="127.0.0.1",pid="{holder.pid}"'
     assert owner in scrape and 'remote="127.0.0.1:7001"} 120.0' in scrape, scrape
     _promtool_accepts(scrape)

@@ -29,12 +29,14 @@ FIN-WAIT-2) and ``time_wait_end_ns`` (TIME_WAIT's end:
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import re
 import shutil
 import subprocess
 import sys
+import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from importlib import resources
@@ -46,6 +48,8 @@ import pyarrow.compute as pc
 import pyarrow.csv as csv
 import pyarrow.ipc as ipc
 import pyarrow.parquet as pq
+
+from harness.files import atomic_path, merge_sorted_files
 
 __all__ = [
     "KERNEL_CONNECTIONS_SCHEMA",
@@ -92,7 +96,7 @@ ECONNABORTED = errno.ECONNABORTED  # closed by its process before it connected, 
 _CLOSE_SIDE = ["", "client", "server", "reset"]  # first_fin 1: this side; 2: the peer
 
 _DICT = pa.dictionary(pa.int32(), pa.string())
-# the records' columns first (harness.records; kernel/ imports nothing of eph, and
+# the records' columns first (harness.records, a floor above: kernel/ cannot import it;
 # tests/test_bpf.py checks the two agree), then the kernel's own
 KERNEL_CONNECTIONS_SCHEMA = pa.schema(
     [
@@ -343,13 +347,73 @@ def _drained(path: Path) -> Iterator[pa.RecordBatch]:
 
 def convert(text: Path, drained: Path, out: Path, host: str) -> TraceRead:
     """The rows drained from the map (``drained``) and those bpftrace printed at exit
-    (``text``) to ``out`` (Parquet, sorted by start), each TIME_WAIT's end filled in."""
+    (``text``) to ``out`` (Parquet, sorted by start), each TIME_WAIT's end filled in.
+
+    In bounded memory: a trace of more than :data:`PARTITION_ROWS` rows (estimated
+    from the two files' sizes) is spread over partitions by local port, so every use
+    of a 4-tuple lands in one, as TIME_WAIT's end needs; each partition is sorted on
+    its own and the sorted partitions are merged a batch of each at a time.
+    """
     read = TraceRead()
-    batches = list(_drained(drained))
-    read.connections = sum(batch.num_rows for batch in batches)
-    if text.exists() and text.stat().st_size:
-        batches.extend(read_trace(text, host, read))
-    table = pa.Table.from_batches(batches, KERNEL_CONNECTIONS_SCHEMA)
+
+    def rows() -> Iterator[pa.RecordBatch]:
+        for batch in _drained(drained):
+            read.connections += batch.num_rows
+            yield batch
+        if text.exists() and text.stat().st_size:
+            yield from read_trace(text, host, read)
+
+    parts = _partitions(text, drained)
+    if parts == 1:
+        _write_sorted(pa.Table.from_batches(list(rows()), KERNEL_CONNECTIONS_SCHEMA), out)
+        return read
+    with tempfile.TemporaryDirectory(prefix=f".{out.name}.", dir=out.parent) as scratch:
+        spilled = [Path(scratch) / f"{n}.arrows" for n in range(parts)]
+        with contextlib.ExitStack() as stack:
+            writers = [
+                stack.enter_context(ipc.new_stream(str(path), KERNEL_CONNECTIONS_SCHEMA))
+                for path in spilled
+            ]
+            for batch in rows():
+                which = _partition_of(batch, parts)
+                for n, writer in enumerate(writers):
+                    if (chosen := batch.filter(pa.array(which == n))).num_rows:
+                        writer.write_batch(chosen)
+        sorted_parts = []
+        for n, path in enumerate(spilled):
+            with pa.memory_map(str(path)) as source:
+                table = ipc.open_stream(source).read_all()
+            path.unlink()
+            sorted_parts.append(Path(scratch) / f"{n}.parquet")
+            _write_sorted(table, sorted_parts[-1])
+            del table
+        merge_sorted_files(sorted_parts, out, "start_ns")
+    return read
+
+
+PARTITION_ROWS = 2_000_000  # rows whose TIME_WAIT ends are found in memory at once
+_TEXT_ROW_BYTES = 90  # a printed row: eight numbers and a name (at least)
+_DRAINED_ROW_BYTES = 64  # a drained row in the Arrow stream (at least)
+
+
+def _partitions(text: Path, drained: Path) -> int:
+    """How many partitions a conversion needs: an over-estimate of its rows (every row
+    at its smallest size) over :data:`PARTITION_ROWS`."""
+    size = {path: path.stat().st_size if path.exists() else 0 for path in (text, drained)}
+    rows = size[text] // _TEXT_ROW_BYTES + size[drained] // _DRAINED_ROW_BYTES
+    return max(1, -(-rows // PARTITION_ROWS))
+
+
+def _partition_of(batch: pa.RecordBatch, parts: int) -> np.ndarray:
+    """Each row's partition: by local port, so a 4-tuple's uses stay together; a
+    failure with no port (EADDRNOTAVAIL) has no TIME_WAIT and goes anywhere."""
+    port = batch.column("local_port").to_numpy().astype(np.int64)
+    spread = np.arange(len(port)) % parts
+    return np.where(port > 0, port % parts, spread)
+
+
+def _write_sorted(table: pa.Table, out: Path) -> None:
+    """``table`` sorted by start, with TIME_WAIT's ends, to the Parquet file ``out``."""
     table = table.combine_chunks().unify_dictionaries()
     if table.num_rows:
         table = table.sort_by("start_ns")
@@ -358,10 +422,8 @@ def convert(text: Path, drained: Path, out: Path, host: str) -> TraceRead:
             "time_wait_end_ns",
             pa.array(time_wait_end(table)),
         )
-    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
-    pq.write_table(table, tmp, compression="zstd")
-    os.replace(tmp, out)
-    return read
+    with atomic_path(out) as tmp:
+        pq.write_table(table, tmp, compression="zstd")
 
 
 def missed_events(pid: int) -> int:

@@ -3,12 +3,16 @@
 Read from the directory alone (``paths.parquet``, ``host.parquet``,
 ``observe.json``), so ``eph report DIR`` can render it again at any time. Rows
 are samples x kept paths: small even for a day at one sample a second, so the
-tables are read whole.
+tables are read whole. The kernel's rows of ``--trace`` (``connections.parquet``)
+can be millions: they are held when few and otherwise read a batch at a time, by
+the run's own analysis.
 """
 
 from __future__ import annotations
 
 import json
+import tempfile
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +25,14 @@ from harness.errors import RunDirError
 from harness.observe.store import STATE_COLUMNS
 from harness.report.analysis import audit_of, latency_cliff
 from harness.report.disk_sweep import InUse
-from harness.report.ondisk import Held
+from harness.report.ondisk import (
+    Held,
+    OnDisk,
+    RecordHandle,
+    as_handle,
+    open_records,
+    record_batches,
+)
 from harness.summary import (
     ExecRecord,
     HostCounters,
@@ -89,29 +100,40 @@ OPENERS_TOP = 5
 
 def _with_openers(directory: Path, observed: list[ObservedPath], t0: float) -> list[ObservedPath]:
     """With a trace: each path's TIME_WAIT ports at its peak, by the program that opened
-    the connection (a TIME_WAIT socket has no owner left to find in /proc)."""
+    the connection (a TIME_WAIT socket has no owner left to find in /proc).
+
+    A batch of the kernel's rows at a time; what is kept per path is its ports in
+    TIME_WAIT at one instant, so at most its port range."""
     table_path, meta_path = directory / "connections.parquet", directory / "kernel.json"
     if not (table_path.exists() and meta_path.exists()):
         return observed
     offset = int(json.loads(meta_path.read_text(encoding="utf-8"))["wall_minus_monotonic_ns"])
     columns = ["local_addr", "local_port", "remote_addr", "remote_port", "pid", "comm"]
-    table = pq.read_table(table_path, columns=[*columns, "time_wait_ns", "time_wait_end_ns"])
-    text = {name: table.column(name).cast(pa.string()).to_numpy(zero_copy_only=False)
-            for name in ("local_addr", "remote_addr", "comm")}  # fmt: skip
-    port = table.column("remote_port").to_numpy()
-    entered = table.column("time_wait_ns").fill_null(0).to_numpy()
-    ended = table.column("time_wait_end_ns").fill_null(np.iinfo(np.int64).max).to_numpy()
+    held_rows: list[list[pa.Table]] = [[] for _ in observed]
+    for batch in record_batches(
+        as_handle(open_records(table_path)), [*columns, "time_wait_ns", "time_wait_end_ns"]
+    ):
+        table = pa.Table.from_batches([batch])
+        text = {name: table.column(name).cast(pa.string()).to_numpy(zero_copy_only=False)
+                for name in ("local_addr", "remote_addr")}  # fmt: skip
+        port = table.column("remote_port").to_numpy()
+        entered = table.column("time_wait_ns").fill_null(0).to_numpy()
+        ended = table.column("time_wait_end_ns").fill_null(np.iinfo(np.int64).max).to_numpy()
+        for n, path in enumerate(observed):
+            address, _, remote_port = path.remote.rpartition(":")
+            at = int((t0 + path.peak_at_s) * 1e9) - offset  # the peak on the trace's clock
+            held = (text["local_addr"] == path.local_addr) & (text["remote_addr"] == address)
+            held &= (port == int(remote_port)) & (entered > 0) & (entered <= at) & (ended > at)
+            if held.any():
+                chosen = table.filter(pa.array(held)).select(["comm", "pid", "local_port"])
+                held_rows[n].append(chosen.cast(_OPENER_SCHEMA))
     result = []
-    for path in observed:
-        address, _, remote_port = path.remote.rpartition(":")
-        at = int((t0 + path.peak_at_s) * 1e9) - offset  # the peak on the trace's clock
-        held = (text["local_addr"] == path.local_addr) & (text["remote_addr"] == address)
-        held &= (port == int(remote_port)) & (entered > 0) & (entered <= at) & (ended > at)
-        if not held.any():
+    for path, tables in zip(observed, held_rows, strict=True):
+        if not tables:
             result.append(path)
             continue
         rows = (
-            table.filter(pa.array(held))
+            pa.concat_tables(tables)
             .group_by("comm")
             .aggregate([("pid", "count_distinct"), ("local_port", "count_distinct")])
         )
@@ -131,45 +153,63 @@ def _with_openers(directory: Path, observed: list[ObservedPath], t0: float) -> l
     return result
 
 
+_OPENER_SCHEMA = pa.schema(
+    [("comm", pa.string()), ("pid", pa.uint32()), ("local_port", pa.uint16())]
+)
+
+
 def _traced(directory: Path, paths: pa.Table) -> Traced | None:
-    """The kernel's rows, when the observation traced them."""
+    """The kernel's rows, when the observation traced them: held when few, else read
+    from disk a batch at a time by the run's own analysis."""
     table_path, meta_path = directory / "connections.parquet", directory / "kernel.json"
     if not (table_path.exists() and meta_path.exists()):
         return None
-    table = _read(directory, "connections.parquet")
+    try:
+        records = as_handle(open_records(table_path))
+    except (OSError, pa.ArrowInvalid) as exc:
+        raise RunDirError(directory, f"cannot read connections.parquet: {exc}") from None
     offset = int(json.loads(meta_path.read_text(encoding="utf-8"))["wall_minus_monotonic_ns"])
-    errno = table.column("errno").to_numpy(zero_copy_only=False)
-    label, cliff = _path_cliff(table, paths, offset)
+    failed = sum(
+        int(np.count_nonzero(batch.column(0).to_numpy(zero_copy_only=False)))
+        for batch in record_batches(records, ["errno"])
+    )
+    label, cliff = _path_cliff(records, paths, offset, directory)
     return Traced(
-        connections=table.num_rows,
-        failed=int((errno != 0).sum()),
+        connections=records.num_rows,
+        failed=failed,
         path=label,
-        tuples=audit_of(Held(table))[0].section(),  # the run's audit, one partition
+        tuples=audit_of(records)[0].section(),  # the run's audit
         latency_cliff=cliff,
     )
 
 
+_PATH = ["local_addr", "remote_addr", "remote_port"]
+
+
 def _path_cliff(
-    table: pa.Table, paths: pa.Table, offset_ns: int
+    records: RecordHandle, paths: pa.Table, offset_ns: int, directory: Path
 ) -> tuple[str | None, LatencyCliff]:
     """Connect latency against the busiest traced path's occupancy when each began."""
-    if table.num_rows == 0:
+    counts: Counter[tuple[str, str, int]] = Counter()
+    for batch in record_batches(records, _PATH):
+        grouped = (
+            pa.Table.from_batches([batch])
+            .cast(
+                pa.schema(
+                    [(name, pa.string()) for name in _PATH[:2]] + [("remote_port", pa.uint16())]
+                )
+            )
+            .group_by(_PATH)
+            .aggregate([([], "count_all")])
+        )
+        for la, ra, rp, n in zip(
+            *(grouped.column(c).to_pylist() for c in [*_PATH, "count_all"]), strict=True
+        ):
+            counts[(la, ra, rp)] += n
+    if not counts:
         return None, LatencyCliff(detected=False)
-    keys = pc.binary_join_element_wise(
-        table.column("local_addr").cast(pa.string()),
-        pc.binary_join_element_wise(
-            table.column("remote_addr").cast(pa.string()),
-            table.column("remote_port").cast(pa.string()),
-            ":",
-        ),
-        " -> ",
-    )
-    counts = pc.value_counts(keys)
-    top = counts.field("values")[
-        int(pc.index(counts.field("counts"), pc.max(counts.field("counts"))).as_py())
-    ]
-    label = str(top.as_py())
-    rows = table.filter(pc.equal(keys, top))
+    (local, remote, remote_port), busiest = counts.most_common(1)[0]
+    label = f"{local} -> {remote}:{remote_port}"
     series = paths.filter(pc.equal(paths.column("label"), label))
     if not series.num_rows:
         return label, LatencyCliff(detected=False)
@@ -179,8 +219,39 @@ def _path_cliff(
     held = series.column("occupancy").to_numpy(zero_copy_only=False).astype(float) * usable
     if len(times_ns) < 2 or not usable:
         return label, LatencyCliff(detected=False)
-    cliff = latency_cliff(Held(rows), InUse(times_ns, held, usable))  # the run's own
-    return label, cliff
+    occupancy = InUse(times_ns, held, usable)
+    if busiest == records.num_rows:  # one path: every row is its
+        return label, latency_cliff(records, occupancy)  # the run's own
+    with tempfile.TemporaryDirectory(prefix=".path.", dir=directory) as scratch:
+        rows = _one_path(records, (local, remote, remote_port), Path(scratch) / "path.parquet")
+        return label, latency_cliff(as_handle(rows), occupancy)
+
+
+def _one_path(
+    records: RecordHandle, path: tuple[str, str, int], scratch: Path
+) -> pa.Table | OnDisk:
+    """The rows of one path: held when few, else written to ``scratch`` and scanned."""
+    local, remote, remote_port = path
+    names = records.column_names
+    with pq.ParquetWriter(scratch, _schema_of(records)) as writer:
+        for batch in record_batches(records, names):
+            same = pc.and_(
+                pc.equal(batch.column("local_addr").cast(pa.string()), local),
+                pc.equal(batch.column("remote_addr").cast(pa.string()), remote),
+            )
+            keep = same.to_numpy(zero_copy_only=False) & (
+                batch.column("remote_port").to_numpy() == remote_port
+            )
+            if keep.any():
+                writer.write_table(pa.Table.from_batches([batch.filter(pa.array(keep))]))
+    return open_records(scratch)
+
+
+def _schema_of(records: RecordHandle) -> pa.Schema:
+    schema: pa.Schema = (
+        records.table.schema if isinstance(records, Held) else pq.read_schema(records.path)
+    )
+    return schema
 
 
 def _exec(directory: Path) -> ExecRecord | None:

@@ -13,10 +13,18 @@ beside eph's own ``connections.parquet``. The two are matched in bulk:
 
 Only the kernel's connections toward the run's endpoints count: other processes
 of the namespace are not eph's to account for.
+
+In bounded memory: both files are read a batch at a time. Failures are counted as
+they pass; each connection that connected is reduced to its 4-tuple and start and
+kept, or, above :data:`PARTITION_ROWS` rows, spilled to one of a few partitions by
+local port (a tuple's every use lands in one), which are then matched one at a time.
 """
 
 from __future__ import annotations
 
+import tempfile
+from collections import Counter
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -25,10 +33,12 @@ import pyarrow.parquet as pq
 
 from harness.summary import KernelWitness
 
-__all__ = ["MATCH_WINDOW_NS", "kernel_witness"]
+__all__ = ["MATCH_WINDOW_NS", "PARTITION_ROWS", "kernel_witness"]
 
 MATCH_WINDOW_NS = 1_000_000_000  # a record and the kernel's row of it start this close
 
+PARTITION_ROWS = 2_000_000  # connections of one file matched in memory at once
+BATCH_ROWS = 1_000_000
 _COLUMNS = ["start_ns", "local_addr", "local_port", "remote_addr", "remote_port", "errno"]
 
 
@@ -38,21 +48,86 @@ def kernel_witness(
     """Match ``records`` (eph's connections.parquet) with ``kernel`` (the recorder's)."""
     if kernel is None or not kernel.exists() or not records.exists():
         return KernelWitness(available=False, reason=reason or "no kernel trace for this run")
-    ours = pq.read_table(records, columns=_COLUMNS)
-    seen = pq.read_table(kernel, columns=_COLUMNS)
+    ours_file, seen_file = pq.ParquetFile(records), pq.ParquetFile(kernel)
+    rows = max(ours_file.metadata.num_rows, seen_file.metadata.num_rows)
+    parts = max(1, -(-rows // PARTITION_ROWS))
     codes = _AddressCodes()
-    ours_key, seen_key = _endpoint_key(ours, codes), _endpoint_key(seen, codes)
-    seen = seen.filter(pa.array(np.isin(seen_key, ours_key)))
-    matched = _matched_tuples(ours, seen, codes) + _matched_failures(ours, seen, codes)
+    endpoints = np.unique(
+        np.concatenate(
+            [np.empty(0, np.int64)]
+            + [_endpoint_key(t, codes) for t in _tables(ours_file, ["remote_addr", "remote_port"])]
+        )
+    )
+    with tempfile.TemporaryDirectory(prefix=".witness.", dir=kernel.parent) as scratch:
+        ours, seen = _Side(parts, Path(scratch) / "ours"), _Side(parts, Path(scratch) / "seen")
+        for table in _tables(ours_file, _COLUMNS):
+            ours.add(table, codes)
+        for table in _tables(seen_file, _COLUMNS):
+            ours_endpoint = np.isin(_endpoint_key(table, codes), endpoints)
+            seen.add(table.filter(pa.array(ours_endpoint)), codes)
+        matched = sum(_matched_tuples(ours.part(n), seen.part(n)) for n in range(parts))
+    matched += _matched_failures(ours.failures, seen.failures)
     return KernelWitness(
         available=True,
-        kernel_connections=seen.num_rows,
-        records=ours.num_rows,
+        kernel_connections=seen.rows,
+        records=ours.rows,
         matched=matched,
-        only_in_records=ours.num_rows - matched,
-        only_in_kernel=seen.num_rows - matched,
+        only_in_records=ours.rows - matched,
+        only_in_kernel=seen.rows - matched,
         lost_events=lost_events,
     )
+
+
+def _tables(source: pq.ParquetFile, columns: list[str]) -> Iterator[pa.Table]:
+    for batch in source.iter_batches(batch_size=BATCH_ROWS, columns=columns):
+        yield pa.Table.from_batches([batch])
+
+
+class _Side:
+    """One file's account: rows, failures counted per (errno, endpoint), and each
+    connection that connected as (4-tuple, start), held or spilled by partition."""
+
+    def __init__(self, parts: int, scratch: Path) -> None:
+        self.rows = 0
+        self.failures: Counter[tuple[int, int]] = Counter()
+        self._parts = parts
+        self._scratch = scratch
+        self._held: list[list[np.ndarray]] = [[] for _ in range(parts)]
+        if parts > 1:
+            scratch.mkdir()
+
+    def add(self, table: pa.Table, codes: _AddressCodes) -> None:
+        self.rows += table.num_rows
+        errno = table.column("errno").to_numpy().astype(np.int64)
+        endpoint = _endpoint_key(table, codes)
+        failed = errno != 0
+        pairs, n = np.unique(
+            np.stack([errno[failed], endpoint[failed]], 1), axis=0, return_counts=True
+        )
+        self.failures.update({(int(e), int(k)): int(c) for (e, k), c in zip(pairs, n, strict=True)})
+        port = table.column("local_port").to_numpy().astype(np.int64)
+        ok = (port > 0) & ~failed
+        key = (codes.of(table.column("local_addr"))[ok] << 48) + (port[ok] << 32) + endpoint[ok]
+        rows = np.stack([key, table.column("start_ns").to_numpy()[ok].astype(np.int64)], 1)
+        which = port[ok] % self._parts
+        for part in range(self._parts):
+            chosen = rows[which == part] if self._parts > 1 else rows
+            if not len(chosen):
+                continue
+            if self._parts == 1:
+                self._held[part].append(chosen)
+            else:
+                with open(self._scratch / str(part), "ab") as spill:
+                    spill.write(chosen.tobytes())
+
+    def part(self, n: int) -> np.ndarray:
+        """Partition ``n``'s (4-tuple, start) rows."""
+        if self._parts == 1:
+            return np.concatenate(self._held[n] or [np.empty((0, 2), np.int64)])
+        path = self._scratch / str(n)
+        if not path.exists():
+            return np.empty((0, 2), np.int64)
+        return np.fromfile(path, np.int64).reshape(-1, 2)
 
 
 class _AddressCodes:
@@ -81,13 +156,9 @@ def _endpoint_key(table: pa.Table, codes: _AddressCodes) -> np.ndarray:
     return key
 
 
-def _tuple_turns(table: pa.Table, codes: _AddressCodes) -> tuple[np.ndarray, np.ndarray]:
-    """Per connection that connected: its 4-tuple key and turn on it, with its start."""
-    ok = (table.column("local_port").to_numpy() > 0) & (table.column("errno").to_numpy() == 0)
-    local = codes.of(table.column("local_addr"))[ok]
-    key = (local << 48) + (table.column("local_port").to_numpy()[ok].astype(np.int64) << 32)
-    key += _endpoint_key(table, codes)[ok]
-    start = table.column("start_ns").to_numpy()[ok]
+def _tuple_turns(rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(4-tuple, start) rows as each one's 4-tuple key and turn on it, with its start."""
+    key, start = rows[:, 0], rows[:, 1]
     order = np.lexsort((start, key))
     key, start = key[order], start[order]
     first = np.r_[True, key[1:] != key[:-1]]
@@ -96,9 +167,9 @@ def _tuple_turns(table: pa.Table, codes: _AddressCodes) -> tuple[np.ndarray, np.
     return np.stack([key, turn]), start
 
 
-def _matched_tuples(ours: pa.Table, seen: pa.Table, codes: _AddressCodes) -> int:
-    (ok, ot), os_ = _tuple_turns(ours, codes)
-    (sk, st), ss = _tuple_turns(seen, codes)
+def _matched_tuples(ours: np.ndarray, seen: np.ndarray) -> int:
+    (ok, ot), os_ = _tuple_turns(ours)
+    (sk, st), ss = _tuple_turns(seen)
     left = pa.table({"key": ok, "turn": ot, "a": os_})
     right = pa.table({"key": sk, "turn": st, "b": ss})
     joined = left.join(right, ["key", "turn"], join_type="inner")
@@ -108,15 +179,7 @@ def _matched_tuples(ours: pa.Table, seen: pa.Table, codes: _AddressCodes) -> int
     return int(np.count_nonzero(gap < MATCH_WINDOW_NS))
 
 
-def _matched_failures(ours: pa.Table, seen: pa.Table, codes: _AddressCodes) -> int:
-    def counts(table: pa.Table) -> dict[tuple[int, int], int]:
-        failed = table.column("errno").to_numpy() != 0
-        errno = table.column("errno").to_numpy()[failed].astype(np.int64)
-        key = _endpoint_key(table, codes)[failed]
-        pairs, n = np.unique(np.stack([errno, key], axis=1), axis=0, return_counts=True)
-        return {(int(e), int(k)): int(c) for (e, k), c in zip(pairs, n, strict=True)}
-
-    mine, theirs = counts(ours), counts(seen)
+def _matched_failures(mine: Counter[tuple[int, int]], theirs: Counter[tuple[int, int]]) -> int:
     same = {pair: min(n, theirs.get(pair, 0)) for pair, n in mine.items()}
     left: dict[int, int] = {}
     right: dict[int, int] = {}

@@ -22,12 +22,12 @@ from pathlib import Path
 from typing import Any
 
 from harness.errors import RunDirError
-from harness.files import atomic_write_json
+from harness.files import atomic_write_json, merge_sorted_files
 from harness.load.cpu_meter import CPU_FILE, is_cpu_part, merge_cpu_parts
 from harness.load.shipping import SHIPPED, WORKER_FILE, WORKERS_FILE, announced
 from harness.records import Part
 from harness.report.hosts import HostSamples
-from harness.run.merge import merge_parts, merge_sorted_files
+from harness.run.merge import merge_parts
 from harness.rundir import HOSTS_DIR
 from harness.summary import Distributed, MissingWorker, Summary
 

@@ -37,7 +37,7 @@ import pyarrow.parquet as pq
 from harness.files import atomic_path
 from harness.records import CONNECTIONS_SCHEMA, Part, expand_rows
 
-__all__ = ["ROW_GROUP_ROWS", "WINDOW_ROWS", "merge_parts", "merge_sorted", "merge_sorted_files"]
+__all__ = ["ROW_GROUP_ROWS", "WINDOW_ROWS", "merge_parts", "merge_sorted"]
 
 WINDOW_ROWS = 2_000_000  # rows sorted in memory at once; two windows at most in memory
 ROW_GROUP_ROWS = 1_000_000  # later readers stream the file a row group at a time
@@ -216,46 +216,3 @@ def merge_parts(parts: Sequence[Path | Part], out: Path) -> tuple[int, list[Path
     batches are kept; a truncated part is worth a finding, not a failure).
     """
     return merge_sorted([p if isinstance(p, Part) else Part(p) for p in parts], out)
-
-
-def merge_sorted_files(paths: Sequence[Path], out: Path, key: str) -> int:
-    """Parquet files each sorted by ``key`` into one, sorted, in bounded memory: a batch
-    of each source at a time. Rows up to the smallest last key that a source still
-    reading has shown are safe to write (no row to come can sort before them); the
-    rest wait for the next batches. Returns the rows written. ``out`` may be one of
-    ``paths``: it is replaced only at the end."""
-    files = [pq.ParquetFile(path, pre_buffer=False) for path in paths]
-    schema = pa.unify_schemas([f.schema_arrow for f in files], promote_options="permissive")
-    step = max(1, WINDOW_ROWS // max(1, len(files)))
-    sources = [f.iter_batches(batch_size=step) for f in files]
-    pending: list[pa.Table] = [schema.empty_table() for _ in files]
-    done = [False] * len(files)
-    written = 0
-    with atomic_path(out) as tmp, pq.ParquetWriter(tmp, schema, compression="zstd") as writer:
-        while True:
-            for n, source in enumerate(sources):
-                if not done[n] and pending[n].num_rows == 0:
-                    batch = next(source, None)
-                    if batch is None:
-                        done[n] = True
-                    else:
-                        pending[n] = pa.Table.from_batches([batch]).cast(schema)
-            if not any(t.num_rows for t in pending):
-                break
-            reading = [pending[n] for n in range(len(files)) if not done[n]]
-            bound = min(int(t.column(key)[-1].as_py()) for t in reading) if reading else None
-            ready, kept = [], []
-            for table in pending:
-                if bound is None:
-                    ready.append(table)
-                    kept.append(schema.empty_table())
-                    continue
-                cut = int(np.searchsorted(table.column(key).to_numpy(), bound, side="right"))
-                ready.append(table.slice(0, cut))
-                kept.append(table.slice(cut))
-            pending = kept
-            window = pa.concat_tables(ready).unify_dictionaries().combine_chunks()
-            order = np.argsort(window.column(key).to_numpy(), kind="stable")
-            writer.write_table(window.take(pa.array(order)), row_group_size=ROW_GROUP_ROWS)
-            written += window.num_rows
-    return written
