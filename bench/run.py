@@ -387,6 +387,20 @@ def owners_vs_ss(sockets: int) -> dict[str, Any]:
     return dict(json.loads(out))
 
 
+def trace_convert(sizes: tuple[int, ...] = (10_000_000, 20_000_000)) -> list[dict[str, Any]]:
+    """The kernel trace's conversion, partitioned against whole in memory, per size."""
+    found = []
+    for rows in sizes:
+        with tempfile.TemporaryDirectory(prefix="eph-bench-") as tmp:
+            out = subprocess.run(
+                [sys.executable, str(BENCH / "trace_convert.py"), str(rows), tmp],
+                cwd=ROOT, stdout=subprocess.PIPE, text=True, check=True,
+                env={**os.environ, "PYTHONPATH": str(ROOT)},
+            ).stdout  # fmt: skip
+        found.append(json.loads(out))
+    return found
+
+
 def synthetic_table(n: int) -> Any:
     """``n`` records at 20,000/s over the default 28,232-port range, 5% EADDRNOTAVAIL."""
     import numpy as np
@@ -514,13 +528,25 @@ def main() -> int:
     parser.add_argument("--analysis-connections", type=int, default=1_000_000)
     parser.add_argument(
         "--only",
-        choices=["all", "report", "memory", "scaling", "paths", "owners", "trace", "peers"],
+        choices=[
+            "all",
+            "report",
+            "memory",
+            "scaling",
+            "paths",
+            "owners",
+            "trace",
+            "trace-convert",
+            "peers",
+        ],
         default="all",
         help="report: only the merge and report of synthetic runs (--rows);"
         " memory: only the engine's bytes per connection;"
         " scaling: only 1 against 2 processes; paths: only eph observe's sample against ss;"
         " owners: only naming the owners of ports (at 30k and 100k sockets) against ss -tanp;"
         " trace: only churn with the kernel recorder against without;"
+        " trace-convert: only the kernel trace's conversion, partitioned against whole,"
+        " at 10M and 20M rows (bench/trace_convert.py);"
         " peers: only wrk, ab and hey against eph's engines, one nginx (bench/peers.py)",
     )
     parser.add_argument("--destinations", type=int, default=1000)
@@ -551,6 +577,9 @@ def main() -> int:
         return 0
     if args.only == "peers":
         print(json.dumps({"machine": machine(), "peers": peers.measure(args, Bench)}, indent=2))
+        return 0
+    if args.only == "trace-convert":
+        print(json.dumps({"machine": machine(), "trace_convert": trace_convert()}, indent=2))
         return 0
     if args.only == "trace":
         print(json.dumps({"machine": machine(), "trace": trace_overhead(args)}, indent=2))

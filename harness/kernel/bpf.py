@@ -336,7 +336,7 @@ def _drained(path: Path) -> Iterator[pa.RecordBatch]:
     """The whole batches of a drained stream (a killed drainer may cut its last one)."""
     if not path.exists() or not path.stat().st_size:
         return
-    with pa.memory_map(str(path)) as source:
+    with pa.OSFile(str(path)) as source:
         try:
             reader = ipc.open_stream(source)
             while True:
@@ -381,7 +381,7 @@ def convert(text: Path, drained: Path, out: Path, host: str) -> TraceRead:
                         writer.write_batch(chosen)
         sorted_parts = []
         for n, path in enumerate(spilled):
-            with pa.memory_map(str(path)) as source:
+            with pa.OSFile(str(path)) as source:
                 table = ipc.open_stream(source).read_all()
             path.unlink()
             sorted_parts.append(Path(scratch) / f"{n}.parquet")
