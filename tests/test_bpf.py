@@ -503,3 +503,28 @@ def test_trace_options_say_what_they_need() -> None:
     assert observe.exit_code == 2 and "give --out DIR" in observe.output
     lab = CliRunner().invoke(cli, ["lab", str(ROOT / "scenarios/default.toml"), "--trace"])
     assert lab.exit_code == 2 and "--trace in a lab goes with --exec" in lab.output
+
+
+def test_the_drainers_tally_counts_failures_by_errno_and_latency_by_bucket(tmp_path: Path) -> None:
+    """What eph observe --trace serves live: per destination, failures by errno and the
+    connects' latency in ``le`` buckets (a connect of exactly 250 µs is in le=0.00025)."""
+    lines = [
+        _line(1_000_000, 1_250_000, 9_000_000, 5, 1, 0, 40000),  # 250 µs
+        _line(2_000_000, 2_100_000, 3_000_000, 9, 2, 0, 40001),  # 100 µs
+        _line(4_000_000, 0, 4_002_000, 2, 0, 99, 0),  # EADDRNOTAVAIL
+        _line(5_000_000, 0, 5_002_000, 2, 0, 99, 0),  # EADDRNOTAVAIL
+        _line(6_000_000, 1_006_000_000, 1_100_000_000, 1, 0, 104, 40002),  # 1 s, then reset
+    ]
+    tally = tmp_path / "tally.json"
+    with bpf.RowWriter(tmp_path / "k.arrows", "here", tally) as drained:
+        assert json.loads(tally.read_text())["destinations"] == {}  # there before any row
+        drained.write(np.concatenate([_key(line) for line in lines[:3]]))
+        drained.write(np.concatenate([_key(line) for line in lines[3:]]))
+    found = json.loads(tally.read_text())
+    assert found["rows"] == 5 and found["buckets_s"] == list(bpf.LATENCY_BUCKETS_S)
+    entry = found["destinations"]["127.0.0.1:80"]
+    assert entry["failed"] == {"99": 2}
+    assert entry["connected"] == 3  # a reset after connecting is a connect that connected
+    assert entry["sum_s"] == pytest.approx(0.00025 + 0.0001 + 1.0)
+    le = dict(zip([*bpf.LATENCY_BUCKETS_S, "inf"], entry["buckets"], strict=True))
+    assert (le[0.0001], le[0.00025], le[1.0]) == (1, 1, 1) and sum(le.values()) == 3

@@ -24,7 +24,7 @@ def test_the_alert_rules_load_in_prometheus() -> None:
     require_tools("promtool")
     done = _run(["promtool", "check", "rules", "eph-rules.yml"], cwd=DEPLOY / "prometheus")
     assert done.returncode == 0, done.stdout + done.stderr
-    assert "SUCCESS: 5 rules found" in done.stdout, done.stdout
+    assert "SUCCESS: 6 rules found" in done.stdout, done.stdout
 
 
 def test_each_alert_fires_and_stays_quiet_in_promtools_own_tests() -> None:
@@ -38,7 +38,7 @@ def test_every_alert_has_a_test_of_its_own() -> None:
     rules = (DEPLOY / "prometheus" / "eph-rules.yml").read_text()
     tests = (DEPLOY / "prometheus" / "eph-rules.test.yml").read_text()
     alerts = [line.split(":", 1)[1].strip() for line in rules.splitlines() if "- alert:" in line]
-    assert len(alerts) == 5, alerts
+    assert len(alerts) == 6, alerts
     for alert in alerts:
         assert f"alertname: {alert}" in tests, alert
 

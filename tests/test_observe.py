@@ -438,3 +438,87 @@ def test_an_agent_restarted_on_its_directory_goes_on_with_what_it_kept(tmp_path:
     assert "went on with 2 parts of an earlier eph" in stderr
     both = pq.read_table(out / "host.parquet").column("time").to_pylist()
     assert both[: len(first)] == first and len(both) >= len(first) + 5, (len(first), len(both))
+
+
+EXHAUSTER = r"""
+import errno, json, socket, sys
+server = socket.socket(); server.bind(("127.0.0.1", 7100)); server.listen(1024)
+print("ready", flush=True); sys.stdin.readline()
+counts = {"ok": 0, "EADDRNOTAVAIL": 0, "other": 0}
+for _ in range(int(sys.argv[1])):
+    client = socket.socket()
+    try:
+        client.connect(("127.0.0.1", 7100))
+        counts["ok"] += 1
+    except OSError as exc:
+        counts["EADDRNOTAVAIL" if exc.errno == errno.EADDRNOTAVAIL else "other"] += 1
+    client.close()  # the client first: TIME_WAIT holds the port
+print(json.dumps(counts), flush=True)
+"""
+
+
+def test_traced_failures_and_latency_are_prometheus_counters_equal_to_the_clients(
+    netns: Namespace, tmp_path: Path
+) -> None:
+    """A plain client makes 200 connects through a 60-port range: 60 connect, then
+    EADDRNOTAVAIL. eph observe --trace serves the kernel's count of each, live, as a
+    counter per errno and a latency histogram, equal to the client's own counts."""
+    require(bpf.unavailable())
+    for name, value in (("ip_local_port_range", "40000 40059"), ("tcp_tw_reuse", "0")):
+        subprocess.run(netns.command(["sysctl", "-qw", f"net.ipv4.{name}={value}"]), check=True)
+    subprocess.run(netns.command(["ip", "link", "set", "lo", "up"]), check=True)
+    out = tmp_path / "observed"
+    pipes: dict[str, Any] = {"stdout": subprocess.PIPE, "stderr": subprocess.PIPE, "text": True}
+    client = subprocess.Popen(
+        netns.command([sys.executable, "-c", EXHAUSTER, "200"]), stdin=subprocess.PIPE, **pipes
+    )
+    observer = subprocess.Popen(
+        netns.command(
+            [*EPH, "observe", "--interval", "250ms", "--out", str(out), "--plain",
+             "--trace", "--prometheus", "127.0.0.1:9466", "--no-report"]
+        ),
+        env=ENV, **pipes,
+    )  # fmt: skip
+    try:
+        assert client.stdin is not None and client.stdout is not None
+        assert client.stdout.readline().strip() == "ready", client.communicate()
+        deadline = time.monotonic() + 60  # the first sample: the recorder is attached by then
+        while not ((out / "host.arrows").exists() and (out / "host.arrows").stat().st_size):
+            assert observer.poll() is None and time.monotonic() < deadline
+            time.sleep(0.1)
+        client.stdin.write("go\n")
+        client.stdin.flush()
+        counts = json.loads(client.stdout.readline())
+        remote = 'remote="127.0.0.1:7100"'
+        failures = f'eph_connect_failures_total{{errno="EADDRNOTAVAIL",{remote}}}'  # sorted
+        deadline = time.monotonic() + 10  # the drainer's next drain (every 0.1 s)
+        while True:
+            scrape = subprocess.run(
+                netns.command(["curl", "-sf", "http://127.0.0.1:9466/metrics"]),
+                capture_output=True, text=True, timeout=20, check=True,
+            ).stdout  # fmt: skip
+            values = _metric_values(scrape, "eph_connect_")
+            if values.get(failures) == counts["EADDRNOTAVAIL"] or time.monotonic() > deadline:
+                break
+            time.sleep(0.3)
+        observer.send_signal(signal.SIGTERM)
+        observer.communicate(timeout=60)
+    finally:
+        for proc in (observer, client):
+            if proc.poll() is None:
+                proc.kill()
+            proc.communicate()
+    assert counts == {"ok": 60, "EADDRNOTAVAIL": 140, "other": 0}
+    assert values.get(failures) == 140, scrape
+    assert values[f"eph_connect_duration_seconds_count{{{remote}}}"] == 60
+    assert values[f'eph_connect_duration_seconds_bucket{{le="+Inf",{remote}}}'] == 60
+    assert 0 < values[f"eph_connect_duration_seconds_sum{{{remote}}}"] < 60 * 0.1
+    _promtool_accepts(scrape)
+
+
+def _metric_values(scrape: str, prefix: str) -> dict[str, float]:
+    """``name{labels}`` -> value, for the exposition's samples that start with ``prefix``."""
+    return {
+        line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1])
+        for line in scrape.splitlines() if line.startswith(prefix)
+    }  # fmt: skip

@@ -92,7 +92,8 @@ def _listener_port(out: Path) -> int:
 def test_run_conserves_and_time_wait_lands_by_policy(
     tmp_path: Path, engine: str, close: str, client_tw: bool, server_tw: bool
 ) -> None:
-    out, summary = _run(tmp_path, _scenario(tmp_path, engine=engine, close=close), report=True)
+    page = close == "client"  # the page is rendered and read for one policy of each engine
+    out, summary = _run(tmp_path, _scenario(tmp_path, engine=engine, close=close), report=page)
     conns = summary["connections"]
     assert conns["succeeded"] > 100 and conns["failed"] == 0, conns
     assert not conns["io_errors"], conns
@@ -124,8 +125,9 @@ def test_run_conserves_and_time_wait_lands_by_policy(
         else:
             assert count == 0, (side, states)
 
-    html = (out / "report.html").read_text()
-    assert html.count("data:image/png;base64,") >= 2
+    if page:
+        html = (out / "report.html").read_text()
+        assert html.count("data:image/png;base64,") >= 2
     assert (out / "locust_stats.csv").exists()
     assert not list((out / "parts").iterdir()), "parts are merged and removed"
 

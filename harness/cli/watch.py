@@ -298,6 +298,12 @@ def observe(
         retention is not None and out is not None and not force and (out / "observe.json").exists()
     )
     out = out if in_run or resume else claim(out, force)
+    if trace and out is not None:
+        from harness.observe.trace import TALLY_FILE
+
+        for view in views:
+            if hasattr(view, "watch_trace"):
+                view.watch_trace(out / TALLY_FILE)
     observation = Observation(
         duration_s=duration,
         interval_s=interval,

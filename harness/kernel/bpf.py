@@ -38,9 +38,10 @@ import subprocess
 import sys
 import tempfile
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -49,13 +50,15 @@ import pyarrow.csv as csv
 import pyarrow.ipc as ipc
 import pyarrow.parquet as pq
 
-from harness.files import atomic_path, merge_sorted_files
+from harness.files import atomic_path, atomic_write_json, merge_sorted_files
 
 __all__ = [
     "KERNEL_CONNECTIONS_SCHEMA",
     "KEY_SIZE",
+    "LATENCY_BUCKETS_S",
     "READY_LINE",
     "TIME_WAIT_NS",
+    "ConnectTally",
     "RowWriter",
     "TraceRead",
     "convert",
@@ -309,20 +312,80 @@ def _dict(indices: np.ndarray, values: list[str]) -> pa.DictionaryArray:
     )
 
 
-class RowWriter:
-    """Drained keys of the map @r, appended to an Arrow IPC stream as they come."""
+# connect latency buckets (seconds, upper bounds) of the live histogram: loopback's
+# tens of microseconds up to the SYN retransmissions at 1, 3 and 7 s
+LATENCY_BUCKETS_S = (
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
+    1.0, 2.5, 5.0, 10.0,
+)  # fmt: skip
 
-    def __init__(self, path: Path, host: str) -> None:
+
+@dataclass
+class ConnectTally:
+    """What the drained rows add up to per destination (``address:port``), for live
+    metrics: failed connects by errno, and the connect latency of those that connected
+    as histogram counts per :data:`LATENCY_BUCKETS_S` bucket (the last one: above).
+    Kept by the drainer in bulk per drain, written as JSON (``tally.json``)."""
+
+    destinations: dict[str, dict[str, Any]] = field(default_factory=dict)
+    rows: int = 0
+
+    def add(self, batch: pa.RecordBatch) -> None:
+        remote = batch.column("remote_addr")
+        names = remote.dictionary.to_pylist()
+        key = (remote.indices.to_numpy().astype(np.int64) << 16) | batch.column(
+            "remote_port"
+        ).to_numpy().astype(np.int64)
+        err = batch.column("errno").to_numpy().astype(np.int64)
+        seconds = batch.column("connect_us").to_numpy() / 1e6
+        bucket = np.searchsorted(LATENCY_BUCKETS_S, seconds, side="left")  # le: at or below
+        destinations, which = np.unique(key, return_inverse=True)
+        for n, found in enumerate(destinations):
+            rows = which == n
+            label = f"{names[int(found) >> 16]}:{int(found) & 0xFFFF}"
+            entry = self.destinations.setdefault(
+                label,
+                {"failed": {}, "connected": 0, "sum_s": 0.0,
+                 "buckets": [0] * (len(LATENCY_BUCKETS_S) + 1)},
+            )  # fmt: skip
+            codes, counts = np.unique(err[rows & (err > 0)], return_counts=True)
+            for code, count in zip(codes.tolist(), counts.tolist(), strict=True):
+                entry["failed"][str(code)] = entry["failed"].get(str(code), 0) + count
+            ok = rows & (err == 0)
+            entry["connected"] += int(ok.sum())
+            entry["sum_s"] += float(seconds[ok].sum())
+            more = np.bincount(bucket[ok], minlength=len(LATENCY_BUCKETS_S) + 1)
+            entry["buckets"] = [a + int(b) for a, b in zip(entry["buckets"], more, strict=True)]
+        self.rows += batch.num_rows
+
+    def to_json(self) -> dict[str, Any]:
+        return {"rows": self.rows, "buckets_s": list(LATENCY_BUCKETS_S),
+                "destinations": self.destinations}  # fmt: skip
+
+
+class RowWriter:
+    """Drained keys of the map @r, appended to an Arrow IPC stream as they come; with
+    ``tally``, their :class:`ConnectTally` rewritten there after each drain."""
+
+    def __init__(self, path: Path, host: str, tally: Path | None = None) -> None:
         self._sink = pa.OSFile(str(path), "wb")
         self._writer = ipc.new_stream(self._sink, KERNEL_CONNECTIONS_SCHEMA)
         self.host = host
         self.rows = 0
+        self._tally_path = tally
+        self.tally = ConnectTally()
+        if tally is not None:
+            atomic_write_json(tally, self.tally.to_json())
 
     def write(self, keys: np.ndarray) -> None:
         if len(keys):
-            self._writer.write_batch(key_rows(keys, self.host))
+            batch = key_rows(keys, self.host)
+            self._writer.write_batch(batch)
             self._sink.flush()
             self.rows += len(keys)
+            if self._tally_path is not None:
+                self.tally.add(batch)
+                atomic_write_json(self._tally_path, self.tally.to_json())
 
     def __enter__(self) -> RowWriter:
         return self
@@ -442,11 +505,13 @@ def missed_events(pid: int) -> int:
     return missed
 
 
-def drain_command(pid: int, out: Path, host: str) -> list[str]:
-    """The drainer of recorder ``pid``'s map into ``out`` (:mod:`harness.kernel.bpfmap`)."""
+def drain_command(pid: int, out: Path, host: str, tally: Path | None = None) -> list[str]:
+    """The drainer of recorder ``pid``'s map into ``out`` (:mod:`harness.kernel.bpfmap`),
+    keeping a :class:`ConnectTally` in ``tally`` when given."""
     return [
         sys.executable, "-m", "harness.kernel.bpfmap", str(pid), str(KEY_SIZE), str(out),
         "--host", host, "--interval", str(DRAIN_S),
+        *(["--tally", str(tally)] if tally is not None else []),
     ]  # fmt: skip
 
 

@@ -14,9 +14,10 @@ The map is found by its owner's pid: ``/proc/PID/fdinfo`` names each BPF map's
 id and key size; ``BPF_MAP_GET_FD_BY_ID`` opens it. The fd held here keeps the
 map alive after bpftrace exits, so the last drain loses nothing.
 
-Run as ``python -m harness.kernel.bpfmap PID KEY_SIZE OUT [--host H]``: it drains every
-``--interval`` into the Arrow IPC stream ``OUT`` until SIGTERM or until PID
-exits, drains once more, and exits.
+Run as ``python -m harness.kernel.bpfmap PID KEY_SIZE OUT [--host H] [--tally JSON]``: it
+drains every ``--interval`` into the Arrow IPC stream ``OUT`` (and, with ``--tally``,
+rewrites the rows' failures and latency per destination there: eph observe's live
+metrics) until SIGTERM or until PID exits, drains once more, and exits.
 """
 
 from __future__ import annotations
@@ -126,7 +127,9 @@ def drain(fd: int, key_size: int, value_size: int = 8) -> np.ndarray:
     return np.concatenate(got) if got else np.empty((0, key_size), np.uint8)
 
 
-def _run(pid: int, key_size: int, out: Path, host: str, interval: float) -> int:
+def _run(
+    pid: int, key_size: int, out: Path, host: str, interval: float, tally: Path | None = None
+) -> int:
     from harness.kernel import bpf  # its columns; imported here to keep this module lean
 
     stop = False
@@ -138,7 +141,7 @@ def _run(pid: int, key_size: int, out: Path, host: str, interval: float) -> int:
     signal.signal(signal.SIGTERM, on_term)
     signal.signal(signal.SIGINT, on_term)
     fd = open_map(find_map(pid, key_size))
-    with bpf.RowWriter(out, host) as writer:
+    with bpf.RowWriter(out, host, tally) as writer:
         alive: Callable[[], bool] = lambda: Path(f"/proc/{pid}").exists()  # noqa: E731
         while not stop and alive():
             writer.write(drain(fd, key_size))
@@ -155,9 +158,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("out", type=Path)
     parser.add_argument("--host", default=platform.node())
     parser.add_argument("--interval", type=float, default=0.1)
+    parser.add_argument("--tally", type=Path, help="keep the rows' tally here (JSON)")
     args = parser.parse_args(argv)
     try:
-        return _run(args.pid, args.key_size, args.out, args.host, args.interval)
+        return _run(args.pid, args.key_size, args.out, args.host, args.interval, args.tally)
     except (OSError, MapNotFound) as exc:
         print(f"bpf map drain: {exc}", file=sys.stderr)
         return 1

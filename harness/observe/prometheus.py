@@ -14,6 +14,10 @@ base units (seconds), ratios from 0 to 1, ``_total`` only on counters.
 - ``eph_nat_*`` on a NAT router: ports per NAT address and destination (the top N
   as well), and conntrack's insert failures and drops as counters since eph began.
 - ``eph_build_info`` (version, python) and ``eph_sample_duration_seconds``.
+- With ``--trace``: ``eph_connect_failures_total`` by destination and errno, and
+  the ``eph_connect_duration_seconds`` histogram by destination, from the kernel's
+  record of every connect (the drainer's tally, read at each scrape): the top
+  :data:`TRACE_TOP` destinations and one ``remote="other"``.
 
 docs/operations/observe.md lists every metric with its labels; deploy/prometheus/
 holds the alert rules written against them.
@@ -22,16 +26,24 @@ holds the alert rules written against them.
 from __future__ import annotations
 
 import contextlib
+import json
 import math
 import platform
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Gauge, start_http_server
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
 from prometheus_client.registry import Collector
 
 from harness import __version__
+from harness.errors import errno_name
 from harness.kernel.sockdiag import TcpState
 from harness.observe.outlook import Outlook
 from harness.observe.paths import STATES, UDP, PathSnapshot
@@ -43,6 +55,7 @@ _PATH_LABELS = ("protocol", "local", "remote")
 _TIME_WAIT_COLUMN = STATES.index(TcpState.TIME_WAIT)
 _NAT_LABELS = ("nat_address", "destination")
 NAT_TOP = 20  # NAT address and destination pairs kept
+TRACE_TOP = 20  # destinations of the traced connects kept, the rest as "other"
 
 # the kernel's cumulative TCP counters (harness.kernel.counters' names): metric, help
 HOST_COUNTERS = {
@@ -118,6 +131,66 @@ class _HostMetrics(Collector):
             )
 
 
+class _TraceMetrics(Collector):
+    """The traced connects' failures and latency, read from the drainer's tally (JSON,
+    rewritten after each drain) at each scrape: nothing is kept here."""
+
+    def __init__(self) -> None:
+        self.tally: Path | None = None
+
+    def collect(self) -> Iterator[Metric]:
+        if self.tally is None:
+            return
+        try:
+            found = json.loads(self.tally.read_text(encoding="utf-8"))
+        except (OSError, ValueError):  # not written yet
+            return
+        bounds = found["buckets_s"]
+        failures = CounterMetricFamily(
+            "eph_connect_failures",
+            "Failed connects the kernel saw, by destination and errno (--trace)",
+            labels=["remote", "errno"],
+        )
+        latency = HistogramMetricFamily(
+            "eph_connect_duration_seconds",
+            "Time to connect, of the connects that connected (--trace)",
+            labels=["remote"],
+        )
+        for remote, entry in _top_destinations(found["destinations"]):
+            for code, count in sorted(entry["failed"].items()):
+                failures.add_metric([remote, errno_name(int(code))], count)
+            cumulative, buckets = 0, []
+            for bound, count in zip([*bounds, math.inf], entry["buckets"], strict=True):
+                cumulative += count
+                buckets.append(("+Inf" if bound == math.inf else repr(float(bound)), cumulative))
+            latency.add_metric([remote], buckets, entry["sum_s"])
+        yield failures
+        yield latency
+
+
+def _top_destinations(destinations: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
+    """The :data:`TRACE_TOP` busiest destinations, and the rest summed as ``other``."""
+
+    def total(entry: dict[str, Any]) -> int:
+        return int(entry["connected"]) + int(sum(entry["failed"].values()))
+
+    ranked = sorted(destinations.items(), key=lambda item: (-total(item[1]), item[0]))
+    kept = ranked[:TRACE_TOP]
+    if len(ranked) > TRACE_TOP:
+        other: dict[str, Any] = {"failed": {}, "connected": 0, "sum_s": 0.0, "buckets": []}
+        for _, entry in ranked[TRACE_TOP:]:
+            for code, count in entry["failed"].items():
+                other["failed"][code] = other["failed"].get(code, 0) + count
+            other["connected"] += entry["connected"]
+            other["sum_s"] += entry["sum_s"]
+            other["buckets"] = [
+                a + b for a, b in zip(other["buckets"] or [0] * len(entry["buckets"]),
+                                      entry["buckets"], strict=True)
+            ]  # fmt: skip
+        kept.append(("other", other))
+    return kept
+
+
 class PrometheusView:
     """The metrics, updated each sample; the HTTP server runs until :meth:`close`."""
 
@@ -152,6 +225,8 @@ class PrometheusView:
         )
         self.host = _HostMetrics()
         self.registry.register(self.host)
+        self.traced = _TraceMetrics()
+        self.registry.register(self.traced)
         self._shown: set[tuple[str, ...]] = set()
         self._nat_shown: set[tuple[str, ...]] = set()
         self._owners_shown: set[tuple[str, ...]] = set()
@@ -161,6 +236,10 @@ class PrometheusView:
     def address(self) -> tuple[str, int]:
         host, port = self.server.server_address[:2]
         return str(host), int(port)
+
+    def watch_trace(self, tally: Path) -> None:
+        """Serve the traced connects' failures and latency from ``tally`` (--trace)."""
+        self.traced.tally = tally
 
     def _gauge(self, name: str, doc: str, labels: tuple[str, ...]) -> Gauge:
         return Gauge(name, doc, labels, registry=self.registry)

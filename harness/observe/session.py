@@ -150,7 +150,7 @@ class Observation:
         if store is not None and store.resumed:
             logger.info("went on with %d parts of an earlier eph in %s", store.resumed, self.out)
         children = Supervisor()
-        tracing = start_trace(children, self.out) if self.trace and self.out else None
+        tracing = start_trace(children, self.out, tally=True) if self.trace and self.out else None
         self.trace_reason = tracing if isinstance(tracing, str) else None
         previous = _install_stop(self)
         began, started = clock(), time.time()

@@ -24,7 +24,7 @@ from harness.kernel import bpf
 from harness.records import host_name
 from harness.supervisor import Child, Stage, Supervisor
 
-__all__ = ["TRACE_FILES", "KernelTrace", "TraceResult", "start_trace"]
+__all__ = ["TALLY_FILE", "TRACE_FILES", "KernelTrace", "TraceResult", "start_trace"]
 
 logger = logging.getLogger(__name__)
 
@@ -32,6 +32,7 @@ START_TIMEOUT_S = 30.0  # compiling and attaching the program
 STOP_GRACE_S = 10.0
 SETTLE_S = 0.2  # after the stop request: lines of connections that were closing
 TRACE_FILES = ("kernel.tsv", "kernel.err", "kernel.arrows", "kernel-drain.err")
+TALLY_FILE = "kernel-tally.json"  # the drained rows' failures and latency, live (observe)
 
 
 @dataclass(frozen=True)
@@ -55,10 +56,13 @@ class TraceResult:
 class KernelTrace:
     """The recorder of one namespace, writing into ``directory``."""
 
-    def __init__(self, children: Supervisor, directory: Path, netns: int) -> None:
+    def __init__(
+        self, children: Supervisor, directory: Path, netns: int, tally: bool = False
+    ) -> None:
         self._children = children
         self.directory = directory
         self.netns = netns
+        self.tally = directory / TALLY_FILE if tally else None
         self.text = directory / "kernel.tsv"
         self.stderr = directory / "kernel.err"
         self.drained = directory / "kernel.arrows"
@@ -88,7 +92,7 @@ class KernelTrace:
         with open(self.directory / "kernel-drain.err", "wb") as err:
             self.drainer = self._children.start(
                 "kernel trace drain",
-                bpf.drain_command(self.child.pid, self.drained, host_name()),
+                bpf.drain_command(self.child.pid, self.drained, host_name(), self.tally),
                 stage=Stage.OBSERVE,
                 death_signal=signal.SIGTERM,
                 stderr=err,
@@ -147,13 +151,17 @@ class KernelTrace:
 
 
 def start_trace(
-    children: Supervisor, directory: Path, netns: Path = Path("/proc/self/ns/net")
+    children: Supervisor,
+    directory: Path,
+    netns: Path = Path("/proc/self/ns/net"),
+    tally: bool = False,
 ) -> KernelTrace | str:
     """A started recorder of namespace ``netns`` (default: this process's), or why the
-    kernel or the host cannot trace, in one line (also logged)."""
+    kernel or the host cannot trace, in one line (also logged). ``tally``: keep the
+    live failures and latency per destination in :data:`TALLY_FILE`."""
     reason = bpf.unavailable()
     if reason is None:
-        trace = KernelTrace(children, directory, bpf.netns_inode(netns))
+        trace = KernelTrace(children, directory, bpf.netns_inode(netns), tally)
         try:
             trace.start()
             return trace
