@@ -91,7 +91,7 @@ typecheck: setup ## mypy --strict on harness/
 # serial (CPU, timing, the fastest rate; stale namespaces) alone. All three always run.
 pytest: setup ## Only the test suite (ARGS= passes pytest flags, WORKERS= the side-by-side processes)
 	@status=0; \
-	$(BIN)/pytest -n $(WORKERS) -m "not serial and not paced" $(ARGS) || [ $$? -eq 5 ] || status=1; \
+	$(BIN)/pytest -n $(WORKERS) --dist worksteal -m "not serial and not paced" $(ARGS) || [ $$? -eq 5 ] || status=1; \
 	$(BIN)/pytest -n 2 -m paced $(ARGS) || [ $$? -eq 5 ] || status=1; \
 	$(BIN)/pytest -m serial $(ARGS) || [ $$? -eq 5 ] || status=1; \
 	exit $$status

@@ -51,6 +51,11 @@ def pytest_configure(config: pytest.Config) -> None:
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    # the modules that run eph or use namespaces first, whole and in their order, the
+    # many quick ones after: side by side (make test), the quick ones fill the workers'
+    # last minutes instead of one long test holding the phase open alone
+    heavy = {item.module for item in items if {"e2e", "netns"} & set(item.keywords)}
+    items.sort(key=lambda item: item.module not in heavy)
     problem = netns_available()
     if problem:
         for item in items:
