@@ -216,6 +216,12 @@ def _conservation_findings(summary: Summary) -> list[str]:
         )
     elif cons.succeeded_match_listener:
         out.append("Every successful connect was accepted by the listener.")
+    bad = summary.listener.bad_requests if summary.listener is not None else None
+    if bad:
+        out.append(
+            f"The listener answered {bad:,} requests that did not parse with a 400 and a close:"
+            " look at the scenario's send bytes or the client's request (summary.listener)."
+        )
     distributed = summary.distributed
     if distributed is not None and distributed.missing_workers:
         out.append(

@@ -78,7 +78,12 @@ def _conservation(
             expected = result.records_as_locust_requests = http.locust_requests
         result.records_match_locust = locust_requests == expected
         checks.append(result.records_match_locust)
-    served = listener.requests if listener is not None else None
+    # every answer the listener wrote is a response the client may have read: 400s too
+    served = (
+        listener.requests + (listener.bad_requests or 0)
+        if listener is not None and listener.requests is not None
+        else None
+    )
     if http is not None and served is not None:
         result.listener_requests = served
         result.requests_match_listener = served == http.requests

@@ -181,6 +181,8 @@ class Listener(_Reported):
     loop_errors: int | None = None
     requests: int | None = None
     """HTTP requests answered (an HTTP listener)."""
+    bad_requests: int | None = None
+    """HTTP requests that did not parse, answered with a 400 and a close."""
 
 
 class Conservation(Section):

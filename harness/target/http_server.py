@@ -29,6 +29,7 @@ class EndpointCounter:
 
     accepted: int = 0
     requests: int = 0  # HTTP requests answered with a 200
+    bad_requests: int = 0  # requests that did not parse, answered with a 400
 
 
 def close_with_reset(transport: asyncio.Transport) -> None:
@@ -101,6 +102,7 @@ class HttpConnection(asyncio.Protocol):
         except httptools.HttpParserUpgrade:
             self._end(b"")  # nothing but HTTP/1.1 is spoken here
         except httptools.HttpParserError:
+            self._counter.bad_requests += 1
             self._end(self._replies.bad)
 
     def on_message_complete(self) -> None:

@@ -51,6 +51,7 @@ class ListenerStats:
     accepted: dict[str, int] = field(default_factory=dict)
     loop_errors: int = 0  # unhandled exceptions in callbacks: should stay 0
     requests: dict[str, int] = field(default_factory=dict)  # HTTP requests answered (200)
+    bad_requests: dict[str, int] = field(default_factory=dict)  # did not parse: a 400
 
     @property
     def total(self) -> int:
@@ -62,6 +63,7 @@ class ListenerStats:
             "endpoints": dict(self.accepted),
             "loop_errors": self.loop_errors,
             "requests": sum(self.requests.values()),
+            "bad_requests": sum(self.bad_requests.values()),
         }
 
 
@@ -171,7 +173,8 @@ class Listener:
     def stats(self) -> ListenerStats:
         accepted = {name: counter.accepted for name, _, counter in self._servers}
         requests = {name: counter.requests for name, _, counter in self._servers}
-        return ListenerStats(accepted, self.loop_errors, requests)
+        bad = {name: counter.bad_requests for name, _, counter in self._servers}
+        return ListenerStats(accepted, self.loop_errors, requests, bad)
 
     def _on_loop_error(self, loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
         """Count every unhandled callback error; log only the first few (not one per connection)."""
