@@ -99,6 +99,30 @@ def test_an_unexpected_status_is_a_failure_of_its_own_kind(
     assert entry["num_failures"] == n == entry["num_requests"]
 
 
+@pytest.mark.parametrize("engine", ENGINES)
+def test_head_is_answered_without_a_body_three_times_per_connection(
+    tmp_path: Path, netns: Namespace, engine: str
+) -> None:
+    """method = "HEAD" against nginx, three requests per connection: nginx says how long
+    the body would be and sends none; every response is read and none is waited for."""
+    with nginx(netns, tmp_path / "nginx", "127.0.0.1:8080", access_log=True) as prefix:
+        scenario = _scenario(
+            tmp_path, "127.0.0.1:8080",
+            f'engine = "{engine}"\nrequests_per_connection = 3', 'method = "HEAD"',
+        )  # fmt: skip
+        out, summary, _ = _run(tmp_path, netns, scenario)
+    conns = summary["connections"]
+    assert conns["attempted"] >= 5 and conns["failed"] == 0 and not conns["io_errors"], conns
+    http = summary["http"]
+    assert http["statuses"] == {"200": conns["attempted"]}
+    assert http["requests"] == 3 * conns["attempted"] == access_count(prefix)
+    assert summary["conservation"]["ok"], summary["conservation"]
+    (entry,) = _locust_entries(out)
+    assert entry["method"] == "HEAD" and entry["num_failures"] == 0
+    table = pq.read_table(out / "connections.parquet")
+    assert set(table.column("requests").to_pylist()) == {3}
+
+
 def test_keep_alive_serves_n_requests_per_connection_over_one_port(
     tmp_path: Path, netns: Namespace
 ) -> None:

@@ -23,7 +23,14 @@ from gevent import monkey
 from gevent.socket import wait_read, wait_write
 
 from harness.load.churn import LINGER_RESET, UDP_PAYLOAD, ChurnPlan, Target, make_socket
-from harness.load.http_client import HttpPlan, Response, TlsPlan, tls_errno
+from harness.load.http_client import (
+    HeadResponses,
+    HttpPlan,
+    Response,
+    TlsPlan,
+    response_reader,
+    tls_errno,
+)
 from harness.load.outcome import (
     INTERRUPTED,
     NO_REPLY,
@@ -185,7 +192,7 @@ class _Done:
     def fields(self) -> tuple[int, int, int, int]:
         return (self.tls_ns, self.requests, self.status, self.rx)
 
-    def take(self, response: Response) -> None:
+    def take(self, response: Response | HeadResponses) -> None:
         self.requests, self.status, self.rx = response.done, response.status, response.rx
 
 
@@ -276,7 +283,7 @@ def _http(
     sock: socket.socket | _TlsSocket, http: HttpPlan, endpoint: int, plan: ChurnPlan, done: _Done
 ) -> int:
     """The connection's requests, each response read whole; its io_errno."""
-    response = Response(http.accepted)
+    response = response_reader(http)
     try:
         for number in range(1, http.per_connection + 1):
             _send_all(sock, http.request(endpoint, number), plan.io_timeout)

@@ -28,11 +28,13 @@ from harness.errors import HTTP_MALFORMED, HTTP_STATUS, TLS_ERROR, TLS_VERIFY, S
 from harness.scenario import ClosePolicy, HttpConfig, Scenario, TlsConfig
 
 __all__ = [
+    "HeadResponses",
     "HttpPlan",
     "Response",
     "TlsPlan",
     "client_context",
     "request_bytes",
+    "response_reader",
     "tls_errno",
 ]
 
@@ -143,6 +145,57 @@ class Response:
         """The server closed: a response without a length ends here."""
         if self._headers:
             self._end()
+
+
+class HeadResponses:
+    """The responses to HEAD requests read over one connection: a status line and
+    headers each, never a body, whatever their Content-Length says (RFC 9110, 9.3.2).
+
+    httptools' parser cannot be told from Python that a response has no body (llhttp's
+    skip-body return of on_headers_complete is not passed through), so it would wait
+    for Content-Length bytes that never come. A header block ends at its blank line;
+    splitting there is all HEAD needs. Same fields and methods as :class:`Response`.
+    """
+
+    __slots__ = ("_accepted", "_buffer", "done", "failed", "rx", "status")
+
+    MAX_HEADER = 65_536  # a header block longer than this is not an HTTP response
+
+    def __init__(self, accepted: tuple[bool, ...]) -> None:
+        self._accepted = accepted
+        self._buffer = b""
+        self.done = self.status = self.failed = self.rx = 0
+
+    def feed(self, data: bytes) -> None:
+        self.rx += len(data)
+        self._buffer += data
+        while (end := self._buffer.find(b"\r\n\r\n")) >= 0:
+            block, self._buffer = self._buffer[:end], self._buffer[end + 4 :]
+            version, _, rest = block.partition(b" ")
+            code = rest[:3]
+            if not (version.startswith(b"HTTP/1.") and code.isdigit()):
+                self.failed = self.failed or HTTP_MALFORMED
+                self._buffer = b""
+                return
+            status = int(code)
+            if status < 200:
+                continue  # informational: the final response follows
+            self.done += 1
+            if not self.failed:
+                self.status = status
+                if not self._accepted[status]:
+                    self.failed = HTTP_STATUS + status
+        if len(self._buffer) > self.MAX_HEADER:
+            self.failed = self.failed or HTTP_MALFORMED
+            self._buffer = b""
+
+    def eof(self) -> None:
+        """The server closed: what is left is a cut header block, no response."""
+
+
+def response_reader(plan: HttpPlan) -> Response | HeadResponses:
+    """The reader of one connection's responses: HEAD's have no body."""
+    return HeadResponses(plan.accepted) if plan.method == "HEAD" else Response(plan.accepted)
 
 
 @dataclass(frozen=True, slots=True)

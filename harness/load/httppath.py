@@ -32,7 +32,7 @@ from typing import Any, BinaryIO
 from harness.load.churn import LINGER_RESET, ChurnPlan, Target, make_socket
 from harness.load.cpu_meter import CpuMeter
 from harness.load.fastpath import CallbackUsers
-from harness.load.http_client import HttpPlan, Response, tls_errno
+from harness.load.http_client import HeadResponses, HttpPlan, Response, response_reader, tls_errno
 from harness.load.outcome import INTERRUPTED, NO_REPLY, TIMED_OUT, connect_result, errno_of
 from harness.records import RecordWriter
 from harness.scenario import ClosePolicy, Protocol
@@ -82,7 +82,7 @@ class _Conn:
         self.address = self.port = 0
         self.sent = 0  # requests sent
         self.pending = b""  # what is left of a request the socket did not take whole
-        self.response: Response | None = None
+        self.response: Response | HeadResponses | None = None
 
 
 class HttpChurn(CallbackUsers):
@@ -230,7 +230,7 @@ class HttpChurn(CallbackUsers):
             assert self._http is not None
             conn.pending = self._http.request(conn.target.index, conn.sent)
             if conn.response is None:
-                conn.response = Response(self._http.accepted)
+                conn.response = response_reader(self._http)
         conn.deadline = time.monotonic_ns() + self._io_ns
         try:
             taken = conn.sock.send(conn.pending)

@@ -191,11 +191,6 @@ class HttpConfig(_Section):
                     f"expect_status[{index}] = {item!r} is neither a status code nor a"
                     ' class such as "2xx"'
                 )
-        if self.method == "HEAD":
-            raise ValueError(
-                'method = "HEAD": a response to HEAD has a length but no body, which'
-                " eph's response reader cannot tell; use GET"
-            )
         for name, value in self.headers.items():
             if not re.fullmatch(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+", name) or "\n" in value:
                 raise ValueError(f"headers: {name!r} = {value!r} is not a valid header")
