@@ -181,6 +181,46 @@ def test_tls_with_the_servers_ca_verifies_and_times_the_handshake(
 
 
 @pytest.mark.parametrize("engine", ENGINES)
+def test_raw_bytes_over_tls_reach_nginx_on_both_engines(
+    tmp_path: Path, netns: Namespace, engine: str
+) -> None:
+    """No [load.http]: the scenario's own bytes (an HTTP/1.0 request) over TLS, the
+    reply read to nginx's close. The uvloop engine did this only with HTTP before."""
+    ca, cert, key = certificate(tmp_path / "pki", "staging.test", "127.0.0.1")
+    request = "GET / HTTP/1.0\\r\\nHost: staging.test\\r\\n\\r\\n"
+    with nginx(
+        netns, tmp_path / "nginx", "127.0.0.1:8443", access_log=True, tls=(cert, key)
+    ) as prefix:
+        scenario = write_scenario(
+            tmp_path / "raw-tls.toml",
+            f"""
+name = "raw-tls"
+duration = "1.5s"
+[target]
+endpoints = ["127.0.0.1:8443"]
+[load]
+engine = "{engine}"
+users = 8
+rate = 300
+io_timeout = "2s"
+send = "{request}"
+reply = "eof"
+[load.tls]
+server_name = "staging.test"
+ca_file = "{ca}"
+""",
+        )
+        out, summary, _ = _run(tmp_path, netns, scenario)
+    conns = summary["connections"]
+    assert conns["attempted"] >= 10 and conns["failed"] == 0 and conns["io_errors"] == {}, conns
+    assert access_count(prefix) == conns["attempted"]  # each request reached nginx
+    table = pq.read_table(out / "connections.parquet")
+    connect, tls = table.column("connect_us").to_numpy(), table.column("tls_us").to_numpy()
+    assert (tls > connect).all()  # the handshake timed apart, after connect() answered
+    assert summary["conservation"]["ok"]
+
+
+@pytest.mark.parametrize("engine", ENGINES)
 def test_tls_verification_fails_clearly_without_the_ca(
     tmp_path: Path, netns: Namespace, engine: str
 ) -> None:

@@ -37,6 +37,7 @@ import numpy as np
 from harness.load.churn import LINGER_RESET, UDP_PAYLOAD, ChurnPlan, Target, make_socket
 from harness.load.cpu_meter import CpuInterval, CpuMeter, cpu_part_path
 from harness.load.fastpath import FRAME_HEADER, CallbackChurn, flush_frame, write_frame
+from harness.load.http_client import tls_errno
 from harness.load.httppath import HttpChurn
 from harness.load.outcome import INTERRUPTED, NO_REPLY, TIMED_OUT, columns, errno_of
 from harness.load.pacing import Pacer
@@ -150,30 +151,75 @@ class UvloopChurn:
         t0 = time.monotonic_ns()
         t1 = t0
         err = INTERRUPTED  # until connect() answers: what a stop mid-connect records
-        io_err = port = address_id = 0
+        io_err = port = address_id = tls_ns = 0
         client: _Client | None = None
+        sock: socket.socket | None = None  # TLS: the connected socket, until the handshake
         try:
             try:
                 async with asyncio.timeout(plan.connect_timeout):
-                    client = await self._connect(loop, target)
+                    if plan.tls is None:
+                        client = await self._connect(loop, target)
+                    else:
+                        sock = await self._connect_tcp(loop, target)
                 err = 0
-                t1 = client.connected_ns
-                local = client.transport.get_extra_info("sockname")  # type: ignore[union-attr]
+                t1 = client.connected_ns if client is not None else time.monotonic_ns()
+                local = (
+                    client.transport.get_extra_info("sockname")  # type: ignore[union-attr]
+                    if client is not None
+                    else sock.getsockname()  # type: ignore[union-attr]
+                )
                 port = local[1]
                 address_id = self.writer.address_id(local[0])
             except OSError as exc:  # TimeoutError included: ETIMEDOUT
                 err = errno_of(exc)
             if t1 == t0:
                 t1 = time.monotonic_ns()
-            if client is not None:
+            if sock is not None and err == 0:
+                client, io_err = await self._handshake(loop, target, sock)
+                tls_ns = time.monotonic_ns() if client is not None else 0
+                sock = None  # the transport's now, or closed
+            if client is not None and io_err == 0:
                 io_err = await self._exchange(client)
         finally:
             # runs on cancellation too: the attempt is recorded either way
+            if sock is not None:
+                sock.close()
             if client is not None and client.transport is not None:
                 _close(client.transport, plan.close if io_err == 0 else ClosePolicy.CLIENT)
             t2 = time.monotonic_ns()
-            self.writer.add((t0, t1, t2, address_id, port, target.index, err, io_err, 0, 0, 0, 0))
+            self.writer.add(
+                (t0, t1, t2, address_id, port, target.index, err, io_err, tls_ns, 0, 0, 0)
+            )
         return err
+
+    async def _connect_tcp(self, loop: asyncio.AbstractEventLoop, target: Target) -> socket.socket:
+        """A connected socket, before TLS: connect()'s own time apart from the handshake's."""
+        sock = make_socket(target)
+        sock.setblocking(False)
+        try:
+            await loop.sock_connect(sock, target.endpoint.sockaddr)
+        except BaseException:
+            sock.close()
+            raise
+        return sock
+
+    async def _handshake(
+        self, loop: asyncio.AbstractEventLoop, target: Target, sock: socket.socket
+    ) -> tuple[_Client | None, int]:
+        """TLS over a connected socket, within io_timeout: the client, or its io_errno."""
+        tls = self.plan.tls
+        assert tls is not None
+        name = tls.server_names[target.index]
+        try:
+            async with asyncio.timeout(self.plan.io_timeout):
+                _, client = await loop.create_connection(
+                    _Client, sock=sock, ssl=tls.context, server_hostname=name or ""
+                )
+        except OSError as exc:  # ssl.SSLError, a reset, TimeoutError
+            sock.close()
+            code = tls_errno(exc, name)
+            return None, code if code is not None else errno_of(exc)
+        return client, 0
 
     async def _attempt_udp(self, target: Target) -> int:
         """A connected UDP socket: connect() picks the port (EAGAIN when none is free),

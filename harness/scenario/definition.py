@@ -280,11 +280,6 @@ class LoadConfig(_Section):
                 "[load.http] builds the request and reads the response itself:"
                 " leave send and reply unset (the request's body is load.http.body)"
             )
-        if self.engine is Engine.UVLOOP and self.tls is not None and self.send:
-            raise ValueError(
-                'engine = "uvloop" speaks TLS for [load.http] or a bare handshake; TLS with'
-                ' raw send bytes needs engine = "locust"'
-            )
         if self.requests_per_connection > 1 and self.http is None:
             raise ValueError(
                 f"requests_per_connection = {self.requests_per_connection} needs [load.http]:"
