@@ -222,8 +222,10 @@ def _fresh(path: Path) -> Path:
 
 
 def _aside(path: Path) -> Path:
-    """Where ``--force`` moves an old directory: beside it, named for when it moved."""
-    stamp = time.strftime("%Y%m%d-%H%M%S")
+    """Where ``--force`` moves an old directory: beside it, named for when it was last
+    written (its mtime), so the name a refusal says is the name ``--force`` then uses,
+    whatever second the two fall in."""
+    stamp = time.strftime("%Y%m%d-%H%M%S", time.localtime(path.stat().st_mtime))
     for suffix in ["", *(f"-{n}" for n in range(2, 1000))]:
         candidate = path.with_name(f"{path.name}.replaced-{stamp}{suffix}")
         if not (candidate.exists() or candidate.is_symlink()):

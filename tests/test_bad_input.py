@@ -16,6 +16,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -253,6 +254,7 @@ def test_the_suggested_fresh_name_is_free_and_force_keeps_the_old_run(home: Path
     said = str(caught.value)
     assert "RUN-3" in said and not (home / "RUN-3").exists()
     before = {k: v for k, v in snapshot(home).items() if k.startswith("RUN/")}
+    time.sleep(1.1)  # the user reads, then types --force: the name said must still hold
     assert claim_out(home / "RUN", force=True) == home / "RUN"
     assert list((home / "RUN").iterdir()) == []
     aside = [p for p in home.iterdir() if p.name.startswith("RUN.replaced-")]

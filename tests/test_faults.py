@@ -101,7 +101,7 @@ def _leftovers(run: Path) -> list[str]:
 
 def test_target_killed_mid_run_is_an_outage_and_the_run_goes_on(tmp_path: Path) -> None:
     port = _free_port()
-    scenario = _scenario(tmp_path, f"127.0.0.1:{port}", duration="4s", load="rate = 300")
+    scenario = _scenario(tmp_path, f"127.0.0.1:{port}", duration="5s", load="rate = 300")
     run = tmp_path / "run"
     with _listener(port) as first:
         proc = _eph_run(scenario, run)
@@ -123,7 +123,12 @@ def test_target_killed_mid_run_is_an_outage_and_the_run_goes_on(tmp_path: Path) 
     start = table.column("start_ns").to_numpy()
     seconds = (start - start.min()) / 1e9
     ok = table.column("errno").to_numpy() == 0
-    assert ok[seconds > outage["to_s"]].sum() > 100, "connections came back after the outage"
+    # the run went on: after the outage, connects succeeded at a real share of the cap
+    # (a fifth: side by side with the suite the listener's restart alone took 2 s once)
+    after = seconds.max() - outage["to_s"]
+    assert after > 0.5 and ok[seconds > outage["to_s"]].sum() > 0.2 * 300 * after, (
+        "connections came back after the outage"
+    )
     assert "The target was unreachable" in (run / "report.html").read_text()
 
 
@@ -365,7 +370,7 @@ endpoints = ["127.0.0.1:9000"]
 [load]
 engine = "{engine}"
 http = {http}
-users = 40
+users = 60
 spawn_rate = 1000
 connect_timeout = "100ms"
 close = "client"
@@ -383,7 +388,7 @@ def test_a_frozen_load_process_records_what_the_kernel_connected_meanwhile(
     tmp_path: Path, engine: str, http: bool
 ) -> None:
     """The load process stopped (SIGSTOP) while its connects are in flight over a 30 ms
-    link, three times for 0.4 s: the kernel finishes them meanwhile and the server
+    link, five times for 0.3 s: the kernel finishes them meanwhile and the server
     accepts them. On waking, the connect deadline (100 ms) has passed for each; the
     engine must still record them as connections, or the records and the listener
     disagree (what a starved CI machine showed). Before the fix: 119 ETIMEDOUT of
@@ -403,13 +408,13 @@ def test_a_frozen_load_process_records_what_the_kernel_connected_meanwhile(
         pids = [int(pid) for pid in found.stdout.split()]
         assert pids, "no load process found"
         time.sleep(0.5)
-        for _ in range(3):
+        for _ in range(5):  # five: one caught a moment with no connect in flight, once
             for pid in pids:
                 os.kill(pid, signal.SIGSTOP)
-            time.sleep(0.4)
+            time.sleep(0.3)
             for pid in pids:
                 os.kill(pid, signal.SIGCONT)
-            time.sleep(0.4)
+            time.sleep(0.3)
         _, stderr = proc.communicate(timeout=120)
     finally:
         stop_process(proc)
