@@ -212,3 +212,89 @@ def test_from_run_sets_the_runs_cliff_beside_the_model() -> None:
     assert measured["slow connects from occupancy"] == (0.5, 0.5)
     assert measured["connect p50 before/after (ms)"][1] == "0.009 -> 0.9 (100.0x)"
     assert measured["successes/s before/after"][1] == "48,000 -> 900"
+
+
+# The holdout (issue 26): a lab of 300 ports made to exhaust, offered 20,134/s for 3 s
+EXHAUSTING = PlanInputs(rate=20_134.0, port_range=(40000, 40299), tw_reuse=0)
+
+
+def test_a_lever_past_its_practical_bound_is_marked_ranked_last_and_never_recommended() -> None:
+    from harness.capacity.levers import PRACTICAL
+    from harness.report.html import recommendations_from_plan
+
+    plan = make_plan(EXHAUSTING)
+    by_name = {lever.name: lever for lever in plan.levers}
+    for name, attr in (("more source addresses", "sources"), ("more load-generator hosts",
+                                                              "hosts")):  # fmt: skip
+        lever = by_name[name]
+        assert lever.applies[attr] > PRACTICAL[attr] and not lever.practical
+        assert f"{lever.applies[attr]:,} {attr} is past what is practical" in lever.limit
+    assert not by_name["keep-alive or pooling"].practical  # 4,027 requests per connection
+    assert not by_name["shorter reuse delay"].practical  # 14 ms
+    ranks = [(not lever.practical, not lever.reaches_goal) for lever in plan.levers]
+    assert ranks == sorted(ranks)  # practical and reaching first
+    text = render_text(plan)
+    assert "impractical: 4,027 sources" in text
+    assert "tcp_tw_reuse_delay" not in plan.sysctl_snippet  # an impractical one is not applied
+    advice = recommendations_from_plan(plan, exhausted=True)
+    assert advice and all("4,027" not in line for line in advice)
+    assert any("server-first close" in line for line in advice)  # the one that is practical
+
+
+def test_past_every_practical_lever_is_one_line_with_the_most_any_gives() -> None:
+    from harness.capacity.plan import past_every_practical_lever
+    from harness.report.html import recommendations_from_plan
+
+    far = make_plan(replace(EXHAUSTING, rate=5_000_000.0, lifetime_s=0.05))
+    line = past_every_practical_lever(far)
+    assert line is not None and "5,000,000/s is past every practical lever" in line
+    assert "the most one gives is" in line
+    assert recommendations_from_plan(far, exhausted=True) == [
+        line + " (eph plan --from RUN_DIR lists each lever with its figure.)"
+    ]
+    assert past_every_practical_lever(make_plan(DEFAULT)) is None  # reuse suffices
+
+
+def test_one_practical_lever_suffices_and_comes_first() -> None:
+    from harness.report.html import recommendations_from_plan
+
+    plan = make_plan(DEFAULT)
+    first = plan.levers[0]
+    assert (first.name, first.practical, first.reaches_goal) == ("TIME_WAIT reuse", True, True)
+    advice = recommendations_from_plan(plan, exhausted=True)
+    assert advice[1].startswith("[kernel] TIME_WAIT reuse, up to 28,232/s")  # no lifetime
+    assert all("impractical" not in line for line in advice)
+
+
+def test_a_rate_that_holds_only_by_overflowing_time_wait_is_named_not_counted() -> None:
+    """2,000/s of 50 ms connections: 5 source addresses hold 141,160 ports in TIME_WAIT,
+    past the host's 131,072 buckets. The model's rate there (TIME_WAIT skipped) is not the
+    lever's figure; the figure is what TIME_WAIT allows, as for 5 hosts."""
+    inputs = replace(DEFAULT, lifetime_s=0.05, tw_buckets=131_072)
+    by_name = {lever.name: lever for lever in make_plan(inputs).levers}
+    sources, hosts = by_name["more source addresses"], by_name["more load-generator hosts"]
+    assert sources.applies == {"sources": 5} and hosts.applies == {"hosts": 5}
+    assert sources.max_rate_per_s == pytest.approx(5 * 28232 / 60.05, abs=0.1)
+    assert sources.max_rate_per_s == hosts.max_rate_per_s
+    overflow = replace(inputs, sources=5).model().max_rate_per_s
+    assert sources.overflow_rate_per_s == pytest.approx(overflow, abs=0.1) and overflow > 100_000
+    assert "TCPTimeWaitOverflow" in sources.caveat and hosts.overflow_rate_per_s is None
+
+
+@pytest.mark.parametrize(("hold_s", "compared"), [(60.0, False), (0.2, True)])
+def test_the_sustained_rate_is_compared_only_once_ports_could_have_come_back(
+    hold_s: float, compared: bool
+) -> None:
+    """A 1 s run exhausted at 0.5 s: with TIME_WAIT's 60 s hold no port has come back, so
+    the finding says when one would, not "-100% against the model"; with a 0.2 s reuse
+    delay ports came back during the run, and the two are compared."""
+    from harness.report.html import findings
+
+    summary = exhausted_summary(
+        model_ports=100, model_max_rate_per_s=100 / hold_s, model_hold_s=hold_s,
+        measured_sustained_rate_per_s=0.0 if not compared else 480.0,
+    )  # fmt: skip
+    said = "\n".join(findings(summary))
+    assert ("against the model" in said) is compared
+    if not compared:
+        assert "No port had come back yet" in said and "about 59.5 s later" in said

@@ -3,6 +3,13 @@
 The kernel's (a wider range, TIME_WAIT reuse, a shorter reuse delay: sysctls to
 apply by hand, never applied here) and the code's (more source addresses,
 destinations or hosts, keep-alive or pooling, server-first close).
+
+Each says whether it is practical at the size it needs (:data:`PRACTICAL`, the
+bounds in docs/concepts/capacity.md), and they come ranked: practical ones that
+reach the goal first. A lever's figure never counts on TIME_WAIT overflowing the
+host's ``tcp_max_tw_buckets`` (past them the kernel skips TIME_WAIT and its
+protection): where the model's rate does, the lever shows the rate without it
+and names the other as ``overflow_rate_per_s``.
 """
 
 from __future__ import annotations
@@ -21,9 +28,19 @@ from harness.capacity.port_model import (
 )
 from harness.scenario import ClosePolicy
 
-__all__ = ["FULL_RANGE", "Lever", "fmt_rate", "levers", "ports_text"]
+__all__ = ["FULL_RANGE", "PRACTICAL", "Lever", "fmt_rate", "levers", "ports_text"]
 
 FULL_RANGE = (1024, 65535)  # the widest range the kernel accepts a low end of 1024 for
+
+# How far a code lever goes before no team would take it (docs/concepts/capacity.md):
+# addresses on one host's interfaces (clouds cap secondary addresses per interface at
+# 15 to 50), destinations a client can spread over (listeners, VIPs, backends), hosts
+# generating one service's traffic, requests per kept-alive connection (nginx's
+# keepalive_requests default)
+PRACTICAL = {"sources": 16, "destinations": 32, "hosts": 16, "requests_per_connection": 1000}
+# the shortest tcp_tw_reuse_delay to advise: ten long round trips, so old segments of
+# the last connection on a 4-tuple are gone before PAWS has to tell them apart
+PRACTICAL_REUSE_DELAY_MS = 100
 
 
 @dataclass(frozen=True)
@@ -39,6 +56,11 @@ class Lever:
     caveat: str = ""
     applies: dict[str, Any] = field(default_factory=dict)  # the PlanInputs it changes
     soft_rate_per_s: float | None = None  # where connects slow down with it; None: never
+    practical: bool = True  # False: it needs more than PRACTICAL allows (``limit`` says)
+    limit: str = ""  # why it is not practical, and what the practical bound gives
+    # the rate with TIME_WAIT overflowing tcp_max_tw_buckets, when that is higher than
+    # ``max_rate_per_s`` (which never counts on it); None: no overflow at this rate
+    overflow_rate_per_s: float | None = None
 
 
 @dataclass(frozen=True)
@@ -63,7 +85,9 @@ class _Trial:
 
 
 def levers(inputs: PlanInputs, model: CapacityModel) -> list[Lever]:
-    """Every lever that applies to this setup, kernel's first."""
+    """Every lever that applies to this setup: the practical ones that reach the goal
+    first, then the practical ones that fall short, then the rest; kernel's first in
+    each."""
     trial = _Trial(inputs, model)
     found: list[Lever | None] = [
         _wider_range(trial),
@@ -74,7 +98,29 @@ def levers(inputs: PlanInputs, model: CapacityModel) -> list[Lever]:
         _pooling(trial),
         _server_close(trial),
     ]
-    return [_with_soft(trial, lever) for lever in found if lever is not None]
+    ready = [_without_overflow(trial, _with_soft(trial, lever)) for lever in found if lever]
+    return sorted(ready, key=lambda lever: (not lever.practical, not lever.reaches_goal))
+
+
+def _without_overflow(trial: _Trial, lever: Lever) -> Lever:
+    """The lever's rate as TIME_WAIT keeps it: where the model's rate holds only because
+    closes past tcp_max_tw_buckets skip TIME_WAIT, that rate is named, not counted."""
+    if trial.inputs.tw_buckets is None or not lever.applies:
+        return lever
+    held = trial.rate_with(tw_buckets=None, **lever.applies)
+    overflow = lever.max_rate_per_s
+    if held is None or (overflow is not None and (_round(held) or 0) >= overflow):
+        return lever
+    return replace(
+        lever,
+        max_rate_per_s=_round(held),
+        reaches_goal=trial.reaches(held),
+        overflow_rate_per_s=overflow,
+        caveat=(lever.caveat + "; " if lever.caveat else "")
+        + f"past the host's tcp_max_tw_buckets ({trial.inputs.tw_buckets:,}) the kernel"
+        f" skips TIME_WAIT (TCPTimeWaitOverflow) and gives {fmt_rate(overflow)}: a rate that"
+        " holds only by dropping TIME_WAIT's guard against old segments, not one to plan on",
+    )
 
 
 def _with_soft(trial: _Trial, lever: Lever) -> Lever:
@@ -175,6 +221,8 @@ def _shorter_delay(trial: _Trial) -> Lever | None:
     if delay_ms is None or delay_ms >= current or trial.reaches(reuse_rate):
         return None
     rate = trial.rate_with(tw_reuse=1, timestamps=1, reuse_delay_ms=delay_ms)
+    floor = PRACTICAL_REUSE_DELAY_MS
+    at_floor = trial.rate_with(tw_reuse=1, timestamps=1, reuse_delay_ms=floor)
     return Lever(
         "kernel",
         "shorter reuse delay",
@@ -185,6 +233,11 @@ def _shorter_delay(trial: _Trial) -> Lever | None:
         {"net.ipv4.tcp_tw_reuse": "1", "net.ipv4.tcp_tw_reuse_delay": str(delay_ms)},
         "keep it well above the path's round trip: PAWS needs the old segments gone",
         {"tw_reuse": 1, "timestamps": 1, "reuse_delay_ms": delay_ms},
+        practical=delay_ms >= floor,
+        limit=""
+        if delay_ms >= floor
+        else f"a {delay_ms} ms reuse delay is shorter than is safe on most paths"
+        f" ({floor} ms: {fmt_rate(at_floor)})",
     )
 
 
@@ -216,28 +269,47 @@ def _more_paths(trial: _Trial) -> list[Lever]:
         per_unit = model.ports / current_n / model.busy_s
         n = max(current_n + 1, math.ceil(trial.goal / per_unit))
         rate = trial.rate_with(**{attr: n})
+        bound = PRACTICAL[attr]
+        limit = ""
+        if n > bound:
+            at_bound = trial.rate_with(tw_buckets=None, **{attr: max(bound, current_n)})
+            limit = f"{n:,} {attr} is past what is practical ({bound}: {fmt_rate(at_bound)})"
         out.append(
             Lever(
-                "code", name, code.format(n=n), _round(rate), trial.reaches(rate), applies={attr: n}
+                "code",
+                name,
+                code.format(n=f"{n:,}"),
+                _round(rate),
+                trial.reaches(rate),
+                applies={attr: n},
+                practical=n <= bound,
+                limit=limit,
             )
         )
     return out
 
 
 def _pooling(trial: _Trial) -> Lever | None:
-    limit = trial.model.max_rate_per_s
+    # as TIME_WAIT holds the ports: the base rate never counts on overflowing buckets
+    limit = trial.rate_with(tw_buckets=None)
     if not limit:
         return None
     per_connection = max(2, math.ceil(trial.goal / limit))
     soft = trial.model.soft_rate_per_s  # fewer new connections on the same ports
+    bound = PRACTICAL["requests_per_connection"]
     return Lever(
         "code",
         "keep-alive or pooling",
-        f"reuse each connection for {per_connection} or more requests (HTTP keep-alive,"
+        f"reuse each connection for {per_connection:,} or more requests (HTTP keep-alive,"
         " a connection pool): new connections/s fall by that factor",
         _round(limit * per_connection),
         True,
         soft_rate_per_s=_round(soft * per_connection if soft is not None else None),
+        practical=per_connection <= bound,
+        limit=""
+        if per_connection <= bound
+        else f"{per_connection:,} requests per connection is past what is practical"
+        f" ({bound:,}: {fmt_rate(limit * bound)})",
     )
 
 

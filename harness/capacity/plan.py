@@ -23,7 +23,16 @@ from harness.scenario import ClosePolicy, Protocol, Scenario
 if TYPE_CHECKING:  # only its attributes are read: capacity/ needs nothing of report/ to run
     from harness.summary import ObserveSummary, Summary
 
-__all__ = ["Lever", "Plan", "PlanInputs", "from_kernel", "from_run", "make_plan", "render_text"]
+__all__ = [
+    "Lever",
+    "Plan",
+    "PlanInputs",
+    "from_kernel",
+    "from_run",
+    "make_plan",
+    "past_every_practical_lever",
+    "render_text",
+]
 
 
 @dataclass(frozen=True)
@@ -199,8 +208,9 @@ def _round(value: float | None, digits: int = 1) -> float | None:
 
 
 def _snippet(inputs: PlanInputs, levers: list[Lever]) -> str:
-    """A sysctl.d file: the first kernel lever that reaches the goal, else all of them."""
-    kernel = [lever for lever in levers if lever.kind == "kernel"]
+    """A sysctl.d file: the first practical kernel lever that reaches the goal, else every
+    practical one."""
+    kernel = [lever for lever in levers if lever.kind == "kernel" and lever.practical]
     chosen = [next((lever for lever in kernel if lever.reaches_goal), None)]
     picks = [lever for lever in chosen if lever] or kernel
     if not picks:
@@ -230,6 +240,8 @@ def _snippet(inputs: PlanInputs, levers: list[Lever]) -> str:
 
 def _lever_lines(lever: Lever) -> list[str]:
     mark = "reaches the goal" if lever.reaches_goal else "not enough"
+    if not lever.practical:
+        mark = f"impractical: {lever.limit}"
     soft = (
         f"; slow connects above {fmt_rate(lever.soft_rate_per_s)}"
         if lever.soft_rate_per_s is not None
@@ -278,12 +290,33 @@ def render_text(plan: Plan, measured: Measured | None = None) -> str:
         lines += ["", "model against this run:"]
         for name, (model, seen) in measured.items():
             lines.append(f"  {name:<32} model {_fmt(model):>12}  measured {_fmt(seen):>12}")
-    lines += ["", "levers (each alone):"]
+    lines += ["", "levers (each alone, the practical ones that reach the goal first):"]
     for lever in plan.levers:
         lines += _lever_lines(lever)
+    beyond = past_every_practical_lever(plan)
+    if beyond:
+        lines += ["", beyond]
     if plan.sysctl_snippet:
         lines += ["", plan.sysctl_snippet.rstrip()]
     return "\n".join(lines) + "\n"
+
+
+def past_every_practical_lever(plan: Plan) -> str | None:
+    """One line when no practical lever reaches the goal (a load made to exhaust, or one
+    far past this setup), with the most that one gives; None when one does."""
+    practical = [lever for lever in plan.levers if lever.practical]
+    if plan.meets_goal or any(lever.reaches_goal for lever in practical):
+        return None
+    best = max(
+        (lever for lever in practical if lever.max_rate_per_s is not None),
+        key=lambda lever: lever.max_rate_per_s or 0.0,
+        default=None,
+    )
+    most = f": the most one gives is {fmt_rate(best.max_rate_per_s)} ({best.name})" if best else ""
+    return (
+        f"The offered {plan.inputs.rate:,.0f}/s is past every practical lever{most}."
+        " Combine them, pool connections, or take the rate as a test of exhaustion."
+    )
 
 
 def _soft_line(plan: Plan) -> str:

@@ -11,7 +11,7 @@ from pathlib import Path
 import jinja2
 from matplotlib.figure import Figure
 
-from harness.capacity.plan import from_run, make_plan
+from harness.capacity.plan import Plan, from_run, make_plan, past_every_practical_lever
 from harness.files import atomic_write
 from harness.report.cliff import cliff_findings, slowed
 from harness.report.figures import (
@@ -61,28 +61,35 @@ def recommendations(summary: Summary, scenario: Scenario) -> list[str]:
     if not summary.capacity.model_ports:
         return []
     inputs, _ = from_run(summary, scenario)
-    plan = make_plan(inputs)
-    if plan.meets_goal and not summary.exhaustion.exhausted:
+    return recommendations_from_plan(make_plan(inputs), summary.exhaustion.exhausted)
+
+
+def recommendations_from_plan(plan: Plan, exhausted: bool) -> list[str]:
+    """The plan's advice in sentences: the practical levers that reach the goal, or one
+    line when none does."""
+    inputs = plan.inputs
+    if plan.meets_goal and not exhausted:
         if plan.max_rate_per_s is None or plan.headroom is None:
             return [f"No client-side port limit at {inputs.rate:,.0f}/s: nothing to change."]
         return [
             f"The setup sustains {plan.max_rate_per_s:,.0f}/s, {plan.headroom:+.0%} over the"
             f" {inputs.rate:,.0f}/s offered: nothing to change for this load."
         ]
+    beyond = past_every_practical_lever(plan)
+    if beyond:
+        return [beyond + " (eph plan --from RUN_DIR lists each lever with its figure.)"]
     out = [
         f"To sustain the offered {inputs.rate:,.0f}/s (the model's ceiling here:"
         f" {plan.max_rate_per_s or 0:,.0f}/s), any one of these:"
     ]
     for lever in plan.levers:
-        if lever.reaches_goal:
+        if lever.reaches_goal and lever.practical:
             rate = (
                 "no client-side port limit"
                 if lever.max_rate_per_s is None
                 else f"{lever.max_rate_per_s:,.0f}/s"
             )
             out.append(f"[{lever.kind}] {lever.name}, up to {rate}: {lever.change}.")
-    if len(out) == 1:
-        out.append("No single change reaches it; combine them (see eph plan --from RUN_DIR).")
     return out
 
 
@@ -280,11 +287,19 @@ def _kernel_findings(summary: Summary) -> list[str]:
         kernel = time_wait.kernel_tw_recycled
         text = f"Reuse out of TIME_WAIT: {time_wait.reused_connections} connections"
         out.append(text + (f", kernel TWRecycled {kernel}." if kernel is not None else "."))
-    out.extend(_capacity_findings(summary.capacity))
+    out.extend(_capacity_findings(summary.capacity, summary))
     return out
 
 
-def _capacity_findings(capacity: Capacity) -> list[str]:
+def _after_exhaustion_s(summary: Summary | None) -> float | None:
+    """How long the run went on after its first failure for want of a port."""
+    if summary is None or not summary.exhaustion.exhausted:
+        return None
+    first = summary.exhaustion.first_failure_s
+    return None if first is None else max(0.0, summary.duration_s - first)
+
+
+def _capacity_findings(capacity: Capacity, summary: Summary | None = None) -> list[str]:
     if capacity.model_ports is None:
         return []
     limit, hold = capacity.model_max_rate_per_s, capacity.model_hold_s
@@ -301,7 +316,18 @@ def _capacity_findings(capacity: Capacity) -> list[str]:
         f" {capacity.measured_rate_per_s}/s on average."
     ]
     sustained = capacity.measured_sustained_rate_per_s
-    if sustained is not None and limit:
+    after = _after_exhaustion_s(summary)
+    if sustained is not None and limit and after is not None and after < hold:
+        # the model's rate is the long run's, in which each port comes back after its
+        # hold: a run that ended sooner has seen none come back, so there is no comparing
+        out.append(
+            f"After exhaustion the rate fell to {sustained:,.0f}/s. No port had come back"
+            f" yet: each is held {hold:g} s after its close and the run ended {after:.3g} s"
+            f" after the first failure, so the first would have come back about"
+            f" {hold - after:.3g} s later. The model's {limit:,.0f}/s is the rate once they"
+            " do: run longer than the hold to compare them."
+        )
+    elif sustained is not None and limit:
         out.append(
             f"After exhaustion the rate settled at {sustained:,.0f}/s,"
             f" {sustained / limit - 1:+.1%} against the model."
