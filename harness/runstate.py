@@ -71,6 +71,8 @@ class RunState(BaseModel):
     """When the load started (wall clock)."""
     load_ended_at: float | None = None
     """When the load ended (wall clock): with ``load_started_at``, the load's window."""
+    locust_launched_at: float | None = None
+    """When eph launched Locust (wall clock): to the first record, the load's start-up."""
     clock_offset_ns: int | None = None
     """Wall clock minus CLOCK_MONOTONIC on the run's host: maps record stamps to wall time."""
     expected_workers: int | None = None

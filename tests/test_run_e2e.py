@@ -98,6 +98,10 @@ def test_run_conserves_and_time_wait_lands_by_policy(
     assert conns["succeeded"] > 100 and conns["failed"] == 0, conns
     assert not conns["io_errors"], conns
 
+    # the load's start-up, measured: Locust launched, then the first connect, then the end
+    startup = summary["startup"]
+    assert 0 < startup["launched_to_first_attempt_s"] < startup["launched_to_end_s"], startup
+
     # nothing lost: file rows == attempts == Locust's count; successes == listener accepts
     assert pq.read_metadata(out / "connections.parquet").num_rows == conns["attempted"]
     cons = summary["conservation"]
@@ -132,6 +136,24 @@ def test_run_conserves_and_time_wait_lands_by_policy(
         assert html.count("data:image/png;base64,") >= 2
     assert (out / "locust_stats.csv").exists()
     assert not list((out / "parts").iterdir()), "parts are merged and removed"
+
+
+def test_a_run_shorter_than_its_start_up_says_it_never_started_and_how_long_it_had(
+    tmp_path: Path,
+) -> None:
+    """10 ms with two Locust processes: the load ends before either forks and starts its
+    engine. Not a silent "0 attempted": a finding names it, with the time Locust had."""
+    scenario = _scenario(tmp_path, engine="uvloop", duration="10ms", extra="processes = 2")
+    out = tmp_path / "run"
+    result = eph(["run", str(scenario), "--out", str(out)], cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = run_dir_summary(out)
+    assert summary["connections"]["attempted"] == 0
+    startup = summary["startup"]
+    assert startup["launched_to_first_attempt_s"] is None and startup["launched_to_end_s"] > 0
+    said = " ".join((result.stdout + result.stderr).split())  # rich wraps its lines
+    assert "never started: No connection was attempted" in said, said[-3000:]
+    assert f"launched {startup['launched_to_end_s']:.3g} s before the end" in said
 
 
 @pytest.mark.paced  # the paced rate, shared by two processes

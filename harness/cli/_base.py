@@ -158,6 +158,12 @@ def print_result(run_dir: Path, summary: Summary, *, report: bool = True) -> Non
         )
     if summary.crash is not None:
         console.print(f"[red]crashed[/]: {summary.crash.finding()}")
+    if conns.attempted == 0 and not summary.interrupted:
+        from harness.report.html import findings
+
+        said = [line for line in findings(summary) if line.startswith("No connection was")]
+        for line in said:
+            console.print(f"[yellow]never started[/]: {line}", soft_wrap=True)
     for worker in summary.distributed.missing if summary.distributed else []:
         console.print(f"[yellow]missing worker[/]: {worker.finding()}")
     conservation = summary.conservation

@@ -251,6 +251,20 @@ _STOP_REASONS = {
 def _stop_findings(summary: Summary) -> list[str]:
     if summary.crash is not None:
         return [summary.crash.finding()]
+    startup = summary.startup
+    if summary.connections.attempted == 0 and not summary.interrupted:
+        ran = (
+            f" (Locust was launched {startup.launched_to_end_s:.3g} s before the end)"
+            if startup is not None and startup.launched_to_end_s is not None
+            else ""
+        )
+        return [
+            f"No connection was attempted: the load lasted {summary.duration_s:.3g} s and"
+            f" ended before any engine made its first connect{ran}. Locust starts, forks"
+            " its processes (load.processes), and each engine starts its users first:"
+            " give duration a few seconds more than that (a run that connects says how"
+            " long it took in summary.startup)."
+        ]
     out = []
     if summary.interrupted:
         out.append("The run was interrupted before its planned duration.")

@@ -36,7 +36,7 @@ from harness.run.readings import collector_kernel, locust_request_count, read_sa
 from harness.rundir import HOSTS_DIR, RunDir
 from harness.runstate import RunState, read_state
 from harness.scenario import Protocol, Scenario
-from harness.summary import Kernel, Listener, PriorRun, Service, Summary, validated
+from harness.summary import Kernel, Listener, PriorRun, Service, Startup, Summary, validated
 
 __all__ = ["finalize", "load_run", "rerender"]
 
@@ -81,6 +81,7 @@ def finalize(
     )
     summary = _summarize(run, records, setup, facts)
     _add_run_notes(run, summary, stop_reason, expected_workers, hosts)
+    summary.startup = _startup(run, records)
     samples = read_samples(run.path / "samples.parquet")
     server_samples = read_samples(run.path / "server" / "samples.parquet")
     summary = analyze(records, samples, setup, summary, server_samples, hosts)
@@ -282,6 +283,23 @@ def _add_run_notes(
         summary.service = validated(Service, service, run.path / "service.json")
     if expected_workers is not None:
         summary.distributed = account_for_workers(run.path, summary, expected_workers, hosts)
+
+
+def _startup(run: RunDir, records: Held | OnDisk) -> Startup | None:
+    """From eph launching Locust (``state.json``) to the first record, and to the load's
+    end: how long the engines took to start, measured in this run."""
+    state = read_state(run.path)
+    if state is None or state.locust_launched_at is None:
+        return None
+    launched = state.locust_launched_at
+    first_ns = scan_records(records).first_ns if records.num_rows else None
+    first = (
+        round((first_ns + state.clock_offset_ns) / 1e9 - launched, 3)
+        if first_ns is not None and state.clock_offset_ns is not None
+        else None
+    )
+    end = round(state.load_ended_at - launched, 3) if state.load_ended_at is not None else None
+    return Startup(launched_to_first_attempt_s=first, launched_to_end_s=end)
 
 
 def _kernel_is_ours(path: Path, setup: Scenario, hosts: list[HostSamples]) -> bool:

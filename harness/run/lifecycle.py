@@ -168,12 +168,17 @@ def _run_children(
         run.write_scenario(scenario, replace=True)
         collectors = start_collectors(supervisor, scenario, run, placement)
         tracing = start_trace(supervisor, run.path, placement.load_netns) if trace else None
+        launched = time.time()
         locust = start_locust(supervisor, scenario, run, placement, locust_args, master, web)
         start_timeout = START_TIMEOUT + (master.wait if master is not None else 0.0)
         outcome.load_started = _wait_for_start(locust, run, interrupt, start_timeout)
         outcome.started_at = time.time()
         write_state(
-            run.path, Phase.LOADING, load_started_at=time.time(), clock_offset_ns=clock_offset_ns()
+            run.path,
+            Phase.LOADING,
+            load_started_at=time.time(),
+            clock_offset_ns=clock_offset_ns(),
+            locust_launched_at=launched,
         )
         outcome.stop_reason = _wait_for_end(
             locust, run, scenario, outcome.load_started, interrupt, progress, collectors

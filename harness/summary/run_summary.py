@@ -37,6 +37,7 @@ from harness.summary.sections import (
     SamplesInfo,
     Section,
     Service,
+    Startup,
     TimeWait,
     Tuples,
 )
@@ -101,6 +102,8 @@ class Summary(Section):
     listener: Listener | None = None
     conservation: Conservation
     stop_reason: str | None = None
+    startup: Startup | None = None
+    """From eph launching Locust to the first attempt, and to the load's end."""
     service: Service | None = None
     distributed: Distributed | None = None
     samples: SamplesInfo | None = None

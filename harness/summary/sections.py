@@ -37,6 +37,7 @@ __all__ = [
     "SamplesInfo",
     "Section",
     "Service",
+    "Startup",
     "TimeWait",
     "TupleExample",
     "Tuples",
@@ -183,6 +184,16 @@ class Listener(_Reported):
     """HTTP requests answered (an HTTP listener)."""
     bad_requests: int | None = None
     """HTTP requests that did not parse, answered with a 400 and a close."""
+
+
+class Startup(Section):
+    """How long the load took to start: from eph launching Locust to the first attempt
+    (Locust starts, forks its processes, each engine starts and spawns its users)."""
+
+    launched_to_first_attempt_s: float | None
+    """None: no attempt was made."""
+    launched_to_end_s: float | None
+    """From the launch to the load's end: what the engines had."""
 
 
 class Conservation(Section):
