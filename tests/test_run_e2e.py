@@ -350,6 +350,41 @@ def test_listen_reports_accepts_as_json_on_sigterm(tmp_path: Path) -> None:
     assert final["accepted"] == 25 and final["loop_errors"] == 0
 
 
+SLOW_START = """
+import time
+from harness.locustfile import *  # eph's locustfile, then a start as slow as a busy host's
+started = time.monotonic()
+while time.monotonic() - started < 2.5:
+    pass
+"""
+
+
+def test_a_slow_start_does_not_cut_locusts_run_time_short(tmp_path: Path) -> None:
+    """2.5 s of busy start-up (imports on a loaded CI host took that long), then -t 2s:
+    gevent's loop clock was 2.5 s behind, so Locust's run-time timer fired at once and
+    the run ended with 0 requests and no summary. Now the run lasts its 2 s."""
+    import sys
+
+    locustfile = tmp_path / "slow_locustfile.py"
+    locustfile.write_text(SLOW_START)
+    scenario = _scenario(tmp_path, engine="locust", endpoints='["127.0.0.1:9"]')
+    run_dir = tmp_path / "direct"
+    env = {"EPH_SCENARIO": str(scenario), "EPH_RUN_DIR": str(run_dir), "PATH": "/usr/bin:/bin",
+           "PYTHONPATH": str(ROOT)}  # fmt: skip
+    started = time.monotonic()
+    result = subprocess.run(
+        [sys.executable, "-m", "locust", "-f", str(locustfile), "--headless", "-u", "2",
+         "-r", "2", "-t", "2s", "--only-summary"],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    took = time.monotonic() - started
+    assert result.returncode in (0, 1), result.stderr[-3000:]  # 1: Locust's failures (refused)
+    assert "--run-time limit reached" in result.stderr
+    assert took >= 2.5 + 2.0  # the start-up, then the whole run time
+    summary = run_dir_summary(run_dir)
+    assert summary["connections"]["attempted"] > 0 and summary["duration_s"] >= 1.5
+
+
 def test_locustfile_runs_under_plain_locust(tmp_path: Path) -> None:
     """``locust -f harness/locustfile.py`` with the usual flags records a full run directory."""
     import sys

@@ -26,6 +26,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import gevent
 from locust import events
 from locust.env import Environment
 from locust.runners import STATE_RUNNING, STATE_SPAWNING, MasterRunner, WorkerRunner
@@ -73,6 +74,10 @@ class LocustHooks:
         events.quit.add_listener(self.on_quit)
 
     def on_init(self, environment: Environment, **_: Any) -> None:
+        # gevent's loop keeps the time of its last turn: after a slow start (imports on
+        # a busy host) it is seconds behind, and Locust's --run-time timer, set next,
+        # fired at once (0 requests in a "2 s" run, seen under CI load)
+        gevent.get_hub().loop.update_now()
         # quitting fires its listeners newest first, and the master runner's own, which
         # quits at once, is added when the runner is made: add ours after that
         events.quitting.add_listener(self.on_quitting)
