@@ -217,3 +217,39 @@ def test_cli_end_to_end_says_what_is_wrong(tmp_path: Path) -> None:
     assert mixed.returncode == 2 and "--port-range: the client host's setup" in mixed.stderr
     alone = eph(["plan", "--rate", "5", "--nat-addresses", "2"], cwd=tmp_path)
     assert alone.returncode == 2 and "need --nat" in alone.stderr
+
+
+def _nat_run(tmp_path: Path, scenario_text: str) -> Path:
+    """A run directory as a NAT lab leaves it, as far as the plan reads: the scenario
+    and a summary with the offered rate and the connections' measured lifetime."""
+    from harness.summary import Capacity
+
+    from .tables import exhausted_summary
+
+    run = tmp_path / "run"
+    run.mkdir()
+    scenario = parse_scenario(scenario_text)
+    (run / "scenario.json").write_text(json.dumps(scenario.to_json()))
+    summary = exhausted_summary()
+    summary.capacity = Capacity(offered_rate_per_s=300.0, model_lifetime_s=0.05)
+    (run / "summary.json").write_text(json.dumps(summary.to_json()))
+    return run
+
+
+def test_cli_plans_a_nat_lab_run_from_its_directory(tmp_path: Path) -> None:
+    """eph plan --from RUN --nat reads the run's [lab.nat], offered rate and measured
+    lifetime, as --scenario reads a scenario's; the options still win."""
+    run = _nat_run(tmp_path, NAT_SCENARIO)
+    runner = CliRunner()
+    data = json.loads(runner.invoke(cli, ["plan", "--from", str(run), "--nat", "--json"]).output)
+    inputs = data["inputs"]
+    assert inputs["rate"] == 300.0 and inputs["lifetime_s"] == 0.05
+    assert (inputs["ports"], inputs["addresses"], inputs["destinations"]) == (64, 2, 2)
+    over = runner.invoke(cli, ["plan", "--from", str(run), "--nat", "--rate", "10", "--json"])
+    assert json.loads(over.output)["inputs"]["rate"] == 10.0
+    (tmp_path / "single").mkdir()
+    single = _nat_run(tmp_path / "single", 'name = "s"\n[target]\nendpoints = ["192.0.2.1:80"]\n')
+    refused = runner.invoke(cli, ["plan", "--from", str(single), "--nat"])
+    assert refused.exit_code == 2 and 'not "nat"' in refused.output
+    both = runner.invoke(cli, ["plan", "--from", str(run), "--nat", "--scenario", str(run)])
+    assert both.exit_code == 2 and "give one" in both.output

@@ -37,7 +37,6 @@ CLIENT_ONLY = {
     "loopback": "--loopback",
     "hosts": "--hosts",
     "keep_ports": "--keep-port",
-    "run_dir": "--from",
 }
 
 # the options that describe only the NAT
@@ -139,17 +138,51 @@ def plan_nat(params: dict[str, Any]) -> bool:
             " (plan the client without --nat)"
         )
     given = {name: params[name] for name in ("nat_scenario", "destinations", *_NAT_ONLY)}
-    run_nat_plan(given, params["rate"], params["lifetime"], params["as_json"])
+    rate, lifetime, scenario = params["rate"], params["lifetime"], None
+    if params["run_dir"] is not None:
+        if params["nat_scenario"] is not None:
+            raise click.UsageError("--from and --scenario: give one (the run holds its scenario)")
+        scenario, run_rate, run_lifetime = _from_run(params["run_dir"])
+        rate = rate if rate is not None else run_rate
+        lifetime = lifetime if lifetime is not None else run_lifetime
+    run_nat_plan(given, rate, lifetime, params["as_json"], scenario)
     return True
 
 
+def _from_run(run_dir: Path) -> tuple[Scenario, float | None, float | None]:
+    """A NAT lab run's scenario, its offered (else measured) rate and its connections'
+    measured lifetime: what ``eph plan --from RUN --nat`` plans for."""
+    from harness.scenario import Scenario, Topology
+    from harness.summary import Summary
+
+    try:
+        scenario = Scenario.model_validate(
+            json.loads((run_dir / "scenario.json").read_text(encoding="utf-8"))
+        )
+        summary = Summary.load(run_dir / "summary.json")
+    except (OSError, ValueError) as exc:  # missing, unreadable, or not a run of this eph
+        raise click.UsageError(f"--from {run_dir}: {exc}") from None
+    if scenario.lab.topology is not Topology.NAT:
+        raise click.UsageError(
+            f"--from {run_dir}: a run of lab.topology = {scenario.lab.topology.value!r}, not"
+            ' "nat": --nat plans the router\'s pool (plan the client without --nat)'
+        )
+    rate = summary.capacity.offered_rate_per_s or summary.connections.rate_per_s or None
+    return scenario, rate, summary.capacity.model_lifetime_s
+
+
 def run_nat_plan(
-    given: dict[str, Any], rate: float | None, lifetime: float | None, as_json: bool
+    given: dict[str, Any],
+    rate: float | None,
+    lifetime: float | None,
+    as_json: bool,
+    scenario: Scenario | None = None,
 ) -> None:
-    """``eph plan --nat``: ``given`` holds ``destinations`` and the NAT options."""
+    """``eph plan --nat``: ``given`` holds ``destinations`` and the NAT options; a run's
+    ``scenario`` (--from) stands for --scenario's."""
     from harness.capacity.nat_model import make_nat_plan, render_nat_text
 
-    scenario = _scenario(given.get("nat_scenario"))
+    scenario = scenario or _scenario(given.get("nat_scenario"))
     if rate is None and scenario is not None and scenario.load.rate > 0:
         rate = scenario.load.rate
     if rate is None:
