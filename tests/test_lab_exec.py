@@ -126,3 +126,55 @@ def test_a_tls_listener_hands_its_ca_to_the_command(tmp_path: Path) -> None:
     assert result.returncode == 0, result.stderr
     lines = (out / "exec.stdout").read_text().splitlines()
     assert lines == ["200 1", "200 0", "200 0"], lines
+
+
+NAT_EXEC = r"""
+name = "exec-nat"
+duration = "30s"
+
+[target]
+endpoints = ["127.0.0.1:9000"]
+
+[listener]
+response = "HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
+read_request = true
+close = "wait"
+
+[collector]
+interval = "100ms"
+
+[lab]
+topology = "nat"
+
+[lab.nat]
+ports = [20000, 20019]
+hold_time_wait = true
+tcp_timeout_time_wait = "60s"
+"""
+
+# 40 connections through a 20-port pool that holds each port 60 s after close: the
+# first 20 get through, the NAT drops the SYNs of the rest (curl gives up after 0.3 s)
+THROUGH_THE_NAT = (
+    "bash -c 'ok=0; for i in $(seq 40); do curl -s -o /dev/null --connect-timeout 0.3"
+    ' "http://$EPH_TARGET/$i" && ok=$((ok+1)); done; echo $ok\''
+)
+
+
+def test_a_client_through_the_nat_topology_gets_the_nat_section(tmp_path: Path) -> None:
+    """eph lab --exec in the nat topology samples the router's pool as a run does: the
+    observation's summary and report name the NAT's exhaustion, not the client's ports."""
+    from .conftest import require_tools
+
+    require_tools("nft", "conntrack")
+    scenario = write_scenario(tmp_path / "nat-exec.toml", NAT_EXEC)
+    out = tmp_path / "run"
+    result = eph(["lab", str(scenario), "--exec", THROUGH_THE_NAT, "--out", str(out)], cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert int((out / "exec.stdout").read_text()) == 20
+    nat = json.loads((out / "summary.json").read_text())["nat"]
+    assert nat is not None and nat["exhausted"] is True, nat
+    (pool,) = nat["destinations"]
+    assert pool["peak_in_use"] == 20 and pool["pool_ports"] == 20
+    assert sum(nat["drops"].values()) > 0
+    assert "NAT pool exhausted" in result.stderr  # the findings, echoed
+    assert "NAT pool exhausted" in (out / "report.html").read_text()

@@ -39,7 +39,8 @@ from pathlib import Path
 from harness.errors import RunError, ScenarioError
 from harness.kernel.netns import netns_available
 from harness.lab.topology import build_lab
-from harness.run.placement import start_listener
+from harness.observe.nat_collector import finish_nat
+from harness.run.placement import start_listener, start_nat_collector
 from harness.rundir import RunDir
 from harness.scenario import Scenario
 from harness.scenario.named_inputs import check_command
@@ -111,9 +112,19 @@ def run_exec(
         children = stack.enter_context(Supervisor())  # closes before the namespaces go
         target = _target(children, scenario, run, placement.listener)
         observer = _start_observer(children, scenario, run, placement.load, trace)
+        # the NAT topology's router: its pool sampled as in a run (router/nat.parquet)
+        router = (
+            start_nat_collector(children, scenario, run, placement, scenario.duration + 60)
+            if placement.router
+            else None
+        )
         result = _run_command(children, scenario, run, placement.load, argv, target)
         _settle(scenario)
         children.stop(observer, grace=OBSERVER_STOP_GRACE_S)
+        if router is not None:
+            children.stop(router)
+    if (run.path / "router" / "nat.arrows").exists():
+        finish_nat(run.path / "router")
     run.write_json("exec.json", {**asdict(result), "verdict": result.verdict})
     logger.info("%s", result.verdict)
     return run, result

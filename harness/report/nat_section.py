@@ -119,6 +119,9 @@ def nat_section(
         at = round(float(scan.first_hit_ns - start) / 1e9, 3)
     full = any(d.full_at_s is not None for d in destinations)
     dropped = sum(drops.values()) > 0
+    if at is None and scan.first_ns is None and full and dropped:
+        # no client rows (eph lab --exec without --trace): the pool's own account
+        at = min(d.full_at_s for d in destinations if d.full_at_s is not None)
     exhausted = full and dropped and at is not None
     addresses = ",".join(meta["addresses"])
     sustained = None
@@ -250,10 +253,15 @@ def nat_findings(nat: Nat | None) -> list[str]:
             if nat.client_peak_fraction is not None
             else ""
         )
+        waited = (
+            f": {nat.slow_connects:,} connects took a SYN retransmission{_step_text(nat)} and"
+            f" {nat.connect_timeouts:,} timed out"
+            if nat.slow_connects or nat.connect_timeouts
+            else " (trace the client, --trace, to count the connects that waited)"
+        )
         return [
             f"NAT pool exhausted: {nat.pool}, {where}. From {nat.exhausted_at_s:g} s the NAT"
-            f" dropped SYNs ({drops}): {nat.slow_connects:,} connects took a SYN"
-            f" retransmission{_step_text(nat)} and {nat.connect_timeouts:,} timed out.{client}"
+            f" dropped SYNs ({drops}){waited}.{client}"
             " this is the"
             " NAT's port pool, not the client's ports and not a server outage."
         ]

@@ -21,10 +21,13 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from harness.capacity.nat_model import NatCapacityModel
 from harness.errors import RunDirError
 from harness.observe.store import STATE_COLUMNS
+from harness.records import CONNECTIONS_SCHEMA
 from harness.report.analysis import audit_of, latency_cliff
 from harness.report.disk_sweep import InUse
+from harness.report.nat_section import nat_section
 from harness.report.ondisk import (
     Held,
     OnDisk,
@@ -33,10 +36,12 @@ from harness.report.ondisk import (
     open_records,
     record_batches,
 )
+from harness.scenario import Scenario
 from harness.summary import (
     ExecRecord,
     HostCounters,
     LatencyCliff,
+    Nat,
     ObservedPath,
     ObserveSummary,
     PathExhaustion,
@@ -92,7 +97,28 @@ def summarize_observation(directory: Path) -> ObserveSummary:
         host=_host(host, meta["settings"].get("conntrack_max")),
         exec=_exec(directory),
         traced=_traced(directory, paths),
+        nat=_nat(directory),
     )
+
+
+def _nat(directory: Path) -> Nat | None:
+    """eph lab --exec in the nat topology: the router's pool (``router/nat.parquet``),
+    read with the kernel's rows of the client's connects when traced (then the SYNs that
+    waited or timed out are counted), else from the router's samples alone."""
+    if not (directory / "router" / "nat.parquet").exists():
+        return None
+    traced = directory / "connections.parquet"
+    records = (
+        as_handle(open_records(traced))
+        if traced.exists()
+        else as_handle(CONNECTIONS_SCHEMA.empty_table())
+    )
+    scenario = directory / "scenario.json"
+    hold_s = 0.0
+    if scenario.exists():
+        setup = Scenario.model_validate(json.loads(scenario.read_text(encoding="utf-8")))
+        hold_s = NatCapacityModel.from_scenario(setup, lifetime_s=0.0).hold_s
+    return nat_section(directory, records, hold_s)
 
 
 OPENERS_TOP = 5

@@ -26,6 +26,7 @@ from matplotlib.figure import Figure
 from harness.capacity.port_model import TIME_WAIT_S
 from harness.files import atomic_write
 from harness.observe.store import STATE_COLUMNS
+from harness.report.nat_section import nat_findings
 from harness.summary import ObservedPath, ObserveSummary
 from harness.units import human_duration
 
@@ -50,6 +51,7 @@ def observation_findings(summary: ObserveSummary) -> list[str]:
             f" (its output: {summary.exec.stdout}, {summary.exec.stderr})."
         )
     found += _traced_findings(summary)
+    found += nat_findings(summary.nat)
     ex = summary.exhaustion
     if ex.exhausted and ex.path is not None and ex.first_full_s is not None:
         path = next(p for p in summary.paths if p.label == ex.path)

@@ -48,6 +48,7 @@ __all__ = [
     "preflight_where",
     "start_collectors",
     "start_locust",
+    "start_nat_collector",
 ]
 
 START_TIMEOUT = 60.0  # seconds for Locust to start its test (first start installs nothing)
@@ -282,11 +283,11 @@ def start_collectors(
                 )
             )
     if placement.router:
-        children.append(_start_nat_collector(supervisor, scenario, run, placement, bound))
+        children.append(start_nat_collector(supervisor, scenario, run, placement, bound))
     return children
 
 
-def _start_nat_collector(
+def start_nat_collector(
     supervisor: Supervisor, scenario: Scenario, run: RunDir, placement: Placement, bound: float
 ) -> Child:
     """The router's NAT collector, into ``router/`` of the run directory."""

@@ -8,7 +8,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict
 
-from harness.summary.sections import LatencyCliff, Tuples
+from harness.summary.sections import LatencyCliff, Nat, Tuples
 from harness.summary.summary_error import SummaryError
 
 __all__ = [
@@ -139,6 +139,8 @@ class ObserveSummary(_Model):
     exec: ExecRecord | None = None  # eph lab --exec: the client that was observed
     # with --trace: the kernel's row of every client connection (connections.parquet)
     traced: Traced | None = None
+    # eph lab --exec in the nat topology: the router's pool, as a run's summary has it
+    nat: Nat | None = None
 
     @classmethod
     def read(cls, path: Path) -> ObserveSummary:
