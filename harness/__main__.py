@@ -2,7 +2,9 @@
 
 Ctrl-C or SIGTERM while Python is still importing (nothing started, nothing to
 keep) exits quietly with code 130 instead of a traceback. From then on ``eph``'s
-own handling takes over: a run stops its children and keeps its data.
+own handling takes over: a run stops its children and keeps its data. It leaves
+through :func:`harness.kernel.exit.run_and_exit`: no C++ destructor of pyarrow's
+can abort it once its work is written.
 """
 
 import signal
@@ -17,10 +19,11 @@ def _quiet(signum: int, frame: FrameType | None) -> None:
 def run() -> None:
     previous = {sig: signal.signal(sig, _quiet) for sig in (signal.SIGINT, signal.SIGTERM)}
     from harness.cli import main
+    from harness.kernel.exit import run_and_exit
 
     for sig, handler in previous.items():
         signal.signal(sig, handler)
-    main()
+    run_and_exit(main)
 
 
 if __name__ == "__main__":

@@ -35,6 +35,8 @@ from pathlib import Path
 
 import numpy as np
 
+from harness.kernel.exit import run_and_exit
+
 __all__ = ["BATCH", "MapNotFound", "drain", "find_map", "open_map"]
 
 BATCH = 8192  # keys per syscall: a hash map's batch must hold its fullest bucket
@@ -168,4 +170,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_and_exit(main)

@@ -42,6 +42,7 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from harness.kernel.exit import run_and_exit
 from harness.kernel.parent_death import die_with_parent
 
 __all__ = ["Impairment", "RelayStats", "open_tun", "relay"]
@@ -219,4 +220,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_and_exit(main)

@@ -34,6 +34,7 @@ from typing import BinaryIO, NamedTuple
 
 import numpy as np
 
+from harness.kernel.exit import run_and_exit
 from harness.load.churn import LINGER_RESET, UDP_PAYLOAD, ChurnPlan, Target, make_socket
 from harness.load.cpu_meter import CpuInterval, CpuMeter, cpu_part_path
 from harness.load.fastpath import FRAME_HEADER, CallbackChurn, flush_frame, write_frame
@@ -392,4 +393,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_and_exit(main)

@@ -36,6 +36,7 @@ import pyarrow.parquet as pq
 from harness.endpoints import Endpoint
 from harness.files import atomic_path, read_stream
 from harness.kernel.conntrack import IPS_SRC_NAT, CtState, dump_conntrack, read_conntrack_stats
+from harness.kernel.exit import run_and_exit
 from harness.kernel.parent_death import die_with_parent
 
 __all__ = ["NAT_SCHEMA", "STAT_NAMES", "PoolSampler", "finish_nat", "nat_command"]
@@ -264,4 +265,4 @@ def main(
 
 
 if __name__ == "__main__":
-    main()
+    run_and_exit(main)

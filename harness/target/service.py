@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from harness.files import atomic_write_json
+from harness.kernel.exit import run_and_exit
 from harness.kernel.parent_death import die_with_parent
 from harness.kernel.sockdiag import TcpState, dump_tcp
 
@@ -130,4 +131,4 @@ def _write(out: Path, timeline: dict[str, Any], attempts: list[dict[str, Any]]) 
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    run_and_exit(main)
