@@ -66,13 +66,20 @@ class Child:
     """A process started by a :class:`Supervisor`: its name for logs, stage and grace."""
 
     def __init__(
-        self, name: str, proc: subprocess.Popen[Any], stage: Stage, grace: float, own_group: bool
+        self,
+        name: str,
+        proc: subprocess.Popen[Any],
+        stage: Stage,
+        grace: float,
+        own_group: bool,
+        term_again_s: float | None = None,
     ) -> None:
         self.name = name
         self.proc = proc
         self.stage = stage
         self.grace = grace
         self.own_group = own_group
+        self.term_again_s = term_again_s
 
     def __repr__(self) -> str:
         return f"Child({self.name!r}, pid={self.pid}, {self.stage.name})"
@@ -108,10 +115,16 @@ class Child:
                 os.kill(self.pid, sig)
 
     def _wait(self, deadline: float) -> bool:
-        """Whether it exited by ``deadline`` (monotonic seconds)."""
+        """Whether it exited by ``deadline`` (monotonic seconds); SIGTERM again every
+        ``term_again_s`` meanwhile, if set."""
+        again = None if self.term_again_s is None else time.monotonic() + self.term_again_s
         while self.poll() is None:
-            if time.monotonic() >= deadline:
+            now = time.monotonic()
+            if now >= deadline:
                 return False
+            if again is not None and self.term_again_s is not None and now >= again:
+                self._signal(signal.SIGTERM)
+                again = now + self.term_again_s
             time.sleep(_POLL)
         return True
 
@@ -166,6 +179,7 @@ class Supervisor:
         grace: float = DEFAULT_GRACE,
         death_signal: int = signal.SIGKILL,
         own_group: bool = True,
+        term_again_s: float | None = None,
         env: Mapping[str, str] | None = None,
         stdin: _File = None,
         stdout: _File = None,
@@ -177,7 +191,8 @@ class Supervisor:
         ``own_group``: in a session and process group of its own, so that a Ctrl-C
         at the terminal reaches eph alone (eph stops its children in order) and the
         stop can kill whatever the child forked. ``grace``: seconds from SIGTERM to
-        SIGKILL when it is stopped.
+        SIGKILL when it is stopped. ``term_again_s``: while it has not stopped, SIGTERM
+        again this often (for a program that can miss one: bpftrace 0.17).
         """
         proc: subprocess.Popen[Any] = subprocess.Popen(
             list(args),
@@ -189,7 +204,7 @@ class Supervisor:
             start_new_session=own_group,
             preexec_fn=death_signal_preexec(death_signal),
         )
-        child = Child(name, proc, stage, grace, own_group)
+        child = Child(name, proc, stage, grace, own_group, term_again_s)
         self._running.append(child)
         self._started.append(child)
         logger.debug("started %s (pid %d): %s", name, proc.pid, " ".join(args))
