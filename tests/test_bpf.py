@@ -410,9 +410,15 @@ def test_observe_trace_writes_connections_of_any_client(tmp_path: Path, netns: N
         children.stop(observer, grace=60)
     assert observer.returncode == 0, log.read_text(errors="replace")[-3000:]
     rows = pq.read_table(out / "connections.parquet")
-    assert rows.column("comm").to_pylist() == ["curl"] * 5
-    assert set(rows.column("remote_port").to_pylist()) == {8766}
-    assert json.loads((out / "kernel.json").read_text())["connections"] == 5
+    kernel = json.loads((out / "kernel.json").read_text())
+    # the kernel skips a tracepoint's program while a map syscall holds its CPU (other
+    # tests' drainers, side by side): one row may be missing, and only if a skip was
+    # counted; a recorder that missed everything, and said so, fails
+    said = f"{kernel}\n{log.read_text(errors='replace')[-3000:]}"
+    assert 5 - min(kernel["missed_events"], 1) <= rows.num_rows <= 5, said
+    assert set(rows.column("comm").to_pylist()) <= {"curl"}, said
+    assert set(rows.column("remote_port").to_pylist()) <= {8766}, said
+    assert kernel["connections"] == rows.num_rows
 
 
 def test_without_root_it_says_why_in_one_line(
