@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 import harness
 
@@ -115,3 +118,28 @@ def test_mypy_tells_a_table_from_a_handle_on_a_file(tmp_path: Path) -> None:
     errors = [line for line in checked.stdout.splitlines() if ": error:" in line]
     assert len(errors) == 1, checked.stdout
     assert "confusion.py:7:" in errors[0] and '"OnDisk"; expected "Table"' in errors[0]
+
+
+_THREADS_AFTER_NUMPY = """
+import os, sys
+if sys.argv[1] == "eph":
+    from harness.__main__ import one_blas_thread
+    one_blas_thread()
+import numpy
+print(len(os.listdir("/proc/self/task")))
+"""
+
+
+@pytest.mark.skipif((os.cpu_count() or 1) < 2, reason="OpenBLAS starts one thread per CPU")
+def test_eph_imports_numpy_without_a_blas_thread_per_cpu() -> None:
+    env = {k: v for k, v in os.environ.items() if not k.endswith("_NUM_THREADS")}
+
+    def threads(how: str) -> int:
+        out = subprocess.run(
+            [sys.executable, "-c", _THREADS_AFTER_NUMPY, how],
+            capture_output=True, text=True, env=env, check=True, cwd=ROOT,
+        )  # fmt: skip
+        return int(out.stdout)
+
+    assert threads("plain") > 1  # OpenBLAS's own choice: the subject is real here
+    assert threads("eph") == 1
