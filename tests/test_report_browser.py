@@ -61,6 +61,8 @@ def test_every_figure_loads_and_the_page_is_not_blank(tmp_path: Path) -> None:
     _headless(browser, "--window-size=1200,4000", f"--screenshot={shot}", url)
     pixels = image.imread(shot)[..., :3]
     not_white = (pixels < 0.95).any(axis=-1).mean()
-    colours = len(np.unique((pixels * 255).astype(np.uint8).reshape(-1, 3), axis=0))
+    rgb = (pixels * 255).astype(np.uint32).reshape(-1, 3)
+    # one integer per colour: np.unique(axis=0) on the 4.8M rows took 10.6 s of CPU
+    colours = len(np.unique(rgb[:, 0] << 16 | rgb[:, 1] << 8 | rgb[:, 2]))
     assert not_white > 0.05, f"only {not_white:.1%} of the page is painted"
     assert colours > 100, f"{colours} colours: text only, no plots?"
