@@ -259,12 +259,7 @@ class UvloopChurn:
         if not target.needs_socket_setup:
             _, client = await loop.create_connection(_Client, endpoint.address, endpoint.port)
             return client
-        sock = make_socket(target)
-        try:
-            await loop.sock_connect(sock, endpoint.sockaddr)
-        except BaseException:
-            sock.close()
-            raise
+        sock = await self._connect_tcp(loop, target)
         _, client = await loop.create_connection(_Client, sock=sock)
         return client
 

@@ -24,7 +24,7 @@ from harness.report.figures import (
 from harness.report.http_section import http_findings
 from harness.report.nat_section import nat_findings
 from harness.scenario import Scenario
-from harness.summary import Capacity, Service, Summary
+from harness.summary import Service, Summary
 
 __all__ = ["findings", "recommendations", "render_comparison", "render_report"]
 
@@ -301,19 +301,20 @@ def _kernel_findings(summary: Summary) -> list[str]:
         kernel = time_wait.kernel_tw_recycled
         text = f"Reuse out of TIME_WAIT: {time_wait.reused_connections} connections"
         out.append(text + (f", kernel TWRecycled {kernel}." if kernel is not None else "."))
-    out.extend(_capacity_findings(summary.capacity, summary))
+    out.extend(_capacity_findings(summary))
     return out
 
 
-def _after_exhaustion_s(summary: Summary | None) -> float | None:
+def _after_exhaustion_s(summary: Summary) -> float | None:
     """How long the run went on after its first failure for want of a port."""
-    if summary is None or not summary.exhaustion.exhausted:
+    if not summary.exhaustion.exhausted:
         return None
     first = summary.exhaustion.first_failure_s
     return None if first is None else max(0.0, summary.duration_s - first)
 
 
-def _capacity_findings(capacity: Capacity, summary: Summary | None = None) -> list[str]:
+def _capacity_findings(summary: Summary) -> list[str]:
+    capacity = summary.capacity
     if capacity.model_ports is None:
         return []
     limit, hold = capacity.model_max_rate_per_s, capacity.model_hold_s
