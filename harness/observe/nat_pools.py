@@ -34,6 +34,7 @@ from harness.kernel.conntrack import (
     dump_conntrack,
     read_conntrack_stats,
 )
+from harness.kernel.nft import NFT_RECHECK_S, NatRule, pool_ports, read_nat_rules
 from harness.observe.paths import text_addresses
 
 __all__ = ["NatPoolRow", "NatSampler", "NatSnapshot", "nat_lines", "nat_pools"]
@@ -54,6 +55,12 @@ class NatPoolRow(NamedTuple):
     time_wait: int  # ports held by flows in TIME_WAIT
     low_port: int  # the lowest and highest NAT port seen
     high_port: int
+    pool: int | None = None  # the NAT address's ports by the nftables rules; None: unknown
+
+    @property
+    def pool_used(self) -> float | None:
+        """Ports in use over the pool's (0 to 1), where the rules give the pool."""
+        return None if not self.pool else self.in_use / self.pool
 
 
 class NatSnapshot(NamedTuple):
@@ -127,9 +134,14 @@ class NatSampler:
         stats: Callable[[Path], dict[str, int]] = read_conntrack_stats,
         clock: Callable[[], float] = time.monotonic,
         recheck_s: float = NAT_RECHECK_S,
+        rules: Callable[[], list[NatRule] | str] = read_nat_rules,
     ) -> None:
         self._available, self._dump, self._stats = available, dump, stats
         self._clock, self.recheck_s = clock, recheck_s
+        self._read_rules = rules
+        self._rules: list[NatRule] = []
+        self._rules_at = -math.inf
+        self._rules_said = False
         self._reason: str | None = None
         self._checked = self._said_empty = False
         self._idle_until = -math.inf
@@ -157,8 +169,23 @@ class NatSampler:
                 self._said_empty = True
                 logger.debug("no NAT view: conntrack holds no source-NATed flow (yet)")
             return None
+        rules = self._nat_rules()
+        rows = [r._replace(pool=pool_ports(rules, r.nat_address)) for r in rows]
         ms = (time.perf_counter() - began) * 1000
         return NatSnapshot(rows, growth["insert_failed"], growth["drop"], ms)
+
+    def _nat_rules(self) -> list[NatRule]:
+        """The nftables NAT rules, read again every :data:`NFT_RECHECK_S`."""
+        if self._clock() - self._rules_at >= NFT_RECHECK_S:
+            self._rules_at = self._clock()
+            found = self._read_rules()
+            if isinstance(found, str):
+                if not self._rules_said:
+                    self._rules_said = True
+                    logger.info("NAT pools without their size: %s", found)
+                found = []
+            self._rules = found
+        return self._rules
 
 
 def _growth(last: dict[str, int] | None, now: dict[str, int], name: str) -> int | None:
@@ -178,8 +205,14 @@ def nat_lines(nat: NatSnapshot, rows: int = 5) -> list[str]:
         f" drop {grown(nat.drop)}; sample {nat.sample_ms:.1f} ms"
     ]
     lines += [
-        f"{r.destination} via {r.nat_address}: {r.in_use} ports in use,"
-        f" {r.time_wait} in TIME_WAIT (ports {r.low_port}-{r.high_port})"
+        f"{r.destination} via {r.nat_address}: {r.in_use} ports in use"
+        + (f" of {r.pool} ({r.pool_used:.0%})" if r.pool_used is not None else "")
+        + f", {r.time_wait} in TIME_WAIT (ports {r.low_port}-{r.high_port})"
         for r in nat.rows[:rows]
     ]
+    if any(r.time_wait for r in nat.rows[:rows]):
+        lines.append(
+            "TIME_WAIT entries hold no port on Linux's own SNAT: a new flow takes theirs"
+            " (docs: kernel, NAT)"
+        )
     return lines

@@ -12,7 +12,8 @@ base units (seconds), ratios from 0 to 1, ``_total`` only on counters.
   totals, so ``rate()`` works and a restart of eph is no reset), TIME_WAIT and
   conntrack as gauges.
 - ``eph_nat_*`` on a NAT router: ports per NAT address and destination (the top N
-  as well), and conntrack's insert failures and drops as counters since eph began.
+  as well), the pool's size where nftables' rules give it, and conntrack's insert
+  failures and drops as counters since eph began.
 - ``eph_build_info`` (version, python) and ``eph_sample_duration_seconds``.
 - With ``--trace``: ``eph_connect_failures_total`` by destination and errno, and
   the ``eph_connect_duration_seconds`` histogram by destination, from the kernel's
@@ -223,6 +224,11 @@ class PrometheusView:
         self.nat_time_wait = g(
             "eph_nat_time_wait_entries", "NAT entries in TIME_WAIT (no flow)", _NAT_LABELS
         )
+        self.nat_pool = g(
+            "eph_nat_pool_ports",
+            "Ports the nftables snat or masquerade rule gives the NAT address",
+            _NAT_LABELS,
+        )
         self.host = _HostMetrics()
         self.registry.register(self.host)
         self.traced = _TraceMetrics()
@@ -304,7 +310,11 @@ class PrometheusView:
             shown.add(labels)
             self.nat_ports.labels(*labels).set(row.in_use)
             self.nat_time_wait.labels(*labels).set(row.time_wait)
-        _forget(self._nat_shown - shown, (self.nat_ports, self.nat_time_wait))
+            if row.pool is not None:
+                self.nat_pool.labels(*labels).set(row.pool)
+            else:
+                _forget({labels}, (self.nat_pool,))
+        _forget(self._nat_shown - shown, (self.nat_ports, self.nat_time_wait, self.nat_pool))
         self._nat_shown = shown
 
     def close(self) -> None:

@@ -222,7 +222,7 @@ class Observation:
         for view in self.views:
             view.show(snap, look, host)
         if store is not None:
-            store.write(paths_batch(snap, look), host_batch(snap, counters, sample_ms))
+            store.write(paths_batch(snap, look), host_batch(snap, counters, sample_ms, host.nat))
         return snap.time, counters
 
 

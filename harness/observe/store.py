@@ -21,6 +21,7 @@ import pyarrow.ipc as ipc
 import pyarrow.parquet as pq
 
 from harness.files import atomic_path, read_stream
+from harness.observe.nat_pools import NatSnapshot
 from harness.observe.outlook import Outlook
 from harness.observe.paths import STATES, PathSnapshot
 
@@ -62,6 +63,18 @@ PATHS_SCHEMA = pa.schema(
         ("unattributed", pa.int32()),
     ]
 )
+NAT_TYPE = pa.struct(
+    [
+        ("destination", pa.string()),
+        ("nat_address", pa.string()),
+        ("in_use", pa.int32()),
+        ("time_wait", pa.int32()),
+        ("low_port", pa.int32()),
+        ("high_port", pa.int32()),
+        ("pool", pa.int32()),  # the NAT address's ports by the nftables rules; null: unknown
+    ]
+)
+NAT_ROWS = 50  # destination and NAT address pairs kept per sample
 HOST_SCHEMA = pa.schema(
     [
         ("time", pa.float64()),
@@ -77,6 +90,12 @@ HOST_SCHEMA = pa.schema(
         ("sockstat_tw", pa.int64()),
         ("conntrack_count", pa.int64()),
         ("sample_ms", pa.float32()),
+        # on a NAT router: each destination and NAT address's pool (most in use first,
+        # at most NAT_ROWS), and conntrack's insert_failed and drop since the sample
+        # before; null where there is no NAT view
+        ("nat", pa.list_(NAT_TYPE)),
+        ("nat_insert_failed", pa.int64()),
+        ("nat_drop", pa.int64()),
     ]
 )
 
@@ -116,7 +135,10 @@ def paths_batch(snap: PathSnapshot, look: Outlook) -> pa.RecordBatch:
 
 
 def host_batch(
-    snap: PathSnapshot, counters: dict[str, int | None], sample_ms: float
+    snap: PathSnapshot,
+    counters: dict[str, int | None],
+    sample_ms: float,
+    nat: NatSnapshot | None = None,
 ) -> pa.RecordBatch:
     row: dict[str, list[Any]] = {
         "time": [snap.time],
@@ -124,6 +146,9 @@ def host_batch(
         "sockets": [snap.sockets],
         "usable": [snap.usable],
         "sample_ms": [sample_ms],
+        "nat": [None if nat is None else [r._asdict() for r in nat.rows[:NAT_ROWS]]],
+        "nat_insert_failed": [None if nat is None else nat.insert_failed],
+        "nat_drop": [None if nat is None else nat.drop],
     }
     for name in HOST_SCHEMA.names:
         if name not in row:
