@@ -4,12 +4,17 @@ Kubernetes API's schemas (kubernetes-validate, offline) for the manifest."""
 
 from __future__ import annotations
 
+import os
 import shutil
+import socket
 import subprocess
 import sys
 from pathlib import Path
 
+import pyarrow.parquet as pq
 import pytest
+
+from harness.kernel.namespaces import host_namespaces
 
 from .conftest import ROOT, require_tools
 
@@ -20,11 +25,24 @@ def _run(args: list[str], cwd: Path = ROOT) -> subprocess.CompletedProcess[str]:
     return subprocess.run(args, cwd=cwd, capture_output=True, text=True, timeout=60, check=False)
 
 
+# what the rules must cover: exhaustion soon, past half the range, failed connects
+# (counted and traced), a NAT pool past 90 % and NAT insert failures, conntrack past 75 %
+ALERTS = [
+    "EphPathExhaustionSoon",
+    "EphPathPastHalfRange",
+    "EphConnectFailures",
+    "EphTracedConnectFailures",
+    "EphNatPortsExhausted",
+    "EphNatPoolNearlyFull",
+    "EphConntrackNearlyFull",
+]
+
+
 def test_the_alert_rules_load_in_prometheus() -> None:
     require_tools("promtool")
     done = _run(["promtool", "check", "rules", "eph-rules.yml"], cwd=DEPLOY / "prometheus")
     assert done.returncode == 0, done.stdout + done.stderr
-    assert "SUCCESS: 6 rules found" in done.stdout, done.stdout
+    assert f"SUCCESS: {len(ALERTS)} rules found" in done.stdout, done.stdout
 
 
 def test_each_alert_fires_and_stays_quiet_in_promtools_own_tests() -> None:
@@ -38,7 +56,7 @@ def test_every_alert_has_a_test_of_its_own() -> None:
     rules = (DEPLOY / "prometheus" / "eph-rules.yml").read_text()
     tests = (DEPLOY / "prometheus" / "eph-rules.test.yml").read_text()
     alerts = [line.split(":", 1)[1].strip() for line in rules.splitlines() if "- alert:" in line]
-    assert len(alerts) == 6, alerts
+    assert sorted(alerts) == sorted(ALERTS)
     for alert in alerts:
         assert f"alertname: {alert}" in tests, alert
 
@@ -81,3 +99,32 @@ def test_the_kubernetes_manifest_validates() -> None:
     done = _run([validate, "--strict", str(DEPLOY / "kubernetes" / "eph-observe.yaml")])
     assert done.returncode == 0, done.stdout + done.stderr
     assert "daemonset/eph-observe" in done.stdout + done.stderr
+
+
+@pytest.mark.e2e
+def test_the_daemonsets_arguments_run_as_eph_observe(tmp_path: Path) -> None:
+    """The container's own arguments (every namespace, Prometheus), run for 2 s here:
+    the Prometheus address moved to any free loopback port; --duration, --out and a
+    wide --top added to find this test's own connection among the host's."""
+    manifest = (DEPLOY / "kubernetes" / "eph-observe.yaml").read_text()
+    block = manifest.split("args:\n", 1)[1].split("ports:", 1)[0]
+    args = [line.split("#")[0].strip()[2:].strip() for line in block.splitlines()]
+    args = [a.replace("0.0.0.0:9465", "127.0.0.1:0") for a in args if a]
+    assert args[0] == "observe" and "--all-namespaces" in args and "--duration" not in args
+    eph = Path(sys.executable).with_name("eph")
+    out = tmp_path / "obs"
+    with socket.create_server(("127.0.0.1", 0)) as server:
+        port = server.getsockname()[1]
+        with socket.create_connection(("127.0.0.1", port)), server.accept()[0]:
+            done = _run(
+                [str(eph), *args, "--duration", "2s", "--top", "1000", "--out", str(out),
+                 "--no-report"], cwd=tmp_path,
+            )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert "stopped by duration" in done.stderr
+    rows = pq.read_table(out / "paths.parquet").to_pylist()
+    mine = [r for r in rows if r["remote_port"] == port and r["local"] == "127.0.0.1"]
+    own = os.stat("/proc/self/ns/net").st_ino
+    (label,) = [ns.label for ns in host_namespaces() if ns.inode == own]
+    assert mine and {r["netns"] for r in mine} == {label}
+    assert all(r["label"] == f"{r['netns']}: 127.0.0.1 -> 127.0.0.1:{port}" for r in mine)

@@ -59,7 +59,8 @@ ss = subprocess.run(["ss", "-tuanH"], capture_output=True, text=True, check=True
 
 def dump(s):
     return {"labels": [s.label(i) for i in range(len(s))], "ports": s.ports.tolist(),
-            "states": s.states.tolist(), "new": s.new.tolist(), "usable": s.usable,
+            "states": s.states.tolist(), "new": s.new.tolist(), "usable": s.host_usable,
+            "usable_per_path": s.usable.tolist(),
             "paths_total": s.paths_total, "sockets": s.sockets, "other": s.other,
             "interval": s.interval_s}
 print(json.dumps({"first": dump(first), "second": dump(second), "ss": ss}))
@@ -104,6 +105,7 @@ def test_every_path_matches_ss_and_new_connections_are_counted(netns: Namespace)
     assert ours["udp 127.0.0.1 -> 127.0.0.1:7003"] == 4
     # 1,000 ports, 10 reserved, one listener inside the range
     assert second["usable"] == 989
+    assert set(second["usable_per_path"]) == {989}  # one namespace: every path's
     new = dict(zip(second["labels"], second["new"], strict=True))
     assert new.pop("127.0.0.1 -> 127.0.0.1:7001") == 25
     assert set(new.values()) == {0}

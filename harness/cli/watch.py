@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -236,6 +237,12 @@ def collect(
 )
 @click.option("--no-report", is_flag=True, hidden=True, help="Samples only (eph lab --exec).")
 @click.option(
+    "--all-namespaces",
+    is_flag=True,
+    help="Every network namespace of the host, not only this one (each pod on a"
+    " Kubernetes node), each path with its namespace and that namespace's range (root).",
+)
+@click.option(
     "--trace",
     is_flag=True,
     help="With --out: record every client connection from the kernel (eBPF, root) into"
@@ -254,6 +261,7 @@ def observe(
     plain: bool,
     no_owners: bool,
     no_report: bool,
+    all_namespaces: bool,
     trace: bool,
 ) -> None:
     """Watch every client path of this host: ports held per destination, and how long
@@ -271,6 +279,10 @@ def observe(
         raise click.UsageError("--trace writes connections.parquet: give --out DIR")
     if keep is not None and out is None:
         raise click.UsageError("--keep bounds what --out keeps: give --out DIR")
+    if all_namespaces and os.geteuid() != 0:
+        raise click.UsageError(
+            "--all-namespaces enters each namespace (setns): it needs root (CAP_SYS_ADMIN)"
+        )
     retention = None
     if keep is not None:
         retention = Retention(rotate_s=rotate, keep_s=keep[0], keep_bytes=keep[1])
@@ -285,7 +297,7 @@ def observe(
 
         endpoint = Endpoint.parse(prometheus, allow_port_zero=True)
         try:
-            server = PrometheusView(endpoint.host, endpoint.port)
+            server = PrometheusView(endpoint.host, endpoint.port, netns=all_namespaces)
         except OSError as exc:
             raise click.UsageError(f"--prometheus {prometheus}: {exc.strerror or exc}") from None
         host, port = server.address
@@ -314,6 +326,7 @@ def observe(
         owners=not no_owners,
         retention=retention,
         resume=resume,
+        all_namespaces=all_namespaces,
     )
     observation.run()
     click.echo(

@@ -67,7 +67,7 @@ class PortsFeed:
                 {
                     "path": snap.label(i),
                     "ports": int(snap.ports[i]),
-                    "usable": snap.usable,
+                    "usable": int(snap.usable[i]),
                     "occupancy": f"{snap.occupancy[i]:.1%}",
                     "states": ", ".join(
                         f"{st.name} {n}" for st, n in zip(STATES, states, strict=True) if n

@@ -23,22 +23,42 @@ work; nothing per socket in Python:
   listeners hold inside it;
 - the top ``top`` paths by ports held, and every other path summed as one
   ``other`` row, so a host with 100,000 sockets still gives a few rows.
+
+With ``namespaces`` (``eph observe --all-namespaces``) a sample is one dump per
+network namespace, taken inside it by a helper thread
+(:class:`harness.kernel.namespaces.NamespaceThread`), each with its own range,
+reserved and listening ports; the client rows of all of them are then grouped in
+one pass, the namespace being part of each path. The cost grows with sockets and
+namespaces, never with namespaces times the range. Socket cookies and inodes are
+the host's, so new sockets and owners need nothing per namespace.
 """
 
 from __future__ import annotations
 
 import socket
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 
+from harness.capacity.port_model import reserved_spans
 from harness.kernel.counters import ipv6_sockets_unseen
+from harness.kernel.namespaces import NamespaceThread, NetNamespace, host_namespaces
 from harness.kernel.sockdiag import DIAG_DTYPE, TcpState, dump_sockets
 from harness.observe.owners import OwnerIndex, PortOwner
 
-__all__ = ["STATES", "PathSampler", "PathSnapshot", "group_paths", "text_addresses", "usable_ports"]
+__all__ = [
+    "STATES",
+    "NamespaceDump",
+    "PathSampler",
+    "PathSnapshot",
+    "dump_here",
+    "group_paths",
+    "text_addresses",
+    "usable_ports",
+]
 
 # the states a client socket can hold a port in, in the order of PathSnapshot.states' columns
 STATES = (
@@ -57,6 +77,35 @@ for _i, _s in enumerate(STATES):
     _STATE_COLUMN[int(_s)] = _i
 
 TCP, UDP = socket.IPPROTO_TCP, socket.IPPROTO_UDP
+NAMESPACES_REFRESH_S = 10.0  # the host's namespaces, looked up again this often
+PROC_SYS_IPV4 = Path("/proc/sys/net/ipv4")  # the calling thread's namespace's
+
+
+@dataclass
+class NamespaceDump:
+    """One namespace's sockets, and the settings that say which of them are clients."""
+
+    tcp: np.ndarray  # DIAG_DTYPE
+    udp: np.ndarray | None
+    port_range: tuple[int, int]
+    reserved: Sequence[tuple[int, int]] = ()
+    label: str | None = None  # with every namespace: which one
+
+
+def dump_here(udp: bool = True, proc: Path = Path("/proc/thread-self")) -> NamespaceDump:
+    """The calling thread's namespace: its TCP (and UDP) sockets, range and reserved
+    ports. ``proc``'s ``net/`` gives its counters (``/proc/thread-self``: this
+    thread's namespace, which a helper thread may have entered)."""
+    tcp = dump_sockets(TCP, families=[socket.AF_INET])
+    if ipv6_sockets_unseen(int((tcp["state"] == TcpState.TIME_WAIT).sum()), proc=proc):
+        tcp = np.concatenate([tcp, dump_sockets(TCP, families=[socket.AF_INET6])])
+    udp_rows = dump_sockets(UDP, [TcpState.ESTABLISHED, TcpState.CLOSE]) if udp else None
+    low, high = (int(v) for v in (PROC_SYS_IPV4 / "ip_local_port_range").read_text().split())
+    try:
+        reserved = reserved_spans((PROC_SYS_IPV4 / "ip_local_reserved_ports").read_text())
+    except OSError:
+        reserved = []
+    return NamespaceDump(tcp, udp_rows, (low, high), reserved)
 
 
 def usable_ports(
@@ -89,7 +138,7 @@ class PathSnapshot:
     states: np.ndarray  # (paths, len(STATES)) socket counts
     ports: np.ndarray  # distinct local ports held
     new: np.ndarray  # sockets not seen in the previous sample
-    usable: int  # usable ports per path
+    usable: np.ndarray  # usable ports per path (a number is every path's)
     paths_total: int  # every path seen, before the top-N cut
     sockets: int  # client-side sockets in all
     other: bool = False
@@ -99,6 +148,16 @@ class PathSnapshot:
     # (TIME_WAIT has none). The ``other`` row has neither: [] and 0.
     owners: list[list[PortOwner]] | None = None
     unattributed: np.ndarray | None = None
+    # with every namespace: each row's namespace (``other``'s is ""); else None
+    netns: list[str] | None = None
+    # the usable ports of eph's own namespace (the host line's), whatever the paths
+    host_usable: int = -1
+
+    def __post_init__(self) -> None:
+        if np.ndim(self.usable) == 0:
+            if self.host_usable < 0:
+                self.host_usable = int(self.usable)
+            self.usable = np.full(len(self.ports), int(self.usable), dtype=np.int64)
 
     def __len__(self) -> int:
         return len(self.ports)
@@ -106,7 +165,8 @@ class PathSnapshot:
     @property
     def occupancy(self) -> np.ndarray:
         """Ports held / usable ports, per path (``other``'s is its busiest path's share or less)."""
-        return self.ports / max(1, self.usable)
+        share: np.ndarray = self.ports / np.maximum(1, self.usable)
+        return share
 
     @property
     def new_per_s(self) -> np.ndarray:
@@ -119,7 +179,8 @@ class PathSnapshot:
             return "other"
         proto = "udp " if int(self.protocol[i]) == UDP else ""
         remote = f"[{self.remote[i]}]" if ":" in self.remote[i] else self.remote[i]
-        return f"{proto}{self.local[i]} -> {remote}:{int(self.remote_port[i])}"
+        where = f"{self.netns[i]}: " if self.netns is not None else ""
+        return f"{where}{proto}{self.local[i]} -> {remote}:{int(self.remote_port[i])}"
 
 
 @dataclass
@@ -135,6 +196,7 @@ class _Columns:
     inode: np.ndarray  # 0: no owner (TIME_WAIT)
     src: np.ndarray  # V16
     dst: np.ndarray  # V16
+    namespace: np.ndarray  # u2: index of the row's namespace (0 with one)
     path_of_row: np.ndarray  # path index of each row, 0..paths-1
     starts: np.ndarray  # each path's first row
     new_port: np.ndarray  # bool: the first row of a (path, port) pair
@@ -161,9 +223,16 @@ def _sort_keys(rows: np.ndarray, protocol: np.ndarray) -> list[np.ndarray]:
     return [sport, tail, dst_lo, dst_hi, src_lo, src_hi]
 
 
-def group_paths(rows: np.ndarray, protocol: np.ndarray) -> _Columns:
-    """Sort client-side ``rows`` (``DIAG_DTYPE``) by path and port; find the paths."""
+def group_paths(
+    rows: np.ndarray, protocol: np.ndarray, namespace: np.ndarray | None = None
+) -> _Columns:
+    """Sort client-side ``rows`` (``DIAG_DTYPE``) by path and port; find the paths.
+    ``namespace`` (an index per row) makes the namespace part of the path."""
+    if namespace is None:
+        namespace = np.zeros(len(rows), np.uint16)
     keys = _sort_keys(rows, protocol) if len(rows) else []
+    if len(rows) and namespace.any():
+        keys.append(namespace.astype(np.uint64))
     order = np.lexsort(keys) if len(rows) else np.zeros(0, np.intp)
     path_change = np.zeros(len(order), dtype=bool)
     port_change = np.zeros(len(order), dtype=bool)
@@ -184,6 +253,7 @@ def group_paths(rows: np.ndarray, protocol: np.ndarray) -> _Columns:
         inode=rows["inode"][order],
         src=rows["src"][order],
         dst=rows["dst"][order],
+        namespace=namespace[order],
         path_of_row=np.cumsum(path_change) - 1,
         starts=np.flatnonzero(path_change),
         new_port=port_change,
@@ -214,6 +284,11 @@ class PathSampler:
     top: int = 20
     udp: bool = True
     owners: OwnerIndex | None = None  # who holds the ports; None: not looked up
+    # every namespace of the host, entered by this thread; None: this one only
+    inside: NamespaceThread | None = None
+    find_namespaces: Callable[[], list[NetNamespace]] = host_namespaces
+    _found: list[NetNamespace] = field(default_factory=list, repr=False)
+    _found_at: float | None = field(default=None, repr=False)
     # the cookies of the last two samples (sorted), and of the last alone: a dump is
     # not atomic, and a socket it skipped (its bucket changed under the dump's cursor)
     # would be counted again at the next one. Seen once in 450 under churn.
@@ -223,28 +298,54 @@ class PathSampler:
 
     def sample(self) -> PathSnapshot:
         now = time.time()
-        tcp = dump_sockets(TCP, families=[socket.AF_INET])
-        if ipv6_sockets_unseen(int((tcp["state"] == TcpState.TIME_WAIT).sum())):
-            tcp = np.concatenate([tcp, dump_sockets(TCP, families=[socket.AF_INET6])])
-        udp = dump_sockets(UDP, [TcpState.ESTABLISHED, TcpState.CLOSE]) if self.udp else None
-        return self.from_rows(tcp, udp, now)
+        if self.inside is None:
+            dump = dump_here(self.udp, Path("/proc"))
+            return self.from_rows(dump.tcp, dump.udp, now)
+        dumps = []
+        for ns in self._namespaces(now):
+            try:
+                dump = self.inside.call(ns.path, lambda: dump_here(self.udp))
+            except OSError:  # its last process left meanwhile
+                continue
+            dump.label = ns.label
+            dumps.append(dump)
+        return self.from_dumps(dumps, now)
+
+    def _namespaces(self, now: float) -> list[NetNamespace]:
+        """The host's namespaces, looked up again every :data:`NAMESPACES_REFRESH_S`."""
+        if self._found_at is None or now - self._found_at >= NAMESPACES_REFRESH_S:
+            self._found, self._found_at = self.find_namespaces(), now
+        return self._found
 
     def from_rows(self, tcp: np.ndarray, udp: np.ndarray | None, now: float) -> PathSnapshot:
         """The snapshot of already-dumped rows (tests and benchmarks feed their own)."""
-        udp = np.zeros(0, DIAG_DTYPE) if udp is None else udp
-        listening = np.zeros(1 << 16, dtype=bool)
-        listening[tcp["sport"][tcp["state"] == TcpState.LISTEN]] = True
-        listening[udp["sport"][udp["state"] == TcpState.CLOSE]] = True
-        low, high = self.port_range
-        tcp_client = _client(tcp, low, high, listening, TcpState.LISTEN)
-        udp_client = _client(udp, low, high, listening, TcpState.CLOSE)
-        rows = np.concatenate([tcp[tcp_client], udp[udp_client]])
-        protocol = np.repeat(
-            np.array([TCP, UDP], np.uint8), [int(tcp_client.sum()), int(udp_client.sum())]
-        )
-        columns = group_paths(rows, protocol)
-        usable = usable_ports(low, high, self.reserved, np.flatnonzero(listening))
-        snapshot = self._summarise(columns, usable)
+        return self.from_dumps([NamespaceDump(tcp, udp, self.port_range, self.reserved)], now)
+
+    def from_dumps(self, dumps: Sequence[NamespaceDump], now: float) -> PathSnapshot:
+        """The snapshot of one dump per namespace (the first is eph's own)."""
+        pieces, protocols, spaces, usables = [], [], [], []
+        for index, dump in enumerate(dumps):
+            tcp = dump.tcp
+            udp = np.zeros(0, DIAG_DTYPE) if dump.udp is None else dump.udp
+            listening = np.zeros(1 << 16, dtype=bool)
+            listening[tcp["sport"][tcp["state"] == TcpState.LISTEN]] = True
+            listening[udp["sport"][udp["state"] == TcpState.CLOSE]] = True
+            low, high = dump.port_range
+            tcp_client = _client(tcp, low, high, listening, TcpState.LISTEN)
+            udp_client = _client(udp, low, high, listening, TcpState.CLOSE)
+            counts = [int(tcp_client.sum()), int(udp_client.sum())]
+            pieces += [tcp[tcp_client], udp[udp_client]]
+            protocols.append(np.repeat(np.array([TCP, UDP], np.uint8), counts))
+            spaces.append(np.full(sum(counts), index, np.uint16))
+            usables.append(usable_ports(low, high, dump.reserved, np.flatnonzero(listening)))
+        rows = np.concatenate(pieces) if pieces else np.zeros(0, DIAG_DTYPE)
+        protocol = np.concatenate(protocols) if protocols else np.zeros(0, np.uint8)
+        namespace = np.concatenate(spaces) if spaces else np.zeros(0, np.uint16)
+        columns = group_paths(rows, protocol, namespace)
+        labelled = any(dump.label is not None for dump in dumps)
+        labels = [dump.label or "" for dump in dumps] if labelled else None
+        snapshot = self._summarise(columns, np.array(usables or [0], np.int64), labels)
+        snapshot.host_usable = usables[0] if usables else 0
         snapshot.time = now
         snapshot.interval_s = None if self._last is None else now - self._last
         self._cookies = np.union1d(columns.cookie, self._previous)  # sorted
@@ -260,8 +361,13 @@ class PathSampler:
         seen = self._cookies[where] == c.cookie if len(self._cookies) else c.cookie != c.cookie
         return np.bincount(c.path_of_row[~seen], minlength=paths)
 
-    def _summarise(self, c: _Columns, usable: int) -> PathSnapshot:
+    def _summarise(
+        self, c: _Columns, usables: np.ndarray, labels: list[str] | None
+    ) -> PathSnapshot:
+        """The top paths and ``other``; ``usables`` and ``labels`` by namespace index."""
         paths = len(c.starts)
+        path_namespace = c.namespace[c.starts].astype(np.intp)
+        usable = usables[path_namespace]
         states = np.zeros((paths, len(STATES)), dtype=np.int64)
         np.add.at(states, (c.path_of_row, _STATE_COLUMN[c.state.astype(np.intp)]), 1)
         ports = np.bincount(c.path_of_row[c.new_port], minlength=paths)
@@ -277,9 +383,11 @@ class PathSampler:
             states=states[keep],
             ports=ports[keep],
             new=new[keep],
-            usable=usable,
+            usable=usable[keep],
             paths_total=paths,
             sockets=len(c.state),
+            netns=None if labels is None else [labels[k] for k in path_namespace[keep]],
+            host_usable=int(usables[0]),
         )
         if self.owners is not None:
             rank = np.full(paths, -1)
@@ -299,6 +407,10 @@ class PathSampler:
             snap.states = np.vstack([snap.states, states[rest].sum(axis=0)])
             snap.ports = np.append(snap.ports, ports[rest].max())
             snap.new = np.append(snap.new, new[rest].sum())
+            busiest = np.flatnonzero(rest)[np.argmax(ports[rest])]
+            snap.usable = np.append(snap.usable, usable[busiest])
+            if snap.netns is not None:
+                snap.netns.append("")
             if snap.owners is not None and snap.unattributed is not None:
                 snap.owners.append([])
                 snap.unattributed = np.append(snap.unattributed, 0)

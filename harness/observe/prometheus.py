@@ -195,30 +195,31 @@ def _top_destinations(destinations: dict[str, Any]) -> list[tuple[str, dict[str,
 class PrometheusView:
     """The metrics, updated each sample; the HTTP server runs until :meth:`close`."""
 
-    def __init__(self, host: str, port: int) -> None:
+    def __init__(self, host: str, port: int, netns: bool = False) -> None:
         self.registry = CollectorRegistry()
         g = self._gauge
-        self.ports = g("eph_path_ports_in_use", "Local ports held toward the path", _PATH_LABELS)
+        path_labels = (*_PATH_LABELS, "netns") if netns else _PATH_LABELS
+        self.ports = g("eph_path_ports_in_use", "Local ports held toward the path", path_labels)
         self.usable = g(
-            "eph_path_usable_ports", "Ports connect() may pick for the path", _PATH_LABELS
+            "eph_path_usable_ports", "Ports connect() may pick for the path", path_labels
         )
-        self.occupancy = g("eph_path_occupancy_ratio", "Ports in use / usable ports", _PATH_LABELS)
-        self.new = g("eph_path_new_connections_per_second", "New sockets per second", _PATH_LABELS)
-        self.time_wait = g("eph_path_time_wait_sockets", "Sockets in TIME_WAIT", _PATH_LABELS)
+        self.occupancy = g("eph_path_occupancy_ratio", "Ports in use / usable ports", path_labels)
+        self.new = g("eph_path_new_connections_per_second", "New sockets per second", path_labels)
+        self.time_wait = g("eph_path_time_wait_sockets", "Sockets in TIME_WAIT", path_labels)
         self.tte = g(
             "eph_path_seconds_to_exhaustion",
             "At the current rate; +Inf when the rate fits the range",
-            _PATH_LABELS,
+            path_labels,
         )
         self.owner_ports = g(
             "eph_path_owner_ports",
             "Ports of the path held by one process (the top owners of each path)",
-            (*_PATH_LABELS, "comm", "pid"),
+            (*path_labels, "comm", "pid"),
         )
         self.unattributed = g(
             "eph_path_unattributed_ports",
             "Ports of the path held by sockets with no owner known (TIME_WAIT has none)",
-            _PATH_LABELS,
+            path_labels,
         )
         self.nat_ports = g("eph_nat_ports_in_use", "NAT ports held by live flows", _NAT_LABELS)
         self.nat_time_wait = g(
@@ -259,7 +260,7 @@ class PrometheusView:
             rate = float(snap.new_per_s[i])
             tte = float(look.time_to_exhaustion_s[i])
             self.ports.labels(*labels).set(int(snap.ports[i]))
-            self.usable.labels(*labels).set(snap.usable)
+            self.usable.labels(*labels).set(int(snap.usable[i]))
             self.occupancy.labels(*labels).set(float(snap.occupancy[i]))
             self.new.labels(*labels).set(0.0 if math.isnan(rate) else rate)
             self.time_wait.labels(*labels).set(int(time_wait[i]))
@@ -323,13 +324,15 @@ class PrometheusView:
         self._thread.join(timeout=2)
 
 
-def _path_labels(snap: PathSnapshot, i: int) -> tuple[str, str, str]:
+def _path_labels(snap: PathSnapshot, i: int) -> tuple[str, ...]:
+    """protocol, local, remote, and with every namespace the path's namespace."""
+    where = () if snap.netns is None else (snap.netns[i],)
     if snap.other and i == len(snap) - 1:
-        return ("", "", "other")
+        return ("", "", "other", *where)
     remote = snap.remote[i]
     remote = f"[{remote}]" if ":" in remote else remote
     protocol = "udp" if int(snap.protocol[i]) == UDP else "tcp"
-    return (protocol, snap.local[i], f"{remote}:{int(snap.remote_port[i])}")
+    return (protocol, snap.local[i], f"{remote}:{int(snap.remote_port[i])}", *where)
 
 
 def _forget(gone: set[tuple[str, ...]], gauges: tuple[Gauge, ...]) -> None:

@@ -26,6 +26,7 @@ from harness.capacity.port_model import reserved_spans
 from harness.files import atomic_write_json
 from harness.kernel.counters import read_counters
 from harness.kernel.listening import read_conntrack
+from harness.kernel.namespaces import NamespaceThread
 from harness.kernel.sysctls import read_kernel
 from harness.observe.nat_pools import NatSampler, NatSnapshot
 from harness.observe.outlook import Outlook, outlook
@@ -118,6 +119,7 @@ class Observation:
     retention: Retention | None = None  # with out: rotate the files, keep a window
     reopen: bool = False  # SIGHUP: rotate the files at the next sample
     resume: bool = False  # with retention: go on with an earlier eph's samples in out
+    all_namespaces: bool = False  # every network namespace of the host (setns, root)
     samples: int = 0
     stop_reason: str | None = None
     nat: NatSampler = field(default_factory=NatSampler, repr=False)
@@ -141,6 +143,7 @@ class Observation:
             owners=OwnerIndex(refresh_s=max(OWNERS_REFRESH_S, self.interval_s))
             if self.owners
             else None,
+            inside=NamespaceThread() if self.all_namespaces else None,
         )
         store = (
             ObserveStore(self.out, self.retention, resume=self.resume)
@@ -174,6 +177,8 @@ class Observation:
                 _sleep_until(next_at, clock, lambda: self._stop)
         finally:
             _restore(previous)
+            if sampler.inside is not None:
+                sampler.inside.close()
             for view in self.views:
                 view.close()
             if store is not None:

@@ -61,6 +61,9 @@ PATHS_SCHEMA = pa.schema(
         # with no owner known (TIME_WAIT); null where owners were not looked up
         ("owners", pa.list_(OWNER_TYPE)),
         ("unattributed", pa.int32()),
+        # with --all-namespaces: the path's network namespace (its ip netns name, else
+        # its first processes); null with one namespace
+        ("netns", pa.string()),
     ]
 )
 NAT_TYPE = pa.struct(
@@ -112,7 +115,8 @@ def paths_batch(snap: PathSnapshot, look: Outlook) -> pa.RecordBatch:
         "remote": snap.remote,
         "remote_port": snap.remote_port.astype(np.int32),
         "ports": snap.ports.astype(np.int32),
-        "usable": np.full(n, snap.usable, np.int32),
+        "usable": snap.usable.astype(np.int32),
+        "netns": snap.netns if snap.netns is not None else [None] * n,
         "occupancy": snap.occupancy.astype(np.float32),
         "new": snap.new.astype(np.int32),
         "new_per_s": snap.new_per_s.astype(np.float32),
@@ -144,7 +148,7 @@ def host_batch(
         "time": [snap.time],
         "paths": [snap.paths_total],
         "sockets": [snap.sockets],
-        "usable": [snap.usable],
+        "usable": [snap.host_usable],
         "sample_ms": [sample_ms],
         "nat": [None if nat is None else [r._asdict() for r in nat.rows[:NAT_ROWS]]],
         "nat_insert_failed": [None if nat is None else nat.insert_failed],

@@ -50,7 +50,7 @@ def host_line(host: HostView, snap: PathSnapshot) -> str:
         f", conntrack {c.get('conntrack_count')}/{s.conntrack_max}" if s.conntrack_max else ""
     )
     return (
-        f"range {low}-{high} ({snap.usable:,} usable), reserved {s.reserved or 'none'},"
+        f"range {low}-{high} ({snap.host_usable:,} usable), reserved {s.reserved or 'none'},"
         f" tw_reuse {s.tw_reuse}; TIME_WAIT {c.get('sockstat_tw')},"
         f" TWRecycled {r.get('tw_recycled', 0):.0f}/s,"
         f" ActiveOpens {r.get('active_opens', 0):.0f}/s,"
@@ -76,7 +76,7 @@ def path_line(snap: PathSnapshot, look: Outlook, i: int) -> str:
     rate = snap.new_per_s[i]
     owners = owners_text(snap, i)
     return (
-        f"{snap.label(i)}: {int(snap.ports[i])}/{snap.usable} ports"
+        f"{snap.label(i)}: {int(snap.ports[i])}/{int(snap.usable[i])} ports"
         f" ({snap.occupancy[i]:.0%}), {_states(snap.states[i].tolist())},"
         f" new {'-' if math.isnan(rate) else f'{rate:.0f}'}/s,"
         f" exhausted in {_eta(float(look.time_to_exhaustion_s[i]))}: {look.verdicts[i]}"
@@ -144,7 +144,7 @@ class TerminalView:
             table.add_row(
                 snap.label(i),
                 _bar(float(snap.occupancy[i]), style),
-                f"{int(snap.ports[i]):,}/{snap.usable:,}",
+                f"{int(snap.ports[i]):,}/{int(snap.usable[i]):,}",
                 _states(snap.states[i].tolist()),
                 "-" if math.isnan(rate) else f"{rate:,.0f}",
                 _eta(float(look.time_to_exhaustion_s[i])),

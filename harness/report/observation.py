@@ -324,6 +324,7 @@ def _path(paths: pa.Table, label: str, t0: float) -> ObservedPath:
         lifetime_s=float(np.median(lifetimes)) if len(lifetimes) else 0.0,
         time_to_exhaustion_s=float(tte.min()) if len(tte) else None,
         first_full_s=float(col["time"][full[0]]) - t0 if len(full) else None,
+        netns=col["netns"][peak] if "netns" in col and col["netns"][peak] else None,
         **_owners_at(rows, peak),
     )
 

@@ -73,6 +73,9 @@ class ObservedPath(_Model):
     unattributed_ports: int | None = None
     # with --trace: who opened the connections in TIME_WAIT at the peak, most first
     opened_by: list[PathOpener] = []
+    # with --all-namespaces: the path's network namespace (ip netns name, else its
+    # first processes); None with one namespace
+    netns: str | None = None
 
 
 class PathExhaustion(_Model):
