@@ -7,7 +7,9 @@ first (TIME_WAIT: no owner), half held open by processes of their own, 8,000 eac
 15 rounds, interleaved: a sample without owners, a sample with owners that reads
 every fd of /proc again (the worst case: a new index each round), ``ss -tan`` and
 ``ss -tanp`` (which also names processes). Prints one JSON object. Run by
-``bench/run.py --only owners``; it needs root for the namespace.
+``bench/run.py --only owners``; it needs root for the namespace. With ``--hold`` it
+makes the sockets, says ``ready`` and keeps them until stdin has a line
+(``bench/namespaces_sample.py``).
 """
 
 from __future__ import annotations
@@ -67,6 +69,12 @@ def main() -> None:
         assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
         holders.append(holder)
         left -= n
+    if "--hold" in sys.argv:  # bench/namespaces_sample.py samples them from outside
+        print("ready", flush=True)
+        sys.stdin.readline()
+        for holder in holders:
+            holder.communicate("\n")
+        return
     bare = PathSampler((1024, 65000), top=20)
     bare.sample()  # warm: imports and buffers
     times: dict[str, list[float]] = {

@@ -387,6 +387,16 @@ def owners_vs_ss(sockets: int) -> dict[str, Any]:
     return dict(json.loads(out))
 
 
+def namespaces_vs_ss(sockets: int, namespaces: int = 10) -> dict[str, Any]:
+    """``eph observe --all-namespaces``' sample against ``ss`` in each namespace."""
+    out = subprocess.run(
+        [sys.executable, str(BENCH / "namespaces_sample.py"), str(sockets), str(namespaces)],
+        cwd=ROOT, stdout=subprocess.PIPE, text=True, check=True,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    ).stdout  # fmt: skip
+    return dict(json.loads(out))
+
+
 def trace_convert(sizes: tuple[int, ...] = (10_000_000, 20_000_000)) -> list[dict[str, Any]]:
     """The kernel trace's conversion, partitioned against whole in memory, per size."""
     found = []
@@ -535,6 +545,7 @@ def main() -> int:
             "scaling",
             "paths",
             "owners",
+            "namespaces",
             "trace",
             "trace-convert",
             "peers",
@@ -544,6 +555,8 @@ def main() -> int:
         " memory: only the engine's bytes per connection;"
         " scaling: only 1 against 2 processes; paths: only eph observe's sample against ss;"
         " owners: only naming the owners of ports (at 30k and 100k sockets) against ss -tanp;"
+        " namespaces: only the sample of every namespace (30k and 100k sockets over 10"
+        " namespaces) against ss -tanp in each;"
         " trace: only churn with the kernel recorder against without;"
         " trace-convert: only the kernel trace's conversion, partitioned against whole,"
         " at 10M and 20M rows (bench/trace_convert.py);"
@@ -565,6 +578,10 @@ def main() -> int:
     if args.only == "owners":
         owners = [owners_vs_ss(n) for n in (30_000, 100_000)]
         print(json.dumps({"machine": machine(), "owners": owners}, indent=2))
+        return 0
+    if args.only == "namespaces":
+        spread = [namespaces_vs_ss(n) for n in (30_000, 100_000)]
+        print(json.dumps({"machine": machine(), "namespaces": spread}, indent=2))
         return 0
     if args.only == "scaling":
         with (
