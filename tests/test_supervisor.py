@@ -460,7 +460,7 @@ def test_lab_cleanup_removes_namespaces_of_dead_ephs_and_says_which(tmp_path: Pa
 
 # an exit handler of the C library that aborts, as pyarrow's thread pool does when
 # one of its threads is still joinable at exit ("terminate called without an active
-# exception": seen once in about 60 `eph observe --trace` stops)
+# exception": seen once in about 100 `eph observe --trace` stops)
 _ABORT_AT_C_EXIT = """
 import ctypes, sys, threading, time, atexit
 libc = ctypes.CDLL(None)

@@ -4,7 +4,7 @@ pyarrow's thread pools are C++ objects that the C library destroys after Python
 has finished (``exit()`` runs them). Now and then one of their threads is still
 joinable then, and ``std::terminate`` aborts the process ("terminate called
 without an active exception", exit -6) after all its work was done and its files
-written: seen here once in about 60 ``eph observe --trace`` stops under load (the same
+written: seen here once in about 100 ``eph observe --trace`` stops under load (the same
 report upstream: apache/arrow#34314). The parent then reads a crash where there
 was none.
 

@@ -30,7 +30,7 @@ logger = logging.getLogger(__name__)
 
 START_TIMEOUT_S = 30.0  # compiling and attaching the program
 STOP_GRACE_S = 10.0
-# bpftrace 0.17 can miss a SIGTERM: seen once in about 60 stops under load, its one
+# bpftrace 0.17 can miss a SIGTERM: seen twice in about 100 stops under load, its one
 # thread back in epoll_wait with the signal taken and no exit (killed 10 s later,
 # with the rows it would print at exit). It stops 0.2 s after a SIGTERM it sees.
 TERM_AGAIN_S = 1.0
