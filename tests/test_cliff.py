@@ -213,3 +213,19 @@ def test_a_random_port_window_is_aligned_and_inside_the_range() -> None:
     assert lows.min() >= 40000 and highs.max() <= 55999
     assert len(picks) > 200  # spread over the windows
     assert PortWindow.over(40000, 40009, 64) == PortWindow(40000, 10, 1)  # narrower range
+
+
+def test_slow_bins_past_the_half_are_no_cliff_when_most_connects_stay_fast() -> None:
+    """tcp_tw_reuse: the even ports come back out of TIME_WAIT and stay fast while the
+    range sits nearly full; only the few that take an odd port scan, and fill each bin
+    from the half on with slow ones. Connects as a whole did not slow down."""
+    data = _fill(slow_rate=1_000.0)
+    reused = 30_000
+    occupancy = np.concatenate([data.occupancy, np.full(reused, 0.995)])
+    fast = 0.01 * np.random.default_rng(2).lognormal(0.0, 0.3, reused)
+    start = data.start_s[-1] + np.arange(1, reused + 1) / 50_000
+    both = CliffInput(occupancy, np.concatenate([data.connect_ms, fast]),
+                      np.concatenate([data.start_s, start]), data.failures_s)  # fmt: skip
+    assert not detect_cliff(both).detected
+    # the same slow bins without the fast mass are the cliff they look like
+    assert detect_cliff(data).detected
