@@ -19,12 +19,11 @@ from __future__ import annotations
 
 import ctypes
 import os
-import queue
-import threading
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TypeVar
 
 __all__ = ["NamespaceThread", "NetNamespace", "host_namespaces"]
 
@@ -106,17 +105,15 @@ class NamespaceThread:
     """A helper thread that runs functions inside a given network namespace.
 
     ``with NamespaceThread() as inside: inside.call(ns.path, fn)``: ``fn()`` runs on
-    the helper thread, entered into the namespace at ``path``, and its result (or
-    exception) comes back; then the thread goes back to where it started.
+    the helper thread (a one-worker executor), entered into the namespace at
+    ``path``, and its result (or exception) comes back; then the thread goes back to
+    where it started.
     """
 
     def __init__(self) -> None:
-        self._jobs: queue.Queue[tuple[Path, Callable[[], Any], queue.Queue[Any]] | None]
-        self._jobs = queue.Queue()
-        self._thread = threading.Thread(target=self._serve, name="eph-setns", daemon=True)
         self._libc = ctypes.CDLL(None, use_errno=True)
         self._home = os.open("/proc/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
-        self._thread.start()
+        self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="eph-setns")
 
     def __enter__(self) -> NamespaceThread:
         return self
@@ -126,16 +123,10 @@ class NamespaceThread:
 
     def call(self, path: Path, fn: Callable[[], T]) -> T:
         """``fn()`` inside the namespace at ``path``."""
-        answer: queue.Queue[Any] = queue.Queue(maxsize=1)
-        self._jobs.put((path, fn, answer))
-        ok, value = answer.get()
-        if not ok:
-            raise value
-        return value  # type: ignore[no-any-return]
+        return self._worker.submit(self._inside, path, fn).result()
 
     def close(self) -> None:
-        self._jobs.put(None)
-        self._thread.join(timeout=5)
+        self._worker.shutdown(wait=True)
         os.close(self._home)
 
     def _setns(self, fd: int) -> None:
@@ -143,18 +134,13 @@ class NamespaceThread:
             code = ctypes.get_errno()
             raise OSError(code, f"setns: {os.strerror(code)}")
 
-    def _serve(self) -> None:
-        while (job := self._jobs.get()) is not None:
-            path, fn, answer = job
-            try:
-                fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-                try:
-                    self._setns(fd)
-                finally:
-                    os.close(fd)
-                try:
-                    answer.put((True, fn()))
-                finally:
-                    self._setns(self._home)
-            except BaseException as exc:  # handed to the caller
-                answer.put((False, exc))
+    def _inside(self, path: Path, fn: Callable[[], T]) -> T:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            self._setns(fd)
+        finally:
+            os.close(fd)
+        try:
+            return fn()
+        finally:
+            self._setns(self._home)
