@@ -243,14 +243,16 @@ DUMP = (
     "     'reply_dst': socket.inet_ntoa(bytes(r['reply_dst'])[:4]),\n"
     "     'reply_dport': int(r['reply_dport'])} for r in rows]}))\n"
 )
-# the FIN exchanges take a round trip or two: wait for them, bounded in time
+# the FIN exchanges take a round trip or two: wait until every entry has left them
+# (TIME_WAIT, or CLOSE for one a RST ended), bounded in time
 WAIT_FOR_TIME_WAIT = (
     "import json, time\n"
     "from harness.kernel.conntrack import CtState, dump_conntrack\n"
     "deadline = time.monotonic() + 15\n"
     "while True:\n"
     "    states = dump_conntrack()['state'].tolist()\n"
-    "    if states.count(CtState.TIME_WAIT) >= %d or time.monotonic() > deadline:\n"
+    "    ended = [s for s in states if s in (CtState.TIME_WAIT, CtState.CLOSE)]\n"
+    "    if len(ended) >= %d or time.monotonic() > deadline:\n"
     "        break\n"
     "    time.sleep(0.05)\n"
     "print(json.dumps(states))\n"
@@ -279,7 +281,13 @@ def test_the_router_sees_each_held_connection_through_its_nat_pool() -> None:
         close_held(holder)
         states = lab.in_router(WAIT_FOR_TIME_WAIT % count)
         by_state = collections.Counter(CtState(s).name for s in states)
-        assert states.count(CtState.TIME_WAIT) == count, by_state
+        # A closed flow's entry goes to TIME_WAIT, or to CLOSE when a RST ends it: in
+        # about 1 run of 8, the server's link showed a second, identical ACK of its FIN
+        # arriving after its socket had gone, answered with a RST (up to 7 of 40 flows;
+        # conntrack drops a CLOSE entry after 10 s, so it is waited for no longer).
+        ended = states.count(CtState.TIME_WAIT) + states.count(CtState.CLOSE)
+        assert ended == len(states) == count, by_state
+        assert states.count(CtState.TIME_WAIT) > count // 2, by_state
 
 
 @pytest.mark.netns
