@@ -30,11 +30,12 @@ from harness.errors import RunDirError, RunError
 from harness.files import atomic_write_json
 from harness.scenario import Scenario
 
-__all__ = ["HOSTS_DIR", "RunDir", "claim_out", "describe_contents"]
+__all__ = ["HOSTS_DIR", "MASTER_PROGRESS", "RunDir", "claim_out", "describe_contents"]
 
 logger = logging.getLogger(__name__)
 
 HOSTS_DIR = "hosts"  # a distributed run's workers, one directory each
+MASTER_PROGRESS = "master.json"  # in progress/: a Locust master's, its workers' summed
 _MODE = 0o750  # run directories are never world-writable (nor readable)
 # what marks a directory as eph's, and what it then holds (first match names it)
 _KINDS = (

@@ -71,12 +71,16 @@ class RunState(BaseModel):
     """When the load started (wall clock)."""
     load_ended_at: float | None = None
     """When the load ended (wall clock): with ``load_started_at``, the load's window."""
+    load_duration_s: float | None = None
+    """The load's window on the monotonic clock, as ``summary.json``'s ``duration_s``."""
     locust_launched_at: float | None = None
     """When eph launched Locust (wall clock): to the first record, the load's start-up."""
     clock_offset_ns: int | None = None
     """Wall clock minus CLOCK_MONOTONIC on the run's host: maps record stamps to wall time."""
     expected_workers: int | None = None
     """A distributed master's ``--expect-workers``: a crashed one still names its missing."""
+    load_processes: dict[str, Any] | None = None
+    """How many Locust processes the run chose, and why (the summary's ``load_processes``)."""
     stop_reason: str | None = None
     error: str | None = None
     """The error that ended eph before the run finished (not a kill: that leaves none)."""

@@ -404,9 +404,16 @@ def test_a_frozen_load_process_records_what_the_kernel_connected_meanwhile(
     try:
         _started(run, proc)
         pattern = "harness.load.uvloop_engine" if engine == "uvloop" else "locust -f"
-        found = subprocess.run(["pgrep", "-f", f"{pattern}.*{run}"], capture_output=True, text=True)
-        pids = [int(pid) for pid in found.stdout.split()]
-        assert pids, "no load process found"
+        # Locust's master reports before its workers start their engines: wait for them
+        pids: list[int] = []
+        deadline = time.monotonic() + 15
+        while not pids and time.monotonic() < deadline:
+            found = subprocess.run(
+                ["pgrep", "-f", f"{pattern}.*{run}"], capture_output=True, text=True
+            )
+            pids = [int(pid) for pid in found.stdout.split()]
+            time.sleep(0.1)
+        assert pids, "no load process found in 15 s"
         time.sleep(0.5)
         for _ in range(5):  # five: one caught a moment with no connect in flight, once
             for pid in pids:

@@ -67,7 +67,10 @@ def _held(users: int) -> str:
 
 
 def _only_timeouts(summary: dict[str, Any]) -> None:
-    assert set(summary["connections"]["errors"]) == {"ETIMEDOUT"}, summary["connections"]
+    """Connects the full pool dropped time out (2 s each); one still waiting when the
+    run stops is cancelled, which depends on when each load process started."""
+    errors = set(summary["connections"]["errors"])
+    assert "ETIMEDOUT" in errors and errors <= {"ETIMEDOUT", "ECANCELED"}, summary["connections"]
     assert summary["exhaustion"]["exhausted"] is False  # never EADDRNOTAVAIL on the client
 
 
@@ -138,7 +141,9 @@ def test_time_wait_holds_the_pool_only_where_the_nat_keeps_it(tmp_path: Path, ho
 def test_the_model_predicts_exhaustion_and_the_sustained_rate(
     tmp_path: Path, rate: int, hold: str, nat: str, busy_s: float
 ) -> None:
-    load = f'users = 400\nrate = {rate}\nhold = "{hold}"'
+    # one process: two start their pacing tens of ms apart, which the time to exhaustion
+    # measured shows; the model is the subject, not the spread over processes
+    load = f'users = 400\nrate = {rate}\nhold = "{hold}"\nprocesses = 1'
     summary = _nat_lab(tmp_path, load=load, nat=nat, duration="8s")
     found = summary["nat"]
     assert found["exhausted"] is True

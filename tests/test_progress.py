@@ -42,3 +42,22 @@ def test_counts_and_labels_match_locust_failures(tmp_path: Path) -> None:
     assert data["errors"]["ECONNRESET after connect"] == 2
     total = read_progress(counter.path.parent)
     assert (total.processes, total.attempts, total.failures) == (1, 13, 7)
+
+
+def test_a_masters_sum_counts_only_when_its_workers_write_elsewhere(tmp_path: Path) -> None:
+    """Local ``--processes`` workers write their own progress beside their master's sum
+    of them: counting both doubled the attempts (and a max_connections stop came at
+    half). A distributed master's workers are on other hosts: its sum is all there is."""
+    progress = tmp_path / "progress"
+    progress.mkdir()
+
+    def write(name: str, attempts: int) -> None:
+        data = {"users": 5, "attempts": attempts, "failures": 1, "errors": {}, "started": 1.0}
+        (progress / name).write_text(json.dumps(data))
+
+    write("master.json", 30)
+    assert read_progress(progress).attempts == 30
+    write("101-0.json", 12)
+    write("102-0.json", 18)
+    total = read_progress(progress)
+    assert (total.processes, total.attempts, total.failures) == (2, 30, 2)

@@ -25,6 +25,7 @@ from harness.summary import (
     LatencyCliff,
     Listener,
     Occupancy,
+    Startup,
     Summary,
     TimeWait,
     Tuples,
@@ -182,6 +183,18 @@ def _no_failures(n: int = 10) -> Summary:
     return summarize(
         cols, scenario="r", started_at="t", duration_s=1.0, interrupted=False, kernel=Kernel()
     )
+
+
+def test_a_run_that_never_attempted_says_why_with_the_time_locust_had() -> None:
+    """A distributed master's workers that had not started by the end, say: no silent
+    "0 attempted", but what happened and how long the engines had."""
+    summary = _no_failures(0)
+    summary.startup = Startup(launched_to_first_attempt_s=None, launched_to_end_s=0.42)
+    said = " ".join(findings(summary))
+    assert "No connection was attempted: the load lasted 1 s" in said
+    assert "(Locust was launched 0.42 s before the end)" in said
+    summary.interrupted = True  # an interrupted run says that instead
+    assert not any("No connection was attempted" in text for text in findings(summary))
 
 
 def test_a_cliff_is_the_first_finding_and_no_run_that_slowed_reads_no_failures() -> None:

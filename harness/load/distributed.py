@@ -42,7 +42,7 @@ from harness.files import atomic_write_json
 from harness.load.shipping import SHIPPED, SHIPPED_PATH, remember
 from harness.observe.collector import collect_command
 from harness.records import FLUSH_INTERVAL, host_name
-from harness.rundir import HOSTS_DIR, RunDir
+from harness.rundir import HOSTS_DIR, MASTER_PROGRESS, RunDir
 from harness.runstate import clock_offset_ns
 from harness.scenario import Protocol, Scenario
 from harness.supervisor import Stage, Supervisor
@@ -236,7 +236,7 @@ class MasterSession:
         runner.send_message(
             "eph_scenario", {"scenario": scenario.to_json(), "rate_share": 1 / workers}
         )
-        self._progress = self.run_dir.progress / "master.json"
+        self._progress = self.run_dir.progress / MASTER_PROGRESS
         self.started = time.time()
         self.write()
         self._writer = gevent.spawn(self._loop)

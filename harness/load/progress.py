@@ -18,6 +18,7 @@ import numpy as np
 
 from harness.files import atomic_write_json
 from harness.load.outcome import failure_counts, label
+from harness.rundir import MASTER_PROGRESS
 
 __all__ = ["Progress", "ProgressCounter", "read_progress"]
 
@@ -74,8 +75,13 @@ class Progress:
 
 
 def read_progress(directory: Path) -> Progress:
+    """Every load process's progress, summed. A Locust master's (``master.json``) sums
+    its workers' as Locust reports them: it counts only when no worker writes here (its
+    workers are on other hosts), or its local ``--processes`` would be counted twice."""
     total = Progress()
-    for path in directory.glob("*.json"):
+    paths = list(directory.glob("*.json"))
+    local = [p for p in paths if p.name != MASTER_PROGRESS]
+    for path in local or paths:
         try:
             data = json.loads(path.read_text())
         except (OSError, ValueError):

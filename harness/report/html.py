@@ -211,6 +211,11 @@ def _conservation_findings(summary: Summary) -> list[str]:
             f"The kernel counted {cons.kernel_active_opens} connects (Tcp ActiveOpens)"
             f" against {cons.attempts_sending_syn} recorded attempts that sent a SYN"
             + (
+                f" and {cons.kernel_other_opens} connections of Locust's workers to their master"
+                if cons.kernel_other_opens
+                else ""
+            )
+            + (
                 " (not judged: other sockets share this kernel)."
                 if cons.kernel_check
                 else ": records are missing or were made twice."

@@ -3,6 +3,7 @@ the kernel's own counters, and whether the samples cover the run."""
 
 from __future__ import annotations
 
+import errno
 from dataclasses import dataclass
 
 import numpy as np
@@ -108,6 +109,11 @@ def samples_missing_after(table: Records, samples: pa.Table, interval_s: float) 
     return round((last_sample - first) / 1e9, 3)
 
 
+# what tcp_done() counts in Tcp AttemptFails for a connect: a RST or an ICMP error
+# answering the SYN (eph's own connect_timeout closes the socket: not counted)
+ENDED_IN_SYN_SENT = (errno.ECONNREFUSED, errno.EHOSTUNREACH, errno.ENETUNREACH)
+
+
 @dataclass(frozen=True)
 class KernelCount:
     """The kernel's count of connects (Tcp ActiveOpens) next to the records'."""
@@ -115,6 +121,8 @@ class KernelCount:
     kernel_active_opens: int | None
     kernel_attempt_fails: int | None
     attempts_sending_syn: int
+    attempts_failing_after_syn: int = 0
+    """Records the kernel ended in SYN_SENT (refused, unreachable): its AttemptFails."""
 
 
 def kernel_conservation(table: Records, samples: pa.Table | None) -> KernelCount | None:
@@ -129,4 +137,5 @@ def kernel_conservation(table: Records, samples: pa.Table | None) -> KernelCount
         kernel_active_opens=counter_delta(samples, "active_opens"),
         kernel_attempt_fails=counter_delta(samples, "attempt_fails"),
         attempts_sending_syn=sending,
+        attempts_failing_after_syn=int(scan.errors[list(ENDED_IN_SYN_SENT)].sum()),
     )

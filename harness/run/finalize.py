@@ -36,7 +36,16 @@ from harness.run.readings import collector_kernel, locust_request_count, read_sa
 from harness.rundir import HOSTS_DIR, RunDir
 from harness.runstate import RunState, read_state
 from harness.scenario import Protocol, Scenario
-from harness.summary import Kernel, Listener, PriorRun, Service, Startup, Summary, validated
+from harness.summary import (
+    Kernel,
+    Listener,
+    LoadProcesses,
+    PriorRun,
+    Service,
+    Startup,
+    Summary,
+    validated,
+)
 
 __all__ = ["finalize", "load_run", "rerender"]
 
@@ -82,6 +91,7 @@ def finalize(
     summary = _summarize(run, records, setup, facts)
     _add_run_notes(run, summary, stop_reason, expected_workers, hosts)
     summary.startup = _startup(run, records)
+    summary.load_processes = _load_processes(run)
     samples = read_samples(run.path / "samples.parquet")
     server_samples = read_samples(run.path / "server" / "samples.parquet")
     summary = analyze(records, samples, setup, summary, server_samples, hosts)
@@ -98,7 +108,8 @@ def finalize(
     if cpu is not None:
         summary.cpu = cpu
     if setup.load.protocol is Protocol.TCP:  # ActiveOpens counts TCP
-        _judge_kernel(summary, records, samples, judged=_kernel_is_ours(run.path, setup, hosts))
+        judged = _kernel_is_ours(run.path, hosts)
+        _judge_kernel(summary, records, samples, setup, judged=judged)
     run.write_json("summary.json", summary.to_json())
     if not report:
         logger.info("report.html not rendered (--no-report): eph report %s renders it", run.path)
@@ -302,14 +313,21 @@ def _startup(run: RunDir, records: Held | OnDisk) -> Startup | None:
     return Startup(launched_to_first_attempt_s=first, launched_to_end_s=end)
 
 
-def _kernel_is_ours(path: Path, setup: Scenario, hosts: list[HostSamples]) -> bool:
-    """Only a lab's namespace holds nothing but this run's sockets: one Locust process
-    (more talk to each other over TCP), no workers elsewhere."""
-    return (path / "lab.json").exists() and setup.load.processes == 1 and not hosts
+def _load_processes(run: RunDir) -> LoadProcesses | None:
+    """How many Locust processes the run chose, and why; None for a run before eph said."""
+    state = read_state(run.path)
+    if state is None or state.load_processes is None:
+        return None
+    return LoadProcesses.model_validate(state.load_processes)
+
+
+def _kernel_is_ours(path: Path, hosts: list[HostSamples]) -> bool:
+    """Only a lab's namespace holds nothing but this run's sockets: no workers elsewhere."""
+    return (path / "lab.json").exists() and not hosts
 
 
 def _judge_kernel(
-    summary: Summary, records: Records, samples: pa.Table | None, *, judged: bool
+    summary: Summary, records: Records, samples: pa.Table | None, setup: Scenario, *, judged: bool
 ) -> None:
     found = kernel_conservation(records, samples)
     if found is None or found.kernel_active_opens is None:
@@ -318,7 +336,16 @@ def _judge_kernel(
     cons.kernel_active_opens = found.kernel_active_opens
     cons.kernel_attempt_fails = found.kernel_attempt_fails
     cons.attempts_sending_syn = found.attempts_sending_syn
-    match = found.kernel_active_opens == found.attempts_sending_syn
+    # Locust's --processes N forks N workers, each connecting to its master over
+    # loopback in the load's namespace: the kernel counts them (a lab's run at
+    # processes = 2 counted 802 for 800 attempts sending a SYN, either engine), and a
+    # worker's try before its master listens once more, refused (77 for 74, with one
+    # AttemptFails the records did not make)
+    processes = setup.load.processes
+    workers = processes if isinstance(processes, int) and processes > 1 else 0
+    refused = (found.kernel_attempt_fails or 0) - found.attempts_failing_after_syn
+    cons.kernel_other_opens = workers + refused if workers else 0
+    match = found.kernel_active_opens == found.attempts_sending_syn + cons.kernel_other_opens
     cons.attempts_match_kernel = match
     if judged:
         cons.ok = bool(cons.ok and match)
@@ -400,8 +427,8 @@ def _prior_run(run: RunDir, crash: RunState | None) -> PriorRun:
 def _from_state(state: RunState) -> PriorRun:
     """The facts ``state.json`` keeps of a run, as ``summary.json`` would have held them."""
     started = state.load_started_at or state.started_at
-    window = None
-    if state.load_started_at is not None and state.load_ended_at is not None:
+    window = state.load_duration_s
+    if window is None and state.load_started_at is not None and state.load_ended_at is not None:
         window = state.load_ended_at - state.load_started_at
     return PriorRun(
         interrupted=state.stop_reason == "interrupted",

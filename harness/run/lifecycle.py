@@ -14,6 +14,7 @@ the same path, marked ``interrupted``; a SIGKILL takes every child with it.
 
 from __future__ import annotations
 
+import dataclasses
 import ipaddress
 import logging
 import signal
@@ -36,12 +37,14 @@ from harness.run.placement import (
     ListenerChild,
     Master,
     Placement,
+    choose_processes,
+    master_port,
     preflight_where,
     start_collectors,
     start_listener,
     start_locust,
 )
-from harness.rundir import RunDir, free_bytes, min_free_bytes
+from harness.rundir import MASTER_PROGRESS, RunDir, free_bytes, min_free_bytes
 from harness.runstate import Phase, clock_offset_ns, noting_errors, startup_error, write_state
 from harness.scenario import Scenario
 from harness.summary import KernelWitness, Summary
@@ -82,17 +85,35 @@ def run_scenario(
     if scenario.load.tls is not None:
         client_context(scenario.load.tls)  # a missing or bad PEM file: said before any load
     run = RunDir.open(out, create=True) if out else RunDir.create(Path("reports"), scenario.name)
+    chosen = choose_processes(scenario, placement, master)
+    if chosen.count > 1:
+        chosen = dataclasses.replace(chosen, master_port=master_port(placement))
+    logger.info(
+        "load: %d Locust process%s; %s",
+        chosen.count,
+        "es" if chosen.count != 1 else "",
+        chosen.why,
+    )
+    load = scenario.load.model_copy(update={"processes": chosen.count})
+    scenario = scenario.model_copy(update={"load": load})
     if master is None:  # a master makes no connections: its workers' hosts matter
         _write_preflight(scenario, placement, run, on_preflight)
     else:
         placement = _master_placement(scenario, placement, master)
     kernel = _host_kernel(scenario, placement, master)
     workers = master.workers if master is not None else None
-    write_state(run.path, Phase.STARTING, started_at=time.time(), expected_workers=workers)
+    write_state(
+        run.path,
+        Phase.STARTING,
+        started_at=time.time(),
+        expected_workers=workers,
+        load_processes=chosen.as_json(),
+    )
     with Interrupt() as interrupt, noting_errors(run.path):
         outcome = _run_children(
-            scenario, run, placement, master, locust_args, interrupt, progress, web, trace
-        )
+            scenario, run, placement, master, locust_args, interrupt, progress, web, trace,
+            chosen.master_port,
+        )  # fmt: skip
         stop_reason = "interrupted" if interrupt.set else outcome.stop_reason
         write_state(run.path, Phase.FINALIZING, stop_reason=stop_reason)
         summary = finalize(
@@ -157,6 +178,7 @@ def _run_children(
     progress: ProgressSink | None,
     web: Endpoint | None = None,
     trace: bool = False,
+    master_port: int | None = None,
 ) -> _Outcome:
     """Listener, collectors, Locust: start them, wait for the load's end, stop them
     (the supervisor's order: Locust, then the collectors, then the listener)."""
@@ -169,9 +191,13 @@ def _run_children(
         collectors = start_collectors(supervisor, scenario, run, placement)
         tracing = start_trace(supervisor, run.path, placement.load_netns) if trace else None
         launched = time.time()
-        locust = start_locust(supervisor, scenario, run, placement, locust_args, master, web)
+        locust = start_locust(
+            supervisor, scenario, run, placement, locust_args, master, web, master_port
+        )
         start_timeout = START_TIMEOUT + (master.wait if master is not None else 0.0)
-        outcome.load_started = _wait_for_start(locust, run, interrupt, start_timeout)
+        outcome.load_started = _wait_for_start(
+            locust, run, interrupt, start_timeout, by_master=master is not None
+        )
         outcome.started_at = time.time()
         write_state(
             run.path,
@@ -185,7 +211,11 @@ def _run_children(
         )
         outcome.load_ended = time.monotonic()
         write_state(
-            run.path, Phase.STOPPING, stop_reason=outcome.stop_reason, load_ended_at=time.time()
+            run.path,
+            Phase.STOPPING,
+            stop_reason=outcome.stop_reason,
+            load_ended_at=time.time(),
+            load_duration_s=outcome.load_ended - outcome.load_started,
         )
         if isinstance(tracing, KernelTrace):
             # the load's last sockets close before the recorder stops, and the recorder
@@ -274,15 +304,20 @@ def kernel_differences(scenario: Scenario, kernel: dict[str, Any]) -> list[str]:
     return notes
 
 
-def _wait_for_start(locust: Child, run: RunDir, interrupt: Interrupt, timeout: float) -> float:
-    """When the load started; a Locust that could not start is a :class:`RunError` with
-    its own reason (``logs/locust.error``), said at once."""
+def _wait_for_start(
+    locust: Child, run: RunDir, interrupt: Interrupt, timeout: float, *, by_master: bool = False
+) -> float:
+    """When the load started: the first progress of a process that makes connections
+    (``by_master``: the master's, which relays its remote workers'; with local
+    ``--processes`` the master reports before its workers start, and a short run
+    timed from it ended before any connection). A Locust that could not start is a
+    :class:`RunError` with its own reason (``logs/locust.error``), said at once."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline and not interrupt.set:
         reason = startup_error(run.path)
         if reason is not None:
             raise RunError(f"the load could not start: {reason}")
-        if any(run.progress.glob("*.json")):
+        if any(by_master or p.name != MASTER_PROGRESS for p in run.progress.glob("*.json")):
             return time.monotonic()
         code = locust.poll()
         if code is not None:
@@ -340,6 +375,11 @@ def _wait_for_end(
     lost: set[int] = set()
     while not interrupt.set and locust.poll() is None:
         now = time.monotonic()
+        # a Locust process that failed to start its engine after another had started
+        # (the master's progress came first): the run is not the scenario's, said now
+        failed = startup_error(run.path)
+        if failed is not None:
+            raise RunError(f"the load could not start: {failed}")
         _warn_lost_collectors(collectors, lost, now - started)
         counted = read_progress(run.progress)
         if progress is not None:

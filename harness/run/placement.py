@@ -9,6 +9,7 @@ workers run elsewhere. None of it imports locust: Locust runs in its own process
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -31,6 +32,7 @@ from harness.observe.collector import collect_command
 from harness.observe.nat_collector import nat_command
 from harness.rundir import RunDir
 from harness.scenario import Protocol, Scenario
+from harness.scenario.definition import usable_cpus
 from harness.supervisor import Child, Stage, Supervisor
 from harness.units import format_duration
 
@@ -40,11 +42,15 @@ if TYPE_CHECKING:
 __all__ = [
     "LISTENER_START_TIMEOUT",
     "LOCUSTFILE",
+    "PROCESSES_ENV",
     "START_TIMEOUT",
     "STOP_GRACE",
     "ListenerChild",
     "Master",
     "Placement",
+    "ProcessChoice",
+    "choose_processes",
+    "master_port",
     "preflight_where",
     "start_collectors",
     "start_locust",
@@ -114,6 +120,80 @@ class Master:
             "--master-bind-port",
             str(self.bind_port),
         ]
+
+
+# the default of load.processes where a scenario does not set it, instead of "auto":
+# a CI runner that runs several eph at once, say
+PROCESSES_ENV = "EPH_LOAD_PROCESSES"
+
+
+@dataclass(frozen=True)
+class ProcessChoice:
+    """``load.processes`` settled for one run: how many, and why (said and recorded)."""
+
+    count: int
+    asked: str  # "auto" or the number the scenario gave
+    cpus: int  # the CPUs eph may run on
+    why: str
+    master_port: int | None = None  # where the workers meet their master, when count > 1
+
+    def as_json(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def choose_processes(
+    scenario: Scenario, placement: Placement, master: Master | None = None, cpus: int = 0
+) -> ProcessChoice:
+    """How many Locust processes make this run's load here.
+
+    ``auto`` takes one per CPU eph may run on (``cpus``, else its affinity), less one
+    when a server of the run shares them (the embedded listener, a lab's target) and
+    more than two are there: with two, a second engine made 16,462 requests/s toward
+    nginx against 11,059 for one (docs/performance.md; toward the embedded listener one
+    process did better, 30,126 connects/s against 26,520). Never more than
+    ``load.users``: a process without a user makes nothing. ``EPH_LOAD_PROCESSES`` in
+    the environment replaces ``auto`` where the scenario does not set the key.
+    """
+    load = scenario.load
+    cpus = cpus or usable_cpus()
+    plural = "s" if cpus != 1 else ""
+    if master is not None:
+        why = "a master: each worker is one Locust process on its own host"
+        return ProcessChoice(1, str(load.processes), cpus, why)
+    default = os.environ.get(PROCESSES_ENV)
+    if default is not None and "processes" not in load.model_fields_set:
+        try:
+            count = int(default)
+        except ValueError:
+            raise RunError(
+                f"{PROCESSES_ENV} = {default!r} is not a number of processes"
+                " (unset it for load.processes's own default, \"auto\")"
+            ) from None
+        if not 1 <= count <= 1024:
+            raise RunError(f"{PROCESSES_ENV} = {count} is not between 1 and 1024")
+        why = f"{PROCESSES_ENV}={count}, the default where the scenario does not say"
+        return ProcessChoice(count, str(count), cpus, why)
+    if load.processes != "auto":
+        count = load.processes or cpus
+        why = f"load.processes = {load.processes}" + (
+            f": one per CPU eph may run on ({cpus})" if load.processes == 0 else ""
+        )
+        return ProcessChoice(count, str(load.processes), cpus, why)
+    sharer = (
+        "the embedded listener"
+        if scenario.listener is not None
+        else "the lab's target"
+        if not placement.on_host
+        else None
+    )
+    count, why = cpus, f"auto: {cpus} CPU{plural} eph may run on"
+    if sharer is not None and cpus > 2:
+        count, why = cpus - 1, f"{why}, less one for {sharer}"
+    elif sharer is not None and cpus == 2:
+        why += f" and {sharer} shares them: too few to leave it one"
+    if count > load.users:
+        count, why = load.users, f"{why}, capped at load.users = {load.users}"
+    return ProcessChoice(count, "auto", cpus, why)
 
 
 def preflight_where(scenario: Scenario, placement: Placement) -> dict[str, Any] | None:
@@ -318,6 +398,7 @@ def start_locust(
     extra: Sequence[str] = (),
     master: Master | None = None,
     web: Endpoint | None = None,
+    master_port: int | None = None,
 ) -> Child:
     """Locust on ``harness/locustfile.py``, configured through the environment: headless,
     or with its web UI at ``web`` (the test starting at once, the Ports tab live).
@@ -337,7 +418,7 @@ def start_locust(
     with open(run.logs / "locust.out", "ab") as out:
         return supervisor.start(
             "locust",
-            [*placement.load, *locust_command(scenario, run, extra, master, web)],
+            [*placement.load, *locust_command(scenario, run, extra, master, web, master_port)],
             stage=Stage.LOAD,
             grace=load.connect_timeout + load.io_timeout + load.hold + STOP_GRACE,
             env=env,
@@ -352,13 +433,14 @@ def locust_command(
     extra: Sequence[str],
     master: Master | None = None,
     web: Endpoint | None = None,
+    master_port: int | None = None,
 ) -> list[str]:
     load = scenario.load
     backstop = math.ceil(scenario.duration) + 30  # eph stops it first; this bounds a lost parent
     if master is not None:
         spread = master.locust_args()
     elif load.process_count > 1:
-        spread = _processes_args(load.process_count)
+        spread = _processes_args(load.process_count, master_port or 0)
     else:
         spread = []
     # users finish the attempt they are in before stopping (then Locust kills them)
@@ -398,10 +480,52 @@ def _ui_args(web: Endpoint | None) -> list[str]:
     return ["--autostart", "--web-host", web.host, "--web-port", str(web.port)]
 
 
-def _processes_args(count: int) -> list[str]:
-    """Locust forks ``count`` workers that talk to its master over TCP: a port of this
-    run's own, so that two runs on one host (parallel tests) never mix workers."""
+def _processes_args(count: int, port: int) -> list[str]:
+    """Locust forks ``count`` workers that talk to its master over TCP on ``port``: one
+    of this run's own, so that two runs on one host (parallel tests) never mix workers."""
+    return ["--processes", str(count), "--master-bind-port", str(port), "--master-port", str(port)]
+
+
+# Run where Locust runs (a lab's namespace): a free loopback port outside that
+# namespace's ephemeral range, or 0 when the range leaves none
+_MASTER_PORT_PROBE = r"""
+import random, socket
+lo, hi = map(int, open("/proc/sys/net/ipv4/ip_local_port_range").read().split())
+spans = [(a, b) for a, b in ((hi + 1, 65535), (1024, lo - 1)) if a <= b]
+tries = [p for a, b in spans for p in random.sample(range(a, b + 1), min(32, b - a + 1))]
+found = 0
+for port in tries:
+    with socket.socket() as probe:
+        try:
+            probe.bind(("127.0.0.1", port))
+        except OSError:
+            continue
+        found = port
+        break
+print(found)
+"""
+
+
+def master_port(placement: Placement) -> int:
+    """The port Locust's master listens on for its ``--processes`` workers: outside the
+    ephemeral range of the namespace the load runs in. Inside it, the master's
+    listening socket would take one of the load's ports (connect() skips a port that
+    has a bind owner): a lab of 100 ports made 99 connections before EADDRNOTAVAIL."""
+    done = subprocess.run(
+        [*placement.load, sys.executable, "-c", _MASTER_PORT_PROBE],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+    port = int(done.stdout.strip() or 0) if done.returncode == 0 else 0
+    if port:
+        return port
+    logger.warning(
+        "no free port outside the ephemeral range for Locust's master: it takes one of"
+        " the range's ports (%s)",
+        (done.stderr.strip().splitlines() or ["the range spans 1024-65535"])[-1],
+    )
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
-        port = str(probe.getsockname()[1])
-    return ["--processes", str(count), "--master-bind-port", port, "--master-port", port]
+        return int(probe.getsockname()[1])

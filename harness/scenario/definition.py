@@ -43,6 +43,33 @@ __all__ = [
     "Scenario",
     "TlsConfig",
     "Topology",
+    "usable_cpus",
+]
+
+
+def usable_cpus() -> int:
+    """The CPUs this process may run on: its affinity (``taskset``, a cgroup's cpuset),
+    not every CPU of the machine."""
+    try:
+        return len(os.sched_getaffinity(0)) or 1
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+def _processes(value: object) -> int | Literal["auto"]:
+    if value == "auto":
+        return "auto"
+    if isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= 1024:
+        return value
+    raise ValueError('expected "auto" or a number of processes, 0 (one per CPU) to 1024')
+
+
+Processes = Annotated[
+    int | Literal["auto"],
+    PlainValidator(_processes),
+    WithJsonSchema(
+        {"anyOf": [{"const": "auto"}, {"type": "integer", "minimum": 0, "maximum": 1024}]}
+    ),
 ]
 
 
@@ -239,8 +266,10 @@ class LoadConfig(_Section):
     connect_timeout: Duration = 3.0
     io_timeout: Duration = 5.0
     backoff: Duration = 0.01
-    # Locust processes on this host (Locust's --processes); 0: one per CPU core
-    processes: Annotated[StrictInt, Field(ge=0, le=1024)] = 1
+    # Locust processes on this host (Locust's --processes). "auto": one per CPU eph may
+    # run on, less one for an embedded listener or lab target beside it when more than
+    # two are available, and no more than load.users; a number pins it (0: every CPU)
+    processes: Processes = "auto"
     # stop the run once this many attempts were made (0: only the duration bounds it)
     max_connections: Annotated[StrictInt, Field(ge=0)] = 0
     http: Annotated[HttpConfig | None, BeforeValidator(_table_or_flag)] = None
@@ -251,7 +280,11 @@ class LoadConfig(_Section):
 
     @property
     def process_count(self) -> int:
-        return self.processes or os.cpu_count() or 1
+        """The processes, ``auto`` taken as if nothing shared the CPUs (a run settles it
+        once with :func:`harness.run.placement.choose_processes`)."""
+        if self.processes == "auto":
+            return max(1, min(usable_cpus(), self.users))
+        return self.processes or usable_cpus()
 
     @model_validator(mode="after")
     def _check_sources(self) -> Self:

@@ -30,6 +30,7 @@ from harness.summary.sections import (
     KernelWitness,
     LatencyCliff,
     Listener,
+    LoadProcesses,
     Nat,
     Occupancy,
     Outage,
@@ -103,6 +104,7 @@ class Summary(Section):
     conservation: Conservation
     stop_reason: str | None = None
     startup: Startup | None = None
+    load_processes: LoadProcesses | None = None
     """From eph launching Locust to the first attempt, and to the load's end."""
     service: Service | None = None
     distributed: Distributed | None = None

@@ -26,6 +26,7 @@ __all__ = [
     "Latency",
     "LatencyCliff",
     "Listener",
+    "LoadProcesses",
     "Nat",
     "NatDestination",
     "Occupancy",
@@ -196,6 +197,20 @@ class Startup(Section):
     """From the launch to the load's end: what the engines had."""
 
 
+class LoadProcesses(Section):
+    """How many Locust processes made the load on this host, and why that many."""
+
+    count: int
+    asked: str
+    """``load.processes`` as the scenario gave it: ``auto`` or a number."""
+    cpus: int
+    """The CPUs eph could run on (its affinity)."""
+    why: str
+    master_port: int | None = None
+    """The loopback port the workers connect to their master on, outside the ephemeral
+    range: those connections are not the load's."""
+
+
 class Conservation(Section):
     """Every attempt recorded, counted by Locust, accepted by the listener, and
     (TCP, with counters) counted by the kernel's Tcp ActiveOpens."""
@@ -219,6 +234,10 @@ class Conservation(Section):
     kernel_active_opens: int | None = None
     kernel_attempt_fails: int | None = None
     attempts_sending_syn: int | None = None
+    kernel_other_opens: int | None = None
+    """Active opens that were not the load's: each of Locust's ``--processes`` workers
+    connects to its master, once, plus each try refused before the master listened (the
+    kernel's AttemptFails the records did not make)."""
     attempts_match_kernel: bool | None = None
     kernel_check: str | None = None
     """Why the kernel's count is not judged."""
