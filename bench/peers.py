@@ -1,8 +1,10 @@
 """``make bench`` peers: wrk, ab and hey against eph's two engines, one nginx, one namespace.
 
-Every client opens a new connection per request, 32 connections at once, one client
-process each, against the same nginx (one worker, ``return 200``) in a fresh network
-namespace (tcp_tw_reuse=1 and a wide port range there, so ports do not run out).
+Every client opens a new connection per request, 32 connections at once, against the
+same nginx (one worker, ``return 200``) in a fresh network namespace (tcp_tw_reuse=1
+and a wide port range there, so ports do not run out). Each runs at its defaults
+(wrk's 2 threads, hey on every CPU, ab's one, eph's ``load.processes = "auto"``) and
+pinned to one core (``wrk -t1``, ``hey -cpus 1``, eph in one process).
 Rounds are interleaved (each client once per round) and medians kept; the ratios
 are eph's engines over the peers. Each peer's non-2xx and failed requests are kept
 beside its rate: a fast client that got errors is not a fast client.
@@ -33,24 +35,27 @@ ROOT = Path(__file__).resolve().parent.parent
 CONNECTIONS = 32
 PORT = 8080
 URL = f"http://127.0.0.1:{PORT}/"
+PLAIN = f"127.0.0.1:{PORT}"  # the same nginx as a plain TCP target: connect, close
 # what each eph connection does: one HTTP/1.1 request, and the server closes
 EPH_REQUEST = '[load.http]\nmethod = "GET"\npath = "/"\n'
-# each ratio eph / peer, and the goal it should reach
+# each ratio eph / peer, and the goal it should reach: eph at its defaults against
+# each peer at its own defaults (the issue's bar), the rest for the table
 GOALS = {
     ("eph_uvloop", "hey"): 1.0,
     ("eph_uvloop", "wrk"): 0.7,
-    ("eph_locust", "hey"): 0.6,
+    ("eph_locust", "hey"): None,
     ("eph_uvloop", "ab"): None,
-    ("eph_locust", "ab"): None,
-    ("eph_locust", "wrk"): None,
-    ("eph_uvloop_x2", "wrk"): None,
+    ("eph_uvloop", "wrk_t1"): None,
+    ("eph_uvloop", "hey_cpus1"): None,
+    ("eph_uvloop_x1", "wrk_t1"): None,
 }
-# eph's variants: (engine, Locust processes). x2: load.processes = 2 (Locust's --processes),
-# each a uvloop child: the second core nginx leaves idle, as wrk -t2 would use it
-VARIANTS = {
-    "eph_uvloop": ("uvloop", 1),
-    "eph_locust": ("locust", 1),
-    "eph_uvloop_x2": ("uvloop", 2),
+# eph's variants: (engine, Locust processes); None: load.processes as eph run settles
+# its default "auto" on this host (a uvloop child per process). x1: one process, the
+# way wrk -t1 and hey -cpus 1 use one core
+VARIANTS: dict[str, tuple[str, int | None]] = {
+    "eph_uvloop": ("uvloop", None),
+    "eph_locust": ("locust", None),
+    "eph_uvloop_x1": ("uvloop", 1),
 }
 INSTALL = "`make system-deps` installs it (Debian package {package})"
 
@@ -147,16 +152,22 @@ PEERS: dict[str, tuple[str, Callable[[str], Sample]]] = {
     "ab": ("apache2-utils", parse_ab),
     "hey": ("hey", parse_hey),
 }
+# each peer's runs: at its defaults (wrk: 2 threads; hey: every CPU; ab has one), and
+# pinned to one core as eph_uvloop_x1 is
+PEER_VARIANTS = {"wrk": "wrk", "wrk_t1": "wrk", "ab": "ab", "hey": "hey", "hey_cpus1": "hey"}
 
 
 def peer_command(name: str, seconds: int) -> list[str]:
-    """``name``'s command line: 32 connections, one request each, for ``seconds``."""
+    """``name``'s command line (a ``PEER_VARIANTS`` key): 32 connections, one request
+    each, for ``seconds``; nothing else set where the name says its defaults."""
     c = str(CONNECTIONS)
-    if name == "wrk":
-        return ["wrk", "-t1", f"-c{c}", f"-d{seconds}s", "-H", "Connection: close", URL]
+    if name.startswith("wrk"):
+        threads = ["-t1"] if name == "wrk_t1" else []
+        return ["wrk", *threads, f"-c{c}", f"-d{seconds}s", "-H", "Connection: close", URL]
     if name == "ab":  # HTTP/1.0: a new connection per request without asking
         return ["ab", "-q", f"-c{c}", f"-t{seconds}", "-n", "100000000", URL]
-    return ["hey", "-c", c, "-z", f"{seconds}s", "-cpus", "1", "-disable-keepalive", URL]
+    cpus = ["-cpus", "1"] if name == "hey_cpus1" else []
+    return ["hey", "-c", c, "-z", f"{seconds}s", *cpus, "-disable-keepalive", URL]
 
 
 def run_peer(bench: BenchLike, name: str, seconds: int) -> Sample:
@@ -171,7 +182,7 @@ def run_peer(bench: BenchLike, name: str, seconds: int) -> Sample:
         )
     except subprocess.TimeoutExpired:
         return Sample(per_s=None, problem=f"no result within {seconds + 60} s")
-    sample = PEERS[name][1](done.stdout)
+    sample = PEERS[PEER_VARIANTS[name]][1](done.stdout)
     if done.returncode != 0 or sample.per_s is None:
         tail = (done.stderr or done.stdout).strip().splitlines()[-3:]
         sample.problem = f"exit {done.returncode}: {' | '.join(tail)}"
@@ -201,8 +212,12 @@ def run_eph(bench: BenchLike, variant: str, seconds: int) -> Sample:
     (its first to last request), and its failures (an unexpected status is one)."""
     engine, processes = VARIANTS[variant]
     env = eph_env(bench.workdir, engine, seconds)
+    if processes is None:
+        processes = default_processes(Path(env["EPH_SCENARIO"]))
+    env["EPH_RATE_SHARE"] = repr(1 / processes)
     locustfile = ROOT / "harness" / "locustfile.py"
-    extra = ("--exit-code-on-error", "0", "--processes", str(processes))
+    extra = ("--exit-code-on-error", "0")
+    extra += ("--processes", str(processes)) if processes > 1 else ()
     try:
         entries = bench.locust_entries(locustfile, env, extra)
     except subprocess.CalledProcessError as exc:
@@ -228,6 +243,16 @@ def run_eph(bench: BenchLike, variant: str, seconds: int) -> Sample:
         sample.problem = f"{requests} requests in {window:.3f} s: too few for a rate"
         sample.per_s = None
     return sample
+
+
+def default_processes(scenario: Path) -> int:
+    """The Locust processes ``eph run`` settles ``load.processes = "auto"`` on for
+    ``scenario`` here: its target is nginx beside it, as a lab's target is."""
+    from harness.run.placement import Placement, choose_processes
+    from harness.scenario import load_scenario
+
+    lab = Placement(load=("ip", "netns", "exec", "bench"))
+    return choose_processes(load_scenario(scenario), lab).count
 
 
 def nginx_binary() -> str | None:
@@ -273,8 +298,9 @@ def nginx(ns: Namespace, prefix: Path, binary: str) -> Iterator[None]:
 
 
 def available_peers() -> list[str]:
-    """The peers installed here; a line on stderr for each one that is not."""
-    found = []
+    """The peers' runs (``PEER_VARIANTS``) whose tool is installed here; a line on
+    stderr for each tool that is not."""
+    missing = set()
     for name, (package, _) in PEERS.items():
         if shutil.which(name) is None:
             print(
@@ -282,9 +308,8 @@ def available_peers() -> list[str]:
                 file=sys.stderr,
                 flush=True,
             )
-        else:
-            found.append(name)
-    return found
+            missing.add(name)
+    return [name for name, tool in PEER_VARIANTS.items() if tool not in missing]
 
 
 def rounds(
@@ -334,12 +359,12 @@ def summarize(samples: dict[str, list[Sample]]) -> dict[str, Any]:
 
 def table(result: dict[str, Any]) -> str:
     """The figures as a plain-text table, then the ratios against their goals."""
-    lines = [f"{'client':<12} {'req/s median':>13} {'requests':>10} {'non-2xx':>8} {'failed':>8}"]
+    lines = [f"{'client':<14} {'req/s median':>13} {'requests':>10} {'non-2xx':>8} {'failed':>8}"]
     for name, row in result["clients"].items():
         rate = f"{row['per_s']:,.0f}" if row["per_s"] is not None else "-"
         counts = f"{row['requests']:>10,} {row['non_2xx']:>8,} {row['failed']:>8,}"
         window = f"  (over {row['window_s_median']} s)" if "window_s_median" in row else ""
-        lines.append(f"{name:<12} {rate:>13} {counts}{window}")
+        lines.append(f"{name:<14} {rate:>13} {counts}{window}")
         lines += [f"  {name}: {problem}" for problem in row["problems"]]
     for name, ratio in result["ratios"].items():
         eph, peer = name.split("_vs_")
