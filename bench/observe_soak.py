@@ -8,7 +8,8 @@ of a 1 s agent) with ``--out --keep --rotate`` and ``--prometheus``, no
 the size of its directory; at the end it stops it with SIGTERM and prints one JSON
 object: RSS at the start (after the first minute), at the end and at most, the
 largest directory, and the samples taken. Exit code 1 if RSS grew by more than
-``--rss-growth`` or the directory outgrew ``--keep``'s bound.
+``--rss-growth``; the directory's largest size is printed to judge against
+``--keep``.
 
     python bench/observe_soak.py [--duration 60m] [--interval 100ms] [--keep 2m]
 """
