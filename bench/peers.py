@@ -245,14 +245,14 @@ def run_eph(bench: BenchLike, variant: str, seconds: int) -> Sample:
     return sample
 
 
-def default_processes(scenario: Path) -> int:
+def default_processes(scenario: Path, *, beside: bool = True) -> int:
     """The Locust processes ``eph run`` settles ``load.processes = "auto"`` on for
-    ``scenario`` here: its target is nginx beside it, as a lab's target is."""
+    ``scenario`` here; ``beside``: its target shares the CPUs, as a lab's does (nginx)."""
     from harness.run.placement import Placement, choose_processes
     from harness.scenario import load_scenario
 
-    lab = Placement(load=("ip", "netns", "exec", "bench"))
-    return choose_processes(load_scenario(scenario), lab).count
+    placement = Placement(load=("ip", "netns", "exec", "bench")) if beside else Placement()
+    return choose_processes(load_scenario(scenario), placement).count
 
 
 def nginx_binary() -> str | None:

@@ -176,7 +176,8 @@ class Bench:
             rates["eph_locust"].append(self.locust_rate(eph, self.eph_env(endpoint, "locust", one)))
             rates["eph_uvloop"].append(self.locust_rate(eph, self.eph_env(endpoint, "uvloop", one)))
             env = self.eph_env(endpoint, "uvloop")
-            count = default_processes(Path(env["EPH_SCENARIO"]))
+            # eph run on the host toward eph listen, a process of its own
+            count = peers.default_processes(Path(env["EPH_SCENARIO"]), beside=False)
             env["EPH_RATE_SHARE"] = repr(1 / count)
             spread = ("--processes", str(count)) if count > 1 else ()
             rates["eph_uvloop_defaults"].append(self.locust_rate(eph, env, spread))
@@ -334,14 +335,6 @@ def listening_bench(args: argparse.Namespace) -> Iterator[tuple[Bench, str]]:
             yield bench, endpoint
         finally:
             bench.stop(proc)
-
-
-def default_processes(scenario: Path) -> int:
-    """The Locust processes ``eph run`` would choose for ``scenario`` on this host."""
-    from harness.run.placement import Placement, choose_processes
-    from harness.scenario import load_scenario
-
-    return choose_processes(load_scenario(scenario), Placement()).count
 
 
 def engine_figures(rates: dict[str, list[float]]) -> dict[str, Any]:

@@ -14,7 +14,6 @@ the same path, marked ``interrupted``; a SIGKILL takes every child with it.
 
 from __future__ import annotations
 
-import dataclasses
 import ipaddress
 import logging
 import signal
@@ -87,7 +86,7 @@ def run_scenario(
     run = RunDir.open(out, create=True) if out else RunDir.create(Path("reports"), scenario.name)
     chosen = choose_processes(scenario, placement, master)
     if chosen.count > 1:
-        chosen = dataclasses.replace(chosen, master_port=master_port(placement))
+        chosen = chosen.model_copy(update={"master_port": master_port(placement)})
     logger.info(
         "load: %d Locust process%s; %s",
         chosen.count,
@@ -107,7 +106,7 @@ def run_scenario(
         Phase.STARTING,
         started_at=time.time(),
         expected_workers=workers,
-        load_processes=chosen.as_json(),
+        load_processes=chosen.model_dump(mode="json"),
     )
     with Interrupt() as interrupt, noting_errors(run.path):
         outcome = _run_children(

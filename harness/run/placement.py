@@ -9,7 +9,6 @@ workers run elsewhere. None of it imports locust: Locust runs in its own process
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import math
@@ -33,6 +32,7 @@ from harness.observe.nat_collector import nat_command
 from harness.rundir import RunDir
 from harness.scenario import Protocol, Scenario
 from harness.scenario.definition import usable_cpus
+from harness.summary import LoadProcesses
 from harness.supervisor import Child, Stage, Supervisor
 from harness.units import format_duration
 
@@ -48,7 +48,6 @@ __all__ = [
     "ListenerChild",
     "Master",
     "Placement",
-    "ProcessChoice",
     "choose_processes",
     "master_port",
     "preflight_where",
@@ -127,23 +126,9 @@ class Master:
 PROCESSES_ENV = "EPH_LOAD_PROCESSES"
 
 
-@dataclass(frozen=True)
-class ProcessChoice:
-    """``load.processes`` settled for one run: how many, and why (said and recorded)."""
-
-    count: int
-    asked: str  # "auto" or the number the scenario gave
-    cpus: int  # the CPUs eph may run on
-    why: str
-    master_port: int | None = None  # where the workers meet their master, when count > 1
-
-    def as_json(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-
 def choose_processes(
     scenario: Scenario, placement: Placement, master: Master | None = None, cpus: int = 0
-) -> ProcessChoice:
+) -> LoadProcesses:
     """How many Locust processes make this run's load here.
 
     ``auto`` takes one per CPU eph may run on (``cpus``, else its affinity), less one
@@ -159,7 +144,7 @@ def choose_processes(
     plural = "s" if cpus != 1 else ""
     if master is not None:
         why = "a master: each worker is one Locust process on its own host"
-        return ProcessChoice(1, str(load.processes), cpus, why)
+        return LoadProcesses(count=1, asked=str(load.processes), cpus=cpus, why=why)
     default = os.environ.get(PROCESSES_ENV)
     if default is not None and "processes" not in load.model_fields_set:
         try:
@@ -167,18 +152,18 @@ def choose_processes(
         except ValueError:
             raise RunError(
                 f"{PROCESSES_ENV} = {default!r} is not a number of processes"
-                " (unset it for load.processes's own default, \"auto\")"
+                ' (unset it for load.processes\'s own default, "auto")'
             ) from None
         if not 1 <= count <= 1024:
             raise RunError(f"{PROCESSES_ENV} = {count} is not between 1 and 1024")
         why = f"{PROCESSES_ENV}={count}, the default where the scenario does not say"
-        return ProcessChoice(count, str(count), cpus, why)
+        return LoadProcesses(count=count, asked=str(count), cpus=cpus, why=why)
     if load.processes != "auto":
         count = load.processes or cpus
         why = f"load.processes = {load.processes}" + (
             f": one per CPU eph may run on ({cpus})" if load.processes == 0 else ""
         )
-        return ProcessChoice(count, str(load.processes), cpus, why)
+        return LoadProcesses(count=count, asked=str(load.processes), cpus=cpus, why=why)
     sharer = (
         "the embedded listener"
         if scenario.listener is not None
@@ -193,7 +178,7 @@ def choose_processes(
         why += f" and {sharer} shares them: too few to leave it one"
     if count > load.users:
         count, why = load.users, f"{why}, capped at load.users = {load.users}"
-    return ProcessChoice(count, "auto", cpus, why)
+    return LoadProcesses(count=count, asked="auto", cpus=cpus, why=why)
 
 
 def preflight_where(scenario: Scenario, placement: Placement) -> dict[str, Any] | None:
