@@ -128,13 +128,28 @@ class _Running:
         return None
 
 
-@pytest.mark.parametrize("by_master", [False, True])
-def test_the_loads_time_starts_at_a_load_process_not_at_its_master(
-    tmp_path: Path, by_master: bool
+@pytest.mark.parametrize(
+    ("by_master", "processes", "at", "bounds"),
+    [
+        # the master's report is there at once; with local processes it does not count
+        (False, 1, (0.5,), (0.5, 4.0)),
+        (True, 1, (0.5,), (0.0, 0.4)),
+        # two processes: the load starts when the second is ready, not the first
+        (False, 2, (0.0, 0.6), (0.6, 4.0)),
+    ],
+)
+def test_the_loads_time_starts_once_every_load_process_is_ready(
+    tmp_path: Path,
+    by_master: bool,
+    processes: int,
+    at: tuple[float, ...],
+    bounds: tuple[float, float],
 ) -> None:
     """With local processes Locust's master reports before it forks its workers: timed
-    from that, a short run ended before any engine started. Its report counts only for
-    a distributed master, whose workers report through it."""
+    from that, a short run ended before any engine started. Timed from the first worker,
+    a 3 s run under CI's load had rows from one of two: the second's engine was ready
+    seconds later. The master's report counts only for a distributed master, whose
+    workers report through it."""
     import threading
 
     from harness.run.lifecycle import _wait_for_start
@@ -144,16 +159,82 @@ def test_the_loads_time_starts_at_a_load_process_not_at_its_master(
     run = RunDir.open(tmp_path / "run", create=True)
     run.progress.mkdir(parents=True, exist_ok=True)
     (run.progress / MASTER_PROGRESS).write_text("{}")
-    worker = threading.Timer(0.5, (run.progress / "101-0.json").write_text, args=("{}",))
-    worker.start()
+    workers = [
+        threading.Timer(delay, (run.progress / f"{101 + i}-0.json").write_text, args=("{}",))
+        for i, delay in enumerate(at)
+    ]
+    for worker in workers:
+        worker.start()
     began = time.monotonic()
     with Interrupt() as interrupt:
-        started = _wait_for_start(_Running(), run, interrupt, 5.0, by_master=by_master)  # type: ignore[arg-type]
-    worker.join()
+        started = _wait_for_start(
+            _Running(),  # type: ignore[arg-type]
+            run,
+            interrupt,
+            5.0,
+            by_master=by_master,
+            processes=processes,
+        )
+    for worker in workers:
+        worker.join()
     waited = started - began
-    # the master's report is there at once, the worker's after 0.5 s; the wait polls
-    # every 0.05 s, and 4 s stays well inside its own 5 s bound
-    assert waited < 0.4 if by_master else 0.5 <= waited < 4.0, waited
+    # the wait polls every 0.05 s; the upper bounds stay well inside its own 5 s
+    low, high = bounds
+    assert low <= waited < high, waited
+
+
+def test_a_process_that_is_never_ready_is_said_and_not_waited_for(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    from harness.run import lifecycle
+    from harness.rundir import RunDir
+    from harness.supervisor import Interrupt
+
+    monkeypatch.setattr(lifecycle, "ALL_STARTED_GRACE", 0.3)
+    run = RunDir.open(tmp_path / "run", create=True)
+    run.progress.mkdir(parents=True, exist_ok=True)
+    (run.progress / "101-0.json").write_text("{}")
+    began = time.monotonic()
+    with Interrupt() as interrupt, caplog.at_level("WARNING"):
+        started = lifecycle._wait_for_start(
+            _Running(),  # type: ignore[arg-type]
+            run,
+            interrupt,
+            5.0,
+            processes=3,
+        )
+    assert 0.3 <= started - began < 4.0  # the grace, not the 5 s timeout
+    assert "1 of 3 Locust processes ready" in caplog.text
+
+
+def test_a_uvloop_engine_says_it_is_ready_before_any_user(tmp_path: Path) -> None:
+    """Its first frame is empty and comes with no user yet: the Locust process times
+    its start from it, not from the spawn (imports took seconds under load)."""
+    import json
+    import subprocess
+    import sys
+
+    from harness.load.uvloop_engine import read_frame
+    from harness.scenario import parse_scenario
+
+    scenario = parse_scenario(
+        'name = "ready"\n[target]\nendpoints = ["127.0.0.1:9"]\n[load]\nengine = "uvloop"\n'
+    )
+    (tmp_path / "s.json").write_text(json.dumps(scenario.to_json()))
+    command = [sys.executable, "-m", "harness.load.uvloop_engine"]
+    command += ["--scenario", str(tmp_path / "s.json"), "--part", str(tmp_path / "p.arrows")]
+    with subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE) as child:
+        assert child.stdin is not None and child.stdout is not None
+        try:
+            first = read_frame(child.stdout)  # type: ignore[arg-type]
+            assert first is not None and len(first) == 0
+            child.stdin.close()  # no user was ever sent: it stops, having made nothing
+            made = 0
+            while (frame := read_frame(child.stdout)) is not None:  # type: ignore[arg-type]
+                made += len(frame)
+            assert made == 0 and child.wait(timeout=30) == 0
+        finally:
+            child.kill()
 
 
 SCENARIO = """

@@ -50,6 +50,7 @@ from harness.load.stats import feed_cpu, feed_rows
 from harness.load.uvloop_engine import read_frame_cpu
 from harness.records import FLUSH_INTERVAL, RecordWriter
 from harness.rundir import RunDir
+from harness.runstate import note_startup_error
 from harness.scenario import Engine, Scenario, load_scenario
 from harness.supervisor import Stage, Supervisor
 
@@ -115,7 +116,9 @@ class _Session:
         self.cpu = self._start_engine(f"{pid}-{sequence}", share)
         self._fire: Callable[..., None] = environment.events.request.fire
         self._closed = False
-        self.flush()  # the first progress file tells `eph run` the test has started
+        # the first progress file tells `eph run` this process makes connections: a
+        # uvloop engine's comes when the child says it is ready (``_UvloopBridge``)
+        self.flush()
         self._flusher = gevent.spawn(self._flush_loop)
 
     def _start_engine(self, tag: str, share: float) -> CpuMeter:
@@ -177,6 +180,10 @@ class _Session:
             self.cpu.close()
         else:
             self.cpu.tick()
+        if done or self.bridge is None or self.bridge.ready:
+            self.write_progress(done=done)
+
+    def write_progress(self, done: bool = False) -> None:
         runner = self.environment.runner
         self.progress.write(users=runner.user_count if runner else 0, done=done)
 
@@ -198,6 +205,8 @@ class _UvloopBridge:
     def __init__(self, session: _Session, part: Path, share: float) -> None:
         self._session = session
         self.users = 0
+        self.ready = False  # the child's first (empty) frame came: its loop runs
+        self._stopping = False
         scenario_path = session.run_dir.path / f"scenario-{os.getpid()}.json"
         scenario_path.write_text(json.dumps(session.scenario.to_json()))
         log = open(session.run_dir.logs / f"uvloop-{os.getpid()}.log", "ab")  # noqa: SIM115
@@ -243,8 +252,20 @@ class _UvloopBridge:
             feed_rows(stats, frame.rows, session.names, session.request_type)
             feed_cpu(stats, frame.cpu)  # the child's CPU; it writes its own CPU part
             session.progress.update(frame.rows)
+            if not self.ready:
+                self.ready = True
+                session.write_progress()
+        if not self.ready and not self._stopping:
+            code = self._proc.wait()
+            note_startup_error(
+                session.run_dir.path,
+                f"uvloop-{os.getpid()}",
+                f"the uvloop engine of Locust process {os.getpid()} exited (code {code})"
+                f" before it was ready: see {session.run_dir.logs / f'uvloop-{os.getpid()}.log'}",
+            )
 
     def stop(self) -> None:
+        self._stopping = True
         self._send({"stop": True})
         with contextlib.suppress(OSError):
             self._proc.stdin.close()

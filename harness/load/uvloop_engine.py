@@ -14,7 +14,8 @@ close) runs one Task per user over Protocols: of the asyncio styles, uvloop
 Wire format: stdin carries JSON lines (``{"users": N}``, ``{"stop": true}``);
 stdout carries one frame per flush: a ``<I`` row count and this process's CPU
 over the interval (``harness.load.cpu_meter.CpuInterval``), then that many
-``ROW_DTYPE`` rows; it ends with EOF after the last flush.
+``ROW_DTYPE`` rows; it ends with EOF after the last flush. The first frame, empty,
+comes once the loop runs: the engine is ready.
 """
 
 from __future__ import annotations
@@ -326,6 +327,10 @@ async def _serve(churn: UvloopChurn | CallbackChurn | HttpChurn) -> None:
     loop = asyncio.get_running_loop()
     reader = asyncio.StreamReader()
     await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin)
+    # ready: an empty frame tells the Locust process this engine can connect now. Under
+    # load its start (imports, the loop) took seconds, and a run timed from its spawn
+    # had none of its connections (``harness.load.users``)
+    write_frame(sys.stdout.buffer, np.zeros(0, dtype=ROW_DTYPE))
     stopping = asyncio.Event()
 
     async def flusher() -> None:
