@@ -14,18 +14,25 @@ from collections.abc import Sequence
 import click
 from rich.text import Text
 
-from harness.cli import reports, runs, watch
-from harness.cli._base import cli, console
+from harness.cli import _base
+from harness.cli._base import console, load_verbs
 from harness.errors import EphError, SummaryError
 
 __all__ = ["cli", "main"]
 
-_VERBS = (reports, runs, watch)  # importing them registers their commands on ``cli``
+
+def __getattr__(name: str) -> click.Group:
+    """``cli``, every verb loaded: the group as a whole, for a reader (the manual's
+    reference, a test). ``main`` loads only the verb it runs."""
+    if name != "cli":
+        raise AttributeError(f"module 'harness.cli' has no attribute {name!r}")
+    load_verbs()
+    return _base.cli
 
 
 def main(argv: Sequence[str] | None = None) -> None:
     try:
-        cli.main(
+        _base.cli.main(
             args=list(argv) if argv is not None else None, prog_name="eph", standalone_mode=False
         )
     except (EphError, SummaryError) as exc:

@@ -6,7 +6,6 @@ is ``harness.scenario.loading``'s part.
 
 from __future__ import annotations
 
-import enum
 import ipaddress
 import os
 import re
@@ -29,6 +28,15 @@ from pydantic import (
 
 from harness.endpoints import Endpoint
 from harness.errors import EndpointError
+from harness.scenario.choices import (
+    ClosePolicy,
+    Emulation,
+    Engine,
+    ListenerClose,
+    Protocol,
+    Reply,
+    Topology,
+)
 from harness.units import format_duration, parse_duration
 
 __all__ = [
@@ -71,41 +79,6 @@ Processes = Annotated[
         {"anyOf": [{"const": "auto"}, {"type": "integer", "minimum": 0, "maximum": 1024}]}
     ),
 ]
-
-
-class ClosePolicy(enum.StrEnum):
-    """Who ends a connection, and so where TIME_WAIT lands."""
-
-    CLIENT = "client"  # the client sends FIN first: TIME_WAIT on the client
-    SERVER = "server"  # the client waits for the server's FIN: TIME_WAIT on the server
-    RESET = "reset"  # the client closes with SO_LINGER 0: an RST, no TIME_WAIT
-
-
-class ListenerClose(enum.StrEnum):
-    """What the listener does with an accepted connection."""
-
-    AUTO = "auto"  # follow load.close: "first" for server, "wait" otherwise
-    WAIT = "wait"  # wait for the client to close
-    FIRST = "first"  # close first, right after accept (or after the request bytes)
-    RESET = "reset"  # reset it (SO_LINGER 0)
-
-
-class Engine(enum.StrEnum):
-    LOCUST = "locust"  # gevent sockets inside Locust users
-    UVLOOP = "uvloop"  # a uvloop child process per Locust process
-
-
-class Protocol(enum.StrEnum):
-    TCP = "tcp"
-    UDP = "udp"  # connected UDP sockets: connect() allocates the port, close frees it
-
-
-class Reply(enum.StrEnum):
-    """What the client waits for after sending, before holding and closing."""
-
-    NONE = "none"
-    DATA = "data"  # the first bytes of a reply
-    EOF = "eof"  # the server closing its side
 
 
 def _duration(value: object) -> float:
@@ -372,20 +345,6 @@ class KernelConfig(_Section):
                 ' such as "40000-40009,40050"'
             )
         return self
-
-
-class Topology(enum.StrEnum):
-    SINGLE = "single"  # listener, load and collector in one namespace, over loopback
-    PAIR = "pair"  # client and server namespaces joined by a veth pair
-    NAT = "nat"  # client, router and server namespaces: the router SNATs to [lab.nat]
-
-
-class Emulation(enum.StrEnum):
-    """What puts ``delay``/``jitter``/``loss`` on the pair's link."""
-
-    AUTO = "auto"  # netem when the kernel has it, else the relay
-    NETEM = "netem"  # a veth pair with the netem qdisc on each end
-    RELAY = "relay"  # a TUN device in each namespace and eph's userspace relay
 
 
 # conntrack's TCP timeouts a [lab.nat] may set: key tcp_timeout_<name> is the router
