@@ -41,7 +41,7 @@ help: ## Show this help
 # uv resolves and installs the same versions as pip in a quarter of the time (14 s
 # against 60 s from a fresh clone here); pip does it alone when uv cannot be had.
 # Both compile the bytecode now, and harness/ too: where PYTHONDONTWRITEBYTECODE is
-# set (as on CI's machines) nothing else ever writes it, and every process of every
+# set (as in this machine's environment) nothing else writes it, and every process of every
 # run compiled what it imported: 1.9 s of CPU to start a Locust process, 0.9 s with it
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
