@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import shutil
@@ -145,8 +146,20 @@ def run_dir_summary(run_dir: Path) -> dict[str, Any]:
     return dict(json.loads((run_dir / "summary.json").read_text()))
 
 
-def tcp_states(port: int) -> dict[str, dict[str, int]]:
-    """Kernel TCP sockets touching ``port``, by state: {"local": {...}, "remote": {...}}.
+_OWN_ADDRESSES = itertools.count()
+
+
+def own_loopback() -> str:
+    """A loopback address no other test uses (127.<pid>.<n>). Counted by port alone,
+    sockets of a port the kernel had given out before were counted too: another test's
+    794 clients in TIME_WAIT toward an earlier listener on the same port number."""
+    pid, n = os.getpid(), next(_OWN_ADDRESSES)
+    return f"127.{(pid >> 8) & 255}.{pid & 255}.{n % 250 + 2}"
+
+
+def tcp_states(port: int, host: str | None = None) -> dict[str, dict[str, int]]:
+    """Kernel TCP sockets touching ``port`` (``host:port`` when given), by state:
+    {"local": {...}, "remote": {...}}.
 
     ``local`` counts sockets whose own port is ``port`` (the listener's side),
     ``remote`` those connected to it (the clients' side). Read with ``ss``.
@@ -161,7 +174,7 @@ def tcp_states(port: int) -> dict[str, dict[str, int]]:
             continue
         state, local, peer = fields[0], fields[3], fields[4]
         for side, address in (("local", local), ("remote", peer)):
-            if address.rsplit(":", 1)[-1] == str(port):
+            if address == f"{host}:{port}" if host else address.rsplit(":", 1)[-1] == str(port):
                 result[side][state] = result[side].get(state, 0) + 1
     return result
 

@@ -21,7 +21,7 @@ from harness.scenario import ListenerClose, parse_scenario
 from harness.target.listener import Listener
 from harness.target.tls import listener_certificate, make_throwaway_certificate, server_context
 
-from .conftest import tcp_states
+from .conftest import own_loopback, tcp_states
 
 LOCAL = Endpoint("127.0.0.1", 0)
 
@@ -45,11 +45,13 @@ def run_loop(request: pytest.FixtureRequest) -> Callable[[Coroutine[Any, Any, An
     return run
 
 
-async def _churn(port: int, count: int, send: bytes = b"", read: bool = True) -> list[bytes]:
+async def _churn(
+    port: int, count: int, send: bytes = b"", read: bool = True, host: str = "127.0.0.1"
+) -> list[bytes]:
     """Open ``count`` connections one after another; return what each received."""
     received = []
     for _ in range(count):
-        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        reader, writer = await asyncio.open_connection(host, port)
         if send:
             writer.write(send)
         data = b""
@@ -69,8 +71,9 @@ async def _serve_and_churn(
     listener: Listener, count: int, send: bytes = b"", read: bool = True
 ) -> tuple[int, list[bytes], int]:
     await listener.start()
-    port = listener.bound[0].port
-    received = await _churn(port, count, send, read)
+    bound = listener.bound[0]
+    port = bound.port
+    received = await _churn(port, count, send, read, host=bound.host)
     await listener.drain(quiet=0.05)
     await listener.close()
     stats = listener.stats()
@@ -106,12 +109,13 @@ def test_serves_several_endpoints_and_ipv6(run_loop: Callable[..., Any]) -> None
 
 
 def test_response_bytes_then_close_first(run_loop: Callable[..., Any]) -> None:
-    listener = Listener([LOCAL], close=ListenerClose.FIRST, response=b"hello")
+    own = Endpoint(own_loopback(), 0)  # counted apart from other tests' sockets
+    listener = Listener([own], close=ListenerClose.FIRST, response=b"hello")
     accepted, received, port = run_loop(_serve_and_churn(listener, 20))
     assert accepted == 20
     assert received == [b"hello"] * 20
     # the listener closed first: TIME_WAIT sits on its side, not the clients'
-    states = tcp_states(port)
+    states = tcp_states(port, own.host)
     assert states["local"].get("TIME-WAIT", 0) >= 20
     assert states["remote"].get("TIME-WAIT", 0) == 0
 
@@ -123,19 +127,21 @@ def test_read_request_answers_after_the_request(run_loop: Callable[..., Any]) ->
 
 
 def test_reset_leaves_no_time_wait(run_loop: Callable[..., Any]) -> None:
-    listener = Listener([LOCAL], close=ListenerClose.RESET)
+    own = Endpoint(own_loopback(), 0)  # counted apart from other tests' sockets
+    listener = Listener([own], close=ListenerClose.RESET)
     accepted, received, port = run_loop(_serve_and_churn(listener, 20))
     assert accepted == 20
     assert set(received) <= {b"<reset>", b""}
-    states = tcp_states(port)
+    states = tcp_states(port, own.host)
     assert states["local"].get("TIME-WAIT", 0) == 0
     assert states["remote"].get("TIME-WAIT", 0) == 0
 
 
 def test_wait_policy_leaves_time_wait_on_the_client(run_loop: Callable[..., Any]) -> None:
-    listener = Listener([LOCAL], close=ListenerClose.WAIT)
+    own = Endpoint(own_loopback(), 0)  # counted apart from other tests' sockets
+    listener = Listener([own], close=ListenerClose.WAIT)
     _, _, port = run_loop(_serve_and_churn(listener, 20, read=False))
-    states = tcp_states(port)
+    states = tcp_states(port, own.host)
     assert states["remote"].get("TIME-WAIT", 0) >= 20
     assert states["local"].get("TIME-WAIT", 0) == 0
 

@@ -16,6 +16,7 @@ from typing import Any
 import httptools
 import pytest
 
+from harness.endpoints import Endpoint
 from harness.scenario import ListenerClose
 from harness.target.listener import Listener, ListenerStats
 from harness.target.tls import (
@@ -25,7 +26,7 @@ from harness.target.tls import (
 )
 
 from . import test_listener
-from .conftest import EPH, ROOT, tcp_states
+from .conftest import EPH, ROOT, own_loopback, tcp_states
 from .test_listener import LOCAL
 
 run_loop = test_listener.run_loop  # the same fixture: each test on uvloop and on asyncio
@@ -69,10 +70,12 @@ class _Client:
         _OPEN.append(self)
 
     @classmethod
-    async def connect(cls, port: int, tls: ssl.SSLContext | None = None) -> _Client:
+    async def connect(
+        cls, port: int, tls: ssl.SSLContext | None = None, host: str = "127.0.0.1"
+    ) -> _Client:
         hostname = "127.0.0.1" if tls is not None else None
         reader, writer = await asyncio.open_connection(
-            "127.0.0.1", port, ssl=tls, server_hostname=hostname
+            host, port, ssl=tls, server_hostname=hostname
         )
         return cls(reader, writer)
 
@@ -277,8 +280,10 @@ def test_cli_counts_the_400s_it_answers_curl() -> None:
 def test_close_policies_end_after_the_first_answer(
     run_loop: Callable[..., Any], close: ListenerClose
 ) -> None:
+    own = Endpoint(own_loopback(), 0)  # its sockets counted apart from other tests'
+
     async def talk(port: int) -> tuple[bytes, bool]:
-        client = await _Client.connect(port)
+        client = await _Client.connect(port, host=own.host)
         client.writer.write(GET + GET)  # two asked, one answered
         try:
             data = await asyncio.wait_for(client.reader.read(65536), READ_TIMEOUT)
@@ -288,10 +293,10 @@ def test_close_policies_end_after_the_first_answer(
         await client.close()
         return data, ended
 
-    (data, ended), stats, port = run_loop(_serve(Listener([LOCAL], http=True, close=close), talk))
+    (data, ended), stats, port = run_loop(_serve(Listener([own], http=True, close=close), talk))
     assert ended
     assert sum(stats.requests.values()) == 1
-    local = tcp_states(port)["local"].get("TIME-WAIT", 0)
+    local = tcp_states(port, own.host)["local"].get("TIME-WAIT", 0)
     if close is ListenerClose.FIRST:
         assert data.count(b"HTTP/1.1 200") == 1 and b"Connection: close" in data
         assert local >= 1
