@@ -208,13 +208,15 @@ def test_a_process_that_is_never_ready_is_said_and_not_waited_for(
 
 
 def test_a_uvloop_engine_says_it_is_ready_before_any_user(tmp_path: Path) -> None:
-    """Its first frame is empty and comes with no user yet: the Locust process times
-    its start from it, not from the spawn (imports took seconds under load)."""
+    """Its first frame is empty, comes with no user yet and is no flush: a flush carries
+    the CPU interval it closes (``t_ns`` from the monotonic clock), the ready frame none.
+    The Locust process times its start from it, not from the spawn (imports took
+    seconds under load); without it, the first frame was the first flush."""
     import json
     import subprocess
     import sys
 
-    from harness.load.uvloop_engine import read_frame
+    from harness.load.uvloop_engine import read_frame_cpu
     from harness.scenario import parse_scenario
 
     scenario = parse_scenario(
@@ -226,13 +228,15 @@ def test_a_uvloop_engine_says_it_is_ready_before_any_user(tmp_path: Path) -> Non
     with subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE) as child:
         assert child.stdin is not None and child.stdout is not None
         try:
-            first = read_frame(child.stdout)  # type: ignore[arg-type]
-            assert first is not None and len(first) == 0
+            first = read_frame_cpu(child.stdout)  # type: ignore[arg-type]
+            assert first is not None and len(first.rows) == 0
+            assert first.cpu.t_ns == 0, first.cpu  # not a flush
             child.stdin.close()  # no user was ever sent: it stops, having made nothing
-            made = 0
-            while (frame := read_frame(child.stdout)) is not None:  # type: ignore[arg-type]
-                made += len(frame)
-            assert made == 0 and child.wait(timeout=30) == 0
+            flushes = []
+            while (frame := read_frame_cpu(child.stdout)) is not None:  # type: ignore[arg-type]
+                flushes.append(frame)
+            assert flushes and all(f.cpu.t_ns > 0 for f in flushes), flushes
+            assert sum(len(f.rows) for f in flushes) == 0 and child.wait(timeout=30) == 0
         finally:
             child.kill()
 
