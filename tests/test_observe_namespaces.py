@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import re
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -21,6 +23,7 @@ from harness.kernel.netns import Namespace
 from harness.observe.paths import dump_here
 
 from .conftest import EPH, ROOT
+from .test_observe import _promtool_accepts
 
 pytestmark = [pytest.mark.netns, pytest.mark.e2e]
 
@@ -86,44 +89,93 @@ def test_the_helper_thread_reads_each_namespace_and_leaves_eph_where_it_was() ->
         assert threading.current_thread() is threading.main_thread()
 
 
+CHURN = 50  # connections opened and closed in the first namespace while observed
+CHURNER = r"""
+import socket, sys
+for _ in range(int(sys.argv[1])):
+    socket.create_connection(("127.0.0.1", 7000)).close()
+"""
+
+
+def _scrape(url: str) -> str:
+    with contextlib.suppress(OSError, subprocess.SubprocessError):
+        return subprocess.run(
+            [sys.executable, "-c", "import sys, urllib.request; sys.stdout.write("
+             f"urllib.request.urlopen('{url}').read().decode())"],
+            capture_output=True, text=True, timeout=20, check=True,
+        ).stdout  # fmt: skip
+    return ""
+
+
+def _counter(scrape: str, name: str, netns: str) -> float | None:
+    found = re.search(rf'^{name}{{inode="\d+",netns="{re.escape(netns)}"}} (\S+)$', scrape, re.M)
+    return float(found.group(1)) if found else None
+
+
 def test_every_namespace_is_seen_from_the_root_one_with_its_range_and_owner(
     tmp_path: Path,
 ) -> None:
     out = tmp_path / "obs"
-    args = [*EPH, "observe", "--all-namespaces", "--duration", "1s", "--interval", "250ms",
-            "--top", "1000", "--out", str(out), "--no-report", "--plain",
+    args = [*EPH, "observe", "--all-namespaces", "--interval", "250ms",
+            "--top", "1000", "--out", str(out), "--keep", "1h", "--plain",
             "--prometheus", "127.0.0.1:0"]  # fmt: skip
     with _three_clients() as clients:
         observer = subprocess.Popen(
             args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path,
             env={**os.environ, "PYTHONPATH": str(ROOT)},
         )  # fmt: skip
-        assert observer.stderr is not None
-        url = re.search(r"(http://127\.0\.0\.1:\d+/metrics)", observer.stderr.readline())
-        assert url
-        scrape = ""
-        while not all(ns.name in scrape for ns, _, _ in clients) and observer.poll() is None:
-            with contextlib.suppress(OSError):
-                scrape = subprocess.run(
-                    [sys.executable, "-c", "import sys, urllib.request; sys.stdout.write("
-                     f"urllib.request.urlopen('{url.group(1)}').read().decode())"],
-                    capture_output=True, text=True, timeout=20, check=True,
-                ).stdout  # fmt: skip
-        _, stderr = observer.communicate(timeout=60)
+        try:
+            assert observer.stderr is not None
+            url = re.search(r"(http://127\.0\.0\.1:\d+/metrics)", observer.stderr.readline())
+            assert url
+            scrape, deadline = "", time.monotonic() + 60
+            while not all(ns.name in scrape for ns, _, _ in clients):
+                assert observer.poll() is None and time.monotonic() < deadline, scrape
+                scrape = _scrape(url.group(1))
+            # while observed, the first namespace's client churns: its namespace's
+            # counters move, the others' do not
+            first = clients[0][0]
+            subprocess.run(first.command([sys.executable, "-c", CHURNER, str(CHURN)]), check=True)
+            before = scrape
+            opens = SHAPES[0][1] + CHURN
+            while _counter(scrape, "eph_netns_active_opens_total", first.name) != opens:
+                assert observer.poll() is None and time.monotonic() < deadline, scrape
+                scrape = _scrape(url.group(1))
+        finally:
+            observer.terminate()  # no --duration: it runs until told to stop
+            stdout, stderr = observer.communicate(timeout=60)
     assert observer.returncode == 0, stderr
     rows = pq.read_table(out / "paths.parquet").to_pylist()
+    summary = json.loads((out / "summary.json").read_text())
+    totals = {t["netns"]: t for t in summary["namespaces"]}
     for (ns, pid, _ports), ((low, high), count) in zip(clients, SHAPES, strict=True):
         usable = high - low + 1  # the listener's 7000 is outside every range
         # --out: each sample's row for the path carries its namespace, its range's
         # usable ports, and who holds them; the views' label names the namespace
+        churned = CHURN if ns is clients[0][0] else 0  # in TIME_WAIT once churned
         mine = [r for r in rows if r["netns"] == ns.name and r["remote_port"] == 7000]
-        assert mine and {(r["ports"], r["usable"]) for r in mine} == {(count, usable)}
+        held = {(r["ports"], r["usable"]) for r in mine}
+        assert (
+            mine
+            and (count, usable) in held
+            and held <= {(count + churned, usable), (count, usable)}
+        )
         assert {r["label"] for r in mine} == {f"{ns.name}: 127.0.0.1 -> 127.0.0.1:7000"}
         assert {(o["pid"], o["ports"]) for r in mine for o in r["owners"]} == {(pid, count)}
-        # Prometheus: the same, labelled with the namespace
+        # Prometheus: the same, labelled with the namespace (before the churn)
         labels = f'local="127.0.0.1",netns="{ns.name}",protocol="tcp",remote="127.0.0.1:7000"'
-        assert f"eph_path_ports_in_use{{{labels}}} {count}.0" in scrape, scrape
-        assert f"eph_path_usable_ports{{{labels}}} {usable}.0" in scrape
+        assert f"eph_path_ports_in_use{{{labels}}} {count}.0" in before, before
+        assert f"eph_path_usable_ports{{{labels}}} {usable}.0" in before
+        # each namespace's own counters: a fresh namespace has made its client's
+        # connects and no other (the root one's are the host's, far more)
+        assert _counter(before, "eph_netns_active_opens_total", ns.name) == count, before
+        assert _counter(scrape, "eph_netns_active_opens_total", ns.name) == count + churned
+        assert _counter(scrape, "eph_netns_time_wait_sockets", ns.name) == churned
+        assert totals[ns.name]["active_opens"] == churned, totals
+        assert totals[ns.name]["time_wait_peak"] == churned, totals
+    _promtool_accepts(scrape)  # the eph_netns_* series too
+    # the plain view: a line of counters per namespace under the host's
+    assert all(f"  netns {ns.name}: ActiveOpens " in stdout for ns, _, _ in clients), stdout
 
 
 def test_all_namespaces_needs_root(monkeypatch: pytest.MonkeyPatch) -> None:

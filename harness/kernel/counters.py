@@ -46,8 +46,13 @@ def _sockstat(path: Path) -> dict[str, int]:
     return {}
 
 
-def read_counters(proc: Path = Path("/proc")) -> dict[str, int | None]:
-    """Every counter above (None where this kernel has none), plus sockstat and conntrack."""
+def read_counters(proc: Path = Path("/proc"), sys: Path | None = None) -> dict[str, int | None]:
+    """Every counter above (None where this kernel has none), plus sockstat and conntrack.
+
+    ``proc``'s ``net/`` names the namespace (``/proc/thread-self`` for a thread that
+    entered another); ``sys`` is where its sysctls are, ``proc/sys`` unless given
+    (``/proc/sys`` follows the reading thread's namespace, ``/proc/PID/sys`` does not).
+    """
     files = {
         "netstat": _sections(proc / "net" / "netstat"),
         "snmp": _sections(proc / "net" / "snmp"),
@@ -59,7 +64,7 @@ def read_counters(proc: Path = Path("/proc")) -> dict[str, int | None]:
     for name, field in SOCKSTAT.items():
         result[name] = sockstat.get(field)
     try:
-        conntrack = (proc / "sys" / "net" / "netfilter" / "nf_conntrack_count").read_text()
+        conntrack = ((sys or proc / "sys") / "net" / "netfilter" / "nf_conntrack_count").read_text()
         result["conntrack_count"] = int(conntrack)
     except (OSError, ValueError):
         result["conntrack_count"] = None

@@ -30,7 +30,9 @@ network namespace, taken inside it by a helper thread
 reserved and listening ports; the client rows of all of them are then grouped in
 one pass, the namespace being part of each path. The cost grows with sockets and
 namespaces, never with namespaces times the range. Socket cookies and inodes are
-the host's, so new sockets and owners need nothing per namespace.
+the host's, so new sockets and owners need nothing per namespace. The kernel keeps
+its TCP counters per namespace too: each dump reads them there
+(:class:`NamespaceCounters`).
 """
 
 from __future__ import annotations
@@ -44,17 +46,19 @@ from pathlib import Path
 import numpy as np
 
 from harness.capacity.port_model import reserved_spans
-from harness.kernel.counters import ipv6_sockets_unseen
+from harness.kernel.counters import ipv6_sockets_unseen, read_counters
 from harness.kernel.namespaces import NamespaceThread, NetNamespace, host_namespaces
 from harness.kernel.sockdiag import DIAG_DTYPE, TcpState, dump_sockets
 from harness.observe.owners import OwnerIndex, PortOwner
 
 __all__ = [
     "STATES",
+    "NamespaceCounters",
     "NamespaceDump",
     "PathSampler",
     "PathSnapshot",
     "dump_here",
+    "dump_here_with_counters",
     "group_paths",
     "text_addresses",
     "usable_ports",
@@ -90,6 +94,19 @@ class NamespaceDump:
     port_range: tuple[int, int]
     reserved: Sequence[tuple[int, int]] = ()
     label: str | None = None  # with every namespace: which one
+    inode: int | None = None  # with every namespace: its inode
+    # with every namespace: its own TCP counters (harness.kernel.counters' names)
+    counters: dict[str, int | None] | None = None
+
+
+@dataclass(frozen=True)
+class NamespaceCounters:
+    """One namespace's TCP counters in a sample (``eph observe --all-namespaces``):
+    the kernel keeps ActiveOpens, TIME_WAIT and the rest per network namespace."""
+
+    label: str
+    inode: int
+    counters: dict[str, int | None]
 
 
 def dump_here(udp: bool = True, proc: Path = Path("/proc/thread-self")) -> NamespaceDump:
@@ -106,6 +123,13 @@ def dump_here(udp: bool = True, proc: Path = Path("/proc/thread-self")) -> Names
     except OSError:
         reserved = []
     return NamespaceDump(tcp, udp_rows, (low, high), reserved)
+
+
+def dump_here_with_counters(udp: bool = True) -> NamespaceDump:
+    """:func:`dump_here` of the calling thread's namespace, with its counters."""
+    dump = dump_here(udp)
+    dump.counters = read_counters(Path("/proc/thread-self"), sys=Path("/proc/sys"))
+    return dump
 
 
 def usable_ports(
@@ -152,6 +176,8 @@ class PathSnapshot:
     netns: list[str] | None = None
     # the usable ports of eph's own namespace (the host line's), whatever the paths
     host_usable: int = -1
+    # with every namespace: each namespace's counters, eph's own first; else None
+    namespaces: list[NamespaceCounters] | None = None
 
     def __post_init__(self) -> None:
         if np.ndim(self.usable) == 0:
@@ -304,10 +330,10 @@ class PathSampler:
         dumps = []
         for ns in self._namespaces(now):
             try:
-                dump = self.inside.call(ns.path, lambda: dump_here(self.udp))
+                dump = self.inside.call(ns.path, lambda: dump_here_with_counters(self.udp))
             except OSError:  # its last process left meanwhile
                 continue
-            dump.label = ns.label
+            dump.label, dump.inode = ns.label, ns.inode
             dumps.append(dump)
         return self.from_dumps(dumps, now)
 
@@ -346,6 +372,10 @@ class PathSampler:
         labels = [dump.label or "" for dump in dumps] if labelled else None
         snapshot = self._summarise(columns, np.array(usables or [0], np.int64), labels)
         snapshot.host_usable = usables[0] if usables else 0
+        if labelled:
+            snapshot.namespaces = [
+                NamespaceCounters(d.label or "", d.inode or 0, d.counters or {}) for d in dumps
+            ]
         snapshot.time = now
         snapshot.interval_s = None if self._last is None else now - self._last
         self._cookies = np.union1d(columns.cookie, self._previous)  # sorted

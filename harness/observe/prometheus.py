@@ -11,6 +11,10 @@ base units (seconds), ratios from 0 to 1, ``_total`` only on counters.
 - ``eph_host_*``: the namespace's TCP counters as counters (the kernel's own
   totals, so ``rate()`` works and a restart of eph is no reset), TIME_WAIT and
   conntrack as gauges.
+- ``eph_netns_*`` with ``--all-namespaces``: the same counters of each network
+  namespace, labelled ``netns`` (as ``eph_path_*`` are) and ``inode`` (which stays
+  while the label's processes change): one series per namespace and counter, so a
+  node's series grow with its pods, and a namespace gone is gone from the next scrape.
 - ``eph_nat_*`` on a NAT router: ports per NAT address and destination (the top N
   as well), the pool's size where nftables' rules give it, and conntrack's insert
   failures and drops as counters since eph began.
@@ -50,7 +54,7 @@ from harness.observe.outlook import Outlook
 from harness.observe.paths import STATES, UDP, PathSnapshot
 from harness.observe.session import HostView
 
-__all__ = ["HOST_COUNTERS", "PrometheusView"]
+__all__ = ["HOST_COUNTERS", "NETNS_COUNTERS", "NETNS_GAUGES", "PrometheusView"]
 
 _PATH_LABELS = ("protocol", "local", "remote")
 _TIME_WAIT_COLUMN = STATES.index(TcpState.TIME_WAIT)
@@ -121,6 +125,7 @@ class _HostMetrics(Collector):
         for name, (text, value) in gauges.items():
             if value is not None:
                 yield GaugeMetricFamily(name, text, value=value)
+        yield from _namespace_metrics(host)
         if host.nat is not None:
             yield CounterMetricFamily(
                 "eph_nat_conntrack_insert_failed",
@@ -130,6 +135,40 @@ class _HostMetrics(Collector):
             yield CounterMetricFamily(
                 "eph_nat_conntrack_drops", "Conntrack drops since eph began", value=self.nat_drop
             )
+
+
+# each namespace's counters (--all-namespaces): counters, then gauges; name, help
+NETNS_COUNTERS = {
+    key: (name.replace("eph_host_", "eph_netns_"), text)
+    for key, (name, text) in HOST_COUNTERS.items()
+}
+NETNS_GAUGES = {
+    "sockstat_tw": ("eph_netns_time_wait_sockets", "TIME_WAIT sockets (sockstat tw)"),
+    "conntrack_count": ("eph_netns_conntrack_entries", "Conntrack entries (nf_conntrack_count)"),
+}
+
+
+def _namespace_metrics(host: HostView) -> Iterator[Metric]:
+    """``eph_netns_*``: every namespace's counters, built from the last sample."""
+    if not host.namespaces:
+        return
+    labels = ["netns", "inode"]
+    families: list[tuple[str, CounterMetricFamily | GaugeMetricFamily]] = [
+        (key, CounterMetricFamily(name, f"{text}, per network namespace", labels=labels))
+        for key, (name, text) in NETNS_COUNTERS.items()
+    ] + [
+        (key, GaugeMetricFamily(name, f"{text}, per network namespace", labels=labels))
+        for key, (name, text) in NETNS_GAUGES.items()
+    ]
+    for view in host.namespaces:
+        ns = view.namespace
+        for key, family in families:
+            value = ns.counters.get(key)
+            if value is not None:
+                family.add_metric([ns.label, str(ns.inode)], value)
+    for _, family in families:
+        if family.samples:
+            yield family
 
 
 class _TraceMetrics(Collector):

@@ -31,12 +31,12 @@ from harness.kernel.sysctls import read_kernel
 from harness.observe.nat_pools import NatSampler, NatSnapshot
 from harness.observe.outlook import Outlook, outlook
 from harness.observe.owners import OwnerIndex
-from harness.observe.paths import PathSampler, PathSnapshot
+from harness.observe.paths import NamespaceCounters, PathSampler, PathSnapshot
 from harness.observe.store import ObserveStore, Retention, host_batch, paths_batch
 from harness.observe.trace import start_trace
 from harness.supervisor import Supervisor
 
-__all__ = ["HostView", "Observation", "ObserveView", "Settings"]
+__all__ = ["HostView", "NamespaceView", "Observation", "ObserveView", "Settings"]
 
 logger = logging.getLogger(__name__)
 
@@ -88,6 +88,16 @@ class HostView:
     rates: dict[str, float]  # per second, for the cumulative counters
     sample_ms: float
     nat: NatSnapshot | None = None  # on a NAT router: its pools (harness.observe.nat_pools)
+    # with every namespace: each one's counters and their rates, eph's own first
+    namespaces: Sequence[NamespaceView] = ()
+
+
+@dataclass(frozen=True)
+class NamespaceView:
+    """One namespace's counters in a sample, and their change per second since the last."""
+
+    namespace: NamespaceCounters
+    rates: dict[str, float]
 
 
 class ObserveView(Protocol):
@@ -124,6 +134,10 @@ class Observation:
     stop_reason: str | None = None
     nat: NatSampler = field(default_factory=NatSampler, repr=False)
     _stop: bool = field(default=False, repr=False)
+    # with every namespace: each one's last counters, by inode
+    _namespaces_last: dict[int, tuple[float, dict[str, int | None]]] = field(
+        default_factory=dict, repr=False
+    )
 
     def stop(self, reason: str) -> None:
         self._stop, self.stop_reason = True, reason
@@ -223,12 +237,24 @@ class Observation:
         )
         counters = read_counters()
         rates = _rates(last, snap.time, counters)
-        host = HostView(self.settings, counters, rates, sample_ms, self.nat.sample())
+        host = HostView(
+            self.settings, counters, rates, sample_ms, self.nat.sample(), self._per_namespace(snap)
+        )
         for view in self.views:
             view.show(snap, look, host)
         if store is not None:
             store.write(paths_batch(snap, look), host_batch(snap, counters, sample_ms, host.nat))
         return snap.time, counters
+
+    def _per_namespace(self, snap: PathSnapshot) -> list[NamespaceView]:
+        """Each namespace's counters with their rates; forgets the namespaces gone."""
+        views, seen = [], {}
+        for ns in snap.namespaces or ():
+            views.append(NamespaceView(ns, _rates(self._namespaces_last.get(ns.inode),
+                                                  snap.time, ns.counters)))  # fmt: skip
+            seen[ns.inode] = (snap.time, ns.counters)
+        self._namespaces_last = seen
+        return views
 
 
 def _rates(

@@ -78,6 +78,15 @@ NAT_TYPE = pa.struct(
     ]
 )
 NAT_ROWS = 50  # destination and NAT address pairs kept per sample
+# with --all-namespaces: the counters of each namespace (the host line's are eph's own)
+NETNS_COUNTERS = (
+    "active_opens", "attempt_fails", "tw_recycled", "timewait_overflow", "sockstat_tw",
+    "curr_estab", "conntrack_count",
+)  # fmt: skip
+NETNS_TYPE = pa.struct(
+    [("netns", pa.string()), ("inode", pa.int64())]
+    + [(name, pa.int64()) for name in NETNS_COUNTERS]
+)
 HOST_SCHEMA = pa.schema(
     [
         ("time", pa.float64()),
@@ -99,6 +108,9 @@ HOST_SCHEMA = pa.schema(
         ("nat", pa.list_(NAT_TYPE)),
         ("nat_insert_failed", pa.int64()),
         ("nat_drop", pa.int64()),
+        # with --all-namespaces: each namespace's counters (NETNS_COUNTERS), eph's own
+        # first; null with one namespace
+        ("netns", pa.list_(NETNS_TYPE)),
     ]
 )
 
@@ -153,6 +165,15 @@ def host_batch(
         "nat": [None if nat is None else [r._asdict() for r in nat.rows[:NAT_ROWS]]],
         "nat_insert_failed": [None if nat is None else nat.insert_failed],
         "nat_drop": [None if nat is None else nat.drop],
+        "netns": [
+            None
+            if snap.namespaces is None
+            else [
+                {"netns": ns.label, "inode": ns.inode}
+                | {name: ns.counters.get(name) for name in NETNS_COUNTERS}
+                for ns in snap.namespaces
+            ]
+        ],
     }
     for name in HOST_SCHEMA.names:
         if name not in row:

@@ -18,7 +18,7 @@ from harness.observe.paths import STATES, PathSnapshot
 from harness.observe.session import HostView
 from harness.units import human_duration
 
-__all__ = ["PlainView", "TerminalView", "host_line", "path_line"]
+__all__ = ["PlainView", "TerminalView", "host_line", "namespace_lines", "path_line"]
 
 _STYLE = {
     Verdict.OK: "green",
@@ -60,6 +60,25 @@ def host_line(host: HostView, snap: PathSnapshot) -> str:
     )
 
 
+def namespace_lines(host: HostView, rows: int) -> list[str]:
+    """With every namespace: a line of counters per namespace, the busiest first."""
+    if not host.namespaces:
+        return []
+    ranked = sorted(host.namespaces, key=lambda v: -v.rates.get("active_opens", 0.0))
+    lines = []
+    for view in ranked[:rows]:
+        c, r = view.namespace.counters, view.rates
+        lines.append(
+            f"netns {view.namespace.label}: ActiveOpens {r.get('active_opens', 0):.0f}/s,"
+            f" AttemptFails {r.get('attempt_fails', 0):.0f}/s, TIME_WAIT {c.get('sockstat_tw')},"
+            f" TWRecycled {r.get('tw_recycled', 0):.0f}/s,"
+            f" TCPTimeWaitOverflow {c.get('timewait_overflow')}"
+        )
+    if len(ranked) > rows:
+        lines.append(f"netns: {len(ranked) - rows} more")
+    return lines
+
+
 def owners_text(snap: PathSnapshot, i: int, *, hint: bool = True) -> str:
     """Who holds the path's ports, e.g. ``python3[4242] 120, 150 unattributed``."""
     if snap.owners is None or snap.unattributed is None or (snap.other and i == len(snap) - 1):
@@ -98,6 +117,7 @@ class PlainView:
         self._last = now
         stamp = time.strftime("%H:%M:%S", time.localtime(snap.time))
         lines = [f"{stamp} {host_line(host, snap)}"]
+        lines += [f"  {line}" for line in namespace_lines(host, self.rows)]
         lines += [f"  {line}" for line in (nat_lines(host.nat, self.rows) if host.nat else [])]
         lines += [f"  {path_line(snap, look, i)}" for i in range(min(self.rows, len(snap)))]
         self.stream.write("\n".join(lines) + "\n")
@@ -153,7 +173,8 @@ class TerminalView:
             )
         nat = [Text(line) for line in (nat_lines(host.nat, self.rows) if host.nat else [])]
         head = Text(host_line(host, snap), style="dim")
-        self._live.update(Group(head, *nat, table), refresh=True)
+        spaces = [Text(line, style="dim") for line in namespace_lines(host, 5)]
+        self._live.update(Group(head, *spaces, *nat, table), refresh=True)
 
     def close(self) -> None:
         self._live.stop()

@@ -41,6 +41,7 @@ from harness.summary import (
     ExecRecord,
     HostCounters,
     LatencyCliff,
+    NamespaceTotals,
     Nat,
     ObservedPath,
     ObserveSummary,
@@ -95,10 +96,51 @@ def summarize_observation(directory: Path) -> ObserveSummary:
             first_full_s=first.first_full_s if first else None,
         ),
         host=_host(host, meta["settings"].get("conntrack_max")),
+        namespaces=_namespaces(host),
         exec=_exec(directory),
         traced=_traced(directory, paths),
         nat=_nat(directory),
     )
+
+
+def _namespaces(host: pa.Table) -> list[NamespaceTotals] | None:
+    """Each namespace's counters over the samples that found it (the ``netns`` column
+    of ``host.parquet``, with --all-namespaces), the most connects first."""
+    if "netns" not in host.column_names or host.column("netns").null_count == host.num_rows:
+        return None
+    per_sample = host.column("netns")
+    lengths = pc.list_value_length(per_sample).fill_null(0).to_numpy()
+    rows = pc.list_flatten(per_sample.combine_chunks())
+    time = np.repeat(host.column("time").to_numpy(), lengths)
+    table = pa.table({
+        "time": time,
+        **{field.name: rows.field(field.name) for field in rows.type},
+    })  # fmt: skip
+    inodes = table.column("inode").to_numpy()
+    order = np.lexsort((time, inodes))  # each namespace's rows together, in time
+    table, inodes = table.take(order), inodes[order]
+    starts = np.flatnonzero(np.diff(inodes, prepend=inodes[:1] - 1))
+    totals = []
+    for start, end in zip(starts, [*starts[1:], len(inodes)], strict=True):
+        inode, mine = inodes[start], table.slice(start, end - start)
+        opens = mine.column("active_opens").to_numpy(zero_copy_only=False).astype(float)
+        times = mine.column("time").to_numpy()
+        rates = _finite(np.diff(opens) / np.diff(times)) if mine.num_rows > 1 else np.zeros(0)
+        totals.append(
+            NamespaceTotals(
+                netns=str(mine.column("netns")[-1].as_py()),
+                inode=int(inode),
+                samples=mine.num_rows,
+                active_opens=_delta(mine, "active_opens"),
+                active_opens_per_s_peak=float(rates.max()) if len(rates) else None,
+                attempt_fails=_delta(mine, "attempt_fails"),
+                tw_recycled=_delta(mine, "tw_recycled"),
+                timewait_overflow=_delta(mine, "timewait_overflow"),
+                time_wait_peak=_max(mine, "sockstat_tw"),
+            )
+        )
+    totals.sort(key=lambda t: (-(t.active_opens or 0), t.netns))
+    return totals
 
 
 def _nat(directory: Path) -> Nat | None:

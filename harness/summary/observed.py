@@ -15,6 +15,7 @@ __all__ = [
     "OBSERVE_SCHEMA_VERSION",
     "ExecRecord",
     "HostCounters",
+    "NamespaceTotals",
     "ObserveSummary",
     "ObservedPath",
     "PathExhaustion",
@@ -96,6 +97,21 @@ class HostCounters(_Model):
     sample_ms_median: float
 
 
+class NamespaceTotals(_Model):
+    """One network namespace's TCP counters over the observation (``--all-namespaces``):
+    the kernel keeps them per namespace, so each pod's churn and failures show apart."""
+
+    netns: str  # ip netns's name, else its first processes ("host": init's)
+    inode: int
+    samples: int  # samples that found it (a namespace may come or go meanwhile)
+    active_opens: int | None  # over the samples that found it
+    active_opens_per_s_peak: float | None
+    attempt_fails: int | None
+    tw_recycled: int | None
+    timewait_overflow: int | None
+    time_wait_peak: int | None
+
+
 class ExecRecord(_Model):
     """``eph lab --exec``: the user's command and how it ended (``exec.json``)."""
 
@@ -139,6 +155,8 @@ class ObserveSummary(_Model):
     paths: list[ObservedPath]
     exhaustion: PathExhaustion
     host: HostCounters
+    # with --all-namespaces: each namespace's counters, the most connects first
+    namespaces: list[NamespaceTotals] | None = None
     exec: ExecRecord | None = None  # eph lab --exec: the client that was observed
     # with --trace: the kernel's row of every client connection (connections.parquet)
     traced: Traced | None = None
