@@ -28,7 +28,7 @@ LOADTEST_FLAGS += $(if $(USERS),--set load.users=$(USERS)) $(if $(RATE),--set lo
                   $(if $(DURATION),--set duration=$(DURATION))
 
 .DEFAULT_GOAL := help
-.PHONY: help setup system-deps test check lint typecheck pytest docs loadtest bench soak clean
+.PHONY: help setup system-deps recorder test check lint typecheck pytest docs loadtest bench soak clean
 
 help: ## Show this help
 	@echo "eph: ephemeral-port exhaustion harness"
@@ -53,12 +53,26 @@ $(STAMP): pyproject.toml
 
 setup: $(STAMP) ## Create .venv and install eph with its dev tools (idempotent)
 
+# the kernel recorder's eBPF program (harness/kernel/connections.bpf.c), loaded by eph
+# itself; where clang or libbpf's headers are missing, eph records with bpftrace, whose
+# tracepoint program the kernel skips now and then under load (docs/kernel.md)
+RECORDER := harness/kernel/connections.bpf.o
+recorder: ## Build the kernel recorder's eBPF program (clang, libbpf-dev); without them eph uses bpftrace
+	@if { command -v clang-14 || command -v clang; } >/dev/null && [ -e /usr/include/bpf/bpf_helpers.h ]; then \
+	  $(MAKE) --no-print-directory $(RECORDER); \
+	else echo "recorder: no clang or libbpf-dev here: eph traces with bpftrace"; fi
+
+$(RECORDER): harness/kernel/connections.bpf.c
+	$$(command -v clang-14 || command -v clang) -O2 -g -Wall -Werror -target bpf \
+	  -I/usr/include/$$(uname -m)-linux-gnu -c $< -o $@
+
 # Debian tools the tests and benches use: ip/ss (iproute2), a headless browser for
 # report.html and Locust's web UI, clients and servers eph did not write (nginx, curl,
-# and ab, wrk and hey, the peers `make bench` measures eph against), and bpftrace for the
-# kernel's record of every connection (eph observe --trace)
+# and ab, wrk and hey, the peers `make bench` measures eph against), clang and libbpf's
+# headers to build the kernel's record of every connection (eph observe --trace), and
+# bpftrace, its fallback and the tests' own probes
 # and promtool, which lints what eph observe --prometheus serves and tests the alert rules
-system-deps: ## Install iproute2, nftables, conntrack, chromium, nginx, curl, ab, wrk, hey, bpftrace and prometheus (for promtool) with apt-get when missing (root; no service is started)
+system-deps: ## Install iproute2, nftables, conntrack, chromium, nginx, curl, ab, wrk, hey, clang, libbpf-dev, bpftrace and prometheus (for promtool) with apt-get when missing (root; no service is started)
 	@missing=""; \
 	command -v ip >/dev/null && command -v ss >/dev/null || missing="$$missing iproute2"; \
 	command -v nft >/dev/null || missing="$$missing nftables"; \
@@ -70,6 +84,8 @@ system-deps: ## Install iproute2, nftables, conntrack, chromium, nginx, curl, ab
 	command -v wrk >/dev/null || missing="$$missing wrk"; \
 	command -v hey >/dev/null || missing="$$missing hey"; \
 	command -v bpftrace >/dev/null || missing="$$missing bpftrace"; \
+	{ command -v clang-14 || command -v clang; } >/dev/null || missing="$$missing clang"; \
+	[ -e /usr/include/bpf/bpf_helpers.h ] || missing="$$missing libbpf-dev"; \
 	command -v promtool >/dev/null || missing="$$missing prometheus"; \
 	if [ -n "$$missing" ]; then \
 	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
@@ -93,7 +109,7 @@ typecheck: setup ## mypy --strict on harness/
 # the isolated tests side by side (each lab's namespaces carry its pid); then those
 # marked paced (a modest paced rate against a model) two at a time; then those marked
 # serial (CPU, timing, the fastest rate; stale namespaces) alone. All three always run.
-pytest: setup ## Only the test suite (ARGS= passes pytest flags, WORKERS= the side-by-side processes)
+pytest: setup recorder ## Only the test suite (ARGS= passes pytest flags, WORKERS= the side-by-side processes)
 	@status=0; \
 	$(BIN)/pytest -n $(WORKERS) --dist worksteal -m "not serial and not paced" $(ARGS) || [ $$? -eq 5 ] || status=1; \
 	$(BIN)/pytest -n 2 --dist worksteal -m paced $(ARGS) || [ $$? -eq 5 ] || status=1; \
@@ -116,7 +132,7 @@ check: lint typecheck ## Fast tier: lint, types, and every test that needs no na
 docs: setup ## Build the manual (docs/) into build/site with mkdocs --strict
 	$(BIN)/mkdocs build --strict --site-dir build/site
 
-loadtest: setup ## Default scenario in a lab (or on loopback), or TARGET=host:port with staging.toml
+loadtest: setup recorder ## Default scenario in a lab (or on loopback), or TARGET=host:port with staging.toml
 ifeq ($(strip $(TARGET)),)
 	@if $(BIN)/python -c 'import sys; from harness.kernel.netns import netns_available as n; sys.exit(bool(n()))'; then \
 	  echo "network namespaces available: running $(LOADTEST_SCENARIO) in a lab (its [kernel] settings apply there only)"; \
@@ -129,10 +145,10 @@ else
 	$(BIN)/eph run $(LOADTEST_SCENARIO) $(LOADTEST_FLAGS) $(ARGS)
 endif
 
-bench: setup ## Benchmarks on loopback: prints JSON figures
+bench: setup recorder ## Benchmarks on loopback: prints JSON figures
 	@$(BIN)/python bench/run.py $(ARGS)
 
-soak: setup system-deps ## A lab run with faults on a schedule (root; SOAK=60m, default 3m; ARGS='--every 2m')
+soak: setup system-deps recorder ## A lab run with faults on a schedule (root; SOAK=60m, default 3m; ARGS='--every 2m')
 	@$(BIN)/python bench/soak.py $(if $(SOAK),--duration $(SOAK)) $(ARGS)
 
 clean: ## Remove .venv, caches, the built manual and every run under reports/

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -225,10 +226,25 @@ def test_the_witness_matches_tuples_by_turn_and_failures_by_count(
     assert (missing.available, missing.reason) == (False, "kernel tracing needs root (eBPF)")
 
 
-def _require_bpftrace() -> None:
-    """Root, BTF, bpftrace and tracefs (mounted here when it is not): under make test a
-    missing one fails, whichever it is."""
+def _require_recorder(kind: str = "loader") -> None:
+    """Root, BTF, and the recorder: eph's loader with its program built (``loader``) or
+    bpftrace and tracefs (mounted here when it is not). Under make test a missing one
+    fails, whichever it is: make test builds the program, so the loader is tested."""
     require(bpf.unavailable())
+    if kind == "loader":
+        built = bpf.loader_built()
+        require(None if built else "the recorder's program is not built (make recorder)")
+    else:
+        require(None if shutil.which("bpftrace") else "bpftrace is not installed")
+
+
+@pytest.fixture(params=["loader", "bpftrace"])
+def recorder(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Each recorder in turn: eph's own loader, and bpftrace where it is not built."""
+    kind = str(request.param)
+    monkeypatch.setenv("EPH_RECORDER", kind)
+    _require_recorder(kind)
+    return kind
 
 
 CLIENT = """
@@ -262,9 +278,8 @@ def _time_wait(ns: Namespace, remote_port: int) -> int:
 
 @pytest.mark.netns
 def test_recorder_rows_for_clients_eph_did_not_write_match_ss(
-    tmp_path: Path, netns: Namespace
+    tmp_path: Path, netns: Namespace, recorder: str
 ) -> None:
-    _require_bpftrace()
     subprocess.run(netns.command(["ip", "link", "set", "lo", "up"]), check=True)
     netns.set_sysctl("net.ipv4.ip_local_port_range", [40000, 40099])
     netns.set_sysctl("net.ipv4.tcp_tw_reuse", 0)
@@ -348,7 +363,7 @@ backoff = "20ms"
 @pytest.mark.e2e
 def test_run_trace_witnesses_every_record_and_failure(tmp_path: Path, netns: Namespace) -> None:
     """100 ports, no reuse: 100 successes then EADDRNOTAVAIL, every one seen by the kernel."""
-    _require_bpftrace()
+    _require_recorder()
     netns.set_sysctl("net.ipv4.ip_local_port_range", [40000, 40099])
     netns.set_sysctl("net.ipv4.tcp_tw_reuse", 0)
     scenario = write_scenario(tmp_path / "s.toml", SCENARIO)
@@ -362,14 +377,14 @@ def test_run_trace_witnesses_every_record_and_failure(tmp_path: Path, netns: Nam
     witness = summary["kernel_witness"]
     assert witness["available"] is True, witness
     assert witness["records"] == summary["connections"]["attempted"] > 100
-    # the kernel skips the recorder while a map syscall holds the CPU, and counts each
-    # skip (docs/kernel.md): a skip costs at most one row, and none goes uncounted
+    # exact: every record has its kernel row and no row is more (docs/kernel.md, "The
+    # recorder's misses": a change the kernel skips for one program, the other takes)
     kernel_json = json.loads((out / "kernel.json").read_text())
     assert kernel_json["exited_early"] is None, kernel_json  # eph stopped it, and read it live
-    assert witness["lost_events"] == kernel_json["lost_events"] + kernel_json["missed_events"]
+    assert kernel_json["missed_events"] == kernel_json["lost_events"] == 0, kernel_json
+    assert witness["lost_events"] == 0, witness
     assert witness["matched"] == witness["kernel_connections"], (witness, kernel_json)
-    assert witness["only_in_kernel"] == 0, (witness, kernel_json)
-    assert witness["only_in_records"] <= witness["lost_events"], (witness, kernel_json)
+    assert witness["only_in_kernel"] == witness["only_in_records"] == 0, (witness, kernel_json)
     kernel = pq.read_table(out / "kernel_connections.parquet")
     port = kernel.column("remote_port").to_numpy()
     # Locust's workers (load.processes "auto") connect to their master beside the load:
@@ -378,15 +393,64 @@ def test_run_trace_witnesses_every_record_and_failure(tmp_path: Path, netns: Nam
     to_master = np.count_nonzero(port == (chosen["master_port"] or -1))
     assert to_master >= (chosen["count"] if chosen["count"] > 1 else 0), chosen
     errno_ = kernel.column("errno").to_numpy()[port == 9000]
-    missing = witness["only_in_records"]
-    assert 0 <= summary["connections"]["succeeded"] - np.count_nonzero(errno_ == 0) <= missing
+    assert summary["connections"]["succeeded"] == np.count_nonzero(errno_ == 0)
+    assert summary["connections"]["failed"] == np.count_nonzero(errno_ == 99) > 0
     assert set(errno_[errno_ != 0]) == {99}
+
+
+# flat out for 3 s, 20 users with no pause: the load at its fastest
+FLAT_OUT = (
+    SCENARIO.replace('duration = "2s"', 'duration = "3s"')
+    .replace("users = 10", "users = 20")
+    .replace('backoff = "20ms"', 'backoff = "0s"')
+)
+
+
+@pytest.mark.netns
+@pytest.mark.e2e
+@pytest.mark.parametrize(
+    ("ports", "tw_reuse"),
+    [((10000, 60999), 1), ((40000, 40999), 0)],
+    ids=["churn", "refused"],
+)
+def test_the_recorder_misses_nothing_under_load_however_many_the_range_refuses(
+    tmp_path: Path, netns: Namespace, ports: tuple[int, int], tw_reuse: int
+) -> None:
+    """Every connect of a flat-out load has its kernel row: tens of thousands of whole
+    connections a second (``churn``: ports come back through tcp_tw_reuse), or a
+    thousand and then a storm of connects the range refuses (``refused``).
+
+    The churn's softirqs are what interrupt a recorder's program: bpftrace's one
+    tracepoint program missed 300 to 1,900 state changes in such runs, and this fails
+    with it (docs/kernel.md, "The recorder's misses")."""
+    _require_recorder()
+    netns.set_sysctl("net.ipv4.ip_local_port_range", list(ports))
+    netns.set_sysctl("net.ipv4.tcp_tw_reuse", tw_reuse)
+    scenario = write_scenario(tmp_path / "s.toml", FLAT_OUT)
+    out = tmp_path / "run"
+    result = eph(
+        ["run", str(scenario), "--trace", "--out", str(out), "--no-report"], cwd=tmp_path,
+        prefix=netns.command([]),
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = run_dir_summary(out)
+    connections, witness = summary["connections"], summary["kernel_witness"]
+    kernel_json = json.loads((out / "kernel.json").read_text())
+    said = (connections, witness, kernel_json)
+    if tw_reuse:
+        assert connections["succeeded"] == connections["attempted"] > 10_000, said
+    else:
+        assert connections["failed"] > 10 * connections["succeeded"] > 0, said
+    assert kernel_json["recorder"] == "eph", said
+    assert kernel_json["missed_events"] == kernel_json["lost_events"] == 0, said
+    assert witness["records"] == connections["attempted"] == witness["matched"], said
+    assert witness["only_in_records"] == witness["only_in_kernel"] == 0, said
 
 
 @pytest.mark.netns
 @pytest.mark.e2e
 def test_observe_trace_writes_connections_of_any_client(tmp_path: Path, netns: Namespace) -> None:
-    _require_bpftrace()
+    _require_recorder()
     subprocess.run(netns.command(["ip", "link", "set", "lo", "up"]), check=True)
     out = tmp_path / "obs"
     args = [*EPH, "observe", "--trace", "--out", str(out), "--duration", "30s", "--plain"]
@@ -417,11 +481,8 @@ def test_observe_trace_writes_connections_of_any_client(tmp_path: Path, netns: N
     assert observer.returncode == 0, log.read_text(errors="replace")[-3000:]
     rows = pq.read_table(out / "connections.parquet")
     kernel = json.loads((out / "kernel.json").read_text())
-    # the kernel skips a tracepoint's program while a map syscall holds its CPU (other
-    # tests' drainers, side by side): one row may be missing, and only if a skip was
-    # counted; a recorder that missed everything, and said so, fails
     said = f"{kernel}\n{log.read_text(errors='replace')[-3000:]}"
-    assert 5 - min(kernel["missed_events"], 1) <= rows.num_rows <= 5, said
+    assert rows.num_rows == 5 and kernel["missed_events"] == 0, said
     assert set(rows.column("comm").to_pylist()) <= {"curl"}, said
     assert set(rows.column("remote_port").to_pylist()) <= {8766}, said
     assert kernel["connections"] == rows.num_rows
@@ -442,9 +503,24 @@ def test_without_root_it_says_why_in_one_line(
     monkeypatch.setattr(os, "geteuid", lambda: 0)
     assert bpf.unavailable() == f"kernel tracing needs BTF ({tmp_path / 'no-btf'} is missing)"
     monkeypatch.setattr(bpf, "BTF", tmp_path)
+    monkeypatch.setenv("EPH_RECORDER", "bpftrace")  # as where make setup built nothing
     assert bpf.unavailable("no-such-bpftrace") == (
-        "kernel tracing needs bpftrace (apt-get install bpftrace)"
+        "kernel tracing needs its program built (make setup: clang and libbpf-dev)"
+        " or bpftrace (apt-get install bpftrace)"
     )
+
+
+def test_the_recorder_is_ephs_own_where_built_and_bpftrace_where_asked(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    _require_recorder()  # make test builds the program: the loader is what it tests
+    monkeypatch.delenv("EPH_RECORDER", raising=False)
+    assert bpf.recorder_command(4026531840) == [
+        sys.executable, "-m", "harness.kernel.recorder", "4026531840"
+    ]  # fmt: skip
+    monkeypatch.setenv("EPH_RECORDER", "bpftrace")
+    command = bpf.recorder_command(4026531840)
+    assert command[0] == "bpftrace" and command[-1] == "4026531840"
 
 
 CLIENT_150 = """
@@ -475,7 +551,7 @@ interval = "100ms"
 @pytest.mark.netns
 @pytest.mark.e2e
 def test_lab_exec_trace_records_the_users_client(tmp_path: Path) -> None:
-    _require_bpftrace()
+    _require_recorder()
     client = tmp_path / "client.py"
     client.write_text(CLIENT_150)
     scenario = write_scenario(tmp_path / "lab.toml", LAB)

@@ -10,7 +10,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from .conftest import eph, write_scenario
-from .test_bpf import _require_bpftrace
+from .test_bpf import _require_recorder
 
 pytestmark = [pytest.mark.netns, pytest.mark.e2e, pytest.mark.serial]
 
@@ -47,7 +47,7 @@ print(ok)
 
 
 def test_observe_trace_finds_the_parity_cliff_of_a_plain_client(tmp_path: Path) -> None:
-    _require_bpftrace()
+    _require_recorder()
     client = tmp_path / "client.py"
     client.write_text(CLIENT)
     scenario = write_scenario(tmp_path / "lab.toml", LAB)
@@ -61,15 +61,10 @@ def test_observe_trace_finds_the_parity_cliff_of_a_plain_client(tmp_path: Path) 
     assert (out / "exec.stdout").read_text().strip() == "7000"
     summary = json.loads((out / "summary.json").read_text())
     traced = summary["traced"]
-    # Every connection has its row but those whose state change the kernel skipped (it
-    # does, while the drainer's map syscall holds a CPU, and counts it) and any still
-    # closing when the trace stopped. The bound is the client's own count less 1%, not
-    # less what the recorder says it missed: a recorder that missed everything, and
-    # counted it, must fail. Measured here: 1 to 5 rows short, 2 to 10 events missed.
+    # every connection has its row: the client's own count, exactly
     kernel = json.loads((out / "kernel.json").read_text())
-    assert kernel["lost_events"] == 0
-    assert kernel["missed_events"] <= 70
-    assert 7000 - 70 <= traced["connections"] <= 7000
+    assert kernel["lost_events"] == kernel["missed_events"] == 0, kernel
+    assert traced["connections"] == 7000
     assert traced["failed"] == 0
     rows = pq.read_table(out / "connections.parquet", columns=["local_port", "remote_port"])
     assert set(rows.column("remote_port").to_pylist()) == {9000}  # no server socket

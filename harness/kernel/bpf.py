@@ -1,13 +1,20 @@
 """The eBPF connection recorder: what the kernel saw of every client TCP connection.
 
-``connections.bt`` (beside this module) is a bpftrace program on the tracepoint
-``sock:inet_sock_set_state``, filtered to one network namespace (the socket's
-``skc_net`` inode, read once per socket at its SYN) and to client sockets (those
-that pass CLOSE -> SYN_SENT). A connection that reaches CLOSE becomes a key of
-one BPF hash map, which :mod:`harness.kernel.bpfmap` drains from outside
-bpftrace every :data:`DRAIN_S`, thousands of keys per syscall; what closed after
-its last drain bpftrace prints as text at exit. Nothing is kept per connection
-in Python.
+The recorder follows sockets on ``sock:inet_sock_set_state``, filtered to one network
+namespace (the socket's ``skc_net`` inode, read once per socket at its SYN) and to
+client sockets (those that pass CLOSE -> SYN_SENT). A connection that reaches CLOSE
+becomes a key of one BPF hash map, which :mod:`harness.kernel.bpfmap` drains from
+outside every :data:`DRAIN_S`, thousands of keys per syscall; what closed after its
+last drain the recorder prints as text at exit. Nothing is kept per connection in
+Python.
+
+Two recorders share that protocol. eph's own (``connections.bpf.c``, built by ``make
+setup``, loaded by :mod:`harness.kernel.recorder`) is two programs on the raw
+tracepoint, so that a state change the kernel skips for one (it was interrupted by
+its own tracepoint) the other takes: it misses nothing (docs/kernel.md, "The
+recorder's misses"). bpftrace's (``connections.bt``) is the fallback where the
+program is not built, or with ``EPH_RECORDER=bpftrace``: a classic tracepoint, whose
+skips are counted.
 
 This module knows no run: it says whether the recorder can run here
 (:func:`unavailable`), builds its command (:func:`recorder_command`), and turns
@@ -30,6 +37,7 @@ FIN-WAIT-2) and ``time_wait_end_ns`` (TIME_WAIT's end:
 from __future__ import annotations
 
 import contextlib
+import ctypes.util
 import errno
 import os
 import re
@@ -132,14 +140,21 @@ def program(flush_ms: int = FLUSH_MS) -> str:
 def unavailable(bpftrace: str = "bpftrace") -> str | None:
     """Why the recorder cannot run here, in one line; ``None`` when it can.
 
-    Mounts tracefs when it is not (the syscall tracepoints need it).
+    The recorder is eph's own loader when ``make setup`` built its program
+    (:func:`loader_built`), else bpftrace's. Mounts tracefs for the latter when it is
+    not.
     """
     if os.geteuid() != 0:
         return "kernel tracing needs root (eBPF)"
     if not BTF.exists():
         return f"kernel tracing needs BTF ({BTF} is missing)"
+    if loader_built():
+        return None
     if shutil.which(bpftrace) is None:
-        return "kernel tracing needs bpftrace (apt-get install bpftrace)"
+        return (
+            "kernel tracing needs its program built (make setup: clang and libbpf-dev)"
+            " or bpftrace (apt-get install bpftrace)"
+        )
     if not (TRACEFS / "events").is_dir():
         mounted = subprocess.run(
             ["mount", "-t", "tracefs", "nodev", str(TRACEFS)], capture_output=True, text=True
@@ -151,18 +166,29 @@ def unavailable(bpftrace: str = "bpftrace") -> str | None:
     return None
 
 
+def loader_built() -> bool:
+    """Whether eph's own recorder can load: its program built, and libbpf here."""
+    if os.environ.get("EPH_RECORDER") == "bpftrace":  # the fallback, on purpose
+        return False
+    built = Path(str(resources.files(__package__).joinpath("connections.bpf.o"))).exists()
+    return built and ctypes.util.find_library("bpf") is not None
+
+
 def netns_inode(path: Path = Path("/proc/self/ns/net")) -> int:
     """The inode of a network namespace (a ``/proc/PID/ns/net`` or ``/run/netns/NAME``)."""
     return os.stat(path).st_ino
 
 
 def recorder_command(netns: int, bpftrace: str = "bpftrace") -> list[str]:
-    """bpftrace recording the client connections of namespace ``netns`` to its stdout
-    (a file: ``-o`` would buffer it whole).
+    """The recorder of the client connections of namespace ``netns``, printing to its
+    stdout (a file: ``-o`` would buffer bpftrace's whole): eph's own loader
+    (:mod:`harness.kernel.recorder`) where it is built, else bpftrace.
 
-    Line-buffered: each line is written when its connection closes, so what a
-    killed recorder leaves is whole lines.
+    Line-buffered: each line is written whole, so what a killed recorder leaves is
+    whole lines.
     """
+    if loader_built():
+        return [sys.executable, "-m", "harness.kernel.recorder", str(netns)]
     return [bpftrace, "-B", "line", "-e", program(), str(netns)]
 
 
@@ -181,6 +207,8 @@ def ready(out: Path) -> bool:
 
 _LOST = re.compile(r"Lost (\d+) events")
 _INSERTED = re.compile(rb"^@inserted: (\d+)$", re.MULTILINE)
+_MISSED = re.compile(rb"^@missed: (\d+)$", re.MULTILINE)
+_RESCUED = re.compile(rb"^@rescued: (\d+)$", re.MULTILINE)
 
 
 def lost_events(stderr_text: str) -> int:
@@ -195,6 +223,10 @@ class TraceRead:
     connections: int = 0
     skipped_lines: int = 0  # lines that were not a connection (banners, a cut last line)
     inserted: int = 0  # rows the program made, by its own count at exit (0: it was killed)
+    # state changes the recorder did not see, by its own count at exit (eph's loader);
+    # None where it does not say (bpftrace: its programs' fdinfo says, while it runs)
+    missed: int | None = None
+    rescued: int | None = None  # eph's loader: changes its second program took
 
     @property
     def lost(self) -> int:
@@ -225,6 +257,10 @@ def read_trace(path: Path, host: str, read: TraceRead | None = None) -> Iterator
     )
     for block in _blocks(path):
         read.inserted += sum(int(n) for n in _INSERTED.findall(block))
+        for n in _MISSED.findall(block):
+            read.missed = (read.missed or 0) + int(n)
+        for n in _RESCUED.findall(block):
+            read.rescued = (read.rescued or 0) + int(n)
         block = block.replace(b"@r[", b"").replace(b"]: 1\n", b"\n").replace(b", ", b"\t")
         table = csv.read_csv(pa.py_buffer(block), *options)
         for batch in table.to_batches():

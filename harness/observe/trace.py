@@ -6,7 +6,7 @@ until its probes are attached, so nothing made after :meth:`KernelTrace.start`
 returns is missed; and at :meth:`KernelTrace.finish` stops it and turns its
 lines into a connections table (``connections.parquet`` for an observation,
 ``kernel_connections.parquet`` beside a run's own records). Where tracing
-cannot run (no root, no BTF, no bpftrace) :func:`start_trace` says why in one
+cannot run (no root, no BTF, no recorder) :func:`start_trace` says why in one
 line and returns ``None``: the sampling goes on without it.
 """
 
@@ -46,7 +46,7 @@ class TraceResult:
     connections: int
     skipped_lines: int
     lost_events: int  # bpftrace's lost events and rows its reader cleared unprinted
-    missed_events: int  # state changes the kernel skipped: at most this many rows missing
+    missed_events: int  # state changes the recorder did not see: at most as many rows missing
     netns: int
     table: str
     # time.time_ns() - time.monotonic_ns() at the end: the rows' CLOCK_MONOTONIC
@@ -55,6 +55,10 @@ class TraceResult:
     # bpftrace's exit status when it had ended before eph stopped it (rows after its
     # end are missing, and its skipped events could not be read); None: eph stopped it
     exited_early: int | None = None
+    # eph's loader: state changes the kernel skipped for its first program that the
+    # second took (docs/kernel.md, "The recorder's misses"); None with bpftrace
+    rescued_events: int | None = None
+    recorder: str = "eph"  # "eph" (its own loader) or "bpftrace"
 
 
 class KernelTrace:
@@ -72,9 +76,10 @@ class KernelTrace:
         self.drained = directory / "kernel.arrows"
         self.child: Child | None = None
         self.drainer: Child | None = None
+        self.recorder = "eph" if bpf.loader_built() else "bpftrace"
 
     def start(self) -> None:
-        """Start bpftrace and wait until every probe is attached."""
+        """Start the recorder and wait until every probe is attached."""
         self.text.unlink(missing_ok=True)
         with open(self.text, "wb") as out, open(self.stderr, "wb") as err:
             self.child = self._children.start(
@@ -92,7 +97,7 @@ class KernelTrace:
         while not bpf.ready(self.text):
             if self.child.poll() is not None or time.monotonic() > deadline:
                 self._children.stop(self.child, grace=1.0)
-                raise RunError(f"bpftrace did not start: {_tail(self.stderr)}")
+                raise RunError(f"the kernel recorder did not start: {_tail(self.stderr)}")
             time.sleep(0.05)
         with open(self.directory / "kernel-drain.err", "wb") as err:
             self.drainer = self._children.start(
@@ -112,7 +117,8 @@ class KernelTrace:
         """Stop the recorder; its lines as ``table`` in the directory."""
         if self.child is not None and self.child.poll() is None:
             self.settle()
-        # the drainer's last drain first, then bpftrace prints what closed since, at exit
+        # the drainer's last drain first, then the recorder prints what closed since, at
+        # exit, and (eph's loader) what it missed; bpftrace's misses are read before
         missed = 0
         exited_early = self.child.poll() if self.child is not None else None
         for child in (self.drainer, self.child):
@@ -122,7 +128,7 @@ class KernelTrace:
                 self._children.stop(child)
         if self.drainer is not None and self.drainer.returncode not in (0, None):
             logger.warning(
-                "the kernel trace's map drainer failed (%s); bpftrace printed the rows instead",
+                "the kernel trace's map drainer failed (%s); the recorder printed the rows instead",
                 _tail(self.directory / "kernel-drain.err"),
             )
         read = bpf.convert(self.text, self.drained, self.directory / table, host_name())
@@ -130,17 +136,19 @@ class KernelTrace:
             connections=read.connections,
             skipped_lines=read.skipped_lines,
             lost_events=bpf.lost_events(_read(self.stderr)) + read.lost,
-            missed_events=missed,
+            missed_events=read.missed if read.missed is not None else missed,
             netns=self.netns,
             table=table,
             wall_minus_monotonic_ns=time.time_ns() - time.monotonic_ns(),
             exited_early=exited_early,
+            rescued_events=read.rescued,
+            recorder=self.recorder,
         )
         (self.directory / "kernel.json").write_text(json.dumps(asdict(result), indent=2) + "\n")
         if exited_early is not None:
             logger.warning(
-                "bpftrace had exited (%d) before the trace's end: connections after that have"
-                " no row (%s)",
+                "the kernel recorder had exited (%d) before the trace's end: connections"
+                " after that have no row (%s)",
                 exited_early,
                 _tail(self.stderr),
             )
