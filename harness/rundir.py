@@ -120,6 +120,12 @@ class RunDir:
         return self.path / "logs"
 
     @property
+    def load_go(self) -> Path:
+        """Written by ``eph run`` once every local Locust process is ready (the
+        CLOCK_MONOTONIC ns it decided at): until then none connects (``EPH_LOAD_GATE``)."""
+        return self.path / "progress" / "go"
+
+    @property
     def connections(self) -> Path:
         return self.path / "connections.parquet"
 

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import time
 from pathlib import Path
 
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 
@@ -282,8 +284,12 @@ def test_a_run_says_what_it_chose_and_why_and_records_it(
     plural = "es" if cpus != 1 else ""
     assert f"load: {cpus} Locust process{plural}; {chosen['why']}" in said
     assert summary["conservation"]["ok"] is True, summary["conservation"]
-    pids = pq.read_table(out / "connections.parquet", columns=["pid"]).column("pid")
-    assert len(set(pids.to_pylist())) == cpus, "rows from each process it chose"
+    rows = pq.read_table(out / "connections.parquet", columns=["pid", "start_ns"])
+    assert len(set(rows.column("pid").to_pylist())) == cpus, "rows from each process it chose"
+    # none connected before eph said every process was ready (each is ready at its own
+    # moment, and the first connected from then, ahead of the window and the others)
+    go = json.loads((out / "progress" / "go").read_text())["monotonic_ns"]
+    assert pc.min(rows.column("start_ns")).as_py() >= go
 
 
 LAB = """

@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 import gevent
+import gevent.event
 from gevent import subprocess as gsubprocess
 from locust import User, task
 from locust.env import Environment
@@ -66,6 +67,8 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 UVLOOP_IDLE = 1.0  # how often a uvloop-engine user wakes up; it only holds a slot
+GATE_POLL = 0.005  # seconds between looks for eph's word that every process is ready
+GATE_LIMIT = 120.0  # past this, users go without it (eph gives up sooner: its start timeout)
 DEFAULT_SCENARIO = Path("scenarios/default.toml")
 
 
@@ -114,6 +117,8 @@ class _Session:
         self.writer: RecordWriter | None = None
         self.bridge: _UvloopBridge | None = None
         self.cpu = self._start_engine(f"{pid}-{sequence}", share)
+        # under eph run, no user connects before every local process is ready
+        self.gate = _Gate(self.run_dir.load_go) if os.environ.get("EPH_LOAD_GATE") else None
         self._fire: Callable[..., None] = environment.events.request.fire
         self._closed = False
         # the first progress file tells `eph run` this process makes connections: a
@@ -192,11 +197,41 @@ class _Session:
             return
         self._closed = True
         self._flusher.kill()
+        if self.gate is not None:
+            self.gate.close()
         if self.bridge is not None:
             self.bridge.stop()
         self.flush(done=True)
         if self.collector is not None:
             self.collector.stop()
+
+
+class _Gate:
+    """Holds this process's users until ``eph run`` says every Locust process is ready.
+
+    Each process was ready at its own moment (a uvloop engine's start takes a few
+    tenths of a second, more under load), and the first connected meanwhile: before
+    the run's window, which starts at the last, and ahead of the others' pacing. One
+    greenlet looks for eph's word (:attr:`RunDir.load_go`) every :data:`GATE_POLL` s;
+    the users wait on an event. Bounded: past :data:`GATE_LIMIT` s the users go."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.open = gevent.event.Event()
+        self._watch = gevent.spawn(self._look)
+
+    def _look(self) -> None:
+        waited = 0.0
+        while not self.path.exists() and waited < GATE_LIMIT:
+            gevent.sleep(GATE_POLL)
+            waited += GATE_POLL
+        self.open.set()
+
+    def wait(self) -> None:
+        self.open.wait()
+
+    def close(self) -> None:
+        self._watch.kill(block=False)
 
 
 class _UvloopBridge:
@@ -348,6 +383,8 @@ class EphUser(User):
 
     def on_start(self) -> None:
         self.session = _session(self.environment)
+        if self.session.gate is not None:
+            self.session.gate.wait()
         if self.session.bridge is not None:
             self.session.bridge.add_users(1)
 

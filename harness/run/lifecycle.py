@@ -25,6 +25,7 @@ from typing import Any
 
 from harness.endpoints import Endpoint
 from harness.errors import RunError
+from harness.files import atomic_write_json
 from harness.kernel.sysctls import read_kernel
 from harness.load.http_client import client_context
 from harness.load.progress import Progress, read_progress
@@ -341,6 +342,7 @@ def _wait_for_start(
         wanted = 1 if by_master else processes
         if ready >= wanted or (first is not None and now - first >= ALL_STARTED_GRACE):
             _say_start(ready, wanted, now - first if first is not None else 0.0)
+            _open_gate(run, now)
             return now
         code = locust.poll()
         if code is not None:
@@ -349,6 +351,12 @@ def _wait_for_start(
     if interrupt.set:
         return time.monotonic()
     raise RunError(f"Locust did not start within {timeout:.0f} s: see {run.logs}")
+
+
+def _open_gate(run: RunDir, now: float) -> None:
+    """Tell the local Locust processes to connect (``EPH_LOAD_GATE``): they hold their
+    users until this file is there, so none connects before the run's window."""
+    atomic_write_json(run.load_go, {"monotonic_ns": int(now * 1e9)})
 
 
 def _say_start(ready: int, wanted: int, spread: float) -> None:

@@ -400,6 +400,8 @@ def start_locust(
         # each of Locust's processes paces its share of load.rate
         "EPH_RATE_SHARE": repr(1 / load.process_count),
     }
+    if master is None:  # local processes: none connects before every one is ready
+        env["EPH_LOAD_GATE"] = "1"
     with open(run.logs / "locust.out", "ab") as out:
         return supervisor.start(
             "locust",
