@@ -331,6 +331,44 @@ def test_recorder_rows_for_clients_eph_did_not_write_match_ss(
     assert result.lost_events == 0
 
 
+# ten connections the client shuts down while the server holds its side, then closed by
+# the server one every 0.2 s: each client socket waits in FIN_WAIT2 until its turn (an
+# orphan would not: closed, it goes on as a timewait socket at once)
+LATE_CLOSES = r"""
+import socket, time
+server = socket.socket(); server.bind(("127.0.0.1", 0)); server.listen(16)
+clients = [socket.create_connection(server.getsockname()) for _ in range(10)]
+accepted = [server.accept()[0] for _ in range(10)]
+for c in clients:
+    c.shutdown(socket.SHUT_WR)
+print("closed", flush=True)
+for a in accepted:
+    time.sleep(0.2)
+    a.close()
+"""
+
+
+@pytest.mark.netns
+def test_the_recorder_waits_for_the_last_closes(tmp_path: Path, netns: Namespace) -> None:
+    """Stopped while its last connections are still closing (the server slow to answer
+    their FIN), eph's recorder waits while they close: every row is there."""
+    _require_recorder()
+    subprocess.run(netns.command(["ip", "link", "set", "lo", "up"]), check=True)
+    with Supervisor() as children:
+        trace = KernelTrace(children, tmp_path, bpf.netns_inode(Path("/run/netns") / netns.name))
+        trace.start()
+        client = subprocess.Popen(
+            netns.command([sys.executable, "-c", LATE_CLOSES]), stdout=subprocess.PIPE, text=True
+        )
+        with client:
+            assert client.stdout is not None and client.stdout.readline().strip() == "closed"
+            result = trace.finish()  # 2 s of closes still to come
+            assert client.wait(timeout=30) == 0
+    rows = pq.read_table(tmp_path / result.table)
+    assert rows.num_rows == 10, (result, rows.column("close").to_pylist())
+    assert set(rows.column("close").to_pylist()) == {"client"}
+
+
 def _wait_for_port(ns: Namespace, port: int, timeout: float = 10.0) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:

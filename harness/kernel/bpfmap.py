@@ -37,12 +37,15 @@ import numpy as np
 
 from harness.kernel.exit import run_and_exit
 
-__all__ = ["BATCH", "MapNotFound", "drain", "find_map", "open_map"]
+__all__ = [
+    "BATCH", "PERCPU_ARRAY", "MapNotFound", "drain", "find_map", "lookup_percpu", "open_map",
+    "possible_cpus",
+]  # fmt: skip
 
 BATCH = 8192  # keys per syscall: a hash map's batch must hold its fullest bucket
 _SYS_BPF = {"x86_64": 321, "aarch64": 280}
-_MAP_GET_FD_BY_ID, _LOOKUP_AND_DELETE_BATCH = 14, 25
-_HASH = 1
+_LOOKUP_ELEM, _MAP_GET_FD_BY_ID, _LOOKUP_AND_DELETE_BATCH = 1, 14, 25
+_HASH, PERCPU_ARRAY = 1, 6
 
 
 class MapNotFound(LookupError):
@@ -52,6 +55,12 @@ class MapNotFound(LookupError):
 class _IdAttr(ctypes.Structure):
     _fields_ = [("map_id", ctypes.c_uint32), ("next_id", ctypes.c_uint32),
                 ("open_flags", ctypes.c_uint32)]  # fmt: skip
+
+
+class _ElemAttr(ctypes.Structure):
+    _fields_ = [("map_fd", ctypes.c_uint32), ("pad", ctypes.c_uint32),
+                ("key", ctypes.c_uint64), ("value", ctypes.c_uint64),
+                ("flags", ctypes.c_uint64)]  # fmt: skip
 
 
 class _BatchAttr(ctypes.Structure):
@@ -75,8 +84,9 @@ def _bpf(command: int, attr: ctypes.Structure) -> int:
     return result
 
 
-def find_map(pid: int, key_size: int) -> int:
-    """The id of the hash map with keys of ``key_size`` bytes that process ``pid`` holds."""
+def find_map(pid: int, key_size: int, map_type: int = _HASH, value_size: int | None = None) -> int:
+    """The id of the map of ``map_type`` (a hash map unless told) with keys of
+    ``key_size`` bytes (and values of ``value_size``, when given) that ``pid`` holds."""
     fdinfo = Path(f"/proc/{pid}/fdinfo")
     for entry in fdinfo.iterdir():
         try:
@@ -85,9 +95,31 @@ def find_map(pid: int, key_size: int) -> int:
             )
         except OSError:  # closed meanwhile
             continue
-        if fields.get("map_type") == str(_HASH) and fields.get("key_size") == str(key_size):
+        if (
+            fields.get("map_type") == str(map_type)
+            and fields.get("key_size") == str(key_size)
+            and (value_size is None or fields.get("value_size") == str(value_size))
+        ):
             return int(fields["map_id"])
-    raise MapNotFound(f"process {pid} holds no hash map with {key_size}-byte keys")
+    raise MapNotFound(f"process {pid} holds no map of type {map_type} with {key_size}-byte keys")
+
+
+def possible_cpus(path: Path = Path("/sys/devices/system/cpu/possible")) -> int:
+    """How many values a per-CPU map holds per key (``0-1`` -> 2)."""
+    count = 0
+    for span in path.read_text().strip().split(","):
+        low, _, high = span.partition("-")
+        count += int(high or low) - int(low) + 1
+    return count
+
+
+def lookup_percpu(fd: int, key: int) -> np.ndarray:
+    """Slot ``key`` of the per-CPU array map ``fd`` (8-byte values): one per CPU."""
+    values = np.zeros(possible_cpus(), np.uint64)
+    index = ctypes.c_uint32(key)
+    attr = _ElemAttr(map_fd=fd, key=ctypes.addressof(index), value=values.ctypes.data)
+    _bpf(_LOOKUP_ELEM, attr)
+    return values
 
 
 def open_map(map_id: int) -> int:

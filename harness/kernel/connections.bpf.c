@@ -98,7 +98,9 @@ struct change {
 	__u32 oldstate, newstate;
 };
 
-enum { COUNT_INSERTED, COUNT_RESCUED, COUNTS };
+/* rows made, changes `second` took, sockets followed, and those dropped unclosed: eph
+ * reads open = opened - inserted - dropped while the last sockets close (KernelTrace.settle) */
+enum { COUNT_INSERTED, COUNT_RESCUED, COUNT_OPENED, COUNT_DROPPED, COUNTS };
 
 struct {
 	__uint(type, BPF_MAP_TYPE_ARRAY);
@@ -162,7 +164,10 @@ static __always_inline void record(struct sock *sk, int oldstate, int newstate)
 		fresh.pid = bpf_get_current_pid_tgid() >> 32;
 		bpf_get_current_comm(fresh.comm, sizeof(fresh.comm));
 		/* a freed socket's entry, whose CLOSE was never seen, is replaced */
-		bpf_map_update_elem(&open, &key, &fresh, BPF_ANY);
+		if (bpf_map_lookup_elem(&open, &key))
+			count(COUNT_DROPPED);
+		if (bpf_map_update_elem(&open, &key, &fresh, BPF_ANY) == 0)
+			count(COUNT_OPENED);
 		return;
 	}
 	c = bpf_map_lookup_elem(&open, &key);
@@ -172,6 +177,7 @@ static __always_inline void record(struct sock *sk, int oldstate, int newstate)
 		/* a server's new socket at the address of a client whose CLOSE went unseen:
 		 * forget that client, or its row would take this socket's ports */
 		bpf_map_delete_elem(&open, &key);
+		count(COUNT_DROPPED);
 	} else if (newstate == TCP_ESTABLISHED) {
 		c->est_ns = bpf_ktime_get_ns();
 	} else if (newstate == TCP_FIN_WAIT1 || newstate == TCP_CLOSE_WAIT) {
