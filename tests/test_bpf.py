@@ -369,6 +369,41 @@ def test_the_recorder_waits_for_the_last_closes(tmp_path: Path, netns: Namespace
     assert set(rows.column("close").to_pylist()) == {"client"}
 
 
+THREE = r"""
+import socket
+server = socket.socket(); server.bind(("127.0.0.1", 0)); server.listen(8)
+for _ in range(3):
+    socket.create_connection(server.getsockname()).close()
+"""
+
+
+@pytest.mark.netns
+def test_a_program_that_cannot_load_gives_way_to_bpftrace(
+    tmp_path: Path,
+    netns: Namespace,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """eph's program refused (here: not an object at all; elsewhere a verifier or a
+    kernel's BTF) is said, and bpftrace records instead."""
+    _require_recorder()
+    _require_recorder("bpftrace")
+    broken = tmp_path / "broken.bpf.o"
+    broken.write_bytes(b"not an ELF object")
+    monkeypatch.setenv("EPH_RECORDER_OBJECT", str(broken))
+    subprocess.run(netns.command(["ip", "link", "set", "lo", "up"]), check=True)
+    with Supervisor() as children:
+        trace = start_trace(children, tmp_path, Path("/run/netns") / netns.name)
+        assert isinstance(trace, KernelTrace) and trace.recorder == "bpftrace", trace
+        subprocess.run(netns.command([sys.executable, "-c", THREE]), check=True, timeout=30)
+        result = trace.finish()
+    assert (result.recorder, result.connections) == ("bpftrace", 3), result
+    said = caplog.text
+    assert "the kernel recorder did not start" in said and "not a proper ELF object" in said, said
+    assert "Unknown error" not in said and "drainer failed" not in said, said
+    assert "recording with bpftrace instead" in said, said
+
+
 def _wait_for_port(ns: Namespace, port: int, timeout: float = 10.0) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:

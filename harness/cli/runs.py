@@ -48,7 +48,8 @@ no_report_option = click.option(
 trace_option = click.option(
     "--trace",
     is_flag=True,
-    help="Also record every client connection from the kernel (eBPF; root, bpftrace).",
+    help="Also record every client connection from the kernel (eBPF; root, and the recorder"
+    " make setup builds, else bpftrace).",
 )
 
 

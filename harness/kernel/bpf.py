@@ -69,6 +69,7 @@ __all__ = [
     "ConnectTally",
     "RowWriter",
     "TraceRead",
+    "bpftrace_unavailable",
     "convert",
     "drain_command",
     "key_rows",
@@ -137,19 +138,24 @@ def program(flush_ms: int = FLUSH_MS) -> str:
     return text.replace("FLUSH_MS", str(int(flush_ms)))
 
 
-def unavailable(bpftrace: str = "bpftrace") -> str | None:
+def unavailable(bpftrace: str = "bpftrace", own: bool | None = None) -> str | None:
     """Why the recorder cannot run here, in one line; ``None`` when it can.
 
     The recorder is eph's own loader when ``make setup`` built its program
-    (:func:`loader_built`), else bpftrace's. Mounts tracefs for the latter when it is
-    not.
+    (``own``, by default :func:`loader_built`), else bpftrace's
+    (:func:`bpftrace_unavailable`).
     """
     if os.geteuid() != 0:
         return "kernel tracing needs root (eBPF)"
     if not BTF.exists():
         return f"kernel tracing needs BTF ({BTF} is missing)"
-    if loader_built():
+    if loader_built() if own is None else own:
         return None
+    return bpftrace_unavailable(bpftrace)
+
+
+def bpftrace_unavailable(bpftrace: str = "bpftrace") -> str | None:
+    """Why bpftrace's recorder cannot run here; mounts tracefs when it is not."""
     if shutil.which(bpftrace) is None:
         return (
             "kernel tracing needs its program built (make setup: clang and libbpf-dev)"
@@ -170,7 +176,10 @@ def loader_built() -> bool:
     """Whether eph's own recorder can load: its program built, and libbpf here."""
     if os.environ.get("EPH_RECORDER") == "bpftrace":  # the fallback, on purpose
         return False
-    built = Path(str(resources.files(__package__).joinpath("connections.bpf.o"))).exists()
+    built = Path(
+        os.environ.get("EPH_RECORDER_OBJECT")
+        or str(resources.files(__package__).joinpath("connections.bpf.o"))
+    ).exists()
     return built and ctypes.util.find_library("bpf") is not None
 
 
@@ -179,15 +188,15 @@ def netns_inode(path: Path = Path("/proc/self/ns/net")) -> int:
     return os.stat(path).st_ino
 
 
-def recorder_command(netns: int, bpftrace: str = "bpftrace") -> list[str]:
+def recorder_command(netns: int, bpftrace: str = "bpftrace", own: bool | None = None) -> list[str]:
     """The recorder of the client connections of namespace ``netns``, printing to its
     stdout (a file: ``-o`` would buffer bpftrace's whole): eph's own loader
-    (:mod:`harness.kernel.recorder`) where it is built, else bpftrace.
+    (:mod:`harness.kernel.recorder`) where it is built (or ``own``), else bpftrace.
 
     Line-buffered: each line is written whole, so what a killed recorder leaves is
     whole lines.
     """
-    if loader_built():
+    if loader_built() if own is None else own:
         return [sys.executable, "-m", "harness.kernel.recorder", str(netns)]
     return [bpftrace, "-B", "line", "-e", program(), str(netns)]
 

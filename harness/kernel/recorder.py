@@ -39,8 +39,10 @@ _INSERTED, _RESCUED = 0, 1  # the map `counts`' slots
 
 
 def object_path() -> Path:
-    """Where the built program is (it may not exist: make setup builds it)."""
-    return Path(str(resources.files(__package__).joinpath(OBJECT)))
+    """Where the built program is (it may not exist: make setup builds it);
+    ``EPH_RECORDER_OBJECT`` names another (the tests' broken one)."""
+    given = os.environ.get("EPH_RECORDER_OBJECT")
+    return Path(given) if given else Path(str(resources.files(__package__).joinpath(OBJECT)))
 
 
 class _Libbpf:
@@ -61,6 +63,7 @@ class _Libbpf:
             ("bpf_map_update_elem", i, [i, p, p, ctypes.c_uint64]),
             ("bpf_map_lookup_elem", i, [i, p, p]),
             ("libbpf_num_possible_cpus", i, []),
+            ("libbpf_strerror", i, [i, s, ctypes.c_size_t]),
         ):
             function = getattr(lib, name)
             function.restype, function.argtypes = restype, argtypes
@@ -70,7 +73,9 @@ class _Libbpf:
         """``result`` of a call that returns NULL or a negative number on error."""
         if result is None or result < 0:
             code = ctypes.get_errno() or (-result if result else 0)
-            raise OSError(code, f"{what}: {os.strerror(code)}")
+            text = ctypes.create_string_buffer(256)  # libbpf's own codes (4000 on) too
+            self.lib.libbpf_strerror(code, text, len(text))
+            raise OSError(code, f"{what}: {text.value.decode(errors='replace')}")
         return result
 
 

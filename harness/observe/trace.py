@@ -69,7 +69,12 @@ class KernelTrace:
     """The recorder of one namespace, writing into ``directory``."""
 
     def __init__(
-        self, children: Supervisor, directory: Path, netns: int, tally: bool = False
+        self,
+        children: Supervisor,
+        directory: Path,
+        netns: int,
+        tally: bool = False,
+        recorder: str | None = None,
     ) -> None:
         self._children = children
         self.directory = directory
@@ -80,7 +85,8 @@ class KernelTrace:
         self.drained = directory / "kernel.arrows"
         self.child: Child | None = None
         self.drainer: Child | None = None
-        self.recorder = "eph" if bpf.loader_built() else "bpftrace"
+        # "eph" (its own loader, where make setup built it) or "bpftrace"
+        self.recorder = recorder or ("eph" if bpf.loader_built() else "bpftrace")
 
     def start(self) -> None:
         """Start the recorder and wait until every probe is attached."""
@@ -88,7 +94,7 @@ class KernelTrace:
         with open(self.text, "wb") as out, open(self.stderr, "wb") as err:
             self.child = self._children.start(
                 "kernel trace",
-                bpf.recorder_command(self.netns),
+                bpf.recorder_command(self.netns, own=self.recorder == "eph"),
                 stage=Stage.OBSERVE,
                 grace=STOP_GRACE_S,
                 term_again_s=TERM_AGAIN_S,
@@ -160,7 +166,11 @@ class KernelTrace:
                 if child is self.child and child.poll() is None:
                     missed = bpf.missed_events(child.pid)
                 self._children.stop(child)
-        if self.drainer is not None and self.drainer.returncode not in (0, None):
+        code = self.drainer.returncode if self.drainer is not None else None
+        # stopped before it had set its handler (a trace of a second or less): it never
+        # drained, so every row is in what the recorder printed at exit
+        never_drained = code == -signal.SIGTERM and not self.drained.exists()
+        if code not in (0, None) and not never_drained:
             logger.warning(
                 "the kernel trace's map drainer failed (%s); the recorder printed the rows instead",
                 _tail(self.directory / "kernel-drain.err"),
@@ -214,6 +224,16 @@ def start_trace(
             return trace
         except RunError as exc:
             reason = str(exc)
+        # eph's program may not load on this kernel (its verifier, its BTF): bpftrace's
+        # records too, with its skips counted
+        if trace.recorder == "eph" and bpf.bpftrace_unavailable() is None:
+            logger.warning("%s; recording with bpftrace instead", reason)
+            trace = KernelTrace(children, directory, trace.netns, tally, recorder="bpftrace")
+            try:
+                trace.start()
+                return trace
+            except RunError as exc:
+                reason = str(exc)
     logger.warning("no kernel trace: %s; sampling goes on", reason)
     return reason
 

@@ -554,4 +554,6 @@ class KernelWitness(Section):
     only_in_kernel: int = 0
     """Connections the kernel saw that eph did not record."""
     lost_events: int = 0
-    """Events bpftrace said it lost (its buffer was full): a cause of only_in_records."""
+    """State changes the kernel recorder did not see, by its own count (bpftrace's full
+    buffer or skipped programs; eph's own recorder: none seen yet): a cause of
+    only_in_records."""
