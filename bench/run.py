@@ -281,19 +281,16 @@ class Bench:
         for _ in range(self.args.rounds):
             rates["untraced"].append(self.locust_rate(locustfile, self.eph_env(endpoint, "uvloop")))
             for recorder in recorders:
-                os.environ["EPH_RECORDER"] = recorder  # KernelTrace picks it here
-                try:
-                    with Supervisor() as children:
-                        trace = KernelTrace(
-                            children, Path(tempfile.mkdtemp(dir=self.workdir)), netns
-                        )
-                        trace.start()
-                        rate, made = self.locust_run(locustfile, self.eph_env(endpoint, "uvloop"))
-                        rates[recorder].append(rate)
-                        trace.settle()  # the load's last sockets close before it stops
-                        result = trace.finish()
-                finally:
-                    os.environ.pop("EPH_RECORDER", None)
+                with Supervisor() as children:
+                    trace = KernelTrace(
+                        children, Path(tempfile.mkdtemp(dir=self.workdir)), netns,
+                        recorder=recorder,
+                    )  # fmt: skip
+                    trace.start()
+                    rate, made = self.locust_run(locustfile, self.eph_env(endpoint, "uvloop"))
+                    rates[recorder].append(rate)
+                    trace.settle()  # the load's last sockets close before it stops
+                    result = trace.finish()
                 missed[recorder].append(result.lost_events + result.missed_events)
                 rows_short[recorder] += made - result.connections
         untraced = median(rates["untraced"])

@@ -59,6 +59,7 @@ import pyarrow.ipc as ipc
 import pyarrow.parquet as pq
 
 from harness.files import atomic_path, atomic_write_json, merge_sorted_files
+from harness.kernel.fdinfo import fdinfo
 
 __all__ = [
     "KERNEL_CONNECTIONS_SCHEMA",
@@ -536,18 +537,11 @@ def _write_sorted(table: pa.Table, out: Path) -> None:
 
 def missed_events(pid: int) -> int:
     """Events the kernel skipped instead of running process ``pid``'s BPF programs: the
-    sum of their ``recursion_misses`` (``/proc/PID/fdinfo``). A tracepoint's program
-    does not run while a map syscall (the drainer's) or another program holds the CPU."""
-    missed = 0
-    for entry in Path(f"/proc/{pid}/fdinfo").glob("*"):
-        try:
-            text = entry.read_text()
-        except OSError:
-            continue
-        for line in text.splitlines():
-            if line.startswith("recursion_misses:"):
-                missed += int(line.split()[1])
-    return missed
+    sum of their ``recursion_misses`` (``/proc/PID/fdinfo``). bpftrace's tracepoint
+    program does not run while its CPU is inside it, another program or a map syscall
+    (docs/kernel.md, "The recorder's misses")."""
+    fields = (fdinfo(entry) for entry in Path(f"/proc/{pid}/fdinfo").glob("*"))
+    return sum(int(f["recursion_misses"]) for f in fields if "recursion_misses" in f)
 
 
 def drain_command(pid: int, out: Path, host: str, tally: Path | None = None) -> list[str]:

@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import ctypes
 import errno
+import functools
 import os
 import platform
 import signal
@@ -36,6 +37,7 @@ from pathlib import Path
 import numpy as np
 
 from harness.kernel.exit import run_and_exit
+from harness.kernel.fdinfo import fdinfo
 
 __all__ = [
     "BATCH", "PERCPU_ARRAY", "MapNotFound", "drain", "find_map", "lookup_percpu", "open_map",
@@ -87,14 +89,8 @@ def _bpf(command: int, attr: ctypes.Structure) -> int:
 def find_map(pid: int, key_size: int, map_type: int = _HASH, value_size: int | None = None) -> int:
     """The id of the map of ``map_type`` (a hash map unless told) with keys of
     ``key_size`` bytes (and values of ``value_size``, when given) that ``pid`` holds."""
-    fdinfo = Path(f"/proc/{pid}/fdinfo")
-    for entry in fdinfo.iterdir():
-        try:
-            fields = dict(
-                line.split(":\t", 1) for line in entry.read_text().splitlines() if ":\t" in line
-            )
-        except OSError:  # closed meanwhile
-            continue
+    for entry in Path(f"/proc/{pid}/fdinfo").iterdir():
+        fields = fdinfo(entry)
         if (
             fields.get("map_type") == str(map_type)
             and fields.get("key_size") == str(key_size)
@@ -104,6 +100,7 @@ def find_map(pid: int, key_size: int, map_type: int = _HASH, value_size: int | N
     raise MapNotFound(f"process {pid} holds no map of type {map_type} with {key_size}-byte keys")
 
 
+@functools.cache
 def possible_cpus(path: Path = Path("/sys/devices/system/cpu/possible")) -> int:
     """How many values a per-CPU map holds per key (``0-1`` -> 2)."""
     count = 0

@@ -48,6 +48,7 @@
 #define TCP_CLOSE 7
 #define TCP_CLOSE_WAIT 8
 #define EADDRNOTAVAIL 99
+#define EEXIST 17
 #define KEYS_MAX 262144 /* connections open at once, and rows between two drains */
 
 /* the kernel's types: only the fields read, found by name in its BTF */
@@ -163,10 +164,15 @@ static __always_inline void record(struct sock *sk, int oldstate, int newstate)
 		fresh.syn_ns = bpf_ktime_get_ns();
 		fresh.pid = bpf_get_current_pid_tgid() >> 32;
 		bpf_get_current_comm(fresh.comm, sizeof(fresh.comm));
-		/* a freed socket's entry, whose CLOSE was never seen, is replaced */
-		if (bpf_map_lookup_elem(&open, &key))
+		/* one update for a new socket; a freed socket's entry, whose CLOSE was never
+		 * seen, is replaced (and counted dropped) */
+		long err = bpf_map_update_elem(&open, &key, &fresh, BPF_NOEXIST);
+
+		if (err == -EEXIST) {
 			count(COUNT_DROPPED);
-		if (bpf_map_update_elem(&open, &key, &fresh, BPF_ANY) == 0)
+			err = bpf_map_update_elem(&open, &key, &fresh, BPF_EXIST);
+		}
+		if (err == 0)
 			count(COUNT_OPENED);
 		return;
 	}

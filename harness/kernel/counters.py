@@ -46,11 +46,11 @@ def _sockstat(path: Path) -> dict[str, int]:
     return {}
 
 
-def read_counters(proc: Path = Path("/proc"), sys: Path | None = None) -> dict[str, int | None]:
+def read_counters(proc: Path = Path("/proc"), sysctls: Path | None = None) -> dict[str, int | None]:
     """Every counter above (None where this kernel has none), plus sockstat and conntrack.
 
     ``proc``'s ``net/`` names the namespace (``/proc/thread-self`` for a thread that
-    entered another); ``sys`` is where its sysctls are, ``proc/sys`` unless given
+    entered another); ``sysctls`` is where its sysctls are, ``proc/sys`` unless given
     (``/proc/sys`` follows the reading thread's namespace, ``/proc/PID/sys`` does not).
     """
     files = {
@@ -64,7 +64,8 @@ def read_counters(proc: Path = Path("/proc"), sys: Path | None = None) -> dict[s
     for name, field in SOCKSTAT.items():
         result[name] = sockstat.get(field)
     try:
-        conntrack = ((sys or proc / "sys") / "net" / "netfilter" / "nf_conntrack_count").read_text()
+        netfilter = (sysctls or proc / "sys") / "net" / "netfilter"
+        conntrack = (netfilter / "nf_conntrack_count").read_text()
         result["conntrack_count"] = int(conntrack)
     except (OSError, ValueError):
         result["conntrack_count"] = None

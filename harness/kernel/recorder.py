@@ -12,7 +12,8 @@ saw: ``first``'s recursion misses less those ``second`` took).
 
 libbpf (``libbpf1``, a dependency of bpftrace) is called through ctypes: Debian
 packages no Python binding of it, and bcc would compile the program at every
-start. Five calls open, load and attach; two read the counters.
+start. libbpf opens, loads and attaches; the counters and rows are read with the
+drainer's own ``bpf()`` calls (:mod:`harness.kernel.bpfmap`).
 """
 
 from __future__ import annotations
@@ -25,17 +26,17 @@ import threading
 from importlib import resources
 from pathlib import Path
 
-import numpy as np
-
-from harness.kernel.bpfmap import drain
+from harness.kernel.bpfmap import PERCPU_ARRAY, drain, find_map, lookup_percpu, open_map
 from harness.kernel.exit import run_and_exit
+from harness.kernel.fdinfo import fdinfo
 from harness.kernel.parent_death import die_with_parent
 
-__all__ = ["OBJECT", "main", "object_path"]
+__all__ = ["OBJECT", "OpenCount", "Recorder", "main", "object_path"]
 
 OBJECT = "connections.bpf.o"  # beside this module, built by make setup
 PROGRAMS = ("first", "second")  # attached in this order
-_INSERTED, _RESCUED = 0, 1  # the map `counts`' slots
+# the slots of its per-CPU array `counts` (the enum of connections.bpf.c)
+INSERTED, RESCUED, OPENED, DROPPED = range(4)
 
 
 def object_path() -> Path:
@@ -61,8 +62,6 @@ class _Libbpf:
             ("bpf_program__fd", i, [p]),
             ("bpf_link__destroy", i, [p]),
             ("bpf_map_update_elem", i, [i, p, p, ctypes.c_uint64]),
-            ("bpf_map_lookup_elem", i, [i, p, p]),
-            ("libbpf_num_possible_cpus", i, []),
             ("libbpf_strerror", i, [i, s, ctypes.c_size_t]),
         ):
             function = getattr(lib, name)
@@ -122,28 +121,16 @@ class Recorder:
 
     def count(self, slot: int) -> int:
         """A slot of ``counts``, summed over the CPUs."""
-        cpus = self.bpf.check(self.bpf.lib.libbpf_num_possible_cpus(), "possible CPUs")
-        values = np.zeros(cpus, np.uint64)
-        key = ctypes.c_uint32(slot)
-        self.bpf.check(
-            self.bpf.lib.bpf_map_lookup_elem(
-                self.counts, ctypes.byref(key), values.ctypes.data_as(ctypes.c_void_p)
-            ),
-            "read counts",
-        )
-        return int(values.sum())
+        return int(lookup_percpu(self.counts, slot).sum())
 
     def recursion_misses(self, name: str) -> int:
         """State changes the kernel did not run program ``name`` for (its fdinfo)."""
         fd = self.bpf.lib.bpf_program__fd(self.programs[name])
-        for line in Path(f"/proc/self/fdinfo/{fd}").read_text().splitlines():
-            if line.startswith("recursion_misses:"):
-                return int(line.split()[1])
-        return 0
+        return int(fdinfo(Path(f"/proc/self/fdinfo/{fd}")).get("recursion_misses", 0))
 
     def missed(self) -> int:
         """State changes neither program saw."""
-        return max(0, self.recursion_misses("first") - self.count(_RESCUED))
+        return max(0, self.recursion_misses("first") - self.count(RESCUED))
 
     def print_rows(self, out: object = sys.stdout) -> int:
         """What is left in ``rows``, as bpftrace prints a map: ``@r[a, ..., comm]: 1``."""
@@ -158,6 +145,26 @@ class Recorder:
             lines.append(f"@r[{numbers}, {comm}]: 1\n")
         print("".join(lines), end="", file=out)  # type: ignore[call-overload]
         return len(lines)
+
+
+class OpenCount:
+    """How many connections a running recorder (process ``pid``) follows that have not
+    closed yet, read from outside it: its ``counts`` map, opened by id."""
+
+    def __init__(self, pid: int) -> None:
+        self.fd = open_map(find_map(pid, 4, PERCPU_ARRAY, 8))
+
+    def __enter__(self) -> OpenCount:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        os.close(self.fd)
+
+    def left(self) -> int:
+        opened, inserted, dropped = (
+            int(lookup_percpu(self.fd, slot).sum()) for slot in (OPENED, INSERTED, DROPPED)
+        )
+        return opened - inserted - dropped
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -182,9 +189,9 @@ def main(argv: list[str] | None = None) -> int:
             pass
         recorder.detach()
         recorder.print_rows()
-        print(f"@inserted: {recorder.count(_INSERTED)}")
+        print(f"@inserted: {recorder.count(INSERTED)}")
         print(f"@missed: {recorder.missed()}")
-        print(f"@rescued: {recorder.count(_RESCUED)}", flush=True)
+        print(f"@rescued: {recorder.count(RESCUED)}", flush=True)
     finally:
         recorder.close()
     return 0

@@ -29,6 +29,7 @@ import json
 import logging
 import os
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -221,10 +222,9 @@ class _Gate:
         self._watch = gevent.spawn(self._look)
 
     def _look(self) -> None:
-        waited = 0.0
-        while not self.path.exists() and waited < GATE_LIMIT:
+        deadline = time.monotonic() + GATE_LIMIT
+        while not self.path.exists() and time.monotonic() < deadline:
             gevent.sleep(GATE_POLL)
-            waited += GATE_POLL
         self.open.set()
 
     def wait(self) -> None:

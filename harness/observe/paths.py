@@ -128,7 +128,7 @@ def dump_here(udp: bool = True, proc: Path = Path("/proc/thread-self")) -> Names
 def dump_here_with_counters(udp: bool = True) -> NamespaceDump:
     """:func:`dump_here` of the calling thread's namespace, with its counters."""
     dump = dump_here(udp)
-    dump.counters = read_counters(Path("/proc/thread-self"), sys=Path("/proc/sys"))
+    dump.counters = read_counters(Path("/proc/thread-self"), sysctls=Path("/proc/sys"))
     return dump
 
 

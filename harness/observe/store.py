@@ -79,13 +79,12 @@ NAT_TYPE = pa.struct(
 )
 NAT_ROWS = 50  # destination and NAT address pairs kept per sample
 # with --all-namespaces: the counters of each namespace (the host line's are eph's own)
-NETNS_COUNTERS = (
+NETNS_COLUMNS = (
     "active_opens", "attempt_fails", "tw_recycled", "timewait_overflow", "sockstat_tw",
     "curr_estab", "conntrack_count",
 )  # fmt: skip
 NETNS_TYPE = pa.struct(
-    [("netns", pa.string()), ("inode", pa.int64())]
-    + [(name, pa.int64()) for name in NETNS_COUNTERS]
+    [("netns", pa.string()), ("inode", pa.int64())] + [(name, pa.int64()) for name in NETNS_COLUMNS]
 )
 HOST_SCHEMA = pa.schema(
     [
@@ -108,7 +107,7 @@ HOST_SCHEMA = pa.schema(
         ("nat", pa.list_(NAT_TYPE)),
         ("nat_insert_failed", pa.int64()),
         ("nat_drop", pa.int64()),
-        # with --all-namespaces: each namespace's counters (NETNS_COUNTERS), eph's own
+        # with --all-namespaces: each namespace's counters (NETNS_COLUMNS), eph's own
         # first; null with one namespace
         ("netns", pa.list_(NETNS_TYPE)),
     ]
@@ -170,7 +169,7 @@ def host_batch(
             if snap.namespaces is None
             else [
                 {"netns": ns.label, "inode": ns.inode}
-                | {name: ns.counters.get(name) for name in NETNS_COUNTERS}
+                | {name: ns.counters.get(name) for name in NETNS_COLUMNS}
                 for ns in snap.namespaces
             ]
         ],

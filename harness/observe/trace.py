@@ -14,14 +14,15 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import signal
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from harness.errors import RunError
-from harness.kernel import bpf, bpfmap
+from harness.kernel import bpf
+from harness.kernel.bpfmap import MapNotFound
+from harness.kernel.recorder import OpenCount
 from harness.records import host_name
 from harness.supervisor import Child, Stage, Supervisor
 
@@ -38,7 +39,6 @@ TERM_AGAIN_S = 1.0
 SETTLE_S = 0.2  # after the stop request: lines of connections that were closing
 SETTLE_QUIET_S = 0.5  # eph's loader: the open count has not fallen for this long
 SETTLE_LIMIT_S = 5.0  # eph's loader: at most this long for the last closes
-OPEN_SLOTS = (2, 0, 3)  # its `counts`: opened, inserted (closed), dropped
 TRACE_FILES = ("kernel.tsv", "kernel.err", "kernel.arrows", "kernel-drain.err")
 TALLY_FILE = "kernel-tally.json"  # the drained rows' failures and latency, live (observe)
 
@@ -132,17 +132,14 @@ class KernelTrace:
         if self.recorder != "eph" or self.child is None or self.child.poll() is not None:
             return
         try:
-            fd = bpfmap.open_map(bpfmap.find_map(self.child.pid, 4, bpfmap.PERCPU_ARRAY, 8))
-        except (OSError, bpfmap.MapNotFound) as exc:
+            count = OpenCount(self.child.pid)
+        except (OSError, MapNotFound) as exc:
             logger.debug("no count of open connections to settle on: %s", exc)
             return
-        try:
+        with count:
             deadline, lowest, quiet_since = time.monotonic() + SETTLE_LIMIT_S, None, 0.0
             while (now := time.monotonic()) < deadline:
-                opened, inserted, dropped = (
-                    int(bpfmap.lookup_percpu(fd, slot).sum()) for slot in OPEN_SLOTS
-                )
-                left = opened - inserted - dropped
+                left = count.left()
                 if left <= 0:
                     return
                 if lowest is None or left < lowest:
@@ -150,8 +147,6 @@ class KernelTrace:
                 elif now - quiet_since >= SETTLE_QUIET_S:
                     return
                 time.sleep(0.02)
-        finally:
-            os.close(fd)
 
     def finish(self, table: str = "connections.parquet") -> TraceResult:
         """Stop the recorder; its lines as ``table`` in the directory."""
